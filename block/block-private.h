@@ -1,0 +1,354 @@
+/* strata — the block graph's internals, shared by the files of block/. */
+#ifndef STRATA_BLOCK_PRIVATE_H
+#define STRATA_BLOCK_PRIVATE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <glib.h>
+#include <json-glib/json-glib.h>
+
+#include "strata-block.h"
+#include "../util/coroutine-private.h"
+#include "../util/iov-private.h"
+#include "../util/loop-private.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct StrataDriver StrataDriver;
+typedef struct StrataChild StrataChild;
+
+/* ---- permissions on a child edge (as QEMU's BLK_PERM_*) ---- */
+typedef enum {
+    STRATA_PERM_CONSISTENT_READ = 1 << 0,
+    STRATA_PERM_WRITE = 1 << 1,
+    STRATA_PERM_WRITE_UNCHANGED = 1 << 2,
+    STRATA_PERM_RESIZE = 1 << 3,
+    STRATA_PERM_GRAPH_MOD = 1 << 4, /* QEMU dropped it; kept for reporting */
+    STRATA_PERM_ALL = (1 << 5) - 1,
+} StrataPerm;
+
+/* Writes "consistent-read, write" etc.; (transfer full). */
+char *strata_perm_names(uint64_t perm);
+
+typedef enum {
+    STRATA_CHILD_FILE,    /* the protocol node under a format or filter */
+    STRATA_CHILD_BACKING, /* the backing (lower) image of a format */
+    STRATA_CHILD_DATA,    /* a qcow2 external data file */
+    STRATA_CHILD_OTHER,   /* a job's or a filter's extra child */
+} StrataChildRole;
+
+/* Who holds a child edge: another node, a backend, or a job. */
+typedef enum {
+    STRATA_PARENT_NODE,
+    STRATA_PARENT_BACKEND,
+    STRATA_PARENT_OTHER,
+} StrataParentKind;
+
+struct StrataChild {
+    char *name;            /* "file", "backing", … */
+    StrataChildRole role;
+    StrataNode *node;      /* the child; holds a reference */
+    StrataParentKind parent_kind;
+    void *parent;          /* StrataNode *, StrataBackend *, or other */
+    char *parent_desc;     /* for error messages: "node 'top'", … */
+    uint64_t perm;         /* what the parent does through this edge */
+    uint64_t shared;       /* what it lets others do */
+    GList *link_in_parents; /* this edge's link in node->parents */
+};
+
+/* Request alignment and size limits of a node; a driver fills them in
+ * its open() (defaults: 1 byte, no maximum). */
+typedef struct StrataLimits {
+    uint32_t request_alignment; /* power of two; the I/O path pads */
+    uint32_t buf_align;         /* memory alignment the node needs */
+    uint64_t max_transfer;      /* 0: unlimited */
+    uint64_t pdiscard_alignment;
+    uint64_t max_pwrite_zeroes; /* 0: unlimited */
+} StrataLimits;
+
+/* A request in flight on a node, kept so overlapping ones can wait. */
+typedef struct StrataTrackedReq {
+    StrataNode *node;
+    uint64_t offset, bytes;
+    bool is_write;
+    bool serialising;      /* others that overlap wait for it */
+    uint64_t overlap_offset, overlap_bytes; /* aligned range used to test */
+    StrataCoroutine *co;
+    StrataCoQueue wait_queue; /* who waits for this request */
+    struct StrataTrackedReq *next, *prev;
+} StrataTrackedReq;
+
+struct StrataNode {
+    int refcnt;
+    StrataContext *ctx;
+    const StrataDriver *drv;
+    void *opaque;               /* driver state (drv->state_size bytes) */
+
+    char node_name[32];
+    bool auto_named;
+    bool monitor_owned;         /* added by add_node / blockdev-add */
+    bool read_only;
+    bool force_share;
+    bool cache_direct;
+    bool cache_no_flush;
+    char *discard;              /* "ignore" or "unmap" */
+    char *detect_zeroes;        /* "off", "on", "unmap" */
+
+    char *filename;             /* what query commands show as "file" */
+    JsonObject *options;        /* the options it was opened with */
+
+    StrataChild *file;          /* shortcuts into children */
+    StrataChild *backing;
+    GList *children;            /* StrataChild *, edges to our children */
+    GList *parents;             /* StrataChild *, edges from our parents */
+
+    StrataLimits limits;
+    int64_t total_bytes;        /* cached length; < 0 until known */
+
+    /* Permissions currently granted on this node (union of parents). */
+    uint64_t cur_perm, cur_shared;
+
+    /* I/O bookkeeping */
+    unsigned in_flight;
+    unsigned quiesce_counter;   /* > 0: drained; backends queue requests */
+    StrataTrackedReq *tracked_head;
+    unsigned serialising_in_flight;
+    StrataCoQueue drain_waiters; /* coroutines in drained_begin */
+    GList *link_in_ctx;
+};
+
+struct StrataContext {
+    StrataLoop *loop;
+    GHashTable *nodes_by_name;  /* name → StrataNode* (weak) */
+    GList *all_nodes;           /* every open node, newest first */
+    GList *monitor_nodes;       /* nodes the context owns (a ref each) */
+    GList *backends;
+    unsigned auto_name_counter;
+    bool fallback_logged;
+};
+
+/* ---- graph.c ---- */
+
+/**
+ * strata_node_open:
+ * @options: (transfer none): blockdev-add style options
+ * @strings_only: options came from key=value text: scalar values are
+ *   strings to be converted to the expected types
+ * @monitor_owned: the context takes a reference (blockdev-add)
+ *
+ * Opens @options and any nested children.
+ *
+ * Returns: (transfer full) (nullable): the new node (one reference for the
+ * caller, in addition to the context's when @monitor_owned).
+ */
+StrataNode *strata_node_open(StrataContext *ctx, JsonObject *options,
+                             bool strings_only, bool monitor_owned,
+                             GError **error);
+
+void strata_node_ref(StrataNode *node);
+void strata_node_unref(StrataNode *node);
+
+/* Looks up a node; sets "Cannot find device='x' nor node-name='x'"-style
+ * errors the caller words. */
+StrataNode *strata_context_lookup(StrataContext *ctx, const char *name);
+
+/**
+ * strata_node_attach_child:
+ * @parent_node: (nullable): the node that gains a child, or NULL for a
+ *   backend or job parent (@parent, @parent_kind, @parent_desc say who)
+ *
+ * Adds an edge with @perm / @shared after checking them against every
+ * other edge into @child (recursively down the tree).
+ *
+ * Returns: (transfer none) (nullable): the edge.
+ */
+StrataChild *strata_node_attach_child(StrataNode *parent_node,
+                                      StrataNode *child, const char *name,
+                                      StrataChildRole role,
+                                      StrataParentKind parent_kind,
+                                      void *parent, const char *parent_desc,
+                                      uint64_t perm, uint64_t shared,
+                                      GError **error);
+/* Removes the edge, drops its reference on the child. */
+void strata_child_detach(StrataChild *child);
+
+/* Changes the permissions of an edge; on conflict nothing changes. */
+bool strata_child_set_perm(StrataChild *child, uint64_t perm,
+                           uint64_t shared, GError **error);
+
+/* Re-points @child at @new_node (checking permissions). */
+bool strata_child_replace_node(StrataChild *child, StrataNode *new_node,
+                               GError **error);
+
+/* Recomputes the permissions the node needs from its children after its
+ * own parents changed; may take or release locks. */
+bool strata_node_refresh_perms(StrataNode *node, GError **error);
+
+/* The permission a node needs on its children given what its parents
+ * need; the default used when a driver has no child_perm callback. */
+void strata_default_child_perm(StrataNode *node, StrataChild *child,
+                               StrataChildRole role, uint64_t parent_perm,
+                               uint64_t parent_shared, uint64_t *nperm,
+                               uint64_t *nshared);
+
+/* Valid node names: letter first, then letters, digits, '-', '_', '.';
+ * at most 31 characters. */
+bool strata_node_name_check(const char *name, GError **error);
+
+/* Drained sections: no request is in flight on @node and its subtree
+ * while the counter is > 0, and backends hold new requests back.  Both
+ * callable from coroutines and plain code; nested sections nest. */
+void strata_node_drained_begin(StrataNode *node);
+void strata_node_drained_end(StrataNode *node);
+
+/* The backing node (nullable). */
+StrataNode *strata_node_backing(StrataNode *node);
+/* Walks filters down to the node with data (a filter's file child). */
+StrataNode *strata_node_skip_filters(StrataNode *node);
+
+/* ---- option access for drivers (options.c) ---- */
+
+typedef enum {
+    STRATA_OPT_STRING,
+    STRATA_OPT_BOOL,
+    STRATA_OPT_INT,     /* signed 64-bit */
+    STRATA_OPT_SIZE,    /* unsigned 64-bit; key=value accepts k/M/G/T */
+    STRATA_OPT_ENUM,    /* string, one of enum_values */
+    STRATA_OPT_CHILD,   /* node reference: a node name or nested options */
+    STRATA_OPT_CHILD_OR_NULL, /* as CHILD, or JSON null */
+    STRATA_OPT_ANY,     /* passed through unchecked (driver checks it) */
+} StrataOptType;
+
+typedef struct StrataOptDesc {
+    const char *name;   /* dotted for members of nested objects:
+                         * "cache.direct" */
+    StrataOptType type;
+    bool required;
+    const char *const *enum_values; /* NULL-terminated, for ENUM */
+} StrataOptDesc;
+
+/**
+ * strata_opts_validate:
+ * @descs: array terminated by a {NULL} entry
+ *
+ * Checks @options against @descs (and converts key=value strings in
+ * place when @strings_only): unknown members, missing required ones,
+ * wrong types and bad enum values are errors naming the parameter as
+ * QEMU does ("Parameter 'x' is unexpected", "Parameter 'x' is missing",
+ * "Invalid parameter type for 'x', expected: integer").
+ */
+bool strata_opts_validate(JsonObject *options, const StrataOptDesc *const *descs,
+                          bool strings_only, GError **error);
+
+/* Typed getters after validation; dotted names reach nested objects. */
+bool strata_opts_has(JsonObject *options, const char *name);
+const char *strata_opts_get_string(JsonObject *options, const char *name,
+                                   const char *def);
+bool strata_opts_get_bool(JsonObject *options, const char *name, bool def);
+int64_t strata_opts_get_int(JsonObject *options, const char *name,
+                            int64_t def);
+uint64_t strata_opts_get_size(JsonObject *options, const char *name,
+                              uint64_t def);
+/* JSON text of @options with "driver" first, for "json:{...}" names.
+ * (transfer full) */
+char *strata_opts_to_json_name(JsonObject *options);
+
+/* ---- io.c: the request path (coroutine only; 0 or -errno) ---- */
+
+int strata_node_co_preadv(StrataNode *node, uint64_t offset, uint64_t bytes,
+                          StrataIOVec *qiov, size_t qiov_offset,
+                          StrataReqFlags flags);
+int strata_node_co_pwritev(StrataNode *node, uint64_t offset,
+                           uint64_t bytes, StrataIOVec *qiov,
+                           size_t qiov_offset, StrataReqFlags flags);
+int strata_node_co_pread(StrataNode *node, uint64_t offset, uint64_t bytes,
+                         void *buf, StrataReqFlags flags);
+int strata_node_co_pwrite(StrataNode *node, uint64_t offset, uint64_t bytes,
+                          const void *buf, StrataReqFlags flags);
+int strata_node_co_pwrite_zeroes(StrataNode *node, uint64_t offset,
+                                 uint64_t bytes, StrataReqFlags flags);
+int strata_node_co_pdiscard(StrataNode *node, uint64_t offset,
+                            uint64_t bytes);
+int strata_node_co_flush(StrataNode *node);
+/* Resizes; @exact: the node must get exactly @offset bytes. */
+int strata_node_co_truncate(StrataNode *node, uint64_t offset, bool exact,
+                            GError **error);
+/* Refreshes the cached length from the driver. */
+int64_t strata_node_co_refresh_length(StrataNode *node);
+
+/* Block status flags (as QEMU's BDRV_BLOCK_*). */
+enum {
+    STRATA_BLOCK_DATA = 1 << 0,      /* reads return data from this layer */
+    STRATA_BLOCK_ZERO = 1 << 1,      /* reads return zeroes */
+    STRATA_BLOCK_OFFSET_VALID = 1 << 2, /* *map is an offset in *file */
+    STRATA_BLOCK_ALLOCATED = 1 << 3, /* this layer decides the content
+                                      * (not the backing chain) */
+    STRATA_BLOCK_EOF = 1 << 4,       /* the range reaches the end */
+    STRATA_BLOCK_RECURSE = 1 << 5,   /* driver: ask *file for details */
+};
+
+/**
+ * strata_node_co_block_status:
+ * @want_zero: ask for precise zero information (slower)
+ * @pnum: (out): bytes from @offset with the same status (>= 1 unless the
+ *   offset is at the end)
+ * @map: (out) (optional): offset in *@file when OFFSET_VALID
+ * @file: (out) (optional): the node holding the data
+ *
+ * Returns: STRATA_BLOCK_* flags, or -errno.
+ */
+int strata_node_co_block_status(StrataNode *node, bool want_zero,
+                                uint64_t offset, uint64_t bytes,
+                                uint64_t *pnum, uint64_t *map,
+                                StrataNode **file);
+
+/**
+ * strata_node_co_block_status_above:
+ * @base: (nullable): stop at this node (exclusive); NULL: the whole chain
+ * @depth: (out) (optional): 0 when @top itself decides the range, 1 for
+ *   its backing, …; the chain's length when nothing in it does
+ *
+ * Status of the range as seen through @top's backing chain down to
+ * @base: ALLOCATED tells that some layer above @base decides the content.
+ */
+int strata_node_co_block_status_above(StrataNode *top, StrataNode *base,
+                                      bool want_zero, uint64_t offset,
+                                      uint64_t bytes, uint64_t *pnum,
+                                      uint64_t *map, StrataNode **file,
+                                      int *depth);
+
+/* Marks the caller's request serialising; used for read-modify-write and
+ * copy-on-read. */
+void strata_tracked_request_init(StrataTrackedReq *req, StrataNode *node,
+                                 uint64_t offset, uint64_t bytes,
+                                 bool is_write, bool serialising);
+void strata_tracked_request_end(StrataTrackedReq *req);
+/* Yields while an overlapping request conflicts with @req. */
+void strata_co_wait_serialising(StrataTrackedReq *req);
+
+/* Node-level in-flight accounting used by drains. */
+void strata_node_inc_in_flight(StrataNode *node);
+void strata_node_dec_in_flight(StrataNode *node);
+
+/* ---- backend.c ---- */
+
+/* The edge a backend holds (for drains and graph changes). */
+StrataChild *strata_backend_child(StrataBackend *blk);
+/* Called by graph.c when a drained section starts or ends on the
+ * backend's node. */
+void strata_backend_drained_changed(StrataBackend *blk);
+
+/* ---- drivers.c ---- */
+
+/* Returns: (nullable): the driver called @name. */
+const StrataDriver *strata_driver_find(const char *name);
+/* The NULL-terminated table, for listing. */
+extern const StrataDriver *const strata_driver_table[];
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

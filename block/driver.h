@@ -1,0 +1,130 @@
+/* strata — the driver vtable.
+ *
+ * One struct per driver, filled with designated initializers, one
+ * byte-based coroutine entry per operation.  "Coroutine" below means the
+ * callback runs in a coroutine on the loop thread and may yield; "loop"
+ * means plain code on the loop thread that must not block.
+ *
+ * The I/O path (io.c) calls a driver only with requests that are inside
+ * the node's length (except truncate), aligned to
+ * limits.request_alignment, and no larger than limits.max_transfer.
+ * Data callbacks return 0 or -errno.
+ */
+#ifndef STRATA_DRIVER_H
+#define STRATA_DRIVER_H
+
+#include "block-private.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct StrataDriver {
+    /* The "driver" value in blockdev-add options ("file", "raw", …). */
+    const char *name;
+    /* Bytes of driver state allocated (zeroed) in node->opaque. */
+    size_t state_size;
+    /* A filter passes data through to its file child unchanged (debug,
+     * throttle); block status and flush forward automatically. */
+    bool is_filter;
+    /* A format driver (raw, qcow2): its content lives in a file child. */
+    bool is_format;
+    /* Whether the node's filename is a protocol filename ("file") or
+     * taken from its file child (formats and filters). */
+    bool has_filename;
+
+    /* The options the driver accepts besides the common ones (driver,
+     * node-name, read-only, auto-read-only, force-share, cache.*,
+     * discard, detect-zeroes).  NULL-name terminated.  Children are
+     * options of type STRATA_OPT_CHILD; the graph opens them before
+     * open() and attaches them under the option's name. */
+    const StrataOptDesc *options;
+
+    /*
+     * Loop.  Opens the node: reads its options (already validated and
+     * typed), sets node->limits, node->filename when has_filename, and
+     * everything the driver state needs.  The children named in
+     * @options are attached already (node->file, node->backing).
+     * Required.
+     */
+    bool (*open)(StrataNode *node, JsonObject *options, GError **error);
+
+    /* Loop.  Releases the driver state; children are detached after. */
+    void (*close)(StrataNode *node);
+
+    /* Coroutine.  The length in bytes, or -errno.  NULL: a filter's or
+     * format's file child length. */
+    int64_t (*co_get_length)(StrataNode *node);
+
+    /* Coroutine.  Read @bytes at @offset into @qiov from @qiov_offset.
+     * NULL: forwarded to the file child (filters only). */
+    int (*co_preadv)(StrataNode *node, uint64_t offset, uint64_t bytes,
+                     StrataIOVec *qiov, size_t qiov_offset,
+                     StrataReqFlags flags);
+
+    /* Coroutine.  Write; STRATA_REQ_FUA means the data must be stable
+     * when it returns (the I/O path emulates FUA with a flush for
+     * drivers that do not set supports_fua). */
+    int (*co_pwritev)(StrataNode *node, uint64_t offset, uint64_t bytes,
+                      StrataIOVec *qiov, size_t qiov_offset,
+                      StrataReqFlags flags);
+    bool supports_fua;
+
+    /* Coroutine.  Make the range read as zeroes, deallocating where
+     * MAY_UNMAP allows.  -ENOTSUP: the I/O path writes a zero buffer
+     * (unless NO_FALLBACK).  NULL: as -ENOTSUP. */
+    int (*co_pwrite_zeroes)(StrataNode *node, uint64_t offset,
+                            uint64_t bytes, StrataReqFlags flags);
+
+    /* Coroutine.  Advisory deallocation; -ENOTSUP is reported as
+     * success by the I/O path.  NULL: ignored (filters forward). */
+    int (*co_pdiscard)(StrataNode *node, uint64_t offset, uint64_t bytes);
+
+    /* Coroutine.  Make every completed write of this node stable on its
+     * own storage (fdatasync for file; metadata caches for formats).
+     * The I/O path then flushes the children.  NULL: nothing to do. */
+    int (*co_flush)(StrataNode *node);
+
+    /*
+     * Coroutine.  Status of [@offset, @offset + @bytes): STRATA_BLOCK_*
+     * flags and *@pnum (> 0).  Set *@map / *@file with OFFSET_VALID;
+     * return RECURSE with OFFSET_VALID to let the I/O path ask *@file.
+     * NULL: a protocol driver with no holes (all data), or a filter
+     * (forwarded).
+     */
+    int (*co_block_status)(StrataNode *node, bool want_zero,
+                           uint64_t offset, uint64_t bytes, uint64_t *pnum,
+                           uint64_t *map, StrataNode **file);
+
+    /* Coroutine.  Resize to @offset bytes.  NULL: not supported. */
+    int (*co_truncate)(StrataNode *node, uint64_t offset, bool exact,
+                       GError **error);
+
+    /*
+     * Loop.  What this node needs on @child, given the union of what its
+     * parents want (@parent_perm) and allow (@parent_shared).  NULL:
+     * strata_default_child_perm().
+     */
+    void (*child_perm)(StrataNode *node, StrataChild *child,
+                       StrataChildRole role, uint64_t parent_perm,
+                       uint64_t parent_shared, uint64_t *nperm,
+                       uint64_t *nshared);
+
+    /*
+     * Loop.  Called when the permissions granted on this node change:
+     * @perm / @shared are the union over its parents.  The file driver
+     * takes and drops image locks here.  A false return (with @error)
+     * refuses the change; NULL accepts every change.
+     */
+    bool (*set_perm)(StrataNode *node, uint64_t perm, uint64_t shared,
+                     GError **error);
+
+    /* Loop.  Adds driver-specific members to query output ("image"). */
+    void (*query_image)(StrataNode *node, JsonObject *image);
+};
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

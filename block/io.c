@@ -1,0 +1,2 @@
+/* placeholder: filled in by its owner */
+typedef int strata_placeholder_t;
