@@ -106,18 +106,24 @@ void strata_timer_free(StrataTimer *timer);
 void strata_loop_co_sleep_ns(StrataLoop *loop, int64_t ns);
 
 /* ---- file I/O: coroutine only; results as the syscalls', -errno on
- * failure.  Submission is batched: everything queued during one loop
- * iteration goes to the kernel in one io_uring_enter. ---- */
+ * failure.  @engine picks the path per call: STRATA_AIO_AUTO and
+ * STRATA_AIO_IO_URING use the ring when the loop has one (else the
+ * thread pool), STRATA_AIO_THREADS always the pool (a file node opened
+ * with aio=threads).  Ring submission is batched: everything queued
+ * during one loop iteration goes to the kernel in one io_uring_enter. ---- */
 
-ssize_t strata_loop_co_preadv(StrataLoop *loop, int fd,
+ssize_t strata_loop_co_preadv(StrataLoop *loop, StrataAioMode engine, int fd,
                               const struct iovec *iov, int iovcnt,
                               uint64_t offset);
-ssize_t strata_loop_co_pwritev(StrataLoop *loop, int fd,
-                               const struct iovec *iov, int iovcnt,
+ssize_t strata_loop_co_pwritev(StrataLoop *loop, StrataAioMode engine,
+                               int fd, const struct iovec *iov, int iovcnt,
                                uint64_t offset);
-int strata_loop_co_fdatasync(StrataLoop *loop, int fd);
-int strata_loop_co_fallocate(StrataLoop *loop, int fd, int mode,
-                             uint64_t offset, uint64_t len);
+int strata_loop_co_fdatasync(StrataLoop *loop, StrataAioMode engine, int fd);
+int strata_loop_co_fallocate(StrataLoop *loop, StrataAioMode engine, int fd,
+                             int mode, uint64_t offset, uint64_t len);
+
+/* Whether the loop has an io_uring ring. */
+bool strata_loop_has_io_uring(StrataLoop *loop);
 
 /**
  * strata_loop_co_run_in_thread:
