@@ -39,6 +39,7 @@
 
 typedef struct FileState {
     int fd;
+    bool have_fd;           /* open() got as far as opening fd */
     StrataAioMode engine;
     bool use_lock;
     bool is_blockdev;
@@ -350,6 +351,7 @@ static bool file_open(StrataNode *node, JsonObject *options, GError **error)
                     "Could not open '%s': %s", filename, g_strerror(err));
         return false;
     }
+    s->have_fd = true;
     if (fstat(s->fd, &st) < 0) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
                     "Could not stat '%s': %s", filename, g_strerror(errno));
@@ -377,6 +379,7 @@ static bool file_open(StrataNode *node, JsonObject *options, GError **error)
 fail:
     close(s->fd);
     s->fd = -1;
+    s->have_fd = false;
     return false;
 }
 
@@ -385,9 +388,10 @@ static void file_close(StrataNode *node)
     FileState *s = node->opaque;
 
     /* Closing the descriptor drops every OFD lock it holds. */
-    if (s->fd >= 0) {
+    if (s->have_fd) {
         close(s->fd);
         s->fd = -1;
+        s->have_fd = false;
     }
 }
 
