@@ -134,7 +134,9 @@ void strata_backend_unref(StrataBackend *blk)
     if (blk->root) {
         strata_child_detach(blk->root);
     }
-    blk->ctx->backends = g_list_remove(blk->ctx->backends, blk);
+    if (blk->ctx) {
+        blk->ctx->backends = g_list_remove(blk->ctx->backends, blk);
+    }
     g_free(blk);
 }
 
@@ -151,6 +153,11 @@ void strata_backend_eject(StrataBackend *blk)
         strata_child_detach(blk->root);
         blk->root = NULL;
     }
+    if (blk->done_bh) {
+        strata_bh_free(blk->done_bh);
+        blk->done_bh = NULL;
+    }
+    blk->ctx = NULL;
 }
 
 StrataNode *strata_backend_get_node(StrataBackend *blk)
@@ -416,6 +423,8 @@ static void aio_submit(StrataBackend *blk, AioOp op, uint64_t offset,
 
     g_return_if_fail(blk != NULL);
     g_return_if_fail(cb != NULL);
+    /* Without a context there is no loop to call @cb from. */
+    g_return_if_fail(blk->ctx != NULL);
 
     r = aio_get(blk);
     r->op = op;
@@ -483,6 +492,9 @@ void strata_backend_drain(StrataBackend *blk)
 {
     g_return_if_fail(blk != NULL);
     g_return_if_fail(!strata_in_coroutine());
+    if (!blk->ctx) {
+        return;
+    }
     while (blk->in_flight || blk->done_head) {
         strata_loop_iterate(blk->ctx->loop, true);
     }
@@ -519,6 +531,9 @@ static void sync_co(void *opaque)
 
 static int sync_call(SyncCall *c)
 {
+    if (!c->blk->ctx) {
+        return -ENOMEDIUM;
+    }
     strata_loop_run_co(c->blk->ctx->loop, sync_co, c);
     return c->ret;
 }
