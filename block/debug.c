@@ -889,10 +889,18 @@ static int debug_co_block_status(StrataNode *node, bool want_zero,
         *pnum = MIN(bytes, covered_end - offset);
         return STRATA_BLOCK_DATA;
     }
-    *pnum = next_start - offset;
-    *map = offset;
-    *file = node->file->node;
-    return STRATA_BLOCK_RECURSE | STRATA_BLOCK_OFFSET_VALID;
+    /* What the image says, as the I/O path forwards for filters. */
+    ret = strata_node_co_block_status(node->file->node, want_zero, offset,
+                                      next_start - offset, pnum, map, file);
+    if (ret < 0) {
+        return ret;
+    }
+    if (*pnum == 0) {
+        /* Held data grew the disk past the image's end. */
+        *pnum = next_start - offset;
+        return STRATA_BLOCK_ZERO;
+    }
+    return ret & ~STRATA_BLOCK_EOF;
 }
 
 static int debug_co_truncate(StrataNode *node, uint64_t offset, bool exact,

@@ -40,7 +40,7 @@ static bool raw_open(StrataNode *node, JsonObject *options, GError **error)
         return false;
     }
     if (s->offset || s->has_size) {
-        file_len = strata_node_get_length(node->file->node);
+        file_len = strata_node_refresh_length(node->file->node);
         if (file_len < 0) {
             g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
                         "Could not get the length of the file: %s",
@@ -137,17 +137,32 @@ static int raw_co_pdiscard(StrataNode *node, uint64_t offset, uint64_t bytes)
                                    bytes);
 }
 
+/*
+ * The file's own status is the image's: ask it directly (QEMU's
+ * BDRV_BLOCK_RAW) so holes read as zero and unallocated, data as data,
+ * with map and file pointing into the file node.
+ */
 static int raw_co_block_status(StrataNode *node, bool want_zero,
                                uint64_t offset, uint64_t bytes,
                                uint64_t *pnum, uint64_t *map,
                                StrataNode **file)
 {
     RawState *s = node->opaque;
+    int ret;
 
-    *pnum = bytes;
-    *map = s->offset + offset;
-    *file = node->file->node;
-    return STRATA_BLOCK_RECURSE | STRATA_BLOCK_OFFSET_VALID;
+    ret = strata_node_co_block_status(node->file->node, want_zero,
+                                      s->offset + offset, bytes, pnum, map,
+                                      file);
+    if (ret < 0) {
+        return ret;
+    }
+    if (*pnum == 0) {
+        /* The file shrank under the window: nothing there but zeroes. */
+        *pnum = bytes;
+        return STRATA_BLOCK_ZERO;
+    }
+    /* The I/O path decides EOF for this node's own range. */
+    return ret & ~STRATA_BLOCK_EOF;
 }
 
 static int raw_co_truncate(StrataNode *node, uint64_t offset, bool exact,
