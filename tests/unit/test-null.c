@@ -87,6 +87,10 @@ START_TEST(test_size_errors)
                      "Parameter 'size' expects a non-negative value");
 
     expect_error("driver=null-co,node-name=n,size=big", "'size'");
+    expect_error("driver=null-co,node-name=n,size=-5",
+                 "Parameter 'size' expects a non-negative value");
+    expect_error("driver=null-co,node-name=n,size=1Q", "'size'");
+    expect_error("driver=null-co,node-name=n,size=99999999999E", "'size'");
     expect_error("driver=null-co,node-name=n,latency-ns=-5",
                  "latency-ns is invalid");
     expect_error("driver=null-co,node-name=n,read-zeroes=maybe",
@@ -100,9 +104,15 @@ START_TEST(test_sizes)
 {
     StrataNode *n = add("driver=null-co,node-name=n,size=1048576");
     StrataNode *z = add("driver=null-co,node-name=z,size=0");
+    StrataNode *m = add("driver=null-co,node-name=m,size=64k");
+    StrataNode *g = add("driver=null-co,node-name=g,size=2G");
 
     ck_assert_int_eq(strata_node_get_length(n), 1 << 20);
     ck_assert_int_eq(strata_node_get_length(z), 0);
+    ck_assert_int_eq(strata_node_get_length(m), 65536);
+    ck_assert_int_eq(strata_node_get_length(g), 2LL << 30);
+    /* key=value sizes become numbers in the json: name. */
+    ck_assert_msg(strstr(m->filename, "65536"), "%s", m->filename);
 }
 END_TEST
 
