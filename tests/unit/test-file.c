@@ -288,6 +288,36 @@ START_TEST(test_open_directory)
 }
 END_TEST
 
+START_TEST(test_open_io_uring)
+{
+    g_autofree char *path = strata_test_make_file(dir, "a.img", 4096, true);
+    g_autofree char *spec = g_strdup_printf("driver=file,node-name=f,"
+                                            "filename=%s,aio=io_uring", path);
+    g_autoptr(GError) err = NULL;
+    StrataContext *threads = strata_context_new(NULL, "threads", &err);
+    StrataNode *n;
+
+    /* A context without a ring cannot honour an explicit io_uring. */
+    ck_assert_ptr_nonnull(threads);
+    ck_assert_ptr_null(add(threads, spec, &err));
+    ck_assert_msg(g_str_has_prefix(err->message, "Unable to use io_uring"),
+                  "%s", err->message);
+    g_clear_error(&err);
+    strata_context_free(threads);
+
+    n = add(ctx, spec, &err);
+    if (strcmp(strata_context_aio_engine(ctx), "io_uring") == 0) {
+        unsigned char c;
+
+        ck_assert_msg(n, "%s", err ? err->message : "");
+        ck_assert_int_eq(node_read(n, 7, 1, &c), 0);
+        ck_assert_uint_eq(c, pat(7));
+    } else {
+        ck_assert_ptr_null(n);
+    }
+}
+END_TEST
+
 /* ---- data ---- */
 
 static void check_rw(const char *aio)
@@ -750,6 +780,8 @@ int main(void)
                     test_open_accepted_options, setup, teardown);
     strata_test_add(s, "/file/open/native-needs-direct",
                     test_open_native_needs_direct, setup, teardown);
+    strata_test_add(s, "/file/open/io-uring", test_open_io_uring, setup,
+                    teardown);
     strata_test_add(s, "/file/open/directory", test_open_directory, setup,
                     teardown);
     strata_test_add(s, "/file/rw/default", test_rw_default, setup,
