@@ -283,7 +283,7 @@ static int start_daemon(void)
     return fds[1];
 }
 
-static void finish_daemonize(int fd)
+static void finish_daemonize(int fd, bool keep_stderr)
 {
     char ok = 0;
     int null = open("/dev/null", O_RDWR);
@@ -291,8 +291,9 @@ static void finish_daemonize(int fd)
     if (null >= 0) {
         dup2(null, STDIN_FILENO);
         dup2(null, STDOUT_FILENO);
-        /* stderr stays for logs unless it is a terminal. */
-        if (isatty(STDERR_FILENO)) {
+        /* The parent's caller may wait for stderr to close; keep it
+         * only for the log -v asked for. */
+        if (!keep_stderr) {
             dup2(null, STDERR_FILENO);
         }
         if (null > STDERR_FILENO) {
@@ -354,7 +355,7 @@ int main(int argc, char **argv)
     g_unix_signal_add(SIGTERM, on_signal, &d);
     g_unix_signal_add(SIGINT, on_signal, &d);
     if (daemon_fd >= 0) {
-        finish_daemonize(daemon_fd);
+        finish_daemonize(daemon_fd, o.verbose);
     }
     g_debug("stratad %s serving (aio engine %s)", STRATA_VERSION,
             strata_context_aio_engine(ctx));
