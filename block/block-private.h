@@ -275,8 +275,10 @@ int strata_node_co_flush(StrataNode *node);
 /* Resizes; @exact: the node must get exactly @offset bytes. */
 int strata_node_co_truncate(StrataNode *node, uint64_t offset, bool exact,
                             GError **error);
-/* Refreshes the cached length from the driver. */
+/* Refreshes the cached length from the driver: the length or -errno.
+ * The plain variant runs the coroutine one to completion (loop code). */
 int64_t strata_node_co_refresh_length(StrataNode *node);
+int64_t strata_node_refresh_length(StrataNode *node);
 
 /* Block status flags (as QEMU's BDRV_BLOCK_*). */
 enum {
@@ -333,6 +335,22 @@ void strata_node_inc_in_flight(StrataNode *node);
 void strata_node_dec_in_flight(StrataNode *node);
 
 /* ---- backend.c ---- */
+
+/**
+ * strata_backend_new_full:
+ * @perm: what the holder does (STRATA_PERM_*)
+ * @shared: what it lets others do
+ * @desc: who holds it, for error messages ("export 'e0'", "job 'j'")
+ *
+ * Returns: (transfer full) (nullable): a backend on @node.
+ */
+StrataBackend *strata_backend_new_full(StrataContext *ctx, StrataNode *node,
+                                       uint64_t perm, uint64_t shared,
+                                       const char *desc, GError **error);
+
+/* Detaches the backend from its node (the context is closing); its I/O
+ * fails with -ENOMEDIUM from then on. */
+void strata_backend_eject(StrataBackend *blk);
 
 /* The edge a backend holds (for drains and graph changes). */
 StrataChild *strata_backend_child(StrataBackend *blk);

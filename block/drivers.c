@@ -1,2 +1,26 @@
-/* placeholder: filled in by its owner */
-typedef int strata_placeholder_t;
+/* strata — the driver table: the one process-wide piece of state, and
+ * const. */
+#include <string.h>
+
+#include "drivers-private.h"
+
+const StrataDriver *const strata_driver_table[] = {
+    &strata_driver_file,
+    &strata_driver_raw,
+    &strata_driver_null_co,
+    &strata_driver_blkdebug,
+    NULL,
+};
+
+const StrataDriver *strata_driver_find(const char *name)
+{
+    if (!name) {
+        return NULL;
+    }
+    for (unsigned i = 0; strata_driver_table[i]; i++) {
+        if (strcmp(strata_driver_table[i]->name, name) == 0) {
+            return strata_driver_table[i];
+        }
+    }
+    return NULL;
+}

@@ -1,2 +1,934 @@
-/* placeholder: filled in by its owner */
-typedef int strata_placeholder_t;
+/* strata — the node graph: opening nodes, names, child edges,
+ * permissions and drained sections. */
+#include <errno.h>
+#include <string.h>
+
+#include "block-private.h"
+#include "driver.h"
+
+/* ------------------------------------------------------------------ */
+/* Permissions                                                         */
+/* ------------------------------------------------------------------ */
+
+static const char *const perm_names[] = {
+    "consistent-read", "write", "write-unchanged", "resize", "graph-mod",
+};
+
+char *strata_perm_names(uint64_t perm)
+{
+    GString *s = g_string_new(NULL);
+
+    for (unsigned i = 0; i < G_N_ELEMENTS(perm_names); i++) {
+        if (perm & (1u << i)) {
+            if (s->len) {
+                g_string_append(s, ", ");
+            }
+            g_string_append(s, perm_names[i]);
+        }
+    }
+    return g_string_free(s, FALSE);
+}
+
+void strata_default_child_perm(StrataNode *node, StrataChild *child,
+                               StrataChildRole role, uint64_t parent_perm,
+                               uint64_t parent_shared, uint64_t *nperm,
+                               uint64_t *nshared)
+{
+    if (role == STRATA_CHILD_BACKING) {
+        /* We only read the backing image, and others (a commit job) may
+         * write it; what they write must not change what we show, which
+         * the jobs guarantee themselves. */
+        *nperm = parent_perm & STRATA_PERM_CONSISTENT_READ;
+        *nshared = STRATA_PERM_ALL & ~STRATA_PERM_GRAPH_MOD;
+        return;
+    }
+    /* A filter or a plain format passes its parents' needs down; writes
+     * that leave the data unchanged are harmless to share. */
+    *nperm = parent_perm;
+    *nshared = (parent_shared | STRATA_PERM_WRITE_UNCHANGED) &
+               ~STRATA_PERM_GRAPH_MOD;
+}
+
+/* The edges recorded while a permission update runs, so a failure can
+ * restore them. */
+typedef struct PermUndo {
+    StrataChild *child;
+    uint64_t perm, shared;
+} PermUndo;
+
+static bool node_update_perms(StrataNode *node, GArray *undo,
+                              GError **error);
+
+static char *node_desc(StrataNode *node)
+{
+    return g_strdup(node->node_name);
+}
+
+/* Checks @edge's wishes against every other edge into the same child. */
+static bool check_edge(StrataChild *edge, uint64_t perm, uint64_t shared,
+                       GError **error)
+{
+    StrataNode *child = edge->node;
+
+    if ((perm & (STRATA_PERM_WRITE | STRATA_PERM_RESIZE)) &&
+        child->read_only) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_PERMISSION,
+                    "Block node is read-only");
+        return false;
+    }
+    for (GList *l = child->parents; l; l = l->next) {
+        StrataChild *other = l->data;
+        uint64_t clash;
+        bool ours_denied;
+
+        if (other == edge) {
+            continue;
+        }
+        clash = perm & ~other->shared;
+        ours_denied = true;
+        if (!clash) {
+            clash = other->perm & ~shared;
+            ours_denied = false;
+        }
+        if (clash) {
+            unsigned bit = __builtin_ctzll(clash);
+            g_autofree char *cdesc = node_desc(child);
+            if (ours_denied) {
+                g_set_error(error, STRATA_ERROR, STRATA_ERROR_PERMISSION,
+                            "Conflicts with use by %s as '%s', which does "
+                            "not allow '%s' on %s",
+                            other->parent_desc, other->name,
+                            perm_names[bit], cdesc);
+            } else {
+                g_set_error(error, STRATA_ERROR, STRATA_ERROR_PERMISSION,
+                            "Conflicts with use by %s as '%s', which uses "
+                            "'%s' on %s",
+                            other->parent_desc, other->name,
+                            perm_names[bit], cdesc);
+            }
+            return false;
+        }
+    }
+    return true;
+}
+
+static void record_undo(GArray *undo, StrataChild *c)
+{
+    PermUndo u = { c, c->perm, c->shared };
+    g_array_append_val(undo, u);
+}
+
+/* Sets @edge's permissions and propagates into its child. */
+static bool edge_set_perm(StrataChild *edge, uint64_t perm, uint64_t shared,
+                          GArray *undo, GError **error)
+{
+    if (edge->perm == perm && edge->shared == shared) {
+        return true;
+    }
+    if (!check_edge(edge, perm, shared, error)) {
+        return false;
+    }
+    record_undo(undo, edge);
+    edge->perm = perm;
+    edge->shared = shared;
+    return node_update_perms(edge->node, undo, error);
+}
+
+static void node_cumulative_perms(StrataNode *node, uint64_t *perm,
+                                  uint64_t *shared)
+{
+    *perm = 0;
+    *shared = STRATA_PERM_ALL;
+    for (GList *l = node->parents; l; l = l->next) {
+        StrataChild *p = l->data;
+        *perm |= p->perm;
+        *shared &= p->shared;
+    }
+}
+
+static bool node_update_perms(StrataNode *node, GArray *undo,
+                              GError **error)
+{
+    uint64_t perm, shared;
+
+    node_cumulative_perms(node, &perm, &shared);
+    if (node->force_share) {
+        shared = STRATA_PERM_ALL;
+    }
+    if (node->drv && node->drv->set_perm &&
+        (perm != node->cur_perm || shared != node->cur_shared)) {
+        if (!node->drv->set_perm(node, perm, shared, error)) {
+            return false;
+        }
+    }
+    node->cur_perm = perm;
+    node->cur_shared = shared;
+
+    for (GList *l = node->children; l; l = l->next) {
+        StrataChild *c = l->data;
+        uint64_t nperm, nshared;
+
+        if (node->drv && node->drv->child_perm) {
+            node->drv->child_perm(node, c, c->role, perm, shared, &nperm,
+                                  &nshared);
+        } else {
+            strata_default_child_perm(node, c, c->role, perm, shared,
+                                      &nperm, &nshared);
+        }
+        if (!edge_set_perm(c, nperm, nshared, undo, error)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+/* Restores recorded edges (newest first) and recomputes the nodes. */
+static void perm_rollback(GArray *undo)
+{
+    for (guint i = undo->len; i > 0; i--) {
+        PermUndo *u = &g_array_index(undo, PermUndo, i - 1);
+        u->child->perm = u->perm;
+        u->child->shared = u->shared;
+    }
+    for (guint i = undo->len; i > 0; i--) {
+        PermUndo *u = &g_array_index(undo, PermUndo, i - 1);
+        g_autoptr(GArray) ignored = g_array_new(FALSE, FALSE,
+                                                sizeof(PermUndo));
+        node_update_perms(u->child->node, ignored, NULL);
+    }
+}
+
+bool strata_child_set_perm(StrataChild *child, uint64_t perm,
+                           uint64_t shared, GError **error)
+{
+    g_autoptr(GArray) undo = g_array_new(FALSE, FALSE, sizeof(PermUndo));
+
+    if (!edge_set_perm(child, perm, shared, undo, error)) {
+        perm_rollback(undo);
+        return false;
+    }
+    return true;
+}
+
+bool strata_node_refresh_perms(StrataNode *node, GError **error)
+{
+    g_autoptr(GArray) undo = g_array_new(FALSE, FALSE, sizeof(PermUndo));
+
+    if (!node_update_perms(node, undo, error)) {
+        perm_rollback(undo);
+        return false;
+    }
+    return true;
+}
+
+/* ------------------------------------------------------------------ */
+/* Child edges                                                         */
+/* ------------------------------------------------------------------ */
+
+static bool is_ancestor(StrataNode *maybe_ancestor, StrataNode *node)
+{
+    if (maybe_ancestor == node) {
+        return true;
+    }
+    for (GList *l = node->parents; l; l = l->next) {
+        StrataChild *p = l->data;
+        if (p->parent_kind == STRATA_PARENT_NODE &&
+            is_ancestor(maybe_ancestor, p->parent)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+StrataChild *strata_node_attach_child(StrataNode *parent_node,
+                                      StrataNode *child, const char *name,
+                                      StrataChildRole role,
+                                      StrataParentKind parent_kind,
+                                      void *parent, const char *parent_desc,
+                                      uint64_t perm, uint64_t shared,
+                                      GError **error)
+{
+    StrataChild *c;
+
+    g_return_val_if_fail(child != NULL, NULL);
+    g_return_val_if_fail(name != NULL, NULL);
+
+    if (parent_node) {
+        parent_kind = STRATA_PARENT_NODE;
+        parent = parent_node;
+        if (is_ancestor(child, parent_node)) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                        "Making '%s' a %s child of '%s' would create a "
+                        "cycle", child->node_name, name,
+                        parent_node->node_name);
+            return NULL;
+        }
+    }
+
+    c = g_new0(StrataChild, 1);
+    c->name = g_strdup(name);
+    c->role = role;
+    c->node = child;
+    c->parent_kind = parent_kind;
+    c->parent = parent;
+    c->parent_desc = parent_node
+        ? g_strdup_printf("node '%s'", parent_node->node_name)
+        : g_strdup(parent_desc ? parent_desc : "a user");
+
+    if (parent_node) {
+        /* What a node needs from a child follows from its own parents. */
+        uint64_t pperm, pshared;
+        node_cumulative_perms(parent_node, &pperm, &pshared);
+        if (parent_node->drv && parent_node->drv->child_perm) {
+            parent_node->drv->child_perm(parent_node, c, role, pperm,
+                                         pshared, &perm, &shared);
+        } else {
+            strata_default_child_perm(parent_node, c, role, pperm, pshared,
+                                      &perm, &shared);
+        }
+    }
+
+    if (!check_edge(c, perm, shared, error)) {
+        g_free(c->name);
+        g_free(c->parent_desc);
+        g_free(c);
+        return NULL;
+    }
+    c->perm = perm;
+    c->shared = shared;
+    strata_node_ref(child);
+    child->parents = g_list_prepend(child->parents, c);
+    c->link_in_parents = child->parents;
+
+    if (!strata_node_refresh_perms(child, error)) {
+        child->parents = g_list_delete_link(child->parents,
+                                            c->link_in_parents);
+        strata_node_refresh_perms(child, NULL);
+        strata_node_unref(child);
+        g_free(c->name);
+        g_free(c->parent_desc);
+        g_free(c);
+        return NULL;
+    }
+
+    if (parent_node) {
+        parent_node->children = g_list_append(parent_node->children, c);
+        if (role == STRATA_CHILD_FILE && !parent_node->file) {
+            parent_node->file = c;
+        } else if (role == STRATA_CHILD_BACKING && !parent_node->backing) {
+            parent_node->backing = c;
+        }
+    }
+    return c;
+}
+
+void strata_child_detach(StrataChild *c)
+{
+    StrataNode *child;
+
+    if (!c) {
+        return;
+    }
+    child = c->node;
+    if (c->parent_kind == STRATA_PARENT_NODE) {
+        StrataNode *parent = c->parent;
+        parent->children = g_list_remove(parent->children, c);
+        if (parent->file == c) {
+            parent->file = NULL;
+        }
+        if (parent->backing == c) {
+            parent->backing = NULL;
+        }
+    }
+    child->parents = g_list_delete_link(child->parents, c->link_in_parents);
+    /* Dropping permissions cannot conflict. */
+    strata_node_refresh_perms(child, NULL);
+    g_free(c->name);
+    g_free(c->parent_desc);
+    g_free(c);
+    strata_node_unref(child);
+}
+
+bool strata_child_replace_node(StrataChild *c, StrataNode *new_node,
+                               GError **error)
+{
+    StrataNode *old = c->node;
+
+    if (old == new_node) {
+        return true;
+    }
+    if (c->parent_kind == STRATA_PARENT_NODE &&
+        is_ancestor(new_node, c->parent)) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Making '%s' a child of '%s' would create a cycle",
+                    new_node->node_name,
+                    ((StrataNode *)c->parent)->node_name);
+        return false;
+    }
+    if (!check_edge(&(StrataChild){ .node = new_node, .name = c->name },
+                    c->perm, c->shared, error)) {
+        return false;
+    }
+    strata_node_ref(new_node);
+    old->parents = g_list_delete_link(old->parents, c->link_in_parents);
+    c->node = new_node;
+    new_node->parents = g_list_prepend(new_node->parents, c);
+    c->link_in_parents = new_node->parents;
+    if (!strata_node_refresh_perms(new_node, error)) {
+        new_node->parents = g_list_delete_link(new_node->parents,
+                                               c->link_in_parents);
+        c->node = old;
+        old->parents = g_list_prepend(old->parents, c);
+        c->link_in_parents = old->parents;
+        strata_node_refresh_perms(new_node, NULL);
+        strata_node_unref(new_node);
+        return false;
+    }
+    strata_node_refresh_perms(old, NULL);
+    strata_node_unref(old);
+    return true;
+}
+
+/* ------------------------------------------------------------------ */
+/* Names                                                               */
+/* ------------------------------------------------------------------ */
+
+bool strata_node_name_check(const char *name, GError **error)
+{
+    size_t len = strlen(name);
+
+    if (len == 0 || !g_ascii_isalpha(name[0])) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Invalid node-name: '%s'", name);
+        return false;
+    }
+    for (size_t i = 1; i < len; i++) {
+        char ch = name[i];
+        if (!g_ascii_isalnum(ch) && ch != '-' && ch != '_' && ch != '.') {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                        "Invalid node-name: '%s'", name);
+            return false;
+        }
+    }
+    if (len > 31) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Node name too long");
+        return false;
+    }
+    return true;
+}
+
+StrataNode *strata_context_lookup(StrataContext *ctx, const char *name)
+{
+    g_return_val_if_fail(ctx != NULL, NULL);
+    if (!name) {
+        return NULL;
+    }
+    return g_hash_table_lookup(ctx->nodes_by_name, name);
+}
+
+static void auto_name(StrataContext *ctx, StrataNode *node)
+{
+    /* '#' cannot start a user's name, so generated names never clash
+     * with them; the counter keeps them unique within the context. */
+    do {
+        g_snprintf(node->node_name, sizeof(node->node_name), "#block%03u",
+                   ctx->auto_name_counter++ % 1000000);
+    } while (g_hash_table_contains(ctx->nodes_by_name, node->node_name));
+    node->auto_named = true;
+}
+
+/* ------------------------------------------------------------------ */
+/* Opening and closing nodes                                           */
+/* ------------------------------------------------------------------ */
+
+static const char *const discard_values[] = { "ignore", "unmap", "off", "on",
+                                              NULL };
+static const char *const detect_zeroes_values[] = { "off", "on", "unmap",
+                                                    NULL };
+
+static const StrataOptDesc common_options[] = {
+    { "driver", STRATA_OPT_STRING, true },
+    { "node-name", STRATA_OPT_STRING },
+    { "read-only", STRATA_OPT_BOOL },
+    { "auto-read-only", STRATA_OPT_BOOL },
+    { "force-share", STRATA_OPT_BOOL },
+    { "cache.direct", STRATA_OPT_BOOL },
+    { "cache.no-flush", STRATA_OPT_BOOL },
+    { "discard", STRATA_OPT_ENUM, false, discard_values },
+    { "detect-zeroes", STRATA_OPT_ENUM, false, detect_zeroes_values },
+    { NULL }
+};
+
+/* Options a nested child takes over from its parent unless it sets them
+ * itself, as QEMU does for a format's protocol child. */
+static void inherit_options(JsonObject *parent, JsonObject *child,
+                            StrataChildRole role)
+{
+    static const char *const inherited[] = { "read-only", "auto-read-only",
+                                             "discard" };
+    static const char *const cache_keys[] = { "direct", "no-flush" };
+
+    if (role != STRATA_CHILD_BACKING) {
+        for (unsigned i = 0; i < G_N_ELEMENTS(inherited); i++) {
+            JsonNode *v = json_object_get_member(parent, inherited[i]);
+            if (v && !json_object_has_member(child, inherited[i])) {
+                json_object_set_member(child, inherited[i],
+                                       json_node_copy(v));
+            }
+        }
+    }
+    JsonNode *pc = json_object_get_member(parent, "cache");
+    if (pc && JSON_NODE_HOLDS_OBJECT(pc)) {
+        JsonObject *pco = json_node_get_object(pc);
+        JsonNode *cc = json_object_get_member(child, "cache");
+        JsonObject *cco;
+        if (!cc) {
+            cco = json_object_new();
+            json_object_set_object_member(child, "cache", cco);
+        } else if (JSON_NODE_HOLDS_OBJECT(cc)) {
+            cco = json_node_get_object(cc);
+        } else {
+            return; /* the child's own validation reports the bad type */
+        }
+        for (unsigned i = 0; i < G_N_ELEMENTS(cache_keys); i++) {
+            JsonNode *v = json_object_get_member(pco, cache_keys[i]);
+            if (v && !json_object_has_member(cco, cache_keys[i])) {
+                json_object_set_member(cco, cache_keys[i], json_node_copy(v));
+            }
+        }
+    }
+}
+
+static StrataChildRole role_for_option(const char *name)
+{
+    if (!strcmp(name, "backing")) {
+        return STRATA_CHILD_BACKING;
+    }
+    if (!strcmp(name, "data-file")) {
+        return STRATA_CHILD_DATA;
+    }
+    if (!strcmp(name, "file") || !strcmp(name, "image")) {
+        return STRATA_CHILD_FILE;
+    }
+    return STRATA_CHILD_OTHER;
+}
+
+/* Opens or looks up the children the driver's option table names. */
+static bool open_children(StrataNode *node, JsonObject *options,
+                          bool strings_only, GError **error)
+{
+    const StrataDriver *drv = node->drv;
+
+    if (!drv->options) {
+        return true;
+    }
+    for (const StrataOptDesc *d = drv->options; d->name; d++) {
+        JsonNode *n;
+        StrataNode *child;
+        StrataChildRole role;
+
+        if (d->type != STRATA_OPT_CHILD &&
+            d->type != STRATA_OPT_CHILD_OR_NULL) {
+            continue;
+        }
+        n = json_object_get_member(options, d->name);
+        if (!n || JSON_NODE_HOLDS_NULL(n)) {
+            continue;
+        }
+        role = role_for_option(d->name);
+        if (JSON_NODE_HOLDS_OBJECT(n)) {
+            g_autoptr(JsonObject) copy =
+                json_node_get_object(json_node_copy(n));
+            inherit_options(options, copy, role);
+            if (role == STRATA_CHILD_BACKING) {
+                json_object_set_boolean_member(copy, "read-only", true);
+            }
+            child = strata_node_open(node->ctx, copy, strings_only, false,
+                                     error);
+            if (!child) {
+                return false;
+            }
+        } else {
+            const char *ref = json_node_get_string(n);
+            child = strata_context_lookup(node->ctx, ref);
+            if (!child) {
+                g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_FOUND,
+                            "Cannot find device='%s' nor node-name='%s'",
+                            ref, ref);
+                return false;
+            }
+            strata_node_ref(child);
+        }
+        StrataChild *c = strata_node_attach_child(node, child, d->name,
+                                                  role, STRATA_PARENT_NODE,
+                                                  node, NULL, 0, 0, error);
+        strata_node_unref(child);
+        if (!c) {
+            return false;
+        }
+    }
+    return true;
+}
+
+static void flush_co(void *opaque)
+{
+    strata_node_co_flush(opaque);
+}
+
+static void node_close(StrataNode *node)
+{
+    /* A clean close makes everything written stable, as a guest's
+     * shutdown would: formats write back their caches, volatile caches
+     * pass their data down. */
+    if (node->opaque && !node->read_only) {
+        strata_loop_run_co(node->ctx->loop, flush_co, node);
+    }
+    if (node->drv && node->drv->close && node->opaque) {
+        node->drv->close(node);
+    }
+    while (node->children) {
+        strata_child_detach(node->children->data);
+    }
+}
+
+static void node_free(StrataNode *node)
+{
+    StrataContext *ctx = node->ctx;
+
+    g_assert(node->parents == NULL);
+    node_close(node);
+    if (node->link_in_ctx) {
+        ctx->all_nodes = g_list_delete_link(ctx->all_nodes,
+                                            node->link_in_ctx);
+        if (g_hash_table_lookup(ctx->nodes_by_name, node->node_name) ==
+            node) {
+            g_hash_table_remove(ctx->nodes_by_name, node->node_name);
+        }
+    }
+    g_free(node->opaque);
+    g_free(node->discard);
+    g_free(node->detect_zeroes);
+    g_free(node->filename);
+    if (node->options) {
+        json_object_unref(node->options);
+    }
+    g_free(node);
+}
+
+void strata_node_ref(StrataNode *node)
+{
+    g_return_if_fail(node != NULL);
+    node->refcnt++;
+}
+
+void strata_node_unref(StrataNode *node)
+{
+    if (!node) {
+        return;
+    }
+    g_return_if_fail(node->refcnt > 0);
+    if (--node->refcnt == 0) {
+        node_free(node);
+    }
+}
+
+StrataNode *strata_node_open(StrataContext *ctx, JsonObject *options,
+                             bool strings_only, bool monitor_owned,
+                             GError **error)
+{
+    g_autoptr(JsonObject) opts = NULL;
+    const StrataDriver *drv;
+    const char *drv_name, *name;
+    StrataNode *node;
+
+    g_return_val_if_fail(ctx != NULL, NULL);
+    g_return_val_if_fail(options != NULL, NULL);
+
+    /* Work on a private copy: validation converts values in place. */
+    {
+        g_autoptr(JsonNode) n = json_node_alloc();
+        json_node_init_object(n, options);
+        g_autoptr(JsonNode) c = json_node_copy(n);
+        opts = json_object_ref(json_node_get_object(c));
+    }
+
+    JsonNode *dn = json_object_get_member(opts, "driver");
+    if (!dn) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Parameter 'driver' is missing");
+        return NULL;
+    }
+    if (!JSON_NODE_HOLDS_VALUE(dn) ||
+        json_node_get_value_type(dn) != G_TYPE_STRING) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Invalid parameter type for 'driver', expected: "
+                    "string");
+        return NULL;
+    }
+    drv_name = json_node_get_string(dn);
+    drv = strata_driver_find(drv_name);
+    if (!drv) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Parameter 'driver' does not accept value '%s'",
+                    drv_name);
+        return NULL;
+    }
+
+    const StrataOptDesc *tables[] = { common_options, drv->options, NULL };
+    if (!strata_opts_validate(opts, tables, strings_only, error)) {
+        return NULL;
+    }
+
+    name = strata_opts_get_string(opts, "node-name", NULL);
+    if (name) {
+        if (!strata_node_name_check(name, error)) {
+            return NULL;
+        }
+        if (g_hash_table_contains(ctx->nodes_by_name, name)) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_EXISTS,
+                        "Duplicate nodes with node-name='%s'", name);
+            return NULL;
+        }
+    }
+
+    bool read_only = strata_opts_get_bool(opts, "read-only", false);
+    bool force_share = strata_opts_get_bool(opts, "force-share", false);
+    const char *discard = strata_opts_get_string(opts, "discard", "ignore");
+    const char *dz = strata_opts_get_string(opts, "detect-zeroes", "off");
+    if (force_share && !read_only) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "force-share=on can only be used with read-only images");
+        return NULL;
+    }
+    /* "on"/"off" are the command line's spellings of unmap/ignore. */
+    if (!strcmp(discard, "on")) {
+        discard = "unmap";
+    } else if (!strcmp(discard, "off")) {
+        discard = "ignore";
+    }
+    if (!strcmp(dz, "unmap") && strcmp(discard, "unmap") != 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "setting detect-zeroes to unmap is not allowed without "
+                    "setting discard operation to unmap");
+        return NULL;
+    }
+
+    node = g_new0(StrataNode, 1);
+    node->refcnt = 1;
+    node->ctx = ctx;
+    node->drv = drv;
+    node->read_only = read_only;
+    node->force_share = force_share;
+    node->cache_direct = strata_opts_get_bool(opts, "cache.direct", false);
+    node->cache_no_flush = strata_opts_get_bool(opts, "cache.no-flush",
+                                                false);
+    node->discard = g_strdup(discard);
+    node->detect_zeroes = g_strdup(dz);
+    node->total_bytes = -1;
+    node->limits.request_alignment = 1;
+    node->limits.buf_align = 1;
+    node->options = json_object_ref(opts);
+    strata_co_queue_init(&node->drain_waiters);
+    if (name) {
+        g_strlcpy(node->node_name, name, sizeof(node->node_name));
+    } else {
+        auto_name(ctx, node);
+    }
+    /* Register the name now so nested children cannot take it. */
+    g_hash_table_insert(ctx->nodes_by_name, node->node_name, node);
+    ctx->all_nodes = g_list_prepend(ctx->all_nodes, node);
+    node->link_in_ctx = ctx->all_nodes;
+
+    if (!open_children(node, opts, strings_only, error)) {
+        goto fail;
+    }
+    node->opaque = drv->state_size ? g_malloc0(drv->state_size) : NULL;
+    if (!drv->open(node, opts, error)) {
+        g_free(node->opaque);
+        node->opaque = NULL;
+        goto fail;
+    }
+    if (!node->filename) {
+        StrataNode *f = node->file ? node->file->node : NULL;
+        node->filename = g_strdup(f && f->filename ? f->filename : "");
+    }
+    if (strata_node_refresh_length(node) < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                    "Could not get the size of node '%s'", node->node_name);
+        goto fail;
+    }
+    /* A node's own needs on its children (formats take write on their
+     * file even without parents) are granted now. */
+    if (!strata_node_refresh_perms(node, error)) {
+        goto fail;
+    }
+    if (monitor_owned) {
+        node->monitor_owned = true;
+        strata_node_ref(node);
+        ctx->monitor_nodes = g_list_prepend(ctx->monitor_nodes, node);
+    }
+    return node;
+
+fail:
+    strata_node_unref(node);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ */
+/* Navigation                                                          */
+/* ------------------------------------------------------------------ */
+
+StrataNode *strata_node_backing(StrataNode *node)
+{
+    return node && node->backing ? node->backing->node : NULL;
+}
+
+StrataNode *strata_node_skip_filters(StrataNode *node)
+{
+    while (node && node->drv->is_filter && node->file) {
+        node = node->file->node;
+    }
+    return node;
+}
+
+/* ------------------------------------------------------------------ */
+/* Drained sections                                                    */
+/* ------------------------------------------------------------------ */
+
+static void collect_subtree(StrataNode *node, GPtrArray *out)
+{
+    for (guint i = 0; i < out->len; i++) {
+        if (out->pdata[i] == node) {
+            return;
+        }
+    }
+    g_ptr_array_add(out, node);
+    for (GList *l = node->children; l; l = l->next) {
+        collect_subtree(((StrataChild *)l->data)->node, out);
+    }
+}
+
+/* Ancestors, so parents stop sending while we wait; backends above get
+ * told to hold requests back. */
+static void collect_ancestors(StrataNode *node, GPtrArray *out,
+                              GPtrArray *backends)
+{
+    for (GList *l = node->parents; l; l = l->next) {
+        StrataChild *p = l->data;
+        if (p->parent_kind == STRATA_PARENT_NODE) {
+            StrataNode *pn = p->parent;
+            bool seen = false;
+            for (guint i = 0; i < out->len && !seen; i++) {
+                seen = out->pdata[i] == pn;
+            }
+            if (!seen) {
+                g_ptr_array_add(out, pn);
+                collect_ancestors(pn, out, backends);
+            }
+        } else if (p->parent_kind == STRATA_PARENT_BACKEND) {
+            g_ptr_array_add(backends, p->parent);
+        }
+    }
+}
+
+static bool any_in_flight(GPtrArray *nodes)
+{
+    for (guint i = 0; i < nodes->len; i++) {
+        if (((StrataNode *)nodes->pdata[i])->in_flight) {
+            return true;
+        }
+    }
+    return false;
+}
+
+static void drained_change(StrataNode *node, bool begin)
+{
+    g_autoptr(GPtrArray) nodes = g_ptr_array_new();
+    g_autoptr(GPtrArray) backends = g_ptr_array_new();
+
+    collect_subtree(node, nodes);
+    collect_ancestors(node, nodes, backends);
+    for (guint i = 0; i < nodes->len; i++) {
+        StrataNode *n = nodes->pdata[i];
+        if (begin) {
+            n->quiesce_counter++;
+        } else {
+            g_assert(n->quiesce_counter > 0);
+            n->quiesce_counter--;
+        }
+    }
+    for (guint i = 0; i < backends->len; i++) {
+        strata_backend_drained_changed(backends->pdata[i]);
+    }
+    if (!begin) {
+        return;
+    }
+    /* Wait until nothing is in flight anywhere in the section. */
+    while (any_in_flight(nodes)) {
+        if (strata_in_coroutine()) {
+            for (guint i = 0; i < nodes->len; i++) {
+                StrataNode *n = nodes->pdata[i];
+                if (n->in_flight) {
+                    strata_co_queue_wait(&n->drain_waiters, NULL);
+                    break;
+                }
+            }
+        } else {
+            strata_loop_iterate(node->ctx->loop, true);
+        }
+    }
+}
+
+void strata_node_drained_begin(StrataNode *node)
+{
+    g_return_if_fail(node != NULL);
+    drained_change(node, true);
+}
+
+void strata_node_drained_end(StrataNode *node)
+{
+    g_return_if_fail(node != NULL);
+    drained_change(node, false);
+}
+
+void strata_node_inc_in_flight(StrataNode *node)
+{
+    node->in_flight++;
+}
+
+void strata_node_dec_in_flight(StrataNode *node)
+{
+    g_assert(node->in_flight > 0);
+    if (--node->in_flight == 0 && node->quiesce_counter) {
+        strata_co_queue_restart_all(&node->drain_waiters);
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Public accessors                                                    */
+/* ------------------------------------------------------------------ */
+
+const char *strata_node_get_name(StrataNode *node)
+{
+    g_return_val_if_fail(node != NULL, NULL);
+    return node->node_name;
+}
+
+const char *strata_node_get_driver_name(StrataNode *node)
+{
+    g_return_val_if_fail(node != NULL, NULL);
+    return node->drv->name;
+}
+
+int64_t strata_node_get_length(StrataNode *node)
+{
+    g_return_val_if_fail(node != NULL, -EINVAL);
+    return node->total_bytes;
+}
+
+bool strata_node_is_read_only(StrataNode *node)
+{
+    g_return_val_if_fail(node != NULL, true);
+    return node->read_only;
+}

@@ -1,0 +1,12 @@
+/* strata — the drivers the table in drivers.c lists. */
+#ifndef STRATA_DRIVERS_PRIVATE_H
+#define STRATA_DRIVERS_PRIVATE_H
+
+#include "driver.h"
+
+extern const StrataDriver strata_driver_file;
+extern const StrataDriver strata_driver_raw;
+extern const StrataDriver strata_driver_null_co;
+extern const StrataDriver strata_driver_blkdebug;
+
+#endif

@@ -1,0 +1,364 @@
+/* Tests of the node graph: names, options, children, permissions,
+ * deletion rules and drained sections. */
+#include <check.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <glib/gstdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "block-private.h"
+#include "test-util.h"
+
+static StrataContext *ctx;
+static char *tmpdir;
+
+static void setup(void)
+{
+    g_autoptr(GError) err = NULL;
+    ctx = strata_context_new(NULL, NULL, &err);
+    ck_assert_msg(ctx, "context: %s", err ? err->message : "?");
+    tmpdir = g_dir_make_tmp("strata-graph-XXXXXX", NULL);
+    ck_assert(tmpdir);
+}
+
+static void teardown(void)
+{
+    strata_context_free(ctx);
+    g_autoptr(GDir) d = g_dir_open(tmpdir, 0, NULL);
+    const char *n;
+    while (d && (n = g_dir_read_name(d))) {
+        g_autofree char *p = g_build_filename(tmpdir, n, NULL);
+        g_unlink(p);
+    }
+    g_rmdir(tmpdir);
+    g_free(tmpdir);
+}
+
+static char *make_file(const char *name, size_t size)
+{
+    char *path = g_build_filename(tmpdir, name, NULL);
+    int fd = open(path, O_CREAT | O_RDWR | O_TRUNC, 0600);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(ftruncate(fd, size), 0);
+    close(fd);
+    return path;
+}
+
+static StrataNode *add(const char *spec, GError **err)
+{
+    return strata_context_add_node_keyval(ctx, spec, err);
+}
+
+static void expect_error(const char *spec, const char *msg)
+{
+    g_autoptr(GError) err = NULL;
+    StrataNode *n = add(spec, &err);
+    ck_assert_msg(n == NULL, "'%s' should fail", spec);
+    ck_assert_msg(err != NULL, "'%s': no error set", spec);
+    ck_assert_msg(strstr(err->message, msg) != NULL,
+                  "'%s': got '%s', expected '%s'", spec, err->message, msg);
+}
+
+START_TEST(test_names)
+{
+    g_autoptr(GError) err = NULL;
+
+    ck_assert(add("driver=null-co,node-name=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+                  &err));
+    expect_error("driver=null-co,node-name=bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
+                 "Node name too long");
+    ck_assert(add("driver=null-co,node-name=a-b_c.d", &err));
+    expect_error("driver=null-co,node-name=_x", "Invalid node-name: '_x'");
+    expect_error("driver=null-co,node-name=1bad",
+                 "Invalid node-name: '1bad'");
+    expect_error("driver=null-co,node-name=x y", "Invalid node-name");
+    expect_error("driver=null-co,node-name=#block1", "Invalid node-name");
+    expect_error("driver=null-co,node-name=a-b_c.d",
+                 "Duplicate nodes with node-name='a-b_c.d'");
+
+    /* A node without a name gets a '#' name no user can pick. */
+    StrataNode *anon = add("driver=null-co", &err);
+    ck_assert(anon);
+    ck_assert_int_eq(strata_node_get_name(anon)[0], '#');
+    ck_assert_ptr_eq(strata_context_find_node(ctx,
+                                              strata_node_get_name(anon)),
+                     anon);
+}
+END_TEST
+
+START_TEST(test_option_errors)
+{
+    expect_error("node-name=x", "Parameter 'driver' is missing");
+    expect_error("driver=nosuchdriver",
+                 "Parameter 'driver' does not accept value 'nosuchdriver'");
+    expect_error("driver=null-co,bogus=1", "Parameter 'bogus' is unexpected");
+    expect_error("driver=null-co,cache.bogus=1",
+                 "Parameter 'cache.bogus' is unexpected");
+    expect_error("driver=null-co,read-only=maybe",
+                 "Parameter 'read-only' expects 'on' or 'off'");
+    expect_error("driver=null-co,detect-zeroes=sometimes",
+                 "Parameter 'detect-zeroes' does not accept value");
+    expect_error("driver=null-co,detect-zeroes=unmap",
+                 "setting detect-zeroes to unmap is not allowed");
+    expect_error("driver=null-co,force-share=on",
+                 "force-share=on can only be used with read-only images");
+    expect_error("driver=raw", "Parameter 'file' is missing");
+    expect_error("driver=raw,file=nothere",
+                 "Cannot find device='nothere' nor node-name='nothere'");
+
+    /* JSON keeps its types: a string where a boolean belongs is wrong. */
+    expect_error("{\"driver\": \"null-co\", \"read-only\": \"on\"}",
+                 "Invalid parameter type for 'read-only', expected: boolean");
+    expect_error("{\"driver\": \"null-co\", \"cache\": 1}",
+                 "Invalid parameter type for 'cache'");
+    expect_error("{\"driver\": 7}",
+                 "Invalid parameter type for 'driver', expected: string");
+
+    /* Nothing half-opened stays behind. */
+    ck_assert_ptr_null(ctx->all_nodes);
+}
+END_TEST
+
+START_TEST(test_nested_children)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *path = make_file("disk.raw", 1 << 20);
+    g_autofree char *spec = g_strdup_printf(
+        "driver=raw,node-name=disk,read-only=on,file.driver=file,"
+        "file.filename=%s,file.node-name=disk-file", path);
+
+    StrataNode *disk = add(spec, &err);
+    ck_assert_msg(disk, "%s", err ? err->message : "");
+    StrataNode *file = strata_context_find_node(ctx, "disk-file");
+    ck_assert(file);
+    ck_assert_ptr_eq(disk->file->node, file);
+    /* The nested file inherits read-only from its parent. */
+    ck_assert(strata_node_is_read_only(file));
+    ck_assert_int_eq(strata_node_get_length(disk), 1 << 20);
+    ck_assert_str_eq(disk->filename, path);
+
+    /* Deletion rules, in QEMU's words. */
+    g_clear_error(&err);
+    ck_assert(!strata_context_del_node(ctx, "disk-file", &err));
+    ck_assert_str_eq(err->message, "Node disk-file is not owned by the monitor");
+    g_clear_error(&err);
+    ck_assert(!strata_context_del_node(ctx, "nope", &err));
+    ck_assert_str_eq(err->message, "Failed to find node with node-name='nope'");
+    g_clear_error(&err);
+    ck_assert(strata_context_del_node(ctx, "disk", &err));
+    /* The implicit child went with it. */
+    ck_assert_ptr_null(strata_context_find_node(ctx, "disk-file"));
+    ck_assert_ptr_null(ctx->all_nodes);
+}
+END_TEST
+
+START_TEST(test_in_use)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *path = make_file("d.raw", 65536);
+    g_autofree char *fspec = g_strdup_printf(
+        "driver=file,node-name=f,filename=%s", path);
+
+    ck_assert(add(fspec, &err));
+    ck_assert(add("driver=raw,node-name=r,file=f", &err));
+    ck_assert(!strata_context_del_node(ctx, "f", &err));
+    ck_assert_str_eq(err->message, "Block device f is in use");
+    g_clear_error(&err);
+
+    StrataBackend *blk = strata_backend_new(ctx, "r", true, &err);
+    ck_assert_msg(blk, "%s", err ? err->message : "");
+    ck_assert(!strata_context_del_node(ctx, "r", &err));
+    ck_assert_str_eq(err->message, "Node r is in use");
+    g_clear_error(&err);
+    strata_backend_unref(blk);
+    ck_assert(strata_context_del_node(ctx, "r", &err));
+    ck_assert(strata_context_del_node(ctx, "f", &err));
+}
+END_TEST
+
+START_TEST(test_permissions)
+{
+    g_autoptr(GError) err = NULL;
+
+    ck_assert(add("driver=null-co,node-name=n,size=1048576", &err));
+    ck_assert(add("driver=null-co,node-name=ro,size=1048576,read-only=on", &err));
+
+    /* Two writers conflict; a reader next to a writer is fine. */
+    StrataBackend *w1 = strata_backend_new(ctx, "n", true, &err);
+    ck_assert(w1);
+    StrataBackend *w2 = strata_backend_new(ctx, "n", true, &err);
+    ck_assert(w2 == NULL);
+    ck_assert_msg(strstr(err->message, "Conflicts with use by") &&
+                  strstr(err->message, "'write'"), "%s", err->message);
+    g_clear_error(&err);
+    StrataBackend *r1 = strata_backend_new(ctx, "n", false, &err);
+    ck_assert(r1);
+    ck_assert_int_eq(ctx->all_nodes ? 1 : 0, 1);
+
+    /* After the writer goes, a second writer is allowed. */
+    strata_backend_unref(w1);
+    w2 = strata_backend_new(ctx, "n", true, &err);
+    ck_assert(w2);
+    strata_backend_unref(w2);
+    strata_backend_unref(r1);
+
+    /* Writing to a read-only node is refused at attach time. */
+    StrataBackend *w3 = strata_backend_new(ctx, "ro", true, &err);
+    ck_assert(w3 == NULL);
+    ck_assert_str_eq(err->message, "Block node is read-only");
+    g_clear_error(&err);
+
+    ck_assert(strata_backend_new(ctx, "missing", false, &err) == NULL);
+    ck_assert_str_eq(err->message,
+                     "Cannot find device='missing' nor node-name='missing'");
+}
+END_TEST
+
+START_TEST(test_perm_propagates)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *path = make_file("p.raw", 65536);
+    g_autofree char *fspec = g_strdup_printf(
+        "driver=file,node-name=f,filename=%s", path);
+
+    ck_assert(add(fspec, &err));
+    ck_assert(add("driver=raw,node-name=r1,file=f", &err));
+    ck_assert(add("driver=raw,node-name=r2,file=f", &err));
+    StrataNode *f = strata_context_find_node(ctx, "f");
+
+    /* A writer on r1 makes r1 ask for write on f ... */
+    StrataBackend *w = strata_backend_new(ctx, "r1", true, &err);
+    ck_assert(w);
+    ck_assert(f->cur_perm & STRATA_PERM_WRITE);
+    /* ... so a writer on r2 must conflict one level down. */
+    StrataBackend *w2 = strata_backend_new(ctx, "r2", true, &err);
+    ck_assert(w2 == NULL);
+    ck_assert_msg(strstr(err->message, "Conflicts"), "%s", err->message);
+    g_clear_error(&err);
+    /* The failed attempt left nothing behind. */
+    StrataNode *r2 = strata_context_find_node(ctx, "r2");
+    ck_assert_ptr_null(r2->parents);
+    ck_assert_uint_eq(r2->file->perm, 0);
+
+    strata_backend_unref(w);
+    ck_assert_uint_eq(f->cur_perm & STRATA_PERM_WRITE, 0);
+}
+END_TEST
+
+START_TEST(test_cycle_refused)
+{
+    g_autoptr(GError) err = NULL;
+    ck_assert(add("driver=null-co,node-name=a", &err));
+    ck_assert(add("driver=blkdebug,node-name=b,image=a", &err));
+    StrataNode *a = strata_context_find_node(ctx, "a");
+    StrataNode *b = strata_context_find_node(ctx, "b");
+    ck_assert(strata_node_attach_child(a, b, "file", STRATA_CHILD_FILE,
+                                       STRATA_PARENT_NODE, NULL, NULL, 0, 0,
+                                       &err) == NULL);
+    ck_assert_msg(strstr(err->message, "cycle"), "%s", err->message);
+}
+END_TEST
+
+/* A request that stays in flight until the test lets it go. */
+typedef struct {
+    StrataBackend *blk;
+    bool started, done;
+    int ret;
+} SlowReq;
+
+static void slow_read_co(void *opaque)
+{
+    SlowReq *r = opaque;
+    char buf[512];
+    r->started = true;
+    r->ret = strata_backend_co_pread(r->blk, 0, buf, sizeof(buf));
+    r->done = true;
+}
+
+START_TEST(test_drain)
+{
+    g_autoptr(GError) err = NULL;
+    /* latency-ns keeps each read in flight for 20 ms. */
+    ck_assert(add("driver=null-co,node-name=slow,size=1048576,latency-ns=20000000",
+                  &err));
+    StrataNode *n = strata_context_find_node(ctx, "slow");
+    StrataBackend *blk = strata_backend_new(ctx, "slow", false, &err);
+    ck_assert(blk);
+
+    SlowReq a = { blk };
+    strata_coroutine_enter(strata_coroutine_new(slow_read_co, &a));
+    ck_assert(a.started && !a.done);
+    ck_assert_uint_ge(n->in_flight, 1);
+
+    /* drained_begin returns only once the request has finished. */
+    strata_node_drained_begin(n);
+    ck_assert(a.done);
+    ck_assert_int_eq(a.ret, 0);
+    ck_assert_uint_eq(n->in_flight, 0);
+
+    /* A request made while drained waits until the section ends. */
+    SlowReq b = { blk };
+    strata_coroutine_enter(strata_coroutine_new(slow_read_co, &b));
+    for (int i = 0; i < 5; i++) {
+        strata_loop_iterate(ctx->loop, false);
+    }
+    ck_assert(b.started && !b.done);
+    ck_assert_uint_eq(n->in_flight, 0);
+    strata_node_drained_end(n);
+    strata_backend_drain(blk);
+    ck_assert(b.done);
+    ck_assert_int_eq(b.ret, 0);
+    strata_backend_unref(blk);
+}
+END_TEST
+
+START_TEST(test_close_flushes)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *path = make_file("v.raw", 65536);
+    g_autofree char *spec = g_strdup_printf(
+        "driver=blkdebug,node-name=v,x-volatile-cache=on,"
+        "image.driver=file,image.filename=%s", path);
+    unsigned char buf[4096];
+
+    ck_assert_msg(add(spec, &err), "%s", err ? err->message : "");
+    StrataBackend *blk = strata_backend_new(ctx, "v", true, &err);
+    ck_assert(blk);
+    memset(buf, 0x3c, sizeof(buf));
+    ck_assert_int_eq(strata_backend_pwrite(blk, 4096, buf, sizeof(buf), 0),
+                     0);
+    /* Held in the volatile cache: not on disk yet. */
+    int fd = open(path, O_RDONLY);
+    ck_assert_int_eq(pread(fd, buf, sizeof(buf), 4096), sizeof(buf));
+    ck_assert_uint_eq(buf[0], 0);
+    strata_backend_unref(blk);
+    ck_assert(strata_context_del_node(ctx, "v", &err));
+    /* Closing the node flushed it. */
+    ck_assert_int_eq(pread(fd, buf, sizeof(buf), 4096), sizeof(buf));
+    ck_assert_uint_eq(buf[0], 0x3c);
+    ck_assert_uint_eq(buf[4095], 0x3c);
+    close(fd);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("graph");
+    strata_test_add(s, "/graph/names", test_names, setup, teardown);
+    strata_test_add(s, "/graph/options/errors", test_option_errors, setup,
+                    teardown);
+    strata_test_add(s, "/graph/children/nested", test_nested_children, setup,
+                    teardown);
+    strata_test_add(s, "/graph/del/in-use", test_in_use, setup, teardown);
+    strata_test_add(s, "/graph/perm/conflict", test_permissions, setup,
+                    teardown);
+    strata_test_add(s, "/graph/perm/propagate", test_perm_propagates, setup,
+                    teardown);
+    strata_test_add(s, "/graph/children/cycle", test_cycle_refused, setup,
+                    teardown);
+    strata_test_add(s, "/graph/drain", test_drain, setup, teardown);
+    strata_test_add(s, "/graph/close/flushes", test_close_flushes, setup,
+                    teardown);
+    return strata_test_run(s);
+}

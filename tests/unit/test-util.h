@@ -1,0 +1,81 @@
+/* Helpers shared by the unit tests: Check suites registered by path,
+ * scratch directories, files. */
+#ifndef STRATA_TEST_UTIL_H
+#define STRATA_TEST_UTIL_H
+
+#include <check.h>
+#include <fcntl.h>
+#include <glib.h>
+#include <glib/gstdio.h>
+#include <unistd.h>
+
+/* One TCase per test, named by its path ("/io/align/read"), so a
+ * failure report names the behaviour that broke. */
+static inline void strata_test_add(Suite *s, const char *path,
+                                   const TTest *fn,
+                                   void (*setup)(void),
+                                   void (*teardown)(void))
+{
+    TCase *tc = tcase_create(path);
+    if (setup || teardown) {
+        tcase_add_checked_fixture(tc, setup, teardown);
+    }
+    tcase_set_timeout(tc, 120);
+    _tcase_add_test(tc, fn, 0, 0, 0, 1);
+    suite_add_tcase(s, tc);
+}
+
+static inline int strata_test_run(Suite *s)
+{
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? 1 : 0;
+}
+
+static inline char *strata_test_tmpdir(void)
+{
+    char *d = g_dir_make_tmp("strata-test-XXXXXX", NULL);
+    g_assert(d);
+    return d;
+}
+
+static inline void strata_test_rmdir(char *dir)
+{
+    GDir *d = g_dir_open(dir, 0, NULL);
+    const char *n;
+    while (d && (n = g_dir_read_name(d))) {
+        char *p = g_build_filename(dir, n, NULL);
+        g_unlink(p);
+        g_free(p);
+    }
+    if (d) {
+        g_dir_close(d);
+    }
+    g_rmdir(dir);
+    g_free(dir);
+}
+
+/* Creates @name in @dir with @size bytes of pattern (byte i = i*7+1). */
+static inline char *strata_test_make_file(const char *dir, const char *name,
+                                          size_t size, bool pattern)
+{
+    char *path = g_build_filename(dir, name, NULL);
+    int fd = open(path, O_CREAT | O_RDWR | O_TRUNC, 0600);
+    g_assert(fd >= 0);
+    if (pattern) {
+        unsigned char *buf = g_malloc(size);
+        for (size_t i = 0; i < size; i++) {
+            buf[i] = (unsigned char)(i * 7 + 1);
+        }
+        g_assert(pwrite(fd, buf, size, 0) == (ssize_t)size);
+        g_free(buf);
+    } else {
+        g_assert(ftruncate(fd, size) == 0);
+    }
+    close(fd);
+    return path;
+}
+
+#endif
