@@ -51,11 +51,12 @@ deps:
 	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
 	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing
 
-# $(call configure,DIR,EXTRA-ARGS): set up DIR once, then make sure the
-# options asked for hold even when DIR was configured by hand before.
+# $(call configure,DIR,EXTRA-ARGS): set up DIR, or reconfigure it so that
+# the options asked for hold even when DIR was configured by hand, and so
+# that test programs added since the last setup are registered.
 define configure
 	@if [ -f $(1)/build.ninja ]; then \
-	    $(MESON) configure $(1) $(2) >/dev/null; \
+	    $(MESON) setup --reconfigure $(1) $(2) >/dev/null; \
 	else \
 	    $(MESON) setup $(1) $(2); \
 	fi

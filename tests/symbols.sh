@@ -7,6 +7,8 @@
 #           where visibility hides nothing);
 #       (b) the .so exports exactly the functions the public HEADERs
 #           declare with STRATA_API, no more and no fewer.
+#   symbols.sh selftest
+#       the checks above fail on a library made to break them.
 #   symbols.sh headers HEADER...
 #       every public header compiles on its own, as C and (when a C++
 #       compiler exists) as C++, laid out as installed (<strata/x.h>).
@@ -136,7 +138,57 @@ check_headers() {
     return $fail
 }
 
+# The checker checks itself: a library with a stray global, an unexported
+# public function and an export no header declares must fail on each.
+self_test() {
+    local tmp cc fail=0 out
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' RETURN
+    cc=${CC:-cc}
+    cat >"$tmp/good.h" <<'H'
+#define STRATA_API
+STRATA_API int strata_one(void);
+STRATA_API const char *
+strata_two(int x);
+H
+    printf '%s\n' 'int strata_one(void) { return 1; }' \
+        'const char *strata_two(int x) { return x ? "a" : "b"; }' \
+        'static int helper(void) { return 2; }' \
+        'int strata_internal_shared = 3;' \
+        'int strata_internal(void) { return helper(); }' >"$tmp/good.c"
+    printf '%s\n' 'int strata_one(void) { return 1; }' \
+        'int stray_global = 4;' >"$tmp/bad.c"
+    for v in good bad; do
+        $cc -fPIC -c "$tmp/$v.c" -o "$tmp/$v.o" || return 1
+        ar rcs "$tmp/lib$v.a" "$tmp/$v.o"
+    done
+    # good.so exports strata_one and strata_two only (a version script
+    # stands in for STRATA_API's visibility attribute).
+    printf '{ global: strata_one; strata_two; local: *; };\n' >"$tmp/good.map"
+    $cc -shared -Wl,--version-script="$tmp/good.map" "$tmp/good.o" -o "$tmp/good.so"
+    printf '{ global: strata_one; stray_global; local: *; };\n' >"$tmp/bad.map"
+    $cc -shared -Wl,--version-script="$tmp/bad.map" "$tmp/bad.o" -o "$tmp/bad.so"
+
+    if out=$(check_symbols "$tmp/libgood.a" "$tmp/good.so" "$tmp/good.h"); then
+        echo "ok: a clean library passes"
+    else
+        echo "FAIL: a clean library is refused:"; echo "$out"; fail=1
+    fi
+    out=$(check_symbols "$tmp/libbad.a" "$tmp/bad.so" "$tmp/good.h") && {
+        echo "FAIL: a bad library passes"; fail=1; }
+    for want in 'stray_global(D)' 'exports symbols no public header declares' \
+                'does not export' 'strata_two'; do
+        if grep -qF "$want" <<<"$out"; then
+            echo "ok: the bad library is reported for: $want"
+        else
+            echo "FAIL: no report of '$want' in:"; echo "$out"; fail=1
+        fi
+    done
+    return $fail
+}
+
 case ${1:-} in
+    selftest) self_test ;;
     symbols) shift; [ $# -ge 3 ] || die "usage: symbols.sh symbols LIB.a LIB.so HEADER..."
              check_symbols "$@" ;;
     headers) shift; [ $# -ge 1 ] || die "usage: symbols.sh headers HEADER..."
