@@ -35,7 +35,7 @@ declared_functions() {
 # coverage instrumentation, and the linker's section markers.
 toolchain_symbol() {
     case $1 in
-        __odr_asan_gen_*|__asan_*|__ubsan_*|__sanitizer_*|__sancov_*|\
+        __odr_asan_gen_*|__odr_asan.*|__asan_*|__ubsan_*|__sanitizer_*|__sancov_*|\
         __gcov_*|__llvm_*|__bss_start|_edata|_end|_init|_fini) return 0 ;;
     esac
     return 1
