@@ -130,6 +130,25 @@ if cmp -s <(head -c 1M "$raw") <(head -c 1M /dev/zero); then
 else
     bad "the last run's default pattern 0 is not in the file"
 fi
+expect_run "-n (native AIO) with -t none" \
+    "Sending 64 read requests, 4096 bytes each, 64 in parallel (starting at offset 0, step size 4096)" \
+    -c 64 -n -t none -f raw "$raw"
+expect_error "-n without O_DIRECT, refused as qemu-img refuses it" \
+    "Could not open '.*': aio=native was specified, but it requires cache.direct=on" -n -f raw "$raw"
+
+# A failing request ends the run with status 1 and no timing line; the
+# 50th read fails, so the requests around it were in flight and drain.
+blkdebug="driver=raw,file.driver=blkdebug,file.inject-error.0.event=read_aio"
+blkdebug="$blkdebug,file.inject-error.0.errno=5,file.inject-error.0.x-after=50"
+blkdebug="$blkdebug,file.image.driver=file,file.image.filename=$raw"
+expect_error "an injected EIO fails the run" "Failed request: Input/output error" \
+    -c 1000 -d 16 --image-opts "$blkdebug"
+blkdebug="driver=raw,file.driver=blkdebug,file.inject-error.0.event=flush_to_disk"
+blkdebug="$blkdebug,file.inject-error.0.errno=28"
+blkdebug="$blkdebug,file.image.driver=file,file.image.filename=$raw"
+expect_error "an injected flush failure fails the run" "Failed request: No space left on device" \
+    -w -c 256 -d 16 --flush-interval=64 --image-opts "$blkdebug"
+
 expect_run "format probed as raw without -f" \
     "Sending 16 read requests, 4096 bytes each, 64 in parallel (starting at offset 0, step size 4096)" \
     -c 16 "$raw"
