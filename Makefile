@@ -95,9 +95,13 @@ check-slow: deps
 	$(NINJA) -C $(BUILD) -j$(JOBS)
 	$(call run-tests,$(BUILD),--suite slow,)
 
+# tests/demo (a script, or a folder with a `run` script) is the full demo;
+# until it exists, a walkthrough of what is there.
 demo: deps build
-	@if [ -x tests/demo ]; then \
+	@if [ -f tests/demo ] && [ -x tests/demo ]; then \
 	    exec tests/demo $(BUILD); \
+	elif [ -x tests/demo/run ]; then \
+	    exec tests/demo/run $(BUILD); \
 	else \
 	    exec bash tests/interop/walkthrough.sh $(BUILD); \
 	fi

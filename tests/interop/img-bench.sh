@@ -159,6 +159,41 @@ expect_run "--image-opts raw over file" \
     "Sending 16 read requests, 4096 bytes each, 64 in parallel (starting at offset 0, step size 4096)" \
     -c 16 --image-opts "driver=raw,file.driver=file,file.filename=$raw"
 
+# ---- cache modes reach the file node (and its nested definitions) ----
+if command -v strace >/dev/null && strace -f -o /dev/null true 2>/dev/null; then
+    # open_mode ARGS...: "direct" or "buffered", how strata-img opened the
+    # image in a successful run; "failed" otherwise.
+    open_mode() {
+        if ! strace -f -e trace=openat -o "$tmp/trace" "$IMG" bench -c 8 "$@" >/dev/null 2>&1 ||
+           ! grep -q "\"$raw\"" "$tmp/trace"; then
+            echo failed
+        elif grep "\"$raw\"" "$tmp/trace" | grep -q O_DIRECT; then
+            echo direct
+        else
+            echo buffered
+        fi
+    }
+    for spec in "-f raw $raw" \
+                "--image-opts driver=raw,file.driver=file,file.filename=$raw" \
+                "--image-opts {\"driver\":\"raw\",\"file\":{\"driver\":\"file\",\"filename\":\"$raw\"}}"; do
+        for t in none:direct directsync:direct writeback:buffered unsafe:buffered; do
+            # shellcheck disable=SC2086
+            got=$(open_mode -t ${t%%:*} $spec)
+            if [ "$got" = "${t##*:}" ]; then ok "-t ${t%%:*} opens $got: $spec"
+            else bad "-t ${t%%:*} opens $got, not ${t##*:}: $spec"; fi
+        done
+    done
+    got=$(open_mode -t none --image-opts \
+          "driver=raw,file.driver=file,file.filename=$raw,file.cache.direct=off")
+    if [ "$got" = buffered ]; then
+        ok "a node's own cache.direct=off wins over -t none"
+    else
+        bad "-t none with the spec's file.cache.direct=off opens $got"
+    fi
+else
+    echo "note: no usable strace; cache mode checks skipped"
+fi
+
 # ---- null-co ----
 expect_run "null-co read" \
     "Sending 20000 read requests, 4096 bytes each, 32 in parallel (starting at offset 0, step size 4096)" \
