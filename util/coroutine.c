@@ -38,6 +38,7 @@
 #endif
 
 #ifdef CO_ASAN
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -223,6 +224,10 @@ static void co_destroy(StrataCoroutine *co)
 #ifdef CO_VALGRIND
     VALGRIND_STACK_DEREGISTER(co->valgrind_id);
 #endif
+#ifdef CO_ASAN
+    __asan_unpoison_memory_region((uint8_t *)co->map + co_page_size(),
+                                  STRATA_COROUTINE_STACK_SIZE);
+#endif
     munmap(co->map, co->map_len);
     g_free(co);
 }
@@ -380,6 +385,12 @@ static StrataCoroutine *co_alloc(void)
         g_error("strata: cannot protect a coroutine guard page: %s",
                 g_strerror(errno));
     }
+
+#ifdef CO_ASAN
+    /* A stack unmapped by another thread's exit may have left stale
+     * redzones in the shadow of this address range. */
+    __asan_unpoison_memory_region(map + page, STRATA_COROUTINE_STACK_SIZE);
+#endif
 
     co = g_new0(StrataCoroutine, 1);
     co->map = map;

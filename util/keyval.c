@@ -332,10 +332,12 @@ make_arrays(JsonObject *object, GString *path, GError **error)
         for (guint i = 0; i < n; i++) {
             if (slots[i] == NULL) {
                 json_array_unref(array);
+                g_autofree char *array_key = quote_key(path->str, path->len);
+                g_autofree char *why = g_strdup_printf(
+                    " is missing: the indexes of '%s' must count from 0 "
+                    "without gaps", array_key);
                 g_string_append_printf(path, ".%u", i);
-                set_key_error(error, "Parameter", path->str, path->len,
-                              " is missing: array indexes must count from "
-                              "0 without gaps");
+                set_key_error(error, "Parameter", path->str, path->len, why);
                 return false;
             }
             json_array_add_element(array, json_node_copy(slots[i]));
@@ -444,6 +446,19 @@ strata_keyval_parse(const char *text, const char *implied_key,
 
     if (strata_keyval_is_json(text)) {
         return parse_json(text, error);
+    }
+
+    /* No key starts with '[': say what is wrong with a JSON array
+     * rather than complain about its first character.  With an implied
+     * key it may be a value, such as "[::1]:10809". */
+    const char *first = text;
+    while (g_ascii_isspace(*first)) {
+        first++;
+    }
+    if (*first == '[' && implied_key == NULL) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "JSON option text must be an object, not an array");
+        return NULL;
     }
 
     g_autoptr(JsonObject) root = json_object_new();

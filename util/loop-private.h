@@ -38,6 +38,7 @@ StrataLoop *strata_loop_new(GMainContext *context, StrataAioMode mode,
 
 /* Detaches the source and frees the loop.  Nothing may be in flight. */
 void strata_loop_free(StrataLoop *loop);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(StrataLoop, strata_loop_free)
 
 /* Returns: (transfer none): the context the loop is attached to. */
 GMainContext *strata_loop_get_context(StrataLoop *loop);

@@ -58,7 +58,7 @@ START_TEST(test_aio_not_in_submit)
 {
     g_autoptr(GError) err = NULL;
     ck_assert(strata_context_add_node_keyval(
-        ctx, "driver=null-co,node-name=n,size=1M,read-zeroes=on", &err));
+        ctx, "driver=null-co,node-name=n,size=1048576,read-zeroes=on", &err));
     StrataBackend *blk = strata_backend_new(ctx, "n", false, &err);
     char buf[4096];
     struct iovec iov = { buf, sizeof(buf) };

@@ -439,7 +439,7 @@ END_TEST
 
 /* ---- floating point control state is per coroutine ---- */
 
-#ifdef __x86_64__
+#if defined(__x86_64__) && !defined(STRATA_COROUTINE_PORTABLE)
 static unsigned read_mxcsr(void)
 {
     unsigned v;
@@ -524,7 +524,7 @@ static void overflow_body(void *opaque)
     recurse(NULL, 0);
 }
 
-static void overflow_child(void)
+static G_GNUC_UNUSED void overflow_child(void)
 {
     strata_coroutine_enter(strata_coroutine_new(overflow_body, NULL));
 }
@@ -627,7 +627,7 @@ int main(void)
              test_queue_restart_from_coroutine, true);
     add_test(s, "/coroutine/queue/wait-mutex", test_queue_wait_mutex, true);
     add_test(s, "/coroutine/mutex/fair", test_mutex_fair, true);
-#ifdef __x86_64__
+#if defined(__x86_64__) && !defined(STRATA_COROUTINE_PORTABLE)
     add_test(s, "/coroutine/fpu-state", test_fpu_state, false);
 #endif
     add_test(s, "/coroutine/stack/large", test_stack_large, false);

@@ -11,7 +11,8 @@
 
 /* One TCase per test, named by its path ("/io/align/read"), so a
  * failure report names the behaviour that broke. */
-static inline void strata_test_add(Suite *s, const char *path, TFun fn,
+static inline void strata_test_add(Suite *s, const char *path,
+                                   const TTest *fn,
                                    void (*setup)(void),
                                    void (*teardown)(void))
 {

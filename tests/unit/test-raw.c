@@ -1,0 +1,344 @@
+/* Tests of the raw format: plain pass-through, the offset/size window and
+ * its errors, block status through the window, and resizing. */
+#include <errno.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "driver.h"
+#include "test-util.h"
+
+static StrataContext *ctx;
+static char *dir;
+
+static void setup(void)
+{
+    g_autoptr(GError) err = NULL;
+
+    ctx = strata_context_new(NULL, NULL, &err);
+    ck_assert_msg(ctx, "%s", err ? err->message : "");
+    dir = strata_test_tmpdir();
+}
+
+static void teardown(void)
+{
+    strata_context_free(ctx);
+    strata_test_rmdir(dir);
+}
+
+static unsigned char pat(size_t i)
+{
+    return (unsigned char)(i * 7 + 1);
+}
+
+static StrataNode *open_raw(const char *path, const char *extra)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *spec = g_strdup_printf(
+        "driver=raw,node-name=disk,file.driver=file,file.filename=%s%s%s",
+        path, extra ? "," : "", extra ? extra : "");
+    StrataNode *n = strata_context_add_node_keyval(ctx, spec, &err);
+
+    ck_assert_msg(n, "%s: %s", spec, err ? err->message : "");
+    return n;
+}
+
+static void expect_error(const char *path, const char *extra,
+                         const char *want)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *spec = g_strdup_printf(
+        "driver=raw,node-name=disk,file.driver=file,file.filename=%s,%s",
+        path, extra);
+
+    ck_assert_msg(!strata_context_add_node_keyval(ctx, spec, &err),
+                  "%s opened", spec);
+    ck_assert_msg(strstr(err->message, want), "'%s' lacks '%s'",
+                  err->message, want);
+    ck_assert_ptr_null(strata_context_find_node(ctx, "disk"));
+}
+
+static void read_plain(const char *path, void *buf, size_t len, off_t off)
+{
+    int fd = open(path, O_RDONLY);
+
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(pread(fd, buf, len, off), (ssize_t)len);
+    close(fd);
+}
+
+static StrataBackend *backend(bool writable)
+{
+    g_autoptr(GError) err = NULL;
+    StrataBackend *b = strata_backend_new(ctx, "disk", writable, &err);
+
+    ck_assert_msg(b, "%s", err ? err->message : "");
+    return b;
+}
+
+typedef struct {
+    StrataNode *node;
+    int op; /* 0 status, 1 truncate, 2 zeroes, 3 discard */
+    uint64_t offset, bytes, pnum, map;
+    StrataNode *file;
+    GError *error;
+    int ret;
+} Call;
+
+static void call_co(void *opaque)
+{
+    Call *c = opaque;
+
+    switch (c->op) {
+    case 0:
+        c->ret = strata_node_co_block_status(c->node, true, c->offset,
+                                             c->bytes, &c->pnum, &c->map,
+                                             &c->file);
+        break;
+    case 1:
+        c->ret = strata_node_co_truncate(c->node, c->offset, true,
+                                         &c->error);
+        break;
+    case 2:
+        c->ret = strata_node_co_pwrite_zeroes(c->node, c->offset, c->bytes,
+                                              0);
+        break;
+    case 3:
+        c->ret = strata_node_co_pdiscard(c->node, c->offset, c->bytes);
+        break;
+    }
+}
+
+static void run(Call *c)
+{
+    strata_loop_run_co(ctx->loop, call_co, c);
+}
+
+START_TEST(test_passthrough)
+{
+    g_autofree char *path = strata_test_make_file(dir, "a.img", 65536, true);
+    StrataNode *n = open_raw(path, NULL);
+    StrataBackend *b = backend(true);
+    unsigned char buf[1000], back[1000];
+    g_autoptr(JsonObject) img = json_object_new();
+
+    ck_assert_int_eq(strata_node_get_length(n), 65536);
+    ck_assert_str_eq(n->filename, path);
+    ck_assert_int_eq(strata_backend_pread(b, 100, buf, sizeof(buf)), 0);
+    for (size_t i = 0; i < sizeof(buf); i++) {
+        ck_assert_uint_eq(buf[i], pat(100 + i));
+    }
+    memset(buf, 0x3c, sizeof(buf));
+    ck_assert_int_eq(strata_backend_pwrite(b, 777, buf, sizeof(buf), 0), 0);
+    ck_assert_int_eq(strata_backend_flush(b), 0);
+    read_plain(path, back, sizeof(back), 777);
+    ck_assert_int_eq(memcmp(buf, back, sizeof(buf)), 0);
+
+    n->drv->query_image(n, img);
+    ck_assert_str_eq(json_object_get_string_member(img, "format"), "raw");
+    ck_assert_int_eq(json_object_get_int_member(img, "virtual-size"), 65536);
+    ck_assert(json_object_has_member(img, "actual-size"));
+    strata_backend_unref(b);
+}
+END_TEST
+
+START_TEST(test_window)
+{
+    g_autofree char *path = strata_test_make_file(dir, "w.img", 65536, true);
+    StrataNode *n = open_raw(path, "offset=4096,size=8192");
+    StrataBackend *b = backend(true);
+    unsigned char buf[512], back[512];
+
+    ck_assert_int_eq(strata_node_get_length(n), 8192);
+    ck_assert_int_eq(strata_backend_pread(b, 0, buf, sizeof(buf)), 0);
+    for (size_t i = 0; i < sizeof(buf); i++) {
+        ck_assert_uint_eq(buf[i], pat(4096 + i));
+    }
+    /* Writes land shifted, and stay inside the window. */
+    memset(buf, 0x77, sizeof(buf));
+    ck_assert_int_eq(strata_backend_pwrite(b, 8192 - 512, buf, 512, 0), 0);
+    read_plain(path, back, sizeof(back), 4096 + 8192 - 512);
+    ck_assert_int_eq(memcmp(buf, back, sizeof(buf)), 0);
+    read_plain(path, back, 1, 4096 + 8192);
+    ck_assert_uint_eq(back[0], pat(4096 + 8192));
+    ck_assert_int_lt(strata_backend_pwrite(b, 8192 - 256, buf, 512, 0), 0);
+    read_plain(path, back, 1, 4096 + 8192);
+    ck_assert_uint_eq(back[0], pat(4096 + 8192));
+    strata_backend_unref(b);
+}
+END_TEST
+
+START_TEST(test_offset_only)
+{
+    g_autofree char *path = strata_test_make_file(dir, "o.img", 65536, true);
+    StrataNode *n = open_raw(path, "offset=1000");
+    StrataBackend *b = backend(false);
+    unsigned char c;
+
+    ck_assert_int_eq(strata_node_get_length(n), 65536 - 1000);
+    ck_assert_int_eq(strata_backend_pread(b, 0, &c, 1), 0);
+    ck_assert_uint_eq(c, pat(1000));
+    strata_backend_unref(b);
+}
+END_TEST
+
+START_TEST(test_window_errors)
+{
+    g_autofree char *path = strata_test_make_file(dir, "e.img", 65536, true);
+
+    expect_error(path, "offset=70000",
+                 "Offset (70000) cannot be greater than size of the "
+                 "containing file (65536)");
+    expect_error(path, "offset=4096,size=65536",
+                 "The sum of offset (4096) and size (65536) has to be "
+                 "smaller or equal to the actual size of the containing "
+                 "file (65536)");
+    expect_error(path, "size=65537", "(65537)");
+    expect_error(path, "offset=abc", "'offset'");
+    expect_error(path, "size=-1", "'size'");
+    expect_error(path, "bogus=1", "'bogus'");
+}
+END_TEST
+
+START_TEST(test_missing_child)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *nope = g_build_filename(dir, "nope.img", NULL);
+    g_autofree char *spec = g_strdup_printf(
+        "driver=raw,node-name=disk,file.driver=file,file.filename=%s", nope);
+
+    ck_assert_ptr_null(strata_context_add_node_keyval(
+        ctx, "driver=raw,node-name=disk", &err));
+    ck_assert_msg(strstr(err->message, "'file'"), "%s", err->message);
+    g_clear_error(&err);
+    ck_assert_ptr_null(strata_context_add_node_keyval(ctx, spec, &err));
+    ck_assert_msg(strstr(err->message, "No such file or directory"), "%s",
+                  err->message);
+    g_clear_error(&err);
+    ck_assert_ptr_null(strata_context_add_node_keyval(
+        ctx, "driver=raw,node-name=disk,file=nosuchnode", &err));
+}
+END_TEST
+
+START_TEST(test_block_status_window)
+{
+    g_autofree char *path = strata_test_make_file(dir, "h.img", 1 << 20,
+                                                  false);
+    unsigned char data[65536];
+    int fd = open(path, O_RDWR);
+    StrataNode *n;
+    Call c;
+
+    memset(data, 1, sizeof(data));
+    ck_assert_int_eq(pwrite(fd, data, sizeof(data), 131072), sizeof(data));
+    close(fd);
+    n = open_raw(path, "offset=65536");
+
+    /* [0, 64K) of the image is a hole of the file at 64K. */
+    c = (Call) { .node = n, .op = 0, .offset = 0, .bytes = 1 << 19 };
+    run(&c);
+    ck_assert_int_ge(c.ret, 0);
+    ck_assert(c.ret & STRATA_BLOCK_ZERO);
+    ck_assert(!(c.ret & STRATA_BLOCK_DATA));
+    ck_assert_uint_eq(c.pnum, 65536);
+    ck_assert_uint_eq(c.map, 65536);
+    ck_assert_ptr_eq(c.file, n->file->node);
+
+    c = (Call) { .node = n, .op = 0, .offset = 65536, .bytes = 1 << 19 };
+    run(&c);
+    ck_assert(c.ret & STRATA_BLOCK_DATA);
+    ck_assert_uint_eq(c.pnum, 65536);
+    ck_assert_uint_eq(c.map, 131072);
+}
+END_TEST
+
+START_TEST(test_zeroes_discard_shifted)
+{
+    g_autofree char *path = strata_test_make_file(dir, "z.img", 65536, true);
+    StrataNode *n = open_raw(path, "offset=4096,file.discard=unmap,"
+                             "discard=unmap");
+    unsigned char back[4096];
+    Call c = { .node = n, .op = 2, .offset = 0, .bytes = 4096 };
+
+    run(&c);
+    ck_assert_int_eq(c.ret, 0);
+    read_plain(path, back, sizeof(back), 4096);
+    for (size_t i = 0; i < sizeof(back); i++) {
+        ck_assert_uint_eq(back[i], 0);
+    }
+    read_plain(path, back, 1, 0);
+    ck_assert_uint_eq(back[0], pat(0));
+
+    c = (Call) { .node = n, .op = 3, .offset = 8192, .bytes = 8192 };
+    run(&c);
+    ck_assert_int_eq(c.ret, 0);
+    read_plain(path, back, 1, 4096 + 8192);
+    ck_assert_uint_eq(back[0], 0);
+    read_plain(path, back, 1, 8192);
+    ck_assert_uint_eq(back[0], pat(8192));
+}
+END_TEST
+
+START_TEST(test_truncate)
+{
+    g_autofree char *path = strata_test_make_file(dir, "t.img", 65536, true);
+    g_autofree char *p2 = strata_test_make_file(dir, "t2.img", 65536, true);
+    g_autofree char *spec = g_strdup_printf(
+        "driver=raw,node-name=fixed,size=4096,file.driver=file,"
+        "file.filename=%s", p2);
+    g_autoptr(GError) err = NULL;
+    StrataNode *n = open_raw(path, NULL);
+    StrataNode *fixed = strata_context_add_node_keyval(ctx, spec, &err);
+    struct stat st;
+    Call c = { .node = n, .op = 1, .offset = 1 << 20 };
+
+    run(&c);
+    ck_assert_int_eq(c.ret, 0);
+    ck_assert_int_eq(stat(path, &st), 0);
+    ck_assert_int_eq(st.st_size, 1 << 20);
+    ck_assert_int_eq(strata_node_get_length(n), 1 << 20);
+
+    ck_assert_ptr_nonnull(fixed);
+    c = (Call) { .node = fixed, .op = 1, .offset = 8192 };
+    run(&c);
+    ck_assert_int_lt(c.ret, 0);
+    ck_assert_str_eq(c.error->message, "Cannot resize fixed-size raw disks");
+    g_clear_error(&c.error);
+    ck_assert_int_eq(stat(p2, &st), 0);
+    ck_assert_int_eq(st.st_size, 65536);
+}
+END_TEST
+
+START_TEST(test_read_only_child)
+{
+    g_autofree char *path = strata_test_make_file(dir, "r.img", 65536, true);
+    StrataNode *n = open_raw(path, "read-only=on");
+    g_autoptr(GError) err = NULL;
+
+    /* The nested file inherits read-only, so a writer is refused. */
+    ck_assert(n->file->node->read_only);
+    ck_assert_ptr_null(strata_backend_new(ctx, "disk", true, &err));
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("raw");
+
+    strata_test_add(s, "/raw/passthrough", test_passthrough, setup,
+                    teardown);
+    strata_test_add(s, "/raw/window", test_window, setup, teardown);
+    strata_test_add(s, "/raw/window/offset-only", test_offset_only, setup,
+                    teardown);
+    strata_test_add(s, "/raw/window/errors", test_window_errors, setup,
+                    teardown);
+    strata_test_add(s, "/raw/missing-child", test_missing_child, setup,
+                    teardown);
+    strata_test_add(s, "/raw/block-status", test_block_status_window, setup,
+                    teardown);
+    strata_test_add(s, "/raw/zeroes-discard", test_zeroes_discard_shifted,
+                    setup, teardown);
+    strata_test_add(s, "/raw/truncate", test_truncate, setup, teardown);
+    strata_test_add(s, "/raw/read-only", test_read_only_child, setup,
+                    teardown);
+    return strata_test_run(s);
+}
