@@ -149,7 +149,8 @@ static bool parse_extensions(StrataQcow2Header *h, const uint8_t *cl,
                 return corrupt(error, "Encryption header extension in an "
                                "image without LUKS encryption");
             }
-            /* fall through: kept, though such images are refused. */
+            /* Kept, though such images are refused. */
+            G_GNUC_FALLTHROUGH;
         default: {
             StrataQcow2Ext *e = g_new0(StrataQcow2Ext, 1);
             e->type = type;

@@ -3,7 +3,9 @@
  * copy-on-write, zero clusters, discard), flush, resize and query. */
 #include <errno.h>
 #include <string.h>
+#include <stdio.h>
 #include <sys/stat.h>
+#include <glib/gstdio.h>
 
 #include "qcow2-private.h"
 #include "../driver.h"
