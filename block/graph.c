@@ -571,8 +571,19 @@ static bool open_children(StrataNode *node, JsonObject *options,
     return true;
 }
 
+static void flush_co(void *opaque)
+{
+    strata_node_co_flush(opaque);
+}
+
 static void node_close(StrataNode *node)
 {
+    /* A clean close makes everything written stable, as a guest's
+     * shutdown would: formats write back their caches, volatile caches
+     * pass their data down. */
+    if (node->opaque && !node->read_only) {
+        strata_loop_run_co(node->ctx->loop, flush_co, node);
+    }
     if (node->drv && node->drv->close && node->opaque) {
         node->drv->close(node);
     }

@@ -313,6 +313,35 @@ START_TEST(test_drain)
 }
 END_TEST
 
+START_TEST(test_close_flushes)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *path = make_file("v.raw", 65536);
+    g_autofree char *spec = g_strdup_printf(
+        "driver=blkdebug,node-name=v,x-volatile-cache=on,"
+        "image.driver=file,image.filename=%s", path);
+    unsigned char buf[4096];
+
+    ck_assert_msg(add(spec, &err), "%s", err ? err->message : "");
+    StrataBackend *blk = strata_backend_new(ctx, "v", true, &err);
+    ck_assert(blk);
+    memset(buf, 0x3c, sizeof(buf));
+    ck_assert_int_eq(strata_backend_pwrite(blk, 4096, buf, sizeof(buf), 0),
+                     0);
+    /* Held in the volatile cache: not on disk yet. */
+    int fd = open(path, O_RDONLY);
+    ck_assert_int_eq(pread(fd, buf, sizeof(buf), 4096), sizeof(buf));
+    ck_assert_uint_eq(buf[0], 0);
+    strata_backend_unref(blk);
+    ck_assert(strata_context_del_node(ctx, "v", &err));
+    /* Closing the node flushed it. */
+    ck_assert_int_eq(pread(fd, buf, sizeof(buf), 4096), sizeof(buf));
+    ck_assert_uint_eq(buf[0], 0x3c);
+    ck_assert_uint_eq(buf[4095], 0x3c);
+    close(fd);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("graph");
@@ -329,5 +358,7 @@ int main(void)
     strata_test_add(s, "/graph/children/cycle", test_cycle_refused, setup,
                     teardown);
     strata_test_add(s, "/graph/drain", test_drain, setup, teardown);
+    strata_test_add(s, "/graph/close/flushes", test_close_flushes, setup,
+                    teardown);
     return strata_test_run(s);
 }
