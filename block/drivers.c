@@ -9,6 +9,7 @@ const StrataDriver *const strata_driver_table[] = {
     &strata_driver_raw,
     &strata_driver_null_co,
     &strata_driver_blkdebug,
+    &strata_driver_qcow2,
     NULL,
 };
 

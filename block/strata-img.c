@@ -1,2 +1,444 @@
+/* strata-img — the offline image tool.
+ *
+ * Subcommands take qemu-img's flags and print qemu-img's lines, so that a
+ * script written for one runs with the other.  This file holds the
+ * dispatcher and what every subcommand shares: error reporting, number
+ * and cache-mode parsing, and opening an image the way qemu-img does.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
 #include <stdio.h>
-int main(void) { return 0; }
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "block-private.h"
+#include "img-private.h"
+#include "../util/keyval-private.h"
+
+/* The qemu-img release whose subcommands, flags and messages we follow. */
+#define STRATA_IMG_QEMU_DIALECT "7.2"
+
+typedef struct ImgCommand {
+    const char *name;
+    int (*run)(int argc, char **argv);
+    const char *synopsis;
+} ImgCommand;
+
+static const ImgCommand commands[] = {
+    { "bench", strata_img_bench,
+      "bench [-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval]"
+      " [-i aio] [-n] [--no-drain] [-o offset] [--pattern=pattern] [-q]"
+      " [-s buffer_size] [-S step_size] [-t cache] [-w] [-U]"
+      " [--image-opts] filename" },
+};
+
+/* ------------------------------------------------------------------ */
+/* Errors                                                              */
+/* ------------------------------------------------------------------ */
+
+static void verror(const char *fmt, va_list ap)
+{
+    fflush(stdout);
+    fputs("strata-img: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+}
+
+void strata_img_error(const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    verror(fmt, ap);
+    va_end(ap);
+}
+
+void strata_img_error_exit(const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    verror(fmt, ap);
+    va_end(ap);
+    fputs("Try 'strata-img --help' for more information\n", stderr);
+    exit(EXIT_FAILURE);
+}
+
+void strata_img_missing_argument(const char *option)
+{
+    strata_img_error_exit("argument for '%s' is missing", option);
+}
+
+void strata_img_unrecognized_option(const char *option)
+{
+    strata_img_error_exit("unrecognized option '%s'", option);
+}
+
+/* ------------------------------------------------------------------ */
+/* Numbers and modes                                                   */
+/* ------------------------------------------------------------------ */
+
+bool strata_img_parse_uint(const char *text, uint64_t max, uint64_t *out)
+{
+    const char *p = text;
+    char *end = NULL;
+    guint64 v;
+
+    while (g_ascii_isspace(*p)) {
+        p++;
+    }
+    /* strtoull would quietly negate "-1" into a huge value. */
+    if (!g_ascii_isdigit(*p)) {
+        return false;
+    }
+    errno = 0;
+    v = g_ascii_strtoull(p, &end, 0);
+    if (errno || end == p || *end || v > max) {
+        return false;
+    }
+    *out = v;
+    return true;
+}
+
+bool strata_img_parse_size(const char *text, uint64_t *out)
+{
+    const char *p = text;
+    char *end = NULL;
+    guint64 whole;
+    double frac = 0;
+    bool has_frac = false;
+    uint64_t unit = 1;
+
+    while (g_ascii_isspace(*p)) {
+        p++;
+    }
+    if (!g_ascii_isdigit(*p)) {
+        return false;
+    }
+    errno = 0;
+    if (p[0] == '0' && (p[1] == 'x' || p[1] == 'X')) {
+        whole = g_ascii_strtoull(p, &end, 16);
+        if (end == p + 2) {
+            return false;
+        }
+    } else {
+        whole = g_ascii_strtoull(p, &end, 10);
+        if (*end == '.') {
+            const char *f = end + 1;
+            double scale = 0.1;
+
+            if (!g_ascii_isdigit(*f)) {
+                return false;
+            }
+            for (; g_ascii_isdigit(*f); f++, scale /= 10) {
+                frac += (*f - '0') * scale;
+            }
+            has_frac = true;
+            end = (char *)f;
+        }
+    }
+    if (errno) {
+        return false;
+    }
+
+    switch (*end) {
+    case '\0':
+        break;
+    case 'b': case 'B': unit = 1; break;
+    case 'k': case 'K': unit = 1ULL << 10; break;
+    case 'm': case 'M': unit = 1ULL << 20; break;
+    case 'g': case 'G': unit = 1ULL << 30; break;
+    case 't': case 'T': unit = 1ULL << 40; break;
+    case 'p': case 'P': unit = 1ULL << 50; break;
+    case 'e': case 'E': unit = 1ULL << 60; break;
+    default:
+        return false;
+    }
+    if (*end && end[1]) {
+        return false;
+    }
+    /* A fraction of a byte means nothing. */
+    if (has_frac && unit == 1) {
+        return false;
+    }
+    if (whole > (uint64_t)INT64_MAX / unit) {
+        return false;
+    }
+    whole *= unit;
+    if (has_frac) {
+        uint64_t extra = (uint64_t)(frac * (double)unit);
+
+        if (extra > (uint64_t)INT64_MAX - whole) {
+            return false;
+        }
+        whole += extra;
+    }
+    *out = whole;
+    return true;
+}
+
+int64_t strata_img_cvtnum(const char *what, const char *text)
+{
+    uint64_t v;
+
+    if (!strata_img_parse_size(text, &v)) {
+        strata_img_error("Invalid %s specified. You may use k, M, G, T, P "
+                         "or E suffixes for", what);
+        strata_img_error("kilobytes, megabytes, gigabytes, terabytes, "
+                         "petabytes and exabytes.");
+        return -1;
+    }
+    return (int64_t)v;
+}
+
+bool strata_img_parse_cache_mode(const char *mode, StrataImgOpenOpts *o)
+{
+    static const struct {
+        const char *name;
+        bool direct, no_flush, writethrough;
+    } modes[] = {
+        { "none", true, false, false },
+        { "off", true, false, false },
+        { "directsync", true, false, true },
+        { "writeback", false, false, false },
+        { "writethrough", false, false, true },
+        { "unsafe", false, true, false },
+    };
+
+    for (size_t i = 0; i < G_N_ELEMENTS(modes); i++) {
+        if (g_strcmp0(mode, modes[i].name) == 0) {
+            o->cache_set = true;
+            o->cache_direct = modes[i].direct;
+            o->cache_no_flush = modes[i].no_flush;
+            o->writethrough = modes[i].writethrough;
+            return true;
+        }
+    }
+    return false;
+}
+
+bool strata_img_parse_aio(const char *aio)
+{
+    return g_strcmp0(aio, "threads") == 0 ||
+           g_strcmp0(aio, "native") == 0 ||
+           g_strcmp0(aio, "io_uring") == 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Opening an image                                                    */
+/* ------------------------------------------------------------------ */
+
+/* qemu-img probes the format when -f is missing; we know two formats,
+ * and only qcow2 has a magic number. */
+static const char *probe_format(const char *filename)
+{
+    unsigned char magic[4];
+    int fd = open(filename, O_RDONLY | O_CLOEXEC);
+    ssize_t n;
+
+    if (fd < 0) {
+        return "raw";
+    }
+    n = pread(fd, magic, sizeof(magic), 0);
+    close(fd);
+    if (n == sizeof(magic) && memcmp(magic, "QFI\xfb", 4) == 0 &&
+        strata_driver_find("qcow2")) {
+        return "qcow2";
+    }
+    return "raw";
+}
+
+/* Sets @key to a boolean unless the user's spec already has it: key=value
+ * specs hold strings ("on"/"off"), JSON specs typed values. */
+static void set_default_bool(JsonObject *obj, const char *key, bool value,
+                             bool strings)
+{
+    if (json_object_has_member(obj, key)) {
+        return;
+    }
+    if (strings) {
+        json_object_set_string_member(obj, key, value ? "on" : "off");
+    } else {
+        json_object_set_boolean_member(obj, key, value);
+    }
+}
+
+/*
+ * qemu-img's flags (-t, -n, -i) are inherited by every node of the tree
+ * unless the spec says otherwise; walk the nested node definitions (the
+ * objects with a "driver") and fill in what is missing.
+ */
+static void apply_defaults(JsonObject *node, const StrataImgOpenOpts *o,
+                           bool strings, bool top)
+{
+    GList *members = json_object_get_members(node);
+
+    if (top) {
+        set_default_bool(node, "read-only", !o->writable, strings);
+        if (o->force_share) {
+            set_default_bool(node, "force-share", true, strings);
+        }
+    }
+    if (o->cache_set) {
+        JsonNode *cache;
+
+        if (!json_object_has_member(node, "cache")) {
+            json_object_set_object_member(node, "cache", json_object_new());
+        }
+        /* A "cache" that is no object is the open's error to report. */
+        cache = json_object_get_member(node, "cache");
+        if (JSON_NODE_HOLDS_OBJECT(cache)) {
+            JsonObject *c = json_node_get_object(cache);
+
+            set_default_bool(c, "direct", o->cache_direct, strings);
+            set_default_bool(c, "no-flush", o->cache_no_flush, strings);
+        }
+    }
+    if (o->aio && !json_object_has_member(node, "aio")) {
+        const char *drv = json_object_get_string_member_with_default(
+            node, "driver", "");
+
+        if (g_strcmp0(drv, "file") == 0) {
+            json_object_set_string_member(node, "aio", o->aio);
+        }
+    }
+
+    for (GList *l = members; l; l = l->next) {
+        JsonNode *child = json_object_get_member(node, l->data);
+
+        if (g_strcmp0(l->data, "cache") != 0 && JSON_NODE_HOLDS_OBJECT(child)) {
+            JsonObject *obj = json_node_get_object(child);
+
+            if (json_object_has_member(obj, "driver")) {
+                apply_defaults(obj, o, strings, false);
+            }
+        }
+    }
+    g_list_free(members);
+}
+
+StrataBackend *strata_img_open(StrataContext *ctx, const char *spec,
+                               const StrataImgOpenOpts *o)
+{
+    g_autoptr(JsonObject) options = NULL;
+    g_autoptr(GError) err = NULL;
+    StrataNode *node;
+    StrataBackend *blk;
+    bool strings;
+
+    if (o->image_opts) {
+        strings = !strata_keyval_is_json(spec);
+        options = strata_keyval_parse(spec, NULL, &err);
+        if (!options) {
+            strata_img_error("Could not open '%s': %s", spec, err->message);
+            return NULL;
+        }
+    } else {
+        JsonObject *file = json_object_new();
+
+        strings = false;
+        options = json_object_new();
+        json_object_set_string_member(options, "driver",
+                                      o->fmt ? o->fmt : probe_format(spec));
+        json_object_set_string_member(file, "driver", "file");
+        json_object_set_string_member(file, "filename", spec);
+        json_object_set_object_member(options, "file", file);
+    }
+    apply_defaults(options, o, strings, true);
+
+    node = strata_node_open(ctx, options, strings, true, &err);
+    if (!node) {
+        strata_img_error("Could not open '%s': %s", spec, err->message);
+        return NULL;
+    }
+    blk = strata_backend_new(ctx, strata_node_get_name(node), o->writable,
+                             &err);
+    strata_node_unref(node);
+    if (!blk) {
+        strata_img_error("Could not open '%s': %s", spec, err->message);
+        return NULL;
+    }
+    return blk;
+}
+
+/* ------------------------------------------------------------------ */
+/* Dispatcher                                                          */
+/* ------------------------------------------------------------------ */
+
+static void print_version(void)
+{
+    printf("strata-img version %s\n", STRATA_VERSION);
+    printf("Speaks the qemu-img %s dialect: same subcommands, flags and "
+           "output for what it covers\n", STRATA_IMG_QEMU_DIALECT);
+}
+
+static void print_help(void)
+{
+    print_version();
+    printf("usage: strata-img [standard options] command [command options]\n"
+           "Offline image tool of strata, an embeddable block layer\n"
+           "\n"
+           "    '-h', '--help'       display this help and exit\n"
+           "    '-V', '--version'    output version information and exit\n"
+           "\n"
+           "Command syntax:\n");
+    for (size_t i = 0; i < G_N_ELEMENTS(commands); i++) {
+        printf("  %s\n", commands[i].synopsis);
+    }
+    printf("\n"
+           "Command parameters:\n"
+           "  'filename' is a disk image filename\n"
+           "  'fmt' is the disk image format (raw when not given and the\n"
+           "    file has no qcow2 header)\n"
+           "  'cache' is the cache mode: 'none' (O_DIRECT), 'writeback'\n"
+           "    (default), 'writethrough', 'directsync' or 'unsafe'\n"
+           "  'aio' is the I/O engine of file nodes: 'threads', 'native'\n"
+           "    or 'io_uring'\n"
+           "  '--image-opts' reads 'filename' as a key=value (or JSON) node\n"
+           "    definition, e.g. driver=null-co,size=1G\n"
+           "  sizes and offsets take the suffixes k, M, G, T, P and E\n"
+           "    (powers of 1024)\n"
+           "\n"
+           "Parameters to bench subcommand:\n"
+           "  '-c' number of requests to send (default 75000)\n"
+           "  '-d' number of requests in flight at once (default 64)\n"
+           "  '-n' native AIO (needs '-t none' or '-t directsync')\n"
+           "  '-o' offset of the first request (default 0)\n"
+           "  '-s' size of each request (default 4k)\n"
+           "  '-S' distance from one request to the next, wrapping at the\n"
+           "       end of the image (default: the request size)\n"
+           "  '-w' write instead of read; '--pattern' is the byte written\n"
+           "  '--flush-interval' flush every N requests (writes only);\n"
+           "       '--no-drain' does not wait for the requests in flight\n"
+           "       before the flush\n"
+           "  '-U' open even when another process holds the image lock\n");
+}
+
+int main(int argc, char **argv)
+{
+    const char *cmd;
+
+    if (argc < 2) {
+        strata_img_error_exit("Not enough arguments");
+    }
+    cmd = argv[1];
+    if (strcmp(cmd, "-h") == 0 || strcmp(cmd, "--help") == 0) {
+        print_help();
+        return 0;
+    }
+    if (strcmp(cmd, "-V") == 0 || strcmp(cmd, "--version") == 0) {
+        print_version();
+        return 0;
+    }
+    if (cmd[0] == '-') {
+        strata_img_unrecognized_option(cmd);
+    }
+    for (size_t i = 0; i < G_N_ELEMENTS(commands); i++) {
+        if (strcmp(cmd, commands[i].name) == 0) {
+            return commands[i].run(argc - 1, argv + 1);
+        }
+    }
+    strata_img_error_exit("Command not found: %s", cmd);
+}

@@ -743,6 +743,9 @@ static bool loop_ring_ready(StrataLoop *loop)
                               io_uring_cq_has_overflow(&loop->ring));
 }
 
+/* Extra reap rounds per dispatch (see loop_dispatch). */
+#define LOOP_DISPATCH_ROUNDS 4
+
 static gboolean loop_prepare(GSource *source, gint *timeout)
 {
     StrataLoop *loop = ((LoopSource *)source)->loop;
@@ -798,6 +801,22 @@ static gboolean loop_dispatch(GSource *source, GSourceFunc callback,
     loop_reap_threads(loop);
     loop_run_bhs(loop);
     loop_run_timers(loop);
+
+    /* The coroutines just woken usually queued their next requests: hand
+     * them over now and take whatever has completed meanwhile, a few
+     * rounds, before paying for a trip through the main context's poll.
+     * Bounded so other sources of the context still get their turn. */
+    for (int round = 0; loop->has_ring && round < LOOP_DISPATCH_ROUNDS;
+         round++) {
+        if (io_uring_sq_ready(&loop->ring)) {
+            loop_submit(loop);
+        }
+        if (!loop_ring_ready(loop) && !loop->bh_head) {
+            break;
+        }
+        loop_reap_ring(loop);
+        loop_run_bhs(loop);
+    }
     return G_SOURCE_CONTINUE;
 }
 

@@ -1,0 +1,529 @@
+/* strata — qcow2 cluster map: L1/L2 lookups, L2 table allocation, L1
+ * growth, compressed clusters, metadata overlap checks and the header
+ * writes other files need. */
+#include <errno.h>
+#include <stdarg.h>
+#include <string.h>
+#include <zlib.h>
+#ifdef STRATA_HAVE_ZSTD
+#include <zstd.h>
+#endif
+
+#include "qcow2-private.h"
+
+static StrataNode *file_of(StrataQcow2State *s)
+{
+    return s->node->file->node;
+}
+
+StrataQcow2ClusterType strata_qcow2_l2_entry_type(uint64_t entry)
+{
+    if (entry & STRATA_QCOW2_OFLAG_COMPRESSED) {
+        return STRATA_QCOW2_CLUSTER_COMPRESSED;
+    }
+    if (entry & STRATA_QCOW2_OFLAG_ZERO) {
+        return (entry & STRATA_QCOW2_OFFSET_MASK)
+            ? STRATA_QCOW2_CLUSTER_ZERO_ALLOC
+            : STRATA_QCOW2_CLUSTER_ZERO_PLAIN;
+    }
+    if (!(entry & STRATA_QCOW2_OFFSET_MASK)) {
+        return STRATA_QCOW2_CLUSTER_UNALLOCATED;
+    }
+    return STRATA_QCOW2_CLUSTER_NORMAL;
+}
+
+int strata_qcow2_co_write_header_bytes(StrataQcow2State *s, uint64_t offset,
+                                       const void *buf, size_t len)
+{
+    int ret = strata_node_co_pwrite(file_of(s), offset, len, buf, 0);
+    return ret < 0 ? ret : strata_node_co_flush(file_of(s));
+}
+
+void strata_qcow2_co_signal_corruption(StrataQcow2State *s, const char *fmt,
+                                       ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    g_autofree char *msg = g_strdup_vprintf(fmt, ap);
+    va_end(ap);
+
+    if (s->corrupt) {
+        g_warning("qcow2: %s (node '%s')", msg, s->node->node_name);
+        return;
+    }
+    s->corrupt = true;
+    if (s->writable) {
+        uint8_t be[8];
+        g_warning("qcow2: Marking image as corrupt: %s; further corruption "
+                  "events will be suppressed (node '%s')", msg,
+                  s->node->node_name);
+        s->hdr.incompatible_features |= STRATA_QCOW2_INCOMPAT_CORRUPT;
+        strata_qcow2_put_be64(be, s->hdr.incompatible_features);
+        strata_qcow2_co_write_header_bytes(s, STRATA_QCOW2_HDR_INCOMPAT, be,
+                                           sizeof(be));
+    } else {
+        g_warning("qcow2: Image is corrupt: %s (node '%s')", msg,
+                  s->node->node_name);
+    }
+}
+
+static bool ranges_overlap(uint64_t a, uint64_t alen, uint64_t b,
+                           uint64_t blen)
+{
+    return alen && blen && a < b + blen && b < a + alen;
+}
+
+bool strata_qcow2_overlaps_metadata(StrataQcow2State *s, uint64_t offset,
+                                    uint64_t size)
+{
+    uint64_t l1_len = ((uint64_t)s->l1_size * 8 + s->cluster_size - 1) &
+                      ~(s->cluster_size - 1);
+    uint64_t rt_len = ((s->refcount_table_size * 8) + s->cluster_size - 1) &
+                      ~(s->cluster_size - 1);
+
+    return ranges_overlap(offset, size, 0, s->cluster_size) ||
+           ranges_overlap(offset, size, s->l1_table_offset, l1_len) ||
+           ranges_overlap(offset, size, s->refcount_table_offset, rt_len);
+}
+
+/* The first byte past the last whole cluster the file could hold. */
+static uint64_t file_end_cluster(StrataQcow2State *s)
+{
+    int64_t len = file_of(s)->total_bytes;
+    if (len < 0) {
+        return UINT64_MAX;
+    }
+    return ((uint64_t)len + s->cluster_size - 1) & ~(s->cluster_size - 1);
+}
+
+/* Validates the host cluster an L1 or L2 entry names. */
+static int check_cluster_offset(StrataQcow2State *s, uint64_t host,
+                                const char *what, uint64_t guest)
+{
+    if (host & (s->cluster_size - 1)) {
+        strata_qcow2_co_signal_corruption(s,
+            "%s offset %#" G_GINT64_MODIFIER "x unaligned (guest offset "
+            "%#" G_GINT64_MODIFIER "x)", what, host, guest);
+        return -EIO;
+    }
+    if (strata_qcow2_overlaps_metadata(s, host, s->cluster_size)) {
+        strata_qcow2_co_signal_corruption(s,
+            "%s at %#" G_GINT64_MODIFIER "x overlaps the header, L1 or "
+            "refcount table (guest offset %#" G_GINT64_MODIFIER "x)",
+            what, host, guest);
+        return -EIO;
+    }
+    if (host >= file_end_cluster(s)) {
+        strata_qcow2_co_signal_corruption(s,
+            "%s at %#" G_GINT64_MODIFIER "x lies past the end of the image "
+            "file (guest offset %#" G_GINT64_MODIFIER "x)", what, host,
+            guest);
+        return -EIO;
+    }
+    return 0;
+}
+
+int strata_qcow2_co_write_l1_entry(StrataQcow2State *s, uint32_t index)
+{
+    uint8_t be[8];
+
+    strata_qcow2_put_be64(be, s->l1_table[index]);
+    return strata_qcow2_co_write_header_bytes(
+        s, s->l1_table_offset + (uint64_t)index * 8, be, sizeof(be));
+}
+
+int strata_qcow2_co_grow_l1(StrataQcow2State *s, uint64_t min_size)
+{
+    uint64_t bytes = min_size * 8;
+    uint64_t alloc = (bytes + s->cluster_size - 1) & ~(s->cluster_size - 1);
+    uint64_t old_offset = s->l1_table_offset;
+    uint64_t old_alloc = ((uint64_t)s->l1_size * 8 + s->cluster_size - 1) &
+                         ~(s->cluster_size - 1);
+    g_autofree uint8_t *buf = NULL;
+    uint64_t *table;
+    uint8_t hdr[12];
+    int64_t off;
+    int ret;
+
+    if (min_size <= s->l1_size) {
+        return 0;
+    }
+    if (bytes > STRATA_QCOW2_MAX_L1_BYTES) {
+        return -EFBIG;
+    }
+    off = strata_qcow2_co_alloc_clusters(s, alloc);
+    if (off < 0) {
+        return (int)off;
+    }
+    /* The new table's refcount first, then the table, then the header
+     * switch (l1_size and offset in one write). */
+    ret = strata_qcow2_cache_co_flush(s->refcount_cache);
+    if (ret < 0) {
+        return ret;
+    }
+    buf = g_malloc0(alloc);
+    for (uint32_t i = 0; i < s->l1_size; i++) {
+        strata_qcow2_put_be64(buf + (uint64_t)i * 8, s->l1_table[i]);
+    }
+    ret = strata_qcow2_co_write_header_bytes(s, (uint64_t)off, buf, alloc);
+    if (ret < 0) {
+        return ret;
+    }
+    strata_qcow2_put_be32(hdr, (uint32_t)min_size);
+    strata_qcow2_put_be64(hdr + 4, (uint64_t)off);
+    ret = strata_qcow2_co_write_header_bytes(s, STRATA_QCOW2_HDR_L1, hdr,
+                                             sizeof(hdr));
+    if (ret < 0) {
+        return ret;
+    }
+    table = g_new0(uint64_t, min_size);
+    memcpy(table, s->l1_table, (uint64_t)s->l1_size * 8);
+    g_free(s->l1_table);
+    s->l1_table = table;
+    s->l1_size = (uint32_t)min_size;
+    s->l1_table_offset = (uint64_t)off;
+    s->hdr.l1_size = s->l1_size;
+    s->hdr.l1_table_offset = s->l1_table_offset;
+    if (old_alloc) {
+        strata_qcow2_co_free_clusters(s, old_offset, old_alloc);
+    }
+    return 0;
+}
+
+/* Gives L1 entry @l1_index a table of its own (new, or a copy of a
+ * shared one), in the order refcount → table → L1 entry → old table's
+ * reference dropped. */
+static int alloc_l2_table(StrataQcow2State *s, uint32_t l1_index)
+{
+    uint64_t old = s->l1_table[l1_index] & STRATA_QCOW2_OFFSET_MASK;
+    g_autofree uint8_t *table = g_malloc0(s->cluster_size);
+    int64_t off;
+    int ret;
+
+    if (old) {
+        ret = check_cluster_offset(s, old, "L2 table",
+                                   (uint64_t)l1_index
+                                   << (s->l2_bits + s->cluster_bits));
+        if (ret < 0) {
+            return ret;
+        }
+        for (uint64_t sl = 0; sl < s->cluster_size; sl += s->l2_slice_size) {
+            void *src;
+            ret = strata_qcow2_cache_co_get(s->l2_cache, old + sl, &src);
+            if (ret < 0) {
+                return ret;
+            }
+            memcpy(table + sl, src, s->l2_slice_size);
+            strata_qcow2_cache_put(s->l2_cache, &src);
+        }
+    }
+    off = strata_qcow2_co_alloc_clusters(s, s->cluster_size);
+    if (off < 0) {
+        return (int)off;
+    }
+    ret = strata_qcow2_cache_co_flush(s->refcount_cache);
+    if (ret < 0) {
+        return ret;
+    }
+    ret = strata_qcow2_co_write_header_bytes(s, (uint64_t)off, table,
+                                             s->cluster_size);
+    if (ret < 0) {
+        return ret;
+    }
+    s->l1_table[l1_index] = (uint64_t)off | STRATA_QCOW2_OFLAG_COPIED;
+    ret = strata_qcow2_co_write_l1_entry(s, l1_index);
+    if (ret < 0) {
+        s->l1_table[l1_index] = old;
+        return ret;
+    }
+    if (old) {
+        strata_qcow2_co_free_clusters(s, old, s->cluster_size);
+    }
+    return 0;
+}
+
+int strata_qcow2_co_get_l2_slice(StrataQcow2State *s, uint64_t offset,
+                                 bool allocate, uint64_t **slice,
+                                 uint64_t *index)
+{
+    uint64_t l1_index = offset >> (s->l2_bits + s->cluster_bits);
+    uint64_t l2_index = (offset >> s->cluster_bits) & (s->l2_size - 1);
+    uint64_t l2_offset, slice_offset;
+    void *table;
+    int ret;
+
+    *slice = NULL;
+    if (l1_index >= s->l1_size) {
+        if (!allocate) {
+            return 0;
+        }
+        ret = strata_qcow2_co_grow_l1(s, l1_index + 1);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    if (allocate && !(s->l1_table[l1_index] & STRATA_QCOW2_OFLAG_COPIED)) {
+        ret = alloc_l2_table(s, (uint32_t)l1_index);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    l2_offset = s->l1_table[l1_index] & STRATA_QCOW2_OFFSET_MASK;
+    if (!l2_offset) {
+        return 0;
+    }
+    ret = check_cluster_offset(s, l2_offset, "L2 table", offset);
+    if (ret < 0) {
+        return ret;
+    }
+    slice_offset = l2_offset +
+                   (l2_index / s->l2_slice_entries) * s->l2_slice_size;
+    ret = strata_qcow2_cache_co_get(s->l2_cache, slice_offset, &table);
+    if (ret < 0) {
+        return ret;
+    }
+    *slice = table;
+    *index = l2_index % s->l2_slice_entries;
+    return 0;
+}
+
+/* Flags that must agree for neighbouring entries to form one run. */
+#define RUN_FLAGS                                                           \
+    (STRATA_QCOW2_OFLAG_COPIED | STRATA_QCOW2_OFLAG_ZERO)
+
+int strata_qcow2_co_get_host_offset(StrataQcow2State *s, uint64_t offset,
+                                    uint64_t *bytes, uint64_t *host,
+                                    StrataQcow2ClusterType *type,
+                                    uint64_t *l2_entry)
+{
+    uint64_t in_cluster = strata_qcow2_offset_into_cluster(s, offset);
+    uint64_t l2_index = (offset >> s->cluster_bits) & (s->l2_size - 1);
+    uint64_t in_slice = l2_index % s->l2_slice_entries;
+    /* How far the slice (or, without a table, the L2 range) reaches. */
+    uint64_t slice_bytes = ((s->l2_slice_entries - in_slice)
+                            << s->cluster_bits) - in_cluster;
+    uint64_t want = MIN(*bytes, slice_bytes);
+    uint64_t *slice, idx, entry, first_host, n;
+    StrataQcow2ClusterType t;
+    int ret;
+
+    *host = 0;
+    if (l2_entry) {
+        *l2_entry = 0;
+    }
+    ret = strata_qcow2_co_get_l2_slice(s, offset, false, &slice, &idx);
+    if (ret < 0) {
+        return ret;
+    }
+    if (!slice) {
+        *type = STRATA_QCOW2_CLUSTER_UNALLOCATED;
+        *bytes = want;
+        return 0;
+    }
+
+    entry = GUINT64_FROM_BE(slice[idx]);
+    if (l2_entry) {
+        *l2_entry = entry;
+    }
+    t = strata_qcow2_l2_entry_type(entry);
+    if (t == STRATA_QCOW2_CLUSTER_COMPRESSED) {
+        strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
+        *type = t;
+        *host = entry;
+        *bytes = MIN(want, s->cluster_size - in_cluster);
+        return 0;
+    }
+    if ((entry & STRATA_QCOW2_OFLAG_ZERO) && s->hdr.version < 3) {
+        strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
+        strata_qcow2_co_signal_corruption(s,
+            "Zero cluster entry found in pre-v3 image (guest offset "
+            "%#" G_GINT64_MODIFIER "x)", offset);
+        return -EIO;
+    }
+    first_host = entry & STRATA_QCOW2_OFFSET_MASK;
+    if (t == STRATA_QCOW2_CLUSTER_NORMAL ||
+        t == STRATA_QCOW2_CLUSTER_ZERO_ALLOC) {
+        ret = check_cluster_offset(s, first_host, "Data cluster", offset);
+        if (ret < 0) {
+            strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
+            return ret;
+        }
+    }
+
+    /* Extend the run over following entries of the same kind (for data,
+     * contiguous on the host too). */
+    n = s->cluster_size - in_cluster;
+    for (uint64_t i = idx + 1; n < want && i < s->l2_slice_entries; i++) {
+        uint64_t e = GUINT64_FROM_BE(slice[i]);
+        if (strata_qcow2_l2_entry_type(e) != t ||
+            (e & RUN_FLAGS) != (entry & RUN_FLAGS)) {
+            break;
+        }
+        if (t == STRATA_QCOW2_CLUSTER_NORMAL &&
+            (e & STRATA_QCOW2_OFFSET_MASK) !=
+            first_host + ((i - idx) << s->cluster_bits)) {
+            break;
+        }
+        if (t == STRATA_QCOW2_CLUSTER_NORMAL ||
+            t == STRATA_QCOW2_CLUSTER_ZERO_ALLOC) {
+            ret = check_cluster_offset(s, e & STRATA_QCOW2_OFFSET_MASK,
+                                       "Data cluster",
+                                       offset + ((i - idx)
+                                                 << s->cluster_bits));
+            if (ret < 0) {
+                break;
+            }
+        }
+        n += s->cluster_size;
+    }
+    strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
+
+    *type = t;
+    *bytes = MIN(want, n);
+    if (t == STRATA_QCOW2_CLUSTER_NORMAL ||
+        t == STRATA_QCOW2_CLUSTER_ZERO_ALLOC) {
+        *host = first_host + in_cluster;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Compressed clusters                                                 */
+/* ------------------------------------------------------------------ */
+
+static int inflate_zlib(const uint8_t *in, size_t in_len, uint8_t *out,
+                        size_t out_len)
+{
+    z_stream z;
+    int ret;
+
+    memset(&z, 0, sizeof(z));
+    /* A raw deflate stream (no zlib header) with a 4 KiB window. */
+    if (inflateInit2(&z, -12) != Z_OK) {
+        return -EIO;
+    }
+    z.next_in = (Bytef *)in;
+    z.avail_in = (uInt)in_len;
+    z.next_out = out;
+    z.avail_out = (uInt)out_len;
+    ret = inflate(&z, Z_FINISH);
+    /* The input may hold trailing garbage or the next cluster's start:
+     * what matters is a completely filled output cluster. */
+    if ((ret == Z_STREAM_END || ret == Z_BUF_ERROR) && z.avail_out == 0) {
+        ret = 0;
+    } else {
+        ret = -EIO;
+    }
+    inflateEnd(&z);
+    return ret;
+}
+
+#ifdef STRATA_HAVE_ZSTD
+static int inflate_zstd(const uint8_t *in, size_t in_len, uint8_t *out,
+                        size_t out_len)
+{
+    ZSTD_DCtx *d = ZSTD_createDCtx();
+    ZSTD_inBuffer ib = { in, in_len, 0 };
+    ZSTD_outBuffer ob = { out, out_len, 0 };
+    int ret = 0;
+
+    if (!d) {
+        return -ENOMEM;
+    }
+    while (ob.pos < ob.size) {
+        size_t last_pos = ob.pos, last_in = ib.pos;
+        size_t r = ZSTD_decompressStream(d, &ob, &ib);
+        if (ZSTD_isError(r)) {
+            ret = -EIO;
+            break;
+        }
+        if (ob.pos == last_pos && ib.pos == last_in) {
+            ret = -EIO; /* no progress: truncated input */
+            break;
+        }
+    }
+    ZSTD_freeDCtx(d);
+    return ret;
+}
+#endif
+
+int strata_qcow2_co_read_compressed(StrataQcow2State *s, uint64_t entry)
+{
+    uint64_t coffset = entry & s->cluster_offset_mask;
+    uint64_t nb_sectors = ((entry >> s->csize_shift) & s->csize_mask) + 1;
+    uint64_t csize = nb_sectors * 512 - (coffset & 511);
+    int ret;
+
+    if (s->decmp_host == entry && entry) {
+        return 0;
+    }
+    if (coffset > STRATA_QCOW2_MAX_HOST_OFFSET ||
+        coffset < s->cluster_size) {
+        strata_qcow2_co_signal_corruption(s,
+            "Compressed cluster at %#" G_GINT64_MODIFIER "x out of range",
+            coffset);
+        return -EIO;
+    }
+    if (!s->cmp_buf) {
+        /* Up to (cluster_size / 256) sectors: twice a cluster. */
+        s->cmp_buf = g_malloc(2 * s->cluster_size);
+        s->decmp_buf = g_malloc(s->cluster_size);
+    }
+    s->decmp_host = 0;
+    ret = strata_node_co_pread(file_of(s), coffset, csize, s->cmp_buf, 0);
+    if (ret < 0) {
+        return ret;
+    }
+    switch (s->hdr.compression_type) {
+    case 0:
+        ret = inflate_zlib(s->cmp_buf, csize, s->decmp_buf, s->cluster_size);
+        break;
+#ifdef STRATA_HAVE_ZSTD
+    case 1:
+        ret = inflate_zstd(s->cmp_buf, csize, s->decmp_buf, s->cluster_size);
+        break;
+#endif
+    default:
+        ret = -ENOTSUP;
+        break;
+    }
+    if (ret == 0) {
+        s->decmp_host = entry;
+    }
+    return ret;
+}
+
+/* ------------------------------------------------------------------ */
+/* Header rewrite                                                      */
+/* ------------------------------------------------------------------ */
+
+int strata_qcow2_co_rewrite_header(StrataQcow2State *s, GError **error)
+{
+    g_autofree uint8_t *cl = NULL;
+    int ret;
+
+    s->hdr.l1_size = s->l1_size;
+    s->hdr.l1_table_offset = s->l1_table_offset;
+    s->hdr.refcount_table_offset = s->refcount_table_offset;
+    /* Metadata the new header names (a backing file) must be stable
+     * before it does. */
+    ret = strata_qcow2_cache_co_flush(s->l2_cache);
+    if (ret == 0) {
+        ret = strata_qcow2_cache_co_flush(s->refcount_cache);
+    }
+    if (ret < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                    "Could not flush qcow2 metadata: %s", g_strerror(-ret));
+        return ret;
+    }
+    cl = strata_qcow2_header_build(&s->hdr, error);
+    if (!cl) {
+        return -EINVAL;
+    }
+    ret = strata_qcow2_co_write_header_bytes(s, 0, cl, s->cluster_size);
+    if (ret < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                    "Could not write qcow2 header: %s", g_strerror(-ret));
+    }
+    return ret;
+}

@@ -1,0 +1,424 @@
+/* strata — qcow2 driver internals shared by the files of block/qcow2/.
+ *
+ * The on-disk format and the limits enforced here follow
+ * docs/qcow2.md.  Every number read from an image is untrusted until one
+ * of the checks in header.c or the access-time checks in cluster.c and
+ * refcount.c has bounded it.
+ */
+#ifndef STRATA_QCOW2_PRIVATE_H
+#define STRATA_QCOW2_PRIVATE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <glib.h>
+
+#include "../block-private.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define STRATA_QCOW2_MAGIC 0x514649fbu
+
+#define STRATA_QCOW2_MIN_CLUSTER_BITS 9
+#define STRATA_QCOW2_MAX_CLUSTER_BITS 21
+#define STRATA_QCOW2_MAX_L1_BYTES (32u * 1024 * 1024)
+#define STRATA_QCOW2_MAX_REFTABLE_BYTES (8u * 1024 * 1024)
+#define STRATA_QCOW2_MAX_SNAPSHOTS 65536u
+#define STRATA_QCOW2_MAX_BACKING_NAME 1023u
+#define STRATA_QCOW2_MAX_BACKING_FMT 15u
+#define STRATA_QCOW2_MAX_HOST_OFFSET ((1ull << 56) - 1)
+#define STRATA_QCOW2_V2_HEADER_LEN 72u
+#define STRATA_QCOW2_V3_MIN_HEADER_LEN 104u
+#define STRATA_QCOW2_V3_HEADER_LEN 112u
+
+/* Header extension types. */
+#define STRATA_QCOW2_EXT_END 0x00000000u
+#define STRATA_QCOW2_EXT_BACKING_FMT 0xe2792acau
+#define STRATA_QCOW2_EXT_FEATURE_TABLE 0x6803f857u
+#define STRATA_QCOW2_EXT_BITMAPS 0x23852875u
+#define STRATA_QCOW2_EXT_CRYPTO 0x0537be77u
+#define STRATA_QCOW2_EXT_DATA_FILE 0x44415441u
+
+/* Feature bits. */
+#define STRATA_QCOW2_INCOMPAT_DIRTY (1ull << 0)
+#define STRATA_QCOW2_INCOMPAT_CORRUPT (1ull << 1)
+#define STRATA_QCOW2_INCOMPAT_DATA_FILE (1ull << 2)
+#define STRATA_QCOW2_INCOMPAT_COMPRESSION (1ull << 3)
+#define STRATA_QCOW2_INCOMPAT_EXTL2 (1ull << 4)
+/* The incompatible bits this driver can open at all. */
+#define STRATA_QCOW2_INCOMPAT_SUPPORTED                                     \
+    (STRATA_QCOW2_INCOMPAT_DIRTY | STRATA_QCOW2_INCOMPAT_CORRUPT |          \
+     STRATA_QCOW2_INCOMPAT_COMPRESSION)
+#define STRATA_QCOW2_COMPAT_LAZY_REFCOUNTS (1ull << 0)
+/* No autoclear feature is implemented: every set bit is cleared before
+ * the first write. */
+#define STRATA_QCOW2_AUTOCLEAR_SUPPORTED 0ull
+
+/* L1/L2 entry bits. */
+#define STRATA_QCOW2_OFLAG_COPIED (1ull << 63)
+#define STRATA_QCOW2_OFLAG_COMPRESSED (1ull << 62)
+#define STRATA_QCOW2_OFLAG_ZERO (1ull << 0)
+#define STRATA_QCOW2_OFFSET_MASK 0x00fffffffffffe00ull
+#define STRATA_QCOW2_L1_RESERVED 0x7f000000000001ffull
+#define STRATA_QCOW2_L2_RESERVED 0x3f000000000001feull
+#define STRATA_QCOW2_REFT_OFFSET_MASK 0xfffffffffffffe00ull
+
+/* Header byte offsets of fields rewritten on their own. */
+#define STRATA_QCOW2_HDR_SIZE 24
+#define STRATA_QCOW2_HDR_L1 36          /* l1_size + l1_table_offset */
+#define STRATA_QCOW2_HDR_REFTABLE 48    /* offset + clusters */
+#define STRATA_QCOW2_HDR_INCOMPAT 72
+#define STRATA_QCOW2_HDR_AUTOCLEAR 88
+
+extern const StrataDriver strata_driver_qcow2;
+
+/* ------------------------------------------------------------------ */
+/* header.c                                                            */
+/* ------------------------------------------------------------------ */
+
+/* A header extension kept byte for byte (unknown ones, bitmaps). */
+typedef struct StrataQcow2Ext {
+    uint32_t type;
+    GBytes *data;
+} StrataQcow2Ext;
+
+/* One entry of the feature name table. */
+typedef struct StrataQcow2FeatureName {
+    uint8_t type;  /* 0 incompatible, 1 compatible, 2 autoclear */
+    uint8_t bit;
+    char name[47]; /* NUL-terminated copy of the 46 on-disk bytes */
+} StrataQcow2FeatureName;
+
+typedef struct StrataQcow2Header {
+    uint32_t version;
+    uint64_t backing_file_offset;
+    uint32_t backing_file_size;
+    uint32_t cluster_bits;
+    uint64_t size;
+    uint32_t crypt_method;
+    uint32_t l1_size;
+    uint64_t l1_table_offset;
+    uint64_t refcount_table_offset;
+    uint32_t refcount_table_clusters;
+    uint32_t nb_snapshots;
+    uint64_t snapshots_offset;
+    uint64_t incompatible_features;
+    uint64_t compatible_features;
+    uint64_t autoclear_features;
+    uint32_t refcount_order;
+    uint32_t header_length;
+    uint8_t compression_type;
+
+    /* Bytes [112, header_length) of a longer v3 header: future fields,
+     * copied verbatim on rewrite.  NULL when there are none. */
+    GBytes *extra_fields;
+    char *backing_file;     /* NULL: no backing file */
+    char *backing_format;   /* NULL: no format extension */
+    GArray *feature_names;  /* StrataQcow2FeatureName; NULL if absent */
+    GPtrArray *kept_exts;   /* StrataQcow2Ext *, in file order */
+} StrataQcow2Header;
+
+void strata_qcow2_header_init(StrataQcow2Header *h);
+void strata_qcow2_header_cleanup(StrataQcow2Header *h);
+
+/**
+ * strata_qcow2_header_parse:
+ * @buf: the start of the image: at least the first cluster, or all of
+ *   the file when it is shorter (@len bytes)
+ *
+ * Decodes and validates a v2/v3 header, its extensions and the backing
+ * file name against every open-time limit (docs/qcow2.md, "Limits").
+ * It does not look at the feature bits' consequences (corrupt, dirty):
+ * strata_qcow2_header_check_features() does, knowing how the image is
+ * opened.
+ */
+bool strata_qcow2_header_parse(StrataQcow2Header *h, const uint8_t *buf,
+                               size_t len, GError **error);
+
+/* Refuses unknown incompatible bits (naming them from the feature
+ * table), a corrupt image opened for writing, and features this driver
+ * does not implement. */
+bool strata_qcow2_header_check_features(const StrataQcow2Header *h,
+                                        bool writable, GError **error);
+
+/**
+ * strata_qcow2_header_build:
+ *
+ * Serialises @h into one cluster: header, extensions (backing format,
+ * feature table, kept extensions, end marker) then the backing name.
+ * Sets h->header_length, h->backing_file_offset and h->backing_file_size.
+ *
+ * Returns: (transfer full) (nullable): a zero-padded buffer of one
+ * cluster, or NULL with @error when it does not fit.
+ */
+uint8_t *strata_qcow2_header_build(StrataQcow2Header *h, GError **error);
+
+/* The human name of a feature bit from @h's table, or NULL. */
+const char *strata_qcow2_feature_name(const StrataQcow2Header *h,
+                                      uint8_t type, uint8_t bit);
+
+/* ------------------------------------------------------------------ */
+/* The driver state                                                    */
+/* ------------------------------------------------------------------ */
+
+typedef struct StrataQcow2Cache StrataQcow2Cache;
+
+/* A cluster allocation in flight: writes to its guest clusters wait. */
+typedef struct StrataQcow2Alloc {
+    uint64_t guest_start, guest_end; /* cluster-aligned, bytes */
+    StrataCoQueue waiters;
+} StrataQcow2Alloc;
+
+typedef struct StrataQcow2State {
+    StrataNode *node;
+    StrataQcow2Header hdr;
+
+    uint32_t cluster_bits;
+    uint64_t cluster_size;
+    uint32_t l2_bits;           /* log2(entries per L2 table) */
+    uint64_t l2_size;           /* entries per L2 table */
+    uint32_t l2_slice_size;     /* bytes per L2 cache entry */
+    uint64_t l2_slice_entries;
+
+    uint32_t l1_size;
+    uint64_t l1_table_offset;
+    uint64_t *l1_table;         /* host byte order */
+    uint32_t l1_vm_state_index; /* L1 entries the disk needs */
+
+    uint32_t refcount_order;
+    uint32_t refcount_block_bits; /* log2(entries per refcount block) */
+    uint64_t refcount_max;
+    uint64_t refcount_table_offset;
+    uint64_t refcount_table_size; /* entries */
+    uint64_t *refcount_table;   /* host byte order */
+    uint64_t free_cluster_index;
+
+    uint32_t csize_shift;
+    uint64_t csize_mask;
+    uint64_t cluster_offset_mask;
+
+    StrataQcow2Cache *l2_cache;
+    StrataQcow2Cache *refcount_cache;
+
+    /* Held across metadata lookups and updates, never across guest data
+     * I/O. */
+    StrataCoMutex lock;
+    GList *allocs;              /* StrataQcow2Alloc * in flight */
+
+    bool writable;
+    /* Writes are refused: the dirty bit says refcounts are stale and no
+     * repair is implemented yet. */
+    bool needs_repair;
+    bool autoclear_cleared;
+    bool corrupt;
+    bool pass_discard_request;
+    bool lazy_refcounts_opt;
+
+    /* Set while open() opens the backing chain, with the image file's
+     * identity, so a chain that loops back is refused. */
+    bool opening;
+    uint64_t st_dev, st_ino;
+
+    /* Last decompressed cluster, to serve sequential small reads. */
+    uint8_t *cmp_buf;
+    uint8_t *decmp_buf;
+    uint64_t decmp_host;        /* descriptor of what decmp_buf holds */
+} StrataQcow2State;
+
+/* Cluster types, as an L2 entry classifies. */
+typedef enum {
+    STRATA_QCOW2_CLUSTER_UNALLOCATED,
+    STRATA_QCOW2_CLUSTER_ZERO_PLAIN,
+    STRATA_QCOW2_CLUSTER_ZERO_ALLOC,
+    STRATA_QCOW2_CLUSTER_NORMAL,
+    STRATA_QCOW2_CLUSTER_COMPRESSED,
+} StrataQcow2ClusterType;
+
+StrataQcow2ClusterType strata_qcow2_l2_entry_type(uint64_t entry);
+
+/* Geometry helpers. */
+static inline uint64_t strata_qcow2_offset_into_cluster(
+    const StrataQcow2State *s, uint64_t offset)
+{
+    return offset & (s->cluster_size - 1);
+}
+
+static inline uint64_t strata_qcow2_start_of_cluster(
+    const StrataQcow2State *s, uint64_t offset)
+{
+    return offset & ~(s->cluster_size - 1);
+}
+
+static inline uint64_t strata_qcow2_size_to_clusters(
+    const StrataQcow2State *s, uint64_t size)
+{
+    return (size + s->cluster_size - 1) >> s->cluster_bits;
+}
+
+/* Marks the image corrupt (on disk when writable) and logs why; the
+ * caller fails its request with -EIO. */
+void strata_qcow2_co_signal_corruption(StrataQcow2State *s, const char *fmt,
+                                       ...) G_GNUC_PRINTF(2, 3);
+
+/* ------------------------------------------------------------------ */
+/* cache.c: L2 slices and refcount blocks                              */
+/* ------------------------------------------------------------------ */
+
+/* @entry_size: bytes per entry (an L2 slice or a whole refcount block). */
+StrataQcow2Cache *strata_qcow2_cache_new(StrataQcow2State *s,
+                                         unsigned nb_entries,
+                                         uint32_t entry_size);
+void strata_qcow2_cache_free(StrataQcow2Cache *c);
+unsigned strata_qcow2_cache_nb_entries(const StrataQcow2Cache *c);
+
+/* Coroutine, with s->lock held.  Pins the entry at host @offset (read
+ * from the file unless @no_read) in *@table; 0 or -errno. */
+int strata_qcow2_cache_co_get(StrataQcow2Cache *c, uint64_t offset,
+                              void **table);
+int strata_qcow2_cache_co_get_empty(StrataQcow2Cache *c, uint64_t offset,
+                                    void **table);
+/* Unpins what _get returned and clears *@table. */
+void strata_qcow2_cache_put(StrataQcow2Cache *c, void **table);
+void strata_qcow2_cache_mark_dirty(StrataQcow2Cache *c, void *table);
+
+/* Before any dirty entry of @c is written, every dirty entry of @dep is
+ * written and the file flushed: the metadata @c's entries point to must
+ * be stable first. */
+void strata_qcow2_cache_set_dependency(StrataQcow2Cache *c,
+                                       StrataQcow2Cache *dep);
+/* Writes every dirty entry (dependency first) without flushing the file. */
+int strata_qcow2_cache_co_write(StrataQcow2Cache *c);
+/* As _co_write, then flushes the file. */
+int strata_qcow2_cache_co_flush(StrataQcow2Cache *c);
+/* Forgets the entries of the cluster at @offset (it was freed). */
+void strata_qcow2_cache_discard_cluster(StrataQcow2Cache *c,
+                                        uint64_t offset,
+                                        uint64_t cluster_size);
+bool strata_qcow2_cache_is_dirty(const StrataQcow2Cache *c);
+
+/* Cache sizes from options, as QEMU 7.2 derives them. */
+typedef struct StrataQcow2CacheSizes {
+    uint64_t l2_cache_size;
+    uint64_t l2_slice_size;
+    uint64_t refcount_cache_size;
+} StrataQcow2CacheSizes;
+
+bool strata_qcow2_cache_sizes(JsonObject *options, uint64_t virtual_size,
+                              uint32_t cluster_bits,
+                              StrataQcow2CacheSizes *sizes, GError **error);
+
+/* ------------------------------------------------------------------ */
+/* refcount.c                                                          */
+/* ------------------------------------------------------------------ */
+
+uint64_t strata_qcow2_refblock_get(const void *block, uint32_t order,
+                                   uint64_t index);
+void strata_qcow2_refblock_set(void *block, uint32_t order, uint64_t index,
+                               uint64_t value);
+
+/* Coroutine, s->lock held.  The refcount of the host cluster with index
+ * @cluster; clusters beyond the table's reach have refcount 0. */
+int strata_qcow2_co_get_refcount(StrataQcow2State *s, uint64_t cluster,
+                                 uint64_t *refcount);
+/* Adds @addend to every cluster touched by [@offset, @offset + @length).
+ * A decrement reaching 0 frees the cluster. */
+int strata_qcow2_co_update_refcount(StrataQcow2State *s, uint64_t offset,
+                                    uint64_t length, int64_t addend);
+/* Allocates @size bytes (whole clusters) with refcount 1: the host
+ * offset, or -errno. */
+int64_t strata_qcow2_co_alloc_clusters(StrataQcow2State *s, uint64_t size);
+/* Decrements @size bytes at @offset; errors are logged (a leak). */
+void strata_qcow2_co_free_clusters(StrataQcow2State *s, uint64_t offset,
+                                   uint64_t size);
+/* Drops the references of one L2 entry's host storage. */
+void strata_qcow2_co_free_l2_entry(StrataQcow2State *s, uint64_t entry);
+bool strata_qcow2_refcount_init(StrataQcow2State *s, GError **error);
+
+/* ------------------------------------------------------------------ */
+/* cluster.c                                                           */
+/* ------------------------------------------------------------------ */
+
+/**
+ * strata_qcow2_co_get_host_offset:
+ * @bytes: (inout): wanted bytes from @offset; on return, how many share
+ *   the type (and, for NORMAL, are contiguous on the host)
+ * @host: (out): host offset for NORMAL / ZERO_ALLOC, the L2 entry for
+ *   COMPRESSED
+ * @l2_entry: (out) (optional): the first L2 entry of the run (0 when
+ *   there is no L2 table)
+ *
+ * Coroutine, s->lock held.  0 or -errno (-EIO on corrupt metadata).
+ */
+int strata_qcow2_co_get_host_offset(StrataQcow2State *s, uint64_t offset,
+                                    uint64_t *bytes, uint64_t *host,
+                                    StrataQcow2ClusterType *type,
+                                    uint64_t *l2_entry);
+
+/* Coroutine, s->lock held.  Pins the L2 slice holding the entry of guest
+ * @offset, allocating (or copying) the L2 table when @allocate; *@index
+ * is the entry's index in the slice.  Without @allocate and no table,
+ * returns 0 with *@slice NULL. */
+int strata_qcow2_co_get_l2_slice(StrataQcow2State *s, uint64_t offset,
+                                 bool allocate, uint64_t **slice,
+                                 uint64_t *index);
+/* Writes L1 entry @index (and its neighbours in the same 512 bytes). */
+int strata_qcow2_co_write_l1_entry(StrataQcow2State *s, uint32_t index);
+/* Grows the active L1 to @min_size entries (new table, header switch). */
+int strata_qcow2_co_grow_l1(StrataQcow2State *s, uint64_t min_size);
+
+/* Decompresses the cluster of @entry into s->decmp_buf. */
+int strata_qcow2_co_read_compressed(StrataQcow2State *s, uint64_t entry);
+
+/* Whether [@offset, @offset + @size) hits metadata that data must never
+ * overwrite (header, L1, refcount table). */
+bool strata_qcow2_overlaps_metadata(StrataQcow2State *s, uint64_t offset,
+                                    uint64_t size);
+
+/* Writes a header field range synchronously (write + flush). */
+int strata_qcow2_co_write_header_bytes(StrataQcow2State *s, uint64_t offset,
+                                       const void *buf, size_t len);
+
+/* Rewrites cluster 0 from s->hdr (used to change the backing file):
+ * keeps unknown header fields and extensions. */
+int strata_qcow2_co_rewrite_header(StrataQcow2State *s, GError **error);
+
+/* ------------------------------------------------------------------ */
+/* Endianness helpers                                                  */
+/* ------------------------------------------------------------------ */
+
+static inline uint16_t strata_qcow2_be16(const uint8_t *p)
+{
+    return (uint16_t)((p[0] << 8) | p[1]);
+}
+
+static inline uint32_t strata_qcow2_be32(const uint8_t *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) |
+           ((uint32_t)p[2] << 8) | p[3];
+}
+
+static inline uint64_t strata_qcow2_be64(const uint8_t *p)
+{
+    return ((uint64_t)strata_qcow2_be32(p) << 32) | strata_qcow2_be32(p + 4);
+}
+
+static inline void strata_qcow2_put_be32(uint8_t *p, uint32_t v)
+{
+    p[0] = v >> 24;
+    p[1] = v >> 16;
+    p[2] = v >> 8;
+    p[3] = v;
+}
+
+static inline void strata_qcow2_put_be64(uint8_t *p, uint64_t v)
+{
+    strata_qcow2_put_be32(p, v >> 32);
+    strata_qcow2_put_be32(p + 4, (uint32_t)v);
+}
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

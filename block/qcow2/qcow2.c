@@ -1,0 +1,1134 @@
+/* strata — the qcow2 format driver: open/close, the data path (reads
+ * through the cluster map and the backing chain, allocating writes with
+ * copy-on-write, zero clusters, discard), flush, resize and query. */
+#include <errno.h>
+#include <string.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <glib/gstdio.h>
+
+#include "qcow2-private.h"
+#include "../driver.h"
+
+/* Deeper chains than this are refused rather than recursed into. */
+#define MAX_BACKING_DEPTH 256
+
+/* Bytes the open path reads to find the header: the largest cluster. */
+#define HEADER_READ_MAX (1u << STRATA_QCOW2_MAX_CLUSTER_BITS)
+
+static StrataNode *file_of(StrataQcow2State *s)
+{
+    return s->node->file->node;
+}
+
+static StrataNode *backing_of(StrataQcow2State *s)
+{
+    return s->node->backing ? s->node->backing->node : NULL;
+}
+
+/* ------------------------------------------------------------------ */
+/* Open                                                                */
+/* ------------------------------------------------------------------ */
+
+typedef struct OpenCo {
+    StrataQcow2State *s;
+    JsonObject *options;
+    GError *error;
+    bool ok;
+} OpenCo;
+
+static bool read_table(StrataQcow2State *s, uint64_t offset, uint64_t n,
+                       uint64_t **out, GError **error)
+{
+    g_autofree uint64_t *t = g_new0(uint64_t, MAX(n, 1));
+    int ret;
+
+    if (n) {
+        ret = strata_node_co_pread(file_of(s), offset, n * 8, t, 0);
+        if (ret < 0) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                        "Could not read qcow2 metadata at %#"
+                        G_GINT64_MODIFIER "x: %s", offset, g_strerror(-ret));
+            return false;
+        }
+        for (uint64_t i = 0; i < n; i++) {
+            t[i] = GUINT64_FROM_BE(t[i]);
+        }
+    }
+    *out = g_steal_pointer(&t);
+    return true;
+}
+
+static bool open_co_body(StrataQcow2State *s, JsonObject *options,
+                         GError **error)
+{
+    StrataNode *file = file_of(s);
+    StrataQcow2CacheSizes sizes;
+    g_autofree uint8_t *buf = NULL;
+    int64_t flen;
+    size_t len;
+    int ret;
+
+    flen = strata_node_co_refresh_length(file);
+    if (flen < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                    "Could not get the size of the qcow2 file: %s",
+                    g_strerror((int)-flen));
+        return false;
+    }
+    len = (size_t)MIN((uint64_t)flen, (uint64_t)HEADER_READ_MAX);
+    buf = g_malloc0(MAX(len, (size_t)1));
+    if (len) {
+        ret = strata_node_co_pread(file, 0, len, buf, 0);
+        if (ret < 0) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                        "Could not read qcow2 header: %s", g_strerror(-ret));
+            return false;
+        }
+    }
+    if (!strata_qcow2_header_parse(&s->hdr, buf, len, error) ||
+        !strata_qcow2_header_check_features(&s->hdr, s->writable, error)) {
+        return false;
+    }
+    if ((s->hdr.incompatible_features & STRATA_QCOW2_INCOMPAT_DIRTY) &&
+        s->writable) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
+                    "qcow2: the image's refcounts are stale (dirty bit "
+                    "set after an unclean shutdown with lazy refcounts); "
+                    "repairing them is not supported yet: run "
+                    "'qemu-img check -r all' first, or open it read-only");
+        return false;
+    }
+    if (s->lazy_refcounts_opt && s->hdr.version < 3) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Lazy refcounts require a qcow2 image with at least "
+                    "qemu 1.1 compatibility level");
+        return false;
+    }
+    s->corrupt = !!(s->hdr.incompatible_features &
+                    STRATA_QCOW2_INCOMPAT_CORRUPT);
+
+    s->cluster_bits = s->hdr.cluster_bits;
+    s->cluster_size = 1ull << s->cluster_bits;
+    s->l2_bits = s->cluster_bits - 3;
+    s->l2_size = 1ull << s->l2_bits;
+    s->csize_shift = 62 - (s->cluster_bits - 8);
+    s->csize_mask = (1ull << (s->cluster_bits - 8)) - 1;
+    s->cluster_offset_mask = (1ull << s->csize_shift) - 1;
+    s->l1_size = s->hdr.l1_size;
+    s->l1_table_offset = s->hdr.l1_table_offset;
+    {
+        uint64_t per_l1 = s->cluster_size << s->l2_bits;
+        s->l1_vm_state_index = (uint32_t)((s->hdr.size + per_l1 - 1) /
+                                          per_l1);
+    }
+
+    if (!strata_qcow2_refcount_init(s, error)) {
+        return false;
+    }
+    if (!read_table(s, s->l1_table_offset, s->l1_size, &s->l1_table,
+                    error) ||
+        !read_table(s, s->refcount_table_offset, s->refcount_table_size,
+                    &s->refcount_table, error)) {
+        return false;
+    }
+
+    if (!strata_qcow2_cache_sizes(options, s->hdr.size, s->cluster_bits,
+                                  &sizes, error)) {
+        return false;
+    }
+    s->l2_slice_size = (uint32_t)sizes.l2_slice_size;
+    s->l2_slice_entries = s->l2_slice_size / 8;
+    s->l2_cache = strata_qcow2_cache_new(
+        s, (unsigned)MIN(sizes.l2_cache_size / s->l2_slice_size,
+                         (uint64_t)G_MAXINT), s->l2_slice_size);
+    s->refcount_cache = strata_qcow2_cache_new(
+        s, (unsigned)MIN(sizes.refcount_cache_size / s->cluster_size,
+                         (uint64_t)G_MAXINT), (uint32_t)s->cluster_size);
+
+    /* Autoclear bits name features a program that does not know them
+     * must invalidate; none is implemented here. */
+    if (s->writable && (s->hdr.autoclear_features &
+                        ~STRATA_QCOW2_AUTOCLEAR_SUPPORTED)) {
+        uint8_t be[8];
+        s->hdr.autoclear_features &= STRATA_QCOW2_AUTOCLEAR_SUPPORTED;
+        strata_qcow2_put_be64(be, s->hdr.autoclear_features);
+        ret = strata_qcow2_co_write_header_bytes(
+            s, STRATA_QCOW2_HDR_AUTOCLEAR, be, sizeof(be));
+        if (ret < 0) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                        "Could not update qcow2 header: %s",
+                        g_strerror(-ret));
+            return false;
+        }
+        s->autoclear_cleared = true;
+    }
+    return true;
+}
+
+static void open_co(void *opaque)
+{
+    OpenCo *o = opaque;
+    o->ok = open_co_body(o->s, o->options, &o->error);
+}
+
+/* Where QEMU would look for a backing file named @name in an image
+ * opened as @image: relative names are relative to the image's
+ * directory, as it was spelled, without normalising. */
+static char *backing_path(const char *image, const char *name,
+                          GError **error)
+{
+    const char *slash;
+
+    if (g_path_is_absolute(name)) {
+        return g_strdup(name);
+    }
+    {
+        /* "proto:rest" before any slash is a protocol name. */
+        const char *colon = strchr(name, ':');
+        const char *sl = strchr(name, '/');
+        if (colon && (!sl || colon < sl)) {
+            return g_strdup(name);
+        }
+    }
+    if (!image || !*image || g_str_has_prefix(image, "json:")) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Cannot use relative backing file names for '%s'",
+                    image ? image : "");
+        return NULL;
+    }
+    slash = strrchr(image, '/');
+    if (!slash) {
+        return g_strdup(name);
+    }
+    return g_strdup_printf("%.*s%s", (int)(slash - image + 1), image, name);
+}
+
+/* Guesses a backing file's format from its first bytes when the image
+ * does not record it. */
+static const char *probe_format(const char *path)
+{
+    uint8_t magic[4] = { 0 };
+    FILE *f = fopen(path, "rb");
+
+    if (!f) {
+        return "raw";
+    }
+    if (fread(magic, 1, sizeof(magic), f) != sizeof(magic)) {
+        magic[0] = 0;
+    }
+    fclose(f);
+    return strata_qcow2_be32(magic) == STRATA_QCOW2_MAGIC ? "qcow2" : "raw";
+}
+
+static bool open_backing(StrataQcow2State *s, JsonObject *options,
+                         GError **error)
+{
+    StrataNode *node = s->node;
+    const char *image = file_of(s)->filename;
+    g_autofree char *path = NULL;
+    g_autoptr(JsonObject) bopts = NULL;
+    JsonObject *fopts;
+    const char *fmt;
+    GStatBuf st;
+    unsigned depth = 0;
+    StrataNode *child;
+    g_autoptr(GError) local = NULL;
+
+    path = backing_path(image, s->hdr.backing_file, error);
+    if (!path) {
+        return false;
+    }
+
+    /* A chain that comes back to an image being opened would recurse
+     * for ever. */
+    if (g_stat(path, &st) == 0) {
+        for (GList *l = node->ctx->all_nodes; l; l = l->next) {
+            StrataNode *n = l->data;
+            StrataQcow2State *o;
+            if (n->drv != node->drv || !n->opaque) {
+                continue;
+            }
+            o = n->opaque;
+            if (!o->opening) {
+                continue;
+            }
+            depth++;
+            if (o->st_dev == (uint64_t)st.st_dev &&
+                o->st_ino == (uint64_t)st.st_ino) {
+                g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                            "Backing file chain of '%s' loops back to '%s'",
+                            image, path);
+                return false;
+            }
+        }
+    }
+    if (depth > MAX_BACKING_DEPTH) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Backing file chain of '%s' is deeper than %u images",
+                    image, MAX_BACKING_DEPTH);
+        return false;
+    }
+
+    fmt = s->hdr.backing_format ? s->hdr.backing_format
+                                : probe_format(path);
+    bopts = json_object_new();
+    json_object_set_string_member(bopts, "driver", fmt);
+    json_object_set_boolean_member(bopts, "read-only", true);
+    fopts = json_object_new();
+    json_object_set_string_member(fopts, "driver", "file");
+    json_object_set_string_member(fopts, "filename", path);
+    json_object_set_object_member(bopts, "file", fopts);
+    {
+        JsonNode *cache = json_object_get_member(options, "cache");
+        if (cache && JSON_NODE_HOLDS_OBJECT(cache)) {
+            json_object_set_member(bopts, "cache", json_node_copy(cache));
+        }
+    }
+
+    child = strata_node_open(node->ctx, bopts, false, false, &local);
+    if (!child) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                    "Could not open backing file '%s': %s", path,
+                    local->message);
+        return false;
+    }
+    if (!strata_node_attach_child(node, child, "backing",
+                                  STRATA_CHILD_BACKING, STRATA_PARENT_NODE,
+                                  node, NULL, 0, 0, error)) {
+        strata_node_unref(child);
+        return false;
+    }
+    strata_node_unref(child);
+    return true;
+}
+
+static void qcow2_state_free(StrataQcow2State *s)
+{
+    strata_qcow2_cache_free(s->l2_cache);
+    strata_qcow2_cache_free(s->refcount_cache);
+    s->l2_cache = s->refcount_cache = NULL;
+    g_clear_pointer(&s->l1_table, g_free);
+    g_clear_pointer(&s->refcount_table, g_free);
+    g_clear_pointer(&s->cmp_buf, g_free);
+    g_clear_pointer(&s->decmp_buf, g_free);
+    strata_qcow2_header_cleanup(&s->hdr);
+}
+
+static bool qcow2_open(StrataNode *node, JsonObject *options,
+                       GError **error)
+{
+    StrataQcow2State *s = node->opaque;
+    OpenCo o = { s, options, NULL, false };
+    GStatBuf st;
+
+    s->node = node;
+    strata_qcow2_header_init(&s->hdr);
+    strata_co_mutex_init(&s->lock);
+    s->writable = !node->read_only;
+    s->pass_discard_request =
+        strata_opts_get_bool(options, "pass-discard-request", false);
+    s->lazy_refcounts_opt =
+        strata_opts_get_bool(options, "lazy-refcounts", false);
+    if (!node->file) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Parameter 'file' is missing");
+        return false;
+    }
+
+    strata_loop_run_co(node->ctx->loop, open_co, &o);
+    if (!o.ok) {
+        g_propagate_error(error, o.error);
+        qcow2_state_free(s);
+        return false;
+    }
+
+    node->limits.request_alignment = 1;
+    node->limits.pdiscard_alignment = s->cluster_size;
+
+    if (!json_object_has_member(options, "backing") && s->hdr.backing_file) {
+        const char *fname = file_of(s)->filename;
+        s->opening = true;
+        if (fname && g_stat(fname, &st) == 0) {
+            s->st_dev = (uint64_t)st.st_dev;
+            s->st_ino = (uint64_t)st.st_ino;
+        }
+        bool ok = open_backing(s, options, error);
+        s->opening = false;
+        if (!ok) {
+            qcow2_state_free(s);
+            return false;
+        }
+    }
+    return true;
+}
+
+typedef struct CloseCo {
+    StrataQcow2State *s;
+    int ret;
+} CloseCo;
+
+static void close_co(void *opaque)
+{
+    CloseCo *c = opaque;
+    StrataQcow2State *s = c->s;
+
+    strata_co_mutex_lock(&s->lock);
+    c->ret = strata_qcow2_cache_co_flush(s->l2_cache);
+    if (c->ret == 0) {
+        c->ret = strata_qcow2_cache_co_flush(s->refcount_cache);
+    }
+    strata_co_mutex_unlock(&s->lock);
+}
+
+static void qcow2_close(StrataNode *node)
+{
+    StrataQcow2State *s = node->opaque;
+
+    if (!s->l2_cache) {
+        return;
+    }
+    if (s->writable && (strata_qcow2_cache_is_dirty(s->l2_cache) ||
+                        strata_qcow2_cache_is_dirty(s->refcount_cache))) {
+        CloseCo c = { s, 0 };
+        strata_loop_run_co(node->ctx->loop, close_co, &c);
+        if (c.ret < 0) {
+            g_warning("qcow2: could not write metadata of node '%s' on "
+                      "close: %s", node->node_name, g_strerror(-c.ret));
+        }
+    }
+    qcow2_state_free(s);
+}
+
+/* ------------------------------------------------------------------ */
+/* Reads                                                               */
+/* ------------------------------------------------------------------ */
+
+static int read_backing(StrataQcow2State *s, uint64_t offset, uint64_t n,
+                        StrataIOVec *qiov, size_t qiov_offset)
+{
+    StrataNode *b = backing_of(s);
+    int64_t blen = b ? b->total_bytes : 0;
+    uint64_t avail = 0;
+
+    if (b && blen > 0 && offset < (uint64_t)blen) {
+        avail = MIN(n, (uint64_t)blen - offset);
+    }
+    if (avail) {
+        int ret = strata_node_co_preadv(b, offset, avail, qiov, qiov_offset,
+                                        0);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    if (avail < n) {
+        strata_iov_memset(qiov, qiov_offset + avail, 0, n - avail);
+    }
+    return 0;
+}
+
+/* Reads guest bytes without the request path: also used for the
+ * copy-on-write of a cluster's untouched parts. */
+static int read_internal(StrataQcow2State *s, uint64_t offset,
+                         uint64_t bytes, StrataIOVec *qiov,
+                         size_t qiov_offset)
+{
+    while (bytes > 0) {
+        uint64_t n = bytes, host;
+        StrataQcow2ClusterType type;
+        int ret;
+
+        strata_co_mutex_lock(&s->lock);
+        ret = strata_qcow2_co_get_host_offset(s, offset, &n, &host, &type,
+                                              NULL);
+        if (ret < 0) {
+            strata_co_mutex_unlock(&s->lock);
+            return ret;
+        }
+        if (type == STRATA_QCOW2_CLUSTER_COMPRESSED) {
+            /* The shared decompression buffer is used under the lock. */
+            ret = strata_qcow2_co_read_compressed(s, host);
+            if (ret == 0) {
+                strata_iov_from_buf(qiov, qiov_offset,
+                                    s->decmp_buf +
+                                    strata_qcow2_offset_into_cluster(s,
+                                                                     offset),
+                                    n);
+            }
+            strata_co_mutex_unlock(&s->lock);
+            if (ret < 0) {
+                return ret;
+            }
+        } else {
+            strata_co_mutex_unlock(&s->lock);
+            switch (type) {
+            case STRATA_QCOW2_CLUSTER_NORMAL:
+                ret = strata_node_co_preadv(file_of(s), host, n, qiov,
+                                            qiov_offset, 0);
+                break;
+            case STRATA_QCOW2_CLUSTER_UNALLOCATED:
+                ret = read_backing(s, offset, n, qiov, qiov_offset);
+                break;
+            default:
+                strata_iov_memset(qiov, qiov_offset, 0, n);
+                ret = 0;
+                break;
+            }
+            if (ret < 0) {
+                return ret;
+            }
+        }
+        offset += n;
+        qiov_offset += n;
+        bytes -= n;
+    }
+    return 0;
+}
+
+static int qcow2_co_preadv(StrataNode *node, uint64_t offset, uint64_t bytes,
+                           StrataIOVec *qiov, size_t qiov_offset,
+                           StrataReqFlags flags)
+{
+    return read_internal(node->opaque, offset, bytes, qiov, qiov_offset);
+}
+
+/* ------------------------------------------------------------------ */
+/* Writes                                                              */
+/* ------------------------------------------------------------------ */
+
+/* s->lock held.  Waits (releasing the lock) while an allocation in
+ * flight covers a cluster of [start, end); true when it had to wait. */
+static bool wait_for_allocs(StrataQcow2State *s, uint64_t start,
+                            uint64_t end)
+{
+    for (GList *l = s->allocs; l; l = l->next) {
+        StrataQcow2Alloc *a = l->data;
+        if (a->guest_start < end && start < a->guest_end) {
+            strata_co_queue_wait(&a->waiters, &s->lock);
+            return true;
+        }
+    }
+    return false;
+}
+
+static int check_writable(StrataQcow2State *s)
+{
+    if (!s->writable) {
+        return -EROFS;
+    }
+    if (s->corrupt) {
+        return -EIO;
+    }
+    return 0;
+}
+
+/*
+ * Writes what fits of [offset, offset + bytes) in one run of clusters of
+ * the same kind; returns the bytes written or -errno.
+ */
+static int64_t write_chunk(StrataQcow2State *s, uint64_t offset,
+                           uint64_t bytes, StrataIOVec *qiov,
+                           size_t qiov_offset)
+{
+    uint64_t cs = s->cluster_size;
+    uint64_t n, host, entry, start, end, nb;
+    StrataQcow2ClusterType type;
+    StrataQcow2Alloc alloc;
+    g_autofree uint8_t *head = NULL, *tail = NULL;
+    uint64_t head_len, tail_len;
+    StrataIOVec hv, tv, wv;
+    uint64_t *slice;
+    uint64_t idx;
+    int64_t hoff;
+    int ret;
+
+    strata_co_mutex_lock(&s->lock);
+    do {
+        start = strata_qcow2_start_of_cluster(s, offset);
+        end = (offset + bytes + cs - 1) & ~(cs - 1);
+    } while (wait_for_allocs(s, start, end));
+
+    n = bytes;
+    ret = strata_qcow2_co_get_host_offset(s, offset, &n, &host, &type,
+                                          &entry);
+    if (ret < 0) {
+        goto unlock;
+    }
+
+    if (type == STRATA_QCOW2_CLUSTER_NORMAL &&
+        (entry & STRATA_QCOW2_OFLAG_COPIED)) {
+        /* Our own cluster: overwrite in place. */
+        strata_co_mutex_unlock(&s->lock);
+        if (strata_qcow2_overlaps_metadata(s, host, n)) {
+            strata_co_mutex_lock(&s->lock);
+            strata_qcow2_co_signal_corruption(s,
+                "Data write at %#" G_GINT64_MODIFIER "x would overwrite "
+                "metadata", host);
+            strata_co_mutex_unlock(&s->lock);
+            return -EIO;
+        }
+        ret = strata_node_co_pwritev(file_of(s), host, n, qiov, qiov_offset,
+                                     0);
+        return ret < 0 ? ret : (int64_t)n;
+    }
+
+    /* A new cluster run: [start, end) in guest space. */
+    start = strata_qcow2_start_of_cluster(s, offset);
+    end = (offset + n + cs - 1) & ~(cs - 1);
+    nb = (end - start) >> s->cluster_bits;
+
+    /* The L2 table first (allocated or made our own), then the data. */
+    ret = strata_qcow2_co_get_l2_slice(s, offset, true, &slice, &idx);
+    if (ret < 0) {
+        goto unlock;
+    }
+    strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
+    hoff = strata_qcow2_co_alloc_clusters(s, nb * cs);
+    if (hoff < 0) {
+        ret = (int)hoff;
+        goto unlock;
+    }
+    alloc.guest_start = start;
+    alloc.guest_end = end;
+    strata_co_queue_init(&alloc.waiters);
+    s->allocs = g_list_prepend(s->allocs, &alloc);
+    strata_co_mutex_unlock(&s->lock);
+
+    /* Copy-on-write of the parts of the first and last cluster that the
+     * request does not cover, from whatever they read as now. */
+    head_len = offset - start;
+    tail_len = end - (offset + n);
+    strata_iov_init(&wv, 3);
+    ret = 0;
+    if (head_len) {
+        head = g_malloc(head_len);
+        strata_iov_init_buf(&hv, head, head_len);
+        ret = read_internal(s, start, head_len, &hv, 0);
+        strata_iov_add(&wv, head, head_len);
+    }
+    strata_iov_concat(&wv, qiov, qiov_offset, n);
+    if (ret == 0 && tail_len) {
+        tail = g_malloc(tail_len);
+        strata_iov_init_buf(&tv, tail, tail_len);
+        ret = read_internal(s, offset + n, tail_len, &tv, 0);
+        strata_iov_add(&wv, tail, tail_len);
+    }
+    if (ret == 0) {
+        ret = strata_node_co_pwritev(file_of(s), (uint64_t)hoff,
+                                     end - start, &wv, 0, 0);
+    }
+    strata_iov_cleanup(&wv);
+
+    strata_co_mutex_lock(&s->lock);
+    if (ret < 0) {
+        /* Nothing points at the new clusters: give them back. */
+        strata_qcow2_co_free_clusters(s, (uint64_t)hoff, nb * cs);
+        goto done;
+    }
+    /* The L2 entries last: the cache writes them only after the new
+     * refcounts and, with them, this data reached the disk. */
+    ret = strata_qcow2_co_get_l2_slice(s, offset, true, &slice, &idx);
+    if (ret < 0) {
+        goto done;
+    }
+    {
+        g_autofree uint64_t *old = g_new(uint64_t, nb);
+        for (uint64_t k = 0; k < nb; k++) {
+            old[k] = GUINT64_FROM_BE(slice[idx + k]);
+            slice[idx + k] = GUINT64_TO_BE(((uint64_t)hoff + k * cs) |
+                                           STRATA_QCOW2_OFLAG_COPIED);
+        }
+        strata_qcow2_cache_mark_dirty(s->l2_cache, slice);
+        strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
+        for (uint64_t k = 0; k < nb; k++) {
+            strata_qcow2_co_free_l2_entry(s, old[k]);
+        }
+    }
+    s->decmp_host = 0;
+done:
+    s->allocs = g_list_remove(s->allocs, &alloc);
+    strata_co_queue_restart_all(&alloc.waiters);
+unlock:
+    strata_co_mutex_unlock(&s->lock);
+    return ret < 0 ? ret : (int64_t)n;
+}
+
+static int qcow2_co_pwritev(StrataNode *node, uint64_t offset,
+                            uint64_t bytes, StrataIOVec *qiov,
+                            size_t qiov_offset, StrataReqFlags flags)
+{
+    StrataQcow2State *s = node->opaque;
+    int ret = check_writable(s);
+
+    if (ret < 0) {
+        return ret;
+    }
+    while (bytes > 0) {
+        int64_t n = write_chunk(s, offset, bytes, qiov, qiov_offset);
+        if (n < 0) {
+            return (int)n;
+        }
+        offset += (uint64_t)n;
+        qiov_offset += (size_t)n;
+        bytes -= (uint64_t)n;
+    }
+    return 0;
+}
+
+/* Writes zero bytes as data (partial clusters, v2 with a backing file). */
+static int write_zero_data(StrataQcow2State *s, uint64_t offset,
+                           uint64_t bytes)
+{
+    uint64_t chunk = MIN(bytes, MAX(s->cluster_size, 1024 * 1024ull));
+    g_autofree uint8_t *zero = g_malloc0(chunk);
+
+    while (bytes > 0) {
+        uint64_t n = MIN(bytes, chunk);
+        StrataIOVec v;
+        int ret;
+        strata_iov_init_buf(&v, zero, n);
+        ret = qcow2_co_pwritev(s->node, offset, n, &v, 0, 0);
+        if (ret < 0) {
+            return ret;
+        }
+        offset += n;
+        bytes -= n;
+    }
+    return 0;
+}
+
+typedef enum {
+    ZAP_ZERO,          /* write-zeroes: keep our storage (ZERO_ALLOC) */
+    ZAP_ZERO_UNMAP,    /* write-zeroes with unmap, guest discard (v3) */
+    ZAP_DEALLOCATE,    /* v2 without backing: entry 0 */
+} ZapMode;
+
+/* Rewrites the L2 entries of whole clusters [offset, offset + bytes). */
+static int zap_clusters(StrataQcow2State *s, uint64_t offset, uint64_t bytes,
+                        ZapMode mode)
+{
+    int ret = 0;
+
+    strata_co_mutex_lock(&s->lock);
+    while (bytes > 0) {
+        uint64_t *slice;
+        uint64_t idx, n, done;
+        bool has_backing = backing_of(s) != NULL;
+
+        if (wait_for_allocs(s, offset, offset + bytes)) {
+            continue;
+        }
+        ret = strata_qcow2_co_get_l2_slice(s, offset, false, &slice, &idx);
+        if (ret < 0) {
+            break;
+        }
+        n = MIN(bytes >> s->cluster_bits, s->l2_slice_entries - idx);
+        if (!slice && (!has_backing || mode == ZAP_DEALLOCATE)) {
+            /* No table: everything here reads as zeroes already. */
+            done = n;
+        } else {
+            if (!slice) {
+                ret = strata_qcow2_co_get_l2_slice(s, offset, true, &slice,
+                                                   &idx);
+                if (ret < 0) {
+                    break;
+                }
+            } else if (!(s->l1_table[offset >> (s->l2_bits +
+                                                s->cluster_bits)] &
+                         STRATA_QCOW2_OFLAG_COPIED)) {
+                strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
+                ret = strata_qcow2_co_get_l2_slice(s, offset, true, &slice,
+                                                   &idx);
+                if (ret < 0) {
+                    break;
+                }
+            }
+            g_autofree uint64_t *freed = g_new0(uint64_t, n);
+            bool dirty = false;
+            for (uint64_t k = 0; k < n; k++) {
+                uint64_t old = GUINT64_FROM_BE(slice[idx + k]);
+                StrataQcow2ClusterType t = strata_qcow2_l2_entry_type(old);
+                uint64_t neu;
+
+                if (mode == ZAP_DEALLOCATE) {
+                    neu = 0;
+                } else if (t == STRATA_QCOW2_CLUSTER_UNALLOCATED &&
+                           !has_backing) {
+                    continue;
+                } else if (mode == ZAP_ZERO &&
+                           (t == STRATA_QCOW2_CLUSTER_NORMAL ||
+                            t == STRATA_QCOW2_CLUSTER_ZERO_ALLOC) &&
+                           (old & STRATA_QCOW2_OFLAG_COPIED)) {
+                    neu = old | STRATA_QCOW2_OFLAG_ZERO;
+                } else {
+                    neu = STRATA_QCOW2_OFLAG_ZERO;
+                }
+                if (neu == old) {
+                    continue;
+                }
+                slice[idx + k] = GUINT64_TO_BE(neu);
+                dirty = true;
+                if ((neu & STRATA_QCOW2_OFFSET_MASK) == 0) {
+                    freed[k] = old;
+                }
+            }
+            if (dirty) {
+                strata_qcow2_cache_mark_dirty(s->l2_cache, slice);
+            }
+            strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
+            for (uint64_t k = 0; k < n; k++) {
+                strata_qcow2_co_free_l2_entry(s, freed[k]);
+            }
+            done = n;
+        }
+        if (slice) {
+            strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
+        }
+        offset += done << s->cluster_bits;
+        bytes -= done << s->cluster_bits;
+    }
+    s->decmp_host = 0;
+    strata_co_mutex_unlock(&s->lock);
+    return ret;
+}
+
+/* The whole clusters of [offset, offset + bytes); the disk's last,
+ * partial cluster counts as whole. */
+static void whole_clusters(StrataQcow2State *s, uint64_t offset,
+                           uint64_t bytes, uint64_t *first, uint64_t *last)
+{
+    uint64_t cs = s->cluster_size;
+    uint64_t end = offset + bytes;
+
+    *first = (offset + cs - 1) & ~(cs - 1);
+    if (end >= s->hdr.size) {
+        *last = (s->hdr.size + cs - 1) & ~(cs - 1);
+    } else {
+        *last = end & ~(cs - 1);
+    }
+    if (*last < *first) {
+        *last = *first;
+    }
+}
+
+static int qcow2_co_pwrite_zeroes(StrataNode *node, uint64_t offset,
+                                  uint64_t bytes, StrataReqFlags flags)
+{
+    StrataQcow2State *s = node->opaque;
+    uint64_t first, last, end = offset + bytes;
+    bool has_backing = backing_of(s) != NULL;
+    ZapMode mode;
+    int ret = check_writable(s);
+
+    if (ret < 0) {
+        return ret;
+    }
+    if (s->hdr.version < 3) {
+        if (has_backing) {
+            return -ENOTSUP;
+        }
+        mode = ZAP_DEALLOCATE;
+    } else {
+        mode = (flags & STRATA_REQ_MAY_UNMAP) ? ZAP_ZERO_UNMAP : ZAP_ZERO;
+    }
+    whole_clusters(s, offset, bytes, &first, &last);
+    if (first >= last) {
+        return write_zero_data(s, offset, bytes);
+    }
+    if (offset < first) {
+        ret = write_zero_data(s, offset, first - offset);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    ret = zap_clusters(s, first, last - first, mode);
+    if (ret < 0) {
+        return ret;
+    }
+    if (end > last) {
+        ret = write_zero_data(s, last, end - last);
+    }
+    return ret;
+}
+
+static int qcow2_co_pdiscard(StrataNode *node, uint64_t offset,
+                             uint64_t bytes)
+{
+    StrataQcow2State *s = node->opaque;
+    uint64_t first, last;
+    int ret = check_writable(s);
+
+    if (ret < 0) {
+        return ret;
+    }
+    if (s->hdr.version < 3 && backing_of(s)) {
+        /* Deallocating would let the backing file show through. */
+        return -ENOTSUP;
+    }
+    whole_clusters(s, offset, bytes, &first, &last);
+    if (first >= last) {
+        return 0;
+    }
+    return zap_clusters(s, first, last - first,
+                        s->hdr.version < 3 ? ZAP_DEALLOCATE
+                                           : ZAP_ZERO_UNMAP);
+}
+
+static int qcow2_co_flush(StrataNode *node)
+{
+    StrataQcow2State *s = node->opaque;
+    int ret, ret2;
+
+    if (!s->writable) {
+        return 0;
+    }
+    strata_co_mutex_lock(&s->lock);
+    /* L2 first: its dependency pulls refcount increments ahead of it,
+     * and refcount decrements wait for it. */
+    ret = strata_qcow2_cache_co_write(s->l2_cache);
+    ret2 = strata_qcow2_cache_co_write(s->refcount_cache);
+    strata_co_mutex_unlock(&s->lock);
+    return ret < 0 ? ret : ret2;
+}
+
+/* ------------------------------------------------------------------ */
+/* Status, length, resize                                              */
+/* ------------------------------------------------------------------ */
+
+static int64_t qcow2_co_get_length(StrataNode *node)
+{
+    StrataQcow2State *s = node->opaque;
+    return (int64_t)s->hdr.size;
+}
+
+static int qcow2_co_block_status(StrataNode *node, bool want_zero,
+                                 uint64_t offset, uint64_t bytes,
+                                 uint64_t *pnum, uint64_t *map,
+                                 StrataNode **file)
+{
+    StrataQcow2State *s = node->opaque;
+    uint64_t n = bytes, host;
+    StrataQcow2ClusterType type;
+    int ret;
+
+    strata_co_mutex_lock(&s->lock);
+    ret = strata_qcow2_co_get_host_offset(s, offset, &n, &host, &type,
+                                          NULL);
+    strata_co_mutex_unlock(&s->lock);
+    if (ret < 0) {
+        return ret;
+    }
+    *pnum = n;
+    switch (type) {
+    case STRATA_QCOW2_CLUSTER_NORMAL:
+        *map = host;
+        *file = file_of(s);
+        return STRATA_BLOCK_DATA | STRATA_BLOCK_OFFSET_VALID |
+               STRATA_BLOCK_RECURSE;
+    case STRATA_QCOW2_CLUSTER_ZERO_PLAIN:
+    case STRATA_QCOW2_CLUSTER_ZERO_ALLOC:
+        return STRATA_BLOCK_ZERO;
+    case STRATA_QCOW2_CLUSTER_COMPRESSED:
+        return STRATA_BLOCK_DATA;
+    default:
+        return 0;
+    }
+}
+
+static int qcow2_co_truncate(StrataNode *node, uint64_t offset, bool exact,
+                             GError **error)
+{
+    StrataQcow2State *s = node->opaque;
+    uint64_t old = s->hdr.size;
+    uint64_t per_l1 = s->cluster_size << s->l2_bits;
+    uint64_t need = offset / per_l1 + (offset % per_l1 != 0);
+    StrataNode *b = backing_of(s);
+    uint8_t be[8];
+    int ret = check_writable(s);
+
+    if (ret < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_PERMISSION,
+                    "qcow2 image is %s", s->corrupt ? "corrupt"
+                                                    : "read-only");
+        return ret;
+    }
+    if (offset & 511) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "The new size must be a multiple of 512");
+        return -EINVAL;
+    }
+    if (offset < old) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
+                    "qcow2 images cannot be shrunk yet");
+        return -ENOTSUP;
+    }
+    if (offset == old) {
+        return 0;
+    }
+    if (need * 8 > STRATA_QCOW2_MAX_L1_BYTES) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "The image size is too large for this cluster size");
+        return -EFBIG;
+    }
+
+    strata_co_mutex_lock(&s->lock);
+    ret = strata_qcow2_co_grow_l1(s, need);
+    if (ret == 0) {
+        /* Everything the new size needs is on disk before the header
+         * announces it. */
+        ret = strata_qcow2_cache_co_flush(s->l2_cache);
+    }
+    if (ret == 0) {
+        ret = strata_qcow2_cache_co_flush(s->refcount_cache);
+    }
+    if (ret == 0) {
+        strata_qcow2_put_be64(be, offset);
+        ret = strata_qcow2_co_write_header_bytes(s, STRATA_QCOW2_HDR_SIZE,
+                                                 be, sizeof(be));
+    }
+    if (ret == 0) {
+        s->hdr.size = offset;
+        s->l1_vm_state_index = (uint32_t)need;
+    }
+    strata_co_mutex_unlock(&s->lock);
+    if (ret < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                    "Could not resize qcow2 image: %s", g_strerror(-ret));
+        return ret;
+    }
+
+    /* Backing data beyond the old end must not appear in the new
+     * space. */
+    if (b && b->total_bytes > 0 && (uint64_t)b->total_bytes > old) {
+        uint64_t zend = MIN(offset, (uint64_t)b->total_bytes);
+        node->total_bytes = (int64_t)offset;
+        ret = qcow2_co_pwrite_zeroes(node, old, zend - old, 0);
+        if (ret == -ENOTSUP) {
+            ret = write_zero_data(s, old, zend - old);
+        }
+        if (ret < 0) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                        "Could not zero the grown area: %s",
+                        g_strerror(-ret));
+            return ret;
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Permissions, query                                                  */
+/* ------------------------------------------------------------------ */
+
+static void qcow2_child_perm(StrataNode *node, StrataChild *child,
+                             StrataChildRole role, uint64_t parent_perm,
+                             uint64_t parent_shared, uint64_t *nperm,
+                             uint64_t *nshared)
+{
+    if (role != STRATA_CHILD_FILE) {
+        strata_default_child_perm(node, child, role, parent_perm,
+                                  parent_shared, nperm, nshared);
+        return;
+    }
+    /* The metadata is ours: we read the file always, and write and
+     * resize it whenever the node is writable, even without a writer
+     * above; others must not change it under us then. */
+    *nperm = STRATA_PERM_CONSISTENT_READ;
+    *nshared = (parent_shared | STRATA_PERM_WRITE_UNCHANGED) &
+               ~STRATA_PERM_GRAPH_MOD;
+    if (!node->read_only) {
+        *nperm |= STRATA_PERM_WRITE | STRATA_PERM_RESIZE;
+        *nshared &= ~(STRATA_PERM_WRITE | STRATA_PERM_RESIZE);
+    }
+}
+
+static void qcow2_query_image(StrataNode *node, JsonObject *image)
+{
+    StrataQcow2State *s = node->opaque;
+    JsonObject *fs = json_object_new();
+    JsonObject *data = json_object_new();
+    const StrataQcow2Header *h = &s->hdr;
+
+    json_object_set_int_member(image, "cluster-size",
+                               (gint64)s->cluster_size);
+    json_object_set_boolean_member(image, "dirty-flag",
+                                   !!(h->incompatible_features &
+                                      STRATA_QCOW2_INCOMPAT_DIRTY));
+    if (h->backing_file) {
+        g_autofree char *full =
+            backing_path(file_of(s)->filename, h->backing_file, NULL);
+        json_object_set_string_member(image, "backing-filename",
+                                      h->backing_file);
+        if (full) {
+            json_object_set_string_member(image, "full-backing-filename",
+                                          full);
+        }
+        if (h->backing_format) {
+            json_object_set_string_member(image, "backing-filename-format",
+                                          h->backing_format);
+        }
+    }
+    json_object_set_string_member(data, "compat",
+                                  h->version == 2 ? "0.10" : "1.1");
+    if (h->version >= 3) {
+        json_object_set_string_member(data, "compression-type",
+                                      h->compression_type ? "zstd"
+                                                          : "zlib");
+        json_object_set_boolean_member(data, "lazy-refcounts",
+                                       !!(h->compatible_features &
+                                          STRATA_QCOW2_COMPAT_LAZY_REFCOUNTS));
+        json_object_set_boolean_member(data, "corrupt", s->corrupt);
+        json_object_set_boolean_member(data, "extended-l2", false);
+    } else {
+        json_object_set_string_member(data, "compression-type", "zlib");
+    }
+    json_object_set_int_member(data, "refcount-bits",
+                               1 << s->refcount_order);
+    json_object_set_string_member(fs, "type", "qcow2");
+    json_object_set_object_member(fs, "data", data);
+    json_object_set_object_member(image, "format-specific", fs);
+}
+
+/* ------------------------------------------------------------------ */
+/* The driver                                                          */
+/* ------------------------------------------------------------------ */
+
+static const char *const overlap_values[] = {
+    "none", "constant", "cached", "all", NULL,
+};
+
+static const StrataOptDesc qcow2_options[] = {
+    { "file", STRATA_OPT_CHILD, true, NULL },
+    { "backing", STRATA_OPT_CHILD_OR_NULL, false, NULL },
+    { "lazy-refcounts", STRATA_OPT_BOOL, false, NULL },
+    { "pass-discard-request", STRATA_OPT_BOOL, false, NULL },
+    { "pass-discard-snapshot", STRATA_OPT_BOOL, false, NULL },
+    { "pass-discard-other", STRATA_OPT_BOOL, false, NULL },
+    /* A level name or an object of per-structure booleans. */
+    { "overlap-check", STRATA_OPT_ANY, false, overlap_values },
+    { "cache-size", STRATA_OPT_SIZE, false, NULL },
+    { "l2-cache-size", STRATA_OPT_SIZE, false, NULL },
+    { "l2-cache-entry-size", STRATA_OPT_SIZE, false, NULL },
+    { "refcount-cache-size", STRATA_OPT_SIZE, false, NULL },
+    { "cache-clean-interval", STRATA_OPT_INT, false, NULL },
+    { NULL },
+};
+
+const StrataDriver strata_driver_qcow2 = {
+    .name = "qcow2",
+    .state_size = sizeof(StrataQcow2State),
+    .is_format = true,
+    .options = qcow2_options,
+    .open = qcow2_open,
+    .close = qcow2_close,
+    .co_get_length = qcow2_co_get_length,
+    .co_preadv = qcow2_co_preadv,
+    .co_pwritev = qcow2_co_pwritev,
+    .co_pwrite_zeroes = qcow2_co_pwrite_zeroes,
+    .co_pdiscard = qcow2_co_pdiscard,
+    .co_flush = qcow2_co_flush,
+    .co_block_status = qcow2_co_block_status,
+    .co_truncate = qcow2_co_truncate,
+    .child_perm = qcow2_child_perm,
+    .query_image = qcow2_query_image,
+};

@@ -1,0 +1,498 @@
+/* qcow2 interop with QEMU 7.2's tools, both ways: images that qemu-img
+ * and qemu-io wrote read back byte for byte as `qemu-img convert -O raw`
+ * sees them; images strata wrote pass `qemu-img check` and equal a raw
+ * reference under `qemu-img compare` and `qemu-io read -P`.  Skips (77)
+ * without qemu-img. */
+#include <errno.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "block-private.h"
+#include "qcow2/qcow2.h"
+#include "../unit/test-util.h"
+
+static StrataContext *ctx;
+static char *dir;
+
+static void setup(void)
+{
+    g_autoptr(GError) err = NULL;
+    ctx = strata_context_new(NULL, NULL, &err);
+    ck_assert_msg(ctx, "%s", err ? err->message : "");
+    dir = strata_test_tmpdir();
+}
+
+static void rmtree(const char *path)
+{
+    GDir *d = g_dir_open(path, 0, NULL);
+    const char *n;
+    while (d && (n = g_dir_read_name(d))) {
+        g_autofree char *p = g_build_filename(path, n, NULL);
+        if (g_file_test(p, G_FILE_TEST_IS_DIR)) {
+            rmtree(p);
+        } else {
+            g_unlink(p);
+        }
+    }
+    if (d) {
+        g_dir_close(d);
+    }
+    g_rmdir(path);
+}
+
+static void teardown(void)
+{
+    strata_context_free(ctx);
+    rmtree(dir);
+    g_free(dir);
+}
+
+/* Runs a shell command in the scratch directory; returns its exit code
+ * and, optionally, its output. */
+static int sh(char **out, const char *fmt, ...) G_GNUC_PRINTF(2, 3);
+
+static int sh(char **out, const char *fmt, ...)
+{
+    va_list ap;
+    g_autofree char *cmd = NULL;
+    g_autofree char *full = NULL;
+    g_autofree char *o = NULL, *e = NULL;
+    int status = -1;
+
+    va_start(ap, fmt);
+    cmd = g_strdup_vprintf(fmt, ap);
+    va_end(ap);
+    full = g_strdup_printf("cd '%s' && %s", dir, cmd);
+    {
+        char *argv[] = { "/bin/sh", "-c", full, NULL };
+        ck_assert(g_spawn_sync(NULL, argv, NULL, 0, NULL, NULL, &o, &e,
+                               &status, NULL));
+    }
+    if (!g_spawn_check_wait_status(status, NULL)) {
+        fprintf(stderr, "[%s] exit %d\n%s%s", cmd,
+                WIFEXITED(status) ? WEXITSTATUS(status) : -1, o, e);
+    }
+    if (out) {
+        *out = g_steal_pointer(&o);
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+static StrataNode *open_img(const char *rel)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *spec = g_strdup_printf(
+        "driver=qcow2,file.driver=file,file.filename=%s/%s", dir, rel);
+    StrataNode *n = strata_context_add_node_keyval(ctx, spec, &err);
+    ck_assert_msg(n, "%s: %s", rel, err ? err->message : "");
+    return n;
+}
+
+static void close_node(StrataNode *n)
+{
+    g_autoptr(GError) err = NULL;
+    ck_assert_msg(strata_context_del_node(ctx, n->node_name, &err), "%s",
+                  err ? err->message : "");
+}
+
+typedef struct {
+    StrataNode *node;
+    int op;          /* 0 read, 1 write, 2 zero, 3 zero+unmap, 4 discard,
+                      * 5 truncate, 6 flush */
+    uint64_t off, len;
+    uint8_t *buf;
+    int ret;
+} Req;
+
+static void req_co(void *opaque)
+{
+    Req *r = opaque;
+    g_autoptr(GError) err = NULL;
+
+    switch (r->op) {
+    case 0:
+        r->ret = strata_node_co_pread(r->node, r->off, r->len, r->buf, 0);
+        break;
+    case 1:
+        r->ret = strata_node_co_pwrite(r->node, r->off, r->len, r->buf, 0);
+        break;
+    case 2:
+        r->ret = strata_node_co_pwrite_zeroes(r->node, r->off, r->len, 0);
+        break;
+    case 3:
+        r->ret = strata_node_co_pwrite_zeroes(r->node, r->off, r->len,
+                                              STRATA_REQ_MAY_UNMAP);
+        break;
+    case 4:
+        r->ret = strata_node_co_pdiscard(r->node, r->off, r->len);
+        break;
+    case 5:
+        r->ret = strata_node_co_truncate(r->node, r->off, false, &err);
+        break;
+    default:
+        r->ret = strata_node_co_flush(r->node);
+        break;
+    }
+}
+
+static int run(StrataNode *n, int op, uint64_t off, uint64_t len,
+               uint8_t *buf)
+{
+    Req r = { n, op, off, len, buf, 0 };
+    strata_loop_run_co(ctx->loop, req_co, &r);
+    return r.ret;
+}
+
+/* Reads all of @rel through strata and compares with QEMU's raw view. */
+static void compare_with_qemu(const char *rel)
+{
+    g_autofree char *raw = NULL;
+    g_autofree char *rawpath = g_build_filename(dir, "qemu-view.raw", NULL);
+    gsize len;
+    StrataNode *n;
+    g_autofree uint8_t *buf = NULL;
+
+    ck_assert_int_eq(sh(NULL, "qemu-img convert -O raw %s qemu-view.raw",
+                        rel), 0);
+    ck_assert(g_file_get_contents(rawpath, &raw, &len, NULL));
+    n = open_img(rel);
+    ck_assert_int_eq(strata_node_get_length(n), (int64_t)len);
+    buf = g_malloc(len);
+    ck_assert_int_eq(run(n, 0, 0, len, buf), 0);
+    for (gsize i = 0; i < len; i++) {
+        ck_assert_msg(buf[i] == (uint8_t)raw[i],
+                      "%s: byte %#zx is %#x, QEMU reads %#x", rel, i, buf[i],
+                      (uint8_t)raw[i]);
+    }
+    close_node(n);
+    g_unlink(rawpath);
+}
+
+/* ---- QEMU writes, strata reads ---- */
+
+static const char *const variants[] = {
+    "compat=1.1",
+    "compat=0.10",
+    "cluster_size=512",
+    "cluster_size=4096",
+    "cluster_size=2M",
+    "refcount_bits=1",
+    "refcount_bits=64",
+    "compat=0.10,cluster_size=512",
+    "lazy_refcounts=on",
+};
+
+START_TEST(test_read_variants)
+{
+    const char *v = variants[_i];
+
+    ck_assert_int_eq(sh(NULL, "qemu-img create -q -f qcow2 -o %s a.qcow2 8M",
+                        v), 0);
+    ck_assert_int_eq(sh(NULL, "qemu-io -c 'write -P 0x11 0 64k' "
+                        "-c 'write -P 0x22 100k 3k' -c 'write -P 0x44 1M 1M' "
+                        "-c 'write -z 1M 512k' -c 'write -z -u 1536k 64k' "
+                        "-c 'write -P 0x33 7M 1M' -c 'discard 7M 64k' "
+                        "-c 'write -P 0x55 8191k 1k' a.qcow2 >/dev/null"),
+                     0);
+    compare_with_qemu("a.qcow2");
+}
+END_TEST
+
+START_TEST(test_read_compressed)
+{
+    static const char *const types[] = { "zlib", "zstd" };
+    g_autofree char *rawpath = g_build_filename(dir, "src.raw", NULL);
+    g_autofree uint8_t *data = g_malloc(4 << 20);
+
+    /* Compressible but distinct clusters, one incompressible. */
+    for (size_t i = 0; i < (4u << 20); i++) {
+        data[i] = (uint8_t)((i / 100) ^ (i >> 16));
+    }
+    for (size_t i = 2 << 20; i < (2u << 20) + 65536; i++) {
+        data[i] = (uint8_t)g_random_int();
+    }
+    ck_assert(g_file_set_contents(rawpath, (char *)data, 4 << 20, NULL));
+    for (unsigned t = 0; t < G_N_ELEMENTS(types); t++) {
+        g_autofree char *img = g_strdup_printf("c-%s.qcow2", types[t]);
+        if (sh(NULL, "qemu-img convert -c -O qcow2 -o compression_type=%s "
+               "src.raw %s", types[t], img) != 0) {
+            continue; /* zstd may be missing from QEMU */
+        }
+        compare_with_qemu(img);
+    }
+    ck_assert_int_eq(sh(NULL, "qemu-img convert -c -O qcow2 -o "
+                        "cluster_size=4096 src.raw c4k.qcow2"), 0);
+    compare_with_qemu("c4k.qcow2");
+}
+END_TEST
+
+START_TEST(test_read_chain)
+{
+    ck_assert_int_eq(sh(NULL, "mkdir sub && "
+                        "qemu-img create -q -f qcow2 base.qcow2 4M && "
+                        "qemu-io -c 'write -P 0xaa 0 4M' base.qcow2 && "
+                        "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 "
+                        "mid.qcow2 6M && "
+                        "qemu-io -c 'write -P 0xbb 64k 100k' "
+                        "-c 'write -z 1M 64k' mid.qcow2 && "
+                        "qemu-img create -q -f qcow2 -b ../mid.qcow2 -F qcow2 "
+                        "sub/top.qcow2 8M && "
+                        "qemu-io -c 'write -P 0xcc 150k 1k' "
+                        "-c 'write -P 0xdd 5M 2M' sub/top.qcow2 "
+                        ">/dev/null"), 0);
+    compare_with_qemu("sub/top.qcow2");
+    /* A raw base without a recorded format is probed. */
+    ck_assert_int_eq(sh(NULL, "head -c 1048576 /dev/urandom > base.raw && "
+                        "qemu-img create -q -f qcow2 -b base.raw -F raw "
+                        "r.qcow2 2M && qemu-io -c 'write -P 1 4k 4k' r.qcow2 "
+                        ">/dev/null"), 0);
+    compare_with_qemu("r.qcow2");
+}
+END_TEST
+
+/* ---- strata writes, QEMU checks ---- */
+
+/* Applies one operation to the image and to a raw reference. */
+typedef struct {
+    StrataNode *node;
+    int fd;              /* the raw reference */
+    bool v2_backing;     /* discards do nothing there */
+} Pair;
+
+static void both_write(Pair *p, uint64_t off, uint64_t len, uint8_t val)
+{
+    g_autofree uint8_t *b = g_malloc(len);
+    memset(b, val, len);
+    ck_assert_int_eq(run(p->node, 1, off, len, b), 0);
+    ck_assert_int_eq(pwrite(p->fd, b, len, (off_t)off), (ssize_t)len);
+}
+
+static void both_zero(Pair *p, uint64_t off, uint64_t len, bool unmap)
+{
+    g_autofree uint8_t *b = g_malloc0(len);
+    ck_assert_int_eq(run(p->node, unmap ? 3 : 2, off, len, NULL), 0);
+    ck_assert_int_eq(pwrite(p->fd, b, len, (off_t)off), (ssize_t)len);
+}
+
+static void both_discard(Pair *p, uint64_t off, uint64_t len)
+{
+    /* Only whole clusters are dropped; callers pass aligned ranges. */
+    g_autofree uint8_t *b = g_malloc0(len);
+    ck_assert_int_eq(run(p->node, 4, off, len, NULL), 0);
+    if (!p->v2_backing) {
+        ck_assert_int_eq(pwrite(p->fd, b, len, (off_t)off), (ssize_t)len);
+    }
+}
+
+static void check_clean(const char *rel)
+{
+    g_autofree char *out = NULL;
+    int rc = sh(&out, "qemu-img check --output=json %s", rel);
+    ck_assert_msg(rc == 0, "qemu-img check %s: exit %d\n%s", rel, rc, out);
+    ck_assert_ptr_null(strstr(out, "\"leaks\""));
+    ck_assert_ptr_null(strstr(out, "\"corruptions\""));
+}
+
+static void write_workload(const char *create_opts, bool strata_creates,
+                           bool with_backing)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *img = g_build_filename(dir, "w.qcow2", NULL);
+    g_autofree char *ref = g_build_filename(dir, "ref.raw", NULL);
+    bool v2 = strstr(create_opts, "0.10") != NULL;
+    uint64_t cs = 65536, size, grown;
+    Pair p;
+
+    if (strstr(create_opts, "cluster_size=512")) {
+        cs = 512;
+    } else if (strstr(create_opts, "cluster_size=4096")) {
+        cs = 4096;
+    } else if (strstr(create_opts, "cluster_size=2M")) {
+        cs = 2 << 20;
+    }
+    size = MAX(16 * cs, 8u << 20);
+    grown = size + MAX(2 * cs, 2u << 20);
+
+    if (with_backing) {
+        ck_assert_int_eq(sh(NULL, "qemu-img create -q -f qcow2 b.qcow2 4M && "
+                            "qemu-io -c 'write -P 0x61 0 4M' b.qcow2 "
+                            ">/dev/null && "
+                            "qemu-img convert -O raw b.qcow2 ref.raw && "
+                            "truncate -s %" G_GUINT64_FORMAT " ref.raw",
+                            size), 0);
+    } else {
+        ck_assert_int_eq(sh(NULL, "truncate -s %" G_GUINT64_FORMAT
+                            " ref.raw", size), 0);
+    }
+
+    if (strata_creates) {
+        g_autoptr(JsonObject) o = json_object_new();
+        g_auto(GStrv) kv = g_strsplit(create_opts, ",", -1);
+        json_object_set_int_member(o, "size", (gint64)size);
+        for (char **k = kv; *k; k++) {
+            char *eq = strchr(*k, '=');
+            if (eq) {
+                *eq = '\0';
+                json_object_set_string_member(o, *k, eq + 1);
+            }
+        }
+        if (with_backing) {
+            json_object_set_string_member(o, "backing_file", "b.qcow2");
+            json_object_set_string_member(o, "backing_fmt", "qcow2");
+        }
+        ck_assert_msg(strata_qcow2_create(ctx, img, o, &err), "%s",
+                      err ? err->message : "");
+    } else {
+        ck_assert_int_eq(sh(NULL, "qemu-img create -q -f qcow2 -o %s %s "
+                            "w.qcow2 %" G_GUINT64_FORMAT, create_opts,
+                            with_backing ? "-b b.qcow2 -F qcow2" : "", size),
+                         0);
+    }
+    check_clean("w.qcow2");
+
+    p.node = open_img("w.qcow2");
+    p.fd = open(ref, O_RDWR);
+    p.v2_backing = v2 && with_backing;
+    ck_assert_int_ge(p.fd, 0);
+
+    both_write(&p, 0, 2 * cs, 0x01);                 /* whole clusters */
+    both_write(&p, 3 * cs + 100, 100, 0x02);         /* partial, COW */
+    both_write(&p, 5 * cs - 10, 20, 0x03);           /* straddling */
+    both_write(&p, 0, 100, 0x04);                    /* in place */
+    both_write(&p, 6 * cs - 300, 600 + 2 * cs, 0x05);
+    both_zero(&p, 9 * cs, 2 * cs, false);
+    both_zero(&p, 11 * cs, cs, true);
+    both_zero(&p, 7 * cs + 10, 100, false);          /* partial zero */
+    both_write(&p, 12 * cs, 3 * cs, 0x06);
+    both_discard(&p, 12 * cs, 2 * cs);
+    both_discard(&p, 0, cs);
+    both_write(&p, size - 512, 512, 0x07);           /* last bytes */
+    ck_assert_int_eq(run(p.node, 6, 0, 0, NULL), 0);
+
+    /* Grow and write past the old end. */
+    ck_assert_int_eq(run(p.node, 5, grown, 0, NULL), 0);
+    ck_assert_int_eq(ftruncate(p.fd, (off_t)grown), 0);
+    both_write(&p, size + 100, 5000, 0x08);
+    ck_assert_int_eq(run(p.node, 6, 0, 0, NULL), 0);
+    close_node(p.node);
+    close(p.fd);
+
+    check_clean("w.qcow2");
+    {
+        g_autofree char *out = NULL;
+        int rc = sh(&out, "qemu-img compare -f raw -F qcow2 ref.raw w.qcow2");
+        ck_assert_msg(rc == 0, "qemu-img compare: %d\n%s", rc, out);
+        rc = sh(&out, "qemu-io -r -c 'read -P 0x02 %" G_GUINT64_FORMAT
+                " 100' -c 'read -P 0x08 %" G_GUINT64_FORMAT " 5000' w.qcow2",
+                3 * cs + 100, size + 100);
+        ck_assert_msg(rc == 0 && !strstr(out, "failed"), "%s", out);
+    }
+    /* And strata reads what QEMU reads. */
+    compare_with_qemu("w.qcow2");
+}
+
+static const char *const write_variants[] = {
+    "compat=1.1",
+    "compat=0.10",
+    "cluster_size=512",
+    "cluster_size=4096,refcount_bits=1",
+    "cluster_size=2M",
+    "refcount_bits=64",
+    "compat=0.10,cluster_size=512",
+};
+
+START_TEST(test_write_own_images)
+{
+    write_workload(write_variants[_i], true, false);
+}
+END_TEST
+
+START_TEST(test_write_own_overlays)
+{
+    write_workload(write_variants[_i], true, true);
+}
+END_TEST
+
+START_TEST(test_write_qemu_overlays)
+{
+    write_workload(write_variants[_i], false, true);
+}
+END_TEST
+
+START_TEST(test_create_matches_qemu)
+{
+    g_autoptr(GError) err = NULL;
+    static const char *const opts[] = {
+        "{\"size\": 67108864}",
+        "{\"size\": 1073741824, \"cluster_size\": 512}",
+        "{\"size\": 10485760, \"compat\": \"0.10\"}",
+        "{\"size\": 10485760, \"preallocation\": \"metadata\", "
+        "\"cluster_size\": 4096}",
+        "{\"size\": 10485760, \"lazy_refcounts\": \"on\", "
+        "\"refcount_bits\": 8}",
+    };
+
+    for (unsigned i = 0; i < G_N_ELEMENTS(opts); i++) {
+        g_autoptr(JsonParser) jp = json_parser_new();
+        g_autofree char *img = g_build_filename(dir, "n.qcow2", NULL);
+        g_autofree char *out = NULL;
+
+        ck_assert(json_parser_load_from_data(jp, opts[i], -1, NULL));
+        ck_assert_msg(strata_qcow2_create(ctx, img,
+                                          json_node_get_object(
+                                              json_parser_get_root(jp)),
+                                          &err),
+                      "%s", err ? err->message : "");
+        check_clean("n.qcow2");
+        ck_assert_int_eq(sh(&out, "qemu-img info --output=json n.qcow2"), 0);
+        ck_assert_ptr_nonnull(strstr(out, "\"format\": \"qcow2\""));
+    }
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("qcow2-interop");
+    TCase *tc;
+
+    if (!g_find_program_in_path("qemu-img") ||
+        !g_find_program_in_path("qemu-io")) {
+        fprintf(stderr, "qemu-img or qemu-io missing: skipped\n");
+        return 77;
+    }
+    tc = tcase_create("/interop/qcow2/read/variants");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 300);
+    tcase_add_loop_test(tc, test_read_variants, 0, G_N_ELEMENTS(variants));
+    suite_add_tcase(s, tc);
+
+    strata_test_add(s, "/interop/qcow2/read/compressed", test_read_compressed,
+                    setup, teardown);
+    strata_test_add(s, "/interop/qcow2/read/chain", test_read_chain, setup,
+                    teardown);
+
+    tc = tcase_create("/interop/qcow2/write/own-images");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 300);
+    tcase_add_loop_test(tc, test_write_own_images, 0,
+                        G_N_ELEMENTS(write_variants));
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("/interop/qcow2/write/own-overlays");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 300);
+    tcase_add_loop_test(tc, test_write_own_overlays, 0,
+                        G_N_ELEMENTS(write_variants));
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("/interop/qcow2/write/qemu-overlays");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 300);
+    tcase_add_loop_test(tc, test_write_qemu_overlays, 0,
+                        G_N_ELEMENTS(write_variants));
+    suite_add_tcase(s, tc);
+
+    strata_test_add(s, "/interop/qcow2/create/qemu-check",
+                    test_create_matches_qemu, setup, teardown);
+    return strata_test_run(s);
+}
