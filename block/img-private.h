@@ -124,6 +124,27 @@ bool strata_img_qcow2_set_backing(const char *filename, const char *backing,
 bool strata_img_qcow2_set_lazy_refcounts(const char *filename, bool on,
                                          GError **error);
 
+/**
+ * strata_img_qcow2_read_backing:
+ * @backing: (out) (transfer full) (nullable): the backing file name in
+ *   the header, NULL when there is none
+ *
+ * Returns: false when @filename is not a readable qcow2 image.
+ */
+bool strata_img_qcow2_read_backing(const char *filename, char **backing,
+                                   GError **error);
+
+/**
+ * strata_img_qcow2_recreate_empty:
+ *
+ * Writes @filename anew as an empty image with the same size, cluster
+ * size, compat level, refcount width, lazy refcounts and backing file:
+ * what commit does to the top until the driver can empty an image in
+ * place.  Refuses images with internal snapshots or extensions it would
+ * lose (bitmaps and unknown ones).
+ */
+bool strata_img_qcow2_recreate_empty(const char *filename, GError **error);
+
 /*
  * What the qcow2 driver is asked to provide for `check` and `snapshot`
  * (block/img-qcow2.c holds stubs that answer -ENOTSUP until it does).

@@ -188,5 +188,91 @@ refuse "convert: unknown output format" - convert -O vmdkx top.qcow2 x25.qcow2
 refuse "convert: -n target too small" c2.img convert -n -O raw top.qcow2 c2.img
 refuse "convert: nonsense flag" top.qcow2 convert --frobnicate top.qcow2 x26.qcow2
 
+# ---- commit and rebase: the seeds' offline workflows ----
+# base <- sn1 <- sn2 <- sn3, each layer with data and zeroes of its own.
+mkchain() {
+    rm -rf "$1"; mkdir -p "$1"
+    ( cd "$1" || exit 1
+      qemu-img create -q -f qcow2 base.qcow2 4M
+      qemu-io -c 'write -P 1 0 1M' base.qcow2 >/dev/null
+      for i in 1 2 3; do
+          p=base; [ $i -gt 1 ] && p=sn$((i - 1))
+          qemu-img create -q -f qcow2 -b $p.qcow2 -F qcow2 sn$i.qcow2
+          qemu-io -c "write -P $((i + 1)) $((i * 512))k 256k" \
+                  -c "write -z $((i * 1024 + 100))k 64k" sn$i.qcow2 >/dev/null
+      done )
+}
+mkchain ref; qemu-img convert -O raw ref/sn3.qcow2 ref.raw
+
+# (1) commit sn2, then rebase -u -b sn1 sn3; qemu-img does the same on a copy.
+mkchain w1; mkchain q1
+( cd w1 && "$IMG" commit sn2.qcow2 >commit.out && "$IMG" rebase -u -b sn1.qcow2 -F qcow2 sn3.qcow2 ) \
+    && ok "workflow 1 ran" || bad "workflow 1 failed"
+grep -qx 'Image committed.' w1/commit.out && ok "commit: message" || bad "commit: message"
+( cd q1 && qemu-img commit -q sn2.qcow2 && qemu-img rebase -u -b sn1.qcow2 -F qcow2 sn3.qcow2 )
+compare_ok "workflow 1: sn3 reads as before" ref.raw w1/sn3.qcow2
+compare_ok "workflow 1: sn1 as qemu-img's" q1/sn1.qcow2 w1/sn1.qcow2
+compare_ok "workflow 1: sn2 as qemu-img's" q1/sn2.qcow2 w1/sn2.qcow2
+check_ok "workflow 1: sn1 clean" w1/sn1.qcow2
+check_ok "workflow 1: sn2 clean" w1/sn2.qcow2
+same_json "workflow 1: sn3 info as qemu-img's" info --output=json w1/sn3.qcow2
+
+# (2) safe rebase -b sn1 sn3.
+mkchain w2; mkchain q2
+( cd w2 && "$IMG" rebase -b sn1.qcow2 -F qcow2 sn3.qcow2 ) && ok "workflow 2 ran" || bad "workflow 2 failed"
+( cd q2 && qemu-img rebase -b sn1.qcow2 -F qcow2 sn3.qcow2 )
+compare_ok "workflow 2: sn3 reads as before" ref.raw w2/sn3.qcow2
+compare_ok "workflow 2: as qemu-img's" q2/sn3.qcow2 w2/sn3.qcow2
+check_ok "workflow 2: sn3 clean" w2/sn3.qcow2
+[ "$(qemu-img map --output=json w2/sn3.qcow2)" == "$(qemu-img map --output=json q2/sn3.qcow2)" ] \
+    && ok "workflow 2: copies the clusters qemu-img copies" || bad "workflow 2: allocation differs from qemu-img's"
+
+# rebase -b "" flattens; -p draws progress.
+mkchain w3
+"$IMG" rebase -p -b "" w3/sn3.qcow2 >progress && compare_ok "rebase -b '': flat and equal" ref.raw w3/sn3.qcow2
+qemu-img info w3/sn3.qcow2 | grep -q 'backing file' && bad "rebase -b '': still has a backing file" || ok "rebase -b '': no backing file"
+grep -q '(100.00/100%)' progress && ok "rebase -p: progress" || bad "rebase -p: no progress"
+
+# commit -b base sn3 (implies -d) against qemu-img's.
+mkchain w4; mkchain q4
+"$IMG" commit -q -p -b w4/base.qcow2 w4/sn3.qcow2 >/dev/null && ok "commit -b ran" || bad "commit -b failed"
+( cd q4 && qemu-img commit -q -b base.qcow2 sn3.qcow2 )
+compare_ok "commit -b: base as qemu-img's" q4/base.qcow2 w4/base.qcow2
+compare_ok "commit -b: base reads as sn3 did" ref.raw w4/base.qcow2
+compare_ok "commit -b: sn3 kept (-d implied)" ref.raw w4/sn3.qcow2
+check_ok "commit -b: base clean" w4/base.qcow2
+mkchain w8
+"$IMG" commit -q -b base.qcow2 w8/sn3.qcow2 && compare_ok "commit -b as the chain names it" ref.raw w8/base.qcow2
+mkchain w5
+"$IMG" commit -d -q w5/sn3.qcow2 && compare_ok "commit -d: sn3 kept" ref.raw w5/sn3.qcow2
+compare_ok "commit -d: sn2 has sn3's data" ref.raw w5/sn2.qcow2
+
+# The shared-base refusal, through a symlink too; overlays above are fine.
+mkchain w6
+qemu-img create -q -f qcow2 -b sn1.qcow2 -F qcow2 w6/other.qcow2
+refuse "commit: another image uses the base" w6/sn1.qcow2 commit w6/sn2.qcow2
+grep -q "other.qcow2" err && ok "commit refusal names the other image" || bad "commit refusal: $(cat err)"
+refuse "commit -b: another image uses an intermediate" w6/base.qcow2 commit -b w6/base.qcow2 w6/sn3.qcow2
+rm w6/other.qcow2; ln -s sn1.qcow2 w6/link.qcow2
+qemu-img create -q -f qcow2 -b link.qcow2 -F qcow2 w6/other.qcow2
+refuse "commit: another image uses the base through a symlink" w6/sn1.qcow2 commit w6/sn2.qcow2
+"$IMG" commit -q --force w6/sn2.qcow2 && ok "commit --force overrides" || bad "commit --force refused"
+mkchain w7
+qemu-img create -q -f qcow2 -b sn3.qcow2 -F qcow2 w7/sn4.qcow2
+"$IMG" commit -q w7/sn3.qcow2 && ok "commit: an overlay above the top is no reason to refuse" \
+    || bad "commit refused with only an overlay above"
+compare_ok "commit: the overlay above still reads the same" ref.raw w7/sn4.qcow2
+
+refuse "commit: no backing file" base.qcow2 commit base.qcow2
+refuse "commit: missing file" - commit gone.qcow2
+refuse "commit: -b not in the chain" top.qcow2 commit -b raw.img top.qcow2
+refuse "commit: nonsense flag" top.qcow2 commit --frobnicate top.qcow2
+refuse "rebase: no -b" top.qcow2 rebase top.qcow2
+refuse "rebase: missing new backing" top.qcow2 rebase -b gone.qcow2 -F qcow2 top.qcow2
+refuse "rebase: raw image" raw.img rebase -u -b base.qcow2 -F qcow2 raw.img
+refuse "rebase: missing file" - rebase -b base.qcow2 gone.qcow2
+refuse "rebase: bad -F" top.qcow2 rebase -b base.qcow2 -F vmdkx top.qcow2
+refuse "rebase: nonsense flag" top.qcow2 rebase --frobnicate -b base.qcow2 top.qcow2
+
 echo "$pass passed, $fail failed"
 [ $fail -eq 0 ]
