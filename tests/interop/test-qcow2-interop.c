@@ -460,8 +460,10 @@ int main(void)
     Suite *s = suite_create("qcow2-interop");
     TCase *tc;
 
-    if (!g_find_program_in_path("qemu-img") ||
-        !g_find_program_in_path("qemu-io")) {
+    g_autofree char *qemu_img = g_find_program_in_path("qemu-img");
+    g_autofree char *qemu_io = g_find_program_in_path("qemu-io");
+
+    if (!qemu_img || !qemu_io) {
         fprintf(stderr, "qemu-img or qemu-io missing: skipped\n");
         return 77;
     }
