@@ -450,6 +450,230 @@ START_TEST(test_create_matches_qemu)
 }
 END_TEST
 
+
+/* ---- internal snapshots, both ways ---- */
+
+typedef struct {
+    StrataNode *node;
+    int op;                 /* 0 create, 1 apply, 2 delete */
+    const char *arg;
+    GError *err;
+    bool ok;
+} SnapReq;
+
+static void snap_co(void *opaque)
+{
+    SnapReq *r = opaque;
+    switch (r->op) {
+    case 0:
+        r->ok = strata_qcow2_co_snapshot_create(r->node, NULL, r->arg,
+                                                &r->err);
+        break;
+    case 1:
+        r->ok = strata_qcow2_co_snapshot_apply(r->node, r->arg, &r->err);
+        break;
+    default:
+        r->ok = strata_qcow2_co_snapshot_delete(r->node, r->arg, &r->err);
+        break;
+    }
+}
+
+/* Opens @rel, runs one snapshot operation, closes. */
+static void strata_snap(const char *rel, int op, const char *arg)
+{
+    StrataNode *n = open_img(rel);
+    SnapReq r = { n, op, arg, NULL, false };
+    strata_loop_run_co(ctx->loop, snap_co, &r);
+    ck_assert_msg(r.ok, "snapshot op %d '%s' on %s: %s", op, arg, rel,
+                  r.err ? r.err->message : "");
+    close_node(n);
+}
+
+/* The snapshot list as strata sees it, one line per snapshot. */
+static char *strata_listing(const char *rel)
+{
+    StrataNode *n = open_img(rel);
+    g_autoptr(GPtrArray) l = strata_qcow2_snapshot_list(n, NULL);
+    GString *g = g_string_new("");
+
+    for (guint i = 0; i < l->len; i++) {
+        StrataQcow2SnapshotInfo *in = g_ptr_array_index(l, i);
+        g_string_append_printf(g, "%s|%s|%" G_GUINT64_FORMAT "|%u|%u|%"
+                               G_GUINT64_FORMAT "|", in->id, in->name,
+                               in->vm_state_size, in->date_sec,
+                               in->date_nsec, in->vm_clock_nsec);
+        if (in->icount != UINT64_MAX) {
+            g_string_append_printf(g, "%" G_GUINT64_FORMAT, in->icount);
+        }
+        g_string_append_c(g, '\n');
+    }
+    close_node(n);
+    return g_string_free(g, FALSE);
+}
+
+/* The same from `qemu-img info --output=json`. */
+static char *qemu_listing(const char *rel)
+{
+    g_autofree char *out = NULL;
+    g_autoptr(JsonParser) p = json_parser_new();
+    JsonObject *root;
+    GString *g = g_string_new("");
+
+    ck_assert_int_eq(sh(&out, "qemu-img info --output=json %s", rel), 0);
+    ck_assert(json_parser_load_from_data(p, out, -1, NULL));
+    root = json_node_get_object(json_parser_get_root(p));
+    if (json_object_has_member(root, "snapshots")) {
+        JsonArray *a = json_object_get_array_member(root, "snapshots");
+        for (guint i = 0; i < json_array_get_length(a); i++) {
+            JsonObject *o = json_array_get_object_element(a, i);
+            g_string_append_printf(
+                g, "%s|%s|%" G_GINT64_FORMAT "|%" G_GINT64_FORMAT "|%"
+                G_GINT64_FORMAT "|%" G_GINT64_FORMAT "|",
+                json_object_get_string_member(o, "id"),
+                json_object_get_string_member(o, "name"),
+                json_object_get_int_member(o, "vm-state-size"),
+                json_object_get_int_member(o, "date-sec"),
+                json_object_get_int_member(o, "date-nsec"),
+                json_object_get_int_member(o, "vm-clock-sec") * 1000000000 +
+                json_object_get_int_member(o, "vm-clock-nsec"));
+            if (json_object_has_member(o, "icount")) {
+                g_string_append_printf(g, "%" G_GINT64_FORMAT,
+                                       json_object_get_int_member(o,
+                                                                  "icount"));
+            }
+            g_string_append_c(g, '\n');
+        }
+    }
+    return g_string_free(g, FALSE);
+}
+
+static void expect_same_listing(const char *rel, const char *names)
+{
+    g_autofree char *a = strata_listing(rel);
+    g_autofree char *b = qemu_listing(rel);
+    g_auto(GStrv) lines = g_strsplit(a, "\n", -1);
+    GString *got = g_string_new("");
+
+    ck_assert_msg(!strcmp(a, b), "strata lists\n%sQEMU lists\n%s", a, b);
+    for (guint i = 0; lines[i] && *lines[i]; i++) {
+        g_auto(GStrv) f = g_strsplit(lines[i], "|", -1);
+        g_string_append_printf(got, "%s%s=%s", i ? " " : "", f[0], f[1]);
+    }
+    ck_assert_str_eq(got->str, names);
+    g_string_free(got, TRUE);
+}
+
+static const char *const snap_variants[] = {
+    "compat=1.1",
+    "compat=0.10",
+    "cluster_size=4096,refcount_bits=64",
+    "cluster_size=512,refcount_bits=4",
+};
+
+START_TEST(test_snapshot_qemu_made)
+{
+    const char *o = snap_variants[_i];
+
+    ck_assert_int_eq(sh(NULL, "qemu-img create -q -f qcow2 -o %s s.qcow2 4M"
+                        " && qemu-io -c 'write -P 0x11 0 1M' s.qcow2 && "
+                        "qemu-img snapshot -c one s.qcow2 && "
+                        "qemu-io -c 'write -P 0x22 64k 128k' s.qcow2 && "
+                        "qemu-img snapshot -c two s.qcow2 && "
+                        "qemu-img snapshot -c one s.qcow2 && "
+                        "qemu-io -c 'write -P 0x33 0 4k' s.qcow2", o), 0);
+    expect_same_listing("s.qcow2", "1=one 2=two 3=one");
+    compare_with_qemu("s.qcow2");
+
+    /* Apply by name takes the first "one". */
+    strata_snap("s.qcow2", 1, "one");
+    check_clean("s.qcow2");
+    ck_assert_int_eq(sh(NULL, "qemu-io -r -c 'read -P 0x11 0 1M' "
+                        "-c 'read -P 0 1M 3M' s.qcow2"), 0);
+    compare_with_qemu("s.qcow2");
+    strata_snap("s.qcow2", 1, "2");
+    check_clean("s.qcow2");
+    ck_assert_int_eq(sh(NULL, "qemu-io -r -c 'read -P 0x11 0 64k' "
+                        "-c 'read -P 0x22 64k 128k' "
+                        "-c 'read -P 0x11 192k 832k' s.qcow2"), 0);
+
+    strata_snap("s.qcow2", 2, "two");
+    check_clean("s.qcow2");
+    expect_same_listing("s.qcow2", "1=one 3=one");
+    strata_snap("s.qcow2", 2, "1");
+    strata_snap("s.qcow2", 2, "3");
+    check_clean("s.qcow2");
+    expect_same_listing("s.qcow2", "");
+    /* The data of the applied snapshot stays. */
+    ck_assert_int_eq(sh(NULL, "qemu-io -r -c 'read -P 0x22 64k 128k' "
+                        "s.qcow2"), 0);
+}
+END_TEST
+
+START_TEST(test_snapshot_strata_made)
+{
+    const char *o = snap_variants[_i];
+    bool v2 = strstr(o, "0.10") != NULL;
+    StrataNode *n;
+    g_autofree uint8_t *b = g_malloc(1 << 20);
+
+    ck_assert_int_eq(sh(NULL, "qemu-img create -q -f qcow2 -o %s s.qcow2 4M",
+                        o), 0);
+    n = open_img("s.qcow2");
+    memset(b, 0x11, 1 << 20);
+    ck_assert_int_eq(run(n, 1, 0, 1 << 20, b), 0);
+    close_node(n);
+    strata_snap("s.qcow2", 0, "one");
+    check_clean("s.qcow2");
+
+    n = open_img("s.qcow2");
+    memset(b, 0x22, 128 << 10);
+    ck_assert_int_eq(run(n, 1, 64 << 10, 128 << 10, b), 0);
+    ck_assert_int_eq(run(n, 3, 512 << 10, 64 << 10, NULL), 0);
+    close_node(n);
+    strata_snap("s.qcow2", 0, "two");
+    check_clean("s.qcow2");
+    n = open_img("s.qcow2");
+    memset(b, 0x33, 4096);
+    ck_assert_int_eq(run(n, 1, 0, 4096, b), 0);
+    /* Growth; v2 images with snapshots cannot be resized. */
+    ck_assert_int_eq(run(n, 5, 8 << 20, 0, NULL), v2 ? -ENOTSUP : 0);
+    close_node(n);
+    strata_snap("s.qcow2", 0, "three");
+    check_clean("s.qcow2");
+    expect_same_listing("s.qcow2", "1=one 2=two 3=three");
+    ck_assert_int_eq(sh(NULL, "qemu-img snapshot -l s.qcow2 | grep -c "
+                        "'^[123] '"), 0);
+
+    /* QEMU applies and deletes what strata made. */
+    ck_assert_int_eq(sh(NULL, "qemu-img snapshot -a one s.qcow2 && "
+                        "qemu-img check -q s.qcow2 && "
+                        "qemu-io -r -c 'read -P 0x11 0 1M' "
+                        "-c 'read -P 0 1M 3M' s.qcow2"), 0);
+    ck_assert_int_eq(sh(NULL, "qemu-img snapshot -d two s.qcow2"), 0);
+    check_clean("s.qcow2");
+    expect_same_listing("s.qcow2", "1=one 3=three");
+
+    /* strata applies what it made after QEMU's changes. */
+    strata_snap("s.qcow2", 1, "three");
+    check_clean("s.qcow2");
+    ck_assert_int_eq(sh(NULL, "qemu-io -r -c 'read -P 0x33 0 4k' "
+                        "-c 'read -P 0x11 4k 60k' -c 'read -P 0x22 64k 128k' "
+                        "-c 'read -P 0x11 192k 320k' -c 'read -P 0 512k 64k' "
+                        "-c 'read -P 0x11 576k 448k' -c 'read -P 0 1M %s' "
+                        "s.qcow2", v2 ? "3M" : "7M"), 0);
+    compare_with_qemu("s.qcow2");
+    strata_snap("s.qcow2", 1, "one");
+    check_clean("s.qcow2");
+    compare_with_qemu("s.qcow2");
+    strata_snap("s.qcow2", 2, "one");
+    strata_snap("s.qcow2", 2, "three");
+    check_clean("s.qcow2");
+    expect_same_listing("s.qcow2", "");
+    ck_assert_int_eq(sh(NULL, "qemu-io -r -c 'read -P 0x11 0 1M' "
+                        "-c 'read -P 0 1M 3M' s.qcow2"), 0);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("qcow2-interop");
@@ -490,6 +714,20 @@ int main(void)
     tcase_set_timeout(tc, 300);
     tcase_add_loop_test(tc, test_write_qemu_overlays, 0,
                         G_N_ELEMENTS(write_variants));
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("/interop/qcow2/snapshot/qemu-made");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 300);
+    tcase_add_loop_test(tc, test_snapshot_qemu_made, 0,
+                        G_N_ELEMENTS(snap_variants));
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("/interop/qcow2/snapshot/strata-made");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 300);
+    tcase_add_loop_test(tc, test_snapshot_strata_made, 0,
+                        G_N_ELEMENTS(snap_variants));
     suite_add_tcase(s, tc);
 
     strata_test_add(s, "/interop/qcow2/create/qemu-check",
