@@ -7,6 +7,7 @@
 #include <glib.h>
 
 #include "strata-block.h"
+#include "block-private.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -23,7 +24,183 @@ typedef struct StrataImgOpenOpts {
     bool cache_no_flush;
     bool writethrough;     /* every write carries STRATA_REQ_FUA */
     const char *aio;       /* nullable: "threads", "native", "io_uring" */
+    bool no_backing;       /* open no backing file (rebase -u, create -u) */
 } StrataImgOpenOpts;
+
+/* What every subcommand but bench sets up: a private GMainContext pushed
+ * as the thread default, and a StrataContext on it. */
+typedef struct StrataImgTool {
+    GMainContext *main_context;
+    StrataContext *ctx;
+} StrataImgTool;
+
+/* Reports its own error; false when the context cannot be made. */
+bool strata_img_tool_init(StrataImgTool *t);
+/* Closes every node left, pops the main context. */
+void strata_img_tool_cleanup(StrataImgTool *t);
+
+/* The body of a coroutine run by strata_img_co_run(): 0 or -errno. */
+typedef int (*StrataImgCoFunc)(void *opaque);
+
+/**
+ * strata_img_co_run:
+ * @n: how many coroutines run @fn(@opaque) side by side (workers that
+ *   share a cursor in @opaque keep @n requests in flight)
+ *
+ * Runs the loop of @t until all of them have returned.
+ *
+ * Returns: 0, or the first negative value one of them returned.
+ */
+int strata_img_co_run(StrataImgTool *t, unsigned n, StrataImgCoFunc fn,
+                      void *opaque);
+
+/* "qcow2" when @filename starts with qcow2's magic, else "raw". */
+const char *strata_img_probe_format(const char *filename);
+
+/* Whether strata can open and create images of format @fmt. */
+bool strata_img_format_known(const char *fmt);
+
+/**
+ * strata_img_parse_options:
+ * @text: qemu-img's -o syntax: "key=value,key=value" (",," is a comma
+ *   in a value); several -o flags are joined with ','
+ * @allowed: (nullable): NULL-terminated names the format accepts
+ * @prefix: (nullable): put before the error, as "file.qcow2: "
+ *
+ * Returns: (transfer full) (nullable): string members; NULL after
+ * reporting "Invalid parameter 'x'" (naming the first unknown key) or a
+ * syntax error.
+ */
+JsonObject *strata_img_parse_options(const char *text,
+                                     const char *const *allowed,
+                                     const char *prefix);
+
+/* Appends @opt to *@acc with a ',' between (qemu-img joins repeated -o
+ * flags so). */
+void strata_img_append_options(char **acc, const char *opt);
+
+/* Whether an -o value asks for the option list ("help" or "?"). */
+bool strata_img_options_want_help(const char *text);
+
+/* -p: "    (12.34/100%)\r" lines as qemu-img draws them. */
+typedef struct StrataImgProgress {
+    bool enabled;
+    double last;              /* last percentage printed */
+} StrataImgProgress;
+
+void strata_img_progress_init(StrataImgProgress *p, bool enabled);
+void strata_img_progress_update(StrataImgProgress *p, uint64_t done,
+                                uint64_t total);
+/* Prints 100% and the final newline. */
+void strata_img_progress_finish(StrataImgProgress *p);
+
+/* qemu-img's human sizes: "324 KiB", "1.5 GiB", "0 B". (transfer full) */
+char *strata_img_size_to_str(uint64_t bytes);
+
+/* The node of the format layer under any filter on @blk. */
+StrataNode *strata_img_backend_node(StrataBackend *blk);
+
+/* ---- qcow2 header edits done by the tool on a closed image ---- */
+
+/**
+ * strata_img_qcow2_set_backing:
+ * @backing: (nullable): the new backing file name; NULL or "" removes it
+ * @backing_fmt: (nullable): the backing format extension to write
+ *
+ * Rewrites cluster 0 of the qcow2 image @filename with a new backing
+ * file name and format, keeping every other header field and extension.
+ * The image must not be open.  One write of the header cluster, then an
+ * fdatasync.
+ */
+bool strata_img_qcow2_set_backing(const char *filename, const char *backing,
+                                  const char *backing_fmt, GError **error);
+
+/**
+ * strata_img_qcow2_set_lazy_refcounts:
+ *
+ * Sets or clears the lazy_refcounts compatible bit of a closed, clean
+ * version-3 image (the only amend that needs no metadata rewrite).
+ */
+bool strata_img_qcow2_set_lazy_refcounts(const char *filename, bool on,
+                                         GError **error);
+
+/**
+ * strata_img_qcow2_read_backing:
+ * @backing: (out) (transfer full) (nullable): the backing file name in
+ *   the header, NULL when there is none
+ *
+ * Returns: false when @filename is not a readable qcow2 image.
+ */
+bool strata_img_qcow2_read_backing(const char *filename, char **backing,
+                                   GError **error);
+
+/**
+ * strata_img_qcow2_recreate_empty:
+ *
+ * Writes @filename anew as an empty image with the same size, cluster
+ * size, compat level, refcount width, lazy refcounts and backing file:
+ * what commit does to the top until the driver can empty an image in
+ * place.  Refuses images with internal snapshots or extensions it would
+ * lose (bitmaps and unknown ones).
+ */
+bool strata_img_qcow2_recreate_empty(const char *filename, GError **error);
+
+/*
+ * What the qcow2 driver is asked to provide for `check` and `snapshot`
+ * (block/img-qcow2.c holds stubs that answer -ENOTSUP until it does).
+ * The tool side of both subcommands is written against these.
+ */
+typedef struct StrataImgCheckResult {
+    int64_t corruptions;
+    int64_t leaks;
+    int64_t check_errors;      /* the walk could not finish a part */
+    int64_t corruptions_fixed;
+    int64_t leaks_fixed;
+    int64_t image_end_offset;
+    int64_t allocated_clusters;
+    int64_t total_clusters;
+    int64_t fragmented_clusters;
+    int64_t compressed_clusters;
+} StrataImgCheckResult;
+
+typedef enum {
+    STRATA_IMG_REPAIR_NONE = 0,
+    STRATA_IMG_REPAIR_LEAKS = 1 << 0,
+    STRATA_IMG_REPAIR_ERRORS = 1 << 1,
+} StrataImgRepair;
+
+/**
+ * strata_img_qcow2_co_check:
+ * @node: a qcow2 node, opened writable when @repair is not NONE
+ *
+ * Coroutine only.  QEMU's qcow2 consistency walk: refcounts against the
+ * references from L1/L2, snapshots and the metadata itself.
+ *
+ * Returns: 0 with @res filled in, -ENOTSUP when the driver has no
+ * check, other -errno when the walk could not run.
+ */
+int strata_img_qcow2_co_check(StrataNode *node, StrataImgRepair repair,
+                              StrataImgCheckResult *res);
+
+typedef struct StrataImgSnapshot {
+    char *id;
+    char *name;
+    uint64_t vm_state_size;
+    int64_t date_sec;
+    int32_t date_nsec;
+    int64_t vm_clock_nsec;
+    uint64_t icount;           /* UINT64_MAX: none recorded */
+} StrataImgSnapshot;
+
+/* Coroutine only; -ENOTSUP until the driver has internal snapshots.
+ * *@list: (transfer full): a GPtrArray of StrataImgSnapshot *. */
+int strata_img_qcow2_co_snapshot_list(StrataNode *node, GPtrArray **list);
+int strata_img_qcow2_co_snapshot_create(StrataNode *node, const char *name);
+int strata_img_qcow2_co_snapshot_apply(StrataNode *node, const char *name);
+int strata_img_qcow2_co_snapshot_delete(StrataNode *node, const char *name);
+/* The driver's way to empty an image after commit (QEMU's make_empty):
+ * every cluster unallocated, the backing chain showing through. */
+int strata_img_qcow2_co_make_empty(StrataNode *node);
 
 /* "strata-img: <message>" on stderr. */
 void strata_img_error(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
@@ -85,6 +262,27 @@ StrataBackend *strata_img_open(StrataContext *ctx, const char *spec,
 
 /* The subcommands: argv[0] is the subcommand's name; exit status. */
 int strata_img_bench(int argc, char **argv);
+int strata_img_create(int argc, char **argv);
+int strata_img_info(int argc, char **argv);
+int strata_img_map(int argc, char **argv);
+int strata_img_compare(int argc, char **argv);
+int strata_img_convert(int argc, char **argv);
+int strata_img_commit(int argc, char **argv);
+int strata_img_rebase(int argc, char **argv);
+int strata_img_resize(int argc, char **argv);
+int strata_img_measure(int argc, char **argv);
+int strata_img_amend(int argc, char **argv);
+int strata_img_check(int argc, char **argv);
+
+/* Creates @filename as @fmt ("raw" or "qcow2") with @opts (string
+ * members as -o gives them; "size" required).  Shared by create and
+ * convert.  Returns: false with @error. */
+bool strata_img_create_image(const char *filename, const char *fmt,
+                             JsonObject *opts, GError **error);
+
+/* The -o names each format accepts on creation. */
+extern const char *const strata_img_qcow2_create_options[];
+extern const char *const strata_img_raw_create_options[];
 
 #ifdef __cplusplus
 }

@@ -19,7 +19,7 @@ typedef struct NullState {
 static const StrataOptDesc null_options[] = {
     /* A size ("1M" from key=value text), checked here: a negative one
      * gets the message QEMU would have given had it not crashed. */
-    { "size", STRATA_OPT_ANY, false, NULL },
+    { "size", STRATA_OPT_INT, false, NULL },
     { "latency-ns", STRATA_OPT_INT, false, NULL },
     { "read-zeroes", STRATA_OPT_BOOL, false, NULL },
     { NULL, 0, false, NULL },
@@ -55,69 +55,9 @@ static char *null_filename(JsonObject *options, int64_t size)
     return g_strconcat("json:", text, NULL);
 }
 
-/* "512", "64k", "1M", "2G": binary suffixes, as QEMU's sizes. */
-static bool parse_size(const char *text, int64_t *out)
-{
-    static const char suffixes[] = "bkmgtpe";
-    guint64 value;
-    char *end;
-    const char *p;
-    int shift = 0;
-
-    if (!g_ascii_isdigit(*text)) {
-        return false;
-    }
-    errno = 0;
-    value = g_ascii_strtoull(text, &end, 10);
-    if (errno) {
-        return false;
-    }
-    if (*end) {
-        p = strchr(suffixes, g_ascii_tolower(*end));
-        if (!p || end[1]) {
-            return false;
-        }
-        shift = (int)(p - suffixes) * 10;
-    }
-    if (shift && value > (guint64)G_MAXINT64 >> shift) {
-        return false;
-    }
-    value <<= shift;
-    if (value > G_MAXINT64) {
-        return false;
-    }
-    *out = (int64_t)value;
-    return true;
-}
-
 static bool null_get_size(JsonObject *options, int64_t *size, GError **error)
 {
-    JsonNode *v;
-
-    *size = NULL_DEFAULT_SIZE;
-    if (!strata_opts_has(options, "size")) {
-        return true;
-    }
-    v = json_object_get_member(options, "size");
-    if (JSON_NODE_HOLDS_VALUE(v) &&
-        json_node_get_value_type(v) == G_TYPE_INT64) {
-        *size = json_node_get_int(v);
-    } else if (JSON_NODE_HOLDS_VALUE(v) &&
-               json_node_get_value_type(v) == G_TYPE_STRING) {
-        const char *text = json_node_get_string(v);
-
-        if (text[0] == '-') {
-            *size = -1;
-        } else if (!parse_size(text, size)) {
-            g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
-                        "Parameter 'size' expects a size value");
-            return false;
-        }
-    } else {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
-                    "Invalid parameter type for 'size', expected: integer");
-        return false;
-    }
+    *size = strata_opts_get_int(options, "size", NULL_DEFAULT_SIZE);
     if (*size < 0) {
         /* QEMU 7.2 aborts here; a clear error serves better. */
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,

@@ -185,7 +185,11 @@ static bool check_value(JsonObject *obj, const char *member,
             json_object_set_boolean_member(obj, member, b);
             return true;
         case STRATA_OPT_INT:
-            if (!parse_int_string(s, &i)) {
+            /* qemu-img's --image-opts takes "1G" where an integer
+             * goes; so does strata's key=value text. */
+            if (!parse_int_string(s, &i) &&
+                !(parse_size_string(s, &u) && u <= INT64_MAX &&
+                  (i = (int64_t)u, true))) {
                 g_set_error(error, STRATA_ERROR,
                             STRATA_ERROR_INVALID_ARGUMENT,
                             "Parameter '%s' expects an integer", path);

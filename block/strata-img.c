@@ -27,11 +27,40 @@ typedef struct ImgCommand {
 } ImgCommand;
 
 static const ImgCommand commands[] = {
+    { "amend", strata_img_amend,
+      "amend [-f fmt] [-q] [--force] -o options filename" },
     { "bench", strata_img_bench,
       "bench [-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval]"
       " [-i aio] [-n] [--no-drain] [-o offset] [--pattern=pattern] [-q]"
       " [-s buffer_size] [-S step_size] [-t cache] [-w] [-U]"
       " [--image-opts] filename" },
+    { "check", strata_img_check,
+      "check [-f fmt] [--output=ofmt] [-r [leaks | all]] [-q] [-U]"
+      " filename" },
+    { "commit", strata_img_commit,
+      "commit [-f fmt] [-b base] [-d] [-p] [-q] [-r rate] [--force]"
+      " filename" },
+    { "compare", strata_img_compare,
+      "compare [-f fmt] [-F fmt] [-p] [-q] [-s] [-U] filename1 filename2" },
+    { "convert", strata_img_convert,
+      "convert [-c] [-f fmt] [-O output_fmt] [-B backing_file [-F backing_fmt]]"
+      " [-o options] [-m num_coroutines] [-W] [-n] [-p] [-q] [-U]"
+      " filename [filename2 [...]] output_filename" },
+    { "create", strata_img_create,
+      "create [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options]"
+      " [-q] filename [size]" },
+    { "info", strata_img_info,
+      "info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename" },
+    { "map", strata_img_map,
+      "map [-f fmt] [--output=ofmt] [-U] filename" },
+    { "measure", strata_img_measure,
+      "measure [--output=ofmt] [-O output_fmt] [-o options]"
+      " [--size N | [-f fmt] filename]" },
+    { "rebase", strata_img_rebase,
+      "rebase [-f fmt] [-p] [-q] [-u] [-b backing_file] [-F backing_fmt]"
+      " filename" },
+    { "resize", strata_img_resize,
+      "resize [-f fmt] [-q] [--shrink] filename [+ | -]size" },
 };
 
 /* ------------------------------------------------------------------ */
@@ -232,7 +261,7 @@ bool strata_img_parse_aio(const char *aio)
 
 /* qemu-img probes the format when -f is missing; we know two formats,
  * and only qcow2 has a magic number. */
-static const char *probe_format(const char *filename)
+const char *strata_img_probe_format(const char *filename)
 {
     unsigned char magic[4];
     int fd = open(filename, O_RDONLY | O_CLOEXEC);
@@ -341,10 +370,16 @@ StrataBackend *strata_img_open(StrataContext *ctx, const char *spec,
         strings = false;
         options = json_object_new();
         json_object_set_string_member(options, "driver",
-                                      o->fmt ? o->fmt : probe_format(spec));
+                                      o->fmt ? o->fmt
+                                             : strata_img_probe_format(spec));
         json_object_set_string_member(file, "driver", "file");
         json_object_set_string_member(file, "filename", spec);
         json_object_set_object_member(options, "file", file);
+    }
+    if (o->no_backing && !o->image_opts &&
+        g_strcmp0(json_object_get_string_member(options, "driver"),
+                  "qcow2") == 0) {
+        json_object_set_null_member(options, "backing");
     }
     apply_defaults(options, o, strings, true);
 
@@ -361,6 +396,212 @@ StrataBackend *strata_img_open(StrataContext *ctx, const char *spec,
         return NULL;
     }
     return blk;
+}
+
+/* ------------------------------------------------------------------ */
+/* The tool's loop, coroutines, options, progress                      */
+/* ------------------------------------------------------------------ */
+
+bool strata_img_tool_init(StrataImgTool *t)
+{
+    g_autoptr(GError) err = NULL;
+
+    t->main_context = g_main_context_new();
+    g_main_context_push_thread_default(t->main_context);
+    t->ctx = strata_context_new(t->main_context, NULL, &err);
+    if (!t->ctx) {
+        strata_img_error("%s", err->message);
+        return false;
+    }
+    return true;
+}
+
+void strata_img_tool_cleanup(StrataImgTool *t)
+{
+    if (t->ctx) {
+        strata_context_free(t->ctx);
+        t->ctx = NULL;
+    }
+    if (t->main_context) {
+        g_main_context_pop_thread_default(t->main_context);
+        g_main_context_unref(t->main_context);
+        t->main_context = NULL;
+    }
+}
+
+typedef struct CoRun {
+    StrataImgCoFunc fn;
+    void *opaque;
+    unsigned running;
+    int ret;
+} CoRun;
+
+static void co_run_entry(void *opaque)
+{
+    CoRun *r = opaque;
+    int ret = r->fn(r->opaque);
+
+    if (ret < 0 && r->ret == 0) {
+        r->ret = ret;
+    }
+    r->running--;
+}
+
+int strata_img_co_run(StrataImgTool *t, unsigned n, StrataImgCoFunc fn,
+                      void *opaque)
+{
+    CoRun r = { .fn = fn, .opaque = opaque, .running = n };
+
+    for (unsigned i = 0; i < n; i++) {
+        strata_coroutine_enter(strata_coroutine_new(co_run_entry, &r));
+    }
+    while (r.running) {
+        g_main_context_iteration(t->main_context, TRUE);
+    }
+    return r.ret;
+}
+
+bool strata_img_format_known(const char *fmt)
+{
+    return g_strcmp0(fmt, "raw") == 0 || g_strcmp0(fmt, "qcow2") == 0;
+}
+
+bool strata_img_options_want_help(const char *text)
+{
+    g_auto(GStrv) parts = NULL;
+
+    if (!text) {
+        return false;
+    }
+    parts = g_strsplit(text, ",", -1);
+    for (char **p = parts; *p; p++) {
+        if (!strcmp(*p, "help") || !strcmp(*p, "?")) {
+            return true;
+        }
+    }
+    return false;
+}
+
+void strata_img_append_options(char **acc, const char *opt)
+{
+    char *joined;
+
+    if (!*acc) {
+        *acc = g_strdup(opt);
+        return;
+    }
+    joined = g_strconcat(*acc, ",", opt, NULL);
+    g_free(*acc);
+    *acc = joined;
+}
+
+JsonObject *strata_img_parse_options(const char *text,
+                                     const char *const *allowed,
+                                     const char *prefix)
+{
+    g_autoptr(JsonObject) obj = json_object_new();
+    const char *p = text;
+
+    while (*p) {
+        g_autoptr(GString) key = g_string_new(NULL);
+        g_autoptr(GString) val = g_string_new(NULL);
+        bool known = !allowed;
+
+        while (*p && *p != '=' && *p != ',') {
+            g_string_append_c(key, *p++);
+        }
+        if (*p != '=') {
+            /* qemu-img reads a bare "x" as "x=on" only for booleans;
+             * the creation options here all need a value. */
+            strata_img_error("%s%sInvalid parameter '%s'",
+                             prefix ? prefix : "", prefix ? ": " : "",
+                             key->str);
+            return NULL;
+        }
+        p++;
+        while (*p) {
+            if (*p == ',') {
+                if (p[1] != ',') {
+                    break;
+                }
+                p++;
+            }
+            g_string_append_c(val, *p++);
+        }
+        if (*p == ',') {
+            p++;
+        }
+        for (const char *const *a = allowed; a && *a; a++) {
+            if (!strcmp(*a, key->str)) {
+                known = true;
+            }
+        }
+        if (!known || !key->len) {
+            strata_img_error("%s%sInvalid parameter '%s'",
+                             prefix ? prefix : "", prefix ? ": " : "",
+                             key->str);
+            return NULL;
+        }
+        json_object_set_string_member(obj, key->str, val->str);
+    }
+    return g_steal_pointer(&obj);
+}
+
+void strata_img_progress_init(StrataImgProgress *p, bool enabled)
+{
+    p->enabled = enabled;
+    p->last = -1;
+    strata_img_progress_update(p, 0, 1);
+}
+
+void strata_img_progress_update(StrataImgProgress *p, uint64_t done,
+                                uint64_t total)
+{
+    double pct = total ? (double)done * 100 / (double)total : 100;
+
+    if (!p->enabled) {
+        return;
+    }
+    pct = MIN(pct, 100);
+    /* Redraw per whole percent, as qemu-img does, not per request. */
+    if (p->last >= 0 && pct - p->last < 1 && pct < 100) {
+        return;
+    }
+    p->last = pct;
+    printf("    (%3.2f/100%%)\r", pct);
+    fflush(stdout);
+}
+
+void strata_img_progress_finish(StrataImgProgress *p)
+{
+    if (!p->enabled) {
+        return;
+    }
+    printf("    (%3.2f/100%%)\r\n", 100.0);
+    fflush(stdout);
+}
+
+char *strata_img_size_to_str(uint64_t bytes)
+{
+    static const char *const units[] = {
+        "B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB",
+    };
+    unsigned i = 0;
+
+    /* Switch unit once the value passes 1000 of the smaller one, so that
+     * three significant digits always suffice. */
+    while (i + 1 < G_N_ELEMENTS(units) &&
+           (double)bytes >= 1000.0 * (double)(1ull << (i * 10))) {
+        i++;
+    }
+    return g_strdup_printf("%0.3g %s",
+                           (double)bytes / (double)(1ull << (i * 10)),
+                           units[i]);
+}
+
+StrataNode *strata_img_backend_node(StrataBackend *blk)
+{
+    return strata_node_skip_filters(strata_backend_get_node(blk));
 }
 
 /* ------------------------------------------------------------------ */
@@ -400,6 +641,23 @@ static void print_help(void)
            "    definition, e.g. driver=null-co,size=1G\n"
            "  sizes and offsets take the suffixes k, M, G, T, P and E\n"
            "    (powers of 1024)\n"
+           "\n"
+           "Parameters to commit subcommand:\n"
+           "  '-b' the backing file to commit into (implies '-d')\n"
+           "  '-d' leave the top image as it is (do not empty it)\n"
+           "  '--force' commit even when another image uses the base\n"
+           "\n"
+           "Parameters to compare subcommand:\n"
+           "  '-s' images of different sizes differ (strict mode)\n"
+           "\n"
+           "Parameters to convert subcommand:\n"
+           "  '-n' the target exists: do not create it\n"
+           "  '-m' number of requests in flight (1 to 16, default 8)\n"
+           "  '-W' allow writes out of order\n"
+           "\n"
+           "Parameters to rebase subcommand:\n"
+           "  '-u' unsafe: rewrite the header only\n"
+           "  '-b \"\"' remove the backing file, keeping the data\n"
            "\n"
            "Parameters to bench subcommand:\n"
            "  '-c' number of requests to send (default 75000)\n"

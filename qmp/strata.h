@@ -4,5 +4,6 @@
 
 #include "strata-util.h"
 #include "strata-block.h"
+#include "strata-monitor.h"
 
 #endif

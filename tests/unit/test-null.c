@@ -86,6 +86,15 @@ START_TEST(test_size_errors)
     ck_assert_str_eq(err->message,
                      "Parameter 'size' expects a non-negative value");
 
+    /* JSON keeps its types: a string is no integer (QMP's wording). */
+    g_clear_error(&err);
+    ck_assert(json_parser_load_from_data(p, "{\"driver\": \"null-co\", "
+                                         "\"size\": \"big\"}", -1, NULL));
+    o = json_node_get_object(json_parser_get_root(p));
+    ck_assert_ptr_null(strata_context_add_node(ctx, o, &err));
+    ck_assert_str_eq(err->message,
+                     "Invalid parameter type for 'size', expected: integer");
+
     expect_error("driver=null-co,node-name=n,size=big", "'size'");
     expect_error("driver=null-co,node-name=n,size=-5",
                  "Parameter 'size' expects a non-negative value");

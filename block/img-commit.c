@@ -1,0 +1,420 @@
+/* strata-img commit — write an overlay's data down into a backing file.
+ *
+ * What lies in the top and the layers above the base (block status above
+ * the base) is copied into the base, several ranges in flight.  Without
+ * -b and -d the top is emptied afterwards, so that it shows the base
+ * again.  Before anything is written, the directories of the chain's
+ * files are searched for images outside the chain whose backing file is
+ * the base or a layer between top and base (matched by device and inode,
+ * so symlinks and other spellings count): committing would silently
+ * change what they read, so it is refused unless --force.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "img-private.h"
+
+#define CHUNK (2u << 20)
+
+enum {
+    OPTION_FORCE = 256,
+    OPTION_IMAGE_OPTS,
+};
+
+typedef struct CommitJob {
+    StrataNode *top;
+    StrataNode *base_in_chain;   /* where block status stops */
+    StrataBackend *chain;
+    StrataBackend *base;         /* writable */
+    uint64_t len;
+    uint64_t cur, done;
+    StrataCoMutex cursor_lock;
+    StrataImgProgress progress;
+    int error;
+} CommitJob;
+
+static int commit_worker(void *opaque)
+{
+    CommitJob *j = opaque;
+    g_autofree uint8_t *buf = g_malloc(CHUNK);
+    int ret = 0;
+
+    while (!j->error) {
+        uint64_t off, pnum = 0, want;
+        bool copy;
+
+        strata_co_mutex_lock(&j->cursor_lock);
+        if (j->cur >= j->len) {
+            strata_co_mutex_unlock(&j->cursor_lock);
+            break;
+        }
+        off = j->cur;
+        want = MIN(CHUNK, j->len - off);
+        ret = strata_node_co_block_status_above(j->top, j->base_in_chain,
+                                                true, off, want, &pnum, NULL,
+                                                NULL, NULL);
+        if (ret >= 0) {
+            pnum = pnum ? pnum : want;
+            j->cur += pnum;
+        }
+        strata_co_mutex_unlock(&j->cursor_lock);
+        if (ret < 0) {
+            break;
+        }
+        copy = ret & STRATA_BLOCK_ALLOCATED;
+        if (copy && (ret & STRATA_BLOCK_ZERO) && !(ret & STRATA_BLOCK_DATA)) {
+            ret = strata_backend_co_pwrite_zeroes(j->base, off, pnum, 0);
+        } else if (copy) {
+            ret = strata_backend_co_pread(j->chain, off, buf, pnum);
+            if (ret == 0) {
+                ret = strata_backend_co_pwrite(j->base, off, buf, pnum, 0);
+            }
+        } else {
+            ret = 0;
+        }
+        if (ret < 0) {
+            break;
+        }
+        j->done += pnum;
+        strata_img_progress_update(&j->progress, j->done, j->len);
+    }
+    if (ret < 0 && !j->error) {
+        j->error = ret;
+    }
+    return ret < 0 ? ret : 0;
+}
+
+static int commit_flush(void *opaque)
+{
+    CommitJob *j = opaque;
+
+    return strata_backend_co_flush(j->base);
+}
+
+typedef struct FileId {
+    dev_t dev;
+    ino_t ino;
+} FileId;
+
+static bool file_id(const char *path, FileId *id)
+{
+    struct stat st;
+
+    if (stat(path, &st) < 0) {
+        return false;
+    }
+    id->dev = st.st_dev;
+    id->ino = st.st_ino;
+    return true;
+}
+
+static bool id_in(GArray *ids, const FileId *id)
+{
+    for (guint i = 0; i < ids->len; i++) {
+        FileId *e = &g_array_index(ids, FileId, i);
+
+        if (e->dev == id->dev && e->ino == id->ino) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/*
+ * Finds an image outside the chain that names a protected layer as its
+ * backing file.  Returns: (transfer full) (nullable) a message naming
+ * both.
+ */
+static char *find_other_user(GPtrArray *dirs, GArray *chain_ids,
+                             GArray *protected_ids, GPtrArray *protected)
+{
+    for (guint d = 0; d < dirs->len; d++) {
+        const char *dir = dirs->pdata[d];
+        DIR *dh = opendir(dir);
+        struct dirent *de;
+
+        if (!dh) {
+            continue;
+        }
+        while ((de = readdir(dh))) {
+            g_autofree char *path = g_build_filename(dir, de->d_name, NULL);
+            g_autofree char *backing = NULL;
+            g_autofree char *bpath = NULL;
+            FileId id, bid;
+            struct stat st;
+
+            if (stat(path, &st) < 0 || !S_ISREG(st.st_mode)) {
+                continue;
+            }
+            id = (FileId) { st.st_dev, st.st_ino };
+            if (id_in(chain_ids, &id) ||
+                g_strcmp0(strata_img_probe_format(path), "qcow2") ||
+                !strata_img_qcow2_read_backing(path, &backing, NULL) ||
+                !backing || strchr(backing, ':')) {
+                continue;
+            }
+            bpath = g_path_is_absolute(backing)
+                        ? g_strdup(backing)
+                        : g_build_filename(dir, backing, NULL);
+            if (!file_id(bpath, &bid) || !id_in(protected_ids, &bid)) {
+                continue;
+            }
+            for (guint i = 0; i < protected_ids->len; i++) {
+                FileId *e = &g_array_index(protected_ids, FileId, i);
+
+                if (e->dev == bid.dev && e->ino == bid.ino) {
+                    char *msg = g_strdup_printf(
+                        "Image '%s' uses '%s' as its backing file; "
+                        "committing would change what it reads (use "
+                        "--force to commit anyway)",
+                        path, (const char *)protected->pdata[i]);
+                    closedir(dh);
+                    return msg;
+                }
+            }
+        }
+        closedir(dh);
+    }
+    return NULL;
+}
+
+static void commit_help(void)
+{
+    printf("Usage: strata-img commit [-f fmt] [-b base] [-d] [-p] [-q]\n"
+           "         [-r rate] [-t cache] [--force] filename\n"
+           "'-b' commits into a backing file further down and implies "
+           "'-d'.\n");
+}
+
+int strata_img_commit(int argc, char **argv)
+{
+    static const struct option long_options[] = {
+        { "help", no_argument, NULL, 'h' },
+        { "force", no_argument, NULL, OPTION_FORCE },
+        { "image-opts", no_argument, NULL, OPTION_IMAGE_OPTS },
+        { NULL, 0, NULL, 0 },
+    };
+    StrataImgOpenOpts oo = { .force_share = true };
+    StrataImgOpenOpts base_oo = { .writable = true };
+    const char *base_name = NULL, *filename;
+    bool drop = false, quiet = false, progress = false, force = false;
+    g_autoptr(GPtrArray) dirs = g_ptr_array_new_with_free_func(g_free);
+    g_autoptr(GPtrArray) protected = g_ptr_array_new();
+    g_autoptr(GArray) chain_ids = g_array_new(FALSE, FALSE, sizeof(FileId));
+    g_autoptr(GArray) protected_ids = g_array_new(FALSE, FALSE,
+                                                  sizeof(FileId));
+    g_autoptr(GError) err = NULL;
+    g_autofree char *other = NULL;
+    StrataImgTool t = { 0 };
+    CommitJob j = { 0 };
+    StrataNode *base = NULL, *n;
+    FileId base_id = { 0 }, base_id2 = { 0 };
+    uint64_t rate;
+    int64_t len;
+    int ret = 1, c, r;
+
+    optind = 1;
+    for (;;) {
+        c = getopt_long(argc, argv, ":hf:b:dpqr:t:", long_options, NULL);
+        if (c == -1) {
+            break;
+        }
+        switch (c) {
+        case ':':
+            strata_img_missing_argument(argv[optind - 1]);
+        case '?':
+            strata_img_unrecognized_option(argv[optind - 1]);
+        case 'h':
+            commit_help();
+            return 0;
+        case 'f':
+            oo.fmt = optarg;
+            break;
+        case 'b':
+            base_name = optarg;
+            drop = true;
+            break;
+        case 'd':
+            drop = true;
+            break;
+        case 'p':
+            progress = true;
+            break;
+        case 'q':
+            quiet = true;
+            break;
+        case 'r':
+            /* Accepted as qemu-img accepts it; an offline commit runs at
+             * full speed. */
+            if (!strata_img_parse_size(optarg, &rate)) {
+                strata_img_error("Invalid rate limit specified. You may "
+                                 "use k, M, G, T, P or E suffixes for ");
+                strata_img_error("kilobytes, megabytes, gigabytes, "
+                                 "terabytes, petabytes and exabytes.");
+                return 1;
+            }
+            break;
+        case 't':
+            if (!strata_img_parse_cache_mode(optarg, &base_oo)) {
+                strata_img_error("Invalid cache option: %s", optarg);
+                return 1;
+            }
+            break;
+        case OPTION_FORCE:
+            force = true;
+            break;
+        case OPTION_IMAGE_OPTS:
+            oo.image_opts = true;
+            break;
+        }
+    }
+    if (optind != argc - 1) {
+        strata_img_error_exit("Expecting one image file name");
+    }
+    filename = argv[optind];
+    if (oo.fmt && !strata_img_format_known(oo.fmt)) {
+        strata_img_error("Unknown file format '%s'", oo.fmt);
+        return 1;
+    }
+    if (!strata_img_tool_init(&t)) {
+        goto out;
+    }
+    j.chain = strata_img_open(t.ctx, filename, &oo);
+    if (!j.chain) {
+        goto out;
+    }
+    j.top = strata_img_backend_node(j.chain);
+    if (!strata_node_backing(j.top)) {
+        strata_img_error("Image does not have a backing file");
+        goto out;
+    }
+    if (base_name) {
+        /* qemu-img reads -b as the chain names it, relative to the top's
+         * directory; a path from here names it too. */
+        g_autofree char *dir = g_path_get_dirname(filename);
+        g_autofree char *rel = g_build_filename(dir, base_name, NULL);
+        bool a = file_id(base_name, &base_id);
+        bool b = !g_path_is_absolute(base_name) && file_id(rel, &base_id2);
+
+        if (!a) {
+            base_id = base_id2;
+        } else if (!b) {
+            base_id2 = base_id;
+        }
+    }
+    if (base_name && !base_id.ino && !base_id2.ino) {
+        strata_img_error("Did not find '%s' in the backing chain of '%s'",
+                         base_name, filename);
+        goto out;
+    }
+
+    /* Walk the chain: the base, what is protected, where to look. */
+    for (n = j.top; n; n = strata_node_backing(n)) {
+        StrataNode *f = n->file ? n->file->node : NULL;
+        const char *path = f && f->filename ? f->filename : n->filename;
+        FileId id = { 0 };
+
+        n = strata_node_skip_filters(n);
+        if (!path || !file_id(path, &id)) {
+            continue;
+        }
+        g_array_append_val(chain_ids, id);
+        g_ptr_array_add(dirs, g_path_get_dirname(path));
+        if (n != j.top && !base) {
+            g_array_append_val(protected_ids, id);
+            g_ptr_array_add(protected, (gpointer)path);
+            if (!base_name ||
+                (id.dev == base_id.dev && id.ino == base_id.ino) ||
+                (id.dev == base_id2.dev && id.ino == base_id2.ino)) {
+                base = n;
+            }
+        }
+    }
+    if (!base) {
+        strata_img_error("Did not find '%s' in the backing chain of '%s'",
+                         base_name, filename);
+        goto out;
+    }
+    if (!force) {
+        other = find_other_user(dirs, chain_ids, protected_ids, protected);
+        if (other) {
+            strata_img_error("%s", other);
+            goto out;
+        }
+    }
+
+    {
+        StrataNode *bf = base->file ? base->file->node : NULL;
+        const char *bpath = bf && bf->filename ? bf->filename
+                                               : base->filename;
+
+        base_oo.fmt = strata_node_get_driver_name(base);
+        j.base = strata_img_open(t.ctx, bpath, &base_oo);
+        if (!j.base) {
+            goto out;
+        }
+    }
+    j.base_in_chain = base;
+    len = strata_backend_get_length(j.chain);
+    if (len < 0) {
+        strata_img_error("Could not get the image size: %s",
+                         g_strerror((int)-len));
+        goto out;
+    }
+    j.len = (uint64_t)len;
+    if (strata_backend_get_length(j.base) < len) {
+        /* A shorter base grows, as qemu-img's commit grows it. */
+        strata_img_error("The base image is smaller than the image to "
+                         "commit; resize it first");
+        goto out;
+    }
+    strata_co_mutex_init(&j.cursor_lock);
+    strata_img_progress_init(&j.progress, progress && !quiet);
+    r = strata_img_co_run(&t, 8, commit_worker, &j);
+    if (r == 0) {
+        r = strata_img_co_run(&t, 1, commit_flush, &j);
+    }
+    if (r < 0) {
+        strata_img_error("Block job failed: %s", g_strerror(-r));
+        goto out;
+    }
+    strata_img_progress_finish(&j.progress);
+
+    if (!drop) {
+        g_autofree char *top_file = NULL;
+        StrataNode *tf = j.top->file ? j.top->file->node : NULL;
+        bool is_qcow2 = !strcmp(strata_node_get_driver_name(j.top), "qcow2");
+
+        top_file = g_strdup(tf && tf->filename ? tf->filename
+                                               : j.top->filename);
+        strata_backend_unref(j.base);
+        j.base = NULL;
+        strata_backend_unref(j.chain);
+        j.chain = NULL;
+        if (is_qcow2 && !strata_img_qcow2_recreate_empty(top_file, &err)) {
+            strata_img_error("Image committed, but emptying '%s' failed: %s",
+                             top_file, err->message);
+            goto out;
+        }
+    }
+    if (!quiet) {
+        printf("Image committed.\n");
+    }
+    ret = 0;
+out:
+    if (j.base) {
+        strata_backend_unref(j.base);
+    }
+    if (j.chain) {
+        strata_backend_unref(j.chain);
+    }
+    strata_img_tool_cleanup(&t);
+    return ret;
+}

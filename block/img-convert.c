@@ -1,0 +1,482 @@
+/* strata-img convert — copy one or more images (concatenated) into a new
+ * or existing one.
+ *
+ * Block status decides per range: what reads as zeroes is skipped on a
+ * freshly created target (it reads as zeroes already) and written as
+ * zeroes on an existing one (-n); what holds data is read, and its
+ * all-zero 4 KiB blocks are skipped or zeroed the same way.  With -B the
+ * target gets a backing file and only what the source's top layer holds
+ * is copied.  -m coroutines work side by side on consecutive ranges; a
+ * ticket keeps their writes in order unless -W.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "img-private.h"
+
+#define CHUNK (2u << 20)
+#define ZERO_GRAIN 4096u
+
+enum {
+    OPTION_IMAGE_OPTS = 256,
+    OPTION_TARGET_IMAGE_OPTS,
+    OPTION_SALVAGE,
+    OPTION_TARGET_IS_ZERO,
+};
+
+typedef struct ConvertJob {
+    StrataBackend **src;
+    uint64_t *src_len;
+    int n_src;
+    StrataBackend *dst;
+    uint64_t total;
+    bool fresh_target;       /* reads as zeroes before we write */
+    bool top_only;           /* -B: the source's backing is the target's */
+    bool in_order;           /* not -W */
+    /* The cursor the workers share (cooperative: no lock needed). */
+    int cur_src;
+    uint64_t cur_off;
+    uint64_t done;
+    uint64_t next_ticket, next_write;
+    StrataCoQueue write_queue;
+    /* Block status yields: the cursor is taken under this lock so that
+     * two workers never claim the same range. */
+    StrataCoMutex cursor_lock;
+    StrataImgProgress progress;
+    int error;
+} ConvertJob;
+
+typedef enum {
+    SEG_SKIP,
+    SEG_ZERO,
+    SEG_DATA,
+} SegKind;
+
+/* Takes the next range off the cursor; false at the end. */
+static int co_next_segment(ConvertJob *j, uint64_t *src_off, int *src_idx,
+                           uint64_t *dst_off, uint64_t *bytes, SegKind *kind)
+{
+    StrataNode *top, *base;
+    uint64_t want, pnum = 0, dst_base = 0;
+    int ret;
+
+    while (j->cur_src < j->n_src && j->cur_off >= j->src_len[j->cur_src]) {
+        j->cur_src++;
+        j->cur_off = 0;
+    }
+    if (j->cur_src >= j->n_src) {
+        return 0;
+    }
+    for (int i = 0; i < j->cur_src; i++) {
+        dst_base += j->src_len[i];
+    }
+    top = strata_img_backend_node(j->src[j->cur_src]);
+    base = j->top_only ? strata_node_backing(top) : NULL;
+    want = MIN(CHUNK, j->src_len[j->cur_src] - j->cur_off);
+    ret = strata_node_co_block_status_above(top, base, true, j->cur_off,
+                                            want, &pnum, NULL, NULL, NULL);
+    if (ret < 0) {
+        return ret;
+    }
+    if (pnum == 0) {
+        pnum = want;
+    }
+    if (ret & STRATA_BLOCK_DATA) {
+        *kind = SEG_DATA;
+    } else if (ret & STRATA_BLOCK_ZERO) {
+        *kind = j->fresh_target && !j->top_only ? SEG_SKIP : SEG_ZERO;
+    } else if (j->top_only) {
+        *kind = SEG_SKIP;   /* the target's backing file has it */
+    } else {
+        *kind = j->fresh_target ? SEG_SKIP : SEG_ZERO;
+    }
+    *src_idx = j->cur_src;
+    *src_off = j->cur_off;
+    *dst_off = dst_base + j->cur_off;
+    *bytes = pnum;
+    j->cur_off += pnum;
+    return 1;
+}
+
+static bool is_zero(const uint8_t *p, size_t n)
+{
+    return n == 0 || (p[0] == 0 && memcmp(p, p + 1, n - 1) == 0);
+}
+
+/* Writes @buf's non-zero 4 KiB runs; the zero ones are skipped on a
+ * fresh target, written as zeroes otherwise. */
+static int co_write_data(ConvertJob *j, uint64_t dst_off, const uint8_t *buf,
+                         uint64_t bytes)
+{
+    uint64_t i = 0;
+
+    while (i < bytes) {
+        uint64_t n = MIN(ZERO_GRAIN, bytes - i);
+        bool zero = is_zero(buf + i, n);
+        uint64_t run = n;
+        int ret;
+
+        while (i + run < bytes) {
+            uint64_t m = MIN(ZERO_GRAIN, bytes - i - run);
+
+            if (is_zero(buf + i + run, m) != zero) {
+                break;
+            }
+            run += m;
+        }
+        if (!zero) {
+            ret = strata_backend_co_pwrite(j->dst, dst_off + i, buf + i, run,
+                                           0);
+        } else if (!j->fresh_target || j->top_only) {
+            ret = strata_backend_co_pwrite_zeroes(j->dst, dst_off + i, run,
+                                                  STRATA_REQ_MAY_UNMAP);
+        } else {
+            ret = 0;
+        }
+        if (ret < 0) {
+            return ret;
+        }
+        i += run;
+    }
+    return 0;
+}
+
+static int convert_worker(void *opaque)
+{
+    ConvertJob *j = opaque;
+    void *buf = NULL;
+    int ret = 0;
+
+    if (posix_memalign(&buf, 4096, CHUNK)) {
+        return -ENOMEM;
+    }
+    while (!j->error) {
+        uint64_t src_off, dst_off, bytes, ticket;
+        int src_idx;
+        SegKind kind;
+
+        strata_co_mutex_lock(&j->cursor_lock);
+        ret = co_next_segment(j, &src_off, &src_idx, &dst_off, &bytes, &kind);
+        ticket = j->next_ticket++;
+        strata_co_mutex_unlock(&j->cursor_lock);
+        if (ret <= 0) {
+            if (ret < 0 && !j->error) {
+                j->error = ret;
+            }
+            break;
+        }
+        ret = 0;
+        if (kind == SEG_DATA) {
+            ret = strata_backend_co_pread(j->src[src_idx], src_off, buf,
+                                          bytes);
+        }
+        while (j->in_order && j->next_write != ticket && !j->error) {
+            strata_co_queue_wait(&j->write_queue, NULL);
+        }
+        if (ret == 0 && !j->error) {
+            if (kind == SEG_DATA) {
+                ret = co_write_data(j, dst_off, buf, bytes);
+            } else if (kind == SEG_ZERO) {
+                ret = strata_backend_co_pwrite_zeroes(j->dst, dst_off, bytes,
+                                                      STRATA_REQ_MAY_UNMAP);
+            }
+        }
+        j->next_write++;
+        strata_co_queue_restart_all(&j->write_queue);
+        if (ret < 0) {
+            if (!j->error) {
+                j->error = ret;
+            }
+            break;
+        }
+        j->done += bytes;
+        strata_img_progress_update(&j->progress, j->done, j->total);
+    }
+    free(buf);
+    /* Whoever waits for a ticket that will never come must see the
+     * error. */
+    strata_co_queue_restart_all(&j->write_queue);
+    return ret < 0 ? ret : 0;
+}
+
+static int convert_flush(void *opaque)
+{
+    ConvertJob *j = opaque;
+
+    return strata_backend_co_flush(j->dst);
+}
+
+static void convert_help(void)
+{
+    printf("Usage: strata-img convert [-c] [-f fmt] [-O output_fmt]\n"
+           "         [-B backing_file [-F backing_fmt]] [-o options]\n"
+           "         [-m num_coroutines] [-W] [-n] [-p] [-q] [-U]\n"
+           "         [-t cache] [-T src_cache]\n"
+           "         filename [filename2 [...]] output_filename\n");
+}
+
+int strata_img_convert(int argc, char **argv)
+{
+    static const struct option long_options[] = {
+        { "help", no_argument, NULL, 'h' },
+        { "force-share", no_argument, NULL, 'U' },
+        { "image-opts", no_argument, NULL, OPTION_IMAGE_OPTS },
+        { "target-image-opts", no_argument, NULL, OPTION_TARGET_IMAGE_OPTS },
+        { "salvage", no_argument, NULL, OPTION_SALVAGE },
+        { "target-is-zero", no_argument, NULL, OPTION_TARGET_IS_ZERO },
+        { NULL, 0, NULL, 0 },
+    };
+    StrataImgOpenOpts src_oo = { 0 }, dst_oo = { .writable = true };
+    const char *out_fmt = "raw", *backing = NULL, *backing_fmt = NULL;
+    const char *out_name;
+    g_autofree char *options = NULL;
+    g_autoptr(JsonObject) opts = NULL;
+    g_autoptr(GError) err = NULL;
+    bool compress = false, skip_create = false, quiet = false;
+    bool progress = false, out_of_order = false, target_is_zero = false;
+    uint64_t coroutines = 8;
+    StrataImgTool t = { 0 };
+    ConvertJob j = { 0 };
+    int ret = 1, c, r;
+
+    optind = 1;
+    for (;;) {
+        c = getopt_long(argc, argv, ":hf:O:B:F:co:l:S:pt:T:qnm:WrU",
+                        long_options, NULL);
+        if (c == -1) {
+            break;
+        }
+        switch (c) {
+        case ':':
+            strata_img_missing_argument(argv[optind - 1]);
+        case '?':
+            strata_img_unrecognized_option(argv[optind - 1]);
+        case 'h':
+            convert_help();
+            return 0;
+        case 'f':
+            src_oo.fmt = optarg;
+            break;
+        case 'O':
+            out_fmt = optarg;
+            break;
+        case 'B':
+            backing = optarg;
+            break;
+        case 'F':
+            backing_fmt = optarg;
+            break;
+        case 'c':
+            compress = true;
+            break;
+        case 'o':
+            strata_img_append_options(&options, optarg);
+            break;
+        case 'l':
+            strata_img_error("Internal snapshots are not supported by "
+                             "strata-img yet (-l)");
+            return 1;
+        case 'S': {
+            uint64_t s;
+
+            /* Zero detection runs at 4 KiB; other -S values are
+             * accepted as qemu-img accepts them. */
+            if (!strata_img_parse_size(optarg, &s) || s % 512) {
+                strata_img_error("Invalid buffer size for sparse output "
+                                 "specified. Valid sizes are multiples of "
+                                 "512 up to 16777216.");
+                return 1;
+            }
+            break;
+        }
+        case 'p':
+            progress = true;
+            break;
+        case 't':
+            if (!strata_img_parse_cache_mode(optarg, &dst_oo)) {
+                strata_img_error("Invalid cache option: %s", optarg);
+                return 1;
+            }
+            break;
+        case 'T':
+            if (!strata_img_parse_cache_mode(optarg, &src_oo)) {
+                strata_img_error("Invalid source cache option: %s", optarg);
+                return 1;
+            }
+            break;
+        case 'q':
+            quiet = true;
+            break;
+        case 'n':
+            skip_create = true;
+            break;
+        case 'm':
+            if (!strata_img_parse_uint(optarg, 16, &coroutines) ||
+                coroutines < 1) {
+                strata_img_error("Invalid number of coroutines. Allowed "
+                                 "number of coroutines is between 1 and 16");
+                return 1;
+            }
+            break;
+        case 'W':
+            out_of_order = true;
+            break;
+        case 'r':
+            break;
+        case 'U':
+            src_oo.force_share = true;
+            break;
+        case OPTION_IMAGE_OPTS:
+            src_oo.image_opts = true;
+            break;
+        case OPTION_TARGET_IMAGE_OPTS:
+            strata_img_error("--target-image-opts is not supported by "
+                             "strata-img yet");
+            return 1;
+        case OPTION_SALVAGE:
+            break;
+        case OPTION_TARGET_IS_ZERO:
+            target_is_zero = true;
+            break;
+        }
+    }
+    if (argc - optind < 2) {
+        strata_img_error_exit("Expecting image file name");
+    }
+    if (compress) {
+        strata_img_error("Compressed output (-c) is not supported by "
+                         "strata-img yet");
+        return 1;
+    }
+    if (target_is_zero && !skip_create) {
+        strata_img_error("--target-is-zero requires use of -n flag");
+        return 1;
+    }
+    if (src_oo.fmt && !strata_img_format_known(src_oo.fmt)) {
+        strata_img_error("Unknown file format '%s'", src_oo.fmt);
+        return 1;
+    }
+    if (!strata_img_format_known(out_fmt)) {
+        strata_img_error("Unknown file format '%s'", out_fmt);
+        return 1;
+    }
+    if (backing && !backing_fmt) {
+        strata_img_error("Use of backing file requires explicit backing "
+                         "format");
+        return 1;
+    }
+    if (backing && skip_create) {
+        strata_img_error("-B makes no sense when -n is given");
+        return 1;
+    }
+    if (backing && strcmp(out_fmt, "qcow2")) {
+        strata_img_error("Backing file not supported for file format '%s'",
+                         out_fmt);
+        return 1;
+    }
+    out_name = argv[argc - 1];
+    j.n_src = argc - optind - 1;
+
+    if (strata_img_options_want_help(options)) {
+        strata_img_error("Use 'strata-img create -f %s -o help' for the "
+                         "options", out_fmt);
+        return 1;
+    }
+    if (skip_create && options) {
+        strata_img_error("-o has no effect when skipping image creation");
+        return 1;
+    }
+    opts = strata_img_parse_options(options ? options : "",
+                                    !strcmp(out_fmt, "qcow2")
+                                        ? strata_img_qcow2_create_options
+                                        : strata_img_raw_create_options,
+                                    NULL);
+    if (!opts) {
+        return 1;
+    }
+
+    if (!strata_img_tool_init(&t)) {
+        goto out;
+    }
+    j.src = g_new0(StrataBackend *, j.n_src);
+    j.src_len = g_new0(uint64_t, j.n_src);
+    for (int i = 0; i < j.n_src; i++) {
+        int64_t len;
+
+        j.src[i] = strata_img_open(t.ctx, argv[optind + i], &src_oo);
+        if (!j.src[i]) {
+            goto out;
+        }
+        len = strata_backend_get_length(j.src[i]);
+        if (len < 0) {
+            strata_img_error("Could not get size of '%s': %s",
+                             argv[optind + i], g_strerror((int)-len));
+            goto out;
+        }
+        j.src_len[i] = (uint64_t)len;
+        j.total += (uint64_t)len;
+    }
+
+    if (!skip_create) {
+        g_autofree char *size = g_strdup_printf("%" PRIu64, j.total);
+
+        json_object_set_string_member(opts, "size", size);
+        if (backing) {
+            json_object_set_string_member(opts, "backing_file", backing);
+            json_object_set_string_member(opts, "backing_fmt", backing_fmt);
+        }
+        if (!strata_img_create_image(out_name, out_fmt, opts, &err)) {
+            strata_img_error("%s: error while converting %s: %s", out_name,
+                             out_fmt, err->message);
+            goto out;
+        }
+        dst_oo.fmt = out_fmt;
+    }
+    j.dst = strata_img_open(t.ctx, out_name, &dst_oo);
+    if (!j.dst) {
+        goto out;
+    }
+    if (skip_create) {
+        int64_t len = strata_backend_get_length(j.dst);
+
+        if (len >= 0 && (uint64_t)len < j.total) {
+            strata_img_error("output file is smaller than input file");
+            goto out;
+        }
+    }
+
+    j.fresh_target = !skip_create || target_is_zero;
+    j.top_only = backing != NULL;
+    j.in_order = !out_of_order;
+    strata_co_queue_init(&j.write_queue);
+    strata_co_mutex_init(&j.cursor_lock);
+    strata_img_progress_init(&j.progress, progress && !quiet);
+    r = strata_img_co_run(&t, (unsigned)coroutines, convert_worker, &j);
+    if (r == 0) {
+        r = strata_img_co_run(&t, 1, convert_flush, &j);
+    }
+    if (r < 0) {
+        strata_img_error("error while writing at byte %" PRIu64 ": %s",
+                         j.done, g_strerror(-r));
+        goto out;
+    }
+    strata_img_progress_finish(&j.progress);
+    ret = 0;
+out:
+    if (j.dst) {
+        strata_backend_unref(j.dst);
+    }
+    for (int i = 0; j.src && i < j.n_src; i++) {
+        if (j.src[i]) {
+            strata_backend_unref(j.src[i]);
+        }
+    }
+    g_free(j.src);
+    g_free(j.src_len);
+    strata_img_tool_cleanup(&t);
+    return ret;
+}

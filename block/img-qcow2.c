@@ -1,0 +1,297 @@
+/* strata-img — what the tool does to qcow2 images beyond the driver.
+ *
+ * Header edits on closed images (a new backing file name, the lazy
+ * refcounts bit), made with the driver's own header parser and builder so
+ * that every field and extension the tool does not touch is kept.  And
+ * the entry points `check`, `snapshot` and `commit` need from the driver,
+ * answering -ENOTSUP until the driver provides them (docs/strata-img.md,
+ * "What the qcow2 driver is asked for").
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "img-private.h"
+#include "qcow2/qcow2.h"
+#include "qcow2/qcow2-private.h"
+
+/* Reads cluster 0 (or the whole file when shorter) and parses it. */
+static uint8_t *read_header(int fd, const char *filename,
+                            StrataQcow2Header *h, size_t *cluster_size,
+                            GError **error)
+{
+    uint8_t first[STRATA_QCOW2_V3_HEADER_LEN];
+    g_autofree uint8_t *buf = NULL;
+    struct stat st;
+    ssize_t n;
+    uint32_t bits;
+    size_t len;
+
+    n = pread(fd, first, sizeof(first), 0);
+    if (n < (ssize_t)STRATA_QCOW2_V2_HEADER_LEN ||
+        strata_qcow2_be32(first) != STRATA_QCOW2_MAGIC) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "'%s' is not a qcow2 image", filename);
+        return NULL;
+    }
+    bits = strata_qcow2_be32(first + 20);
+    if (bits < STRATA_QCOW2_MIN_CLUSTER_BITS ||
+        bits > STRATA_QCOW2_MAX_CLUSTER_BITS || fstat(fd, &st) < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Image '%s' is corrupt: bad cluster size", filename);
+        return NULL;
+    }
+    *cluster_size = (size_t)1 << bits;
+    len = MIN(*cluster_size, (size_t)st.st_size);
+    buf = g_malloc0(*cluster_size);
+    n = pread(fd, buf, len, 0);
+    if (n != (ssize_t)len) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                    "Could not read the header of '%s': %s", filename,
+                    g_strerror(n < 0 ? errno : EIO));
+        return NULL;
+    }
+    if (!strata_qcow2_header_parse(h, buf, len, error)) {
+        return NULL;
+    }
+    return g_steal_pointer(&buf);
+}
+
+static bool write_header(int fd, const char *filename, StrataQcow2Header *h,
+                         size_t cluster_size, GError **error)
+{
+    g_autofree uint8_t *out = strata_qcow2_header_build(h, error);
+    ssize_t n;
+
+    if (!out) {
+        return false;
+    }
+    n = pwrite(fd, out, cluster_size, 0);
+    if (n != (ssize_t)cluster_size || fdatasync(fd) < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                    "Could not write the header of '%s': %s", filename,
+                    g_strerror(n < 0 || n == (ssize_t)cluster_size ? errno
+                                                                   : EIO));
+        return false;
+    }
+    return true;
+}
+
+typedef bool (*HeaderEdit)(StrataQcow2Header *h, const void *arg,
+                           const char *filename, GError **error);
+
+static bool edit_header(const char *filename, HeaderEdit edit,
+                        const void *arg, GError **error)
+{
+    StrataQcow2Header h;
+    g_autofree uint8_t *buf = NULL;
+    size_t cluster_size = 0;
+    bool ok = false;
+    int fd;
+
+    fd = open(filename, O_RDWR | O_CLOEXEC);
+    if (fd < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                    "Could not open '%s': %s", filename, g_strerror(errno));
+        return false;
+    }
+    strata_qcow2_header_init(&h);
+    buf = read_header(fd, filename, &h, &cluster_size, error);
+    if (buf && edit(&h, arg, filename, error)) {
+        ok = write_header(fd, filename, &h, cluster_size, error);
+    }
+    strata_qcow2_header_cleanup(&h);
+    close(fd);
+    return ok;
+}
+
+typedef struct BackingArg {
+    const char *name;
+    const char *fmt;
+} BackingArg;
+
+static bool edit_backing(StrataQcow2Header *h, const void *opaque,
+                         const char *filename, GError **error)
+{
+    const BackingArg *a = opaque;
+    bool has = a->name && *a->name;
+
+    (void)filename;
+    if (has && strlen(a->name) > STRATA_QCOW2_MAX_BACKING_NAME) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Backing file name too long");
+        return false;
+    }
+    if (has && a->fmt && strlen(a->fmt) > STRATA_QCOW2_MAX_BACKING_FMT) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Backing format name too long");
+        return false;
+    }
+    g_free(h->backing_file);
+    g_free(h->backing_format);
+    h->backing_file = has ? g_strdup(a->name) : NULL;
+    h->backing_format = has && a->fmt ? g_strdup(a->fmt) : NULL;
+    return true;
+}
+
+bool strata_img_qcow2_set_backing(const char *filename, const char *backing,
+                                  const char *backing_fmt, GError **error)
+{
+    BackingArg a = { backing, backing_fmt };
+
+    return edit_header(filename, edit_backing, &a, error);
+}
+
+static bool edit_lazy(StrataQcow2Header *h, const void *opaque,
+                      const char *filename, GError **error)
+{
+    bool on = *(const bool *)opaque;
+
+    if (h->incompatible_features & (STRATA_QCOW2_INCOMPAT_DIRTY |
+                                    STRATA_QCOW2_INCOMPAT_CORRUPT)) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Image '%s' is not clean; run 'qemu-img check -r all' "
+                    "first", filename);
+        return false;
+    }
+    if (on && h->version < 3) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Lazy refcounts only supported with compatibility level "
+                    "1.1 and above (use compat=1.1 or greater)");
+        return false;
+    }
+    if (on) {
+        h->compatible_features |= STRATA_QCOW2_COMPAT_LAZY_REFCOUNTS;
+    } else {
+        h->compatible_features &= ~STRATA_QCOW2_COMPAT_LAZY_REFCOUNTS;
+    }
+    return true;
+}
+
+bool strata_img_qcow2_set_lazy_refcounts(const char *filename, bool on,
+                                         GError **error)
+{
+    return edit_header(filename, edit_lazy, &on, error);
+}
+
+bool strata_img_qcow2_read_backing(const char *filename, char **backing,
+                                   GError **error)
+{
+    StrataQcow2Header h;
+    g_autofree uint8_t *buf = NULL;
+    size_t cluster_size;
+    int fd;
+
+    *backing = NULL;
+    fd = open(filename, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                    "Could not open '%s': %s", filename, g_strerror(errno));
+        return false;
+    }
+    strata_qcow2_header_init(&h);
+    buf = read_header(fd, filename, &h, &cluster_size, error);
+    close(fd);
+    if (buf) {
+        *backing = g_steal_pointer(&h.backing_file);
+    }
+    strata_qcow2_header_cleanup(&h);
+    return buf != NULL;
+}
+
+bool strata_img_qcow2_recreate_empty(const char *filename, GError **error)
+{
+    StrataQcow2Header h;
+    g_autofree uint8_t *buf = NULL;
+    g_autoptr(JsonObject) opts = json_object_new();
+    size_t cluster_size;
+    bool ok = false;
+    int fd;
+
+    fd = open(filename, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                    "Could not open '%s': %s", filename, g_strerror(errno));
+        return false;
+    }
+    strata_qcow2_header_init(&h);
+    buf = read_header(fd, filename, &h, &cluster_size, error);
+    close(fd);
+    if (!buf) {
+        goto out;
+    }
+    if (h.nb_snapshots || (h.kept_exts && h.kept_exts->len) ||
+        h.extra_fields || h.autoclear_features) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
+                    "Emptying '%s' would lose its internal snapshots or "
+                    "header extensions; use -d to keep it as it is",
+                    filename);
+        goto out;
+    }
+    json_object_set_int_member(opts, "size", (gint64)h.size);
+    json_object_set_int_member(opts, "cluster_size", (gint64)cluster_size);
+    json_object_set_string_member(opts, "compat",
+                                  h.version == 2 ? "0.10" : "1.1");
+    json_object_set_int_member(opts, "refcount_bits",
+                               (gint64)1 << h.refcount_order);
+    json_object_set_boolean_member(opts, "lazy_refcounts",
+                                   !!(h.compatible_features &
+                                      STRATA_QCOW2_COMPAT_LAZY_REFCOUNTS));
+    if (h.backing_file) {
+        json_object_set_string_member(opts, "backing_file", h.backing_file);
+    }
+    if (h.backing_format) {
+        json_object_set_string_member(opts, "backing_fmt", h.backing_format);
+    }
+    ok = strata_qcow2_create(NULL, filename, opts, error);
+out:
+    strata_qcow2_header_cleanup(&h);
+    return ok;
+}
+
+/* ---- asked of the driver; -ENOTSUP until it provides them ---- */
+
+int strata_img_qcow2_co_check(StrataNode *node, StrataImgRepair repair,
+                              StrataImgCheckResult *res)
+{
+    (void)node;
+    (void)repair;
+    memset(res, 0, sizeof(*res));
+    return -ENOTSUP;
+}
+
+int strata_img_qcow2_co_snapshot_list(StrataNode *node, GPtrArray **list)
+{
+    (void)node;
+    *list = NULL;
+    return -ENOTSUP;
+}
+
+int strata_img_qcow2_co_snapshot_create(StrataNode *node, const char *name)
+{
+    (void)node;
+    (void)name;
+    return -ENOTSUP;
+}
+
+int strata_img_qcow2_co_snapshot_apply(StrataNode *node, const char *name)
+{
+    (void)node;
+    (void)name;
+    return -ENOTSUP;
+}
+
+int strata_img_qcow2_co_snapshot_delete(StrataNode *node, const char *name)
+{
+    (void)node;
+    (void)name;
+    return -ENOTSUP;
+}
+
+int strata_img_qcow2_co_make_empty(StrataNode *node)
+{
+    (void)node;
+    return -ENOTSUP;
+}

@@ -1,0 +1,352 @@
+/* strata-img rebase — give an image another backing file.
+ *
+ * Safe mode keeps what the image reads: every range the image does not
+ * hold itself is read through the old chain and through the new backing
+ * file, and the 512-byte sectors that differ are written into the image
+ * (from the old view) before the header names the new backing file.
+ * Ranges that both sides read as zeroes are not read.  -b "" flattens:
+ * the new backing file is nothing, which reads as zeroes.  Unsafe mode
+ * (-u) rewrites the header only.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "img-private.h"
+
+#define CHUNK (1u << 20)
+#define SECTOR 512u
+
+typedef struct RebaseJob {
+    StrataBackend *top;
+    StrataBackend *new_base;   /* NULL: no backing file */
+    uint64_t len, new_len;
+    uint64_t cur;
+    StrataCoMutex cursor_lock;
+    StrataImgProgress progress;
+    uint64_t done;
+    int error;
+} RebaseJob;
+
+/* Whether @node's chain reads [@off, +@bytes) as zeroes; *@pnum how far
+ * the answer holds. */
+static int co_reads_zero(StrataNode *node, uint64_t off, uint64_t bytes,
+                         uint64_t *pnum)
+{
+    int ret = strata_node_co_block_status_above(node, NULL, true, off, bytes,
+                                                pnum, NULL, NULL, NULL);
+
+    if (ret < 0) {
+        return ret;
+    }
+    if (*pnum == 0) {
+        *pnum = bytes;
+        return 1;
+    }
+    return (ret & STRATA_BLOCK_ZERO) || !(ret & STRATA_BLOCK_DATA);
+}
+
+/* Claims the next range the image does not hold itself; 0 at the end. */
+static int co_next_range(RebaseJob *j, uint64_t *off, uint64_t *bytes)
+{
+    StrataNode *top = strata_img_backend_node(j->top);
+    StrataNode *old = strata_node_backing(top);
+
+    while (j->cur < j->len) {
+        uint64_t want = MIN(CHUNK, j->len - j->cur), pnum = 0;
+        int ret = strata_node_co_block_status_above(top, old, false, j->cur,
+                                                    want, &pnum, NULL, NULL,
+                                                    NULL);
+        if (ret < 0) {
+            return ret;
+        }
+        pnum = pnum ? pnum : want;
+        if (ret & STRATA_BLOCK_ALLOCATED) {
+            j->cur += pnum;
+            j->done += pnum;
+            continue;
+        }
+        *off = j->cur;
+        *bytes = pnum;
+        j->cur += pnum;
+        return 1;
+    }
+    return 0;
+}
+
+static int rebase_worker(void *opaque)
+{
+    RebaseJob *j = opaque;
+    g_autofree uint8_t *a = g_malloc(CHUNK);
+    g_autofree uint8_t *b = g_malloc(CHUNK);
+    StrataNode *top = strata_img_backend_node(j->top);
+    int ret = 0;
+
+    while (!j->error) {
+        uint64_t off, bytes, p_old, p_new = 0, n;
+        int z_old, z_new = 1;
+
+        strata_co_mutex_lock(&j->cursor_lock);
+        ret = co_next_range(j, &off, &bytes);
+        strata_co_mutex_unlock(&j->cursor_lock);
+        if (ret <= 0) {
+            break;
+        }
+        /* The image does not hold the range: it reads as its old chain. */
+        z_old = co_reads_zero(top, off, bytes, &p_old);
+        if (z_old < 0) {
+            ret = z_old;
+            break;
+        }
+        n = p_old;
+        if (j->new_base && off < j->new_len) {
+            z_new = co_reads_zero(strata_img_backend_node(j->new_base), off,
+                                  MIN(bytes, j->new_len - off), &p_new);
+            if (z_new < 0) {
+                ret = z_new;
+                break;
+            }
+            n = MIN(n, p_new);
+        } else if (j->new_base) {
+            z_new = 1;
+        }
+        if (n < bytes) {
+            /* Give the rest back: another pass of the cursor takes it. */
+            strata_co_mutex_lock(&j->cursor_lock);
+            if (j->cur == off + bytes) {
+                j->cur = off + n;
+                bytes = n;
+            } else {
+                /* Too late: compare the whole range by reading it. */
+                z_old = z_new = 0;
+            }
+            strata_co_mutex_unlock(&j->cursor_lock);
+        }
+        if (!(z_old && z_new)) {
+            ret = strata_backend_co_pread(j->top, off, a, bytes);
+            if (ret < 0) {
+                break;
+            }
+            memset(b, 0, bytes);
+            if (j->new_base && off < j->new_len) {
+                ret = strata_backend_co_pread(j->new_base, off, b,
+                                              MIN(bytes, j->new_len - off));
+                if (ret < 0) {
+                    break;
+                }
+            }
+            for (uint64_t i = 0; i < bytes;) {
+                uint64_t s = MIN(SECTOR, bytes - i), run = 0;
+
+                if (!memcmp(a + i, b + i, s)) {
+                    i += s;
+                    continue;
+                }
+                while (i + run < bytes) {
+                    uint64_t m = MIN(SECTOR, bytes - i - run);
+
+                    if (!memcmp(a + i + run, b + i + run, m)) {
+                        break;
+                    }
+                    run += m;
+                }
+                ret = strata_backend_co_pwrite(j->top, off + i, a + i, run, 0);
+                if (ret < 0) {
+                    break;
+                }
+                i += run;
+            }
+            if (ret < 0) {
+                break;
+            }
+        }
+        j->done += bytes;
+        strata_img_progress_update(&j->progress, j->done, j->len);
+    }
+    if (ret < 0 && !j->error) {
+        j->error = ret;
+    }
+    return ret < 0 ? ret : 0;
+}
+
+static int rebase_flush(void *opaque)
+{
+    RebaseJob *j = opaque;
+
+    return strata_backend_co_flush(j->top);
+}
+
+static void rebase_help(void)
+{
+    printf("Usage: strata-img rebase [-f fmt] [-p] [-q] [-u] [-U]\n"
+           "         [-t cache] [-T src_cache]\n"
+           "         -b backing_file [-F backing_fmt] filename\n"
+           "'-b \"\"' removes the backing file (the data stays).\n");
+}
+
+int strata_img_rebase(int argc, char **argv)
+{
+    static const struct option long_options[] = {
+        { "help", no_argument, NULL, 'h' },
+        { "force-share", no_argument, NULL, 'U' },
+        { NULL, 0, NULL, 0 },
+    };
+    StrataImgOpenOpts oo = { .writable = true };
+    StrataImgOpenOpts base_oo = { .force_share = true };
+    const char *backing = NULL, *backing_fmt = NULL, *filename;
+    bool unsafe = false, quiet = false, progress = false;
+    g_autoptr(GError) err = NULL;
+    g_autofree char *path = NULL;
+    StrataImgTool t = { 0 };
+    RebaseJob j = { 0 };
+    int ret = 1, c, r;
+
+    optind = 1;
+    for (;;) {
+        c = getopt_long(argc, argv, ":hf:F:b:upqt:T:U", long_options, NULL);
+        if (c == -1) {
+            break;
+        }
+        switch (c) {
+        case ':':
+            strata_img_missing_argument(argv[optind - 1]);
+        case '?':
+            strata_img_unrecognized_option(argv[optind - 1]);
+        case 'h':
+            rebase_help();
+            return 0;
+        case 'f':
+            oo.fmt = optarg;
+            break;
+        case 'F':
+            backing_fmt = optarg;
+            break;
+        case 'b':
+            backing = optarg;
+            break;
+        case 'u':
+            unsafe = true;
+            break;
+        case 'p':
+            progress = true;
+            break;
+        case 'q':
+            quiet = true;
+            break;
+        case 't':
+            if (!strata_img_parse_cache_mode(optarg, &oo)) {
+                strata_img_error("Invalid cache option: %s", optarg);
+                return 1;
+            }
+            break;
+        case 'T':
+            if (!strata_img_parse_cache_mode(optarg, &base_oo)) {
+                strata_img_error("Invalid source cache option: %s", optarg);
+                return 1;
+            }
+            break;
+        case 'U':
+            base_oo.force_share = true;
+            break;
+        }
+    }
+    if (optind != argc - 1) {
+        strata_img_error_exit("Expecting one image file name");
+    }
+    filename = argv[optind];
+    if (!backing) {
+        strata_img_error("Must specify backing file (-b) or use -b \"\" to "
+                         "remove it");
+        return 1;
+    }
+    if (oo.fmt && !strata_img_format_known(oo.fmt)) {
+        strata_img_error("Unknown file format '%s'", oo.fmt);
+        return 1;
+    }
+    if (backing_fmt && !strata_img_format_known(backing_fmt)) {
+        strata_img_error("Invalid format name: '%s'", backing_fmt);
+        return 1;
+    }
+    if (!*backing) {
+        backing_fmt = NULL;
+    } else {
+        g_autofree char *dir = g_path_get_dirname(filename);
+
+        path = g_path_is_absolute(backing) || !strcmp(dir, ".")
+                   ? g_strdup(backing)
+                   : g_build_filename(dir, backing, NULL);
+    }
+    if (g_strcmp0(oo.fmt ? oo.fmt : strata_img_probe_format(filename),
+                  "qcow2")) {
+        strata_img_error("Could not change the backing file to '%s': "
+                         "Operation not supported", backing);
+        return 1;
+    }
+    oo.fmt = "qcow2";
+    if (*backing && !backing_fmt) {
+        backing_fmt = strata_img_probe_format(path);
+    }
+
+    if (!strata_img_tool_init(&t)) {
+        goto out;
+    }
+    /* Unsafe mode must work when the old backing file is gone. */
+    oo.no_backing = unsafe;
+    j.top = strata_img_open(t.ctx, filename, &oo);
+    if (!j.top) {
+        goto out;
+    }
+    if (*backing) {
+        base_oo.fmt = backing_fmt;
+        j.new_base = strata_img_open(t.ctx, path, &base_oo);
+        if (!j.new_base) {
+            goto out;
+        }
+    }
+    if (!unsafe) {
+        int64_t len = strata_backend_get_length(j.top);
+        int64_t nlen = j.new_base ? strata_backend_get_length(j.new_base) : 0;
+
+        if (len < 0 || nlen < 0) {
+            strata_img_error("Could not get the image size: %s",
+                             g_strerror((int)-(len < 0 ? len : nlen)));
+            goto out;
+        }
+        j.len = (uint64_t)len;
+        j.new_len = (uint64_t)nlen;
+        strata_co_mutex_init(&j.cursor_lock);
+        strata_img_progress_init(&j.progress, progress && !quiet);
+        r = strata_img_co_run(&t, 8, rebase_worker, &j);
+        if (r == 0) {
+            r = strata_img_co_run(&t, 1, rebase_flush, &j);
+        }
+        if (r < 0) {
+            strata_img_error("Error while rebasing '%s': %s", filename,
+                             g_strerror(-r));
+            goto out;
+        }
+        strata_img_progress_finish(&j.progress);
+    }
+    /* The data is in place and flushed; only now may the header name
+     * the new backing file, with the image closed. */
+    strata_backend_unref(j.top);
+    j.top = NULL;
+    if (!strata_img_qcow2_set_backing(filename, backing, backing_fmt, &err)) {
+        strata_img_error("Could not change the backing file to '%s': %s",
+                         backing, err->message);
+        goto out;
+    }
+    ret = 0;
+out:
+    if (j.top) {
+        strata_backend_unref(j.top);
+    }
+    if (j.new_base) {
+        strata_backend_unref(j.new_base);
+    }
+    strata_img_tool_cleanup(&t);
+    return ret;
+}

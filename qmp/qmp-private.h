@@ -1,0 +1,133 @@
+/* strata — the QMP layer's internals, shared by the files of qmp/. */
+#ifndef STRATA_QMP_PRIVATE_H
+#define STRATA_QMP_PRIVATE_H
+
+#include <stdbool.h>
+#include <glib.h>
+#include <json-glib/json-glib.h>
+
+#include "strata-monitor.h"
+#include "json-stream-private.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* What query-version and the greeting report: the QEMU release whose
+ * QMP strata speaks. */
+#define STRATA_QMP_QEMU_MAJOR 7
+#define STRATA_QMP_QEMU_MINOR 2
+#define STRATA_QMP_QEMU_MICRO 0
+
+/* ---- schema.c ---- */
+
+typedef struct StrataQmpSchema StrataQmpSchema;
+
+/* The schema text compiled in from qmp/schema.json (generated). */
+extern const char strata_qmp_schema_text[];
+
+/* Returns: (transfer full) (nullable): the compiled-in schema, parsed. */
+StrataQmpSchema *strata_qmp_schema_new(GError **error);
+/* As above, from any schema text (tests). */
+StrataQmpSchema *strata_qmp_schema_new_from_text(const char *text,
+                                                 GError **error);
+void strata_qmp_schema_free(StrataQmpSchema *schema);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC(StrataQmpSchema, strata_qmp_schema_free)
+
+bool strata_qmp_schema_has_command(StrataQmpSchema *schema,
+                                   const char *name);
+/* Returns: (transfer none): the command names in schema order. */
+const GPtrArray *strata_qmp_schema_commands(StrataQmpSchema *schema);
+/* Returns: (transfer none) (nullable): the command's one-line doc. */
+const char *strata_qmp_schema_command_doc(StrataQmpSchema *schema,
+                                          const char *name);
+
+/**
+ * strata_qmp_schema_check_args:
+ * @args: the command's arguments (an empty object when none were given)
+ *
+ * Checks @args against the command's declared arguments with QEMU's
+ * messages: "Parameter 'x' is unexpected", "Parameter 'x' is missing",
+ * "Invalid parameter type for 'x', expected: integer", "Parameter 'x'
+ * does not accept value 'y'".  Nothing is changed.
+ */
+bool strata_qmp_schema_check_args(StrataQmpSchema *schema,
+                                  const char *command, JsonObject *args,
+                                  GError **error);
+
+/* Returns: (transfer full): the query-qmp-schema answer. */
+JsonNode *strata_qmp_schema_introspect(StrataQmpSchema *schema);
+
+/* ---- monitor.c: sessions and dispatch ---- */
+
+typedef struct StrataQmpSession StrataQmpSession;
+
+/* Writes one line (without "\r\n") to the session's peer. */
+typedef void (*StrataQmpSendFunc)(StrataQmpSession *s, const char *line,
+                                  void *opaque);
+
+struct StrataQmpSession {
+    StrataMonitor *mon;
+    bool negotiated;
+    bool oob;
+    bool quit_pending;      /* "quit" was answered on this session */
+    StrataJsonStream *js;
+    StrataQmpSendFunc send;
+    void *send_opaque;
+    GList *link;            /* in mon->sessions */
+};
+
+void strata_qmp_session_init(StrataQmpSession *s, StrataMonitor *mon,
+                             bool negotiated, StrataQmpSendFunc send,
+                             void *send_opaque);
+void strata_qmp_session_cleanup(StrataQmpSession *s);
+/* Feeds input bytes; runs every command they complete. */
+void strata_qmp_session_feed(StrataQmpSession *s, const char *buf,
+                             size_t len);
+/* Returns: (transfer full): the greeting line. */
+char *strata_qmp_greeting(StrataMonitor *mon);
+
+/* Command handlers: @args validated against the schema; on success
+ * *@ret may stay NULL for {} . */
+typedef bool (*StrataQmpHandler)(StrataMonitor *mon, JsonObject *args,
+                                 JsonNode **ret, GError **error);
+
+/* Whether a command is running (clients' input waits meanwhile: the
+ * block layer may iterate the loop inside a command). */
+bool strata_monitor_is_busy(StrataMonitor *mon);
+/* Called by the server when a session's quit reply has been sent. */
+void strata_monitor_quit_done(StrataMonitor *mon);
+
+/* ---- cmd-block.c ---- */
+
+bool strata_qmp_blockdev_add(StrataMonitor *mon, JsonObject *args,
+                             JsonNode **ret, GError **error);
+bool strata_qmp_blockdev_del(StrataMonitor *mon, JsonObject *args,
+                             JsonNode **ret, GError **error);
+bool strata_qmp_query_named_block_nodes(StrataMonitor *mon,
+                                        JsonObject *args, JsonNode **ret,
+                                        GError **error);
+bool strata_qmp_query_block(StrataMonitor *mon, JsonObject *args,
+                            JsonNode **ret, GError **error);
+bool strata_qmp_x_debug_query_block_graph(StrataMonitor *mon,
+                                          JsonObject *args, JsonNode **ret,
+                                          GError **error);
+bool strata_qmp_block_resize(StrataMonitor *mon, JsonObject *args,
+                             JsonNode **ret, GError **error);
+
+/* ---- server.c ---- */
+
+typedef struct StrataQmpServer StrataQmpServer;
+
+StrataQmpServer *strata_qmp_server_new(StrataMonitor *mon, const char *path,
+                                       GError **error);
+void strata_qmp_server_free(StrataQmpServer *srv);
+unsigned strata_qmp_server_client_count(StrataQmpServer *srv);
+/* Clients whose input waited for a command to finish read again. */
+void strata_qmp_server_resume(StrataQmpServer *srv);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,336 @@
+/* strata — QMP on a UNIX socket: listening, clients, buffered output.
+ *
+ * Unlike QSD, which serves one client per socket, every client that
+ * connects gets its greeting at once and is served side by side.  Each
+ * client's cost is bounded: its input through the JSON splitter's
+ * limits, its output by MAX_PENDING_OUTPUT (a client that does not read
+ * its replies and events is dropped rather than buffered for forever).
+ *
+ * A command may iterate the main loop (the block layer waits for I/O that
+ * way); meanwhile clients' input waits unread in the kernel, so that one
+ * command never starts inside another.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+#include <gio/gio.h>
+#include <gio/gunixsocketaddress.h>
+
+#include "strata-util.h"
+#include "qmp-private.h"
+
+#define MAX_PENDING_OUTPUT (16u << 20)
+#define READ_CHUNK 65536
+
+typedef struct Client Client;
+
+struct StrataQmpServer {
+    StrataMonitor *mon;
+    char *path;
+    GSocketService *service;
+    GList *clients;         /* Client * */
+};
+
+struct Client {
+    int refcnt;
+    StrataQmpServer *srv;
+    GSocketConnection *conn;
+    GSocket *sock;
+    GSource *in_src;
+    GSource *out_src;
+    GString *out;
+    size_t out_pos;
+    bool closed;
+    bool waiting;           /* input paused while a command runs */
+    StrataQmpSession session;
+};
+
+static void client_close(Client *c);
+static gboolean client_readable(GSocket *sock, GIOCondition cond,
+                                void *opaque);
+
+static void client_unref(Client *c)
+{
+    if (--c->refcnt > 0) {
+        return;
+    }
+    g_string_free(c->out, TRUE);
+    g_object_unref(c->conn);
+    g_free(c);
+}
+
+static void drop_source(GSource **src)
+{
+    if (*src) {
+        g_source_destroy(*src);
+        g_source_unref(*src);
+        *src = NULL;
+    }
+}
+
+static gboolean client_writable(GSocket *sock, GIOCondition cond,
+                                void *opaque);
+
+/* Sends what the socket takes now; the rest waits for G_IO_OUT. */
+static void client_flush(Client *c)
+{
+    while (!c->closed && c->out_pos < c->out->len) {
+        g_autoptr(GError) err = NULL;
+        gssize n = g_socket_send_with_blocking(c->sock,
+                                               c->out->str + c->out_pos,
+                                               c->out->len - c->out_pos,
+                                               FALSE, NULL, &err);
+        if (n < 0) {
+            if (g_error_matches(err, G_IO_ERROR, G_IO_ERROR_WOULD_BLOCK)) {
+                if (!c->out_src) {
+                    c->out_src = g_socket_create_source(c->sock, G_IO_OUT,
+                                                        NULL);
+                    g_source_set_callback(c->out_src,
+                                          (GSourceFunc)(void (*)(void))
+                                          client_writable, c, NULL);
+                    g_source_attach(c->out_src,
+                                    g_main_context_get_thread_default());
+                }
+                return;
+            }
+            client_close(c);
+            return;
+        }
+        c->out_pos += (size_t)n;
+    }
+    if (c->out_pos == c->out->len) {
+        g_string_truncate(c->out, 0);
+        c->out_pos = 0;
+        drop_source(&c->out_src);
+    }
+}
+
+static gboolean client_writable(GSocket *sock, GIOCondition cond,
+                                void *opaque)
+{
+    Client *c = opaque;
+
+    c->refcnt++;
+    client_flush(c);
+    client_unref(c);
+    return G_SOURCE_CONTINUE;
+}
+
+static void client_send(StrataQmpSession *s, const char *line, void *opaque)
+{
+    Client *c = opaque;
+
+    if (c->closed) {
+        return;
+    }
+    if (c->out->len - c->out_pos + strlen(line) > MAX_PENDING_OUTPUT) {
+        g_debug("QMP client not reading its replies: disconnected");
+        client_close(c);
+        return;
+    }
+    g_string_append(c->out, line);
+    g_string_append(c->out, "\r\n");
+    client_flush(c);
+}
+
+static void watch_input(Client *c)
+{
+    c->in_src = g_socket_create_source(c->sock, G_IO_IN | G_IO_HUP | G_IO_ERR,
+                                       NULL);
+    g_source_set_callback(c->in_src,
+                          (GSourceFunc)(void (*)(void))client_readable, c,
+                          NULL);
+    g_source_attach(c->in_src, g_main_context_get_thread_default());
+}
+
+/* Writes the quit reply out before the daemon goes away. */
+static void client_finish_quit(Client *c)
+{
+    g_socket_set_blocking(c->sock, TRUE);
+    g_socket_set_timeout(c->sock, 5);
+    while (!c->closed && c->out_pos < c->out->len) {
+        gssize n = g_socket_send(c->sock, c->out->str + c->out_pos,
+                                 c->out->len - c->out_pos, NULL, NULL);
+        if (n <= 0) {
+            break;
+        }
+        c->out_pos += (size_t)n;
+    }
+    c->session.quit_pending = false;
+    strata_monitor_quit_done(c->srv->mon);
+}
+
+static gboolean client_readable(GSocket *sock, GIOCondition cond,
+                                void *opaque)
+{
+    Client *c = opaque;
+    char buf[READ_CHUNK];
+    g_autoptr(GError) err = NULL;
+    gssize n;
+
+    if (strata_monitor_is_busy(c->srv->mon)) {
+        /* Read again when the running command is done. */
+        g_source_unref(c->in_src);
+        c->in_src = NULL;
+        c->waiting = true;
+        return G_SOURCE_REMOVE;
+    }
+    n = g_socket_receive_with_blocking(sock, buf, sizeof(buf), FALSE, NULL,
+                                       &err);
+    if (n < 0 && g_error_matches(err, G_IO_ERROR, G_IO_ERROR_WOULD_BLOCK)) {
+        return G_SOURCE_CONTINUE;
+    }
+    if (n <= 0) {
+        client_close(c);
+        return G_SOURCE_REMOVE;
+    }
+    c->refcnt++;
+    strata_qmp_session_feed(&c->session, buf, (size_t)n);
+    if (!c->closed && c->session.quit_pending) {
+        client_finish_quit(c);
+    }
+    bool closed = c->closed;
+    client_unref(c);
+    return closed ? G_SOURCE_REMOVE : G_SOURCE_CONTINUE;
+}
+
+static void client_close(Client *c)
+{
+    if (c->closed) {
+        return;
+    }
+    c->closed = true;
+    drop_source(&c->in_src);
+    drop_source(&c->out_src);
+    strata_qmp_session_cleanup(&c->session);
+    g_io_stream_close(G_IO_STREAM(c->conn), NULL, NULL);
+    c->srv->clients = g_list_remove(c->srv->clients, c);
+    client_unref(c);
+}
+
+static gboolean on_incoming(GSocketService *service,
+                            GSocketConnection *conn, GObject *source,
+                            void *opaque)
+{
+    StrataQmpServer *srv = opaque;
+    Client *c = g_new0(Client, 1);
+    g_autofree char *greeting = NULL;
+
+    c->refcnt = 1;
+    c->srv = srv;
+    c->conn = g_object_ref(conn);
+    c->sock = g_socket_connection_get_socket(conn);
+    c->out = g_string_new(NULL);
+    g_socket_set_blocking(c->sock, FALSE);
+    srv->clients = g_list_prepend(srv->clients, c);
+    strata_qmp_session_init(&c->session, srv->mon, false, client_send, c);
+    greeting = strata_qmp_greeting(srv->mon);
+    client_send(&c->session, greeting, c);
+    if (!c->closed) {
+        watch_input(c);
+    }
+    return TRUE;
+}
+
+void strata_qmp_server_resume(StrataQmpServer *srv)
+{
+    for (GList *l = srv->clients; l; l = l->next) {
+        Client *c = l->data;
+        if (c->waiting && !c->closed) {
+            c->waiting = false;
+            watch_input(c);
+        }
+    }
+}
+
+unsigned strata_qmp_server_client_count(StrataQmpServer *srv)
+{
+    return g_list_length(srv->clients);
+}
+
+/*
+ * The socket is bound inside a fresh private directory next to @path,
+ * given mode 0600 there, and then renamed into place: nobody can connect
+ * before the mode is right, and @path appears only once it is listening.
+ */
+StrataQmpServer *strata_qmp_server_new(StrataMonitor *mon, const char *path,
+                                       GError **error)
+{
+    g_autofree char *dir = g_path_get_dirname(path);
+    g_autofree char *tmpl = g_build_filename(dir, ".strata-XXXXXX", NULL);
+    g_autofree char *tmp_sock = NULL;
+    g_autoptr(GSocketAddress) addr = NULL;
+    StrataQmpServer *srv;
+    struct stat st;
+
+    if (strlen(path) >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "UNIX socket path '%s' is too long", path);
+        return NULL;
+    }
+    if (lstat(path, &st) == 0) {
+        if (!S_ISSOCK(st.st_mode)) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_EXISTS,
+                        "'%s' exists and is not a socket", path);
+            return NULL;
+        }
+        /* A stale socket of an earlier run, as QEMU replaces it. */
+        unlink(path);
+    }
+    if (!g_mkdtemp_full(tmpl, 0700)) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                    "Failed to create a directory next to '%s': %s", path,
+                    g_strerror(errno));
+        return NULL;
+    }
+    tmp_sock = g_build_filename(tmpl, "s", NULL);
+
+    srv = g_new0(StrataQmpServer, 1);
+    srv->mon = mon;
+    srv->path = g_strdup(path);
+    srv->service = g_socket_service_new();
+    addr = g_unix_socket_address_new(tmp_sock);
+    if (!g_socket_listener_add_address(G_SOCKET_LISTENER(srv->service), addr,
+                                       G_SOCKET_TYPE_STREAM,
+                                       G_SOCKET_PROTOCOL_DEFAULT, NULL, NULL,
+                                       error) ||
+        chmod(tmp_sock, 0600) < 0 || rename(tmp_sock, path) < 0) {
+        if (error && !*error) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                        "Failed to create socket '%s': %s", path,
+                        g_strerror(errno));
+        }
+        unlink(tmp_sock);
+        rmdir(tmpl);
+        g_socket_service_stop(srv->service);
+        g_socket_listener_close(G_SOCKET_LISTENER(srv->service));
+        g_object_unref(srv->service);
+        g_free(srv->path);
+        g_free(srv);
+        return NULL;
+    }
+    rmdir(tmpl);
+    g_signal_connect(srv->service, "incoming", G_CALLBACK(on_incoming), srv);
+    g_socket_service_start(srv->service);
+    return srv;
+}
+
+void strata_qmp_server_free(StrataQmpServer *srv)
+{
+    if (!srv) {
+        return;
+    }
+    g_socket_service_stop(srv->service);
+    g_socket_listener_close(G_SOCKET_LISTENER(srv->service));
+    g_object_unref(srv->service);
+    while (srv->clients) {
+        client_close(srv->clients->data);
+    }
+    unlink(srv->path);
+    g_free(srv->path);
+    g_free(srv);
+}

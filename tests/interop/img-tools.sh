@@ -1,0 +1,278 @@
+#!/usr/bin/env bash
+# strata-img create, info, map, compare, convert, commit, rebase against
+# qemu-img on the same inputs: the same lines, the same JSON (after
+# normalising actual-size), images that qemu-img checks clean and
+# compares equal, and bad input refused with the image left untouched.
+#
+#   img-tools.sh PATH/TO/strata-img
+set -uo pipefail
+
+IMG=${1:?usage: img-tools.sh PATH/TO/strata-img}
+IMG=$(realpath "$IMG")
+command -v qemu-img >/dev/null && command -v qemu-io >/dev/null || {
+    echo "SKIP: qemu-img / qemu-io not installed"; exit 77; }
+command -v python3 >/dev/null || { echo "SKIP: no python3"; exit 77; }
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/img-tools.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+cd "$tmp" || exit 1
+pass=0 fail=0
+ok()  { pass=$((pass + 1)); echo "ok: $*"; }
+bad() { fail=$((fail + 1)); echo "FAIL: $*"; }
+
+qio() { qemu-io "$@" >/dev/null || bad "qemu-io $*"; }
+
+# same_output DESC ARGS...: strata-img and qemu-img print the same.
+same_output() {
+    local what=$1; shift
+    local a b
+    a=$("$IMG" "$@" 2>&1); b=$(qemu-img "$@" 2>&1)
+    if [ "$a" == "$b" ]; then ok "$what"; else
+        bad "$what"; diff <(echo "$a") <(echo "$b") | head -20; fi
+}
+
+# same_json DESC ARGS...: equal JSON once actual-size is dropped.
+norm='import json,sys
+def n(o):
+    if isinstance(o, dict):
+        return {k: n(v) for k, v in o.items() if k != "actual-size"}
+    if isinstance(o, list):
+        return [n(v) for v in o]
+    return o
+print(json.dumps(n(json.load(sys.stdin)), sort_keys=True))'
+same_json() {
+    local what=$1; shift
+    local a b
+    a=$("$IMG" "$@" | python3 -c "$norm"); b=$(qemu-img "$@" | python3 -c "$norm")
+    if [ -n "$a" ] && [ "$a" == "$b" ]; then ok "$what"; else
+        bad "$what: $a vs $b"; fi
+}
+
+# refuse DESC FILE ARGS...: strata-img fails with a message and FILE
+# (may be -) keeps its checksum.
+refuse() {
+    local what=$1 file=$2; shift 2
+    local before="" after=""
+    [ "$file" != - ] && [ -e "$file" ] && before=$(sha256sum "$file")
+    "$IMG" "$@" >out 2>err
+    local st=$?
+    [ "$file" != - ] && [ -e "$file" ] && after=$(sha256sum "$file")
+    if [ $st -eq 0 ]; then bad "$what: exit status 0"
+    elif ! grep -q '^strata-img: ' err; then bad "$what: no message"
+    elif [ "$before" != "$after" ]; then bad "$what: $file changed"
+    else ok "$what ($(head -n 1 err))"; fi
+}
+
+compare_ok() {
+    if qemu-img compare "$2" "$3" >/dev/null 2>&1; then ok "$1"
+    else bad "$1: $(qemu-img compare "$2" "$3" 2>&1)"; fi
+}
+check_ok() {
+    if qemu-img check "$2" >/dev/null 2>&1; then ok "$1"
+    else bad "$1: $(qemu-img check "$2" 2>&1 | head -3)"; fi
+}
+
+# ---- create ----
+for args in "-f qcow2 c1.qcow2 1G" "-f raw c2.img 1M" "-f qcow2 c3.qcow2 1.5k" \
+    "-f qcow2 -o cluster_size=4096,lazy_refcounts=on,refcount_bits=8 c4.qcow2 10M" \
+    "-f qcow2 -o compat=0.10 c5.qcow2 64M" "-f qcow2 -o size=2M c6.qcow2" \
+    "-f qcow2 -b c1.qcow2 -F qcow2 c7.qcow2" "-u -f qcow2 -b gone -F qcow2 c8.qcow2 1M" \
+    "-q -f qcow2 c9.qcow2 1M" "-f raw -o preallocation=off c10.img 1M"; do
+    a=$("$IMG" create $args 2>&1); sa=$?
+    f=$(echo "$args" | awk '{print $(NF-1)}'); [[ $f == *.* ]] || f=$(echo "$args" | awk '{print $NF}')
+    mv "$f" "s-$f" 2>/dev/null
+    b=$(qemu-img create $args 2>&1); sb=$?
+    if [ "$a" == "$b" ] && [ $sa -eq $sb ]; then ok "create $args: same line"
+    else bad "create $args: '$a' vs '$b'"; fi
+    if [ -e "s-$f" ]; then
+        d=$(diff <(qemu-img info --output=json "s-$f" | python3 -c "$norm" | sed "s/s-$f/$f/") \
+                 <(qemu-img info --output=json "$f" | python3 -c "$norm") 2>&1)
+        [ -z "$d" ] && ok "create $args: same image" || bad "create $args: $d"
+        [[ $f == *.qcow2 ]] && [ "$f" != c8.qcow2 ] && check_ok "create $args: check clean" "s-$f"
+    fi
+done
+size7=$(qemu-img info --output=json s-c7.qcow2 | python3 -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"])')
+[ "$size7" == 1073741824 ] && ok "create: size from the backing file" || bad "create: size $size7"
+
+refuse "create: -b without -F" - create -f qcow2 -b c1.qcow2 x1.qcow2
+[ -e x1.qcow2 ] && bad "create -b without -F made a file" || ok "create -b without -F: no file"
+refuse "create: unknown -o named" - create -f qcow2 -o foo=bar x2.qcow2 1M
+grep -q "Invalid parameter 'foo'" err && ok "create: -o foo named" || bad "create: -o foo not named"
+refuse "create: unknown format" - create -f vmdkx x3.qcow2 1M
+refuse "create: no size" - create -f qcow2 x4.qcow2
+refuse "create: size too large" - create -f qcow2 x5.qcow2 100E
+refuse "create: size not a number" - create -f qcow2 x6.qcow2 12abc
+refuse "create: negative size" - create -f qcow2 x7.qcow2 -5
+refuse "create: missing backing" - create -f qcow2 -b gone -F qcow2 x8.qcow2 1M
+refuse "create: bad cluster size" - create -f qcow2 -o cluster_size=1000 x9.qcow2 1M
+refuse "create: nonsense flag" - create --frobnicate -f qcow2 x10.qcow2 1M
+refuse "create: no file name" - create
+
+# ---- a chain to look at: base <- mid <- top ----
+qemu-img create -q -f qcow2 base.qcow2 4M
+qio -c 'write -P 1 0 64k' -c 'write -z 1M 64k' -c 'write -P 3 2M 100k' base.qcow2
+qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 mid.qcow2
+qio -c 'write -P 2 64k 64k' -c 'write -z 2M 64k' mid.qcow2
+qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2
+qio -c 'write -P 4 3M 4k' top.qcow2
+mkdir -p sub
+qemu-img create -q -f qcow2 -b ../base.qcow2 -F qcow2 sub/rel.qcow2
+qemu-img create -q -f qcow2 -o compat=0.10 v2.qcow2 1G
+qemu-img create -q -f raw raw.img 1M
+qio -f raw -c 'write -P 1 4k 4k' raw.img
+
+# ---- info, map ----
+for f in base.qcow2 mid.qcow2 top.qcow2 sub/rel.qcow2 v2.qcow2 raw.img; do
+    same_json "info json $f" info --output=json "$f"
+    same_json "info json chain $f" info --output=json --backing-chain "$f"
+    same_output "info human $f" info --backing-chain "$f"
+    same_output "map json $f" map --output=json "$f"
+    same_output "map human $f" map "$f"
+done
+same_json "info -U -f qcow2" info -U -f qcow2 --output=json top.qcow2
+refuse "info: missing file" - info gone.qcow2
+refuse "info: wrong format" raw.img info -f qcow2 raw.img
+refuse "info: bad --output" top.qcow2 info --output=xml top.qcow2
+refuse "info: nonsense flag" top.qcow2 info --frobnicate top.qcow2
+refuse "map: missing file" - map gone.qcow2
+refuse "map: wrong format" raw.img map -f qcow2 raw.img
+refuse "map: bad --output" top.qcow2 map --output=xml top.qcow2
+
+# ---- compare ----
+cmp_status() {
+    local what=$1 want=$2; shift 2
+    local a b sa sb
+    a=$("$IMG" compare "$@" 2>/dev/null); sa=$?
+    b=$(qemu-img compare "$@" 2>/dev/null); sb=$?
+    if [ $sa -eq "$want" ] && [ $sa -eq $sb ] && [ "$a" == "$b" ]; then ok "$what"
+    else bad "$what: $sa '$a' vs $sb '$b'"; fi
+}
+qemu-img create -q -f raw big.img 2M
+qio -f raw -c 'write -P 1 4k 4k' big.img
+cmp_status "compare: identical" 0 top.qcow2 top.qcow2
+cmp_status "compare: mismatch offset" 1 top.qcow2 mid.qcow2
+cmp_status "compare: size mismatch, equal" 0 raw.img big.img
+cmp_status "compare: strict size mismatch" 1 -s raw.img big.img
+qio -f raw -c 'write -P 5 1536k 1' big.img
+cmp_status "compare: mismatch in the tail" 1 raw.img big.img
+cmp_status "compare: missing file" 2 top.qcow2 gone.qcow2
+cmp_status "compare: wrong format" 2 -F qcow2 top.qcow2 raw.img
+
+# ---- convert ----
+"$IMG" convert -O qcow2 top.qcow2 cv1.qcow2 && check_ok "convert qcow2: clean" cv1.qcow2
+compare_ok "convert qcow2: equal" top.qcow2 cv1.qcow2
+qemu-img convert -O qcow2 top.qcow2 qcv1.qcow2
+same_output "convert qcow2: same map as qemu-img's" map --output=json cv1.qcow2
+[ "$(qemu-img map --output=json cv1.qcow2)" == "$(qemu-img map --output=json qcv1.qcow2)" ] \
+    && ok "convert: holes and zeroes skipped as qemu-img skips them" || bad "convert: allocation differs"
+"$IMG" convert -p -O raw top.qcow2 cv2.raw >progress && compare_ok "convert raw -p: equal" top.qcow2 cv2.raw
+grep -q '(100.00/100%)' progress && ok "convert -p: progress" || bad "convert -p: no progress"
+"$IMG" convert -W -m 16 -O qcow2 -o cluster_size=4k top.qcow2 cv3.qcow2 && check_ok "convert -W -m 16: clean" cv3.qcow2
+compare_ok "convert -W -m 16: equal" top.qcow2 cv3.qcow2
+"$IMG" convert -O qcow2 -B mid.qcow2 -F qcow2 top.qcow2 cv4.qcow2 && compare_ok "convert -B: equal" top.qcow2 cv4.qcow2
+[ "$(qemu-img info --output=json cv4.qcow2 | python3 -c 'import json,sys; print(json.load(sys.stdin)["backing-filename"])')" == mid.qcow2 ] \
+    && ok "convert -B: backing file" || bad "convert -B: backing file"
+"$IMG" convert -O raw raw.img base.qcow2 cat.raw; qemu-img convert -O raw raw.img base.qcow2 qcat.raw
+cmp -s cat.raw qcat.raw && ok "convert: two inputs concatenated" || bad "convert: concatenation differs"
+qemu-img create -q -f qcow2 cv5.qcow2 4M
+qio -c 'write -P 9 0 4M' cv5.qcow2
+"$IMG" convert -n -O qcow2 top.qcow2 cv5.qcow2 && compare_ok "convert -n: zeroes written over old data" top.qcow2 cv5.qcow2
+refuse "convert: -c not yet" - convert -c -O qcow2 top.qcow2 x20.qcow2
+refuse "convert: -m 17" - convert -m 17 -O qcow2 top.qcow2 x21.qcow2
+refuse "convert: unknown -o" - convert -O qcow2 -o foo=1 top.qcow2 x22.qcow2
+grep -q "'foo'" err && ok "convert: -o foo named" || bad "convert: -o foo not named"
+refuse "convert: missing input" - convert -O qcow2 gone.qcow2 x23.qcow2
+refuse "convert: -n missing target" - convert -n -O qcow2 top.qcow2 gone2.qcow2
+refuse "convert: -B without -F" - convert -O qcow2 -B mid.qcow2 top.qcow2 x24.qcow2
+refuse "convert: unknown output format" - convert -O vmdkx top.qcow2 x25.qcow2
+refuse "convert: -n target too small" c2.img convert -n -O raw top.qcow2 c2.img
+refuse "convert: nonsense flag" top.qcow2 convert --frobnicate top.qcow2 x26.qcow2
+
+# ---- commit and rebase: the seeds' offline workflows ----
+# base <- sn1 <- sn2 <- sn3, each layer with data and zeroes of its own.
+mkchain() {
+    rm -rf "$1"; mkdir -p "$1"
+    ( cd "$1" || exit 1
+      qemu-img create -q -f qcow2 base.qcow2 4M
+      qemu-io -c 'write -P 1 0 1M' base.qcow2 >/dev/null
+      for i in 1 2 3; do
+          p=base; [ $i -gt 1 ] && p=sn$((i - 1))
+          qemu-img create -q -f qcow2 -b $p.qcow2 -F qcow2 sn$i.qcow2
+          qemu-io -c "write -P $((i + 1)) $((i * 512))k 256k" \
+                  -c "write -z $((i * 1024 + 100))k 64k" sn$i.qcow2 >/dev/null
+      done )
+}
+mkchain ref; qemu-img convert -O raw ref/sn3.qcow2 ref.raw
+
+# (1) commit sn2, then rebase -u -b sn1 sn3; qemu-img does the same on a copy.
+mkchain w1; mkchain q1
+( cd w1 && "$IMG" commit sn2.qcow2 >commit.out && "$IMG" rebase -u -b sn1.qcow2 -F qcow2 sn3.qcow2 ) \
+    && ok "workflow 1 ran" || bad "workflow 1 failed"
+grep -qx 'Image committed.' w1/commit.out && ok "commit: message" || bad "commit: message"
+( cd q1 && qemu-img commit -q sn2.qcow2 && qemu-img rebase -u -b sn1.qcow2 -F qcow2 sn3.qcow2 )
+compare_ok "workflow 1: sn3 reads as before" ref.raw w1/sn3.qcow2
+compare_ok "workflow 1: sn1 as qemu-img's" q1/sn1.qcow2 w1/sn1.qcow2
+compare_ok "workflow 1: sn2 as qemu-img's" q1/sn2.qcow2 w1/sn2.qcow2
+check_ok "workflow 1: sn1 clean" w1/sn1.qcow2
+check_ok "workflow 1: sn2 clean" w1/sn2.qcow2
+same_json "workflow 1: sn3 info as qemu-img's" info --output=json w1/sn3.qcow2
+
+# (2) safe rebase -b sn1 sn3.
+mkchain w2; mkchain q2
+( cd w2 && "$IMG" rebase -b sn1.qcow2 -F qcow2 sn3.qcow2 ) && ok "workflow 2 ran" || bad "workflow 2 failed"
+( cd q2 && qemu-img rebase -b sn1.qcow2 -F qcow2 sn3.qcow2 )
+compare_ok "workflow 2: sn3 reads as before" ref.raw w2/sn3.qcow2
+compare_ok "workflow 2: as qemu-img's" q2/sn3.qcow2 w2/sn3.qcow2
+check_ok "workflow 2: sn3 clean" w2/sn3.qcow2
+[ "$(qemu-img map --output=json w2/sn3.qcow2)" == "$(qemu-img map --output=json q2/sn3.qcow2)" ] \
+    && ok "workflow 2: copies the clusters qemu-img copies" || bad "workflow 2: allocation differs from qemu-img's"
+
+# rebase -b "" flattens; -p draws progress.
+mkchain w3
+"$IMG" rebase -p -b "" w3/sn3.qcow2 >progress && compare_ok "rebase -b '': flat and equal" ref.raw w3/sn3.qcow2
+qemu-img info w3/sn3.qcow2 | grep -q 'backing file' && bad "rebase -b '': still has a backing file" || ok "rebase -b '': no backing file"
+grep -q '(100.00/100%)' progress && ok "rebase -p: progress" || bad "rebase -p: no progress"
+
+# commit -b base sn3 (implies -d) against qemu-img's.
+mkchain w4; mkchain q4
+"$IMG" commit -q -p -b w4/base.qcow2 w4/sn3.qcow2 >/dev/null && ok "commit -b ran" || bad "commit -b failed"
+( cd q4 && qemu-img commit -q -b base.qcow2 sn3.qcow2 )
+compare_ok "commit -b: base as qemu-img's" q4/base.qcow2 w4/base.qcow2
+compare_ok "commit -b: base reads as sn3 did" ref.raw w4/base.qcow2
+compare_ok "commit -b: sn3 kept (-d implied)" ref.raw w4/sn3.qcow2
+check_ok "commit -b: base clean" w4/base.qcow2
+mkchain w8
+"$IMG" commit -q -b base.qcow2 w8/sn3.qcow2 && compare_ok "commit -b as the chain names it" ref.raw w8/base.qcow2
+mkchain w5
+"$IMG" commit -d -q w5/sn3.qcow2 && compare_ok "commit -d: sn3 kept" ref.raw w5/sn3.qcow2
+compare_ok "commit -d: sn2 has sn3's data" ref.raw w5/sn2.qcow2
+
+# The shared-base refusal, through a symlink too; overlays above are fine.
+mkchain w6
+qemu-img create -q -f qcow2 -b sn1.qcow2 -F qcow2 w6/other.qcow2
+refuse "commit: another image uses the base" w6/sn1.qcow2 commit w6/sn2.qcow2
+grep -q "other.qcow2" err && ok "commit refusal names the other image" || bad "commit refusal: $(cat err)"
+refuse "commit -b: another image uses an intermediate" w6/base.qcow2 commit -b w6/base.qcow2 w6/sn3.qcow2
+rm w6/other.qcow2; ln -s sn1.qcow2 w6/link.qcow2
+qemu-img create -q -f qcow2 -b link.qcow2 -F qcow2 w6/other.qcow2
+refuse "commit: another image uses the base through a symlink" w6/sn1.qcow2 commit w6/sn2.qcow2
+"$IMG" commit -q --force w6/sn2.qcow2 && ok "commit --force overrides" || bad "commit --force refused"
+mkchain w7
+qemu-img create -q -f qcow2 -b sn3.qcow2 -F qcow2 w7/sn4.qcow2
+"$IMG" commit -q w7/sn3.qcow2 && ok "commit: an overlay above the top is no reason to refuse" \
+    || bad "commit refused with only an overlay above"
+compare_ok "commit: the overlay above still reads the same" ref.raw w7/sn4.qcow2
+
+refuse "commit: no backing file" base.qcow2 commit base.qcow2
+refuse "commit: missing file" - commit gone.qcow2
+refuse "commit: -b not in the chain" top.qcow2 commit -b raw.img top.qcow2
+refuse "commit: nonsense flag" top.qcow2 commit --frobnicate top.qcow2
+refuse "rebase: no -b" top.qcow2 rebase top.qcow2
+refuse "rebase: missing new backing" top.qcow2 rebase -b gone.qcow2 -F qcow2 top.qcow2
+refuse "rebase: raw image" raw.img rebase -u -b base.qcow2 -F qcow2 raw.img
+refuse "rebase: missing file" - rebase -b base.qcow2 gone.qcow2
+refuse "rebase: bad -F" top.qcow2 rebase -b base.qcow2 -F vmdkx top.qcow2
+refuse "rebase: nonsense flag" top.qcow2 rebase --frobnicate -b base.qcow2 top.qcow2
+
+echo "$pass passed, $fail failed"
+[ $fail -eq 0 ]

@@ -1,0 +1,230 @@
+/* The in-process monitor (strata-monitor.h), the JSON splitter's limits,
+ * and docs/qmp.md against the schema. */
+#include <check.h>
+#include <string.h>
+#include <glib.h>
+
+#include "strata.h"
+#include "qmp-private.h"
+
+static StrataContext *ctx;
+static StrataMonitor *mon;
+
+static void setup(void)
+{
+    ctx = strata_context_new(NULL, "threads", NULL);
+    ck_assert(ctx);
+    mon = strata_monitor_new(ctx);
+}
+
+static void teardown(void)
+{
+    strata_monitor_free(mon);
+    strata_context_free(ctx);
+}
+
+START_TEST(test_execute)
+{
+    g_autofree char *r1 = strata_monitor_execute(mon,
+        "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+        "\"null-co\", \"node-name\": \"n0\"}, \"id\": 1}");
+    g_autofree char *r2 = strata_monitor_execute(mon,
+        "{\"execute\": \"qmp_capabilities\"} {\"execute\": \"nope\"}");
+    g_autofree char *r3 = strata_monitor_execute(mon, "{\"execute\": ");
+
+    ck_assert_str_eq(r1, "{\"return\": {}, \"id\": 1}\r\n");
+    /* Already in command mode: negotiation is refused as a second one. */
+    ck_assert_str_eq(r2, "{\"error\": {\"class\": \"CommandNotFound\", "
+                         "\"desc\": \"Capabilities negotiation is already "
+                         "complete, command ignored\"}}\r\n"
+                         "{\"error\": {\"class\": \"CommandNotFound\", "
+                         "\"desc\": \"The command nope has not been "
+                         "found\"}}\r\n");
+    ck_assert_str_eq(r3, "");
+    ck_assert(strata_context_find_node(ctx, "n0") != NULL);
+}
+END_TEST
+
+static void on_event(StrataMonitor *m, const char *ev, void *opaque)
+{
+    g_ptr_array_add(opaque, g_strdup(ev));
+}
+
+static void on_quit(StrataMonitor *m, void *opaque)
+{
+    *(int *)opaque += 1;
+}
+
+START_TEST(test_events_and_quit)
+{
+    GPtrArray *evs = g_ptr_array_new_with_free_func(g_free);
+    g_autoptr(JsonObject) data = json_object_new();
+    int quits = 0;
+
+    strata_monitor_set_event_func(mon, on_event, evs,
+                                  (GDestroyNotify)g_ptr_array_unref);
+    strata_monitor_set_quit_func(mon, on_quit, &quits);
+    json_object_set_string_member(data, "id", "e0");
+    strata_monitor_emit_event(mon, "BLOCK_EXPORT_DELETED", data);
+    ck_assert_int_eq(evs->len, 1);
+    ck_assert(g_str_has_prefix(evs->pdata[0], "{\"timestamp\": {\"seconds\": "));
+    ck_assert(g_str_has_suffix(evs->pdata[0], "\"event\": "
+                               "\"BLOCK_EXPORT_DELETED\", \"data\": "
+                               "{\"id\": \"e0\"}}"));
+    g_autofree char *r = strata_monitor_execute(mon,
+        "{\"execute\": \"quit\"}");
+    ck_assert_str_eq(r, "{\"return\": {}}\r\n");
+    ck_assert_int_eq(quits, 1);
+}
+END_TEST
+
+typedef struct {
+    GPtrArray *out;
+} Collect;
+
+static void collect(JsonNode *v, GError *e, void *opaque)
+{
+    GPtrArray *out = opaque;
+
+    if (e) {
+        g_ptr_array_add(out, g_strdup_printf("E:%s", e->message));
+        g_error_free(e);
+    } else {
+        g_ptr_array_add(out, strata_json_to_string(v));
+        json_node_unref(v);
+    }
+}
+
+START_TEST(test_stream_bytewise)
+{
+    /* Byte by byte gives the same texts as one write. */
+    const char *in = "{'a': [1, -2.5e3, true, null]} \"x\\u00e9\" 7 }"
+                     " {\"a\" 1} [1,]\n@x {\"b\": 2}";
+    g_autoptr(GPtrArray) out = g_ptr_array_new_with_free_func(g_free);
+    g_autoptr(StrataJsonStream) js = strata_json_stream_new(collect, out);
+
+    for (size_t i = 0; in[i]; i++) {
+        strata_json_stream_feed(js, in + i, 1);
+    }
+    strata_json_stream_flush(js);
+    ck_assert_int_eq(out->len, 8);
+    ck_assert_str_eq(out->pdata[0], "{\"a\": [1, -2500, true, null]}");
+    ck_assert_str_eq(out->pdata[1], "\"x\\u00E9\"");
+    ck_assert_str_eq(out->pdata[2], "7");
+    ck_assert_str_eq(out->pdata[3], "E:JSON parse error, expecting value");
+    ck_assert_str_eq(out->pdata[4],
+                     "E:JSON parse error, missing : in object pair");
+    ck_assert_str_eq(out->pdata[5], "E:JSON parse error, expecting value");
+    ck_assert_str_eq(out->pdata[6], "E:JSON parse error, stray '@'");
+    ck_assert_str_eq(out->pdata[7], "{\"b\": 2}");
+}
+END_TEST
+
+START_TEST(test_stream_limits)
+{
+    g_autoptr(GPtrArray) out = g_ptr_array_new_with_free_func(g_free);
+    g_autoptr(StrataJsonStream) js = strata_json_stream_new(collect, out);
+    char *deep = g_malloc(2000);
+
+    memset(deep, '{', 2000);
+    strata_json_stream_feed(js, deep, 2000);
+    ck_assert_int_eq(out->len, 1);
+    ck_assert_str_eq(out->pdata[0], "E:JSON nesting depth limit exceeded");
+    /* Nothing of the skipped text is kept. */
+    ck_assert_int_eq(strata_json_stream_pending(js), 0);
+    memset(deep, '}', 2000);
+    strata_json_stream_feed(js, deep, 2000);
+    strata_json_stream_feed(js, "[\"ok\"]", 6);
+    ck_assert_int_eq(out->len, 2);
+    ck_assert_str_eq(out->pdata[1], "[\"ok\"]");
+    g_free(deep);
+
+    /* Many small tokens: the token count bound. */
+    strata_json_stream_feed(js, "[", 1);
+    for (int i = 0; i < 300000; i++) {
+        strata_json_stream_feed(js, "1,", 2);
+    }
+    ck_assert_int_eq(out->len, 3);
+    ck_assert_str_eq(out->pdata[2], "E:JSON token count limit exceeded");
+    strata_json_stream_feed(js, "1] 5 ", 5);
+    ck_assert_str_eq(out->pdata[out->len - 1], "5");
+}
+END_TEST
+
+START_TEST(test_schema_args)
+{
+    g_autoptr(GError) err = NULL;
+    g_autoptr(StrataQmpSchema) s = strata_qmp_schema_new(&err);
+    g_autoptr(JsonNode) a = strata_json_parse_text(
+        "{\"node-name\": \"x\", \"size\": 1.5}", NULL);
+
+    ck_assert(s);
+    ck_assert(!strata_qmp_schema_check_args(s, "block_resize",
+                                            json_node_get_object(a), &err));
+    ck_assert_str_eq(err->message,
+                     "Invalid parameter type for 'size', expected: integer");
+}
+END_TEST
+
+/* docs/qmp.md documents exactly the schema's commands. */
+START_TEST(test_docs_match_schema)
+{
+    g_autoptr(GError) err = NULL;
+    g_autoptr(StrataQmpSchema) s = strata_qmp_schema_new(&err);
+    g_autofree char *path = g_build_filename(STRATA_SRCDIR, "docs", "qmp.md",
+                                             NULL);
+    g_autofree char *doc = NULL;
+    const GPtrArray *cmds = strata_qmp_schema_commands(s);
+    g_auto(GStrv) lines = NULL;
+    unsigned documented = 0;
+
+    ck_assert(g_file_get_contents(path, &doc, NULL, NULL));
+    lines = g_strsplit(doc, "\n", -1);
+    for (guint i = 0; lines[i]; i++) {
+        if (g_str_has_prefix(lines[i], "### `")) {
+            g_autofree char *name = g_strndup(lines[i] + 5,
+                                              strlen(lines[i]) - 6);
+            ck_assert_msg(strata_qmp_schema_has_command(s, name),
+                          "docs/qmp.md documents '%s', not in the schema",
+                          name);
+            documented++;
+        }
+    }
+    for (guint i = 0; i < cmds->len; i++) {
+        g_autofree char *h = g_strdup_printf("### `%s`\n",
+                                             (char *)cmds->pdata[i]);
+        ck_assert_msg(strstr(doc, h), "docs/qmp.md lacks '%s'",
+                      (char *)cmds->pdata[i]);
+    }
+    ck_assert_int_eq(documented, cmds->len);
+}
+END_TEST
+
+static void add(Suite *s, const char *name, const TTest *t, bool fixture)
+{
+    TCase *tc = tcase_create(name);
+    if (fixture) {
+        tcase_add_checked_fixture(tc, setup, teardown);
+    }
+    _tcase_add_test(tc, t, 0, 0, 0, 1);
+    suite_add_tcase(s, tc);
+}
+
+int main(void)
+{
+    Suite *s = suite_create("monitor");
+    SRunner *sr;
+    int failed;
+
+    add(s, "/monitor/execute", test_execute, true);
+    add(s, "/monitor/events-and-quit", test_events_and_quit, true);
+    add(s, "/json-stream/bytewise", test_stream_bytewise, false);
+    add(s, "/json-stream/limits", test_stream_limits, false);
+    add(s, "/qmp/schema/args", test_schema_args, false);
+    add(s, "/qmp/schema/docs", test_docs_match_schema, false);
+    sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? 1 : 0;
+}
