@@ -13,6 +13,7 @@
 #include <glib.h>
 
 #include "../block-private.h"
+#include "qcow2.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -476,6 +477,17 @@ int strata_qcow2_check_snapshot_l1(StrataQcow2State *s,
 /* Reads a snapshot's L1 table (host order) into *@table (g_free). */
 int strata_qcow2_co_read_l1(StrataQcow2State *s, uint64_t offset,
                             uint32_t size, uint64_t **table);
+
+/* ------------------------------------------------------------------ */
+/* check.c                                                             */
+/* ------------------------------------------------------------------ */
+
+/* Coroutine, s->lock held, requests quiesced: strata_qcow2_co_check()'s
+ * body (also run by open on a dirty image). */
+int strata_qcow2_co_check_repair(StrataQcow2State *s,
+                                 StrataQcow2CheckFix fix,
+                                 StrataQcow2CheckResult *res,
+                                 GError **error);
 
 /* ------------------------------------------------------------------ */
 /* qcow2.c, for snapshot.c                                             */

@@ -91,15 +91,6 @@ static bool open_co_body(StrataQcow2State *s, JsonObject *options,
         !strata_qcow2_header_check_features(&s->hdr, s->writable, error)) {
         return false;
     }
-    if ((s->hdr.incompatible_features & STRATA_QCOW2_INCOMPAT_DIRTY) &&
-        s->writable) {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
-                    "qcow2: the image's refcounts are stale (dirty bit "
-                    "set after an unclean shutdown with lazy refcounts); "
-                    "repairing them is not supported yet: run "
-                    "'qemu-img check -r all' first, or open it read-only");
-        return false;
-    }
     if (s->lazy_refcounts_opt && s->hdr.version < 3) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
                     "Lazy refcounts require a qcow2 image with at least "
@@ -160,6 +151,26 @@ static bool open_co_body(StrataQcow2State *s, JsonObject *options,
     s->refcount_cache = strata_qcow2_cache_new(
         s, (unsigned)MIN(sizes.refcount_cache_size / s->cluster_size,
                          (uint64_t)G_MAXINT), (uint32_t)s->cluster_size);
+
+    /* Refcounts left stale by a crash under lazy refcounts are rebuilt
+     * before anything is written, as QEMU does on open. */
+    if ((s->hdr.incompatible_features & STRATA_QCOW2_INCOMPAT_DIRTY) &&
+        s->writable) {
+        StrataQcow2CheckResult res;
+        ret = strata_qcow2_co_check_repair(s, STRATA_QCOW2_CHECK_FIX_ALL,
+                                           &res, error);
+        if (ret < 0) {
+            return false;
+        }
+        if (res.corruptions || res.check_errors ||
+            (s->hdr.incompatible_features & STRATA_QCOW2_INCOMPAT_DIRTY)) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_CORRUPT,
+                        "Could not repair dirty image: %" G_GINT64_FORMAT
+                        " corruptions and %" G_GINT64_FORMAT " errors left",
+                        res.corruptions, res.check_errors);
+            return false;
+        }
+    }
 
     /* Autoclear bits name features a program that does not know them
      * must invalidate; none is implemented here. */

@@ -122,6 +122,51 @@ bool strata_qcow2_co_snapshot_delete(StrataNode *node,
 int strata_qcow2_co_vmstate_rw(StrataNode *node, uint64_t pos, void *buf,
                                uint64_t bytes, bool is_write);
 
+/* ------------------------------------------------------------------ */
+/* Check and repair                                                    */
+/* ------------------------------------------------------------------ */
+
+/* What a check may repair (`qemu-img check -r leaks` / `-r all`). */
+typedef enum {
+    STRATA_QCOW2_CHECK_NO_FIX = 0,
+    STRATA_QCOW2_CHECK_FIX_LEAKS = 1 << 0,
+    STRATA_QCOW2_CHECK_FIX_ERRORS = 1 << 1,
+    STRATA_QCOW2_CHECK_FIX_ALL = (1 << 0) | (1 << 1),
+} StrataQcow2CheckFix;
+
+/* The counts `qemu-img check` reports (its JSON keys with '-'). */
+typedef struct StrataQcow2CheckResult {
+    int64_t corruptions;        /* left after repair */
+    int64_t leaks;              /* left after repair */
+    int64_t check_errors;
+    int64_t corruptions_fixed;
+    int64_t leaks_fixed;
+    int64_t image_end_offset;
+    int64_t allocated_clusters;
+    int64_t total_clusters;
+    int64_t fragmented_clusters;
+    int64_t compressed_clusters;
+} StrataQcow2CheckResult;
+
+/**
+ * strata_qcow2_co_check:
+ * @fix: what to repair; repairs need a writable node
+ * @out: (out): the counts; with repairs, leaks and corruptions are what
+ *   is left, as one pass of QEMU's check counts them (qemu-img then
+ *   checks again to show the final state)
+ *
+ * Coroutine.  Walks all metadata and compares every cluster's refcount
+ * with its references (active and snapshot L1/L2 trees, header, tables,
+ * refcount blocks), checks alignment, reserved bits, COPIED flags and
+ * snapshot entries, as `qemu-img check` does.  Requests are drained
+ * meanwhile.  A successful repair that leaves no corruption clears the
+ * corrupt and dirty bits.  Messages go to g_message() in QEMU's words.
+ *
+ * Returns: false with @error only when the check could not run at all.
+ */
+bool strata_qcow2_co_check(StrataNode *node, StrataQcow2CheckFix fix,
+                           StrataQcow2CheckResult *out, GError **error);
+
 #ifdef __cplusplus
 }
 #endif

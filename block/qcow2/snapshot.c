@@ -215,7 +215,9 @@ static uint8_t *build_table(StrataQcow2State *s, uint64_t *len)
         strata_qcow2_put_be64(h + 24, sn->vm_clock_nsec);
         strata_qcow2_put_be32(h + 32, sn->vm_state_size > UINT32_MAX
                                       ? 0 : (uint32_t)sn->vm_state_size);
-        strata_qcow2_put_be32(h + 36, (uint32_t)(SNAPSHOT_EXTRA_KNOWN + unk));
+        /* What is written is what the entry has from now on. */
+        sn->extra_data_size = (uint32_t)(SNAPSHOT_EXTRA_KNOWN + unk);
+        strata_qcow2_put_be32(h + 36, sn->extra_data_size);
         strata_qcow2_put_be64(h + 40, sn->vm_state_size);
         strata_qcow2_put_be64(h + 48, sn->disk_size);
         strata_qcow2_put_be64(h + 56, sn->icount);

@@ -827,13 +827,25 @@ START_TEST(test_open_errors)
     ck_assert_ptr_nonnull(strstr(err->message, "not in qcow2 format"));
     g_clear_error(&err);
 
-    /* Dirty bit: read-only works, read-write is refused clearly. */
+    /* Dirty bit: read-only leaves it; read-write repairs the refcounts
+     * and clears it. */
     strata_qcow2_put_be64(be, STRATA_QCOW2_INCOMPAT_DIRTY);
     poke(path, 72, be, 8);
-    ck_assert_ptr_null(open_img(path, NULL, &err));
-    ck_assert_ptr_nonnull(strstr(err->message, "dirty"));
-    g_clear_error(&err);
     close_node(must_open(path, "read-only=on"));
+    {
+        g_autofree char *data = NULL;
+        gsize len;
+        ck_assert(g_file_get_contents(path, &data, &len, NULL));
+        ck_assert_uint_eq(strata_qcow2_be64((uint8_t *)data + 72),
+                          STRATA_QCOW2_INCOMPAT_DIRTY);
+    }
+    close_node(must_open(path, NULL));
+    {
+        g_autofree char *data = NULL;
+        gsize len;
+        ck_assert(g_file_get_contents(path, &data, &len, NULL));
+        ck_assert_uint_eq(strata_qcow2_be64((uint8_t *)data + 72), 0);
+    }
 
     /* Unknown autoclear bits are cleared by a read-write open. */
     strata_qcow2_put_be64(be, 0);
@@ -1033,6 +1045,30 @@ END_TEST
 
 typedef struct {
     StrataNode *node;
+    StrataQcow2CheckResult res;
+    bool ok;
+} CheckReq;
+
+static void check_co(void *opaque)
+{
+    CheckReq *r = opaque;
+    r->ok = strata_qcow2_co_check(r->node, STRATA_QCOW2_CHECK_NO_FIX,
+                                  &r->res, NULL);
+}
+
+/* strata's own check finds nothing wrong. */
+static void expect_consistent(StrataNode *n)
+{
+    CheckReq r = { n, { 0 }, false };
+    strata_loop_run_co(ctx->loop, check_co, &r);
+    ck_assert(r.ok);
+    ck_assert_int_eq(r.res.corruptions, 0);
+    ck_assert_int_eq(r.res.leaks, 0);
+    ck_assert_int_eq(r.res.check_errors, 0);
+}
+
+typedef struct {
+    StrataNode *node;
     int op;                 /* 0 create, 1 apply, 2 delete, 3 full */
     const char *id, *name;
     StrataQcow2SnapshotInfo *info;
@@ -1137,6 +1173,7 @@ START_TEST(test_snapshot_ops)
     must_snap(n, 0, "7", "seven");
     must_snap(n, 0, NULL, "eight");
     expect_ids(n, "1=one 2=one 7=seven 8=eight");
+    expect_consistent(n);
     m = snap(n, 0, "7", "again");
     ck_assert_ptr_nonnull(strstr(m, "already exists"));
     g_clear_pointer(&m, g_free);
@@ -1165,6 +1202,7 @@ START_TEST(test_snapshot_ops)
     m = snap(n, 1, NULL, "nope");
     ck_assert_ptr_nonnull(strstr(m, "Can't find snapshot"));
     g_clear_pointer(&m, g_free);
+    expect_consistent(n);
 
     /* Delete all: the active tree owns everything again. */
     must_snap(n, 2, NULL, "2");
@@ -1172,6 +1210,7 @@ START_TEST(test_snapshot_ops)
     must_snap(n, 2, NULL, "8");
     must_snap(n, 2, NULL, "7");
     expect_ids(n, "");
+    expect_consistent(n);
     s = n->opaque;
     ck_assert(s->l1_table[0] & STRATA_QCOW2_OFLAG_COPIED);
     ck_assert_uint_eq(s->hdr.nb_snapshots, 0);
@@ -1253,7 +1292,9 @@ START_TEST(test_snapshot_resize_vmstate)
         ck_assert_uint_eq(in->date_nsec, 5);
         ck_assert_uint_eq(in->disk_size, 1 << 20);
     }
+    expect_consistent(n);
     must_snap(n, 2, NULL, "vm");
+    expect_consistent(n);
     close_node(n);
 }
 END_TEST
