@@ -127,6 +127,12 @@ struct StrataContext {
     GList *backends;
     unsigned auto_name_counter;
     bool fallback_logged;
+    struct StrataNbdServer *nbd_server; /* export-nbd.c; NULL: stopped */
+    GList *exports;             /* StrataExport *, newest first */
+    /* BLOCK_EXPORT_DELETED goes here (export-private.h) */
+    void (*export_event_cb)(StrataContext *ctx, const char *name,
+                            JsonObject *data, void *opaque);
+    void *export_event_opaque;
 };
 
 /* ---- graph.c ---- */

@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "block-private.h"
+#include "export-private.h"
 #include "../util/keyval-private.h"
 
 StrataContext *strata_context_new(GMainContext *main_context,
@@ -40,6 +41,8 @@ void strata_context_free(StrataContext *ctx)
     if (!ctx) {
         return;
     }
+    /* Exports go first: their clients hold backends on the nodes. */
+    strata_exports_shutdown(ctx);
     /* Backends the embedder still holds lose their medium; their
      * handles stay valid until unref. */
     for (GList *l = ctx->backends; l; l = l->next) {

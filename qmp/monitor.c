@@ -57,6 +57,11 @@ static const CommandEntry command_table[] = {
     { "query-block", strata_qmp_query_block },
     { "x-debug-query-block-graph", strata_qmp_x_debug_query_block_graph },
     { "block_resize", strata_qmp_block_resize },
+    { "nbd-server-start", strata_qmp_nbd_server_start },
+    { "nbd-server-stop", strata_qmp_nbd_server_stop },
+    { "block-export-add", strata_qmp_block_export_add },
+    { "block-export-del", strata_qmp_block_export_del },
+    { "query-block-exports", strata_qmp_query_block_exports },
     { NULL, NULL },
 };
 
@@ -428,6 +433,7 @@ StrataMonitor *strata_monitor_new(StrataContext *ctx)
     mon->schema = schema;
     mon->self_out = g_string_new(NULL);
     strata_qmp_session_init(&mon->self, mon, true, self_send, mon);
+    strata_qmp_export_events_connect(mon);
     return mon;
 }
 
@@ -437,6 +443,7 @@ void strata_monitor_free(StrataMonitor *mon)
         return;
     }
     strata_monitor_close_sockets(mon);
+    strata_qmp_export_events_disconnect(mon);
     strata_qmp_session_cleanup(&mon->self);
     if (mon->event_destroy) {
         mon->event_destroy(mon->event_opaque);

@@ -115,6 +115,22 @@ bool strata_qmp_x_debug_query_block_graph(StrataMonitor *mon,
 bool strata_qmp_block_resize(StrataMonitor *mon, JsonObject *args,
                              JsonNode **ret, GError **error);
 
+/* ---- cmd-export.c ---- */
+
+bool strata_qmp_nbd_server_start(StrataMonitor *mon, JsonObject *args,
+                                 JsonNode **ret, GError **error);
+bool strata_qmp_nbd_server_stop(StrataMonitor *mon, JsonObject *args,
+                                JsonNode **ret, GError **error);
+bool strata_qmp_block_export_add(StrataMonitor *mon, JsonObject *args,
+                                 JsonNode **ret, GError **error);
+bool strata_qmp_block_export_del(StrataMonitor *mon, JsonObject *args,
+                                 JsonNode **ret, GError **error);
+bool strata_qmp_query_block_exports(StrataMonitor *mon, JsonObject *args,
+                                    JsonNode **ret, GError **error);
+/* Routes the context's export events (BLOCK_EXPORT_DELETED) to @mon. */
+void strata_qmp_export_events_connect(StrataMonitor *mon);
+void strata_qmp_export_events_disconnect(StrataMonitor *mon);
+
 /* ---- server.c ---- */
 
 typedef struct StrataQmpServer StrataQmpServer;

@@ -17,6 +17,7 @@
 #include <glib-unix.h>
 
 #include "strata.h"
+#include "../block/export-private.h"
 #include "../util/keyval-private.h"
 
 typedef struct {
@@ -362,6 +363,9 @@ int main(int argc, char **argv)
 
     g_main_loop_run(d.loop);
 
+    /* Exports go while the monitors can still hear their
+     * BLOCK_EXPORT_DELETED, as qemu-storage-daemon emits it on quit. */
+    strata_exports_shutdown(ctx);
     /* Clients go first so that no command runs while nodes close;
      * closing the nodes flushes them. */
     strata_monitor_free(mon);

@@ -162,6 +162,11 @@ static void compare_with_qemu(const char *rel)
     buf = g_malloc(len);
     ck_assert_int_eq(run(n, 0, 0, len, buf), 0);
     for (gsize i = 0; i < len; i++) {
+        /* Assert only on a difference: a passing Check assertion still
+         * costs a syscall, and images are megabytes. */
+        if (buf[i] == (uint8_t)raw[i]) {
+            continue;
+        }
         ck_assert_msg(buf[i] == (uint8_t)raw[i],
                       "%s: byte %#zx is %#x, QEMU reads %#x", rel, i, buf[i],
                       (uint8_t)raw[i]);

@@ -296,6 +296,9 @@ START_TEST(test_refblock_packing)
             strata_qcow2_refblock_set(block, order, i, (i * 3) & max);
         }
         for (uint64_t i = 0; i < n; i++) {
+            if (strata_qcow2_refblock_get(block, order, i) == ((i * 3) & max)) {
+                continue;
+            }
             ck_assert_uint_eq(strata_qcow2_refblock_get(block, order, i),
                               (i * 3) & max);
         }
@@ -436,7 +439,12 @@ static void expect(StrataNode *n, uint64_t off, uint64_t len, uint8_t val)
     IoReq r = { n, off, len, -3, 0, b };
     strata_loop_run_co(ctx->loop, io_co, &r);
     ck_assert_int_eq(r.ret, 0);
+    /* Check asserts cost a syscall each, even when they pass: find the
+     * first wrong byte, then assert once. */
     for (uint64_t i = 0; i < len; i++) {
+        if (b[i] == val) {
+            continue;
+        }
         ck_assert_msg(b[i] == val, "byte %#" G_GINT64_MODIFIER "x: %#x, "
                       "expected %#x", off + i, b[i], val);
     }
