@@ -312,8 +312,9 @@ int main(int argc, char **argv)
     Options o = { 0 };
     Daemon d = { 0 };
     g_autoptr(GError) err = NULL;
-    StrataContext *ctx;
-    StrataMonitor *mon;
+    /* Static: a fatal error exits with them alive, and they stay reachable. */
+    static StrataContext *ctx;
+    static StrataMonitor *mon;
     int daemon_fd = -1;
 
     o.blockdevs = g_ptr_array_new_with_free_func(g_free);

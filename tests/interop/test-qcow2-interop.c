@@ -58,7 +58,8 @@ static int sh(char **out, const char *fmt, ...)
     va_list ap;
     g_autofree char *cmd = NULL;
     g_autofree char *full = NULL;
-    g_autofree char *o = NULL, *e = NULL;
+    g_autofree char *o = NULL;
+    g_autofree char *e = NULL;
     int status = -1;
 
     va_start(ap, fmt);
@@ -730,7 +731,8 @@ static void expect_same_check_end(const char *rel, const char *qemu_fix,
     g_autofree char *out = NULL;
     g_autoptr(JsonParser) p = json_parser_new();
     JsonObject *o;
-    g_autofree char *got = NULL, *want = NULL;
+    g_autofree char *got = NULL;
+    g_autofree char *want = NULL;
 
     sh(&out, "qemu-img check %s --output=json %s 2>/dev/null", qemu_fix,
        rel);
