@@ -76,6 +76,8 @@ static int sh(char **out, const char *fmt, ...)
                 WIFEXITED(status) ? WEXITSTATUS(status) : -1, o, e);
     }
     if (out) {
+        /* Callers reuse one variable for several commands. */
+        g_free(*out);
         *out = g_steal_pointer(&o);
     }
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
@@ -390,6 +392,7 @@ static void write_workload(const char *create_opts, bool strata_creates,
         g_autofree char *out = NULL;
         int rc = sh(&out, "qemu-img compare -f raw -F qcow2 ref.raw w.qcow2");
         ck_assert_msg(rc == 0, "qemu-img compare: %d\n%s", rc, out);
+        g_clear_pointer(&out, g_free);
         rc = sh(&out, "qemu-io -r -c 'read -P 0x02 %" G_GUINT64_FORMAT
                 " 100' -c 'read -P 0x08 %" G_GUINT64_FORMAT " 5000' w.qcow2",
                 3 * cs + 100, size + 100);
