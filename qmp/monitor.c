@@ -351,8 +351,8 @@ static void session_input(JsonNode *value, GError *error, void *opaque)
         g_error_free(error);
         return;
     }
-    /* After "quit" nothing more is run. */
-    if (!s->quit_pending) {
+    /* After "quit", or once the peer has gone, nothing more is run. */
+    if (!s->quit_pending && !s->hung_up) {
         dispatch(s, value);
     }
     json_node_unref(value);
@@ -530,12 +530,20 @@ void strata_monitor_emit_event(StrataMonitor *mon, const char *name,
     if (mon->event_fn) {
         mon->event_fn(mon, line, mon->event_opaque);
     }
+    /* Sending may drop a client that has hung up, which unlinks its
+     * session: walk a copy of the list.  Dropping one client never
+     * frees another's session. */
+    g_autoptr(GPtrArray) targets = g_ptr_array_new();
     for (GList *l = mon->sessions; l; l = l->next) {
         StrataQmpSession *s = l->data;
         /* The in-process session's events go through event_fn. */
-        if (s != &mon->self && s->negotiated) {
-            s->send(s, line, s->send_opaque);
+        if (s != &mon->self && s->negotiated && !s->hung_up) {
+            g_ptr_array_add(targets, s);
         }
+    }
+    for (guint i = 0; i < targets->len; i++) {
+        StrataQmpSession *s = targets->pdata[i];
+        s->send(s, line, s->send_opaque);
     }
 }
 

@@ -71,6 +71,7 @@ struct StrataQmpSession {
     bool negotiated;
     bool oob;
     bool quit_pending;      /* "quit" was answered on this session */
+    bool hung_up;           /* the peer is gone: run nothing more */
     StrataJsonStream *js;
     StrataQmpSendFunc send;
     void *send_opaque;
