@@ -26,6 +26,7 @@ struct StrataMonitor {
     GList *sessions;        /* StrataQmpSession *, events go to these */
     GList *servers;         /* StrataQmpServer * */
     unsigned busy;
+    bool quiesced;
     StrataQmpSession self;  /* the in-process session */
     GString *self_out;
 };
@@ -443,7 +444,7 @@ void strata_monitor_free(StrataMonitor *mon)
         return;
     }
     strata_monitor_close_sockets(mon);
-    strata_qmp_export_events_disconnect(mon);
+    strata_monitor_detach_context(mon);
     strata_qmp_session_cleanup(&mon->self);
     if (mon->event_destroy) {
         mon->event_destroy(mon->event_opaque);
@@ -549,7 +550,28 @@ void strata_monitor_emit_event(StrataMonitor *mon, const char *name,
 
 bool strata_monitor_is_busy(StrataMonitor *mon)
 {
-    return mon->busy > 0;
+    return mon->busy > 0 || mon->quiesced;
+}
+
+void strata_monitor_quiesce(StrataMonitor *mon)
+{
+    mon->quiesced = true;
+    for (GList *l = mon->servers; l; l = l->next) {
+        strata_qmp_server_stop_accepting(l->data);
+    }
+}
+
+bool strata_monitor_is_quiesced(StrataMonitor *mon)
+{
+    return mon->quiesced;
+}
+
+void strata_monitor_detach_context(StrataMonitor *mon)
+{
+    if (mon->ctx) {
+        strata_qmp_export_events_disconnect(mon);
+        mon->ctx = NULL;
+    }
 }
 
 bool strata_monitor_listen(StrataMonitor *mon, const char *path,

@@ -44,6 +44,7 @@ struct StrataQmpServer {
     GMainContext *mctx;     /* where every source of the server runs */
     GSocketService *service;
     GSource *resume_src;    /* re-reads paused clients at the top level */
+    bool accepting;
     GList *clients;         /* Client * */
 };
 
@@ -404,7 +405,37 @@ StrataQmpServer *strata_qmp_server_new(StrataMonitor *mon, const char *path,
     g_source_attach(srv->resume_src, srv->mctx);
     g_signal_connect(srv->service, "incoming", G_CALLBACK(on_incoming), srv);
     g_socket_service_start(srv->service);
+    srv->accepting = true;
     return srv;
+}
+
+void strata_qmp_server_stop_accepting(StrataQmpServer *srv)
+{
+    if (srv->accepting) {
+        srv->accepting = false;
+        g_socket_service_stop(srv->service);
+        g_socket_listener_close(G_SOCKET_LISTENER(srv->service));
+    }
+}
+
+/* What is still queued for @c (the last events) is written out, waiting
+ * a little for a slow reader, before the connection closes. */
+static void client_flush_final(Client *c)
+{
+    if (c->closed || c->out_pos >= c->out->len) {
+        return;
+    }
+    drop_source(&c->out_src);
+    g_socket_set_blocking(c->sock, TRUE);
+    g_socket_set_timeout(c->sock, 1);
+    while (c->out_pos < c->out->len) {
+        gssize n = g_socket_send(c->sock, c->out->str + c->out_pos,
+                                 c->out->len - c->out_pos, NULL, NULL);
+        if (n <= 0) {
+            break;
+        }
+        c->out_pos += (size_t)n;
+    }
 }
 
 void strata_qmp_server_free(StrataQmpServer *srv)
@@ -412,11 +443,11 @@ void strata_qmp_server_free(StrataQmpServer *srv)
     if (!srv) {
         return;
     }
-    g_socket_service_stop(srv->service);
-    g_socket_listener_close(G_SOCKET_LISTENER(srv->service));
+    strata_qmp_server_stop_accepting(srv);
     g_object_unref(srv->service);
     drop_source(&srv->resume_src);
     while (srv->clients) {
+        client_flush_final(srv->clients->data);
         client_close(srv->clients->data);
     }
     unlink(srv->path);

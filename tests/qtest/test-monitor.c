@@ -376,6 +376,42 @@ START_TEST(test_hangup_while_fed)
 }
 END_TEST
 
+/* Shutting down: no new client, no command, but events still go out. */
+START_TEST(test_quiesce)
+{
+    int fd = sock_connect();
+    g_autofree char *greeting = sock_line(fd);
+    g_autofree char *caps = NULL, *ev = NULL;
+    g_autoptr(JsonObject) data = json_object_new();
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    int fd2 = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    char ch;
+
+    sock_send(fd, "{\"execute\": \"qmp_capabilities\"}");
+    caps = sock_line(fd);
+    strata_monitor_quiesce(mon);
+    ck_assert(strata_monitor_is_quiesced(mon));
+    g_strlcpy(sa.sun_path, sock_path, sizeof(sa.sun_path));
+    ck_assert_int_ne(connect(fd2, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    close(fd2);
+
+    sock_send(fd, "{\"execute\": \"blockdev-add\", \"arguments\": "
+                  "{\"driver\": \"null-co\", \"node-name\": \"q\"}}");
+    for (int i = 0; i < 50; i++) {
+        g_main_context_iteration(NULL, FALSE);
+        g_usleep(1000);
+    }
+    ck_assert(strata_context_find_node(ctx, "q") == NULL);
+    ck_assert_int_eq(recv(fd, &ch, 1, MSG_DONTWAIT), -1);
+
+    json_object_set_string_member(data, "id", "e2");
+    strata_monitor_emit_event(mon, "BLOCK_EXPORT_DELETED", data);
+    ev = sock_line(fd);
+    ck_assert_msg(strstr(ev, "{\"id\": \"e2\"}") != NULL, "%s", ev);
+    close(fd);
+}
+END_TEST
+
 static void add(Suite *s, const char *name, const TTest *t, bool fixture)
 {
     TCase *tc = tcase_create(name);
@@ -406,6 +442,7 @@ int main(void)
     add_sock(s, "/monitor/socket/no-command-inside-loop-callback",
              test_no_command_inside_loop_callback);
     add_sock(s, "/monitor/socket/hangup-while-fed", test_hangup_while_fed);
+    add_sock(s, "/monitor/socket/quiesce", test_quiesce);
     add(s, "/json-stream/bytewise", test_stream_bytewise, false);
     add(s, "/json-stream/limits", test_stream_limits, false);
     add(s, "/qmp/schema/args", test_schema_args, false);
