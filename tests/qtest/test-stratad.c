@@ -255,6 +255,11 @@ START_TEST(test_cmdline_nbd)
                      "\"f\", \"shutting-down\": false}, "
                      "{\"id\": \"e0\", \"type\": \"nbd\", \"node-name\": "
                      "\"f\", \"shutting-down\": false}]}");
+    /* As QSD: exports' backends are anonymous and attach no device, so
+     * query-block lists nothing, while the nodes are all there. */
+    g_autoptr(JsonNode) qb = ok(s, "{\"execute\": \"query-block\"}");
+    g_autofree char *qbt = qtest_to_string(qb);
+    ck_assert_str_eq(qbt, "{\"return\": []}");
     if (have_qemu_io()) {
         ck_assert_int_eq(qio_once(nbd, "disk", false, "write -P 0xa5 4096 8192",
                                   "read -P 0xa5 4096 8192", &out), 0);
