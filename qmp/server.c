@@ -311,7 +311,7 @@ static gboolean on_incoming(GSocketService *service,
     greeting = strata_qmp_greeting(srv->mon);
     /* Sending may find the peer gone and close (and free) the client:
      * hold it until we are done with it. */
-    c->refcnt++;
+    client_ref(c);
     client_send(&c->session, greeting, c);
     if (!c->closed) {
         watch_input(c);
