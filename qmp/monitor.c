@@ -63,6 +63,15 @@ static const CommandEntry command_table[] = {
     { "block-export-add", strata_qmp_block_export_add },
     { "block-export-del", strata_qmp_block_export_del },
     { "query-block-exports", strata_qmp_query_block_exports },
+    { "blockdev-snapshot-sync", strata_qmp_blockdev_snapshot_sync },
+    { "blockdev-snapshot", strata_qmp_blockdev_snapshot },
+    { "blockdev-snapshot-internal-sync",
+      strata_qmp_blockdev_snapshot_internal_sync },
+    { "blockdev-snapshot-delete-internal-sync",
+      strata_qmp_blockdev_snapshot_delete_internal_sync },
+    { "change-backing-file", strata_qmp_change_backing_file },
+    { "transaction", strata_qmp_transaction },
+    { "x-blockdev-revert", strata_qmp_x_blockdev_revert },
     { NULL, NULL },
 };
 
