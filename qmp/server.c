@@ -229,10 +229,14 @@ static gboolean on_incoming(GSocketService *service,
     srv->clients = g_list_prepend(srv->clients, c);
     strata_qmp_session_init(&c->session, srv->mon, false, client_send, c);
     greeting = strata_qmp_greeting(srv->mon);
+    /* Sending may find the peer gone and close (and free) the client:
+     * hold it until we are done with it. */
+    client_ref(c);
     client_send(&c->session, greeting, c);
     if (!c->closed) {
         watch_input(c);
     }
+    client_unref(c);
     return TRUE;
 }
 

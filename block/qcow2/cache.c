@@ -125,6 +125,14 @@ static int entry_write(StrataQcow2Cache *c, CacheEntry *e)
             return ret;
         }
     }
+    ret = strata_qcow2_co_pre_write_overlap_check(
+        c->s, c == c->s->refcount_cache
+                  ? STRATA_QCOW2_OL_REFCOUNT_BLOCK
+                  : STRATA_QCOW2_OL_ACTIVE_L2 | STRATA_QCOW2_OL_INACTIVE_L2,
+        e->offset, c->entry_size);
+    if (ret < 0) {
+        return ret;
+    }
     ret = strata_node_co_pwrite(file_node(c), e->offset, c->entry_size,
                                 e->table, 0);
     if (ret < 0) {

@@ -35,7 +35,23 @@ StrataQcow2ClusterType strata_qcow2_l2_entry_type(uint64_t entry)
 int strata_qcow2_co_write_header_bytes(StrataQcow2State *s, uint64_t offset,
                                        const void *buf, size_t len)
 {
-    int ret = strata_node_co_pwrite(file_of(s), offset, len, buf, 0);
+    int ret = strata_qcow2_co_pre_write_overlap_check(
+        s, STRATA_QCOW2_OL_MAIN_HEADER, offset, len);
+    if (ret < 0) {
+        return ret;
+    }
+    ret = strata_node_co_pwrite(file_of(s), offset, len, buf, 0);
+    return ret < 0 ? ret : strata_node_co_flush(file_of(s));
+}
+
+int strata_qcow2_co_write_meta(StrataQcow2State *s, int ign, uint64_t offset,
+                               const void *buf, size_t len)
+{
+    int ret = strata_qcow2_co_pre_write_overlap_check(s, ign, offset, len);
+    if (ret < 0) {
+        return ret;
+    }
+    ret = strata_node_co_pwrite(file_of(s), offset, len, buf, 0);
     return ret < 0 ? ret : strata_node_co_flush(file_of(s));
 }
 
@@ -59,8 +75,12 @@ void strata_qcow2_co_signal_corruption(StrataQcow2State *s, const char *fmt,
                   s->node->node_name);
         s->hdr.incompatible_features |= STRATA_QCOW2_INCOMPAT_CORRUPT;
         strata_qcow2_put_be64(be, s->hdr.incompatible_features);
-        strata_qcow2_co_write_header_bytes(s, STRATA_QCOW2_HDR_INCOMPAT, be,
-                                           sizeof(be));
+        /* Straight to the file: this write must not itself be refused
+         * by the overlap check that may have called us. */
+        if (strata_node_co_pwrite(file_of(s), STRATA_QCOW2_HDR_INCOMPAT,
+                                  sizeof(be), be, 0) == 0) {
+            strata_node_co_flush(file_of(s));
+        }
     } else {
         g_warning("qcow2: Image is corrupt: %s (node '%s')", msg,
                   s->node->node_name);
@@ -84,6 +104,182 @@ bool strata_qcow2_overlaps_metadata(StrataQcow2State *s, uint64_t offset,
     return ranges_overlap(offset, size, 0, s->cluster_size) ||
            ranges_overlap(offset, size, s->l1_table_offset, l1_len) ||
            ranges_overlap(offset, size, s->refcount_table_offset, rt_len);
+}
+
+static uint64_t cluster_round(const StrataQcow2State *s, uint64_t bytes)
+{
+    return (bytes + s->cluster_size - 1) & ~(s->cluster_size - 1);
+}
+
+static int overlap_cached(StrataQcow2State *s, int chk, uint64_t offset,
+                          uint64_t size)
+{
+    if ((chk & STRATA_QCOW2_OL_MAIN_HEADER) &&
+        ranges_overlap(offset, size, 0, s->cluster_size)) {
+        return STRATA_QCOW2_OL_MAIN_HEADER;
+    }
+    if ((chk & STRATA_QCOW2_OL_ACTIVE_L1) && s->l1_size &&
+        ranges_overlap(offset, size, s->l1_table_offset,
+                       cluster_round(s, (uint64_t)s->l1_size * 8))) {
+        return STRATA_QCOW2_OL_ACTIVE_L1;
+    }
+    if ((chk & STRATA_QCOW2_OL_REFCOUNT_TABLE) &&
+        ranges_overlap(offset, size, s->refcount_table_offset,
+                       cluster_round(s, s->refcount_table_size * 8))) {
+        return STRATA_QCOW2_OL_REFCOUNT_TABLE;
+    }
+    if ((chk & STRATA_QCOW2_OL_SNAPSHOT_TABLE) && s->snapshots &&
+        s->snapshots->len &&
+        ranges_overlap(offset, size, s->hdr.snapshots_offset,
+                       cluster_round(s, s->snapshots_size))) {
+        return STRATA_QCOW2_OL_SNAPSHOT_TABLE;
+    }
+    if ((chk & STRATA_QCOW2_OL_BITMAP_DIRECTORY) && s->bitmap_dir_size &&
+        ranges_overlap(offset, size, s->bitmap_dir_offset,
+                       cluster_round(s, s->bitmap_dir_size))) {
+        return STRATA_QCOW2_OL_BITMAP_DIRECTORY;
+    }
+    if ((chk & STRATA_QCOW2_OL_ACTIVE_L2) && s->l1_table) {
+        for (uint32_t i = 0; i < s->l1_size; i++) {
+            uint64_t l2 = s->l1_table[i] & STRATA_QCOW2_OFFSET_MASK;
+            if (l2 && ranges_overlap(offset, size, l2, s->cluster_size)) {
+                return STRATA_QCOW2_OL_ACTIVE_L2;
+            }
+        }
+    }
+    if ((chk & STRATA_QCOW2_OL_REFCOUNT_BLOCK) && s->refcount_table) {
+        for (uint64_t i = 0; i < s->refcount_table_size; i++) {
+            uint64_t rb = s->refcount_table[i] &
+                          STRATA_QCOW2_REFT_OFFSET_MASK;
+            if (rb && ranges_overlap(offset, size, rb, s->cluster_size)) {
+                return STRATA_QCOW2_OL_REFCOUNT_BLOCK;
+            }
+        }
+    }
+    if ((chk & STRATA_QCOW2_OL_INACTIVE_L1) && s->snapshots) {
+        for (guint i = 0; i < s->snapshots->len; i++) {
+            StrataQcow2Snapshot *sn = g_ptr_array_index(s->snapshots, i);
+            if (sn->l1_size &&
+                ranges_overlap(offset, size, sn->l1_table_offset,
+                               cluster_round(s, (uint64_t)sn->l1_size * 8))) {
+                return STRATA_QCOW2_OL_INACTIVE_L1;
+            }
+        }
+    }
+    return 0;
+}
+
+int strata_qcow2_co_check_metadata_overlap(StrataQcow2State *s, int ign,
+                                           uint64_t offset, uint64_t size)
+{
+    int chk = s->overlap_check & ~ign;
+    int ret;
+
+    if (!size || !chk) {
+        return 0;
+    }
+    ret = overlap_cached(s, chk, offset, size);
+    if (ret) {
+        return ret;
+    }
+    if ((chk & STRATA_QCOW2_OL_INACTIVE_L2) && s->snapshots &&
+        strata_coroutine_self()) {
+        for (guint i = 0; i < s->snapshots->len; i++) {
+            StrataQcow2Snapshot *sn = g_ptr_array_index(s->snapshots, i);
+            g_autofree uint64_t *l1 = NULL;
+            if (strata_qcow2_check_snapshot_l1(s, sn) < 0 ||
+                strata_qcow2_co_read_l1(s, sn->l1_table_offset, sn->l1_size,
+                                        &l1) < 0) {
+                /* An unreadable table cannot be checked; the snapshot's
+                 * own operations report it. */
+                continue;
+            }
+            for (uint32_t j = 0; j < sn->l1_size; j++) {
+                uint64_t l2 = l1[j] & STRATA_QCOW2_OFFSET_MASK;
+                if (l2 && ranges_overlap(offset, size, l2, s->cluster_size)) {
+                    return STRATA_QCOW2_OL_INACTIVE_L2;
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+static const char *const overlap_names[] = {
+    "main-header", "active-l1", "active-l2", "refcount-table",
+    "refcount-block", "snapshot-table", "inactive-l1", "inactive-l2",
+    "bitmap-directory",
+};
+
+int strata_qcow2_co_pre_write_overlap_check(StrataQcow2State *s, int ign,
+                                            uint64_t offset, uint64_t size)
+{
+    int hit;
+
+    if (s->corrupt && s->writable) {
+        /* Nothing may be written once the image is known to be bad. */
+        return -EIO;
+    }
+    hit = strata_qcow2_co_check_metadata_overlap(s, ign, offset, size);
+    if (!hit) {
+        return 0;
+    }
+    strata_qcow2_co_signal_corruption(s,
+        "Preventing invalid write on metadata (overlaps with %s) at %#"
+        G_GINT64_MODIFIER "x, %" G_GUINT64_FORMAT " bytes",
+        overlap_names[__builtin_ctz((unsigned)hit)], offset, size);
+    return -EIO;
+}
+
+bool strata_qcow2_parse_overlap_check(JsonObject *options, int *mask,
+                                      GError **error)
+{
+    JsonNode *n = options ? json_object_get_member(options, "overlap-check")
+                          : NULL;
+    const char *level = NULL;
+    JsonObject *o = NULL;
+
+    *mask = STRATA_QCOW2_OL_CACHED;
+    if (!n) {
+        return true;
+    }
+    if (JSON_NODE_HOLDS_VALUE(n) &&
+        json_node_get_value_type(n) == G_TYPE_STRING) {
+        level = json_node_get_string(n);
+    } else if (JSON_NODE_HOLDS_OBJECT(n)) {
+        o = json_node_get_object(n);
+        level = strata_opts_get_string(o, "template", "cached");
+    } else {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Parameter 'overlap-check' expects a string or an "
+                    "object");
+        return false;
+    }
+    if (!strcmp(level, "none")) {
+        *mask = 0;
+    } else if (!strcmp(level, "constant")) {
+        *mask = STRATA_QCOW2_OL_CONSTANT;
+    } else if (!strcmp(level, "cached")) {
+        *mask = STRATA_QCOW2_OL_CACHED;
+    } else if (!strcmp(level, "all")) {
+        *mask = STRATA_QCOW2_OL_ALL;
+    } else {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Unsupported value '%s' for qcow2 option "
+                    "'overlap-check'. Allowed are any of the following: "
+                    "none, constant, cached, all", level);
+        return false;
+    }
+    for (unsigned i = 0; o && i < G_N_ELEMENTS(overlap_names); i++) {
+        if (json_object_has_member(o, overlap_names[i])) {
+            if (strata_opts_get_bool(o, overlap_names[i], false)) {
+                *mask |= 1 << i;
+            } else {
+                *mask &= ~(1 << i);
+            }
+        }
+    }
+    return true;
 }
 
 /* The first byte past the last whole cluster the file could hold. */
@@ -128,8 +324,9 @@ int strata_qcow2_co_write_l1_entry(StrataQcow2State *s, uint32_t index)
     uint8_t be[8];
 
     strata_qcow2_put_be64(be, s->l1_table[index]);
-    return strata_qcow2_co_write_header_bytes(
-        s, s->l1_table_offset + (uint64_t)index * 8, be, sizeof(be));
+    return strata_qcow2_co_write_meta(s, STRATA_QCOW2_OL_ACTIVE_L1,
+                                      s->l1_table_offset +
+                                      (uint64_t)index * 8, be, sizeof(be));
 }
 
 int strata_qcow2_co_grow_l1(StrataQcow2State *s, uint64_t min_size)
@@ -165,7 +362,7 @@ int strata_qcow2_co_grow_l1(StrataQcow2State *s, uint64_t min_size)
     for (uint32_t i = 0; i < s->l1_size; i++) {
         strata_qcow2_put_be64(buf + (uint64_t)i * 8, s->l1_table[i]);
     }
-    ret = strata_qcow2_co_write_header_bytes(s, (uint64_t)off, buf, alloc);
+    ret = strata_qcow2_co_write_meta(s, 0, (uint64_t)off, buf, alloc);
     if (ret < 0) {
         return ret;
     }
@@ -225,8 +422,8 @@ static int alloc_l2_table(StrataQcow2State *s, uint32_t l1_index)
     if (ret < 0) {
         return ret;
     }
-    ret = strata_qcow2_co_write_header_bytes(s, (uint64_t)off, table,
-                                             s->cluster_size);
+    ret = strata_qcow2_co_write_meta(s, 0, (uint64_t)off, table,
+                                     s->cluster_size);
     if (ret < 0) {
         return ret;
     }
@@ -253,6 +450,7 @@ int strata_qcow2_co_get_l2_slice(StrataQcow2State *s, uint64_t offset,
     int ret;
 
     *slice = NULL;
+    *index = l2_index % s->l2_slice_entries;
     if (l1_index >= s->l1_size) {
         if (!allocate) {
             return 0;

@@ -13,6 +13,7 @@
 #include <glib.h>
 
 #include "../block-private.h"
+#include "qcow2.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -164,6 +165,54 @@ const char *strata_qcow2_feature_name(const StrataQcow2Header *h,
 
 typedef struct StrataQcow2Cache StrataQcow2Cache;
 
+/* A read of guest data from host clusters, between the lookup and the
+ * end of its I/O: those clusters are not handed out again meanwhile,
+ * even when a write frees them, or the read could return the new
+ * owner's data. */
+typedef struct StrataQcow2Read {
+    uint64_t host_start, host_end; /* bytes */
+    bool deferred;  /* the allocator skipped a free cluster of ours */
+} StrataQcow2Read;
+
+/* One internal snapshot, as its table entry says. */
+typedef struct StrataQcow2Snapshot {
+    uint64_t l1_table_offset;
+    uint32_t l1_size;
+    char *id_str;
+    char *name;
+    uint32_t date_sec;
+    uint32_t date_nsec;
+    uint64_t vm_clock_nsec;
+    uint64_t vm_state_size;
+    uint64_t disk_size;
+    uint64_t icount;            /* UINT64_MAX: not recorded */
+    uint32_t extra_data_size;   /* as read (or written) */
+    /* Extra data past the fields known here, kept on rewrite. */
+    GBytes *unknown_extra;
+} StrataQcow2Snapshot;
+
+/* Metadata kinds of the overlap check (QEMU's QCOW2_OL_* order). */
+enum {
+    STRATA_QCOW2_OL_MAIN_HEADER = 1 << 0,
+    STRATA_QCOW2_OL_ACTIVE_L1 = 1 << 1,
+    STRATA_QCOW2_OL_ACTIVE_L2 = 1 << 2,
+    STRATA_QCOW2_OL_REFCOUNT_TABLE = 1 << 3,
+    STRATA_QCOW2_OL_REFCOUNT_BLOCK = 1 << 4,
+    STRATA_QCOW2_OL_SNAPSHOT_TABLE = 1 << 5,
+    STRATA_QCOW2_OL_INACTIVE_L1 = 1 << 6,
+    STRATA_QCOW2_OL_INACTIVE_L2 = 1 << 7,
+    STRATA_QCOW2_OL_BITMAP_DIRECTORY = 1 << 8,
+};
+#define STRATA_QCOW2_OL_CONSTANT                                            \
+    (STRATA_QCOW2_OL_MAIN_HEADER | STRATA_QCOW2_OL_ACTIVE_L1 |              \
+     STRATA_QCOW2_OL_REFCOUNT_TABLE | STRATA_QCOW2_OL_SNAPSHOT_TABLE |      \
+     STRATA_QCOW2_OL_BITMAP_DIRECTORY)
+#define STRATA_QCOW2_OL_CACHED                                              \
+    (STRATA_QCOW2_OL_CONSTANT | STRATA_QCOW2_OL_ACTIVE_L2 |                 \
+     STRATA_QCOW2_OL_REFCOUNT_BLOCK | STRATA_QCOW2_OL_INACTIVE_L1)
+#define STRATA_QCOW2_OL_ALL                                                 \
+    (STRATA_QCOW2_OL_CACHED | STRATA_QCOW2_OL_INACTIVE_L2)
+
 /* A cluster allocation in flight: writes to its guest clusters wait. */
 typedef struct StrataQcow2Alloc {
     uint64_t guest_start, guest_end; /* cluster-aligned, bytes */
@@ -205,6 +254,17 @@ typedef struct StrataQcow2State {
      * I/O. */
     StrataCoMutex lock;
     GList *allocs;              /* StrataQcow2Alloc * in flight */
+    GList *reads;               /* StrataQcow2Read * in flight */
+
+    /* Internal snapshots, in table order. */
+    GPtrArray *snapshots;       /* StrataQcow2Snapshot * */
+    uint64_t snapshots_size;    /* bytes of the table on disk */
+
+    /* Bitmap directory (from the bitmaps extension), for overlap checks
+     * only: bitmaps themselves are not implemented. */
+    uint64_t bitmap_dir_offset, bitmap_dir_size;
+
+    int overlap_check;          /* STRATA_QCOW2_OL_* kinds checked */
 
     bool writable;
     /* Writes are refused: the dirty bit says refcounts are stale and no
@@ -375,6 +435,24 @@ int strata_qcow2_co_read_compressed(StrataQcow2State *s, uint64_t entry);
 bool strata_qcow2_overlaps_metadata(StrataQcow2State *s, uint64_t offset,
                                     uint64_t size);
 
+/* Which metadata kind (one STRATA_QCOW2_OL_* bit) [@offset, +@size)
+ * hits among the enabled kinds not in @ign, or 0.  Inactive L2 tables
+ * are looked up only in a coroutine (they need the snapshot L1s). */
+int strata_qcow2_co_check_metadata_overlap(StrataQcow2State *s, int ign,
+                                           uint64_t offset, uint64_t size);
+/* Before a write of metadata (or data) at [@offset, +@size): 0, or
+ * -EIO after marking the image corrupt when it would overwrite
+ * metadata of a kind not in @ign. */
+int strata_qcow2_co_pre_write_overlap_check(StrataQcow2State *s, int ign,
+                                            uint64_t offset, uint64_t size);
+/* The overlap-check option (a level name or an object of booleans). */
+bool strata_qcow2_parse_overlap_check(JsonObject *options, int *mask,
+                                      GError **error);
+
+/* Writes metadata at [@offset, +@len) synchronously (write + flush)
+ * after the overlap check (kinds in @ign may be overwritten). */
+int strata_qcow2_co_write_meta(StrataQcow2State *s, int ign, uint64_t offset,
+                               const void *buf, size_t len);
 /* Writes a header field range synchronously (write + flush). */
 int strata_qcow2_co_write_header_bytes(StrataQcow2State *s, uint64_t offset,
                                        const void *buf, size_t len);
@@ -382,6 +460,42 @@ int strata_qcow2_co_write_header_bytes(StrataQcow2State *s, uint64_t offset,
 /* Rewrites cluster 0 from s->hdr (used to change the backing file):
  * keeps unknown header fields and extensions. */
 int strata_qcow2_co_rewrite_header(StrataQcow2State *s, GError **error);
+
+/* ------------------------------------------------------------------ */
+/* snapshot.c                                                          */
+/* ------------------------------------------------------------------ */
+
+void strata_qcow2_snapshot_free(StrataQcow2Snapshot *sn);
+/* Reads and validates the snapshot table at open. */
+int strata_qcow2_co_read_snapshots(StrataQcow2State *s, GError **error);
+/* The guest offset where VM state starts: past the last L1 entry the
+ * disk needs. */
+uint64_t strata_qcow2_vm_state_offset(const StrataQcow2State *s);
+/* Validates a snapshot's L1 location and size. */
+int strata_qcow2_check_snapshot_l1(StrataQcow2State *s,
+                                   const StrataQcow2Snapshot *sn);
+/* Reads a snapshot's L1 table (host order) into *@table (g_free). */
+int strata_qcow2_co_read_l1(StrataQcow2State *s, uint64_t offset,
+                            uint32_t size, uint64_t **table);
+
+/* ------------------------------------------------------------------ */
+/* check.c                                                             */
+/* ------------------------------------------------------------------ */
+
+/* Coroutine, s->lock held, requests quiesced: strata_qcow2_co_check()'s
+ * body (also run by open on a dirty image). */
+int strata_qcow2_co_check_repair(StrataQcow2State *s,
+                                 StrataQcow2CheckFix fix,
+                                 StrataQcow2CheckResult *res,
+                                 GError **error);
+
+/* ------------------------------------------------------------------ */
+/* qcow2.c, for snapshot.c                                             */
+/* ------------------------------------------------------------------ */
+
+/* s->lock not held.  Deallocates the VM state area's clusters
+ * [vm_state_offset, + @bytes) from the active tree. */
+int strata_qcow2_co_discard_vmstate(StrataQcow2State *s, uint64_t bytes);
 
 /* ------------------------------------------------------------------ */
 /* Endianness helpers                                                  */

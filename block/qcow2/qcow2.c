@@ -8,6 +8,7 @@
 #include <glib/gstdio.h>
 
 #include "qcow2-private.h"
+#include "qcow2.h"
 #include "../driver.h"
 
 /* Deeper chains than this are refused rather than recursed into. */
@@ -90,15 +91,6 @@ static bool open_co_body(StrataQcow2State *s, JsonObject *options,
         !strata_qcow2_header_check_features(&s->hdr, s->writable, error)) {
         return false;
     }
-    if ((s->hdr.incompatible_features & STRATA_QCOW2_INCOMPAT_DIRTY) &&
-        s->writable) {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
-                    "qcow2: the image's refcounts are stale (dirty bit "
-                    "set after an unclean shutdown with lazy refcounts); "
-                    "repairing them is not supported yet: run "
-                    "'qemu-img check -r all' first, or open it read-only");
-        return false;
-    }
     if (s->lazy_refcounts_opt && s->hdr.version < 3) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
                     "Lazy refcounts require a qcow2 image with at least "
@@ -123,8 +115,19 @@ static bool open_co_body(StrataQcow2State *s, JsonObject *options,
                                           per_l1);
     }
 
-    if (!strata_qcow2_refcount_init(s, error)) {
+    if (!strata_qcow2_parse_overlap_check(options, &s->overlap_check,
+                                          error) ||
+        !strata_qcow2_refcount_init(s, error)) {
         return false;
+    }
+    for (guint i = 0; i < s->hdr.kept_exts->len; i++) {
+        StrataQcow2Ext *e = g_ptr_array_index(s->hdr.kept_exts, i);
+        gsize elen;
+        const uint8_t *d = g_bytes_get_data(e->data, &elen);
+        if (e->type == STRATA_QCOW2_EXT_BITMAPS && elen >= 24) {
+            s->bitmap_dir_size = strata_qcow2_be64(d + 8);
+            s->bitmap_dir_offset = strata_qcow2_be64(d + 16);
+        }
     }
     if (!read_table(s, s->l1_table_offset, s->l1_size, &s->l1_table,
                     error) ||
@@ -133,6 +136,9 @@ static bool open_co_body(StrataQcow2State *s, JsonObject *options,
         return false;
     }
 
+    if (strata_qcow2_co_read_snapshots(s, error) < 0) {
+        return false;
+    }
     if (!strata_qcow2_cache_sizes(options, s->hdr.size, s->cluster_bits,
                                   &sizes, error)) {
         return false;
@@ -145,6 +151,26 @@ static bool open_co_body(StrataQcow2State *s, JsonObject *options,
     s->refcount_cache = strata_qcow2_cache_new(
         s, (unsigned)MIN(sizes.refcount_cache_size / s->cluster_size,
                          (uint64_t)G_MAXINT), (uint32_t)s->cluster_size);
+
+    /* Refcounts left stale by a crash under lazy refcounts are rebuilt
+     * before anything is written, as QEMU does on open. */
+    if ((s->hdr.incompatible_features & STRATA_QCOW2_INCOMPAT_DIRTY) &&
+        s->writable) {
+        StrataQcow2CheckResult res;
+        ret = strata_qcow2_co_check_repair(s, STRATA_QCOW2_CHECK_FIX_ALL,
+                                           &res, error);
+        if (ret < 0) {
+            return false;
+        }
+        if (res.corruptions || res.check_errors ||
+            (s->hdr.incompatible_features & STRATA_QCOW2_INCOMPAT_DIRTY)) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_CORRUPT,
+                        "Could not repair dirty image: %" G_GINT64_FORMAT
+                        " corruptions and %" G_GINT64_FORMAT " errors left",
+                        res.corruptions, res.check_errors);
+            return false;
+        }
+    }
 
     /* Autoclear bits name features a program that does not know them
      * must invalidate; none is implemented here. */
@@ -312,6 +338,7 @@ static void qcow2_state_free(StrataQcow2State *s)
     g_clear_pointer(&s->refcount_table, g_free);
     g_clear_pointer(&s->cmp_buf, g_free);
     g_clear_pointer(&s->decmp_buf, g_free);
+    g_clear_pointer(&s->snapshots, g_ptr_array_unref);
     strata_qcow2_header_cleanup(&s->hdr);
 }
 
@@ -411,6 +438,10 @@ static int read_backing(StrataQcow2State *s, uint64_t offset, uint64_t n,
     int64_t blen = b ? b->total_bytes : 0;
     uint64_t avail = 0;
 
+    /* The VM state area belongs to this image alone. */
+    if (offset >= strata_qcow2_vm_state_offset(s)) {
+        b = NULL;
+    }
     if (b && blen > 0 && offset < (uint64_t)blen) {
         avail = MIN(n, (uint64_t)blen - offset);
     }
@@ -459,13 +490,26 @@ static int read_internal(StrataQcow2State *s, uint64_t offset,
             if (ret < 0) {
                 return ret;
             }
+        } else if (type == STRATA_QCOW2_CLUSTER_NORMAL) {
+            /* Registered before the lock is dropped: a write that frees
+             * these clusters meanwhile must not give them to anyone
+             * before this read is done. */
+            StrataQcow2Read rd = { host, host + n, false };
+            s->reads = g_list_prepend(s->reads, &rd);
+            strata_co_mutex_unlock(&s->lock);
+            ret = strata_node_co_preadv(file_of(s), host, n, qiov,
+                                        qiov_offset, 0);
+            s->reads = g_list_remove(s->reads, &rd);
+            if (rd.deferred) {
+                uint64_t c = host >> s->cluster_bits;
+                s->free_cluster_index = MIN(s->free_cluster_index, c);
+            }
+            if (ret < 0) {
+                return ret;
+            }
         } else {
             strata_co_mutex_unlock(&s->lock);
             switch (type) {
-            case STRATA_QCOW2_CLUSTER_NORMAL:
-                ret = strata_node_co_preadv(file_of(s), host, n, qiov,
-                                            qiov_offset, 0);
-                break;
             case STRATA_QCOW2_CLUSTER_UNALLOCATED:
                 ret = read_backing(s, offset, n, qiov, qiov_offset);
                 break;
@@ -558,14 +602,10 @@ static int64_t write_chunk(StrataQcow2State *s, uint64_t offset,
     if (type == STRATA_QCOW2_CLUSTER_NORMAL &&
         (entry & STRATA_QCOW2_OFLAG_COPIED)) {
         /* Our own cluster: overwrite in place. */
+        ret = strata_qcow2_co_pre_write_overlap_check(s, 0, host, n);
         strata_co_mutex_unlock(&s->lock);
-        if (strata_qcow2_overlaps_metadata(s, host, n)) {
-            strata_co_mutex_lock(&s->lock);
-            strata_qcow2_co_signal_corruption(s,
-                "Data write at %#" G_GINT64_MODIFIER "x would overwrite "
-                "metadata", host);
-            strata_co_mutex_unlock(&s->lock);
-            return -EIO;
+        if (ret < 0) {
+            return ret;
         }
         ret = strata_node_co_pwritev(file_of(s), host, n, qiov, qiov_offset,
                                      0);
@@ -612,6 +652,12 @@ static int64_t write_chunk(StrataQcow2State *s, uint64_t offset,
         strata_iov_init_buf(&tv, tail, tail_len);
         ret = read_internal(s, offset + n, tail_len, &tv, 0);
         strata_iov_add(&wv, tail, tail_len);
+    }
+    if (ret == 0) {
+        strata_co_mutex_lock(&s->lock);
+        ret = strata_qcow2_co_pre_write_overlap_check(s, 0, (uint64_t)hoff,
+                                                      end - start);
+        strata_co_mutex_unlock(&s->lock);
     }
     if (ret == 0) {
         ret = strata_node_co_pwritev(file_of(s), (uint64_t)hoff,
@@ -892,6 +938,55 @@ static int qcow2_co_flush(StrataNode *node)
 }
 
 /* ------------------------------------------------------------------ */
+/* VM state                                                            */
+/* ------------------------------------------------------------------ */
+
+int strata_qcow2_co_discard_vmstate(StrataQcow2State *s, uint64_t bytes)
+{
+    uint64_t len = (bytes + s->cluster_size - 1) & ~(s->cluster_size - 1);
+    return zap_clusters(s, strata_qcow2_vm_state_offset(s), len,
+                        ZAP_DEALLOCATE);
+}
+
+int strata_qcow2_co_vmstate_rw(StrataNode *node, uint64_t pos, void *buf,
+                               uint64_t bytes, bool is_write)
+{
+    StrataQcow2State *s;
+    uint64_t off, limit;
+    StrataIOVec v;
+    int ret;
+
+    g_return_val_if_fail(node && node->drv == &strata_driver_qcow2 &&
+                         node->opaque, -EINVAL);
+    s = node->opaque;
+    off = strata_qcow2_vm_state_offset(s);
+    /* What the largest L1 table can map. */
+    limit = (uint64_t)(STRATA_QCOW2_MAX_L1_BYTES / 8) <<
+            (s->l2_bits + s->cluster_bits);
+    if (pos > limit - off || bytes > limit - off - pos) {
+        return -EFBIG;
+    }
+    off += pos;
+    strata_iov_init_buf(&v, buf, bytes);
+    if (!is_write) {
+        return read_internal(s, off, bytes, &v, 0);
+    }
+    ret = check_writable(s);
+    if (ret < 0) {
+        return ret;
+    }
+    for (uint64_t done = 0; done < bytes;) {
+        int64_t n = write_chunk(s, off + done, bytes - done, &v,
+                                (size_t)done);
+        if (n < 0) {
+            return (int)n;
+        }
+        done += (uint64_t)n;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
 /* Status, length, resize                                              */
 /* ------------------------------------------------------------------ */
 
@@ -951,6 +1046,12 @@ static int qcow2_co_truncate(StrataNode *node, uint64_t offset, bool exact,
                     "qcow2 image is %s", s->corrupt ? "corrupt"
                                                     : "read-only");
         return ret;
+    }
+    if (s->hdr.version < 3 && s->snapshots && s->snapshots->len) {
+        /* Snapshots record no disk size in v2 (QEMU refuses too). */
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
+                    "Can't resize a v2 image which has snapshots");
+        return -ENOTSUP;
     }
     if (offset & 511) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,

@@ -123,8 +123,25 @@ int strata_qcow2_co_get_refcount(StrataQcow2State *s, uint64_t cluster,
     return 0;
 }
 
+/* Whether a read in flight still uses host cluster @cluster (freed
+ * under it); the read then lowers the hint again when it ends. */
+static bool read_in_flight(StrataQcow2State *s, uint64_t cluster)
+{
+    uint64_t lo = cluster << s->cluster_bits, hi = lo + s->cluster_size;
+
+    for (GList *l = s->reads; l; l = l->next) {
+        StrataQcow2Read *r = l->data;
+        if (r->host_start < hi && lo < r->host_end) {
+            r->deferred = true;
+            return true;
+        }
+    }
+    return false;
+}
+
 /* First run of @n clusters with refcount 0, from the hint upward;
- * clusters the table does not reach count as free. */
+ * clusters the table does not reach count as free, clusters a read in
+ * flight still uses do not. */
 static int find_free(StrataQcow2State *s, uint64_t n, uint64_t *first)
 {
     uint64_t i = s->free_cluster_index, start = i, run = 0;
@@ -141,7 +158,7 @@ static int find_free(StrataQcow2State *s, uint64_t n, uint64_t *first)
             return ret;
         }
         i++;
-        if (rc == 0) {
+        if (rc == 0 && !(s->reads && read_in_flight(s, i - 1))) {
             if (run++ == 0) {
                 start = i - 1;
             }
@@ -156,11 +173,10 @@ static int find_free(StrataQcow2State *s, uint64_t n, uint64_t *first)
 }
 
 /* Writes a freshly built metadata cluster and makes it stable. */
-static int write_sync(StrataQcow2State *s, uint64_t offset, const void *buf,
-                      uint64_t len)
+static int write_sync(StrataQcow2State *s, int ign, uint64_t offset,
+                      const void *buf, uint64_t len)
 {
-    int ret = strata_node_co_pwrite(file_of(s), offset, len, buf, 0);
-    return ret < 0 ? ret : strata_node_co_flush(file_of(s));
+    return strata_qcow2_co_write_meta(s, ign, offset, buf, len);
 }
 
 static int grow_reftable(StrataQcow2State *s, uint64_t min_entries);
@@ -222,12 +238,13 @@ static int ensure_refblock(StrataQcow2State *s, uint64_t cluster)
     }
 
     /* Block first, then the table entry that makes it live. */
-    ret = write_sync(s, b << s->cluster_bits, block, s->cluster_size);
+    ret = write_sync(s, 0, b << s->cluster_bits, block, s->cluster_size);
     if (ret < 0) {
         return ret;
     }
     strata_qcow2_put_be64(be, b << s->cluster_bits);
-    ret = write_sync(s, s->refcount_table_offset + rt_index * 8, be, 8);
+    ret = write_sync(s, STRATA_QCOW2_OL_REFCOUNT_TABLE,
+                     s->refcount_table_offset + rt_index * 8, be, 8);
     if (ret < 0) {
         return ret;
     }
@@ -311,10 +328,13 @@ static int grow_reftable(StrataQcow2State *s, uint64_t min_entries)
         for (uint64_t c = first; c < last; c++) {
             strata_qcow2_refblock_set(buf, s->refcount_order, c - lo, 1);
         }
-        ret = strata_node_co_pwrite(file_of(s),
-                                    (start + table_clusters + k)
-                                    << s->cluster_bits,
-                                    s->cluster_size, buf, 0);
+        uint64_t boff = (start + table_clusters + k) << s->cluster_bits;
+        ret = strata_qcow2_co_pre_write_overlap_check(s, 0, boff,
+                                                      s->cluster_size);
+        if (ret == 0) {
+            ret = strata_node_co_pwrite(file_of(s), boff, s->cluster_size,
+                                        buf, 0);
+        }
         if (ret < 0) {
             return ret;
         }
@@ -335,7 +355,7 @@ static int grow_reftable(StrataQcow2State *s, uint64_t min_entries)
         if (ret < 0) {
             return ret;
         }
-        ret = write_sync(s, start << s->cluster_bits, tb,
+        ret = write_sync(s, 0, start << s->cluster_bits, tb,
                          table_clusters * s->cluster_size);
         if (ret < 0) {
             return ret;

@@ -835,13 +835,25 @@ START_TEST(test_open_errors)
     ck_assert_ptr_nonnull(strstr(err->message, "not in qcow2 format"));
     g_clear_error(&err);
 
-    /* Dirty bit: read-only works, read-write is refused clearly. */
+    /* Dirty bit: read-only leaves it; read-write repairs the refcounts
+     * and clears it. */
     strata_qcow2_put_be64(be, STRATA_QCOW2_INCOMPAT_DIRTY);
     poke(path, 72, be, 8);
-    ck_assert_ptr_null(open_img(path, NULL, &err));
-    ck_assert_ptr_nonnull(strstr(err->message, "dirty"));
-    g_clear_error(&err);
     close_node(must_open(path, "read-only=on"));
+    {
+        g_autofree char *data = NULL;
+        gsize len;
+        ck_assert(g_file_get_contents(path, &data, &len, NULL));
+        ck_assert_uint_eq(strata_qcow2_be64((uint8_t *)data + 72),
+                          STRATA_QCOW2_INCOMPAT_DIRTY);
+    }
+    close_node(must_open(path, NULL));
+    {
+        g_autofree char *data = NULL;
+        gsize len;
+        ck_assert(g_file_get_contents(path, &data, &len, NULL));
+        ck_assert_uint_eq(strata_qcow2_be64((uint8_t *)data + 72), 0);
+    }
 
     /* Unknown autoclear bits are cleared by a read-write open. */
     strata_qcow2_put_be64(be, 0);
@@ -855,6 +867,483 @@ START_TEST(test_open_errors)
         ck_assert(g_file_get_contents(path, &data, &len, NULL));
         ck_assert_uint_eq(strata_qcow2_be64((uint8_t *)data + 88), 0);
     }
+}
+END_TEST
+
+
+/* ---- reads racing with frees ---- */
+
+typedef struct {
+    StrataQcow2State *s;
+    uint64_t off, bytes, host;
+    StrataQcow2ClusterType type;
+} LookupReq;
+
+static void lookup_co(void *opaque)
+{
+    LookupReq *l = opaque;
+    strata_co_mutex_lock(&l->s->lock);
+    ck_assert_int_eq(strata_qcow2_co_get_host_offset(l->s, l->off, &l->bytes,
+                                                     &l->host, &l->type,
+                                                     NULL), 0);
+    strata_co_mutex_unlock(&l->s->lock);
+}
+
+static uint64_t host_of(StrataNode *n, uint64_t off)
+{
+    LookupReq l = { n->opaque, off, 512, 0, 0 };
+    strata_loop_run_co(ctx->loop, lookup_co, &l);
+    return l.type == STRATA_QCOW2_CLUSTER_NORMAL ? l.host : 0;
+}
+
+static void wait_reqs(IoReq *r, int n)
+{
+    for (;;) {
+        bool done = true;
+        for (int i = 0; i < n; i++) {
+            done &= r[i].ret != 1;
+        }
+        if (done) {
+            return;
+        }
+        strata_loop_iterate(ctx->loop, true);
+    }
+}
+
+START_TEST(test_read_free_race)
+{
+    g_autofree char *path = create("race.qcow2", "\"size\": 1048576");
+    StrataNode *n = must_open(path, NULL);
+    StrataQcow2State *s = n->opaque;
+    g_autofree uint8_t *b = g_malloc(65536);
+    IoReq r[3];
+    uint64_t h0;
+
+    ck_assert_int_eq(do_io(n, 0, 65536, 0xaa), 0);
+    h0 = host_of(n, 0);
+    ck_assert_uint_ne(h0, 0);
+
+    /* A read of cluster 0 waits for its I/O; meanwhile a discard frees
+     * the cluster and an allocating write looks for free space. */
+    r[0] = (IoReq){ n, 0, 65536, -3, 1, b };
+    r[1] = (IoReq){ n, 0, 65536, -2, 1, NULL };
+    r[2] = (IoReq){ n, 65536, 65536, 0xbb, 1, NULL };
+    strata_coroutine_enter(strata_coroutine_new(io_co, &r[0]));
+    ck_assert_int_eq(r[0].ret, 1);
+    ck_assert_ptr_nonnull(s->reads);
+    strata_coroutine_enter(strata_coroutine_new(io_co, &r[1]));
+    ck_assert_msg(r[1].ret == 0, "discard did not complete at once");
+    strata_coroutine_enter(strata_coroutine_new(io_co, &r[2]));
+    wait_reqs(r, 3);
+    ck_assert_int_eq(r[0].ret, 0);
+    ck_assert_int_eq(r[2].ret, 0);
+    for (int i = 0; i < 65536; i++) {
+        ck_assert_int_eq(b[i], 0xaa);
+    }
+    /* The freed cluster was not handed to the write under the read. */
+    ck_assert_uint_ne(host_of(n, 65536), h0);
+    ck_assert_ptr_null(s->reads);
+    /* ... and is reused once the read is gone. */
+    ck_assert_int_eq(do_io(n, 2 * 65536, 65536, 0xcc), 0);
+    ck_assert_uint_eq(host_of(n, 2 * 65536), h0);
+    expect(n, 0, 65536, 0);
+    expect(n, 65536, 65536, 0xbb);
+    expect(n, 2 * 65536, 65536, 0xcc);
+    close_node(n);
+}
+END_TEST
+
+/* ---- overlap checks ---- */
+
+static void expect_corrupt_on_disk(const char *path)
+{
+    g_autoptr(GError) err = NULL;
+    ck_assert_ptr_null(open_img(path, NULL, &err));
+    ck_assert_ptr_nonnull(strstr(err->message, "corrupt"));
+}
+
+START_TEST(test_overlap_data_on_refblock)
+{
+    g_autofree char *path = create("ol.qcow2", "\"size\": 1048576");
+    StrataNode *n = must_open(path, NULL);
+    StrataQcow2State *s = n->opaque;
+    uint64_t l2, rb;
+    uint8_t be[8];
+
+    ck_assert_int_eq(do_io(n, 0, 65536, 0x5a), 0);
+    l2 = s->l1_table[0] & STRATA_QCOW2_OFFSET_MASK;
+    rb = s->refcount_table[0];
+    close_node(n);
+
+    /* Guest cluster 1 claims to own the refcount block. */
+    strata_qcow2_put_be64(be, STRATA_QCOW2_OFLAG_COPIED | rb);
+    poke(path, l2 + 8, be, 8);
+
+    n = must_open(path, NULL);
+    ck_assert_int_eq(do_io(n, 65536, 512, 0x01), -EIO);
+    s = n->opaque;
+    ck_assert(s->corrupt);
+    /* Writes elsewhere are refused too once corrupt. */
+    ck_assert_int_eq(do_io(n, 0, 512, 0x02), -EIO);
+    close_node(n);
+    expect_corrupt_on_disk(path);
+    n = must_open(path, "read-only=on");
+    expect(n, 0, 65536, 0x5a);
+    close_node(n);
+    {
+        g_autofree char *data = NULL;
+        gsize len;
+        ck_assert(g_file_get_contents(path, &data, &len, NULL));
+        /* The refcount block was not overwritten. */
+        ck_assert_uint_eq(strata_qcow2_be16((uint8_t *)data + rb), 1);
+        ck_assert_uint_ne((uint8_t)data[rb + 512], 0x01);
+    }
+}
+END_TEST
+
+START_TEST(test_overlap_l2_on_refblock)
+{
+    g_autofree char *path = create("ol2.qcow2", "\"size\": 16777216");
+    StrataNode *n = must_open(path, NULL);
+    StrataQcow2State *s = n->opaque;
+    uint64_t rb = s->refcount_table[0];
+    uint8_t be[8];
+
+    close_node(n);
+    /* The L1 entry names the refcount block as an L2 table. */
+    strata_qcow2_put_be64(be, STRATA_QCOW2_OFLAG_COPIED | rb);
+    poke(path, 0x30000, be, 8);
+    n = must_open(path, NULL);
+    /* Entry 100 of the "table" is 0: the write allocates, and writing
+     * the table back is refused (the flush fails). */
+    ck_assert_int_eq(do_io(n, 100 * 65536, 512, 0x03), -EIO);
+    close_node(n);
+    expect_corrupt_on_disk(path);
+}
+END_TEST
+
+START_TEST(test_overlap_option)
+{
+    g_autofree char *path = create("olo.qcow2", "\"size\": 1048576");
+    g_autoptr(GError) err = NULL;
+    StrataNode *n = must_open(path, "overlap-check=none");
+    StrataQcow2State *s = n->opaque;
+
+    ck_assert_int_eq(s->overlap_check, 0);
+    close_node(n);
+    n = must_open(path, "overlap-check=all");
+    s = n->opaque;
+    ck_assert_int_eq(s->overlap_check, STRATA_QCOW2_OL_ALL);
+    close_node(n);
+    n = must_open(path, "overlap-check.template=constant,"
+                  "overlap-check.refcount-block=on,"
+                  "overlap-check.main-header=off");
+    s = n->opaque;
+    ck_assert_int_eq(s->overlap_check,
+                     (STRATA_QCOW2_OL_CONSTANT |
+                      STRATA_QCOW2_OL_REFCOUNT_BLOCK) &
+                     ~STRATA_QCOW2_OL_MAIN_HEADER);
+    close_node(n);
+    ck_assert_ptr_null(open_img(path, "overlap-check=most", &err));
+    ck_assert_ptr_nonnull(strstr(err->message, "overlap-check"));
+}
+END_TEST
+
+/* ---- internal snapshots ---- */
+
+typedef struct {
+    StrataNode *node;
+    StrataQcow2CheckResult res;
+    bool ok;
+} CheckReq;
+
+static void check_co(void *opaque)
+{
+    CheckReq *r = opaque;
+    r->ok = strata_qcow2_co_check(r->node, STRATA_QCOW2_CHECK_NO_FIX,
+                                  &r->res, NULL);
+}
+
+/* strata's own check finds nothing wrong. */
+static void expect_consistent(StrataNode *n)
+{
+    CheckReq r = { n, { 0 }, false };
+    strata_loop_run_co(ctx->loop, check_co, &r);
+    ck_assert(r.ok);
+    ck_assert_int_eq(r.res.corruptions, 0);
+    ck_assert_int_eq(r.res.leaks, 0);
+    ck_assert_int_eq(r.res.check_errors, 0);
+}
+
+typedef struct {
+    StrataNode *node;
+    int op;                 /* 0 create, 1 apply, 2 delete, 3 full */
+    const char *id, *name;
+    StrataQcow2SnapshotInfo *info;
+    GError *err;
+    bool ok;
+} SnapReq;
+
+static void snap_co(void *opaque)
+{
+    SnapReq *r = opaque;
+    switch (r->op) {
+    case 0:
+        r->ok = strata_qcow2_co_snapshot_create(r->node, r->id, r->name,
+                                                &r->err);
+        break;
+    case 1:
+        r->ok = strata_qcow2_co_snapshot_apply(r->node, r->name, &r->err);
+        break;
+    case 2:
+        r->ok = strata_qcow2_co_snapshot_delete(r->node, r->name, &r->err);
+        break;
+    default:
+        r->ok = strata_qcow2_co_snapshot_create_full(r->node, r->info,
+                                                     &r->err);
+        break;
+    }
+}
+
+/* Runs a snapshot operation; returns the error message or NULL. */
+static char *snap(StrataNode *n, int op, const char *id, const char *name)
+{
+    SnapReq r = { n, op, id, name, NULL, NULL, false };
+    strata_loop_run_co(ctx->loop, snap_co, &r);
+    ck_assert(r.ok == (r.err == NULL));
+    if (r.err) {
+        char *m = g_strdup(r.err->message);
+        g_error_free(r.err);
+        return m;
+    }
+    return NULL;
+}
+
+static void must_snap(StrataNode *n, int op, const char *id,
+                      const char *name)
+{
+    g_autofree char *m = snap(n, op, id, name);
+    ck_assert_msg(m == NULL, "%s", m);
+}
+
+static void expect_ids(StrataNode *n, const char *want)
+{
+    g_autoptr(GPtrArray) l = strata_qcow2_snapshot_list(n, NULL);
+    g_autoptr(GString) got = g_string_new("");
+    for (guint i = 0; i < l->len; i++) {
+        StrataQcow2SnapshotInfo *in = g_ptr_array_index(l, i);
+        g_string_append_printf(got, "%s%s=%s", i ? " " : "", in->id,
+                               in->name);
+    }
+    ck_assert_str_eq(got->str, want);
+}
+
+typedef struct {
+    StrataNode *node;
+    uint64_t pos, len;
+    uint8_t *buf;
+    bool write;
+    int ret;
+} VmReq;
+
+static void vm_co(void *opaque)
+{
+    VmReq *v = opaque;
+    v->ret = strata_qcow2_co_vmstate_rw(v->node, v->pos, v->buf, v->len,
+                                        v->write);
+}
+
+static int vmstate(StrataNode *n, uint64_t pos, uint8_t *buf, uint64_t len,
+                   bool write)
+{
+    VmReq v = { n, pos, len, buf, write, 1 };
+    strata_loop_run_co(ctx->loop, vm_co, &v);
+    return v.ret;
+}
+
+START_TEST(test_snapshot_ops)
+{
+    g_autofree char *path = create("sn.qcow2", "\"size\": 4194304");
+    StrataNode *n = must_open(path, NULL);
+    StrataQcow2State *s = n->opaque;
+    g_autofree char *m = NULL;
+    uint64_t h0;
+
+    ck_assert_int_eq(do_io(n, 0, 1 << 20, 0x11), 0);
+    h0 = host_of(n, 0);
+    must_snap(n, 0, NULL, "one");
+    /* Shared now: COPIED gone from the active L1 and L2. */
+    ck_assert(!(s->l1_table[0] & STRATA_QCOW2_OFLAG_COPIED));
+    ck_assert_int_eq(do_io(n, 0, 4096, 0x22), 0);
+    ck_assert_uint_ne(host_of(n, 0), h0);   /* copied on write */
+    ck_assert(s->l1_table[0] & STRATA_QCOW2_OFLAG_COPIED);
+    must_snap(n, 0, NULL, "one");            /* names may repeat */
+    must_snap(n, 0, "7", "seven");
+    must_snap(n, 0, NULL, "eight");
+    expect_ids(n, "1=one 2=one 7=seven 8=eight");
+    expect_consistent(n);
+    m = snap(n, 0, "7", "again");
+    ck_assert_ptr_nonnull(strstr(m, "already exists"));
+    g_clear_pointer(&m, g_free);
+
+    ck_assert_int_eq(do_io(n, 8192, 4096, 0x33), 0);
+    close_node(n);
+    n = must_open(path, NULL);
+    expect_ids(n, "1=one 2=one 7=seven 8=eight");
+    {
+        g_autoptr(GPtrArray) l = strata_qcow2_snapshot_list(n, NULL);
+        StrataQcow2SnapshotInfo *in = g_ptr_array_index(l, 0);
+        ck_assert_uint_eq(in->disk_size, 4 << 20);
+        ck_assert_uint_eq(in->vm_state_size, 0);
+        ck_assert_uint_eq(in->icount, 0);
+        ck_assert_uint_ge(in->date_sec, 1600000000u);
+    }
+    expect(n, 0, 4096, 0x22);
+    expect(n, 8192, 4096, 0x33);
+
+    /* Apply: ID first, then name. */
+    must_snap(n, 1, NULL, "1");
+    expect(n, 0, 1 << 20, 0x11);
+    must_snap(n, 1, NULL, "seven");
+    expect(n, 0, 4096, 0x22);
+    expect(n, 4096, 4096, 0x11);
+    m = snap(n, 1, NULL, "nope");
+    ck_assert_ptr_nonnull(strstr(m, "Can't find snapshot"));
+    g_clear_pointer(&m, g_free);
+    expect_consistent(n);
+
+    /* Delete all: the active tree owns everything again. */
+    must_snap(n, 2, NULL, "2");
+    must_snap(n, 2, NULL, "one");
+    must_snap(n, 2, NULL, "8");
+    must_snap(n, 2, NULL, "7");
+    expect_ids(n, "");
+    expect_consistent(n);
+    s = n->opaque;
+    ck_assert(s->l1_table[0] & STRATA_QCOW2_OFLAG_COPIED);
+    ck_assert_uint_eq(s->hdr.nb_snapshots, 0);
+    ck_assert_uint_eq(s->hdr.snapshots_offset, 0);
+    h0 = host_of(n, 4096);
+    ck_assert_int_eq(do_io(n, 4096, 512, 0x44), 0);
+    ck_assert_uint_eq(host_of(n, 4096), h0); /* in place */
+    close_node(n);
+
+    n = must_open(path, NULL);
+    expect(n, 0, 4096, 0x22);
+    expect(n, 4096, 512, 0x44);
+    expect(n, 4608, (1 << 20) - 4608, 0x11);
+    expect(n, 1 << 20, 3 << 20, 0);
+    close_node(n);
+}
+END_TEST
+
+START_TEST(test_snapshot_resize_vmstate)
+{
+    g_autofree char *path = create("snv.qcow2", "\"size\": 1048576, "
+                                   "\"cluster_size\": 4096");
+    StrataNode *n = must_open(path, NULL);
+    g_autofree uint8_t *vm = g_malloc(100000);
+    g_autofree uint8_t *back = g_malloc(100000);
+    g_autoptr(GError) err = NULL;
+    StrataQcow2SnapshotInfo info = { 0 };
+
+    ck_assert_int_eq(do_io(n, 0, 4096, 0x55), 0);
+    for (int i = 0; i < 100000; i++) {
+        vm[i] = (uint8_t)(i * 7);
+    }
+    ck_assert_int_eq(vmstate(n, 0, vm, 100000, true), 0);
+    ck_assert_int_eq(vmstate(n, 0, back, 100000, false), 0);
+    ck_assert_int_eq(memcmp(vm, back, 100000), 0);
+    info.name = "vm";
+    info.vm_state_size = 100000;
+    info.vm_clock_nsec = 123456789;
+    info.icount = UINT64_MAX;
+    info.date_sec = 1700000000;
+    info.date_nsec = 5;
+    {
+        SnapReq r = { n, 3, NULL, NULL, &info, NULL, false };
+        strata_loop_run_co(ctx->loop, snap_co, &r);
+        ck_assert_msg(r.ok, "%s", r.err ? r.err->message : "");
+    }
+    /* The active tree dropped the VM state. */
+    ck_assert_int_eq(vmstate(n, 0, back, 100000, false), 0);
+    for (int i = 0; i < 100000; i++) {
+        ck_assert_int_eq(back[i], 0);
+    }
+    /* Grow, write past the old end, then go back. */
+    {
+        TruncReq t = { n, 4 << 20, &err, 1 };
+        strata_loop_run_co(ctx->loop, trunc_co, &t);
+        ck_assert_msg(t.ret == 0, "%s", err ? err->message : "");
+    }
+    ck_assert_int_eq(do_io(n, 3 << 20, 4096, 0x66), 0);
+    close_node(n);
+    n = must_open(path, NULL);
+    ck_assert_int_eq(strata_node_get_length(n), 4 << 20);
+    must_snap(n, 1, NULL, "vm");
+    ck_assert_int_eq(strata_node_get_length(n), 1 << 20);
+    expect(n, 0, 4096, 0x55);
+    ck_assert_int_eq(vmstate(n, 0, back, 100000, false), 0);
+    ck_assert_int_eq(memcmp(vm, back, 100000), 0);
+    close_node(n);
+
+    n = must_open(path, NULL);
+    ck_assert_int_eq(strata_node_get_length(n), 1 << 20);
+    {
+        g_autoptr(GPtrArray) l = strata_qcow2_snapshot_list(n, NULL);
+        StrataQcow2SnapshotInfo *in = g_ptr_array_index(l, 0);
+        ck_assert_str_eq(in->id, "1");
+        ck_assert_uint_eq(in->vm_state_size, 100000);
+        ck_assert_uint_eq(in->vm_clock_nsec, 123456789);
+        ck_assert_uint_eq(in->icount, UINT64_MAX);
+        ck_assert_uint_eq(in->date_sec, 1700000000);
+        ck_assert_uint_eq(in->date_nsec, 5);
+        ck_assert_uint_eq(in->disk_size, 1 << 20);
+    }
+    expect_consistent(n);
+    must_snap(n, 2, NULL, "vm");
+    expect_consistent(n);
+    close_node(n);
+}
+END_TEST
+
+START_TEST(test_snapshot_errors)
+{
+    g_autofree char *p1 = create("s1.qcow2", "\"size\": 1048576, "
+                                 "\"refcount_bits\": 1");
+    g_autofree char *p2 = create("s2.qcow2", "\"size\": 1048576");
+    g_autoptr(GError) err = NULL;
+    StrataNode *n = must_open(p1, NULL);
+    g_autofree char *m = snap(n, 0, NULL, "x");
+    uint8_t be[8];
+
+    ck_assert_ptr_nonnull(strstr(m, "one bit"));
+    g_clear_pointer(&m, g_free);
+    close_node(n);
+
+    n = must_open(p2, "read-only=on");
+    m = snap(n, 0, NULL, "x");
+    ck_assert_ptr_nonnull(strstr(m, "read-only"));
+    g_clear_pointer(&m, g_free);
+    close_node(n);
+
+    /* Not a qcow2 node. */
+    ck_assert_ptr_null(strata_qcow2_snapshot_list(NULL, &err));
+    ck_assert_ptr_nonnull(strstr(err->message, "not a qcow2 node"));
+    g_clear_error(&err);
+
+    /* A table entry with too much extra data is refused at open. */
+    n = must_open(p2, NULL);
+    must_snap(n, 0, NULL, "x");
+    {
+        StrataQcow2State *s = n->opaque;
+        uint64_t t = s->hdr.snapshots_offset;
+        close_node(n);
+        strata_qcow2_put_be32(be, 1025);
+        poke(p2, t + 36, be, 4);
+    }
+    ck_assert_ptr_null(open_img(p2, NULL, &err));
+    ck_assert_ptr_nonnull(strstr(err->message, "extra metadata"));
 }
 END_TEST
 
@@ -894,6 +1383,20 @@ int main(void)
     strata_test_add(s, "/qcow2/garbage/l2-entries", test_bad_l2_entries,
                     setup, teardown);
     strata_test_add(s, "/qcow2/open/errors", test_open_errors, setup,
+                    teardown);
+    strata_test_add(s, "/qcow2/race/read-free", test_read_free_race, setup,
+                    teardown);
+    strata_test_add(s, "/qcow2/overlap/data-on-refblock",
+                    test_overlap_data_on_refblock, setup, teardown);
+    strata_test_add(s, "/qcow2/overlap/l2-on-refblock",
+                    test_overlap_l2_on_refblock, setup, teardown);
+    strata_test_add(s, "/qcow2/overlap/option", test_overlap_option, setup,
+                    teardown);
+    strata_test_add(s, "/qcow2/snapshot/ops", test_snapshot_ops, setup,
+                    teardown);
+    strata_test_add(s, "/qcow2/snapshot/resize-vmstate",
+                    test_snapshot_resize_vmstate, setup, teardown);
+    strata_test_add(s, "/qcow2/snapshot/errors", test_snapshot_errors, setup,
                     teardown);
     return strata_test_run(s);
 }

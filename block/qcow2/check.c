@@ -1,0 +1,594 @@
+/* strata — qcow2 check and repair: every cluster's refcount against the
+ * references the metadata makes to it, counted as `qemu-img check`
+ * counts them (leaks: refcount too high; corruptions: too low, or any
+ * malformed entry), with repair of both by adjusting refcounts and of
+ * COPIED flags in the active tree.
+ *
+ * Findings are printed with g_printerr() in the words QEMU uses, so a
+ * tool can show them as qemu-img does.
+ */
+#include <errno.h>
+#include <string.h>
+
+#include "qcow2-private.h"
+
+typedef struct Check {
+    StrataQcow2State *s;
+    StrataQcow2CheckResult *res;
+    StrataQcow2CheckFix fix;
+    uint32_t *refs;            /* references per host cluster */
+    uint64_t nb_clusters;      /* clusters the file holds */
+} Check;
+
+static StrataNode *file_of(StrataQcow2State *s)
+{
+    return s->node->file->node;
+}
+
+/* Counts one reference to every cluster of [offset, offset + size). */
+static void add_refs(Check *c, uint64_t offset, uint64_t size)
+{
+    StrataQcow2State *s = c->s;
+    uint64_t first, last;
+
+    if (!size) {
+        return;
+    }
+    first = offset >> s->cluster_bits;
+    last = (offset + size - 1) >> s->cluster_bits;
+    for (uint64_t i = first; i <= last; i++) {
+        if (i >= c->nb_clusters) {
+            g_printerr("ERROR: cluster %" G_GUINT64_FORMAT " (offset %#"
+                       G_GINT64_MODIFIER "x) is referenced past the end of "
+                       "the image file\n", i, i << s->cluster_bits);
+            c->res->corruptions++;
+            continue;
+        }
+        if (c->refs[i] < UINT32_MAX) {
+            c->refs[i]++;
+        }
+    }
+}
+
+static int read_l2(Check *c, uint64_t offset, uint64_t *table)
+{
+    StrataQcow2State *s = c->s;
+    int ret = strata_node_co_pread(file_of(s), offset, s->cluster_size,
+                                   table, 0);
+    if (ret < 0) {
+        g_printerr("ERROR: I/O error in check_refcounts_l2: %s\n",
+                   g_strerror(-ret));
+        c->res->check_errors++;
+        return ret;
+    }
+    for (uint64_t i = 0; i < s->l2_size; i++) {
+        table[i] = GUINT64_FROM_BE(table[i]);
+    }
+    return 0;
+}
+
+/* One L2 table's entries; @frag: fragmentation statistics (active tree
+ * only), with *@next the host offset that would be contiguous. */
+static int check_l2(Check *c, uint64_t l2_offset, bool frag, uint64_t *next)
+{
+    StrataQcow2State *s = c->s;
+    g_autofree uint64_t *t = g_malloc(s->cluster_size);
+    int ret = read_l2(c, l2_offset, t);
+
+    if (ret < 0) {
+        return ret;
+    }
+    for (uint64_t i = 0; i < s->l2_size; i++) {
+        uint64_t e = t[i];
+        uint64_t host = e & STRATA_QCOW2_OFFSET_MASK;
+
+        switch (strata_qcow2_l2_entry_type(e)) {
+        case STRATA_QCOW2_CLUSTER_COMPRESSED: {
+            uint64_t off = e & s->cluster_offset_mask;
+            uint64_t nb = ((e >> s->csize_shift) & s->csize_mask) + 1;
+            if (e & STRATA_QCOW2_OFLAG_COPIED) {
+                g_printerr("ERROR: coffset=%#" G_GINT64_MODIFIER "x: copied "
+                           "flag must never be set for compressed "
+                           "clusters\n", off);
+                c->res->corruptions++;
+            }
+            if (frag) {
+                c->res->allocated_clusters++;
+                c->res->compressed_clusters++;
+                c->res->fragmented_clusters++;
+            }
+            add_refs(c, off & ~511ull, nb * 512 - 0);
+            break;
+        }
+        case STRATA_QCOW2_CLUSTER_ZERO_ALLOC:
+        case STRATA_QCOW2_CLUSTER_NORMAL:
+            if (e & STRATA_QCOW2_L2_RESERVED) {
+                g_printerr("ERROR found l2 entry with reserved bits set: %#"
+                           G_GINT64_MODIFIER "x\n", e);
+                c->res->corruptions++;
+            }
+            if (frag) {
+                c->res->allocated_clusters++;
+                if (*next && host != *next) {
+                    c->res->fragmented_clusters++;
+                }
+                *next = host + s->cluster_size;
+            }
+            if (host & (s->cluster_size - 1)) {
+                g_printerr("ERROR offset=%" G_GINT64_MODIFIER "x: Data "
+                           "cluster is not properly aligned; L2 entry "
+                           "corrupted.\n", host);
+                c->res->corruptions++;
+                break;
+            }
+            add_refs(c, host, s->cluster_size);
+            break;
+        case STRATA_QCOW2_CLUSTER_ZERO_PLAIN:
+            if (s->hdr.version < 3) {
+                g_printerr("ERROR: zero cluster in a v2 image: l2_entry=%#"
+                           G_GINT64_MODIFIER "x\n", e);
+                c->res->corruptions++;
+            }
+            /* fall through */
+        default:
+            if (e & STRATA_QCOW2_L2_RESERVED) {
+                g_printerr("ERROR found l2 entry with reserved bits set: %#"
+                           G_GINT64_MODIFIER "x\n", e);
+                c->res->corruptions++;
+            }
+            break;
+        }
+    }
+    return 0;
+}
+
+static int check_l1(Check *c, const uint64_t *l1, uint32_t l1_size,
+                    uint64_t l1_offset, bool active)
+{
+    StrataQcow2State *s = c->s;
+    uint64_t next = 0;
+
+    add_refs(c, l1_offset, (uint64_t)l1_size * 8);
+    for (uint32_t i = 0; i < l1_size; i++) {
+        uint64_t l2 = l1[i] & STRATA_QCOW2_OFFSET_MASK;
+        if (l1[i] & STRATA_QCOW2_L1_RESERVED) {
+            g_printerr("ERROR found L1 entry with reserved bits set: %#"
+                       G_GINT64_MODIFIER "x\n", l1[i]);
+            c->res->corruptions++;
+        }
+        if (!l2) {
+            continue;
+        }
+        add_refs(c, l2, s->cluster_size);
+        if (l2 & (s->cluster_size - 1)) {
+            g_printerr("ERROR l2_offset=%" G_GINT64_MODIFIER "x: Table is "
+                       "not cluster aligned; L1 entry corrupted\n", l2);
+            c->res->corruptions++;
+            continue;
+        }
+        if ((l2 >> s->cluster_bits) >= c->nb_clusters) {
+            continue; /* counted above as past the end */
+        }
+        if (check_l2(c, l2, active, &next) < 0) {
+            return -EIO;
+        }
+    }
+    return 0;
+}
+
+/* COPIED must be set exactly where the on-disk refcount is 1, in the
+ * active tree; repaired with FIX_ERRORS. */
+static int check_copied(Check *c)
+{
+    StrataQcow2State *s = c->s;
+    bool fix = c->fix & STRATA_QCOW2_CHECK_FIX_ERRORS;
+    bool l1_dirty = false;
+    g_autofree uint64_t *t = g_malloc(s->cluster_size);
+    int ret;
+
+    for (uint32_t i = 0; i < s->l1_size; i++) {
+        uint64_t l2 = s->l1_table[i] & STRATA_QCOW2_OFFSET_MASK;
+        bool l2_dirty = false;
+        uint64_t rc;
+
+        if (!l2 || (l2 & (s->cluster_size - 1)) ||
+            (l2 >> s->cluster_bits) >= c->nb_clusters) {
+            continue;
+        }
+        ret = strata_qcow2_co_get_refcount(s, l2 >> s->cluster_bits, &rc);
+        if (ret < 0) {
+            continue;
+        }
+        if ((rc == 1) != !!(s->l1_table[i] & STRATA_QCOW2_OFLAG_COPIED)) {
+            g_printerr("%s OFLAG_COPIED L2 cluster: l1_index=%u l1_entry=%"
+                       G_GINT64_MODIFIER "x refcount=%" G_GUINT64_FORMAT "\n",
+                       fix ? "Repairing" : "ERROR", i, s->l1_table[i], rc);
+            if (fix) {
+                s->l1_table[i] ^= STRATA_QCOW2_OFLAG_COPIED;
+                l1_dirty = true;
+                c->res->corruptions_fixed++;
+            } else {
+                c->res->corruptions++;
+            }
+        }
+        if (read_l2(c, l2, t) < 0) {
+            return -EIO;
+        }
+        for (uint64_t j = 0; j < s->l2_size; j++) {
+            uint64_t e = t[j], host = e & STRATA_QCOW2_OFFSET_MASK;
+            StrataQcow2ClusterType ty = strata_qcow2_l2_entry_type(e);
+            if ((ty != STRATA_QCOW2_CLUSTER_NORMAL &&
+                 ty != STRATA_QCOW2_CLUSTER_ZERO_ALLOC) ||
+                (host & (s->cluster_size - 1))) {
+                continue;
+            }
+            ret = strata_qcow2_co_get_refcount(s, host >> s->cluster_bits,
+                                               &rc);
+            if (ret < 0) {
+                continue;
+            }
+            if ((rc == 1) != !!(e & STRATA_QCOW2_OFLAG_COPIED)) {
+                g_printerr("%s OFLAG_COPIED data cluster: l2_entry=%"
+                           G_GINT64_MODIFIER "x refcount=%" G_GUINT64_FORMAT
+                           "\n", fix ? "Repairing" : "ERROR", e, rc);
+                if (fix) {
+                    t[j] = e ^ STRATA_QCOW2_OFLAG_COPIED;
+                    l2_dirty = true;
+                    c->res->corruptions_fixed++;
+                } else {
+                    c->res->corruptions++;
+                }
+            }
+        }
+        if (l2_dirty) {
+            for (uint64_t j = 0; j < s->l2_size; j++) {
+                t[j] = GUINT64_TO_BE(t[j]);
+            }
+            /* The cache must not hold an older copy of this table. */
+            strata_qcow2_cache_discard_cluster(s->l2_cache, l2,
+                                               s->cluster_size);
+            ret = strata_qcow2_co_write_meta(s, STRATA_QCOW2_OL_ACTIVE_L2,
+                                             l2, t, s->cluster_size);
+            if (ret < 0) {
+                g_printerr("ERROR: Could not write L2 table: %s\n",
+                           g_strerror(-ret));
+                c->res->check_errors++;
+                return ret;
+            }
+        }
+    }
+    if (l1_dirty) {
+        uint64_t bytes = (uint64_t)s->l1_size * 8;
+        g_autofree uint8_t *b = g_malloc(bytes);
+        for (uint32_t i = 0; i < s->l1_size; i++) {
+            strata_qcow2_put_be64(b + (uint64_t)i * 8, s->l1_table[i]);
+        }
+        ret = strata_qcow2_co_write_meta(s, STRATA_QCOW2_OL_ACTIVE_L1,
+                                         s->l1_table_offset, b, bytes);
+        if (ret < 0) {
+            g_printerr("ERROR: Could not write L1 table: %s\n",
+                       g_strerror(-ret));
+            c->res->check_errors++;
+            return ret;
+        }
+    }
+    return 0;
+}
+
+/* Bitmap directory, tables and data: kept byte for byte (bitmaps are
+ * not implemented), but their clusters are referenced all the same. */
+static void bitmap_refs(Check *c)
+{
+    StrataQcow2State *s = c->s;
+    uint64_t size = s->bitmap_dir_size, off = 0;
+    g_autofree uint8_t *d = NULL;
+
+    if (!size || size > 1024ull * 65535 ||
+        (s->bitmap_dir_offset & (s->cluster_size - 1))) {
+        return;
+    }
+    d = g_malloc(size);
+    if (strata_node_co_pread(file_of(s), s->bitmap_dir_offset, size, d,
+                             0) < 0) {
+        c->res->check_errors++;
+        return;
+    }
+    add_refs(c, s->bitmap_dir_offset, size);
+    while (off + 24 <= size) {
+        uint64_t t = strata_qcow2_be64(d + off);
+        uint32_t n = strata_qcow2_be32(d + off + 8);
+        uint64_t len = 24 + (uint64_t)strata_qcow2_be32(d + off + 20) +
+                       strata_qcow2_be16(d + off + 18);
+        g_autofree uint64_t *tab = NULL;
+
+        off = (off + len + 7) & ~7ull;
+        if (!t || (t & (s->cluster_size - 1)) || (uint64_t)n * 8 >
+            STRATA_QCOW2_MAX_L1_BYTES) {
+            continue;
+        }
+        add_refs(c, t, (uint64_t)n * 8);
+        tab = g_new(uint64_t, MAX(n, 1u));
+        if (n && strata_node_co_pread(file_of(s), t, (uint64_t)n * 8, tab,
+                                      0) < 0) {
+            c->res->check_errors++;
+            continue;
+        }
+        for (uint32_t i = 0; i < n; i++) {
+            uint64_t e = GUINT64_FROM_BE(tab[i]) & 0x00fffffffffffe00ull;
+            if (e) {
+                add_refs(c, e, s->cluster_size);
+            }
+        }
+    }
+}
+
+static int calculate_refs(Check *c)
+{
+    StrataQcow2State *s = c->s;
+    int ret;
+
+    add_refs(c, 0, s->cluster_size);
+    ret = check_l1(c, s->l1_table, s->l1_size, s->l1_table_offset, true);
+    if (ret < 0) {
+        return ret;
+    }
+    for (guint i = 0; i < s->snapshots->len; i++) {
+        StrataQcow2Snapshot *sn = g_ptr_array_index(s->snapshots, i);
+        g_autofree uint64_t *l1 = NULL;
+
+        if (s->hdr.version >= 3 && sn->extra_data_size < 16) {
+            g_printerr("ERROR snapshot table entry %u is incomplete\n", i);
+            c->res->corruptions++;
+        }
+        if (strata_qcow2_check_snapshot_l1(s, sn) < 0) {
+            g_printerr("ERROR snapshot %s (%s) l1_offset=%#"
+                       G_GINT64_MODIFIER "x l1_size=%#x: L1 table is "
+                       "invalid\n", sn->id_str, sn->name,
+                       sn->l1_table_offset, sn->l1_size);
+            c->res->corruptions++;
+            continue;
+        }
+        ret = strata_qcow2_co_read_l1(s, sn->l1_table_offset, sn->l1_size,
+                                      &l1);
+        if (ret < 0) {
+            g_printerr("ERROR: I/O error in check_refcounts_l1: %s\n",
+                       g_strerror(-ret));
+            c->res->check_errors++;
+            return ret;
+        }
+        ret = check_l1(c, l1, sn->l1_size, sn->l1_table_offset, false);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    if (s->snapshots->len) {
+        add_refs(c, s->hdr.snapshots_offset, s->snapshots_size);
+    }
+    add_refs(c, s->refcount_table_offset, s->refcount_table_size * 8);
+    bitmap_refs(c);
+
+    /* Refcount blocks, last: one that shares a cluster with anything
+     * counted above shows up as a count above one. */
+    for (uint64_t i = 0; i < s->refcount_table_size; i++) {
+        uint64_t e = s->refcount_table[i];
+        uint64_t off = e & STRATA_QCOW2_REFT_OFFSET_MASK;
+        uint64_t cl = off >> s->cluster_bits;
+
+        if (e & ~STRATA_QCOW2_REFT_OFFSET_MASK) {
+            g_printerr("ERROR refcount table entry %" G_GUINT64_FORMAT
+                       " has reserved bits set\n", i);
+            c->res->corruptions++;
+            continue;
+        }
+        if (!off) {
+            continue;
+        }
+        if (off & (s->cluster_size - 1)) {
+            g_printerr("ERROR refcount block %" G_GUINT64_FORMAT " is not "
+                       "cluster aligned; refcount table entry corrupted\n",
+                       i);
+            c->res->corruptions++;
+            continue;
+        }
+        if (cl >= c->nb_clusters) {
+            g_printerr("ERROR refcount block %" G_GUINT64_FORMAT " is "
+                       "outside image\n", i);
+            c->res->corruptions++;
+            continue;
+        }
+        add_refs(c, off, s->cluster_size);
+        if (c->refs[cl] != 1) {
+            g_printerr("ERROR refcount block %" G_GUINT64_FORMAT
+                       " refcount=%u\n", i, c->refs[cl]);
+            c->res->corruptions++;
+        }
+    }
+    return 0;
+}
+
+/* On-disk refcounts against the references, repairing as allowed. */
+static void compare_refs(Check *c, uint64_t *highest)
+{
+    StrataQcow2State *s = c->s;
+
+    *highest = 0;
+    for (uint64_t i = 0; i < c->nb_clusters; i++) {
+        uint64_t rc, want = c->refs[i];
+        bool fix;
+        int ret = strata_qcow2_co_get_refcount(s, i, &rc);
+
+        if (ret < 0) {
+            g_printerr("Can't get refcount for cluster %" G_GUINT64_FORMAT
+                       ": %s\n", i, g_strerror(-ret));
+            c->res->check_errors++;
+            continue;
+        }
+        if (rc || want) {
+            *highest = i;
+        }
+        if (rc == want) {
+            continue;
+        }
+        fix = rc > want ? (c->fix & STRATA_QCOW2_CHECK_FIX_LEAKS)
+                        : (c->fix & STRATA_QCOW2_CHECK_FIX_ERRORS);
+        g_printerr("%s cluster %" G_GUINT64_FORMAT " refcount=%"
+                   G_GUINT64_FORMAT " reference=%" G_GUINT64_FORMAT "\n",
+                   fix ? "Repairing" : rc > want ? "Leaked" : "ERROR", i, rc,
+                   want);
+        if (fix) {
+            if (want > s->refcount_max) {
+                ret = -ERANGE;
+            } else {
+                ret = strata_qcow2_co_update_refcount(
+                    s, i << s->cluster_bits, s->cluster_size,
+                    (int64_t)want - (int64_t)rc);
+            }
+            if (ret == 0) {
+                if (rc > want) {
+                    c->res->leaks_fixed++;
+                } else {
+                    c->res->corruptions_fixed++;
+                }
+                continue;
+            }
+            g_printerr("ERROR: Could not fix cluster %" G_GUINT64_FORMAT
+                       ": %s\n", i, g_strerror(-ret));
+        }
+        if (rc > want) {
+            c->res->leaks++;
+        } else {
+            c->res->corruptions++;
+        }
+    }
+}
+
+static bool check_locked(StrataQcow2State *s, StrataQcow2CheckFix fix,
+                         StrataQcow2CheckResult *res, GError **error)
+{
+    Check c = { s, res, fix, NULL, 0 };
+    int64_t flen;
+    uint64_t highest;
+    int ret;
+
+    memset(res, 0, sizeof(*res));
+    res->total_clusters = (int64_t)strata_qcow2_size_to_clusters(s,
+                                                                 s->hdr.size);
+    /* What the metadata caches hold is what the image says. */
+    ret = strata_qcow2_cache_co_flush(s->l2_cache);
+    if (ret == 0) {
+        ret = strata_qcow2_cache_co_flush(s->refcount_cache);
+    }
+    if (ret < 0 && fix) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                    "Could not flush qcow2 metadata: %s", g_strerror(-ret));
+        return false;
+    }
+    flen = strata_node_co_refresh_length(file_of(s));
+    if (flen < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                    "Could not get the image file size: %s",
+                    g_strerror((int)-flen));
+        return false;
+    }
+    c.nb_clusters = strata_qcow2_size_to_clusters(s, (uint64_t)flen);
+    c.refs = g_try_new0(uint32_t, MAX(c.nb_clusters, 1));
+    if (!c.refs) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_FAILED,
+                    "Not enough memory to check the image");
+        return false;
+    }
+    if (calculate_refs(&c) < 0) {
+        g_free(c.refs);
+        return true;   /* check_errors says it */
+    }
+    compare_refs(&c, &highest);
+    g_free(c.refs);
+    if (fix) {
+        ret = strata_qcow2_cache_co_flush(s->refcount_cache);
+        if (ret < 0) {
+            res->check_errors++;
+        }
+    }
+    check_copied(&c);
+    if (fix) {
+        /* Recount the end after repair, as QEMU reports it. */
+        uint64_t end = 0;
+        for (uint64_t i = 0; i < c.nb_clusters; i++) {
+            uint64_t rc;
+            if (strata_qcow2_co_get_refcount(s, i, &rc) == 0 && rc) {
+                end = i;
+            }
+        }
+        highest = end;
+    }
+    res->image_end_offset = (int64_t)((highest + 1) << s->cluster_bits);
+
+    if (fix && s->writable && !res->corruptions && !res->check_errors) {
+        uint64_t want = s->hdr.incompatible_features &
+                        ~(STRATA_QCOW2_INCOMPAT_CORRUPT |
+                          STRATA_QCOW2_INCOMPAT_DIRTY);
+        if (want != s->hdr.incompatible_features) {
+            uint8_t be[8];
+            strata_qcow2_put_be64(be, want);
+            s->corrupt = false;
+            ret = strata_qcow2_co_write_header_bytes(
+                s, STRATA_QCOW2_HDR_INCOMPAT, be, sizeof(be));
+            if (ret < 0) {
+                res->check_errors++;
+                s->corrupt = !!(s->hdr.incompatible_features &
+                                STRATA_QCOW2_INCOMPAT_CORRUPT);
+            } else {
+                s->hdr.incompatible_features = want;
+            }
+        }
+        s->corrupt = false;
+        s->needs_repair = false;
+    }
+    return true;
+}
+
+int strata_qcow2_co_check_repair(StrataQcow2State *s,
+                                 StrataQcow2CheckFix fix,
+                                 StrataQcow2CheckResult *res,
+                                 GError **error)
+{
+    bool ok;
+    /* Repairs write; a corrupt image may be repaired nevertheless. */
+    bool was_corrupt = s->corrupt;
+
+    if (fix) {
+        s->corrupt = false;
+    }
+    ok = check_locked(s, fix, res, error);
+    if (fix && (res->corruptions || res->check_errors || !ok)) {
+        s->corrupt = was_corrupt;
+    }
+    return ok ? 0 : -EIO;
+}
+
+bool strata_qcow2_co_check(StrataNode *node, StrataQcow2CheckFix fix,
+                           StrataQcow2CheckResult *out, GError **error)
+{
+    StrataQcow2State *s;
+    int ret;
+
+    g_return_val_if_fail(out != NULL, false);
+    if (!node || node->drv != &strata_driver_qcow2 || !node->opaque) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
+                    "Node '%s' is not a qcow2 node",
+                    node ? node->node_name : "");
+        return false;
+    }
+    s = node->opaque;
+    if (fix && !s->writable) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_PERMISSION,
+                    "Cannot repair read-only node '%s'", node->node_name);
+        return false;
+    }
+    strata_node_drained_begin(node);
+    strata_co_mutex_lock(&s->lock);
+    ret = strata_qcow2_co_check_repair(s, fix, out, error);
+    strata_co_mutex_unlock(&s->lock);
+    strata_node_drained_end(node);
+    return ret == 0;
+}

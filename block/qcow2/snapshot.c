@@ -1,0 +1,917 @@
+/* strata — qcow2 internal snapshots: the snapshot table (read,
+ * validated, rewritten), create, apply, delete, and the refcount walk
+ * they share.
+ *
+ * Refcounts are counted per L1 path: every L1 table (active or a
+ * snapshot's) adds one to each L2 table it names and one to every data
+ * cluster those tables name.  The walks below keep that, and keep the
+ * on-disk invariant of refcount.c (never fewer counts than references)
+ * plus an exact COPIED flag in the active tree at every instant:
+ * clearing COPIED only after the increments that justify it are on
+ * disk, setting it only after the decrements are.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "qcow2-private.h"
+#include "qcow2.h"
+
+#define SNAPSHOT_HEADER_LEN 40u
+#define SNAPSHOT_EXTRA_KNOWN 24u
+#define MAX_SNAPSHOT_EXTRA 1024u
+#define MAX_SNAPSHOTS_TABLE (1024ull * 65536)
+#define HDR_SNAPSHOTS 60
+
+static StrataNode *file_of(StrataQcow2State *s)
+{
+    return s->node->file->node;
+}
+
+void strata_qcow2_snapshot_free(StrataQcow2Snapshot *sn)
+{
+    if (!sn) {
+        return;
+    }
+    g_free(sn->id_str);
+    g_free(sn->name);
+    if (sn->unknown_extra) {
+        g_bytes_unref(sn->unknown_extra);
+    }
+    g_free(sn);
+}
+
+void strata_qcow2_snapshot_info_free(StrataQcow2SnapshotInfo *info)
+{
+    if (!info) {
+        return;
+    }
+    g_free(info->id);
+    g_free(info->name);
+    g_free(info);
+}
+
+uint64_t strata_qcow2_vm_state_offset(const StrataQcow2State *s)
+{
+    return (uint64_t)s->l1_vm_state_index << (s->cluster_bits + s->l2_bits);
+}
+
+int strata_qcow2_check_snapshot_l1(StrataQcow2State *s,
+                                   const StrataQcow2Snapshot *sn)
+{
+    uint64_t bytes = (uint64_t)sn->l1_size * 8;
+
+    if (bytes > STRATA_QCOW2_MAX_L1_BYTES) {
+        return -EFBIG;
+    }
+    if (sn->l1_size &&
+        ((sn->l1_table_offset & (s->cluster_size - 1)) ||
+         sn->l1_table_offset == 0 ||
+         sn->l1_table_offset > (uint64_t)INT64_MAX - bytes)) {
+        return -EINVAL;
+    }
+    return 0;
+}
+
+int strata_qcow2_co_read_l1(StrataQcow2State *s, uint64_t offset,
+                            uint32_t size, uint64_t **table)
+{
+    g_autofree uint64_t *t = g_new0(uint64_t, MAX(size, 1u));
+    int ret;
+
+    *table = NULL;
+    if (size) {
+        ret = strata_node_co_pread(file_of(s), offset, (uint64_t)size * 8, t,
+                                   0);
+        if (ret < 0) {
+            return ret;
+        }
+        for (uint32_t i = 0; i < size; i++) {
+            t[i] = GUINT64_FROM_BE(t[i]);
+        }
+    }
+    *table = g_steal_pointer(&t);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* The table                                                           */
+/* ------------------------------------------------------------------ */
+
+int strata_qcow2_co_read_snapshots(StrataQcow2State *s, GError **error)
+{
+    uint64_t start = s->hdr.snapshots_offset;
+    uint64_t off = start;
+    int ret;
+
+    s->snapshots = g_ptr_array_new_with_free_func(
+        (GDestroyNotify)strata_qcow2_snapshot_free);
+    s->snapshots_size = 0;
+
+    for (uint32_t i = 0; i < s->hdr.nb_snapshots; i++) {
+        uint8_t h[SNAPSHOT_HEADER_LEN];
+        g_autofree uint8_t *rest = NULL;
+        StrataQcow2Snapshot *sn;
+        uint32_t extra;
+        uint16_t id_len, name_len;
+        uint64_t rest_len;
+
+        if (off - start + SNAPSHOT_HEADER_LEN > MAX_SNAPSHOTS_TABLE) {
+            goto too_big;
+        }
+        ret = strata_node_co_pread(file_of(s), off, sizeof(h), h, 0);
+        if (ret < 0) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                        "Failed to read snapshot table: %s",
+                        g_strerror(-ret));
+            return ret;
+        }
+        off += sizeof(h);
+        extra = strata_qcow2_be32(h + 36);
+        id_len = strata_qcow2_be16(h + 12);
+        name_len = strata_qcow2_be16(h + 14);
+        if (extra > MAX_SNAPSHOT_EXTRA) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_CORRUPT,
+                        "Too much extra metadata in snapshot table entry "
+                        "%u", i);
+            return -EFBIG;
+        }
+        rest_len = (uint64_t)extra + id_len + name_len;
+        if (off - start + rest_len > MAX_SNAPSHOTS_TABLE) {
+            goto too_big;
+        }
+        rest = g_malloc0(MAX(rest_len, 1));
+        if (rest_len) {
+            ret = strata_node_co_pread(file_of(s), off, rest_len, rest, 0);
+            if (ret < 0) {
+                g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                            "Failed to read snapshot table: %s",
+                            g_strerror(-ret));
+                return ret;
+            }
+        }
+        off += rest_len;
+        off = start + ((off - start + 7) & ~7ull);
+
+        sn = g_new0(StrataQcow2Snapshot, 1);
+        sn->l1_table_offset = strata_qcow2_be64(h);
+        sn->l1_size = strata_qcow2_be32(h + 8);
+        sn->date_sec = strata_qcow2_be32(h + 16);
+        sn->date_nsec = strata_qcow2_be32(h + 20);
+        sn->vm_clock_nsec = strata_qcow2_be64(h + 24);
+        sn->vm_state_size = strata_qcow2_be32(h + 32);
+        sn->extra_data_size = extra;
+        sn->disk_size = s->hdr.size;
+        sn->icount = UINT64_MAX;
+        if (extra >= 8) {
+            sn->vm_state_size = strata_qcow2_be64(rest);
+        }
+        if (extra >= 16) {
+            sn->disk_size = strata_qcow2_be64(rest + 8);
+        }
+        if (extra >= 24) {
+            sn->icount = strata_qcow2_be64(rest + 16);
+        }
+        if (extra > SNAPSHOT_EXTRA_KNOWN) {
+            sn->unknown_extra = g_bytes_new(rest + SNAPSHOT_EXTRA_KNOWN,
+                                            extra - SNAPSHOT_EXTRA_KNOWN);
+        }
+        sn->id_str = g_strndup((char *)rest + extra, id_len);
+        sn->name = g_strndup((char *)rest + extra + id_len, name_len);
+        g_ptr_array_add(s->snapshots, sn);
+    }
+    s->snapshots_size = off - start;
+    return 0;
+
+too_big:
+    g_set_error(error, STRATA_ERROR, STRATA_ERROR_CORRUPT,
+                "Snapshot table is too big");
+    return -EFBIG;
+}
+
+/* Serialises the in-memory list as QEMU writes it: 24 bytes of known
+ * extra data (plus kept unknown extra data), entries 8-byte aligned. */
+static uint8_t *build_table(StrataQcow2State *s, uint64_t *len)
+{
+    GByteArray *b = g_byte_array_new();
+
+    for (guint i = 0; i < s->snapshots->len; i++) {
+        StrataQcow2Snapshot *sn = g_ptr_array_index(s->snapshots, i);
+        gsize unk = sn->unknown_extra ? g_bytes_get_size(sn->unknown_extra)
+                                      : 0;
+        size_t id_len = strlen(sn->id_str), name_len = strlen(sn->name);
+        uint8_t h[SNAPSHOT_HEADER_LEN + SNAPSHOT_EXTRA_KNOWN];
+        static const uint8_t pad[8];
+
+        strata_qcow2_put_be64(h, sn->l1_table_offset);
+        strata_qcow2_put_be32(h + 8, sn->l1_size);
+        h[12] = (uint8_t)(id_len >> 8);
+        h[13] = (uint8_t)id_len;
+        h[14] = (uint8_t)(name_len >> 8);
+        h[15] = (uint8_t)name_len;
+        strata_qcow2_put_be32(h + 16, sn->date_sec);
+        strata_qcow2_put_be32(h + 20, sn->date_nsec);
+        strata_qcow2_put_be64(h + 24, sn->vm_clock_nsec);
+        strata_qcow2_put_be32(h + 32, sn->vm_state_size > UINT32_MAX
+                                      ? 0 : (uint32_t)sn->vm_state_size);
+        /* What is written is what the entry has from now on. */
+        sn->extra_data_size = (uint32_t)(SNAPSHOT_EXTRA_KNOWN + unk);
+        strata_qcow2_put_be32(h + 36, sn->extra_data_size);
+        strata_qcow2_put_be64(h + 40, sn->vm_state_size);
+        strata_qcow2_put_be64(h + 48, sn->disk_size);
+        strata_qcow2_put_be64(h + 56, sn->icount);
+        g_byte_array_append(b, h, sizeof(h));
+        if (unk) {
+            g_byte_array_append(b, g_bytes_get_data(sn->unknown_extra, NULL),
+                                (guint)unk);
+        }
+        g_byte_array_append(b, (const uint8_t *)sn->id_str, (guint)id_len);
+        g_byte_array_append(b, (const uint8_t *)sn->name, (guint)name_len);
+        if (b->len & 7) {
+            g_byte_array_append(b, pad, 8 - (b->len & 7));
+        }
+    }
+    *len = b->len;
+    return g_byte_array_free(b, FALSE);
+}
+
+/* Flushes both caches: dependencies then settle, and what follows can
+ * order its own writes. */
+static int flush_all(StrataQcow2State *s)
+{
+    int ret = strata_qcow2_cache_co_flush(s->l2_cache);
+    return ret < 0 ? ret : strata_qcow2_cache_co_flush(s->refcount_cache);
+}
+
+/*
+ * Writes s->snapshots as a new table in new clusters and switches the
+ * header to it (nb_snapshots + offset in one write), then frees the old
+ * table.  A crash leaves the old or the new table, with leaks at worst.
+ */
+static int write_table(StrataQcow2State *s)
+{
+    uint64_t len = 0, new_off = 0;
+    uint64_t old_off = s->hdr.snapshots_offset;
+    uint64_t old_size = s->snapshots_size;
+    bool had = s->hdr.nb_snapshots > 0;
+    g_autofree uint8_t *buf = build_table(s, &len);
+    uint8_t hdr[12];
+    int ret;
+
+    if (len > MAX_SNAPSHOTS_TABLE) {
+        return -EFBIG;
+    }
+    if (s->snapshots->len) {
+        uint64_t alloc = (len + s->cluster_size - 1) & ~(s->cluster_size - 1);
+        g_autofree uint8_t *cl = g_malloc0(alloc);
+        int64_t off = strata_qcow2_co_alloc_clusters(s, alloc);
+        if (off < 0) {
+            return (int)off;
+        }
+        new_off = (uint64_t)off;
+        memcpy(cl, buf, len);
+        ret = flush_all(s);
+        if (ret == 0) {
+            ret = strata_qcow2_co_write_meta(s, 0, new_off, cl, alloc);
+        }
+        if (ret < 0) {
+            strata_qcow2_co_free_clusters(s, new_off, alloc);
+            return ret;
+        }
+    }
+    strata_qcow2_put_be32(hdr, s->snapshots->len);
+    strata_qcow2_put_be64(hdr + 4, new_off);
+    ret = strata_qcow2_co_write_header_bytes(s, HDR_SNAPSHOTS, hdr,
+                                             sizeof(hdr));
+    if (ret < 0) {
+        if (new_off) {
+            strata_qcow2_co_free_clusters(s, new_off, len);
+        }
+        return ret;
+    }
+    s->hdr.nb_snapshots = s->snapshots->len;
+    s->hdr.snapshots_offset = new_off;
+    s->snapshots_size = len;
+    if (had && old_off) {
+        strata_qcow2_co_free_clusters(s, old_off, MAX(old_size, 1));
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* The refcount walk                                                   */
+/* ------------------------------------------------------------------ */
+
+typedef enum {
+    COPIED_KEEP,   /* leave the flags alone */
+    COPIED_EXACT,  /* COPIED ⇔ refcount 1, in L2 entries and @l1 */
+} CopiedMode;
+
+static bool copied_changes(CopiedMode mode, uint64_t *entry, uint64_t rc)
+{
+    uint64_t e = *entry;
+
+    if (mode == COPIED_KEEP) {
+        return false;
+    }
+    if (rc == 1) {
+        e |= STRATA_QCOW2_OFLAG_COPIED;
+    } else {
+        e &= ~STRATA_QCOW2_OFLAG_COPIED;
+    }
+    if (e == *entry) {
+        return false;
+    }
+    *entry = e;
+    return true;
+}
+
+/*
+ * Adds @addend to every L2 table @l1 names and to every cluster those
+ * tables name, then (COPIED_EXACT) makes the COPIED flags of the L2
+ * entries and of @l1's entries agree with the new refcounts.  L2 tables
+ * change through the cache; @l1 only in memory (*@l1_modified says
+ * whether the caller must write it).
+ */
+static int update_tree_refcounts(StrataQcow2State *s, uint64_t *l1,
+                                 uint32_t l1_size, int addend,
+                                 CopiedMode mode, bool *l1_modified)
+{
+    uint64_t cs = s->cluster_size;
+    int ret;
+
+    *l1_modified = false;
+    if (mode == COPIED_EXACT) {
+        /* Cleared flags must not reach the disk before the increments
+         * that make them right. */
+        strata_qcow2_cache_set_dependency(s->l2_cache, s->refcount_cache);
+    }
+    for (uint32_t i = 0; i < l1_size; i++) {
+        uint64_t l2 = l1[i] & STRATA_QCOW2_OFFSET_MASK;
+        uint64_t rc;
+
+        if (!l2) {
+            continue;
+        }
+        if ((l2 & (cs - 1)) ||
+            strata_qcow2_overlaps_metadata(s, l2, cs)) {
+            strata_qcow2_co_signal_corruption(s,
+                "L2 table offset %#" G_GINT64_MODIFIER "x invalid (L1 index "
+                "%u)", l2, i);
+            return -EIO;
+        }
+        for (uint64_t sl = 0; sl < cs; sl += s->l2_slice_size) {
+            uint64_t *slice;
+            bool dirty = false;
+
+            ret = strata_qcow2_cache_co_get(s->l2_cache, l2 + sl,
+                                            (void **)&slice);
+            if (ret < 0) {
+                return ret;
+            }
+            for (uint64_t j = 0; j < s->l2_slice_entries; j++) {
+                uint64_t e = GUINT64_FROM_BE(slice[j]);
+                uint64_t host = e & STRATA_QCOW2_OFFSET_MASK;
+
+                switch (strata_qcow2_l2_entry_type(e)) {
+                case STRATA_QCOW2_CLUSTER_COMPRESSED: {
+                    uint64_t off = e & s->cluster_offset_mask;
+                    uint64_t nb = ((e >> s->csize_shift) & s->csize_mask) + 1;
+                    uint64_t end = (off & ~511ull) + nb * 512;
+                    if (addend) {
+                        ret = strata_qcow2_co_update_refcount(s, off,
+                                                              end - off,
+                                                              addend);
+                        if (ret < 0) {
+                            goto fail;
+                        }
+                    }
+                    /* Never COPIED. */
+                    rc = 2;
+                    break;
+                }
+                case STRATA_QCOW2_CLUSTER_NORMAL:
+                case STRATA_QCOW2_CLUSTER_ZERO_ALLOC:
+                    if (host & (cs - 1)) {
+                        strata_qcow2_co_signal_corruption(s,
+                            "Cluster offset %#" G_GINT64_MODIFIER "x "
+                            "unaligned in L2 table %#" G_GINT64_MODIFIER "x",
+                            host, l2);
+                        ret = -EIO;
+                        goto fail;
+                    }
+                    if (addend) {
+                        ret = strata_qcow2_co_update_refcount(s, host, cs,
+                                                              addend);
+                        if (ret < 0) {
+                            goto fail;
+                        }
+                    }
+                    ret = strata_qcow2_co_get_refcount(s, host >>
+                                                       s->cluster_bits, &rc);
+                    if (ret < 0) {
+                        goto fail;
+                    }
+                    break;
+                default:
+                    continue;
+                }
+                if (copied_changes(mode, &e, rc)) {
+                    slice[j] = GUINT64_TO_BE(e);
+                    dirty = true;
+                }
+            }
+            if (dirty) {
+                strata_qcow2_cache_mark_dirty(s->l2_cache, slice);
+            }
+            strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
+            continue;
+fail:
+            if (dirty) {
+                strata_qcow2_cache_mark_dirty(s->l2_cache, slice);
+            }
+            strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
+            return ret;
+        }
+        if (addend) {
+            ret = strata_qcow2_co_update_refcount(s, l2, cs, addend);
+            if (ret < 0) {
+                return ret;
+            }
+        }
+        ret = strata_qcow2_co_get_refcount(s, l2 >> s->cluster_bits, &rc);
+        if (ret < 0) {
+            return ret;
+        }
+        if (copied_changes(mode, &l1[i], rc)) {
+            *l1_modified = true;
+        }
+    }
+    return 0;
+}
+
+/* Writes the whole active L1 from s->l1_table (write + flush). */
+static int write_active_l1(StrataQcow2State *s)
+{
+    uint64_t bytes = (uint64_t)s->l1_size * 8;
+    g_autofree uint8_t *buf = g_malloc0(MAX(bytes, 1));
+
+    for (uint32_t i = 0; i < s->l1_size; i++) {
+        strata_qcow2_put_be64(buf + (uint64_t)i * 8, s->l1_table[i]);
+    }
+    return bytes ? strata_qcow2_co_write_meta(s, STRATA_QCOW2_OL_ACTIVE_L1,
+                                              s->l1_table_offset, buf, bytes)
+                 : 0;
+}
+
+/* After decrements are on disk: COPIED set again where the active tree
+ * owns a cluster alone now. */
+static int recompute_active_copied(StrataQcow2State *s)
+{
+    bool l1_modified;
+    int ret = strata_qcow2_cache_co_flush(s->refcount_cache);
+
+    if (ret == 0) {
+        ret = update_tree_refcounts(s, s->l1_table, s->l1_size, 0,
+                                    COPIED_EXACT, &l1_modified);
+    }
+    if (ret == 0) {
+        ret = strata_qcow2_cache_co_flush(s->l2_cache);
+    }
+    if (ret == 0 && l1_modified) {
+        ret = write_active_l1(s);
+    }
+    return ret;
+}
+
+/* ------------------------------------------------------------------ */
+/* Operations                                                          */
+/* ------------------------------------------------------------------ */
+
+static StrataQcow2State *qcow2_state(StrataNode *node, GError **error)
+{
+    if (!node || node->drv != &strata_driver_qcow2 || !node->opaque) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
+                    "Node '%s' is not a qcow2 node",
+                    node ? node->node_name : "");
+        return NULL;
+    }
+    return node->opaque;
+}
+
+static bool check_writable(StrataQcow2State *s, GError **error)
+{
+    if (!s->writable) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_PERMISSION,
+                    "Node '%s' is read-only", s->node->node_name);
+        return false;
+    }
+    if (s->corrupt) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_CORRUPT,
+                    "qcow2 image '%s' is corrupt; run a check with repair "
+                    "first", s->node->node_name);
+        return false;
+    }
+    return true;
+}
+
+/* The index of the snapshot with ID @id, else the first named @id. */
+static int find_snapshot(StrataQcow2State *s, const char *id)
+{
+    for (guint i = 0; i < s->snapshots->len; i++) {
+        StrataQcow2Snapshot *sn = g_ptr_array_index(s->snapshots, i);
+        if (!strcmp(sn->id_str, id)) {
+            return (int)i;
+        }
+    }
+    for (guint i = 0; i < s->snapshots->len; i++) {
+        StrataQcow2Snapshot *sn = g_ptr_array_index(s->snapshots, i);
+        if (!strcmp(sn->name, id)) {
+            return (int)i;
+        }
+    }
+    return -1;
+}
+
+GPtrArray *strata_qcow2_snapshot_list(StrataNode *node, GError **error)
+{
+    StrataQcow2State *s = qcow2_state(node, error);
+    GPtrArray *a;
+
+    if (!s) {
+        return NULL;
+    }
+    a = g_ptr_array_new_with_free_func(
+        (GDestroyNotify)strata_qcow2_snapshot_info_free);
+    for (guint i = 0; i < s->snapshots->len; i++) {
+        StrataQcow2Snapshot *sn = g_ptr_array_index(s->snapshots, i);
+        StrataQcow2SnapshotInfo *info = g_new0(StrataQcow2SnapshotInfo, 1);
+        info->id = g_strdup(sn->id_str);
+        info->name = g_strdup(sn->name);
+        info->vm_state_size = sn->vm_state_size;
+        info->date_sec = sn->date_sec;
+        info->date_nsec = sn->date_nsec;
+        info->vm_clock_nsec = sn->vm_clock_nsec;
+        info->icount = sn->icount;
+        info->disk_size = sn->disk_size;
+        g_ptr_array_add(a, info);
+    }
+    return a;
+}
+
+static void set_io_error(GError **error, const char *what, int ret)
+{
+    g_set_error(error, STRATA_ERROR,
+                ret == -EIO ? STRATA_ERROR_CORRUPT : STRATA_ERROR_IO,
+                "%s: %s", what, g_strerror(-ret));
+}
+
+static bool create_locked(StrataQcow2State *s,
+                          const StrataQcow2SnapshotInfo *info,
+                          GError **error)
+{
+    StrataQcow2Snapshot *sn;
+    g_autofree char *id = NULL;
+    bool l1_modified;
+    int ret;
+
+    if (info->id && *info->id) {
+        for (guint i = 0; i < s->snapshots->len; i++) {
+            StrataQcow2Snapshot *o = g_ptr_array_index(s->snapshots, i);
+            if (!strcmp(o->id_str, info->id)) {
+                g_set_error(error, STRATA_ERROR, STRATA_ERROR_EXISTS,
+                            "Snapshot with ID '%s' already exists",
+                            info->id);
+                return false;
+            }
+        }
+        id = g_strdup(info->id);
+    } else {
+        unsigned long max = 0;
+        for (guint i = 0; i < s->snapshots->len; i++) {
+            StrataQcow2Snapshot *o = g_ptr_array_index(s->snapshots, i);
+            unsigned long v = strtoul(o->id_str, NULL, 10);
+            max = MAX(max, v);
+        }
+        id = g_strdup_printf("%lu", max + 1);
+    }
+    if (strlen(id) > G_MAXUINT16 || strlen(info->name) > G_MAXUINT16) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Snapshot ID or name too long");
+        return false;
+    }
+    if (s->snapshots->len >= STRATA_QCOW2_MAX_SNAPSHOTS) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Too many snapshots (at most %u)",
+                    STRATA_QCOW2_MAX_SNAPSHOTS);
+        return false;
+    }
+    if (s->refcount_order == 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
+                    "Internal snapshots need refcounts wider than one bit");
+        return false;
+    }
+
+    ret = flush_all(s);
+    if (ret < 0) {
+        set_io_error(error, "Could not flush qcow2 metadata", ret);
+        return false;
+    }
+
+    sn = g_new0(StrataQcow2Snapshot, 1);
+    sn->id_str = g_steal_pointer(&id);
+    sn->name = g_strdup(info->name);
+    sn->l1_size = s->l1_size;
+    sn->disk_size = s->hdr.size;
+    sn->vm_state_size = info->vm_state_size;
+    sn->vm_clock_nsec = info->vm_clock_nsec;
+    sn->icount = info->icount;
+    if (info->date_sec || info->date_nsec) {
+        sn->date_sec = info->date_sec;
+        sn->date_nsec = info->date_nsec;
+    } else {
+        gint64 now = g_get_real_time();
+        sn->date_sec = (uint32_t)(now / G_USEC_PER_SEC);
+        sn->date_nsec = (uint32_t)((now % G_USEC_PER_SEC) * 1000);
+    }
+
+    /* 1. A copy of the active L1, verbatim. */
+    if (sn->l1_size) {
+        uint64_t bytes = (uint64_t)sn->l1_size * 8;
+        g_autofree uint8_t *buf = g_malloc0(bytes);
+        int64_t off = strata_qcow2_co_alloc_clusters(s, bytes);
+        if (off < 0) {
+            set_io_error(error, "Could not allocate the snapshot L1",
+                         (int)off);
+            strata_qcow2_snapshot_free(sn);
+            return false;
+        }
+        sn->l1_table_offset = (uint64_t)off;
+        for (uint32_t i = 0; i < sn->l1_size; i++) {
+            strata_qcow2_put_be64(buf + (uint64_t)i * 8, s->l1_table[i]);
+        }
+        ret = strata_qcow2_co_write_meta(s, 0, (uint64_t)off, buf, bytes);
+        if (ret < 0) {
+            set_io_error(error, "Could not write the snapshot L1", ret);
+            strata_qcow2_co_free_clusters(s, (uint64_t)off, bytes);
+            strata_qcow2_snapshot_free(sn);
+            return false;
+        }
+    }
+
+    /* 2. One more reference along the new L1 path; COPIED cleared in
+     * the active tree once those counts are on disk. */
+    ret = update_tree_refcounts(s, s->l1_table, s->l1_size, 1, COPIED_EXACT,
+                                &l1_modified);
+    if (ret == 0) {
+        ret = flush_all(s);
+    }
+    if (ret == 0 && l1_modified) {
+        ret = write_active_l1(s);
+    }
+    if (ret < 0) {
+        /* The counts taken so far leak; nothing points at the copy. */
+        set_io_error(error, "Could not update refcounts for the snapshot",
+                     ret);
+        strata_qcow2_snapshot_free(sn);
+        return false;
+    }
+
+    /* 3, 4. The new table, then the header switch. */
+    g_ptr_array_add(s->snapshots, sn);
+    ret = write_table(s);
+    if (ret < 0) {
+        g_ptr_array_remove_index(s->snapshots, s->snapshots->len - 1);
+        set_io_error(error, "Could not write the snapshot table", ret);
+        return false;
+    }
+    return true;
+}
+
+static bool apply_locked(StrataQcow2State *s, StrataQcow2Snapshot *sn,
+                         GError **error)
+{
+    uint64_t per_l1 = s->cluster_size << s->l2_bits;
+    uint64_t need = sn->disk_size / per_l1 + (sn->disk_size % per_l1 != 0);
+    g_autofree uint64_t *sn_l1 = NULL;
+    uint64_t *new_l1, *old_l1;
+    uint32_t old_size;
+    bool l1_modified;
+    int ret;
+
+    if (strata_qcow2_check_snapshot_l1(s, sn) < 0 || need > sn->l1_size ||
+        sn->disk_size > INT64_MAX) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_CORRUPT,
+                    "Snapshot '%s' has an invalid L1 table or disk size",
+                    sn->id_str);
+        return false;
+    }
+    if (sn->disk_size != s->hdr.size && s->hdr.version < 3) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
+                    "Can't resize a v2 image which has snapshots");
+        return false;
+    }
+    ret = flush_all(s);
+    if (ret == 0) {
+        ret = strata_qcow2_co_read_l1(s, sn->l1_table_offset, sn->l1_size,
+                                      &sn_l1);
+    }
+    if (ret == 0 && sn->l1_size > s->l1_size) {
+        ret = strata_qcow2_co_grow_l1(s, sn->l1_size);
+    }
+    if (ret < 0) {
+        set_io_error(error, "Could not load the snapshot's L1 table", ret);
+        return false;
+    }
+
+    /* References along the snapshot's path first: with the old active
+     * path still counted, every table they reach is shared, so COPIED
+     * goes from all of them. */
+    new_l1 = g_new0(uint64_t, s->l1_size);
+    memcpy(new_l1, sn_l1, (uint64_t)sn->l1_size * 8);
+    ret = update_tree_refcounts(s, new_l1, sn->l1_size, 1, COPIED_EXACT,
+                                &l1_modified);
+    if (ret == 0) {
+        ret = flush_all(s);
+    }
+    if (ret < 0) {
+        g_free(new_l1);
+        set_io_error(error, "Could not update refcounts", ret);
+        return false;
+    }
+
+    /* The switch: the active L1 overwritten in place. */
+    old_l1 = s->l1_table;
+    old_size = s->l1_size;
+    s->l1_table = new_l1;
+    ret = write_active_l1(s);
+    if (ret < 0) {
+        s->l1_table = old_l1;
+        g_free(new_l1);
+        set_io_error(error, "Could not write the L1 table", ret);
+        return false;
+    }
+    s->decmp_host = 0;
+
+    if (sn->disk_size != s->hdr.size) {
+        uint8_t be[8];
+        strata_qcow2_put_be64(be, sn->disk_size);
+        ret = strata_qcow2_co_write_header_bytes(s, STRATA_QCOW2_HDR_SIZE, be,
+                                                 sizeof(be));
+        if (ret < 0) {
+            g_free(old_l1);
+            set_io_error(error, "Could not update the disk size", ret);
+            return false;
+        }
+        s->hdr.size = sn->disk_size;
+        s->l1_vm_state_index = (uint32_t)need;
+        s->node->total_bytes = (int64_t)sn->disk_size;
+    }
+
+    /* The old active path's references go; failures only leak. */
+    ret = update_tree_refcounts(s, old_l1, old_size, -1, COPIED_KEEP,
+                                &l1_modified);
+    g_free(old_l1);
+    if (ret == 0) {
+        ret = recompute_active_copied(s);
+    }
+    if (ret < 0) {
+        set_io_error(error, "Could not update refcounts after the switch",
+                     ret);
+        return false;
+    }
+    return true;
+}
+
+static bool delete_locked(StrataQcow2State *s, guint index, GError **error)
+{
+    StrataQcow2Snapshot *sn = g_ptr_array_index(s->snapshots, index);
+    g_autofree uint64_t *sn_l1 = NULL;
+    bool l1_modified;
+    int ret;
+
+    if (strata_qcow2_check_snapshot_l1(s, sn) < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_CORRUPT,
+                    "Snapshot '%s' has an invalid L1 table", sn->id_str);
+        return false;
+    }
+    ret = flush_all(s);
+    if (ret == 0) {
+        ret = strata_qcow2_co_read_l1(s, sn->l1_table_offset, sn->l1_size,
+                                      &sn_l1);
+    }
+    if (ret < 0) {
+        set_io_error(error, "Could not load the snapshot's L1 table", ret);
+        return false;
+    }
+
+    /* The table without it first: from then on failures only leak. */
+    g_ptr_array_steal_index(s->snapshots, index);
+    ret = write_table(s);
+    if (ret < 0) {
+        g_ptr_array_insert(s->snapshots, (gint)index, sn);
+        set_io_error(error, "Could not write the snapshot table", ret);
+        return false;
+    }
+
+    ret = update_tree_refcounts(s, sn_l1, sn->l1_size, -1, COPIED_KEEP,
+                                &l1_modified);
+    if (ret == 0 && sn->l1_size) {
+        strata_qcow2_co_free_clusters(s, sn->l1_table_offset,
+                                      (uint64_t)sn->l1_size * 8);
+    }
+    strata_qcow2_snapshot_free(sn);
+    if (ret == 0) {
+        ret = recompute_active_copied(s);
+    }
+    if (ret < 0) {
+        set_io_error(error, "Could not update refcounts", ret);
+        return false;
+    }
+    return true;
+}
+
+/* Runs @op with requests drained and the metadata lock held. */
+typedef enum { OP_CREATE, OP_APPLY, OP_DELETE } SnapOp;
+
+static bool snapshot_op(StrataNode *node, SnapOp op, const char *id_or_name,
+                        const StrataQcow2SnapshotInfo *info, GError **error)
+{
+    StrataQcow2State *s = qcow2_state(node, error);
+    bool ok = false;
+    int idx = -1;
+
+    if (!s || !check_writable(s, error)) {
+        return false;
+    }
+    strata_node_drained_begin(node);
+    strata_co_mutex_lock(&s->lock);
+    if (op != OP_CREATE) {
+        idx = find_snapshot(s, id_or_name);
+        if (idx < 0) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_FOUND,
+                        "Can't find snapshot '%s'", id_or_name);
+            goto out;
+        }
+    }
+    switch (op) {
+    case OP_CREATE:
+        ok = create_locked(s, info, error);
+        break;
+    case OP_APPLY:
+        ok = apply_locked(s, g_ptr_array_index(s->snapshots, idx), error);
+        break;
+    case OP_DELETE:
+        ok = delete_locked(s, (guint)idx, error);
+        break;
+    }
+out:
+    strata_co_mutex_unlock(&s->lock);
+    if (ok && op == OP_CREATE && info->vm_state_size) {
+        /* The snapshot keeps the VM state; the active tree need not,
+         * and would only copy it on the next snapshot. */
+        int ret = strata_qcow2_co_discard_vmstate(s, info->vm_state_size);
+        if (ret < 0) {
+            g_warning("qcow2: could not drop the VM state from the active "
+                      "tree: %s", g_strerror(-ret));
+        }
+    }
+    strata_node_drained_end(node);
+    return ok;
+}
+
+bool strata_qcow2_co_snapshot_create_full(StrataNode *node,
+                                          const StrataQcow2SnapshotInfo *info,
+                                          GError **error)
+{
+    g_return_val_if_fail(info != NULL && info->name != NULL, false);
+    return snapshot_op(node, OP_CREATE, NULL, info, error);
+}
+
+bool strata_qcow2_co_snapshot_create(StrataNode *node, const char *id,
+                                     const char *name, GError **error)
+{
+    StrataQcow2SnapshotInfo info = { 0 };
+
+    g_return_val_if_fail(name != NULL, false);
+    info.id = (char *)id;
+    info.name = (char *)name;
+    /* As `qemu-img snapshot -c` records it. */
+    info.icount = 0;
+    return snapshot_op(node, OP_CREATE, NULL, &info, error);
+}
+
+bool strata_qcow2_co_snapshot_apply(StrataNode *node,
+                                    const char *id_or_name, GError **error)
+{
+    g_return_val_if_fail(id_or_name != NULL, false);
+    return snapshot_op(node, OP_APPLY, id_or_name, NULL, error);
+}
+
+bool strata_qcow2_co_snapshot_delete(StrataNode *node,
+                                     const char *id_or_name, GError **error)
+{
+    g_return_val_if_fail(id_or_name != NULL, false);
+    return snapshot_op(node, OP_DELETE, id_or_name, NULL, error);
+}
