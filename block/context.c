@@ -132,6 +132,9 @@ bool strata_context_del_node(StrataContext *ctx, const char *node_name,
                     "Failed to find node with node-name='%s'", node_name);
         return false;
     }
+    if (!strata_job_busy_check(ctx, node, error)) {
+        return false;
+    }
     if (!node->monitor_owned) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
                     "Node %s is not owned by the monitor", node_name);

@@ -200,6 +200,11 @@ START_TEST(test_verbs_in_each_state)
     ck_assert(json_object_get_int_member(j, "offset") <= 16 * MiB);
     json_node_unref(keep);
 
+    fails(s, "{\"execute\": \"blockdev-del\", \"arguments\": "
+             "{\"node-name\": \"top\"}}", "GenericError",
+          "Node 'top' is busy: block device is in use by block job: "
+          "stream");
+
     /* paused */
     ok(s, "{\"execute\": \"block-job-pause\", \"arguments\": {\"device\": "
           "\"j\"}}");
