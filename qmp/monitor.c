@@ -26,6 +26,7 @@ struct StrataMonitor {
     GList *sessions;        /* StrataQmpSession *, events go to these */
     GList *servers;         /* StrataQmpServer * */
     unsigned busy;
+    bool quiesced;
     StrataQmpSession self;  /* the in-process session */
     GString *self_out;
 };
@@ -369,8 +370,8 @@ static void session_input(JsonNode *value, GError *error, void *opaque)
         g_error_free(error);
         return;
     }
-    /* After "quit" nothing more is run. */
-    if (!s->quit_pending) {
+    /* After "quit", or once the peer has gone, nothing more is run. */
+    if (!s->quit_pending && !s->hung_up) {
         dispatch(s, value);
     }
     json_node_unref(value);
@@ -461,7 +462,7 @@ void strata_monitor_free(StrataMonitor *mon)
         return;
     }
     strata_monitor_close_sockets(mon);
-    strata_qmp_export_events_disconnect(mon);
+    strata_monitor_detach_context(mon);
     strata_qmp_session_cleanup(&mon->self);
     if (mon->event_destroy) {
         mon->event_destroy(mon->event_opaque);
@@ -548,18 +549,47 @@ void strata_monitor_emit_event(StrataMonitor *mon, const char *name,
     if (mon->event_fn) {
         mon->event_fn(mon, line, mon->event_opaque);
     }
+    /* Sending may drop a client that has hung up, which unlinks its
+     * session: walk a copy of the list.  Dropping one client never
+     * frees another's session. */
+    g_autoptr(GPtrArray) targets = g_ptr_array_new();
     for (GList *l = mon->sessions; l; l = l->next) {
         StrataQmpSession *s = l->data;
         /* The in-process session's events go through event_fn. */
-        if (s != &mon->self && s->negotiated) {
-            s->send(s, line, s->send_opaque);
+        if (s != &mon->self && s->negotiated && !s->hung_up) {
+            g_ptr_array_add(targets, s);
         }
+    }
+    for (guint i = 0; i < targets->len; i++) {
+        StrataQmpSession *s = targets->pdata[i];
+        s->send(s, line, s->send_opaque);
     }
 }
 
 bool strata_monitor_is_busy(StrataMonitor *mon)
 {
-    return mon->busy > 0;
+    return mon->busy > 0 || mon->quiesced;
+}
+
+void strata_monitor_quiesce(StrataMonitor *mon)
+{
+    mon->quiesced = true;
+    for (GList *l = mon->servers; l; l = l->next) {
+        strata_qmp_server_stop_accepting(l->data);
+    }
+}
+
+bool strata_monitor_is_quiesced(StrataMonitor *mon)
+{
+    return mon->quiesced;
+}
+
+void strata_monitor_detach_context(StrataMonitor *mon)
+{
+    if (mon->ctx) {
+        strata_qmp_export_events_disconnect(mon);
+        mon->ctx = NULL;
+    }
 }
 
 bool strata_monitor_listen(StrataMonitor *mon, const char *path,

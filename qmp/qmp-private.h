@@ -71,6 +71,7 @@ struct StrataQmpSession {
     bool negotiated;
     bool oob;
     bool quit_pending;      /* "quit" was answered on this session */
+    bool hung_up;           /* the peer is gone: run nothing more */
     StrataJsonStream *js;
     StrataQmpSendFunc send;
     void *send_opaque;
@@ -97,6 +98,15 @@ typedef bool (*StrataQmpHandler)(StrataMonitor *mon, JsonObject *args,
 bool strata_monitor_is_busy(StrataMonitor *mon);
 /* Called by the server when a session's quit reply has been sent. */
 void strata_monitor_quit_done(StrataMonitor *mon);
+
+/* Shutting down: the sockets stop accepting and no client's input is
+ * read any more, but connected clients still receive events (QSD sends
+ * BLOCK_EXPORT_DELETED on the way out).  Irreversible. */
+void strata_monitor_quiesce(StrataMonitor *mon);
+bool strata_monitor_is_quiesced(StrataMonitor *mon);
+/* Forgets the context (its events are no longer routed here), so that
+ * the context may be freed before the monitor. */
+void strata_monitor_detach_context(StrataMonitor *mon);
 
 /* ---- cmd-block.c ---- */
 
@@ -180,6 +190,8 @@ void strata_qmp_server_free(StrataQmpServer *srv);
 unsigned strata_qmp_server_client_count(StrataQmpServer *srv);
 /* Clients whose input waited for a command to finish read again. */
 void strata_qmp_server_resume(StrataQmpServer *srv);
+/* Stops accepting connections (the socket file stays until free). */
+void strata_qmp_server_stop_accepting(StrataQmpServer *srv);
 
 #ifdef __cplusplus
 }

@@ -7,8 +7,18 @@
  * its replies and events is dropped rather than buffered for forever).
  *
  * A command may iterate the main loop (the block layer waits for I/O that
- * way); meanwhile clients' input waits unread in the kernel, so that one
- * command never starts inside another.
+ * way), and so may any other loop callback (a bottom half that drops the
+ * last reference to a backend drains it).  Clients' input read in such a
+ * nested iteration would run a command in the middle of somebody else's
+ * work: a command inside a command, or a query that sees an export gone
+ * from the list before its BLOCK_EXPORT_DELETED was sent.  So input is
+ * only read from the outermost level of the loop; in a nested iteration
+ * it waits unread in the kernel until the loop is back at the top.
+ *
+ * A client may hang up while its own input is being fed to the
+ * dispatcher (a reply that cannot be sent): it is marked gone at once,
+ * nothing more of its input runs, and its session is torn down once the
+ * splitter has returned.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -31,7 +41,10 @@ typedef struct Client Client;
 struct StrataQmpServer {
     StrataMonitor *mon;
     char *path;
+    GMainContext *mctx;     /* where every source of the server runs */
     GSocketService *service;
+    GSource *resume_src;    /* re-reads paused clients at the top level */
+    bool accepting;
     GList *clients;         /* Client * */
 };
 
@@ -46,12 +59,18 @@ struct Client {
     size_t out_pos;
     bool closed;
     bool waiting;           /* input paused while a command runs */
+    int feeding;            /* inside strata_qmp_session_feed() */
     StrataQmpSession session;
 };
 
 static void client_close(Client *c);
 static gboolean client_readable(GSocket *sock, GIOCondition cond,
                                 void *opaque);
+
+static void client_ref(Client *c)
+{
+    c->refcnt++;
+}
 
 static void client_unref(Client *c)
 {
@@ -92,8 +111,7 @@ static void client_flush(Client *c)
                     g_source_set_callback(c->out_src,
                                           (GSourceFunc)(void (*)(void))
                                           client_writable, c, NULL);
-                    g_source_attach(c->out_src,
-                                    g_main_context_get_thread_default());
+                    g_source_attach(c->out_src, c->srv->mctx);
                 }
                 return;
             }
@@ -144,8 +162,61 @@ static void watch_input(Client *c)
     g_source_set_callback(c->in_src,
                           (GSourceFunc)(void (*)(void))client_readable, c,
                           NULL);
-    g_source_attach(c->in_src, g_main_context_get_thread_default());
+    g_source_attach(c->in_src, c->srv->mctx);
 }
+
+/* Whether clients may be read now: no command runs and the loop is not
+ * iterated from inside some callback. */
+static bool may_read(StrataQmpServer *srv)
+{
+    return !strata_monitor_is_busy(srv->mon) && g_main_depth() <= 1;
+}
+
+static bool any_waiting(StrataQmpServer *srv)
+{
+    for (GList *l = srv->clients; l; l = l->next) {
+        Client *c = l->data;
+        if (c->waiting && !c->closed) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* A source that is ready when paused clients can be read again.  Its
+ * prepare() runs outside any dispatch only at the top level of the
+ * loop (depth 0); in a nested iteration it never fires, so waiting
+ * clients cost nothing there. */
+typedef struct {
+    GSource base;
+    StrataQmpServer *srv;
+} ResumeSource;
+
+static gboolean resume_prepare(GSource *src, gint *timeout)
+{
+    StrataQmpServer *srv = ((ResumeSource *)src)->srv;
+
+    *timeout = -1;
+    return g_main_depth() == 0 && !strata_monitor_is_busy(srv->mon) &&
+           any_waiting(srv);
+}
+
+static gboolean resume_check(GSource *src)
+{
+    return resume_prepare(src, &(gint){ 0 });
+}
+
+static gboolean resume_dispatch(GSource *src, GSourceFunc cb, gpointer data)
+{
+    strata_qmp_server_resume(((ResumeSource *)src)->srv);
+    return G_SOURCE_CONTINUE;
+}
+
+static GSourceFuncs resume_funcs = {
+    .prepare = resume_prepare,
+    .check = resume_check,
+    .dispatch = resume_dispatch,
+};
 
 /* Writes the quit reply out before the daemon goes away. */
 static void client_finish_quit(Client *c)
@@ -172,8 +243,9 @@ static gboolean client_readable(GSocket *sock, GIOCondition cond,
     g_autoptr(GError) err = NULL;
     gssize n;
 
-    if (strata_monitor_is_busy(c->srv->mon)) {
-        /* Read again when the running command is done. */
+    if (!may_read(c->srv)) {
+        /* Read again when the running command is done, or when the
+         * loop is back at its top level. */
         g_source_unref(c->in_src);
         c->in_src = NULL;
         c->waiting = true;
@@ -189,8 +261,13 @@ static gboolean client_readable(GSocket *sock, GIOCondition cond,
         return G_SOURCE_REMOVE;
     }
     c->refcnt++;
+    c->feeding++;
     strata_qmp_session_feed(&c->session, buf, (size_t)n);
-    if (!c->closed && c->session.quit_pending) {
+    c->feeding--;
+    if (c->closed) {
+        /* It hung up meanwhile; the splitter is done with its state. */
+        strata_qmp_session_cleanup(&c->session);
+    } else if (c->session.quit_pending) {
         client_finish_quit(c);
     }
     bool closed = c->closed;
@@ -204,9 +281,12 @@ static void client_close(Client *c)
         return;
     }
     c->closed = true;
+    c->session.hung_up = true;
     drop_source(&c->in_src);
     drop_source(&c->out_src);
-    strata_qmp_session_cleanup(&c->session);
+    if (!c->feeding) {
+        strata_qmp_session_cleanup(&c->session);
+    }
     g_io_stream_close(G_IO_STREAM(c->conn), NULL, NULL);
     c->srv->clients = g_list_remove(c->srv->clients, c);
     client_unref(c);
@@ -296,6 +376,7 @@ StrataQmpServer *strata_qmp_server_new(StrataMonitor *mon, const char *path,
     srv = g_new0(StrataQmpServer, 1);
     srv->mon = mon;
     srv->path = g_strdup(path);
+    srv->mctx = g_main_context_ref_thread_default();
     srv->service = g_socket_service_new();
     addr = g_unix_socket_address_new(tmp_sock);
     if (!g_socket_listener_add_address(G_SOCKET_LISTENER(srv->service), addr,
@@ -313,14 +394,48 @@ StrataQmpServer *strata_qmp_server_new(StrataMonitor *mon, const char *path,
         g_socket_service_stop(srv->service);
         g_socket_listener_close(G_SOCKET_LISTENER(srv->service));
         g_object_unref(srv->service);
+        g_main_context_unref(srv->mctx);
         g_free(srv->path);
         g_free(srv);
         return NULL;
     }
     rmdir(tmpl);
+    srv->resume_src = g_source_new(&resume_funcs, sizeof(ResumeSource));
+    ((ResumeSource *)srv->resume_src)->srv = srv;
+    g_source_attach(srv->resume_src, srv->mctx);
     g_signal_connect(srv->service, "incoming", G_CALLBACK(on_incoming), srv);
     g_socket_service_start(srv->service);
+    srv->accepting = true;
     return srv;
+}
+
+void strata_qmp_server_stop_accepting(StrataQmpServer *srv)
+{
+    if (srv->accepting) {
+        srv->accepting = false;
+        g_socket_service_stop(srv->service);
+        g_socket_listener_close(G_SOCKET_LISTENER(srv->service));
+    }
+}
+
+/* What is still queued for @c (the last events) is written out, waiting
+ * a little for a slow reader, before the connection closes. */
+static void client_flush_final(Client *c)
+{
+    if (c->closed || c->out_pos >= c->out->len) {
+        return;
+    }
+    drop_source(&c->out_src);
+    g_socket_set_blocking(c->sock, TRUE);
+    g_socket_set_timeout(c->sock, 1);
+    while (c->out_pos < c->out->len) {
+        gssize n = g_socket_send(c->sock, c->out->str + c->out_pos,
+                                 c->out->len - c->out_pos, NULL, NULL);
+        if (n <= 0) {
+            break;
+        }
+        c->out_pos += (size_t)n;
+    }
 }
 
 void strata_qmp_server_free(StrataQmpServer *srv)
@@ -328,13 +443,15 @@ void strata_qmp_server_free(StrataQmpServer *srv)
     if (!srv) {
         return;
     }
-    g_socket_service_stop(srv->service);
-    g_socket_listener_close(G_SOCKET_LISTENER(srv->service));
+    strata_qmp_server_stop_accepting(srv);
     g_object_unref(srv->service);
+    drop_source(&srv->resume_src);
     while (srv->clients) {
+        client_flush_final(srv->clients->data);
         client_close(srv->clients->data);
     }
     unlink(srv->path);
+    g_main_context_unref(srv->mctx);
     g_free(srv->path);
     g_free(srv);
 }

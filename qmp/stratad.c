@@ -3,8 +3,18 @@
  *
  *   stratad --qmp qmp.sock
  *   stratad --blockdev driver=file,node-name=f,filename=disk.img \
+ *           --nbd-server addr.type=unix,addr.path=nbd.sock \
+ *           --export type=nbd,id=e0,node-name=f,writable=on \
  *           --chardev socket,path=qmp.sock,server=on,wait=off,id=char0 \
  *           --monitor chardev=char0 --pidfile d.pid --daemonize
+ *
+ * --blockdev, --nbd-server and --export act in command-line order, as
+ * qemu-storage-daemon's do (an export names a node given before it).
+ *
+ * On SIGTERM, SIGINT or "quit" the daemon stops accepting QMP clients
+ * and reading their commands, deletes the exports (their
+ * BLOCK_EXPORT_DELETED still reaches the clients), flushes every node,
+ * closes the images, and only then removes its sockets and exits 0.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -17,6 +27,8 @@
 #include <glib-unix.h>
 
 #include "strata.h"
+#include "qmp-private.h"
+#include "../block/block-private.h"
 #include "../block/export-private.h"
 #include "../util/keyval-private.h"
 
@@ -25,8 +37,27 @@ typedef struct {
     char *path;
 } Chardev;
 
+typedef enum {
+    ACT_BLOCKDEV,
+    ACT_NBD_SERVER,
+    ACT_EXPORT,
+} ActionKind;
+
 typedef struct {
-    GPtrArray *blockdevs;   /* char * */
+    ActionKind kind;
+    char *spec;
+} Action;
+
+static void action_free(void *p)
+{
+    Action *a = p;
+
+    g_free(a->spec);
+    g_free(a);
+}
+
+typedef struct {
+    GPtrArray *actions;     /* Action *, in command-line order */
     GPtrArray *sockets;     /* char *: paths to serve QMP on */
     GPtrArray *chardevs;    /* Chardev * */
     GPtrArray *monitors;    /* char *: chardev ids */
@@ -55,6 +86,13 @@ static void usage(void)
            "\n"
            "  --qmp PATH               serve QMP on the UNIX socket PATH\n"
            "  --blockdev OPTIONS       add a block node (key=value or JSON)\n"
+           "  --nbd-server addr.type=unix,addr.path=PATH[,max-connections=N]\n"
+           "  --nbd-server addr.type=inet,addr.host=HOST,addr.port=PORT\n"
+           "                           start the NBD server\n"
+           "  --export type=nbd,id=ID,node-name=NODE[,name=NAME]"
+           "[,writable=on]\n"
+           "           [,description=TEXT][,writethrough=on]\n"
+           "                           export a node over NBD\n"
            "  --chardev socket,path=PATH,server=on,wait=off,id=ID\n"
            "  --monitor chardev=ID     serve QMP on that chardev\n"
            "  --pidfile PATH           write the process id to PATH\n"
@@ -196,6 +234,7 @@ static void parse_args(Options *o, int argc, char **argv)
             name = g_strdup(arg);
         }
         if (strcmp(name, "--qmp") && strcmp(name, "--blockdev") &&
+            strcmp(name, "--nbd-server") && strcmp(name, "--export") &&
             strcmp(name, "--chardev") && strcmp(name, "--monitor") &&
             strcmp(name, "--pidfile") && strcmp(name, "--trace")) {
             die("unknown option '%s'", name);
@@ -208,8 +247,15 @@ static void parse_args(Options *o, int argc, char **argv)
         }
         if (!strcmp(name, "--qmp")) {
             g_ptr_array_add(o->sockets, g_strdup(value));
-        } else if (!strcmp(name, "--blockdev")) {
-            g_ptr_array_add(o->blockdevs, g_strdup(value));
+        } else if (!strcmp(name, "--blockdev") ||
+                   !strcmp(name, "--nbd-server") ||
+                   !strcmp(name, "--export")) {
+            Action *a = g_new0(Action, 1);
+            a->kind = !strcmp(name, "--blockdev") ? ACT_BLOCKDEV
+                      : !strcmp(name, "--export") ? ACT_EXPORT
+                                                  : ACT_NBD_SERVER;
+            a->spec = g_strdup(value);
+            g_ptr_array_add(o->actions, a);
         } else if (!strcmp(name, "--chardev")) {
             parse_chardev(o, value);
         } else if (!strcmp(name, "--monitor")) {
@@ -238,6 +284,118 @@ static void parse_args(Options *o, int argc, char **argv)
     }
 }
 
+/* A keyval value as a JSON boolean, or NULL when it is none. */
+static JsonNode *bool_value(JsonNode *v)
+{
+    if (JSON_NODE_HOLDS_VALUE(v) &&
+        json_node_get_value_type(v) == G_TYPE_BOOLEAN) {
+        return json_node_copy(v);
+    }
+    if (JSON_NODE_HOLDS_VALUE(v) &&
+        json_node_get_value_type(v) == G_TYPE_STRING) {
+        const char *s = json_node_get_string(v);
+        if (is_on(s) || is_off(s)) {
+            return json_node_init_boolean(json_node_alloc(), is_on(s));
+        }
+    }
+    return NULL;
+}
+
+static const char *string_value(JsonNode *v)
+{
+    return JSON_NODE_HOLDS_VALUE(v) &&
+           json_node_get_value_type(v) == G_TYPE_STRING
+        ? json_node_get_string(v) : NULL;
+}
+
+/*
+ * --nbd-server takes qemu-storage-daemon's NbdServerOptions:
+ * addr.type=unix,addr.path=… or addr.type=inet,addr.host=…,addr.port=…
+ * (a SocketAddress, flat), max-connections, tls-creds, tls-authz.  It is
+ * turned into nbd-server-start's legacy form.
+ */
+static bool start_nbd_server(StrataContext *ctx, const char *spec,
+                             GError **error)
+{
+    g_autoptr(JsonObject) obj = strata_keyval_parse(spec, NULL, error);
+    g_autoptr(JsonObject) legacy = json_object_new();
+    JsonObject *addr = NULL, *data = json_object_new();
+    JsonObjectIter it;
+    const char *key, *type = NULL;
+    JsonNode *val;
+    int64_t max_conn = 0;
+
+    json_object_set_object_member(legacy, "data", data);
+    if (!obj) {
+        return false;
+    }
+    json_object_iter_init_ordered(&it, obj);
+    while (json_object_iter_next_ordered(&it, &key, &val)) {
+        if (!strcmp(key, "addr") && JSON_NODE_HOLDS_OBJECT(val)) {
+            addr = json_node_get_object(val);
+        } else if (!strcmp(key, "max-connections")) {
+            const char *s = string_value(val);
+            guint64 n;
+            if (JSON_NODE_HOLDS_VALUE(val) &&
+                json_node_get_value_type(val) == G_TYPE_INT64) {
+                max_conn = json_node_get_int(val);
+            } else if (s && g_ascii_string_to_unsigned(s, 10, 0, UINT32_MAX,
+                                                       &n, NULL)) {
+                max_conn = (int64_t)n;
+            } else {
+                g_set_error(error, STRATA_ERROR,
+                            STRATA_ERROR_INVALID_ARGUMENT,
+                            "Parameter 'max-connections' expects uint32_t");
+                return false;
+            }
+        } else if (!strcmp(key, "tls-creds") || !strcmp(key, "tls-authz")) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
+                        "Parameter '%s': TLS is not supported by this NBD "
+                        "server", key);
+            return false;
+        } else {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                        "Parameter '%s' is unexpected", key);
+            return false;
+        }
+    }
+    if (!addr) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Parameter 'addr' is missing");
+        return false;
+    }
+    json_object_iter_init_ordered(&it, addr);
+    while (json_object_iter_next_ordered(&it, &key, &val)) {
+        g_autoptr(JsonNode) b = NULL;
+        if (!strcmp(key, "type") && string_value(val)) {
+            type = string_value(val);
+        } else if ((!strcmp(key, "path") || !strcmp(key, "host") ||
+                    !strcmp(key, "port")) && string_value(val)) {
+            json_object_set_string_member(data, key, string_value(val));
+        } else if ((!strcmp(key, "abstract") || !strcmp(key, "tight")) &&
+                   (b = bool_value(val))) {
+            json_object_set_member(data, key, g_steal_pointer(&b));
+        } else {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                        "Parameter 'addr.%s' is unexpected", key);
+            return false;
+        }
+    }
+    if (!type) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Parameter 'addr.type' is missing");
+        return false;
+    }
+    if (strcmp(type, "unix") != 0 && strcmp(type, "inet") != 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
+                    "Parameter 'addr.type': '%s' is not supported (unix or "
+                    "inet)", type);
+        return false;
+    }
+    json_object_set_string_member(legacy, "type", type);
+    return strata_nbd_server_start_legacy(ctx, legacy, max_conn, error);
+}
+
 typedef struct {
     GMainLoop *loop;
     int status;
@@ -249,6 +407,27 @@ static gboolean on_signal(void *opaque)
 
     g_main_loop_quit(d->loop);
     return G_SOURCE_CONTINUE;
+}
+
+static void flush_all_co(void *opaque)
+{
+    StrataContext *ctx = opaque;
+
+    /* Parents first (newest first), so that a format's metadata reaches
+     * its file before the file is flushed. */
+    for (GList *l = ctx->all_nodes; l; l = l->next) {
+        StrataNode *node = l->data;
+        int ret = strata_node_co_flush(node);
+        if (ret < 0) {
+            g_warning("flushing node '%s' on shutdown: %s",
+                      strata_node_get_name(node), g_strerror(-ret));
+        }
+    }
+}
+
+static void flush_all(StrataContext *ctx)
+{
+    strata_loop_run_co(ctx->loop, flush_all_co, ctx);
 }
 
 static void on_quit(StrataMonitor *mon, void *opaque)
@@ -312,11 +491,12 @@ int main(int argc, char **argv)
     Options o = { 0 };
     Daemon d = { 0 };
     g_autoptr(GError) err = NULL;
-    StrataContext *ctx;
-    StrataMonitor *mon;
+    /* Static: a fatal error exits with them alive, and they stay reachable. */
+    static StrataContext *ctx;
+    static StrataMonitor *mon;
     int daemon_fd = -1;
 
-    o.blockdevs = g_ptr_array_new_with_free_func(g_free);
+    o.actions = g_ptr_array_new_with_free_func(action_free);
     o.sockets = g_ptr_array_new_with_free_func(g_free);
     o.chardevs = g_ptr_array_new();
     o.monitors = g_ptr_array_new_with_free_func(g_free);
@@ -333,10 +513,24 @@ int main(int argc, char **argv)
     if (!ctx) {
         die("%s", err->message);
     }
-    for (guint i = 0; i < o.blockdevs->len; i++) {
-        if (!strata_context_add_node_keyval(ctx, o.blockdevs->pdata[i],
-                                            &err)) {
-            die("--blockdev: %s", err->message);
+    for (guint i = 0; i < o.actions->len; i++) {
+        Action *a = o.actions->pdata[i];
+        switch (a->kind) {
+        case ACT_BLOCKDEV:
+            if (!strata_context_add_node_keyval(ctx, a->spec, &err)) {
+                die("--blockdev: %s", err->message);
+            }
+            break;
+        case ACT_NBD_SERVER:
+            if (!start_nbd_server(ctx, a->spec, &err)) {
+                die("--nbd-server: %s", err->message);
+            }
+            break;
+        case ACT_EXPORT:
+            if (!strata_export_add_keyval(ctx, a->spec, &err)) {
+                die("--export: %s", err->message);
+            }
+            break;
         }
     }
     mon = strata_monitor_new(ctx);
@@ -363,18 +557,23 @@ int main(int argc, char **argv)
 
     g_main_loop_run(d.loop);
 
-    /* Exports go while the monitors can still hear their
-     * BLOCK_EXPORT_DELETED, as qemu-storage-daemon emits it on quit. */
+    /* Nobody new connects and no command runs from here on: the steps
+     * below iterate the loop, where a client's command would otherwise
+     * run while nodes close.  Clients stay connected to hear the
+     * exports' BLOCK_EXPORT_DELETED, as qemu-storage-daemon sends it. */
+    strata_monitor_quiesce(mon);
     strata_exports_shutdown(ctx);
-    /* Clients go first so that no command runs while nodes close;
-     * closing the nodes flushes them. */
-    strata_monitor_free(mon);
+    flush_all(ctx);
+    strata_monitor_detach_context(mon);
     strata_context_free(ctx);
+    /* The sockets disappear only once the images are closed: a script
+     * may take that as the sign that the files are consistent. */
+    strata_monitor_free(mon);
     if (o.pidfile) {
         unlink(o.pidfile);
     }
     g_main_loop_unref(d.loop);
-    g_ptr_array_unref(o.blockdevs);
+    g_ptr_array_unref(o.actions);
     g_ptr_array_unref(o.sockets);
     g_ptr_array_unref(o.monitors);
     g_free(o.pidfile);

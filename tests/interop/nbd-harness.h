@@ -140,7 +140,13 @@ static void tool_start(ToolRun *t, const char *const *argv)
 static int tool_wait(ToolRun *t)
 {
     while (!t->done) {
-        strata_loop_iterate(ctx->loop, true);
+        /* With the context gone, the default context still runs the
+         * subprocess's callbacks. */
+        if (ctx) {
+            strata_loop_iterate(ctx->loop, true);
+        } else {
+            g_main_context_iteration(NULL, TRUE);
+        }
     }
     g_subprocess_wait(t->proc, NULL, NULL);
     return g_subprocess_get_if_exited(t->proc) ?

@@ -233,7 +233,6 @@ START_TEST(test_qcow2_export)
     /* Close everything, then QEMU checks the image. */
     strata_context_free(ctx);
     ctx = NULL;
-    harness_setup();
     g_clear_pointer(&out, g_free);
     st = run_tool(&out, "qemu-img", "check", path, NULL);
     ck_assert_msg(st == 0, "%s", out);

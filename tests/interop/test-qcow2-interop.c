@@ -58,7 +58,8 @@ static int sh(char **out, const char *fmt, ...)
     va_list ap;
     g_autofree char *cmd = NULL;
     g_autofree char *full = NULL;
-    g_autofree char *o = NULL, *e = NULL;
+    g_autofree char *o = NULL;
+    g_autofree char *e = NULL;
     int status = -1;
 
     va_start(ap, fmt);
@@ -75,6 +76,8 @@ static int sh(char **out, const char *fmt, ...)
                 WIFEXITED(status) ? WEXITSTATUS(status) : -1, o, e);
     }
     if (out) {
+        /* Callers reuse one variable for several commands. */
+        g_free(*out);
         *out = g_steal_pointer(&o);
     }
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
@@ -389,6 +392,7 @@ static void write_workload(const char *create_opts, bool strata_creates,
         g_autofree char *out = NULL;
         int rc = sh(&out, "qemu-img compare -f raw -F qcow2 ref.raw w.qcow2");
         ck_assert_msg(rc == 0, "qemu-img compare: %d\n%s", rc, out);
+        g_clear_pointer(&out, g_free);
         rc = sh(&out, "qemu-io -r -c 'read -P 0x02 %" G_GUINT64_FORMAT
                 " 100' -c 'read -P 0x08 %" G_GUINT64_FORMAT " 5000' w.qcow2",
                 3 * cs + 100, size + 100);
@@ -730,7 +734,8 @@ static void expect_same_check_end(const char *rel, const char *qemu_fix,
     g_autofree char *out = NULL;
     g_autoptr(JsonParser) p = json_parser_new();
     JsonObject *o;
-    g_autofree char *got = NULL, *want = NULL;
+    g_autofree char *got = NULL;
+    g_autofree char *want = NULL;
 
     sh(&out, "qemu-img check %s --output=json %s 2>/dev/null", qemu_fix,
        rel);

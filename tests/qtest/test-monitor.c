@@ -1,11 +1,18 @@
 /* The in-process monitor (strata-monitor.h), the JSON splitter's limits,
  * and docs/qmp.md against the schema. */
 #include <check.h>
+#include <poll.h>
+#include <signal.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
 #include <glib.h>
+#include <glib/gstdio.h>
 
 #include "strata.h"
 #include "qmp-private.h"
+#include "block-private.h"
 
 static StrataContext *ctx;
 static StrataMonitor *mon;
@@ -200,6 +207,211 @@ START_TEST(test_docs_match_schema)
 }
 END_TEST
 
+
+/* ---- the socket server, driven from this thread ---- */
+
+static char *sock_dir;
+static char *sock_path;
+
+static void sock_setup(void)
+{
+    setup();
+    sock_dir = g_dir_make_tmp("strata-mon-XXXXXX", NULL);
+    ck_assert(sock_dir);
+    sock_path = g_build_filename(sock_dir, "qmp.sock", NULL);
+    ck_assert(strata_monitor_listen(mon, sock_path, NULL));
+}
+
+static void sock_teardown(void)
+{
+    teardown();
+    g_rmdir(sock_dir);
+    g_clear_pointer(&sock_dir, g_free);
+    g_clear_pointer(&sock_path, g_free);
+}
+
+static int sock_connect(void)
+{
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+    ck_assert_int_ge(fd, 0);
+    g_strlcpy(sa.sun_path, sock_path, sizeof(sa.sun_path));
+    ck_assert_int_eq(connect(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    return fd;
+}
+
+static void sock_send(int fd, const char *text)
+{
+    ck_assert_int_eq(send(fd, text, strlen(text), MSG_NOSIGNAL),
+                     (ssize_t)strlen(text));
+}
+
+/* Runs the loop until a whole line has arrived on @fd; returns it
+ * without its CRLF.  Reads byte by byte so that nothing after the line
+ * is consumed. */
+static char *sock_line(int fd)
+{
+    GString *line = g_string_new(NULL);
+    gint64 deadline = g_get_monotonic_time() + 10 * G_USEC_PER_SEC;
+
+    while (g_get_monotonic_time() < deadline) {
+        struct pollfd p = { .fd = fd, .events = POLLIN };
+        char ch;
+
+        if (poll(&p, 1, 0) == 1 && read(fd, &ch, 1) == 1) {
+            if (ch == '\n') {
+                if (line->len && line->str[line->len - 1] == '\r') {
+                    g_string_truncate(line, line->len - 1);
+                }
+                return g_string_free(line, FALSE);
+            }
+            g_string_append_c(line, ch);
+            continue;
+        }
+        g_main_context_iteration(NULL, FALSE);
+        g_usleep(200);
+    }
+    ck_abort_msg("no line from the server (got '%s')", line->str);
+    return NULL;
+}
+
+typedef struct {
+    bool ran;
+    bool node_seen_inside;
+} LoopCallback;
+
+/* Stands for any loop callback that waits for I/O by iterating the loop
+ * (a bottom half dropping a backend drains it), and then emits an
+ * event, as the NBD server's BLOCK_EXPORT_DELETED is emitted. */
+static void nested_bh(void *opaque)
+{
+    LoopCallback *cb = opaque;
+    g_autoptr(JsonObject) data = json_object_new();
+
+    for (int i = 0; i < 50; i++) {
+        g_main_context_iteration(NULL, FALSE);
+        g_usleep(1000);
+    }
+    cb->node_seen_inside = strata_context_find_node(ctx, "n1") != NULL;
+    json_object_set_string_member(data, "id", "e0");
+    strata_monitor_emit_event(mon, "BLOCK_EXPORT_DELETED", data);
+    cb->ran = true;
+}
+
+/*
+ * A command must never run inside a loop callback that iterates the
+ * loop: state the callback has half changed would be visible (an
+ * export gone from query-block-exports whose BLOCK_EXPORT_DELETED is
+ * not sent yet).  The client's command waits until the callback is
+ * done, so the event comes first, then the reply.
+ */
+START_TEST(test_no_command_inside_loop_callback)
+{
+    LoopCallback cb = { 0 };
+    int fd = sock_connect();
+    g_autofree char *greeting = sock_line(fd);
+    g_autofree char *caps = NULL, *first = NULL, *second = NULL;
+
+    sock_send(fd, "{\"execute\": \"qmp_capabilities\"}");
+    caps = sock_line(fd);
+    ck_assert_str_eq(caps, "{\"return\": {}}");
+
+    sock_send(fd, "{\"execute\": \"blockdev-add\", \"arguments\": "
+                  "{\"driver\": \"null-co\", \"node-name\": \"n1\"}}");
+    strata_loop_call_soon(ctx->loop, nested_bh, &cb);
+    while (!cb.ran) {
+        g_main_context_iteration(NULL, TRUE);
+    }
+    ck_assert_msg(!cb.node_seen_inside,
+                  "a command ran inside a loop callback");
+    first = sock_line(fd);
+    second = sock_line(fd);
+    ck_assert_msg(strstr(first, "\"event\": \"BLOCK_EXPORT_DELETED\"") &&
+                  strstr(first, "{\"id\": \"e0\"}"), "%s", first);
+    ck_assert_str_eq(second, "{\"return\": {}}");
+    ck_assert(strata_context_find_node(ctx, "n1") != NULL);
+    close(fd);
+}
+END_TEST
+
+/*
+ * A client that sends commands and hangs up before the first reply can
+ * be written: nothing after that reply runs, the monitor forgets the
+ * client, and an event still reaches the others.
+ */
+START_TEST(test_hangup_while_fed)
+{
+    int quiet = sock_connect();
+    int gone = sock_connect();
+    g_autofree char *g1 = sock_line(quiet);
+    g_autofree char *g2 = sock_line(gone);
+    g_autofree char *caps = NULL, *ev = NULL, *alive = NULL;
+    g_autoptr(JsonObject) data = json_object_new();
+
+    sock_send(quiet, "{\"execute\": \"qmp_capabilities\"}");
+    caps = sock_line(quiet);
+    ck_assert_str_eq(caps, "{\"return\": {}}");
+
+    sock_send(gone, "{\"execute\": \"qmp_capabilities\"}"
+                    "{\"execute\": \"blockdev-add\", \"arguments\": "
+                    "{\"driver\": \"null-co\", \"node-name\": \"late\"}}");
+    close(gone);
+    for (int i = 0; i < 200 && strata_monitor_client_count(mon) > 1; i++) {
+        g_main_context_iteration(NULL, FALSE);
+        g_usleep(1000);
+    }
+    ck_assert_uint_eq(strata_monitor_client_count(mon), 1);
+    ck_assert_msg(strata_context_find_node(ctx, "late") == NULL,
+                  "a command of a client that hung up ran");
+
+    json_object_set_string_member(data, "id", "e1");
+    strata_monitor_emit_event(mon, "BLOCK_EXPORT_DELETED", data);
+    ev = sock_line(quiet);
+    ck_assert_msg(strstr(ev, "{\"id\": \"e1\"}") != NULL, "%s", ev);
+    sock_send(quiet, "{\"execute\": \"query-version\", \"id\": 7}");
+    alive = sock_line(quiet);
+    ck_assert(g_str_has_suffix(alive, "\"id\": 7}"));
+    close(quiet);
+}
+END_TEST
+
+/* Shutting down: no new client, no command, but events still go out. */
+START_TEST(test_quiesce)
+{
+    int fd = sock_connect();
+    g_autofree char *greeting = sock_line(fd);
+    g_autofree char *caps = NULL, *ev = NULL;
+    g_autoptr(JsonObject) data = json_object_new();
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    int fd2 = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    char ch;
+
+    sock_send(fd, "{\"execute\": \"qmp_capabilities\"}");
+    caps = sock_line(fd);
+    strata_monitor_quiesce(mon);
+    ck_assert(strata_monitor_is_quiesced(mon));
+    g_strlcpy(sa.sun_path, sock_path, sizeof(sa.sun_path));
+    ck_assert_int_ne(connect(fd2, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    close(fd2);
+
+    sock_send(fd, "{\"execute\": \"blockdev-add\", \"arguments\": "
+                  "{\"driver\": \"null-co\", \"node-name\": \"q\"}}");
+    for (int i = 0; i < 50; i++) {
+        g_main_context_iteration(NULL, FALSE);
+        g_usleep(1000);
+    }
+    ck_assert(strata_context_find_node(ctx, "q") == NULL);
+    ck_assert_int_eq(recv(fd, &ch, 1, MSG_DONTWAIT), -1);
+
+    json_object_set_string_member(data, "id", "e2");
+    strata_monitor_emit_event(mon, "BLOCK_EXPORT_DELETED", data);
+    ev = sock_line(fd);
+    ck_assert_msg(strstr(ev, "{\"id\": \"e2\"}") != NULL, "%s", ev);
+    close(fd);
+}
+END_TEST
+
 static void add(Suite *s, const char *name, const TTest *t, bool fixture)
 {
     TCase *tc = tcase_create(name);
@@ -210,14 +422,27 @@ static void add(Suite *s, const char *name, const TTest *t, bool fixture)
     suite_add_tcase(s, tc);
 }
 
+static void add_sock(Suite *s, const char *name, const TTest *t)
+{
+    TCase *tc = tcase_create(name);
+    tcase_add_checked_fixture(tc, sock_setup, sock_teardown);
+    _tcase_add_test(tc, t, 0, 0, 0, 1);
+    suite_add_tcase(s, tc);
+}
+
 int main(void)
 {
     Suite *s = suite_create("monitor");
     SRunner *sr;
     int failed;
 
+    signal(SIGPIPE, SIG_IGN);
     add(s, "/monitor/execute", test_execute, true);
     add(s, "/monitor/events-and-quit", test_events_and_quit, true);
+    add_sock(s, "/monitor/socket/no-command-inside-loop-callback",
+             test_no_command_inside_loop_callback);
+    add_sock(s, "/monitor/socket/hangup-while-fed", test_hangup_while_fed);
+    add_sock(s, "/monitor/socket/quiesce", test_quiesce);
     add(s, "/json-stream/bytewise", test_stream_bytewise, false);
     add(s, "/json-stream/limits", test_stream_limits, false);
     add(s, "/qmp/schema/args", test_schema_args, false);
