@@ -59,11 +59,6 @@ typedef struct PermUndo {
 static bool node_update_perms(StrataNode *node, GArray *undo,
                               GError **error);
 
-static char *node_desc(StrataNode *node)
-{
-    return g_strdup(node->node_name);
-}
-
 /* Checks @edge's wishes against every other edge into the same child. */
 static bool check_edge(StrataChild *edge, uint64_t perm, uint64_t shared,
                        GError **error)
@@ -78,34 +73,28 @@ static bool check_edge(StrataChild *edge, uint64_t perm, uint64_t shared,
     }
     for (GList *l = child->parents; l; l = l->next) {
         StrataChild *other = l->data;
+        const StrataChild *needs = edge, *denies = other;
         uint64_t clash;
-        bool ours_denied;
 
         if (other == edge) {
             continue;
         }
         clash = perm & ~other->shared;
-        ours_denied = true;
         if (!clash) {
             clash = other->perm & ~shared;
-            ours_denied = false;
+            needs = other;
+            denies = edge;
         }
         if (clash) {
-            unsigned bit = __builtin_ctzll(clash);
-            g_autofree char *cdesc = node_desc(child);
-            if (ours_denied) {
-                g_set_error(error, STRATA_ERROR, STRATA_ERROR_PERMISSION,
-                            "Conflicts with use by %s as '%s', which does "
-                            "not allow '%s' on %s",
-                            other->parent_desc, other->name,
-                            perm_names[bit], cdesc);
-            } else {
-                g_set_error(error, STRATA_ERROR, STRATA_ERROR_PERMISSION,
-                            "Conflicts with use by %s as '%s', which uses "
-                            "'%s' on %s",
-                            other->parent_desc, other->name,
-                            perm_names[bit], cdesc);
-            }
+            /* QEMU 7.2's wording, so scripts that match it keep working. */
+            g_autofree char *names = strata_perm_names(clash);
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_PERMISSION,
+                        "Permission conflict on node '%s': permissions '%s' "
+                        "are both required by %s (uses node '%s' as '%s' "
+                        "child) and unshared by %s (uses node '%s' as '%s' "
+                        "child).", child->node_name, names,
+                        needs->parent_desc, child->node_name, needs->name,
+                        denies->parent_desc, child->node_name, denies->name);
             return false;
         }
     }
