@@ -210,6 +210,40 @@ bool strata_node_name_check(const char *name, GError **error);
 void strata_node_drained_begin(StrataNode *node);
 void strata_node_drained_end(StrataNode *node);
 
+/* ---- backing.c ---- */
+
+/* The file name of the image under @node (filters and json:
+ * pseudo-names skipped); (transfer none) (nullable). */
+const char *strata_node_image_filename(StrataNode *node);
+
+/* @path said relative to directory @dir, both absolute. (transfer full) */
+char *strata_path_relative_to(const char *path, const char *dir);
+
+/**
+ * strata_backing_string:
+ * @overlay_file: (nullable): the overlay's file name (relative to the
+ *   working directory or absolute)
+ *
+ * The backing string an overlay's header should record for @base: the
+ * name @base was opened by when it resolves to the same file from the
+ * overlay's directory, else a name relative to that directory; never a
+ * json: pseudo-filename.  (transfer full) (nullable)
+ */
+char *strata_backing_string(StrataNode *base, const char *overlay_file);
+
+/* Whether @node is in @top's backing chain (or is @top, if asked). */
+bool strata_node_chain_contains(StrataNode *top, StrataNode *node,
+                                bool include_top);
+/* The layer below @top whose image file is @filename, as QEMU looks up a
+ * backing image by name. (transfer none) (nullable) */
+StrataNode *strata_node_find_backing_image(StrataNode *top,
+                                           const char *filename);
+
+/* Rewrites @node's backing string (and format; both nullable for none)
+ * through its driver, then flushes.  Coroutine only. */
+int strata_node_co_change_backing_file(StrataNode *node, const char *backing,
+                                       const char *fmt, GError **error);
+
 /* The backing node (nullable). */
 StrataNode *strata_node_backing(StrataNode *node);
 /* Walks filters down to the node with data (a filter's file child). */

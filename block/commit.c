@@ -100,7 +100,7 @@ static void backing_change_co(void *opaque)
 {
     BackingChange *bc = opaque;
 
-    bc->ret = strata_job_co_change_backing_file(bc->node, bc->backing,
+    bc->ret = strata_node_co_change_backing_file(bc->node, bc->backing,
                                                 bc->fmt, bc->error);
 }
 
@@ -136,7 +136,8 @@ static bool commit_prepare(StrataJob *job, GError **error)
 
         bc.backing = c->backing_file;
         if (!bc.backing) {
-            derived = strata_job_backing_string(overlay, c->base);
+            derived = strata_backing_string(
+                c->base, strata_node_image_filename(overlay));
             bc.backing = derived;
         }
         bc.fmt = data && data->drv ? data->drv->name : NULL;
@@ -166,36 +167,6 @@ static const StrataJobDriver commit_driver = {
     .prepare = commit_prepare,
     .free = commit_free,
 };
-
-static bool chain_contains_incl(StrataNode *top, StrataNode *node)
-{
-    for (StrataNode *n = top; n; n = strata_node_backing(n)) {
-        if (n == node) {
-            return true;
-        }
-    }
-    return false;
-}
-
-static StrataNode *find_backing_image(StrataNode *top, const char *filename)
-{
-    g_autofree char *cwd = g_get_current_dir();
-    g_autofree char *want = g_canonicalize_filename(filename, cwd);
-
-    for (StrataNode *n = strata_node_backing(top); n;
-         n = strata_node_backing(n)) {
-        StrataNode *d = strata_node_skip_filters(n);
-        const char *fn = d->file ? d->file->node->filename : d->filename;
-        if (!fn) {
-            continue;
-        }
-        g_autofree char *have = g_canonicalize_filename(fn, cwd);
-        if (!strcmp(fn, filename) || !strcmp(have, want)) {
-            return n;
-        }
-    }
-    return NULL;
-}
 
 /* Refuses a base that somebody outside top..base reads: what the job
  * writes into it would change what that reader sees. */
@@ -274,7 +245,7 @@ bool strata_commit_start(StrataContext *ctx, JsonObject *args,
                         top_node);
             return false;
         }
-        if (!chain_contains_incl(bs, top)) {
+        if (!strata_node_chain_contains(bs, top, true)) {
             g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
                         "'%s' is not in this backing file chain", top_node);
             return false;
@@ -283,7 +254,7 @@ bool strata_commit_start(StrataContext *ctx, JsonObject *args,
         const char *fn = strata_node_skip_filters(bs)->file
             ? strata_node_skip_filters(bs)->file->node->filename : NULL;
         if (!fn || strcmp(fn, top_name) != 0) {
-            top = find_backing_image(bs, top_name);
+            top = strata_node_find_backing_image(bs, top_name);
         }
         if (!top) {
             g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_FOUND,
@@ -303,14 +274,14 @@ bool strata_commit_start(StrataContext *ctx, JsonObject *args,
                         base_node);
             return false;
         }
-        if (!chain_contains_incl(top, base)) {
+        if (!strata_node_chain_contains(top, base, true)) {
             g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
                         "'%s' is not in this backing file chain",
                         base_node);
             return false;
         }
     } else if (base_name) {
-        base = find_backing_image(top, base_name);
+        base = strata_node_find_backing_image(top, base_name);
         if (!base) {
             g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_FOUND,
                         "Can't find '%s' in the backing chain", base_name);

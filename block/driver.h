@@ -119,6 +119,12 @@ struct StrataDriver {
     bool (*set_perm)(StrataNode *node, uint64_t perm, uint64_t shared,
                      GError **error);
 
+    /* Coroutine.  Records @backing (and @fmt; NULL: none) as the image's
+     * backing file in its own metadata; the graph is not changed.  NULL:
+     * the format has no backing file. */
+    int (*co_change_backing_file)(StrataNode *node, const char *backing,
+                                  const char *fmt, GError **error);
+
     /* Loop.  Adds driver-specific members to query output ("image"). */
     void (*query_image)(StrataNode *node, JsonObject *image);
 };

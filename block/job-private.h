@@ -263,19 +263,6 @@ bool strata_create_job_start(StrataContext *ctx, JsonObject *args,
 
 /* Helpers shared by stream and commit (job.c). */
 bool strata_job_parse_on_error(const char *text, StrataOnError *out);
-/**
- * strata_job_co_change_backing_file:
- * @backing: (nullable): the string to write; NULL removes the backing
- * @fmt: (nullable): the backing format to record
- *
- * Rewrites @node's image header (qcow2) to name another backing file.
- */
-int strata_job_co_change_backing_file(StrataNode *node, const char *backing,
-                                      const char *fmt, GError **error);
-/* The backing string to write into @overlay's header for @base: its
- * filename as opened, never a json: pseudo-name, a relative name made
- * relative to @overlay's directory.  (transfer full) */
-char *strata_job_backing_string(StrataNode *overlay, StrataNode *base);
 
 #ifdef __cplusplus
 }

@@ -110,12 +110,6 @@ bool strata_snapshot_revert(StrataContext *ctx, const char *node,
                             const char *overlay_node_name,
                             bool delete_files, GError **error);
 
-/* The backing string to write for @base into a new overlay @overlay_file:
- * @base's image file name as given (never a json: pseudo-name); a
- * relative name that would not resolve from @overlay_file's directory is
- * made relative to it.  (transfer full) */
-char *strata_snapshot_backing_string(StrataNode *base,
-                                     const char *overlay_file);
 
 #ifdef __cplusplus
 }

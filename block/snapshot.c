@@ -63,67 +63,11 @@ static bool driver_supports_backing(const StrataDriver *drv)
     return false;
 }
 
-/* The image file under a format node: what its file name on disk is,
- * never a json: pseudo-name. */
+/* The image file under a format node, never a json: pseudo-name. */
 static const char *image_filename(StrataNode *node)
 {
-    node = strata_node_skip_filters(node);
-    while (node && (!node->filename || !*node->filename ||
-                    g_str_has_prefix(node->filename, "json:")) &&
-           node->file) {
-        node = node->file->node;
-    }
-    return node && node->filename ? node->filename : "";
-}
-
-/* @path as seen from directory @dir; both absolute and canonical. */
-static char *relative_path(const char *path, const char *dir)
-{
-    g_auto(GStrv) p = g_strsplit(path + 1, "/", -1);
-    g_auto(GStrv) d = g_strsplit(dir + 1, "/", -1);
-    GString *out = g_string_new(NULL);
-    guint i = 0;
-
-    if (!strcmp(dir, "/")) {
-        d[0] = NULL;
-    }
-    while (p[i] && p[i + 1] && d[i] && !strcmp(p[i], d[i])) {
-        i++;
-    }
-    for (guint j = i; d[j]; j++) {
-        g_string_append(out, "../");
-    }
-    for (guint j = i; p[j]; j++) {
-        g_string_append(out, p[j]);
-        if (p[j + 1]) {
-            g_string_append_c(out, '/');
-        }
-    }
-    return g_string_free(out, FALSE);
-}
-
-char *strata_snapshot_backing_string(StrataNode *base,
-                                     const char *overlay_file)
-{
-    const char *name = image_filename(base);
-    g_autofree char *ovdir = NULL;
-    g_autofree char *abs_base = NULL;
-    g_autofree char *abs_dir = NULL;
-
-    /* QEMU writes the name the base was opened by.  That is right when it
-     * is absolute, or relative with the overlay in the same directory
-     * the name is relative to; otherwise it would resolve elsewhere from
-     * the overlay's directory, so it is re-expressed from there. */
-    if (g_path_is_absolute(name) || strchr(name, ':')) {
-        return g_strdup(name);
-    }
-    ovdir = g_path_get_dirname(overlay_file);
-    if (!strcmp(ovdir, ".")) {
-        return g_strdup(name);
-    }
-    abs_base = g_canonicalize_filename(name, NULL);
-    abs_dir = g_canonicalize_filename(ovdir, NULL);
-    return relative_path(abs_base, abs_dir);
+    const char *name = strata_node_image_filename(node);
+    return name ? name : "";
 }
 
 typedef struct {
@@ -239,7 +183,7 @@ static bool create_overlay_file(StrataNode *base, const char *file,
                     "'existing' to open it)", file);
         return false;
     }
-    backing = strata_snapshot_backing_string(base, file);
+    backing = strata_backing_string(base, file);
     json_object_set_int_member(opts, "size", MAX(base->total_bytes, 0));
     json_object_set_string_member(opts, "backing_file", backing);
     json_object_set_string_member(opts, "backing_fmt", data->drv->name);
@@ -713,7 +657,7 @@ out:
 /* ------------------------------------------------------------------ */
 
 typedef struct {
-    StrataQcow2State *s;
+    StrataNode *node;
     const char *backing, *fmt;
     GError *error;
     int ret;
@@ -722,23 +666,8 @@ typedef struct {
 static void backing_co(void *opaque)
 {
     BackingCo *b = opaque;
-    StrataQcow2State *s = b->s;
-    char *old_file = s->hdr.backing_file;
-    char *old_fmt = s->hdr.backing_format;
-
-    s->hdr.backing_file = g_strdup(b->backing);
-    s->hdr.backing_format = b->fmt && *b->fmt ? g_strdup(b->fmt) : NULL;
-    b->ret = strata_qcow2_co_rewrite_header(s, &b->error);
-    if (b->ret < 0) {
-        g_free(s->hdr.backing_file);
-        g_free(s->hdr.backing_format);
-        s->hdr.backing_file = old_file;
-        s->hdr.backing_format = old_fmt;
-        return;
-    }
-    g_free(old_file);
-    g_free(old_fmt);
-    b->ret = strata_node_co_flush(s->node);
+    b->ret = strata_node_co_change_backing_file(b->node, b->backing, b->fmt,
+                                                &b->error);
 }
 
 bool strata_snapshot_change_backing_file(StrataContext *ctx,
@@ -790,7 +719,7 @@ bool strata_snapshot_change_backing_file(StrataContext *ctx,
     if (!set_read_only(image, false, error)) {
         goto out;
     }
-    b.s = image->opaque;
+    b.node = image;
     b.backing = backing_file;
     backing = strata_node_skip_filters(backing);
     b.fmt = backing ? backing->drv->name : NULL;

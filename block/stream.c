@@ -156,7 +156,7 @@ static void backing_change_co(void *opaque)
 {
     BackingChange *bc = opaque;
 
-    bc->ret = strata_job_co_change_backing_file(bc->node, bc->backing,
+    bc->ret = strata_node_co_change_backing_file(bc->node, bc->backing,
                                                 bc->fmt, bc->error);
 }
 
@@ -175,7 +175,8 @@ static bool stream_prepare(StrataJob *job, GError **error)
         StrataNode *data = strata_node_skip_filters(s->base);
         bc.backing = s->backing_file;
         if (!bc.backing) {
-            derived = strata_job_backing_string(top, s->base);
+            derived = strata_backing_string(s->base,
+                                            strata_node_image_filename(top));
             bc.backing = derived;
         }
         bc.fmt = data && data->drv ? data->drv->name : NULL;
@@ -211,40 +212,6 @@ static const StrataJobDriver stream_driver = {
     .prepare = stream_prepare,
     .free = stream_free,
 };
-
-/* Whether @node is in @top's backing chain below @top. */
-static bool chain_contains(StrataNode *top, StrataNode *node)
-{
-    for (StrataNode *n = strata_node_backing(top); n;
-         n = strata_node_backing(n)) {
-        if (n == node) {
-            return true;
-        }
-    }
-    return false;
-}
-
-/* The node of @top's chain whose image file is @filename (QEMU's
- * bdrv_find_backing_image, by the name as opened). */
-static StrataNode *find_backing_image(StrataNode *top, const char *filename)
-{
-    g_autofree char *cwd = g_get_current_dir();
-    g_autofree char *want = g_canonicalize_filename(filename, cwd);
-
-    for (StrataNode *n = strata_node_backing(top); n;
-         n = strata_node_backing(n)) {
-        StrataNode *d = strata_node_skip_filters(n);
-        const char *fn = d->file ? d->file->node->filename : d->filename;
-        if (!fn) {
-            continue;
-        }
-        g_autofree char *have = g_canonicalize_filename(fn, cwd);
-        if (!strcmp(fn, filename) || !strcmp(have, want)) {
-            return n;
-        }
-    }
-    return NULL;
-}
 
 static const char *opt_str(JsonObject *args, const char *name)
 {
@@ -297,7 +264,7 @@ bool strata_stream_start(StrataContext *ctx, JsonObject *args,
         return false;
     }
     if (base_name) {
-        base = find_backing_image(top, base_name);
+        base = strata_node_find_backing_image(top, base_name);
         if (!base) {
             g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_FOUND,
                         "Can't find '%s' in the backing chain", base_name);
@@ -312,7 +279,7 @@ bool strata_stream_start(StrataContext *ctx, JsonObject *args,
                         base_node);
             return false;
         }
-        if (base == top || !chain_contains(top, base)) {
+        if (base == top || !strata_node_chain_contains(top, base, false)) {
             g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
                         "Node '%s' is not a backing image of '%s'",
                         base_node, device);
@@ -333,7 +300,8 @@ bool strata_stream_start(StrataContext *ctx, JsonObject *args,
                         "'bottom'", bottom_name);
             return false;
         }
-        if (bottom != top && !chain_contains(top, bottom)) {
+        if (bottom != top &&
+            !strata_node_chain_contains(top, bottom, false)) {
             g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
                         "Node '%s' is not in a chain starting from '%s'",
                         bottom_name, device);

@@ -1143,6 +1143,32 @@ static void qcow2_child_perm(StrataNode *node, StrataChild *child,
     }
 }
 
+/* The header keeps the backing string and format; rewriting it is one
+ * header write (the extensions are kept). */
+static int qcow2_co_change_backing_file(StrataNode *node,
+                                        const char *backing,
+                                        const char *fmt, GError **error)
+{
+    StrataQcow2State *s = node->opaque;
+    char *old_file = s->hdr.backing_file;
+    char *old_fmt = s->hdr.backing_format;
+    int ret;
+
+    s->hdr.backing_file = backing ? g_strdup(backing) : NULL;
+    s->hdr.backing_format = backing && fmt && *fmt ? g_strdup(fmt) : NULL;
+    ret = strata_qcow2_co_rewrite_header(s, error);
+    if (ret < 0) {
+        g_free(s->hdr.backing_file);
+        g_free(s->hdr.backing_format);
+        s->hdr.backing_file = old_file;
+        s->hdr.backing_format = old_fmt;
+        return ret;
+    }
+    g_free(old_file);
+    g_free(old_fmt);
+    return 0;
+}
+
 static void qcow2_query_image(StrataNode *node, JsonObject *image)
 {
     StrataQcow2State *s = node->opaque;
@@ -1231,5 +1257,6 @@ const StrataDriver strata_driver_qcow2 = {
     .co_block_status = qcow2_co_block_status,
     .co_truncate = qcow2_co_truncate,
     .child_perm = qcow2_child_perm,
+    .co_change_backing_file = qcow2_co_change_backing_file,
     .query_image = qcow2_query_image,
 };
