@@ -63,6 +63,7 @@ static const CommandEntry command_table[] = {
     { "block-export-add", strata_qmp_block_export_add },
     { "block-export-del", strata_qmp_block_export_del },
     { "query-block-exports", strata_qmp_query_block_exports },
+    { "blockdev-reopen", strata_qmp_blockdev_reopen },
     { NULL, NULL },
 };
 
