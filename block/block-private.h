@@ -56,6 +56,10 @@ struct StrataChild {
     uint64_t perm;         /* what the parent does through this edge */
     uint64_t shared;       /* what it lets others do */
     GList *link_in_parents; /* this edge's link in node->parents */
+    /* The child was defined inside the parent's options: a reopen of the
+     * parent takes it along with the parent's read-only and cache
+     * settings, as QEMU reopens the children it inherits options to. */
+    bool inherits;
 };
 
 /* Request alignment and size limits of a node; a driver fills them in
@@ -188,6 +192,24 @@ bool strata_child_set_perm(StrataChild *child, uint64_t perm,
 /* Re-points @child at @new_node (checking permissions). */
 bool strata_child_replace_node(StrataChild *child, StrataNode *new_node,
                                GError **error);
+
+/**
+ * strata_node_reopen_multiple:
+ * @option_sets: (element-type JsonObject): one complete option set per
+ *   node, each naming an existing node by "node-name"
+ *
+ * Reopens the nodes with their new options, all or none (QEMU's
+ * blockdev-reopen): every node is prepared, then the permissions of the
+ * new graph are checked, then everything is committed; any failure
+ * rolls every node back.  Omitted common options go back to their
+ * defaults; a node that has a backing child must restate "backing" (a
+ * node name, or null to detach it).  Children defined inside a node's
+ * options are reopened with it and take over its read-only and cache
+ * settings.  Errors about a member of the i-th set name it
+ * "options[i].member", as blockdev-reopen's argument checking does.
+ */
+bool strata_node_reopen_multiple(StrataContext *ctx, GPtrArray *option_sets,
+                                 GError **error);
 
 /* Recomputes the permissions the node needs from its children after its
  * own parents changed; may take or release locks. */

@@ -1,4 +1,5 @@
-/* strata — QMP handlers for block nodes: add, delete, query, resize. */
+/* strata — QMP handlers for block nodes: add, delete, reopen, query,
+ * resize. */
 #include <string.h>
 
 #include "strata-util.h"
@@ -64,6 +65,22 @@ bool strata_qmp_blockdev_del(StrataMonitor *mon, JsonObject *args,
                                    json_object_get_string_member(args,
                                                                  "node-name"),
                                    error);
+}
+
+/* ---- blockdev-reopen ---- */
+
+bool strata_qmp_blockdev_reopen(StrataMonitor *mon, JsonObject *args,
+                                JsonNode **ret, GError **error)
+{
+    JsonArray *list = json_object_get_array_member(args, "options");
+    g_autoptr(GPtrArray) sets = g_ptr_array_new();
+
+    /* The schema made sure every element is an object. */
+    for (guint i = 0; i < json_array_get_length(list); i++) {
+        g_ptr_array_add(sets, json_array_get_object_element(list, i));
+    }
+    return strata_node_reopen_multiple(strata_monitor_get_context(mon),
+                                       sets, error);
 }
 
 /* ---- query-named-block-nodes ---- */

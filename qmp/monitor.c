@@ -90,6 +90,7 @@ static const CommandEntry command_table[] = {
     { "change-backing-file", strata_qmp_change_backing_file },
     { "transaction", strata_qmp_transaction },
     { "x-blockdev-revert", strata_qmp_x_blockdev_revert },
+    { "blockdev-reopen", strata_qmp_blockdev_reopen },
     { NULL, NULL },
 };
 

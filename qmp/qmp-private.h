@@ -124,6 +124,8 @@ bool strata_qmp_x_debug_query_block_graph(StrataMonitor *mon,
                                           GError **error);
 bool strata_qmp_block_resize(StrataMonitor *mon, JsonObject *args,
                              JsonNode **ret, GError **error);
+bool strata_qmp_blockdev_reopen(StrataMonitor *mon, JsonObject *args,
+                                JsonNode **ret, GError **error);
 
 /* ---- cmd-export.c ---- */
 
