@@ -1,11 +1,9 @@
 /* strata-img — what the tool does to qcow2 images beyond the driver.
  *
  * Header edits on closed images (a new backing file name, the lazy
- * refcounts bit), made with the driver's own header parser and builder so
- * that every field and extension the tool does not touch is kept.  And
- * the entry points `check`, `snapshot` and `commit` need from the driver,
- * answering -ENOTSUP until the driver provides them (docs/strata-img.md,
- * "What the qcow2 driver is asked for").
+ * refcounts bit, the compat level), made with the driver's own header
+ * parser and builder so that every field and extension the tool does not
+ * touch is kept.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -251,47 +249,55 @@ out:
     return ok;
 }
 
-/* ---- asked of the driver; -ENOTSUP until it provides them ---- */
+typedef struct IncompatArg {
+    uint64_t clear, set;
+    uint64_t *old;
+} IncompatArg;
 
-int strata_img_qcow2_co_check(StrataNode *node, StrataImgRepair repair,
-                              StrataImgCheckResult *res)
+static bool edit_incompat(StrataQcow2Header *h, const void *opaque,
+                          const char *filename, GError **error)
 {
-    (void)node;
-    (void)repair;
-    memset(res, 0, sizeof(*res));
-    return -ENOTSUP;
+    const IncompatArg *a = opaque;
+
+    (void)filename;
+    (void)error;
+    if (a->old) {
+        *a->old = h->incompatible_features;
+    }
+    h->incompatible_features = (h->incompatible_features & ~a->clear) |
+                               a->set;
+    return true;
 }
 
-int strata_img_qcow2_co_snapshot_list(StrataNode *node, GPtrArray **list)
+bool strata_img_qcow2_edit_incompat(const char *filename, uint64_t clear,
+                                    uint64_t set, uint64_t *old,
+                                    GError **error)
 {
-    (void)node;
-    *list = NULL;
-    return -ENOTSUP;
+    IncompatArg a = { clear, set, old };
+
+    return edit_header(filename, edit_incompat, &a, error);
 }
 
-int strata_img_qcow2_co_snapshot_create(StrataNode *node, const char *name)
+bool strata_img_qcow2_read_incompat(const char *filename, uint64_t *bits,
+                                    GError **error)
 {
-    (void)node;
-    (void)name;
-    return -ENOTSUP;
-}
+    StrataQcow2Header h;
+    g_autofree uint8_t *buf = NULL;
+    size_t cluster_size;
+    int fd;
 
-int strata_img_qcow2_co_snapshot_apply(StrataNode *node, const char *name)
-{
-    (void)node;
-    (void)name;
-    return -ENOTSUP;
-}
-
-int strata_img_qcow2_co_snapshot_delete(StrataNode *node, const char *name)
-{
-    (void)node;
-    (void)name;
-    return -ENOTSUP;
-}
-
-int strata_img_qcow2_co_make_empty(StrataNode *node)
-{
-    (void)node;
-    return -ENOTSUP;
+    fd = open(filename, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                    "Could not open '%s': %s", filename, g_strerror(errno));
+        return false;
+    }
+    strata_qcow2_header_init(&h);
+    buf = read_header(fd, filename, &h, &cluster_size, error);
+    close(fd);
+    if (buf) {
+        *bits = h.incompatible_features;
+    }
+    strata_qcow2_header_cleanup(&h);
+    return buf != NULL;
 }

@@ -18,9 +18,3 @@ int strata_img_amend(int argc, char **argv)
     strata_img_error("%s: not implemented yet", argv[0]);
     return 1;
 }
-int strata_img_check(int argc, char **argv)
-{
-    (void)argc;
-    strata_img_error("%s: not implemented yet", argv[0]);
-    return 1;
-}

@@ -60,7 +60,11 @@ static const ImgCommand commands[] = {
       "rebase [-f fmt] [-p] [-q] [-u] [-b backing_file] [-F backing_fmt]"
       " filename" },
     { "resize", strata_img_resize,
-      "resize [-f fmt] [-q] [--shrink] filename [+ | -]size" },
+      "resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink]"
+      " filename [+ | -]size" },
+    { "snapshot", strata_img_snapshot,
+      "snapshot [-f fmt] [-q] [-U] [-l | -a snapshot | -c snapshot |"
+      " -d snapshot] filename" },
 };
 
 /* ------------------------------------------------------------------ */
