@@ -4,7 +4,8 @@
  * hours:minutes:seconds.milliseconds); -c, -a and -d go to the qcow2
  * driver.  A snapshot that does not exist is reported in qemu-img's
  * words before the image is changed.  Formats without snapshots list
- * nothing, and refuse the other actions, as qemu-img does.
+ * nothing, and refuse the other actions, as qemu-img does.  -f is
+ * accepted as everywhere else (qemu-img's snapshot has no -f).
  */
 #include <errno.h>
 #include <getopt.h>
@@ -109,7 +110,7 @@ static void snapshot_help(void)
            "         [-l | -a snapshot | -c snapshot | -d snapshot] "
            "filename\n"
            "\n"
-           "  -l  list the snapshots (the default)\n"
+           "  -l  list the snapshots\n"
            "  -c  create a snapshot of the current disk\n"
            "  -a  apply a snapshot: revert the disk to it\n"
            "  -d  delete a snapshot\n"
@@ -194,20 +195,18 @@ int strata_img_snapshot(int argc, char **argv)
         strata_img_error_exit("Expecting one image file name");
     }
     filename = argv[optind];
-    if (j.action == ACTION_NONE) {
-        j.action = ACTION_LIST;
-    }
     if (oo.fmt && !strata_img_format_known(oo.fmt)) {
         strata_img_error("Could not open '%s': Unknown driver '%s'",
                          filename, oo.fmt);
         return 1;
     }
-    if (oo.force_share && j.action != ACTION_LIST) {
+    if (oo.force_share && j.action != ACTION_LIST &&
+        j.action != ACTION_NONE) {
         strata_img_error("Could not open '%s': force-share=on can only be "
                          "used with read-only images", filename);
         return 1;
     }
-    oo.writable = j.action != ACTION_LIST;
+    oo.writable = j.action != ACTION_LIST && j.action != ACTION_NONE;
     if (!strata_img_tool_init(&t)) {
         goto out;
     }
@@ -228,6 +227,10 @@ int strata_img_snapshot(int argc, char **argv)
     }
 
     switch (j.action) {
+    case ACTION_NONE:
+        /* qemu-img opens the image and does nothing. */
+        ret = 0;
+        goto out;
     case ACTION_LIST:
         print_list(list);
         ret = 0;
