@@ -165,6 +165,37 @@ bool strata_img_qcow2_edit_incompat(const char *filename, uint64_t clear,
                                     uint64_t set, uint64_t *old,
                                     GError **error);
 
+/* What amend needs to know of a closed qcow2 image. */
+typedef struct StrataImgQcow2Summary {
+    uint32_t version;
+    uint32_t refcount_bits;
+    uint32_t nb_snapshots;
+    uint64_t incompatible_features;
+    uint64_t compatible_features;
+    uint64_t autoclear_features;
+    uint8_t compression_type;
+    bool has_extra_fields;     /* header fields past byte 112 */
+    bool has_bitmaps;          /* a bitmaps extension */
+    char *backing_file;        /* NULL: none */
+    char *backing_format;
+} StrataImgQcow2Summary;
+
+bool strata_img_qcow2_summary(const char *filename,
+                              StrataImgQcow2Summary *sum, GError **error);
+void strata_img_qcow2_summary_clear(StrataImgQcow2Summary *sum);
+
+/**
+ * strata_img_qcow2_amend_header:
+ * @version: 2 or 3, or -1 to keep it
+ * @lazy_refcounts: 1 or 0, or -1 to keep the bit
+ *
+ * One rewrite of cluster 0 of a closed, clean image.  Going to version 2
+ * drops the fields version 2 lacks; the caller has made sure the image
+ * uses none of them (nor zero clusters).
+ */
+bool strata_img_qcow2_amend_header(const char *filename, int version,
+                                   int lazy_refcounts, GError **error);
+
 /* Prints @node as qemu-img prints JSON (four spaces of indent, members
  * in the object's order) and a newline, on stdout. */
 void strata_img_json_print(JsonNode *node);
