@@ -553,7 +553,11 @@ JsonObject *strata_img_parse_options(const char *text,
 
 void strata_img_progress_init(StrataImgProgress *p, bool enabled)
 {
-    p->enabled = enabled;
+    /* A bar redrawn with \r only makes sense on a terminal; logs and
+     * pipes stay clean unless STRATA_IMG_PROGRESS=force asks for it. */
+    p->enabled = enabled && (isatty(STDOUT_FILENO) ||
+                             !g_strcmp0(g_getenv("STRATA_IMG_PROGRESS"),
+                                        "force"));
     p->last = -1;
     strata_img_progress_update(p, 0, 1);
 }
