@@ -133,6 +133,7 @@ struct StrataContext {
     void (*export_event_cb)(StrataContext *ctx, const char *name,
                             JsonObject *data, void *opaque);
     void *export_event_opaque;
+    GList *jobs;                /* StrataJob *, oldest first (job.c) */
 };
 
 /* ---- graph.c ---- */

@@ -73,14 +73,15 @@ static JsonObject *image_info(StrataNode *node, bool flat)
     JsonObject *image = json_object_new();
     StrataNode *backing = strata_node_backing(node);
 
+    int64_t len = strata_node_get_length(node);
+
+    /* Every ImageInfo has these; a driver adds its own members. */
+    json_object_set_string_member(image, "filename",
+                                  node->filename ? node->filename : "");
+    json_object_set_string_member(image, "format", node->drv->name);
+    json_object_set_int_member(image, "virtual-size", MAX(len, 0));
     if (node->drv->query_image) {
         node->drv->query_image(node, image);
-    } else {
-        int64_t len = strata_node_get_length(node);
-        json_object_set_int_member(image, "virtual-size", MAX(len, 0));
-        json_object_set_string_member(image, "filename",
-                                      node->filename ? node->filename : "");
-        json_object_set_string_member(image, "format", node->drv->name);
     }
     if (!flat && backing) {
         json_object_set_object_member(image, "backing-image",

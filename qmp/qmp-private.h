@@ -141,6 +141,45 @@ bool strata_qmp_query_block_exports(StrataMonitor *mon, JsonObject *args,
 void strata_qmp_export_events_connect(StrataMonitor *mon);
 void strata_qmp_export_events_disconnect(StrataMonitor *mon);
 
+/* ---- cmd-job.c ---- */
+
+bool strata_qmp_block_stream(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_block_commit(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_blockdev_create(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_block_job_set_speed(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_block_job_pause(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_block_job_resume(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_block_job_cancel(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_block_job_complete(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_block_job_finalize(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_block_job_dismiss(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_job_pause(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_job_resume(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_job_cancel(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_job_complete(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_job_finalize(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_job_dismiss(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_query_block_jobs(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_query_jobs(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+
 /* ---- server.c ---- */
 
 typedef struct StrataQmpServer StrataQmpServer;
