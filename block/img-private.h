@@ -97,6 +97,15 @@ void strata_img_progress_finish(StrataImgProgress *p);
 /* qemu-img's human sizes: "324 KiB", "1.5 GiB", "0 B". (transfer full) */
 char *strata_img_size_to_str(uint64_t bytes);
 
+/*
+ * The want_zero to ask block status with on @top's chain.  qcow2 names
+ * its zero clusters itself; asking the file under it for holes as well
+ * costs a SEEK_DATA in a worker thread per extent (QEMU asks there only
+ * for metadata-preallocated images).  Only chains with another format
+ * (raw files, whose holes are the only zero information) need it.
+ */
+bool strata_img_want_zero(StrataNode *top);
+
 /* The node of the format layer under any filter on @blk. */
 StrataNode *strata_img_backend_node(StrataBackend *blk);
 

@@ -15,6 +15,7 @@
 
 #include "block-private.h"
 #include "img-private.h"
+#include "driver.h"
 #include "../util/keyval-private.h"
 
 /* The qemu-img release whose subcommands, flags and messages we follow. */
@@ -605,6 +606,17 @@ char *strata_img_size_to_str(uint64_t bytes)
     return g_strdup_printf("%0.3g %s",
                            (double)bytes / (double)(1ull << (i * 10)),
                            units[i]);
+}
+
+bool strata_img_want_zero(StrataNode *top)
+{
+    for (StrataNode *n = top; n; n = strata_node_backing(n)) {
+        n = strata_node_skip_filters(n);
+        if (!n || !n->drv || strcmp(n->drv->name, "qcow2") != 0) {
+            return true;
+        }
+    }
+    return false;
 }
 
 StrataNode *strata_img_backend_node(StrataBackend *blk)
