@@ -215,6 +215,36 @@ StrataNode *strata_node_backing(StrataNode *node);
 /* Walks filters down to the node with data (a filter's file child). */
 StrataNode *strata_node_skip_filters(StrataNode *node);
 
+/* A drained section over a fixed set of nodes: strata_drain_set_add()
+ * quiesces a node's subtree and ancestors (and waits until nothing is in
+ * flight there); strata_drain_set_free() releases exactly those nodes,
+ * however the graph changed meanwhile, then lets every backend look at
+ * its root again.  Nodes are held (a reference each) until the free. */
+typedef struct StrataDrainSet StrataDrainSet;
+StrataDrainSet *strata_drain_set_new(StrataContext *ctx);
+void strata_drain_set_add(StrataDrainSet *set, StrataNode *node);
+void strata_drain_set_free(StrataDrainSet *set);
+
+/* Moves every parent edge of @from (backends, exports, nodes, jobs) to
+ * @to, except edges whose parent is @to itself; all or none.  The caller
+ * drains both. */
+bool strata_node_move_parents(StrataNode *from, StrataNode *to,
+                              GError **error);
+
+/**
+ * strata_node_append_overlay:
+ *
+ * Inside a drained section: attaches @base as @overlay's backing child,
+ * then moves every other parent edge of @base to @overlay, so that every
+ * backend, export and parent node now sees @overlay.  All or nothing.
+ * @base's read-only state is the caller's business (snapshot.c).
+ */
+bool strata_node_append_overlay(StrataNode *base, StrataNode *overlay,
+                                GError **error);
+/* The reverse: @overlay's parents go back to its backing node and the
+ * backing edge is dropped. */
+bool strata_node_remove_overlay(StrataNode *overlay, GError **error);
+
 /* ---- option access for drivers (options.c) ---- */
 
 typedef enum {

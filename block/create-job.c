@@ -18,6 +18,7 @@ typedef struct CreateJob {
     char *driver;
     char *filename;
     JsonObject *opts;       /* the BlockdevCreateOptions */
+    StrataNode *target;     /* the existing node written, if any (ref) */
     GError *error;          /* from the worker thread */
 } CreateJob;
 
@@ -71,8 +72,24 @@ static int create_co_run(StrataJob *job, GError **error)
     CreateJob *c = (CreateJob *)job;
     int ret;
 
+    StrataBackend *hold = NULL;
+
     strata_job_progress_set_total(job, 1);
+    if (c->target) {
+        /* Formatting rewrites and resizes the node's file: take those
+         * permissions as QEMU's create does, so a node in use by an
+         * image is refused rather than overwritten under it. */
+        hold = strata_backend_new_full(job->ctx, c->target,
+                                       STRATA_PERM_WRITE |
+                                       STRATA_PERM_RESIZE,
+                                       STRATA_PERM_ALL,
+                                       "an unnamed block device", error);
+        if (!hold) {
+            return -EPERM;
+        }
+    }
     ret = strata_loop_co_run_in_thread(job->ctx->loop, create_thread, c);
+    strata_backend_unref(hold);
     if (ret < 0) {
         if (c->error) {
             g_propagate_error(error, c->error);
@@ -93,6 +110,7 @@ static void create_free(StrataJob *job)
 
     g_free(c->driver);
     g_free(c->filename);
+    strata_node_unref(c->target);
     if (c->opts) {
         json_object_unref(c->opts);
     }
@@ -109,7 +127,7 @@ static const StrataJobDriver create_driver = {
 /* The file a qcow2 create writes: an existing node's, or a nested
  * file definition's. */
 static char *qcow2_target(StrataContext *ctx, JsonObject *opts,
-                          GError **error)
+                          StrataNode **target, GError **error)
 {
     JsonNode *f = json_object_get_member(opts, "file");
 
@@ -129,6 +147,8 @@ static char *qcow2_target(StrataContext *ctx, JsonObject *opts,
                         "Node '%s' is not a file node", name);
             return NULL;
         }
+        strata_node_ref(n);
+        *target = n;
         return g_strdup(n->filename);
     }
     if (f && JSON_NODE_HOLDS_OBJECT(f)) {
@@ -151,6 +171,7 @@ bool strata_create_job_start(StrataContext *ctx, JsonObject *args,
     const char *driver = json_object_get_string_member_with_default(
         opts, "driver", "");
     g_autofree char *filename = NULL;
+    StrataNode *target = NULL;
     StrataJob *job;
     CreateJob *c;
 
@@ -163,7 +184,7 @@ bool strata_create_job_start(StrataContext *ctx, JsonObject *args,
             return false;
         }
     } else if (!strcmp(driver, "qcow2")) {
-        filename = qcow2_target(ctx, opts, error);
+        filename = qcow2_target(ctx, opts, &target, error);
         if (!filename) {
             return false;
         }
@@ -175,6 +196,7 @@ bool strata_create_job_start(StrataContext *ctx, JsonObject *args,
     if (!json_object_has_member(opts, "size")) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
                     "Parameter 'size' is missing");
+        strata_node_unref(target);
         return false;
     }
 
@@ -182,9 +204,11 @@ bool strata_create_job_start(StrataContext *ctx, JsonObject *args,
                          json_object_get_string_member(args, "job-id"), 0,
                          STRATA_ON_ERROR_REPORT, true, false, error);
     if (!job) {
+        strata_node_unref(target);
         return false;
     }
     c = (CreateJob *)job;
+    c->target = target;
     c->driver = g_strdup(driver);
     c->filename = g_steal_pointer(&filename);
     /* The creation options proper: what names the target is not one. */

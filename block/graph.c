@@ -59,11 +59,6 @@ typedef struct PermUndo {
 static bool node_update_perms(StrataNode *node, GArray *undo,
                               GError **error);
 
-static char *node_desc(StrataNode *node)
-{
-    return g_strdup(node->node_name);
-}
-
 /* Checks @edge's wishes against every other edge into the same child. */
 static bool check_edge(StrataChild *edge, uint64_t perm, uint64_t shared,
                        GError **error)
@@ -78,34 +73,28 @@ static bool check_edge(StrataChild *edge, uint64_t perm, uint64_t shared,
     }
     for (GList *l = child->parents; l; l = l->next) {
         StrataChild *other = l->data;
+        const StrataChild *needs = edge, *denies = other;
         uint64_t clash;
-        bool ours_denied;
 
         if (other == edge) {
             continue;
         }
         clash = perm & ~other->shared;
-        ours_denied = true;
         if (!clash) {
             clash = other->perm & ~shared;
-            ours_denied = false;
+            needs = other;
+            denies = edge;
         }
         if (clash) {
-            unsigned bit = __builtin_ctzll(clash);
-            g_autofree char *cdesc = node_desc(child);
-            if (ours_denied) {
-                g_set_error(error, STRATA_ERROR, STRATA_ERROR_PERMISSION,
-                            "Conflicts with use by %s as '%s', which does "
-                            "not allow '%s' on %s",
-                            other->parent_desc, other->name,
-                            perm_names[bit], cdesc);
-            } else {
-                g_set_error(error, STRATA_ERROR, STRATA_ERROR_PERMISSION,
-                            "Conflicts with use by %s as '%s', which uses "
-                            "'%s' on %s",
-                            other->parent_desc, other->name,
-                            perm_names[bit], cdesc);
-            }
+            /* QEMU 7.2's wording, so scripts that match it keep working. */
+            g_autofree char *names = strata_perm_names(clash);
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_PERMISSION,
+                        "Permission conflict on node '%s': permissions '%s' "
+                        "are both required by %s (uses node '%s' as '%s' "
+                        "child) and unshared by %s (uses node '%s' as '%s' "
+                        "child).", child->node_name, names,
+                        needs->parent_desc, child->node_name, needs->name,
+                        denies->parent_desc, child->node_name, denies->name);
             return false;
         }
     }
@@ -931,4 +920,174 @@ bool strata_node_is_read_only(StrataNode *node)
 {
     g_return_val_if_fail(node != NULL, true);
     return node->read_only;
+}
+
+/* ------------------------------------------------------------------ */
+/* Drain sets and overlays                                             */
+/* ------------------------------------------------------------------ */
+
+struct StrataDrainSet {
+    StrataContext *ctx;
+    GPtrArray *nodes;   /* each holds a reference and one quiesce count */
+};
+
+StrataDrainSet *strata_drain_set_new(StrataContext *ctx)
+{
+    StrataDrainSet *set;
+
+    g_return_val_if_fail(ctx != NULL, NULL);
+    set = g_new0(StrataDrainSet, 1);
+    set->ctx = ctx;
+    set->nodes = g_ptr_array_new();
+    return set;
+}
+
+void strata_drain_set_add(StrataDrainSet *set, StrataNode *node)
+{
+    g_autoptr(GPtrArray) nodes = g_ptr_array_new();
+    g_autoptr(GPtrArray) backends = g_ptr_array_new();
+
+    g_return_if_fail(set != NULL && node != NULL);
+    collect_subtree(node, nodes);
+    collect_ancestors(node, nodes, backends);
+    for (guint i = 0; i < nodes->len; i++) {
+        StrataNode *n = nodes->pdata[i];
+        bool have = false;
+        for (guint j = 0; j < set->nodes->len && !have; j++) {
+            have = set->nodes->pdata[j] == n;
+        }
+        if (!have) {
+            strata_node_ref(n);
+            n->quiesce_counter++;
+            g_ptr_array_add(set->nodes, n);
+        }
+    }
+    while (any_in_flight(set->nodes)) {
+        if (strata_in_coroutine()) {
+            for (guint i = 0; i < set->nodes->len; i++) {
+                StrataNode *n = set->nodes->pdata[i];
+                if (n->in_flight) {
+                    strata_co_queue_wait(&n->drain_waiters, NULL);
+                    break;
+                }
+            }
+        } else {
+            strata_loop_iterate(set->ctx->loop, true);
+        }
+    }
+}
+
+void strata_drain_set_free(StrataDrainSet *set)
+{
+    if (!set) {
+        return;
+    }
+    for (guint i = 0; i < set->nodes->len; i++) {
+        StrataNode *n = set->nodes->pdata[i];
+        g_assert(n->quiesce_counter > 0);
+        n->quiesce_counter--;
+    }
+    /* The graph may have changed under the section: every backend looks
+     * at its (possibly new) root again. */
+    for (GList *l = set->ctx->backends; l; l = l->next) {
+        strata_backend_drained_changed(l->data);
+    }
+    for (guint i = 0; i < set->nodes->len; i++) {
+        strata_node_unref(set->nodes->pdata[i]);
+    }
+    g_ptr_array_free(set->nodes, TRUE);
+    g_free(set);
+}
+
+bool strata_node_move_parents(StrataNode *from, StrataNode *to,
+                              GError **error)
+{
+    g_autoptr(GPtrArray) moved = g_ptr_array_new();
+    GList *edges;
+    bool ok = true;
+
+    g_return_val_if_fail(from != NULL && to != NULL, false);
+    if (from == to) {
+        return true;
+    }
+    /* Keep both alive while their edges move. */
+    strata_node_ref(from);
+    strata_node_ref(to);
+    edges = g_list_copy(from->parents);
+    for (GList *l = edges; l; l = l->next) {
+        StrataChild *c = l->data;
+        if (c->parent_kind == STRATA_PARENT_NODE && c->parent == to) {
+            continue;
+        }
+        if (!strata_child_replace_node(c, to, error)) {
+            ok = false;
+            break;
+        }
+        g_ptr_array_add(moved, c);
+    }
+    g_list_free(edges);
+    if (!ok) {
+        /* Every edge was accepted on @from before, so moving back
+         * cannot conflict. */
+        for (guint i = moved->len; i > 0; i--) {
+            strata_child_replace_node(moved->pdata[i - 1], from, NULL);
+        }
+    }
+    strata_node_unref(to);
+    strata_node_unref(from);
+    return ok;
+}
+
+bool strata_node_append_overlay(StrataNode *base, StrataNode *overlay,
+                                GError **error)
+{
+    StrataDrainSet *set;
+    StrataChild *bc;
+    bool ok = false;
+
+    g_return_val_if_fail(base != NULL && overlay != NULL, false);
+    if (overlay->backing) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_BUSY,
+                    "The overlay already has a backing image");
+        return false;
+    }
+    set = strata_drain_set_new(base->ctx);
+    strata_drain_set_add(set, base);
+    strata_drain_set_add(set, overlay);
+    bc = strata_node_attach_child(overlay, base, "backing",
+                                  STRATA_CHILD_BACKING, STRATA_PARENT_NODE,
+                                  overlay, NULL, 0, 0, error);
+    if (bc) {
+        ok = strata_node_move_parents(base, overlay, error);
+        if (!ok) {
+            strata_child_detach(bc);
+        }
+    }
+    strata_drain_set_free(set);
+    return ok;
+}
+
+bool strata_node_remove_overlay(StrataNode *overlay, GError **error)
+{
+    StrataDrainSet *set;
+    StrataNode *base;
+    bool ok;
+
+    g_return_val_if_fail(overlay != NULL, false);
+    base = strata_node_backing(overlay);
+    if (!base) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Node '%s' has no backing node", overlay->node_name);
+        return false;
+    }
+    strata_node_ref(base);
+    set = strata_drain_set_new(base->ctx);
+    strata_drain_set_add(set, overlay);
+    ok = strata_node_move_parents(overlay, base, error);
+    if (ok) {
+        strata_child_detach(overlay->backing);
+    }
+    strata_drain_set_free(set);
+    strata_node_unref(base);
+    return ok;
 }

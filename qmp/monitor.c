@@ -81,6 +81,15 @@ static const CommandEntry command_table[] = {
     { "job-dismiss", strata_qmp_job_dismiss },
     { "query-block-jobs", strata_qmp_query_block_jobs },
     { "query-jobs", strata_qmp_query_jobs },
+    { "blockdev-snapshot-sync", strata_qmp_blockdev_snapshot_sync },
+    { "blockdev-snapshot", strata_qmp_blockdev_snapshot },
+    { "blockdev-snapshot-internal-sync",
+      strata_qmp_blockdev_snapshot_internal_sync },
+    { "blockdev-snapshot-delete-internal-sync",
+      strata_qmp_blockdev_snapshot_delete_internal_sync },
+    { "change-backing-file", strata_qmp_change_backing_file },
+    { "transaction", strata_qmp_transaction },
+    { "x-blockdev-revert", strata_qmp_x_blockdev_revert },
     { NULL, NULL },
 };
 

@@ -180,6 +180,23 @@ bool strata_qmp_query_block_jobs(StrataMonitor *mon, JsonObject *args,
 bool strata_qmp_query_jobs(StrataMonitor *mon, JsonObject *args,
         JsonNode **ret, GError **error);
 
+/* ---- cmd-snapshot.c ---- */
+
+bool strata_qmp_blockdev_snapshot_sync(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_blockdev_snapshot(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_blockdev_snapshot_internal_sync(StrataMonitor *mon,
+        JsonObject *args, JsonNode **ret, GError **error);
+bool strata_qmp_blockdev_snapshot_delete_internal_sync(StrataMonitor *mon,
+        JsonObject *args, JsonNode **ret, GError **error);
+bool strata_qmp_change_backing_file(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_transaction(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_x_blockdev_revert(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+
 /* ---- server.c ---- */
 
 typedef struct StrataQmpServer StrataQmpServer;

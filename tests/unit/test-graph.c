@@ -189,8 +189,11 @@ START_TEST(test_permissions)
     ck_assert(w1);
     StrataBackend *w2 = strata_backend_new(ctx, "n", true, &err);
     ck_assert(w2 == NULL);
-    ck_assert_msg(strstr(err->message, "Conflicts with use by") &&
-                  strstr(err->message, "'write'"), "%s", err->message);
+    ck_assert_str_eq(err->message,
+                     "Permission conflict on node 'n': permissions 'write' "
+                     "are both required by an unnamed block device (uses "
+                     "node 'n' as 'root' child) and unshared by an unnamed "
+                     "block device (uses node 'n' as 'root' child).");
     g_clear_error(&err);
     StrataBackend *r1 = strata_backend_new(ctx, "n", false, &err);
     ck_assert(r1);
@@ -234,7 +237,8 @@ START_TEST(test_perm_propagates)
     /* ... so a writer on r2 must conflict one level down. */
     StrataBackend *w2 = strata_backend_new(ctx, "r2", true, &err);
     ck_assert(w2 == NULL);
-    ck_assert_msg(strstr(err->message, "Conflicts"), "%s", err->message);
+    ck_assert_msg(strstr(err->message, "Permission conflict on node 'f'"),
+                  "%s", err->message);
     g_clear_error(&err);
     /* The failed attempt left nothing behind. */
     StrataNode *r2 = strata_context_find_node(ctx, "r2");
@@ -342,6 +346,96 @@ START_TEST(test_close_flushes)
 }
 END_TEST
 
+
+/* An overlay takes over every parent of its base; removing it gives them
+ * back. */
+START_TEST(test_append_overlay)
+{
+    g_autoptr(GError) err = NULL;
+    ck_assert(add("driver=null-co,node-name=base,size=1048576,"
+                  "latency-ns=20000000", &err));
+    ck_assert(add("driver=null-co,node-name=ov,size=1048576", &err));
+    ck_assert(add("driver=null-co,node-name=ov2,size=1048576", &err));
+    StrataNode *base = strata_context_find_node(ctx, "base");
+    StrataNode *ov = strata_context_find_node(ctx, "ov");
+    StrataNode *ov2 = strata_context_find_node(ctx, "ov2");
+    StrataBackend *blk = strata_backend_new(ctx, "base", false, &err);
+    ck_assert(blk);
+
+    /* A request in flight on the base finishes before the switch. */
+    SlowReq a = { blk };
+    strata_coroutine_enter(strata_coroutine_new(slow_read_co, &a));
+    ck_assert(a.started && !a.done);
+    ck_assert_msg(strata_node_append_overlay(base, ov, &err), "%s",
+                  err ? err->message : "");
+    ck_assert(a.done);
+    ck_assert_ptr_eq(strata_backend_get_node(blk), ov);
+    ck_assert_ptr_eq(strata_node_backing(ov), base);
+    ck_assert_uint_eq(g_list_length(base->parents), 1);
+    ck_assert_uint_eq(base->quiesce_counter, 0);
+    ck_assert_uint_eq(ov->quiesce_counter, 0);
+
+    /* An overlay with a backing node cannot be appended; nothing moves. */
+    ck_assert(!strata_node_append_overlay(ov2, ov, &err));
+    ck_assert_str_eq(err->message, "The overlay already has a backing image");
+    g_clear_error(&err);
+    ck_assert_ptr_eq(strata_backend_get_node(blk), ov);
+
+    /* A cycle is refused and leaves the graph alone. */
+    ck_assert(!strata_node_append_overlay(ov, base, &err));
+    g_clear_error(&err);
+    ck_assert_ptr_eq(strata_backend_get_node(blk), ov);
+    ck_assert_ptr_eq(strata_node_backing(base), NULL);
+
+    /* Requests go on after the section. */
+    SlowReq b = { blk };
+    strata_coroutine_enter(strata_coroutine_new(slow_read_co, &b));
+    strata_backend_drain(blk);
+    ck_assert(b.done);
+    ck_assert_int_eq(b.ret, 0);
+
+    ck_assert(strata_node_remove_overlay(ov, &err));
+    ck_assert_ptr_eq(strata_backend_get_node(blk), base);
+    ck_assert_ptr_eq(strata_node_backing(ov), NULL);
+    ck_assert_uint_eq(g_list_length(ov->parents), 0);
+    ck_assert(!strata_node_remove_overlay(ov, &err));
+    g_clear_error(&err);
+    strata_backend_unref(blk);
+}
+END_TEST
+
+/* A drain set releases exactly what it took, whatever the graph became. */
+START_TEST(test_drain_set)
+{
+    g_autoptr(GError) err = NULL;
+    ck_assert(add("driver=null-co,node-name=b,size=1048576", &err));
+    ck_assert(add("driver=null-co,node-name=o,size=1048576", &err));
+    StrataNode *b = strata_context_find_node(ctx, "b");
+    StrataNode *o = strata_context_find_node(ctx, "o");
+    StrataBackend *blk = strata_backend_new(ctx, "b", false, &err);
+    StrataDrainSet *set = strata_drain_set_new(ctx);
+
+    strata_drain_set_add(set, b);
+    strata_drain_set_add(set, b);
+    ck_assert_uint_eq(b->quiesce_counter, 1);
+    strata_drain_set_add(set, o);
+    ck_assert(strata_node_move_parents(b, o, &err));
+    /* A request now waits on the new root, still drained. */
+    SlowReq r = { blk };
+    strata_coroutine_enter(strata_coroutine_new(slow_read_co, &r));
+    for (int i = 0; i < 3; i++) {
+        strata_loop_iterate(ctx->loop, false);
+    }
+    ck_assert(r.started && !r.done);
+    strata_drain_set_free(set);
+    ck_assert_uint_eq(b->quiesce_counter, 0);
+    ck_assert_uint_eq(o->quiesce_counter, 0);
+    strata_backend_drain(blk);
+    ck_assert(r.done);
+    strata_backend_unref(blk);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("graph");
@@ -360,5 +454,8 @@ int main(void)
     strata_test_add(s, "/graph/drain", test_drain, setup, teardown);
     strata_test_add(s, "/graph/close/flushes", test_close_flushes, setup,
                     teardown);
+    strata_test_add(s, "/graph/overlay/append", test_append_overlay, setup,
+                    teardown);
+    strata_test_add(s, "/graph/drain/set", test_drain_set, setup, teardown);
     return strata_test_run(s);
 }
