@@ -211,6 +211,12 @@ bool strata_child_replace_node(StrataChild *child, StrataNode *new_node,
 bool strata_node_reopen_multiple(StrataContext *ctx, GPtrArray *option_sets,
                                  GError **error);
 
+/* Makes @node read-only or writable by reopening it with its current
+ * options (files reopened, locks moved, permissions re-checked), as
+ * QEMU does around a commit into a read-only base. */
+bool strata_node_set_read_only(StrataNode *node, bool read_only,
+                               GError **error);
+
 /* Recomputes the permissions the node needs from its children after its
  * own parents changed; may take or release locks. */
 bool strata_node_refresh_perms(StrataNode *node, GError **error);
@@ -344,6 +350,11 @@ int64_t strata_opts_get_int(JsonObject *options, const char *name,
                             int64_t def);
 uint64_t strata_opts_get_size(JsonObject *options, const char *name,
                               uint64_t def);
+/* Copies every level of @node / @object (json_node_copy shares nested
+ * objects and arrays).  (transfer full) */
+JsonNode *strata_json_deep_copy(JsonNode *node);
+JsonObject *strata_json_object_deep_copy(JsonObject *object);
+
 /* JSON text of @options with "driver" first, for "json:{...}" names.
  * (transfer full) */
 char *strata_opts_to_json_name(JsonObject *options);

@@ -22,6 +22,8 @@ typedef struct CommitJob {
     StrataNode *top;
     StrataNode *base;
     char *backing_file;
+    /* Made writable for the job, read-only again when it ends (QEMU). */
+    GPtrArray *made_writable;
 } CommitJob;
 
 static int commit_co_classify(StrataJob *job, uint64_t offset,
@@ -154,9 +156,42 @@ static bool commit_prepare(StrataJob *job, GError **error)
     return ok;
 }
 
+static void commit_clean(StrataJob *job)
+{
+    CommitJob *c = (CommitJob *)job;
+
+    for (guint i = 0; c->made_writable && i < c->made_writable->len; i++) {
+        StrataNode *n = c->made_writable->pdata[i];
+        g_autoptr(GError) err = NULL;
+        if (!strata_node_set_read_only(n, true, &err)) {
+            g_warning("commit: could not make '%s' read-only again: %s",
+                      n->node_name, err->message);
+        }
+    }
+}
+
 static void commit_free(StrataJob *job)
 {
-    g_free(((CommitJob *)job)->backing_file);
+    CommitJob *c = (CommitJob *)job;
+
+    g_free(c->backing_file);
+    if (c->made_writable) {
+        g_ptr_array_unref(c->made_writable);
+    }
+}
+
+/* Reopens @node read-write for the job if it is read-only, remembering
+ * it so the job's end puts it back. */
+static bool make_writable(GPtrArray *made, StrataNode *node, GError **error)
+{
+    if (!node->read_only) {
+        return true;
+    }
+    if (!strata_node_set_read_only(node, false, error)) {
+        return false;
+    }
+    g_ptr_array_add(made, node);
+    return true;
 }
 
 static const StrataJobDriver commit_driver = {
@@ -165,6 +200,7 @@ static const StrataJobDriver commit_driver = {
     .is_block_job = true,
     .co_run = commit_co_run,
     .prepare = commit_prepare,
+    .clean = commit_clean,
     .free = commit_free,
 };
 
@@ -213,6 +249,7 @@ bool strata_commit_start(StrataContext *ctx, JsonObject *args,
     const char *filter_name = opt_str(args, "filter-node-name");
     StrataOnError on_error;
     StrataNode *bs, *top, *base;
+    GPtrArray *made;
     CommitJob *c;
     StrataJob *job;
 
@@ -325,11 +362,27 @@ bool strata_commit_start(StrataContext *ctx, JsonObject *args,
     if (!check_base_users(top, base, error)) {
         return false;
     }
-    if (base->read_only) {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
-                    "Cannot commit into '%s': it is read-only and reopening "
-                    "it read-write is not supported yet", base->node_name);
-        return false;
+    /* The base is written, and the overlays of top get a new backing
+     * string: both must be writable while the job runs. */
+    made = g_ptr_array_new_with_free_func(
+        (GDestroyNotify)strata_node_unref);
+    {
+        g_autoptr(GPtrArray) edges = overlay_edges(top);
+        bool ok = make_writable(made, base, error);
+        for (guint i = 0; ok && i < edges->len; i++) {
+            ok = make_writable(made, ((StrataChild *)edges->pdata[i])->parent,
+                               error);
+        }
+        if (!ok) {
+            for (guint i = 0; i < made->len; i++) {
+                strata_node_set_read_only(made->pdata[i], true, NULL);
+            }
+            g_ptr_array_unref(made);
+            return false;
+        }
+        for (guint i = 0; i < made->len; i++) {
+            strata_node_ref(made->pdata[i]);
+        }
     }
 
     job = strata_job_new(
@@ -342,12 +395,17 @@ bool strata_commit_start(StrataContext *ctx, JsonObject *args,
                                                     true),
         error);
     if (!job) {
+        for (guint i = 0; i < made->len; i++) {
+            strata_node_set_read_only(made->pdata[i], true, NULL);
+        }
+        g_ptr_array_unref(made);
         return false;
     }
     c = (CommitJob *)job;
     c->top = top;
     c->base = base;
     c->backing_file = g_strdup(backing_file);
+    c->made_writable = made;
     for (StrataNode *n = top; n; n = strata_node_backing(n)) {
         strata_job_add_node(job, n);
         if (n == base) {

@@ -528,7 +528,7 @@ static bool open_children(StrataNode *node, JsonObject *options,
         role = role_for_option(d->name);
         if (JSON_NODE_HOLDS_OBJECT(n)) {
             g_autoptr(JsonObject) copy =
-                json_node_get_object(json_node_copy(n));
+                strata_json_object_deep_copy(json_node_get_object(n));
             inherit_options(options, copy, role);
             if (role == STRATA_CHILD_BACKING) {
                 json_object_set_boolean_member(copy, "read-only", true);
@@ -636,12 +636,7 @@ StrataNode *strata_node_open(StrataContext *ctx, JsonObject *options,
     g_return_val_if_fail(options != NULL, NULL);
 
     /* Work on a private copy: validation converts values in place. */
-    {
-        g_autoptr(JsonNode) n = json_node_alloc();
-        json_node_init_object(n, options);
-        g_autoptr(JsonNode) c = json_node_copy(n);
-        opts = json_object_ref(json_node_get_object(c));
-    }
+    opts = strata_json_object_deep_copy(options);
 
     JsonNode *dn = json_object_get_member(opts, "driver");
     if (!dn) {
@@ -975,10 +970,7 @@ static void reopen_entry_free(ReopenEntry *e)
 
 static JsonObject *object_copy(JsonObject *o)
 {
-    g_autoptr(JsonNode) n = json_node_alloc();
-    json_node_init_object(n, o);
-    g_autoptr(JsonNode) c = json_node_copy(n);
-    return json_object_ref(json_node_get_object(c));
+    return strata_json_object_deep_copy(o);
 }
 
 /* Puts @prefix before the member a validation message names: the block
@@ -1528,7 +1520,8 @@ bool strata_node_reopen_multiple(StrataContext *ctx, GPtrArray *option_sets,
             g_autoptr(GList) members = json_object_get_members(o);
             for (GList *l = members; l; l = l->next) {
                 json_object_set_member(e->rs.options, l->data,
-                    json_node_copy(json_object_get_member(o, l->data)));
+                    strata_json_deep_copy(json_object_get_member(o,
+                                                                 l->data)));
             }
         } else {
             queue_add(queue, node, json_object_ref(o));
@@ -1767,4 +1760,38 @@ bool strata_node_remove_overlay(StrataNode *overlay, GError **error)
     strata_drain_set_free(set);
     strata_node_unref(base);
     return ok;
+}
+
+/* ------------------------------------------------------------------ */
+/* Read-only switch                                                    */
+/* ------------------------------------------------------------------ */
+
+bool strata_node_set_read_only(StrataNode *node, bool read_only,
+                               GError **error)
+{
+    g_autoptr(GPtrArray) sets = NULL;
+    g_autoptr(JsonNode) copy = NULL;
+    g_autoptr(JsonNode) wrap = json_node_alloc();
+    JsonObject *opts;
+
+    g_return_val_if_fail(node != NULL, false);
+    if (node->read_only == read_only) {
+        return true;
+    }
+    /* The options it has now, with the flag flipped and the children it
+     * was given by reference restated as they are. */
+    json_node_init_object(wrap, node->options);
+    copy = strata_json_deep_copy(wrap);
+    opts = json_node_get_object(copy);
+    json_object_set_string_member(opts, "node-name", node->node_name);
+    json_object_set_boolean_member(opts, "read-only", read_only);
+    if (node->backing) {
+        json_object_set_string_member(opts, "backing",
+                                      node->backing->node->node_name);
+    } else if (json_object_has_member(opts, "backing")) {
+        json_object_set_null_member(opts, "backing");
+    }
+    sets = g_ptr_array_new_with_free_func((GDestroyNotify)json_object_unref);
+    g_ptr_array_add(sets, json_object_ref(opts));
+    return strata_node_reopen_multiple(node->ctx, sets, error);
 }

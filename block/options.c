@@ -438,3 +438,52 @@ char *strata_opts_to_json_name(JsonObject *options)
     g_autofree char *text = json_generator_to_data(gen, NULL);
     return g_strdup_printf("json:%s", text);
 }
+
+JsonNode *strata_json_deep_copy(JsonNode *node)
+{
+    JsonNode *copy;
+
+    if (!node) {
+        return NULL;
+    }
+    /* json_node_copy() shares objects and arrays with the original;
+     * option sets are edited in place (type conversion, inherited
+     * options), so every level is copied here. */
+    switch (json_node_get_node_type(node)) {
+    case JSON_NODE_OBJECT: {
+        JsonObject *src = json_node_get_object(node);
+        JsonObject *dst = json_object_new();
+        g_autoptr(GList) members = json_object_get_members(src);
+        for (GList *l = members; l; l = l->next) {
+            json_object_set_member(dst, l->data, strata_json_deep_copy(
+                json_object_get_member(src, l->data)));
+        }
+        copy = json_node_alloc();
+        json_node_take_object(json_node_init(copy, JSON_NODE_OBJECT), dst);
+        return copy;
+    }
+    case JSON_NODE_ARRAY: {
+        JsonArray *src = json_node_get_array(node);
+        JsonArray *dst = json_array_sized_new(json_array_get_length(src));
+        for (guint i = 0; i < json_array_get_length(src); i++) {
+            json_array_add_element(dst, strata_json_deep_copy(
+                json_array_get_element(src, i)));
+        }
+        copy = json_node_alloc();
+        json_node_take_array(json_node_init(copy, JSON_NODE_ARRAY), dst);
+        return copy;
+    }
+    default:
+        return json_node_copy(node);
+    }
+}
+
+JsonObject *strata_json_object_deep_copy(JsonObject *object)
+{
+    g_autoptr(JsonNode) wrap = json_node_alloc();
+    g_autoptr(JsonNode) copy = NULL;
+
+    json_node_init_object(wrap, object);
+    copy = strata_json_deep_copy(wrap);
+    return json_object_ref(json_node_get_object(copy));
+}

@@ -103,34 +103,8 @@ static bool flush_node(StrataNode *node, GError **error)
  * for nodes that were opened read-write.  Callers flush first. */
 static bool set_read_only(StrataNode *node, bool ro, GError **error)
 {
-    bool old = node->read_only;
-    StrataNode *file = node->file ? node->file->node : NULL;
-    bool file_old = file ? file->read_only : false;
-    bool with_file = file && file->auto_named && !ro == file->read_only &&
-                     g_list_length(file->parents) == 1;
-
-    if (old == ro) {
-        return true;
-    }
-    node->read_only = ro;
-    if (with_file) {
-        file->read_only = ro;
-    }
-    if (node->drv == &strata_driver_qcow2 && node->opaque) {
-        ((StrataQcow2State *)node->opaque)->writable = !ro;
-    }
-    if (!strata_node_refresh_perms(node, error)) {
-        node->read_only = old;
-        if (with_file) {
-            file->read_only = file_old;
-        }
-        if (node->drv == &strata_driver_qcow2 && node->opaque) {
-            ((StrataQcow2State *)node->opaque)->writable = !old;
-        }
-        strata_node_refresh_perms(node, NULL);
-        return false;
-    }
-    return true;
+    /* A reopen: the file is reopened and its locks move with it. */
+    return strata_node_set_read_only(node, ro, error);
 }
 
 /* Monitor ownership keeps a node that no parent holds. */

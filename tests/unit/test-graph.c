@@ -662,6 +662,44 @@ START_TEST(test_reopen_backing)
 }
 END_TEST
 
+START_TEST(test_options_untouched_and_ro_switch)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *path = make_file("u.raw", 65536);
+    g_autofree char *text = g_strdup_printf(
+        "{\"driver\": \"raw\", \"node-name\": \"u\", \"read-only\": true, "
+        "\"cache\": {\"no-flush\": true}, "
+        "\"file\": {\"driver\": \"file\", \"filename\": \"%s\"}}", path);
+    g_autoptr(JsonParser) parser = json_parser_new();
+    ck_assert(json_parser_load_from_data(parser, text, -1, NULL));
+    JsonObject *o = json_node_get_object(json_parser_get_root(parser));
+
+    StrataNode *n = strata_context_add_node(ctx, o, &err);
+    ck_assert_msg(n, "%s", err ? err->message : "");
+    /* The caller's options, nested levels included, are not edited by
+     * the options the child inherits. */
+    JsonObject *f = json_object_get_object_member(o, "file");
+    ck_assert(!json_object_has_member(f, "read-only"));
+    ck_assert(!json_object_has_member(f, "cache"));
+
+    /* Read-only switch through a reopen: the file follows. */
+    ck_assert(strata_node_is_read_only(n->file->node));
+    ck_assert_msg(strata_node_set_read_only(n, false, &err), "%s",
+                  err ? err->message : "");
+    ck_assert(!strata_node_is_read_only(n));
+    ck_assert(!strata_node_is_read_only(n->file->node));
+    StrataBackend *w = strata_backend_new(ctx, "u", true, &err);
+    ck_assert_msg(w, "%s", err ? err->message : "");
+    /* With a writer on it, it cannot go back. */
+    ck_assert(!strata_node_set_read_only(n, true, &err));
+    g_clear_error(&err);
+    strata_backend_unref(w);
+    ck_assert_msg(strata_node_set_read_only(n, true, &err), "%s",
+                  err ? err->message : "");
+    ck_assert(strata_node_is_read_only(n->file->node));
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("graph");
@@ -689,5 +727,7 @@ int main(void)
     strata_test_add(s, "/graph/overlay/append", test_append_overlay, setup,
                     teardown);
     strata_test_add(s, "/graph/drain/set", test_drain_set, setup, teardown);
+    strata_test_add(s, "/graph/options/untouched-ro-switch",
+                    test_options_untouched_and_ro_switch, setup, teardown);
     return strata_test_run(s);
 }
