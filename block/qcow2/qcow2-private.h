@@ -344,9 +344,11 @@ void strata_qcow2_cache_mark_dirty(StrataQcow2Cache *c, void *table);
 
 /* Before any dirty entry of @c is written, every dirty entry of @dep is
  * written and the file flushed: the metadata @c's entries point to must
- * be stable first. */
-void strata_qcow2_cache_set_dependency(StrataQcow2Cache *c,
-                                       StrataQcow2Cache *dep);
+ * be stable first.  Call it before changing @c.  When @dep depended on
+ * @c (or @c on a third cache), that older order is settled now by a
+ * flush; 0 or -errno. */
+int strata_qcow2_cache_co_set_dependency(StrataQcow2Cache *c,
+                                         StrataQcow2Cache *dep);
 /* Writes every dirty entry (dependency first) without flushing the file. */
 int strata_qcow2_cache_co_write(StrataQcow2Cache *c);
 /* As _co_write, then flushes the file. */
