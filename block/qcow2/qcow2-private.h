@@ -241,6 +241,11 @@ typedef struct StrataQcow2State {
     uint64_t refcount_table_offset;
     uint64_t refcount_table_size; /* entries */
     uint64_t *refcount_table;   /* host byte order */
+    /* Entries up to the last non-zero one (the overlap check walks only
+     * those); 0 with !rt_used_valid: recompute.  Whoever changes the
+     * table clears rt_used_valid. */
+    uint64_t rt_used;
+    bool rt_used_valid;
     uint64_t free_cluster_index;
 
     uint32_t csize_shift;

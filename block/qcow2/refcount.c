@@ -249,6 +249,7 @@ static int ensure_refblock(StrataQcow2State *s, uint64_t cluster)
         return ret;
     }
     s->refcount_table[rt_index] = b << s->cluster_bits;
+    s->rt_used_valid = false;
     return 1;
 }
 
@@ -373,6 +374,7 @@ static int grow_reftable(StrataQcow2State *s, uint64_t min_entries)
     g_free(s->refcount_table);
     s->refcount_table = g_steal_pointer(&table);
     s->refcount_table_size = new_entries;
+    s->rt_used_valid = false;
     s->refcount_table_offset = start << s->cluster_bits;
     s->hdr.refcount_table_offset = s->refcount_table_offset;
     s->hdr.refcount_table_clusters = (uint32_t)table_clusters;

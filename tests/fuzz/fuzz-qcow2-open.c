@@ -65,6 +65,11 @@ static void exercise_co(void *opaque)
     }
 }
 
+static void quiet_print(const gchar *text)
+{
+    (void)text;
+}
+
 static void quiet(const gchar *domain, GLogLevelFlags level,
                   const gchar *message, gpointer user_data)
 {
@@ -83,6 +88,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     /* Hostile images make the driver warn and check report; thousands
      * of runs a second must not drown the fuzzer's own output. */
     g_log_set_default_handler(quiet, NULL);
+    g_set_printerr_handler(quiet_print);
     g_log_set_handler("strata", G_LOG_LEVEL_MASK | G_LOG_FLAG_FATAL |
                       G_LOG_FLAG_RECURSION, quiet, NULL);
     ctx = strata_context_new(NULL, NULL, &err);
