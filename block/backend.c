@@ -100,7 +100,8 @@ StrataBackend *strata_backend_new(StrataContext *ctx, const char *node_name,
     } else {
         shared |= STRATA_PERM_WRITE;
     }
-    blk = strata_backend_new_full(ctx, node, perm, shared, "a backend",
+    blk = strata_backend_new_full(ctx, node, perm, shared,
+                                  "an unnamed block device",
                                   error);
     return blk;
 }

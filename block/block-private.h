@@ -56,6 +56,10 @@ struct StrataChild {
     uint64_t perm;         /* what the parent does through this edge */
     uint64_t shared;       /* what it lets others do */
     GList *link_in_parents; /* this edge's link in node->parents */
+    /* The child was defined inside the parent's options: a reopen of the
+     * parent takes it along with the parent's read-only and cache
+     * settings, as QEMU reopens the children it inherits options to. */
+    bool inherits;
 };
 
 /* Request alignment and size limits of a node; a driver fills them in
@@ -133,6 +137,7 @@ struct StrataContext {
     void (*export_event_cb)(StrataContext *ctx, const char *name,
                             JsonObject *data, void *opaque);
     void *export_event_opaque;
+    GList *jobs;                /* StrataJob *, oldest first (job.c) */
 };
 
 /* ---- graph.c ---- */
@@ -188,6 +193,24 @@ bool strata_child_set_perm(StrataChild *child, uint64_t perm,
 bool strata_child_replace_node(StrataChild *child, StrataNode *new_node,
                                GError **error);
 
+/**
+ * strata_node_reopen_multiple:
+ * @option_sets: (element-type JsonObject): one complete option set per
+ *   node, each naming an existing node by "node-name"
+ *
+ * Reopens the nodes with their new options, all or none (QEMU's
+ * blockdev-reopen): every node is prepared, then the permissions of the
+ * new graph are checked, then everything is committed; any failure
+ * rolls every node back.  Omitted common options go back to their
+ * defaults; a node that has a backing child must restate "backing" (a
+ * node name, or null to detach it).  Children defined inside a node's
+ * options are reopened with it and take over its read-only and cache
+ * settings.  Errors about a member of the i-th set name it
+ * "options[i].member", as blockdev-reopen's argument checking does.
+ */
+bool strata_node_reopen_multiple(StrataContext *ctx, GPtrArray *option_sets,
+                                 GError **error);
+
 /* Recomputes the permissions the node needs from its children after its
  * own parents changed; may take or release locks. */
 bool strata_node_refresh_perms(StrataNode *node, GError **error);
@@ -209,10 +232,74 @@ bool strata_node_name_check(const char *name, GError **error);
 void strata_node_drained_begin(StrataNode *node);
 void strata_node_drained_end(StrataNode *node);
 
+/* ---- backing.c ---- */
+
+/* The file name of the image under @node (filters and json:
+ * pseudo-names skipped); (transfer none) (nullable). */
+const char *strata_node_image_filename(StrataNode *node);
+
+/* @path said relative to directory @dir, both absolute. (transfer full) */
+char *strata_path_relative_to(const char *path, const char *dir);
+
+/**
+ * strata_backing_string:
+ * @overlay_file: (nullable): the overlay's file name (relative to the
+ *   working directory or absolute)
+ *
+ * The backing string an overlay's header should record for @base: the
+ * name @base was opened by when it resolves to the same file from the
+ * overlay's directory, else a name relative to that directory; never a
+ * json: pseudo-filename.  (transfer full) (nullable)
+ */
+char *strata_backing_string(StrataNode *base, const char *overlay_file);
+
+/* Whether @node is in @top's backing chain (or is @top, if asked). */
+bool strata_node_chain_contains(StrataNode *top, StrataNode *node,
+                                bool include_top);
+/* The layer below @top whose image file is @filename, as QEMU looks up a
+ * backing image by name. (transfer none) (nullable) */
+StrataNode *strata_node_find_backing_image(StrataNode *top,
+                                           const char *filename);
+
+/* Rewrites @node's backing string (and format; both nullable for none)
+ * through its driver, then flushes.  Coroutine only. */
+int strata_node_co_change_backing_file(StrataNode *node, const char *backing,
+                                       const char *fmt, GError **error);
+
 /* The backing node (nullable). */
 StrataNode *strata_node_backing(StrataNode *node);
 /* Walks filters down to the node with data (a filter's file child). */
 StrataNode *strata_node_skip_filters(StrataNode *node);
+
+/* A drained section over a fixed set of nodes: strata_drain_set_add()
+ * quiesces a node's subtree and ancestors (and waits until nothing is in
+ * flight there); strata_drain_set_free() releases exactly those nodes,
+ * however the graph changed meanwhile, then lets every backend look at
+ * its root again.  Nodes are held (a reference each) until the free. */
+typedef struct StrataDrainSet StrataDrainSet;
+StrataDrainSet *strata_drain_set_new(StrataContext *ctx);
+void strata_drain_set_add(StrataDrainSet *set, StrataNode *node);
+void strata_drain_set_free(StrataDrainSet *set);
+
+/* Moves every parent edge of @from (backends, exports, nodes, jobs) to
+ * @to, except edges whose parent is @to itself; all or none.  The caller
+ * drains both. */
+bool strata_node_move_parents(StrataNode *from, StrataNode *to,
+                              GError **error);
+
+/**
+ * strata_node_append_overlay:
+ *
+ * Inside a drained section: attaches @base as @overlay's backing child,
+ * then moves every other parent edge of @base to @overlay, so that every
+ * backend, export and parent node now sees @overlay.  All or nothing.
+ * @base's read-only state is the caller's business (snapshot.c).
+ */
+bool strata_node_append_overlay(StrataNode *base, StrataNode *overlay,
+                                GError **error);
+/* The reverse: @overlay's parents go back to its backing node and the
+ * backing edge is dropped. */
+bool strata_node_remove_overlay(StrataNode *overlay, GError **error);
 
 /* ---- option access for drivers (options.c) ---- */
 

@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "block-private.h"
+#include "job-private.h"
 #include "export-private.h"
 #include "../util/keyval-private.h"
 
@@ -41,6 +42,8 @@ void strata_context_free(StrataContext *ctx)
     if (!ctx) {
         return;
     }
+    /* Jobs hold nodes and may be in the middle of a request. */
+    strata_job_cancel_all_sync(ctx);
     /* Exports go first: their clients hold backends on the nodes. */
     strata_exports_shutdown(ctx);
     /* Backends the embedder still holds lose their medium; their
@@ -127,6 +130,9 @@ bool strata_context_del_node(StrataContext *ctx, const char *node_name,
     if (!node) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_FOUND,
                     "Failed to find node with node-name='%s'", node_name);
+        return false;
+    }
+    if (!strata_job_busy_check(ctx, node, error)) {
         return false;
     }
     if (!node->monitor_owned) {

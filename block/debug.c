@@ -1092,6 +1092,12 @@ uint64_t strata_debug_cached_bytes(StrataNode *node)
     return s->cached_bytes;
 }
 
+/* Nothing of this driver's own can change on a reopen. */
+static bool debug_reopen_prepare(StrataReopenState *rs, GError **error)
+{
+    return strata_reopen_check_options(rs, NULL, error);
+}
+
 const StrataDriver strata_driver_blkdebug = {
     .name = "blkdebug",
     .state_size = sizeof(DebugState),
@@ -1108,4 +1114,5 @@ const StrataDriver strata_driver_blkdebug = {
     .co_flush = debug_co_flush,
     .co_block_status = debug_co_block_status,
     .co_truncate = debug_co_truncate,
+    .reopen_prepare = debug_reopen_prepare,
 };

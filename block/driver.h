@@ -19,6 +19,39 @@
 extern "C" {
 #endif
 
+/*
+ * One node's part in a reopen (blockdev-reopen).  The graph fills it in
+ * and passes the same pointer to prepare and then to commit or abort.
+ */
+typedef struct StrataReopenState {
+    StrataNode *node;
+    /* The node's complete new options, validated and typed.  The node
+     * itself (node->options, node->read_only, …) still shows the old
+     * state during prepare. */
+    JsonObject *options;
+    /* The new values of the common settings. */
+    bool read_only;
+    bool cache_direct;
+    bool cache_no_flush;
+    /* The driver's, from prepare to commit or abort. */
+    void *opaque;
+} StrataReopenState;
+
+/**
+ * strata_reopen_check_options:
+ * @mutable_opts: (nullable): NULL-terminated driver options that may
+ *   change or be left out
+ *
+ * For a driver's reopen_prepare: every other driver-specific option
+ * (children excepted) must keep the value the node was opened with:
+ * "Cannot change the option 'x'", and one that was given at open may not
+ * be left out: "Option 'x' cannot be reset to its default value", as
+ * QEMU answers.
+ */
+bool strata_reopen_check_options(StrataReopenState *rs,
+                                 const char *const *mutable_opts,
+                                 GError **error);
+
 struct StrataDriver {
     /* The "driver" value in blockdev-add options ("file", "raw", …). */
     const char *name;
@@ -118,6 +151,39 @@ struct StrataDriver {
      */
     bool (*set_perm)(StrataNode *node, uint64_t perm, uint64_t shared,
                      GError **error);
+
+    /* Coroutine.  Records @backing (and @fmt; NULL: none) as the image's
+     * backing file in its own metadata; the graph is not changed.  NULL:
+     * the format has no backing file. */
+    int (*co_change_backing_file)(StrataNode *node, const char *backing,
+                                  const char *fmt, GError **error);
+
+    /*
+     * Loop.  Reopening with new options; all three run inside a drained
+     * section of the node, and every node of one reopen is prepared
+     * before any is committed, so that a failure anywhere leaves every
+     * node as it was.  The graph handles the common options (read-only,
+     * cache.*, discard, detect-zeroes) and the child references.
+     *
+     * reopen_prepare checks rs->options (with
+     * strata_reopen_check_options for what cannot change) and readies
+     * the change without making it visible: the node keeps working with
+     * its old settings, and set_perm may still be called meanwhile with
+     * the permissions of the new state.  It may do I/O (flushing before
+     * going read-only).  NULL: the node cannot be reopened ("Block
+     * format 'x' used by node 'y' does not support reopening files").
+     *
+     * reopen_commit makes the prepared state the node's; it cannot fail.
+     * It runs before the graph stores the new options and flags in the
+     * node, and only after every node of the reopen has been prepared
+     * and the permissions of the new graph have been granted.
+     *
+     * reopen_abort undoes what prepare did (only after a successful
+     * prepare).  NULL commit or abort: nothing to do.
+     */
+    bool (*reopen_prepare)(StrataReopenState *rs, GError **error);
+    void (*reopen_commit)(StrataReopenState *rs);
+    void (*reopen_abort)(StrataReopenState *rs);
 
     /* Loop.  Adds driver-specific members to query output ("image"). */
     void (*query_image)(StrataNode *node, JsonObject *image);

@@ -395,6 +395,110 @@ static void file_close(StrataNode *node)
     }
 }
 
+/* ---- reopen ---- */
+
+/* The descriptor a reopen prepared; -1: the old one stays. */
+typedef struct FileReopen {
+    int fd;
+} FileReopen;
+
+static const char *const file_mutable_options[] = {
+    "drop-cache", "x-check-cache-dropped", NULL,
+};
+
+static bool file_reopen_prepare(StrataReopenState *rs, GError **error)
+{
+    StrataNode *node = rs->node;
+    FileState *s = node->opaque;
+    const char *aio = strata_opts_get_string(rs->options, "aio", NULL);
+    FileReopen *r;
+    int flags, fd;
+
+    if (!strata_reopen_check_options(rs, file_mutable_options, error)) {
+        return false;
+    }
+    if (aio && !strcmp(aio, "native") && !rs->cache_direct) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "aio=native was specified, but it requires "
+                    "cache.direct=on, which was not specified.");
+        return false;
+    }
+    if (rs->read_only == node->read_only && rs->cache_direct == s->direct) {
+        return true;
+    }
+    flags = O_CLOEXEC | (rs->read_only ? O_RDONLY : O_RDWR);
+    if (rs->cache_direct) {
+        flags |= O_DIRECT;
+    }
+    /* Through /proc the same file is opened again even if its name now
+     * leads elsewhere; the name is the fallback without /proc. */
+    {
+        g_autofree char *self = g_strdup_printf("/proc/self/fd/%d", s->fd);
+        do {
+            fd = open(self, flags);
+        } while (fd < 0 && errno == EINTR);
+        if (fd < 0 && errno == ENOENT) {
+            do {
+                fd = open(node->filename, flags);
+            } while (fd < 0 && errno == EINTR);
+        }
+    }
+    if (fd < 0) {
+        int err = errno == EROFS ? EACCES : errno;
+
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                    "Could not reopen file: %s", g_strerror(err));
+        return false;
+    }
+    r = g_new0(FileReopen, 1);
+    r->fd = fd;
+    rs->opaque = r;
+    return true;
+}
+
+static void file_reopen_commit(StrataReopenState *rs)
+{
+    StrataNode *node = rs->node;
+    FileState *s = node->opaque;
+    FileReopen *r = rs->opaque;
+    uint64_t held_perm = s->locked_perm, held_unshared = s->locked_unshared;
+    g_autoptr(GError) err = NULL;
+    int old_fd = s->fd;
+
+    if (!r) {
+        return;
+    }
+    /* The new descriptor takes the lock bytes before the old one lets
+     * them go, so no other process sees a moment without them; shared
+     * locks of two descriptors never conflict with each other. */
+    s->fd = r->fd;
+    s->locked_perm = s->locked_unshared = 0;
+    if (!apply_locks(s, held_perm, held_unshared, false, &err)) {
+        g_warning("file: reopening '%s' lost image locks: %s",
+                  node->filename, err->message);
+    }
+    close(old_fd);
+    s->direct = rs->cache_direct;
+    node->limits.request_alignment = 1;
+    node->limits.buf_align = 1;
+    if (s->direct) {
+        probe_direct_alignment(s, node);
+    }
+    g_free(r);
+    rs->opaque = NULL;
+}
+
+static void file_reopen_abort(StrataReopenState *rs)
+{
+    FileReopen *r = rs->opaque;
+
+    if (r) {
+        close(r->fd);
+        g_free(r);
+        rs->opaque = NULL;
+    }
+}
+
 /* ---- length ---- */
 
 static int64_t file_length(FileState *s)
@@ -800,5 +904,8 @@ const StrataDriver strata_driver_file = {
     .co_block_status = file_co_block_status,
     .co_truncate = file_co_truncate,
     .set_perm = file_set_perm,
+    .reopen_prepare = file_reopen_prepare,
+    .reopen_commit = file_reopen_commit,
+    .reopen_abort = file_reopen_abort,
     .query_image = file_query_image,
 };

@@ -31,6 +31,7 @@ enum {
 typedef struct CommitJob {
     StrataNode *top;
     StrataNode *base_in_chain;   /* where block status stops */
+    bool want_zero;              /* see strata_img_want_zero() */
     StrataBackend *chain;
     StrataBackend *base;         /* writable */
     uint64_t len;
@@ -58,8 +59,8 @@ static int commit_worker(void *opaque)
         off = j->cur;
         want = MIN(CHUNK, j->len - off);
         ret = strata_node_co_block_status_above(j->top, j->base_in_chain,
-                                                true, off, want, &pnum, NULL,
-                                                NULL, NULL);
+                                                j->want_zero, off, want,
+                                                &pnum, NULL, NULL, NULL);
         if (ret >= 0) {
             pnum = pnum ? pnum : want;
             j->cur += pnum;
@@ -291,6 +292,7 @@ int strata_img_commit(int argc, char **argv)
         goto out;
     }
     j.top = strata_img_backend_node(j.chain);
+    j.want_zero = strata_img_want_zero(j.top);
     if (!strata_node_backing(j.top)) {
         strata_img_error("Image does not have a backing file");
         goto out;

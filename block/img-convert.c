@@ -77,7 +77,9 @@ static int co_next_segment(ConvertJob *j, uint64_t *src_off, int *src_idx,
     top = strata_img_backend_node(j->src[j->cur_src]);
     base = j->top_only ? strata_node_backing(top) : NULL;
     want = MIN(CHUNK, j->src_len[j->cur_src] - j->cur_off);
-    ret = strata_node_co_block_status_above(top, base, true, j->cur_off,
+    ret = strata_node_co_block_status_above(top, base,
+                                            strata_img_want_zero(top),
+                                            j->cur_off,
                                             want, &pnum, NULL, NULL, NULL);
     if (ret < 0) {
         return ret;

@@ -106,6 +106,22 @@ static void print_node(GString *out, JsonNode *node, int level)
     }
 }
 
+void strata_img_json_print(JsonNode *node)
+{
+    g_autoptr(GString) out = g_string_new(NULL);
+
+    print_node(out, node, 0);
+    printf("%s\n", out->str);
+}
+
+void strata_img_json_print_object(JsonObject *obj)
+{
+    g_autoptr(JsonNode) n = json_node_new(JSON_NODE_OBJECT);
+
+    json_node_set_object(n, obj);
+    strata_img_json_print(n);
+}
+
 /* ---- gathering ---- */
 
 static void copy_member(JsonObject *to, JsonObject *from, const char *name)

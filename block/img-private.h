@@ -97,6 +97,15 @@ void strata_img_progress_finish(StrataImgProgress *p);
 /* qemu-img's human sizes: "324 KiB", "1.5 GiB", "0 B". (transfer full) */
 char *strata_img_size_to_str(uint64_t bytes);
 
+/*
+ * The want_zero to ask block status with on @top's chain.  qcow2 names
+ * its zero clusters itself; asking the file under it for holes as well
+ * costs a SEEK_DATA in a worker thread per extent (QEMU asks there only
+ * for metadata-preallocated images).  Only chains with another format
+ * (raw files, whose holes are the only zero information) need it.
+ */
+bool strata_img_want_zero(StrataNode *top);
+
 /* The node of the format layer under any filter on @blk. */
 StrataNode *strata_img_backend_node(StrataBackend *blk);
 
@@ -145,62 +154,61 @@ bool strata_img_qcow2_read_backing(const char *filename, char **backing,
  */
 bool strata_img_qcow2_recreate_empty(const char *filename, GError **error);
 
-/*
- * What the qcow2 driver is asked to provide for `check` and `snapshot`
- * (block/img-qcow2.c holds stubs that answer -ENOTSUP until it does).
- * The tool side of both subcommands is written against these.
+/**
+ * strata_img_qcow2_read_incompat:
+ * @bits: (out): the incompatible feature bits of the closed image
  */
-typedef struct StrataImgCheckResult {
-    int64_t corruptions;
-    int64_t leaks;
-    int64_t check_errors;      /* the walk could not finish a part */
-    int64_t corruptions_fixed;
-    int64_t leaks_fixed;
-    int64_t image_end_offset;
-    int64_t allocated_clusters;
-    int64_t total_clusters;
-    int64_t fragmented_clusters;
-    int64_t compressed_clusters;
-} StrataImgCheckResult;
-
-typedef enum {
-    STRATA_IMG_REPAIR_NONE = 0,
-    STRATA_IMG_REPAIR_LEAKS = 1 << 0,
-    STRATA_IMG_REPAIR_ERRORS = 1 << 1,
-} StrataImgRepair;
+bool strata_img_qcow2_read_incompat(const char *filename, uint64_t *bits,
+                                    GError **error);
 
 /**
- * strata_img_qcow2_co_check:
- * @node: a qcow2 node, opened writable when @repair is not NONE
+ * strata_img_qcow2_edit_incompat:
+ * @old: (out) (optional): the bits before the edit
  *
- * Coroutine only.  QEMU's qcow2 consistency walk: refcounts against the
- * references from L1/L2, snapshots and the metadata itself.
- *
- * Returns: 0 with @res filled in, -ENOTSUP when the driver has no
- * check, other -errno when the walk could not run.
+ * Clears @clear and sets @set in the incompatible feature bits of the
+ * closed image: how check -r lifts the corrupt bit for the repair pass
+ * (the driver opens corrupt images read-only) and puts it back when the
+ * repair leaves corruptions.
  */
-int strata_img_qcow2_co_check(StrataNode *node, StrataImgRepair repair,
-                              StrataImgCheckResult *res);
+bool strata_img_qcow2_edit_incompat(const char *filename, uint64_t clear,
+                                    uint64_t set, uint64_t *old,
+                                    GError **error);
 
-typedef struct StrataImgSnapshot {
-    char *id;
-    char *name;
-    uint64_t vm_state_size;
-    int64_t date_sec;
-    int32_t date_nsec;
-    int64_t vm_clock_nsec;
-    uint64_t icount;           /* UINT64_MAX: none recorded */
-} StrataImgSnapshot;
+/* What amend needs to know of a closed qcow2 image. */
+typedef struct StrataImgQcow2Summary {
+    uint32_t version;
+    uint32_t refcount_bits;
+    uint32_t nb_snapshots;
+    uint64_t incompatible_features;
+    uint64_t compatible_features;
+    uint64_t autoclear_features;
+    uint8_t compression_type;
+    bool has_extra_fields;     /* header fields past byte 112 */
+    bool has_bitmaps;          /* a bitmaps extension */
+    char *backing_file;        /* NULL: none */
+    char *backing_format;
+} StrataImgQcow2Summary;
 
-/* Coroutine only; -ENOTSUP until the driver has internal snapshots.
- * *@list: (transfer full): a GPtrArray of StrataImgSnapshot *. */
-int strata_img_qcow2_co_snapshot_list(StrataNode *node, GPtrArray **list);
-int strata_img_qcow2_co_snapshot_create(StrataNode *node, const char *name);
-int strata_img_qcow2_co_snapshot_apply(StrataNode *node, const char *name);
-int strata_img_qcow2_co_snapshot_delete(StrataNode *node, const char *name);
-/* The driver's way to empty an image after commit (QEMU's make_empty):
- * every cluster unallocated, the backing chain showing through. */
-int strata_img_qcow2_co_make_empty(StrataNode *node);
+bool strata_img_qcow2_summary(const char *filename,
+                              StrataImgQcow2Summary *sum, GError **error);
+void strata_img_qcow2_summary_clear(StrataImgQcow2Summary *sum);
+
+/**
+ * strata_img_qcow2_amend_header:
+ * @version: 2 or 3, or -1 to keep it
+ * @lazy_refcounts: 1 or 0, or -1 to keep the bit
+ *
+ * One rewrite of cluster 0 of a closed, clean image.  Going to version 2
+ * drops the fields version 2 lacks; the caller has made sure the image
+ * uses none of them (nor zero clusters).
+ */
+bool strata_img_qcow2_amend_header(const char *filename, int version,
+                                   int lazy_refcounts, GError **error);
+
+/* Prints @node as qemu-img prints JSON (four spaces of indent, members
+ * in the object's order) and a newline, on stdout. */
+void strata_img_json_print(JsonNode *node);
+void strata_img_json_print_object(JsonObject *obj);
 
 /* "strata-img: <message>" on stderr. */
 void strata_img_error(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
@@ -273,6 +281,7 @@ int strata_img_resize(int argc, char **argv);
 int strata_img_measure(int argc, char **argv);
 int strata_img_amend(int argc, char **argv);
 int strata_img_check(int argc, char **argv);
+int strata_img_snapshot(int argc, char **argv);
 
 /* Creates @filename as @fmt ("raw" or "qcow2") with @opts (string
  * members as -o gives them; "size" required).  Shared by create and

@@ -1,11 +1,9 @@
 /* strata-img — what the tool does to qcow2 images beyond the driver.
  *
  * Header edits on closed images (a new backing file name, the lazy
- * refcounts bit), made with the driver's own header parser and builder so
- * that every field and extension the tool does not touch is kept.  And
- * the entry points `check`, `snapshot` and `commit` need from the driver,
- * answering -ENOTSUP until the driver provides them (docs/strata-img.md,
- * "What the qcow2 driver is asked for").
+ * refcounts bit, the compat level), made with the driver's own header
+ * parser and builder so that every field and extension the tool does not
+ * touch is kept.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -251,47 +249,144 @@ out:
     return ok;
 }
 
-/* ---- asked of the driver; -ENOTSUP until it provides them ---- */
+typedef struct IncompatArg {
+    uint64_t clear, set;
+    uint64_t *old;
+} IncompatArg;
 
-int strata_img_qcow2_co_check(StrataNode *node, StrataImgRepair repair,
-                              StrataImgCheckResult *res)
+static bool edit_incompat(StrataQcow2Header *h, const void *opaque,
+                          const char *filename, GError **error)
 {
-    (void)node;
-    (void)repair;
-    memset(res, 0, sizeof(*res));
-    return -ENOTSUP;
+    const IncompatArg *a = opaque;
+
+    (void)filename;
+    (void)error;
+    if (a->old) {
+        *a->old = h->incompatible_features;
+    }
+    h->incompatible_features = (h->incompatible_features & ~a->clear) |
+                               a->set;
+    return true;
 }
 
-int strata_img_qcow2_co_snapshot_list(StrataNode *node, GPtrArray **list)
+bool strata_img_qcow2_edit_incompat(const char *filename, uint64_t clear,
+                                    uint64_t set, uint64_t *old,
+                                    GError **error)
 {
-    (void)node;
-    *list = NULL;
-    return -ENOTSUP;
+    IncompatArg a = { clear, set, old };
+
+    return edit_header(filename, edit_incompat, &a, error);
 }
 
-int strata_img_qcow2_co_snapshot_create(StrataNode *node, const char *name)
+bool strata_img_qcow2_read_incompat(const char *filename, uint64_t *bits,
+                                    GError **error)
 {
-    (void)node;
-    (void)name;
-    return -ENOTSUP;
+    StrataQcow2Header h;
+    g_autofree uint8_t *buf = NULL;
+    size_t cluster_size;
+    int fd;
+
+    fd = open(filename, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                    "Could not open '%s': %s", filename, g_strerror(errno));
+        return false;
+    }
+    strata_qcow2_header_init(&h);
+    buf = read_header(fd, filename, &h, &cluster_size, error);
+    close(fd);
+    if (buf) {
+        *bits = h.incompatible_features;
+    }
+    strata_qcow2_header_cleanup(&h);
+    return buf != NULL;
 }
 
-int strata_img_qcow2_co_snapshot_apply(StrataNode *node, const char *name)
+bool strata_img_qcow2_summary(const char *filename, StrataImgQcow2Summary *sum,
+                              GError **error)
 {
-    (void)node;
-    (void)name;
-    return -ENOTSUP;
+    StrataQcow2Header h;
+    g_autofree uint8_t *buf = NULL;
+    size_t cluster_size;
+    int fd;
+
+    memset(sum, 0, sizeof(*sum));
+    fd = open(filename, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                    "Could not open '%s': %s", filename, g_strerror(errno));
+        return false;
+    }
+    strata_qcow2_header_init(&h);
+    buf = read_header(fd, filename, &h, &cluster_size, error);
+    close(fd);
+    if (buf) {
+        sum->version = h.version;
+        sum->refcount_bits = 1u << h.refcount_order;
+        sum->nb_snapshots = h.nb_snapshots;
+        sum->incompatible_features = h.incompatible_features;
+        sum->compatible_features = h.compatible_features;
+        sum->autoclear_features = h.autoclear_features;
+        sum->compression_type = h.compression_type;
+        sum->has_extra_fields = h.extra_fields != NULL;
+        for (guint i = 0; h.kept_exts && i < h.kept_exts->len; i++) {
+            StrataQcow2Ext *e = g_ptr_array_index(h.kept_exts, i);
+
+            sum->has_bitmaps |= e->type == STRATA_QCOW2_EXT_BITMAPS;
+        }
+        sum->backing_file = g_steal_pointer(&h.backing_file);
+        sum->backing_format = g_steal_pointer(&h.backing_format);
+    }
+    strata_qcow2_header_cleanup(&h);
+    return buf != NULL;
 }
 
-int strata_img_qcow2_co_snapshot_delete(StrataNode *node, const char *name)
+void strata_img_qcow2_summary_clear(StrataImgQcow2Summary *sum)
 {
-    (void)node;
-    (void)name;
-    return -ENOTSUP;
+    g_clear_pointer(&sum->backing_file, g_free);
+    g_clear_pointer(&sum->backing_format, g_free);
 }
 
-int strata_img_qcow2_co_make_empty(StrataNode *node)
+typedef struct AmendArg {
+    int version;
+    int lazy;
+} AmendArg;
+
+static bool edit_amend(StrataQcow2Header *h, const void *opaque,
+                       const char *filename, GError **error)
 {
-    (void)node;
-    return -ENOTSUP;
+    const AmendArg *a = opaque;
+
+    if (h->incompatible_features & (STRATA_QCOW2_INCOMPAT_DIRTY |
+                                    STRATA_QCOW2_INCOMPAT_CORRUPT)) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Image '%s' is not clean; run 'strata-img check -r all' "
+                    "first", filename);
+        return false;
+    }
+    if (a->version == 2 && h->version != 2) {
+        /* Version 2 has none of these fields; the caller refused images
+         * that use them. */
+        h->compatible_features = 0;
+        h->autoclear_features = 0;
+        h->compression_type = 0;
+        g_clear_pointer(&h->extra_fields, g_bytes_unref);
+    }
+    if (a->version > 0) {
+        h->version = (uint32_t)a->version;
+    }
+    if (a->lazy > 0) {
+        h->compatible_features |= STRATA_QCOW2_COMPAT_LAZY_REFCOUNTS;
+    } else if (a->lazy == 0) {
+        h->compatible_features &= ~STRATA_QCOW2_COMPAT_LAZY_REFCOUNTS;
+    }
+    return true;
+}
+
+bool strata_img_qcow2_amend_header(const char *filename, int version,
+                                   int lazy_refcounts, GError **error)
+{
+    AmendArg a = { version, lazy_refcounts };
+
+    return edit_header(filename, edit_amend, &a, error);
 }

@@ -36,8 +36,10 @@ typedef struct RebaseJob {
 static int co_reads_zero(StrataNode *node, uint64_t off, uint64_t bytes,
                          uint64_t *pnum)
 {
-    int ret = strata_node_co_block_status_above(node, NULL, true, off, bytes,
-                                                pnum, NULL, NULL, NULL);
+    int ret = strata_node_co_block_status_above(node, NULL,
+                                                strata_img_want_zero(node),
+                                                off, bytes, pnum, NULL, NULL,
+                                                NULL);
 
     if (ret < 0) {
         return ret;

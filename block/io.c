@@ -97,6 +97,18 @@ void strata_co_wait_serialising(StrataTrackedReq *req)
     if (!node->serialising_in_flight) {
         return;
     }
+    /* A coroutine that holds a serialising request already waited for
+     * everything older; its own requests inside that range (a job's
+     * copy-on-read write) must not wait for it, nor for younger requests
+     * that themselves wait for it. */
+    for (StrataTrackedReq *t = node->tracked_head; t; t = t->next) {
+        if (t != req && t->serialising && t->co == req->co &&
+            t->overlap_offset <= req->overlap_offset &&
+            req->overlap_offset + req->overlap_bytes <=
+                t->overlap_offset + t->overlap_bytes) {
+            return;
+        }
+    }
     do {
         retry = false;
         for (StrataTrackedReq *t = node->tracked_head; t; t = t->next) {

@@ -177,6 +177,12 @@ static void null_query_image(StrataNode *node, JsonObject *image)
     json_object_set_int_member(image, "actual-size", 0);
 }
 
+/* Nothing of this driver's own can change on a reopen. */
+static bool null_reopen_prepare(StrataReopenState *rs, GError **error)
+{
+    return strata_reopen_check_options(rs, NULL, error);
+}
+
 const StrataDriver strata_driver_null_co = {
     .name = "null-co",
     .state_size = sizeof(NullState),
@@ -192,4 +198,5 @@ const StrataDriver strata_driver_null_co = {
     .co_flush = null_co_flush,
     .co_block_status = null_co_block_status,
     .query_image = null_query_image,
+    .reopen_prepare = null_reopen_prepare,
 };

@@ -18,16 +18,13 @@ static const StrataOptDesc raw_options[] = {
     { NULL, 0, false, NULL },
 };
 
-static bool raw_open(StrataNode *node, JsonObject *options, GError **error)
+/* Reads offset and size into @out, checked against the file child. */
+static bool raw_read_options(StrataNode *node, JsonObject *options,
+                             RawState *out, GError **error)
 {
-    RawState *s = node->opaque;
+    RawState *s = out;
     int64_t file_len;
 
-    if (!node->file) {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
-                    "Parameter 'file' is missing");
-        return false;
-    }
     s->offset = strata_opts_get_size(options, "offset", 0);
     s->has_size = strata_opts_has(options, "size");
     s->size = strata_opts_get_size(options, "size", 0);
@@ -63,9 +60,51 @@ static bool raw_open(StrataNode *node, JsonObject *options, GError **error)
             return false;
         }
     }
+    return true;
+}
 
+static bool raw_open(StrataNode *node, JsonObject *options, GError **error)
+{
+    if (!node->file) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Parameter 'file' is missing");
+        return false;
+    }
+    if (!raw_read_options(node, options, node->opaque, error)) {
+        return false;
+    }
     node->limits = node->file->node->limits;
     return true;
+}
+
+/* offset and size may change on a reopen, as QEMU's raw allows. */
+static bool raw_reopen_prepare(StrataReopenState *rs, GError **error)
+{
+    static const char *const mutable_opts[] = { "offset", "size", NULL };
+    RawState *next = g_new0(RawState, 1);
+
+    if (!strata_reopen_check_options(rs, mutable_opts, error) ||
+        !raw_read_options(rs->node, rs->options, next, error)) {
+        g_free(next);
+        return false;
+    }
+    rs->opaque = next;
+    return true;
+}
+
+static void raw_reopen_commit(StrataReopenState *rs)
+{
+    RawState *s = rs->node->opaque;
+
+    *s = *(RawState *)rs->opaque;
+    g_free(rs->opaque);
+    rs->opaque = NULL;
+}
+
+static void raw_reopen_abort(StrataReopenState *rs)
+{
+    g_free(rs->opaque);
+    rs->opaque = NULL;
 }
 
 static int64_t raw_co_get_length(StrataNode *node)
@@ -230,5 +269,8 @@ const StrataDriver strata_driver_raw = {
     .co_pdiscard = raw_co_pdiscard,
     .co_block_status = raw_co_block_status,
     .co_truncate = raw_co_truncate,
+    .reopen_prepare = raw_reopen_prepare,
+    .reopen_commit = raw_reopen_commit,
+    .reopen_abort = raw_reopen_abort,
     .query_image = raw_query_image,
 };

@@ -15,6 +15,7 @@
 
 #include "block-private.h"
 #include "img-private.h"
+#include "driver.h"
 #include "../util/keyval-private.h"
 
 /* The qemu-img release whose subcommands, flags and messages we follow. */
@@ -60,7 +61,11 @@ static const ImgCommand commands[] = {
       "rebase [-f fmt] [-p] [-q] [-u] [-b backing_file] [-F backing_fmt]"
       " filename" },
     { "resize", strata_img_resize,
-      "resize [-f fmt] [-q] [--shrink] filename [+ | -]size" },
+      "resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink]"
+      " filename [+ | -]size" },
+    { "snapshot", strata_img_snapshot,
+      "snapshot [-f fmt] [-q] [-U] [-l | -a snapshot | -c snapshot |"
+      " -d snapshot] filename" },
 };
 
 /* ------------------------------------------------------------------ */
@@ -549,7 +554,11 @@ JsonObject *strata_img_parse_options(const char *text,
 
 void strata_img_progress_init(StrataImgProgress *p, bool enabled)
 {
-    p->enabled = enabled;
+    /* A bar redrawn with \r only makes sense on a terminal; logs and
+     * pipes stay clean unless STRATA_IMG_PROGRESS=force asks for it. */
+    p->enabled = enabled && (isatty(STDOUT_FILENO) ||
+                             !g_strcmp0(g_getenv("STRATA_IMG_PROGRESS"),
+                                        "force"));
     p->last = -1;
     strata_img_progress_update(p, 0, 1);
 }
@@ -597,6 +606,17 @@ char *strata_img_size_to_str(uint64_t bytes)
     return g_strdup_printf("%0.3g %s",
                            (double)bytes / (double)(1ull << (i * 10)),
                            units[i]);
+}
+
+bool strata_img_want_zero(StrataNode *top)
+{
+    for (StrataNode *n = top; n; n = strata_node_backing(n)) {
+        n = strata_node_skip_filters(n);
+        if (!n || !n->drv || strcmp(n->drv->name, "qcow2") != 0) {
+            return true;
+        }
+    }
+    return false;
 }
 
 StrataNode *strata_img_backend_node(StrataBackend *blk)

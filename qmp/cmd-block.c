@@ -1,4 +1,5 @@
-/* strata — QMP handlers for block nodes: add, delete, query, resize. */
+/* strata — QMP handlers for block nodes: add, delete, reopen, query,
+ * resize. */
 #include <string.h>
 
 #include "strata-util.h"
@@ -66,6 +67,22 @@ bool strata_qmp_blockdev_del(StrataMonitor *mon, JsonObject *args,
                                    error);
 }
 
+/* ---- blockdev-reopen ---- */
+
+bool strata_qmp_blockdev_reopen(StrataMonitor *mon, JsonObject *args,
+                                JsonNode **ret, GError **error)
+{
+    JsonArray *list = json_object_get_array_member(args, "options");
+    g_autoptr(GPtrArray) sets = g_ptr_array_new();
+
+    /* The schema made sure every element is an object. */
+    for (guint i = 0; i < json_array_get_length(list); i++) {
+        g_ptr_array_add(sets, json_array_get_object_element(list, i));
+    }
+    return strata_node_reopen_multiple(strata_monitor_get_context(mon),
+                                       sets, error);
+}
+
 /* ---- query-named-block-nodes ---- */
 
 static JsonObject *image_info(StrataNode *node, bool flat)
@@ -73,14 +90,15 @@ static JsonObject *image_info(StrataNode *node, bool flat)
     JsonObject *image = json_object_new();
     StrataNode *backing = strata_node_backing(node);
 
+    int64_t len = strata_node_get_length(node);
+
+    /* Every ImageInfo has these; a driver adds its own members. */
+    json_object_set_string_member(image, "filename",
+                                  node->filename ? node->filename : "");
+    json_object_set_string_member(image, "format", node->drv->name);
+    json_object_set_int_member(image, "virtual-size", MAX(len, 0));
     if (node->drv->query_image) {
         node->drv->query_image(node, image);
-    } else {
-        int64_t len = strata_node_get_length(node);
-        json_object_set_int_member(image, "virtual-size", MAX(len, 0));
-        json_object_set_string_member(image, "filename",
-                                      node->filename ? node->filename : "");
-        json_object_set_string_member(image, "format", node->drv->name);
     }
     if (!flat && backing) {
         json_object_set_object_member(image, "backing-image",

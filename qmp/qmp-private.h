@@ -124,6 +124,8 @@ bool strata_qmp_x_debug_query_block_graph(StrataMonitor *mon,
                                           GError **error);
 bool strata_qmp_block_resize(StrataMonitor *mon, JsonObject *args,
                              JsonNode **ret, GError **error);
+bool strata_qmp_blockdev_reopen(StrataMonitor *mon, JsonObject *args,
+                                JsonNode **ret, GError **error);
 
 /* ---- cmd-export.c ---- */
 
@@ -140,6 +142,62 @@ bool strata_qmp_query_block_exports(StrataMonitor *mon, JsonObject *args,
 /* Routes the context's export events (BLOCK_EXPORT_DELETED) to @mon. */
 void strata_qmp_export_events_connect(StrataMonitor *mon);
 void strata_qmp_export_events_disconnect(StrataMonitor *mon);
+
+/* ---- cmd-job.c ---- */
+
+bool strata_qmp_block_stream(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_block_commit(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_blockdev_create(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_block_job_set_speed(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_block_job_pause(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_block_job_resume(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_block_job_cancel(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_block_job_complete(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_block_job_finalize(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_block_job_dismiss(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_job_pause(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_job_resume(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_job_cancel(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_job_complete(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_job_finalize(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_job_dismiss(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_query_block_jobs(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_query_jobs(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+
+/* ---- cmd-snapshot.c ---- */
+
+bool strata_qmp_blockdev_snapshot_sync(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_blockdev_snapshot(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_blockdev_snapshot_internal_sync(StrataMonitor *mon,
+        JsonObject *args, JsonNode **ret, GError **error);
+bool strata_qmp_blockdev_snapshot_delete_internal_sync(StrataMonitor *mon,
+        JsonObject *args, JsonNode **ret, GError **error);
+bool strata_qmp_change_backing_file(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_transaction(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_x_blockdev_revert(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
 
 /* ---- server.c ---- */
 

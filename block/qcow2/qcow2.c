@@ -1118,6 +1118,132 @@ static int qcow2_co_truncate(StrataNode *node, uint64_t offset, bool exact,
 }
 
 /* ------------------------------------------------------------------ */
+/* Reopen                                                              */
+/* ------------------------------------------------------------------ */
+
+typedef struct ReopenCo {
+    StrataQcow2State *s;
+    bool to_read_only;
+    GError *error;
+    bool ok;
+} ReopenCo;
+
+/*
+ * Going read-only: everything cached reaches the file and the image is
+ * marked clean, since nothing will write the metadata any more.  Going
+ * read-write: the header is read again and must still be the one the
+ * node works with and carry no feature it cannot write.
+ */
+static void reopen_co(void *opaque)
+{
+    ReopenCo *r = opaque;
+    StrataQcow2State *s = r->s;
+    int ret;
+
+    if (r->to_read_only) {
+        ret = strata_node_co_flush(s->node);
+        if (ret == 0 &&
+            (s->hdr.incompatible_features & STRATA_QCOW2_INCOMPAT_DIRTY)) {
+            uint8_t be[8];
+            uint64_t features = s->hdr.incompatible_features &
+                                ~(uint64_t)STRATA_QCOW2_INCOMPAT_DIRTY;
+            strata_qcow2_put_be64(be, features);
+            ret = strata_qcow2_co_write_header_bytes(
+                s, STRATA_QCOW2_HDR_INCOMPAT, be, sizeof(be));
+            if (ret == 0) {
+                ret = strata_node_co_flush(file_of(s));
+            }
+            if (ret == 0) {
+                s->hdr.incompatible_features = features;
+            }
+        }
+        if (ret < 0) {
+            g_set_error(&r->error, STRATA_ERROR, STRATA_ERROR_IO,
+                        "Could not flush qcow2 image '%s': %s",
+                        s->node->node_name, g_strerror(-ret));
+            return;
+        }
+    } else {
+        StrataQcow2Header h;
+        g_autofree uint8_t *buf = NULL;
+        int64_t flen = strata_node_co_refresh_length(file_of(s));
+        size_t len;
+
+        if (flen < 0) {
+            g_set_error(&r->error, STRATA_ERROR, STRATA_ERROR_IO,
+                        "Could not get the size of the qcow2 file: %s",
+                        g_strerror((int)-flen));
+            return;
+        }
+        len = (size_t)MIN((uint64_t)flen, (uint64_t)HEADER_READ_MAX);
+        buf = g_malloc0(MAX(len, (size_t)1));
+        ret = len ? strata_node_co_pread(file_of(s), 0, len, buf, 0) : 0;
+        if (ret < 0) {
+            g_set_error(&r->error, STRATA_ERROR, STRATA_ERROR_IO,
+                        "Could not read qcow2 header: %s", g_strerror(-ret));
+            return;
+        }
+        strata_qcow2_header_init(&h);
+        if (strata_qcow2_header_parse(&h, buf, len, &r->error) &&
+            strata_qcow2_header_check_features(&h, true, &r->error)) {
+            if (h.l1_table_offset != s->hdr.l1_table_offset ||
+                h.l1_size != s->hdr.l1_size ||
+                h.refcount_table_offset != s->hdr.refcount_table_offset ||
+                h.cluster_bits != s->hdr.cluster_bits ||
+                h.size != s->hdr.size ||
+                h.snapshots_offset != s->hdr.snapshots_offset) {
+                g_set_error(&r->error, STRATA_ERROR, STRATA_ERROR_CORRUPT,
+                            "The qcow2 header of '%s' changed while the "
+                            "node was read-only", s->node->node_name);
+            } else if (h.incompatible_features &
+                       STRATA_QCOW2_INCOMPAT_DIRTY) {
+                g_set_error(&r->error, STRATA_ERROR, STRATA_ERROR_CORRUPT,
+                            "Image '%s' is marked dirty; it must be "
+                            "repaired before it is written",
+                            s->node->node_name);
+            }
+        }
+        strata_qcow2_header_cleanup(&h);
+        if (r->error) {
+            return;
+        }
+    }
+    r->ok = true;
+}
+
+static bool qcow2_reopen_prepare(StrataReopenState *rs, GError **error)
+{
+    static const char *const mutable_opts[] = {
+        "pass-discard-request", NULL,
+    };
+    StrataQcow2State *s = rs->node->opaque;
+    ReopenCo r = { .s = s };
+
+    if (!strata_reopen_check_options(rs, mutable_opts, error)) {
+        return false;
+    }
+    if (rs->read_only == !s->writable) {
+        return true;
+    }
+    r.to_read_only = rs->read_only;
+    strata_loop_run_co(rs->node->ctx->loop, reopen_co, &r);
+    if (!r.ok) {
+        g_propagate_error(error, r.error);
+        return false;
+    }
+    return true;
+}
+
+static void qcow2_reopen_commit(StrataReopenState *rs)
+{
+    StrataQcow2State *s = rs->node->opaque;
+
+    s->writable = !rs->read_only;
+    s->pass_discard_request =
+        strata_opts_get_bool(rs->options, "pass-discard-request", false);
+}
+
+/* ------------------------------------------------------------------ */
 /* Permissions, query                                                  */
 /* ------------------------------------------------------------------ */
 
@@ -1141,6 +1267,32 @@ static void qcow2_child_perm(StrataNode *node, StrataChild *child,
         *nperm |= STRATA_PERM_WRITE | STRATA_PERM_RESIZE;
         *nshared &= ~(STRATA_PERM_WRITE | STRATA_PERM_RESIZE);
     }
+}
+
+/* The header keeps the backing string and format; rewriting it is one
+ * header write (the extensions are kept). */
+static int qcow2_co_change_backing_file(StrataNode *node,
+                                        const char *backing,
+                                        const char *fmt, GError **error)
+{
+    StrataQcow2State *s = node->opaque;
+    char *old_file = s->hdr.backing_file;
+    char *old_fmt = s->hdr.backing_format;
+    int ret;
+
+    s->hdr.backing_file = backing ? g_strdup(backing) : NULL;
+    s->hdr.backing_format = backing && fmt && *fmt ? g_strdup(fmt) : NULL;
+    ret = strata_qcow2_co_rewrite_header(s, error);
+    if (ret < 0) {
+        g_free(s->hdr.backing_file);
+        g_free(s->hdr.backing_format);
+        s->hdr.backing_file = old_file;
+        s->hdr.backing_format = old_fmt;
+        return ret;
+    }
+    g_free(old_file);
+    g_free(old_fmt);
+    return 0;
 }
 
 static void qcow2_query_image(StrataNode *node, JsonObject *image)
@@ -1231,5 +1383,8 @@ const StrataDriver strata_driver_qcow2 = {
     .co_block_status = qcow2_co_block_status,
     .co_truncate = qcow2_co_truncate,
     .child_perm = qcow2_child_perm,
+    .co_change_backing_file = qcow2_co_change_backing_file,
+    .reopen_prepare = qcow2_reopen_prepare,
+    .reopen_commit = qcow2_reopen_commit,
     .query_image = qcow2_query_image,
 };

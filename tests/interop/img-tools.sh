@@ -165,7 +165,7 @@ qemu-img convert -O qcow2 top.qcow2 qcv1.qcow2
 same_output "convert qcow2: same map as qemu-img's" map --output=json cv1.qcow2
 [ "$(qemu-img map --output=json cv1.qcow2)" == "$(qemu-img map --output=json qcv1.qcow2)" ] \
     && ok "convert: holes and zeroes skipped as qemu-img skips them" || bad "convert: allocation differs"
-"$IMG" convert -p -O raw top.qcow2 cv2.raw >progress && compare_ok "convert raw -p: equal" top.qcow2 cv2.raw
+STRATA_IMG_PROGRESS=force "$IMG" convert -p -O raw top.qcow2 cv2.raw >progress && compare_ok "convert raw -p: equal" top.qcow2 cv2.raw
 grep -q '(100.00/100%)' progress && ok "convert -p: progress" || bad "convert -p: no progress"
 "$IMG" convert -W -m 16 -O qcow2 -o cluster_size=4k top.qcow2 cv3.qcow2 && check_ok "convert -W -m 16: clean" cv3.qcow2
 compare_ok "convert -W -m 16: equal" top.qcow2 cv3.qcow2
@@ -229,7 +229,7 @@ check_ok "workflow 2: sn3 clean" w2/sn3.qcow2
 
 # rebase -b "" flattens; -p draws progress.
 mkchain w3
-"$IMG" rebase -p -b "" w3/sn3.qcow2 >progress && compare_ok "rebase -b '': flat and equal" ref.raw w3/sn3.qcow2
+STRATA_IMG_PROGRESS=force "$IMG" rebase -p -b "" w3/sn3.qcow2 >progress && compare_ok "rebase -b '': flat and equal" ref.raw w3/sn3.qcow2
 qemu-img info w3/sn3.qcow2 | grep -q 'backing file' && bad "rebase -b '': still has a backing file" || ok "rebase -b '': no backing file"
 grep -q '(100.00/100%)' progress && ok "rebase -p: progress" || bad "rebase -p: no progress"
 

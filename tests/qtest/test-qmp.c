@@ -334,8 +334,8 @@ START_TEST(test_node_rules)
     expect(s, "{\"execute\": \"blockdev-reopen\", \"arguments\": "
               "{\"options\": [{\"driver\": \"null-co\", \"node-name\": "
               "\"nonode\"}]}, \"id\": 15}",
-           "{\"id\": 15, \"error\": {\"class\": \"CommandNotFound\", "
-           "\"desc\": \"The command blockdev-reopen has not been found\"}}");
+           "{\"id\": 15, \"error\": {\"class\": \"GenericError\", "
+           "\"desc\": \"Failed to find node with node-name='nonode'\"}}");
     expect(s, "{\"execute\": \"blockdev-del\", \"arguments\": "
               "{\"node-name\": \"n0\"}, \"id\": 18}",
            "{\"return\": {}, \"id\": 18}");

@@ -2,12 +2,15 @@
  * deletion rules and drained sections. */
 #include <check.h>
 #include <errno.h>
+#include <stdarg.h>
+#include <stdlib.h>
 #include <fcntl.h>
 #include <glib/gstdio.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "block-private.h"
+#include "qcow2/qcow2.h"
 #include "test-util.h"
 
 static StrataContext *ctx;
@@ -189,8 +192,11 @@ START_TEST(test_permissions)
     ck_assert(w1);
     StrataBackend *w2 = strata_backend_new(ctx, "n", true, &err);
     ck_assert(w2 == NULL);
-    ck_assert_msg(strstr(err->message, "Conflicts with use by") &&
-                  strstr(err->message, "'write'"), "%s", err->message);
+    ck_assert_str_eq(err->message,
+                     "Permission conflict on node 'n': permissions 'write' "
+                     "are both required by an unnamed block device (uses "
+                     "node 'n' as 'root' child) and unshared by an unnamed "
+                     "block device (uses node 'n' as 'root' child).");
     g_clear_error(&err);
     StrataBackend *r1 = strata_backend_new(ctx, "n", false, &err);
     ck_assert(r1);
@@ -234,7 +240,8 @@ START_TEST(test_perm_propagates)
     /* ... so a writer on r2 must conflict one level down. */
     StrataBackend *w2 = strata_backend_new(ctx, "r2", true, &err);
     ck_assert(w2 == NULL);
-    ck_assert_msg(strstr(err->message, "Conflicts"), "%s", err->message);
+    ck_assert_msg(strstr(err->message, "Permission conflict on node 'f'"),
+                  "%s", err->message);
     g_clear_error(&err);
     /* The failed attempt left nothing behind. */
     StrataNode *r2 = strata_context_find_node(ctx, "r2");
@@ -342,6 +349,319 @@ START_TEST(test_close_flushes)
 }
 END_TEST
 
+
+/* An overlay takes over every parent of its base; removing it gives them
+ * back. */
+START_TEST(test_append_overlay)
+{
+    g_autoptr(GError) err = NULL;
+    ck_assert(add("driver=null-co,node-name=base,size=1048576,"
+                  "latency-ns=20000000", &err));
+    ck_assert(add("driver=null-co,node-name=ov,size=1048576", &err));
+    ck_assert(add("driver=null-co,node-name=ov2,size=1048576", &err));
+    StrataNode *base = strata_context_find_node(ctx, "base");
+    StrataNode *ov = strata_context_find_node(ctx, "ov");
+    StrataNode *ov2 = strata_context_find_node(ctx, "ov2");
+    StrataBackend *blk = strata_backend_new(ctx, "base", false, &err);
+    ck_assert(blk);
+
+    /* A request in flight on the base finishes before the switch. */
+    SlowReq a = { blk };
+    strata_coroutine_enter(strata_coroutine_new(slow_read_co, &a));
+    ck_assert(a.started && !a.done);
+    ck_assert_msg(strata_node_append_overlay(base, ov, &err), "%s",
+                  err ? err->message : "");
+    ck_assert(a.done);
+    ck_assert_ptr_eq(strata_backend_get_node(blk), ov);
+    ck_assert_ptr_eq(strata_node_backing(ov), base);
+    ck_assert_uint_eq(g_list_length(base->parents), 1);
+    ck_assert_uint_eq(base->quiesce_counter, 0);
+    ck_assert_uint_eq(ov->quiesce_counter, 0);
+
+    /* An overlay with a backing node cannot be appended; nothing moves. */
+    ck_assert(!strata_node_append_overlay(ov2, ov, &err));
+    ck_assert_str_eq(err->message, "The overlay already has a backing image");
+    g_clear_error(&err);
+    ck_assert_ptr_eq(strata_backend_get_node(blk), ov);
+
+    /* A cycle is refused and leaves the graph alone. */
+    ck_assert(!strata_node_append_overlay(ov, base, &err));
+    g_clear_error(&err);
+    ck_assert_ptr_eq(strata_backend_get_node(blk), ov);
+    ck_assert_ptr_eq(strata_node_backing(base), NULL);
+
+    /* Requests go on after the section. */
+    SlowReq b = { blk };
+    strata_coroutine_enter(strata_coroutine_new(slow_read_co, &b));
+    strata_backend_drain(blk);
+    ck_assert(b.done);
+    ck_assert_int_eq(b.ret, 0);
+
+    ck_assert(strata_node_remove_overlay(ov, &err));
+    ck_assert_ptr_eq(strata_backend_get_node(blk), base);
+    ck_assert_ptr_eq(strata_node_backing(ov), NULL);
+    ck_assert_uint_eq(g_list_length(ov->parents), 0);
+    ck_assert(!strata_node_remove_overlay(ov, &err));
+    g_clear_error(&err);
+    strata_backend_unref(blk);
+}
+END_TEST
+
+/* A drain set releases exactly what it took, whatever the graph became. */
+START_TEST(test_drain_set)
+{
+    g_autoptr(GError) err = NULL;
+    ck_assert(add("driver=null-co,node-name=b,size=1048576", &err));
+    ck_assert(add("driver=null-co,node-name=o,size=1048576", &err));
+    StrataNode *b = strata_context_find_node(ctx, "b");
+    StrataNode *o = strata_context_find_node(ctx, "o");
+    StrataBackend *blk = strata_backend_new(ctx, "b", false, &err);
+    StrataDrainSet *set = strata_drain_set_new(ctx);
+
+    strata_drain_set_add(set, b);
+    strata_drain_set_add(set, b);
+    ck_assert_uint_eq(b->quiesce_counter, 1);
+    strata_drain_set_add(set, o);
+    ck_assert(strata_node_move_parents(b, o, &err));
+    /* A request now waits on the new root, still drained. */
+    SlowReq r = { blk };
+    strata_coroutine_enter(strata_coroutine_new(slow_read_co, &r));
+    for (int i = 0; i < 3; i++) {
+        strata_loop_iterate(ctx->loop, false);
+    }
+    ck_assert(r.started && !r.done);
+    strata_drain_set_free(set);
+    ck_assert_uint_eq(b->quiesce_counter, 0);
+    ck_assert_uint_eq(o->quiesce_counter, 0);
+    strata_backend_drain(blk);
+    ck_assert(r.done);
+    strata_backend_unref(blk);
+}
+END_TEST
+
+
+/* ---- reopen ---- */
+
+/* How the process has @path open: 'w' when some descriptor writes it,
+ * 'r' when only readers, 0 when not at all; 'd' is added for O_DIRECT. */
+static void fd_modes(const char *path, bool *any_rw, bool *any_ro,
+                     bool *any_direct)
+{
+    g_autoptr(GDir) d = g_dir_open("/proc/self/fd", 0, NULL);
+    const char *n;
+
+    *any_rw = *any_ro = *any_direct = false;
+    ck_assert(d);
+    while ((n = g_dir_read_name(d))) {
+        g_autofree char *link = g_build_filename("/proc/self/fd", n, NULL);
+        g_autofree char *target = g_file_read_link(link, NULL);
+        g_autofree char *info = NULL;
+        g_autofree char *ipath = g_strdup_printf("/proc/self/fdinfo/%s", n);
+        const char *f;
+        unsigned long flags;
+
+        if (!target || strcmp(target, path) != 0 ||
+            !g_file_get_contents(ipath, &info, NULL, NULL) ||
+            !(f = strstr(info, "flags:"))) {
+            continue;
+        }
+        flags = strtoul(f + 6, NULL, 8);
+        if ((flags & O_ACCMODE) == O_RDWR) {
+            *any_rw = true;
+        } else {
+            *any_ro = true;
+        }
+        if (flags & O_DIRECT) {
+            *any_direct = true;
+        }
+    }
+}
+
+static JsonObject *parse_obj(const char *json)
+{
+    g_autoptr(JsonParser) p = json_parser_new();
+    ck_assert(json_parser_load_from_data(p, json, -1, NULL));
+    return json_object_ref(json_node_get_object(json_parser_get_root(p)));
+}
+
+static char *make_qcow2(const char *name)
+{
+    g_autoptr(GError) err = NULL;
+    g_autoptr(JsonObject) o = parse_obj("{\"size\": 1048576}");
+    char *path = g_build_filename(tmpdir, name, NULL);
+
+    ck_assert_msg(strata_qcow2_create(ctx, path, o, &err), "%s",
+                  err ? err->message : "");
+    return path;
+}
+
+/* Reopens with the JSON option sets in @sets (NULL-terminated). */
+static bool reopen(GError **err, ...)
+{
+    g_autoptr(GPtrArray) a =
+        g_ptr_array_new_with_free_func((GDestroyNotify)json_object_unref);
+    va_list ap;
+    const char *j;
+
+    va_start(ap, err);
+    while ((j = va_arg(ap, const char *))) {
+        g_ptr_array_add(a, parse_obj(j));
+    }
+    va_end(ap);
+    return strata_node_reopen_multiple(ctx, a, err);
+}
+
+START_TEST(test_reopen_file_modes)
+{
+    g_autofree char *path = make_file("r.img", 1 << 20);
+    g_autofree char *spec = g_strdup_printf("driver=file,node-name=f,"
+                                            "filename=%s", path);
+    g_autofree char *ro = g_strdup_printf("{\"driver\": \"file\", "
+        "\"node-name\": \"f\", \"filename\": \"%s\", \"read-only\": true}",
+        path);
+    g_autofree char *rw_direct = g_strdup_printf("{\"driver\": \"file\", "
+        "\"node-name\": \"f\", \"filename\": \"%s\", "
+        "\"cache\": {\"direct\": true}}", path);
+    g_autofree char *other = g_strdup_printf("{\"driver\": \"file\", "
+        "\"node-name\": \"f\", \"filename\": \"%s.x\"}", path);
+    g_autoptr(GError) err = NULL;
+    bool rw, rdonly, direct;
+    StrataNode *f = add(spec, &err);
+
+    ck_assert_msg(f, "%s", err ? err->message : "");
+    fd_modes(path, &rw, &rdonly, &direct);
+    ck_assert(rw && !rdonly && !direct);
+
+    ck_assert_msg(reopen(&err, ro, NULL), "%s", err ? err->message : "");
+    ck_assert(strata_node_is_read_only(f));
+    fd_modes(path, &rw, &rdonly, &direct);
+    ck_assert(!rw && rdonly);
+
+    ck_assert_msg(reopen(&err, rw_direct, NULL), "%s",
+                  err ? err->message : "");
+    ck_assert(!strata_node_is_read_only(f));
+    fd_modes(path, &rw, &rdonly, &direct);
+    ck_assert(rw && !rdonly && direct);
+    ck_assert_uint_ge(f->limits.request_alignment, 512);
+
+    /* What cannot change is refused and nothing moves. */
+    ck_assert(!reopen(&err, other, NULL));
+    ck_assert_str_eq(err->message, "Cannot change the option 'filename'");
+    g_clear_error(&err);
+    fd_modes(path, &rw, &rdonly, &direct);
+    ck_assert(rw && direct);
+}
+END_TEST
+
+START_TEST(test_reopen_all_or_none)
+{
+    g_autofree char *path = make_qcow2("a.qcow2");
+    g_autofree char *spec = g_strdup_printf("driver=qcow2,node-name=q,"
+        "file.driver=file,file.node-name=qf,file.filename=%s", path);
+    g_autofree char *file_ro = g_strdup_printf("{\"driver\": \"file\", "
+        "\"node-name\": \"qf\", \"filename\": \"%s\", \"read-only\": true}",
+        path);
+    g_autoptr(GError) err = NULL;
+    bool rw, rdonly, direct;
+    StrataNode *q = add(spec, &err);
+    StrataNode *n = add("driver=null-co,node-name=n,size=4096", &err);
+
+    ck_assert(q && n);
+    /* The second set fails after the first was prepared. */
+    ck_assert(!reopen(&err, "{\"driver\": \"null-co\", \"node-name\": "
+                      "\"n\", \"read-only\": true, \"size\": 4096}",
+                      file_ro, NULL));
+    /* qcow2 keeps writing its metadata: the file cannot go read-only. */
+    ck_assert_str_eq(err->message, "Cannot make block node read-only, "
+                                   "there is a writer on it");
+    g_clear_error(&err);
+    ck_assert(!strata_node_is_read_only(n));
+    ck_assert(!strata_node_is_read_only(q->file->node));
+    fd_modes(path, &rw, &rdonly, &direct);
+    ck_assert(rw && !rdonly);
+
+    /* Leaving out an option given at open, changing one that cannot
+     * change, an empty list. */
+    ck_assert(!reopen(&err, "{\"driver\": \"null-co\", \"node-name\": "
+                      "\"n\"}", NULL));
+    ck_assert_str_eq(err->message,
+                     "Option 'size' cannot be reset to its default value");
+    g_clear_error(&err);
+    ck_assert(!reopen(&err, "{\"driver\": \"null-co\", \"node-name\": "
+                      "\"n\", \"size\": 8192}", NULL));
+    ck_assert_str_eq(err->message, "Cannot change the option 'size'");
+    g_clear_error(&err);
+    ck_assert(!reopen(&err, NULL));
+    ck_assert(err != NULL);
+    g_clear_error(&err);
+
+    /* Reopening the format takes its nested file child along. */
+    ck_assert_msg(reopen(&err, "{\"driver\": \"qcow2\", \"node-name\": "
+                        "\"q\", \"file\": \"qf\", \"read-only\": true}", NULL),
+                  "%s", err ? err->message : "");
+    ck_assert(strata_node_is_read_only(q));
+    ck_assert(strata_node_is_read_only(q->file->node));
+    fd_modes(path, &rw, &rdonly, &direct);
+    ck_assert(!rw && rdonly);
+    /* And back, stated explicitly (a left-out read-only would leave the
+     * file read-only, as in QEMU). */
+    ck_assert(!reopen(&err, "{\"driver\": \"qcow2\", \"node-name\": "
+                      "\"q\", \"file\": \"qf\"}", NULL));
+    ck_assert_str_eq(err->message, "Block node is read-only");
+    g_clear_error(&err);
+    ck_assert(strata_node_is_read_only(q));
+    ck_assert_msg(reopen(&err, "{\"driver\": \"qcow2\", \"node-name\": "
+                        "\"q\", \"file\": \"qf\", \"read-only\": false}",
+                        NULL), "%s", err ? err->message : "");
+    ck_assert(!strata_node_is_read_only(q->file->node));
+    fd_modes(path, &rw, &rdonly, &direct);
+    ck_assert(rw && !rdonly);
+}
+END_TEST
+
+START_TEST(test_reopen_backing)
+{
+    g_autoptr(GError) err = NULL;
+    StrataNode *b = add("driver=null-co,node-name=b,size=1048576", &err);
+    g_autofree char *path = make_qcow2("t.qcow2");
+    g_autofree char *spec = g_strdup_printf("driver=qcow2,node-name=t,"
+        "file.driver=file,file.node-name=tf,file.filename=%s", path);
+    StrataNode *t = add(spec, &err);
+
+    ck_assert_msg(b && t, "%s", err ? err->message : "");
+    ck_assert(strata_node_backing(t) == NULL);
+
+    ck_assert_msg(reopen(&err, "{\"driver\": \"qcow2\", \"node-name\": "
+                        "\"t\", \"file\": \"tf\", \"backing\": \"b\"}", NULL),
+                  "%s", err ? err->message : "");
+    ck_assert(strata_node_backing(t) == b);
+    ck_assert(!reopen(&err, "{\"driver\": \"qcow2\", \"node-name\": \"t\", "
+                      "\"file\": \"tf\"}", NULL));
+    ck_assert_str_eq(err->message, "backing is missing for 't'");
+    g_clear_error(&err);
+    ck_assert(!reopen(&err, "{\"driver\": \"qcow2\", \"node-name\": \"t\", "
+                      "\"file\": \"tf\", \"backing\": \"t\"}", NULL));
+    ck_assert_str_eq(err->message,
+                     "Making 't' a backing child of 't' would create a cycle");
+    g_clear_error(&err);
+    ck_assert(!reopen(&err, "{\"driver\": \"qcow2\", \"node-name\": \"t\", "
+                      "\"file\": \"tf\", \"backing\": \"nowhere\"}", NULL));
+    ck_assert_str_eq(err->message,
+                     "Cannot find device='' nor node-name='nowhere'");
+    g_clear_error(&err);
+    ck_assert(strata_node_backing(t) == b);
+    ck_assert_msg(reopen(&err, "{\"driver\": \"qcow2\", \"node-name\": "
+                        "\"t\", \"file\": \"tf\", \"backing\": null}", NULL),
+                  "%s", err ? err->message : "");
+    ck_assert(strata_node_backing(t) == NULL);
+    ck_assert(b->parents == NULL);
+    /* With no backing child and none in the header, it may be left out. */
+    ck_assert_msg(reopen(&err, "{\"driver\": \"qcow2\", \"node-name\": "
+                        "\"t\", \"file\": \"tf\"}", NULL),
+                  "%s", err ? err->message : "");
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("graph");
@@ -360,5 +680,14 @@ int main(void)
     strata_test_add(s, "/graph/drain", test_drain, setup, teardown);
     strata_test_add(s, "/graph/close/flushes", test_close_flushes, setup,
                     teardown);
+    strata_test_add(s, "/graph/reopen/file-modes", test_reopen_file_modes,
+                    setup, teardown);
+    strata_test_add(s, "/graph/reopen/all-or-none", test_reopen_all_or_none,
+                    setup, teardown);
+    strata_test_add(s, "/graph/reopen/backing", test_reopen_backing, setup,
+                    teardown);
+    strata_test_add(s, "/graph/overlay/append", test_append_overlay, setup,
+                    teardown);
+    strata_test_add(s, "/graph/drain/set", test_drain_set, setup, teardown);
     return strata_test_run(s);
 }

@@ -1,0 +1,1010 @@
+/* strata — the job state machine, its verbs, events and queries.
+ *
+ * The life of a job, as QEMU's: CREATED, RUNNING (the coroutine works;
+ * PAUSED or READY/STANDBY on the way), then WAITING and PENDING when the
+ * work succeeded, or ABORTING when it failed or was cancelled; at
+ * finalize the driver's prepare/commit (or abort) and clean run, the
+ * block-job event goes out, CONCLUDED; dismiss makes it NULL and frees
+ * it.  Every move goes through job_transition(), which checks the
+ * transition table and emits JOB_STATUS_CHANGE; every verb goes through
+ * apply_verb(), which checks the verb table.
+ */
+#include <errno.h>
+#include <string.h>
+
+#include "job-private.h"
+#include "driver.h"
+#include "qcow2/qcow2-private.h"
+
+/* ------------------------------------------------------------------ */
+/* Tables                                                              */
+/* ------------------------------------------------------------------ */
+
+static const char *const status_names[STRATA_JOB_STATUS__MAX] = {
+    "undefined", "created", "running", "paused", "ready", "standby",
+    "waiting", "pending", "aborting", "concluded", "null",
+};
+
+static const char *const verb_names[STRATA_JOB_VERB__MAX] = {
+    "cancel", "pause", "resume", "set-speed", "complete", "finalize",
+    "dismiss",
+};
+
+/* transitions[from][to]; columns in status order: U C R P Y S W D X E N */
+static const bool transitions[STRATA_JOB_STATUS__MAX][STRATA_JOB_STATUS__MAX] = {
+    /* U */ { 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0 },
+    /* C */ { 0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 1 },
+    /* R */ { 0, 0, 0, 1, 1, 0, 1, 0, 1, 0, 0 },
+    /* P */ { 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0 },
+    /* Y */ { 0, 0, 0, 0, 0, 1, 1, 0, 1, 0, 0 },
+    /* S */ { 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0 },
+    /* W */ { 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0 },
+    /* D */ { 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0 },
+    /* X */ { 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0 },
+    /* E */ { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1 },
+    /* N */ { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 },
+};
+
+/* verbs[verb][status]; columns: U C R P Y S W D X E N */
+static const bool verbs[STRATA_JOB_VERB__MAX][STRATA_JOB_STATUS__MAX] = {
+    /* cancel    */ { 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0 },
+    /* pause     */ { 0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0 },
+    /* resume    */ { 0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0 },
+    /* set-speed */ { 0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0 },
+    /* complete  */ { 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0 },
+    /* finalize  */ { 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0 },
+    /* dismiss   */ { 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0 },
+};
+
+const char *strata_job_status_name(StrataJobStatus status)
+{
+    g_return_val_if_fail(status < STRATA_JOB_STATUS__MAX, "undefined");
+    return status_names[status];
+}
+
+bool strata_job_transition_allowed(StrataJobStatus from, StrataJobStatus to)
+{
+    g_return_val_if_fail(from < STRATA_JOB_STATUS__MAX, false);
+    g_return_val_if_fail(to < STRATA_JOB_STATUS__MAX, false);
+    return transitions[from][to];
+}
+
+bool strata_job_verb_allowed(StrataJobStatus status, StrataJobVerb verb)
+{
+    g_return_val_if_fail(status < STRATA_JOB_STATUS__MAX, false);
+    g_return_val_if_fail(verb < STRATA_JOB_VERB__MAX, false);
+    return verbs[verb][status];
+}
+
+static bool apply_verb(StrataJob *job, StrataJobVerb verb, GError **error)
+{
+    if (strata_job_verb_allowed(job->status, verb)) {
+        return true;
+    }
+    g_set_error(error, STRATA_ERROR, STRATA_ERROR_FAILED,
+                "Job '%s' in state '%s' cannot accept command verb '%s'",
+                job->id, status_names[job->status], verb_names[verb]);
+    return false;
+}
+
+/* ------------------------------------------------------------------ */
+/* Events                                                              */
+/* ------------------------------------------------------------------ */
+
+/* The context's event callback carries every block-layer event to the
+ * monitor (exports' and jobs'). */
+static void emit(StrataJob *job, const char *name, JsonObject *data)
+{
+    StrataContext *ctx = job->ctx;
+
+    if (ctx->export_event_cb) {
+        ctx->export_event_cb(ctx, name, data, ctx->export_event_opaque);
+    }
+    json_object_unref(data);
+}
+
+static void job_transition(StrataJob *job, StrataJobStatus to)
+{
+    StrataJobStatus from = job->status;
+    JsonObject *data;
+
+    if (!transitions[from][to]) {
+        g_critical("job '%s': no transition from %s to %s", job->id,
+                   status_names[from], status_names[to]);
+        return;
+    }
+    job->status = to;
+    if (from == to) {
+        return;
+    }
+    data = json_object_new();
+    json_object_set_string_member(data, "status", status_names[to]);
+    json_object_set_string_member(data, "id", job->id);
+    emit(job, "JOB_STATUS_CHANGE", data);
+}
+
+/* BLOCK_JOB_COMPLETED / CANCELLED / READY share these members, in the
+ * order QEMU writes them. */
+static JsonObject *block_event_data(StrataJob *job)
+{
+    JsonObject *o = json_object_new();
+
+    json_object_set_string_member(o, "device", job->id);
+    json_object_set_int_member(o, "len", job->progress_total);
+    json_object_set_int_member(o, "offset", job->progress_current);
+    json_object_set_int_member(o, "speed", job->speed);
+    json_object_set_string_member(o, "type", job->drv->type);
+    return o;
+}
+
+static void emit_block_completed(StrataJob *job)
+{
+    JsonObject *o;
+
+    if (!job->drv->is_block_job) {
+        return;
+    }
+    o = block_event_data(job);
+    if (job->cancelled && job->force_cancel) {
+        emit(job, "BLOCK_JOB_CANCELLED", o);
+        return;
+    }
+    if (job->ret < 0 && job->error) {
+        json_object_set_string_member(o, "error", job->error);
+    }
+    emit(job, "BLOCK_JOB_COMPLETED", o);
+}
+
+/* ------------------------------------------------------------------ */
+/* Lookup, creation, references                                        */
+/* ------------------------------------------------------------------ */
+
+bool strata_job_id_check(const char *id, GError **error)
+{
+    size_t len = id ? strlen(id) : 0;
+    bool ok = len > 0 && len < 32 && g_ascii_isalpha(id[0]);
+
+    for (size_t i = 1; ok && i < len; i++) {
+        ok = g_ascii_isalnum(id[i]) || strchr("-_.", id[i]);
+    }
+    if (!ok) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Invalid job ID '%s'", id ? id : "");
+    }
+    return ok;
+}
+
+StrataJob *strata_job_find(StrataContext *ctx, const char *id)
+{
+    g_return_val_if_fail(ctx != NULL, NULL);
+    for (GList *l = ctx->jobs; l && id; l = l->next) {
+        StrataJob *job = l->data;
+        if (!strcmp(job->id, id)) {
+            return job;
+        }
+    }
+    return NULL;
+}
+
+bool strata_job_uses_node(StrataJob *job, StrataNode *node)
+{
+    for (guint i = 0; i < job->nodes->len; i++) {
+        if (job->nodes->pdata[i] == node) {
+            return true;
+        }
+    }
+    return false;
+}
+
+bool strata_job_busy_check(StrataContext *ctx, StrataNode *node,
+                           GError **error)
+{
+    for (GList *l = ctx->jobs; l; l = l->next) {
+        StrataJob *job = l->data;
+        if (job->status != STRATA_JOB_STATUS_CONCLUDED &&
+            job->status != STRATA_JOB_STATUS_NULL &&
+            strata_job_uses_node(job, node)) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_BUSY,
+                        "Node '%s' is busy: block device is in use by "
+                        "block job: %s", node->node_name, job->drv->type);
+            return false;
+        }
+    }
+    return true;
+}
+
+static void job_ref(StrataJob *job)
+{
+    job->refcnt++;
+}
+
+static void job_unref(StrataJob *job)
+{
+    if (--job->refcnt > 0) {
+        return;
+    }
+    if (job->drv->free) {
+        job->drv->free(job);
+    }
+    if (job->sleep_timer) {
+        strata_timer_free(job->sleep_timer);
+    }
+    for (guint i = 0; i < job->nodes->len; i++) {
+        strata_node_unref(job->nodes->pdata[i]);
+    }
+    g_ptr_array_free(job->nodes, TRUE);
+    g_free(job->error);
+    g_free(job->id);
+    g_free(job);
+}
+
+static void job_timer_cb(void *opaque);
+
+StrataJob *strata_job_new(StrataContext *ctx, const StrataJobDriver *drv,
+                          const char *id, int64_t speed,
+                          StrataOnError on_error, bool auto_finalize,
+                          bool auto_dismiss, GError **error)
+{
+    StrataJob *job;
+
+    g_return_val_if_fail(ctx != NULL, NULL);
+    g_return_val_if_fail(drv != NULL && drv->instance_size >=
+                         sizeof(StrataJob), NULL);
+
+    if (!strata_job_id_check(id, error)) {
+        return NULL;
+    }
+    if (strata_job_find(ctx, id)) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_EXISTS,
+                    "Job ID '%s' already in use", id);
+        return NULL;
+    }
+    if (speed < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Parameter 'speed' expects a non-negative value");
+        return NULL;
+    }
+    job = g_malloc0(drv->instance_size);
+    job->drv = drv;
+    job->ctx = ctx;
+    job->id = g_strdup(id);
+    job->refcnt = 1;
+    job->status = STRATA_JOB_STATUS_UNDEFINED;
+    job->auto_finalize = auto_finalize;
+    job->auto_dismiss = auto_dismiss;
+    job->on_error = on_error;
+    job->io_status = "ok";
+    job->speed = speed;
+    strata_ratelimit_init(&job->limit);
+    strata_ratelimit_set_speed(&job->limit, speed);
+    job->sleep_timer = strata_timer_new(ctx->loop, job_timer_cb, job);
+    job->nodes = g_ptr_array_new();
+    ctx->jobs = g_list_append(ctx->jobs, job);
+    job->link_in_ctx = g_list_last(ctx->jobs);
+    job_transition(job, STRATA_JOB_STATUS_CREATED);
+    return job;
+}
+
+void strata_job_add_node(StrataJob *job, StrataNode *node)
+{
+    if (!strata_job_uses_node(job, node)) {
+        strata_node_ref(node);
+        g_ptr_array_add(job->nodes, node);
+    }
+}
+
+static void job_remove(StrataJob *job)
+{
+    if (job->link_in_ctx) {
+        job->ctx->jobs = g_list_delete_link(job->ctx->jobs,
+                                            job->link_in_ctx);
+        job->link_in_ctx = NULL;
+    }
+}
+
+void strata_job_early_fail(StrataJob *job)
+{
+    g_return_if_fail(job != NULL && !job->started);
+    if (job->status == STRATA_JOB_STATUS_CREATED) {
+        job_transition(job, STRATA_JOB_STATUS_NULL);
+    }
+    job_remove(job);
+    job_unref(job);
+}
+
+/* ------------------------------------------------------------------ */
+/* The coroutine: entering, sleeping, pausing                          */
+/* ------------------------------------------------------------------ */
+
+/* Wakes the coroutine when it is parked (asleep or paused). */
+static void job_enter(StrataJob *job)
+{
+    if (!job->started || job->deferred || job->busy) {
+        return;
+    }
+    strata_timer_del(job->sleep_timer);
+    job->busy = true;
+    if (strata_in_coroutine()) {
+        strata_loop_schedule_co(job->ctx->loop, job->co);
+    } else {
+        strata_coroutine_enter(job->co);
+    }
+}
+
+static void job_timer_cb(void *opaque)
+{
+    job_enter(opaque);
+}
+
+/* Parks the coroutine until job_enter(); @deadline_ns < 0: no timer. */
+static void job_co_do_yield(StrataJob *job, int64_t deadline_ns)
+{
+    if (deadline_ns >= 0) {
+        strata_timer_mod(job->sleep_timer, deadline_ns);
+    }
+    job->busy = false;
+    strata_co_yield();
+    job->busy = true;
+}
+
+static bool should_pause(StrataJob *job)
+{
+    return job->pause_count > 0;
+}
+
+bool strata_job_is_cancelled(StrataJob *job)
+{
+    return job->cancelled && job->force_cancel;
+}
+
+void strata_job_co_pause_point(StrataJob *job)
+{
+    StrataJobStatus status;
+
+    if (!should_pause(job) || strata_job_is_cancelled(job)) {
+        return;
+    }
+    status = job->status;
+    job_transition(job, status == STRATA_JOB_STATUS_READY
+                            ? STRATA_JOB_STATUS_STANDBY
+                            : STRATA_JOB_STATUS_PAUSED);
+    job->paused = true;
+    job_co_do_yield(job, -1);
+    job->paused = false;
+    job_transition(job, status);
+}
+
+void strata_job_co_sleep_ns(StrataJob *job, int64_t ns)
+{
+    if (!should_pause(job) && !strata_job_is_cancelled(job)) {
+        job_co_do_yield(job, strata_clock_ns() + ns);
+    }
+    strata_job_co_pause_point(job);
+}
+
+void strata_job_co_ratelimit(StrataJob *job, uint64_t bytes)
+{
+    int64_t delay = 0;
+
+    if (job->speed) {
+        delay = strata_ratelimit_calculate_delay(&job->limit,
+                                                 strata_clock_ns(), bytes);
+    }
+    if (delay > 0) {
+        strata_job_co_sleep_ns(job, delay);
+    } else {
+        strata_job_co_pause_point(job);
+    }
+}
+
+void strata_job_progress_set_total(StrataJob *job, uint64_t total)
+{
+    job->progress_total = total;
+}
+
+void strata_job_progress_add(StrataJob *job, uint64_t bytes)
+{
+    job->progress_current += bytes;
+}
+
+static void job_pause(StrataJob *job)
+{
+    job->pause_count++;
+    if (!job->paused) {
+        job_enter(job);
+    }
+}
+
+static void job_resume(StrataJob *job)
+{
+    if (job->pause_count == 0) {
+        return;
+    }
+    if (--job->pause_count > 0) {
+        return;
+    }
+    /* A job asleep for its speed limit keeps sleeping. */
+    if (!strata_timer_pending(job->sleep_timer)) {
+        job_enter(job);
+    }
+}
+
+StrataErrorAction strata_job_error_action(StrataJob *job, bool is_read,
+                                          int errnum)
+{
+    StrataErrorAction action;
+    JsonObject *o;
+
+    switch (job->on_error) {
+    case STRATA_ON_ERROR_ENOSPC:
+    case STRATA_ON_ERROR_AUTO:
+        action = errnum == ENOSPC ? STRATA_ERROR_ACTION_STOP
+                                  : STRATA_ERROR_ACTION_REPORT;
+        break;
+    case STRATA_ON_ERROR_STOP:
+        action = STRATA_ERROR_ACTION_STOP;
+        break;
+    case STRATA_ON_ERROR_IGNORE:
+        action = STRATA_ERROR_ACTION_IGNORE;
+        break;
+    case STRATA_ON_ERROR_REPORT:
+    default:
+        action = STRATA_ERROR_ACTION_REPORT;
+        break;
+    }
+    if (action == STRATA_ERROR_ACTION_STOP) {
+        /* A stop is a user pause: resume (or a forced cancel) ends it. */
+        if (!job->user_paused) {
+            job_pause(job);
+            job->user_paused = true;
+        }
+        job->io_status = errnum == ENOSPC ? "nospace" : "failed";
+    }
+    o = json_object_new();
+    json_object_set_string_member(o, "device", job->id);
+    json_object_set_string_member(o, "operation", is_read ? "read" : "write");
+    json_object_set_string_member(o, "action",
+                                  action == STRATA_ERROR_ACTION_STOP ? "stop"
+                                  : action == STRATA_ERROR_ACTION_IGNORE
+                                      ? "ignore" : "report");
+    emit(job, "BLOCK_JOB_ERROR", o);
+    return action;
+}
+
+/* ------------------------------------------------------------------ */
+/* Completion                                                          */
+/* ------------------------------------------------------------------ */
+
+static void job_conclude(StrataJob *job);
+
+static void job_update_rc(StrataJob *job)
+{
+    if (job->ret == 0 && strata_job_is_cancelled(job)) {
+        job->ret = -ECANCELED;
+    }
+    if (job->ret < 0) {
+        if (!job->error) {
+            job->error = g_strdup(g_strerror(-job->ret));
+        }
+        job_transition(job, STRATA_JOB_STATUS_ABORTING);
+    }
+}
+
+/* commit or abort, clean, the block-job event, CONCLUDED. */
+static void job_finalize_single(StrataJob *job)
+{
+    job_update_rc(job);
+    if (job->ret == 0) {
+        if (job->drv->commit) {
+            job->drv->commit(job);
+        }
+    } else if (job->drv->abort) {
+        job->drv->abort(job);
+    }
+    if (job->drv->clean) {
+        job->drv->clean(job);
+    }
+    job->finalized = true;
+    emit_block_completed(job);
+    job_conclude(job);
+}
+
+static void job_do_dismiss(StrataJob *job)
+{
+    job_transition(job, STRATA_JOB_STATUS_NULL);
+    job_remove(job);
+    job_unref(job);
+}
+
+static void job_conclude(StrataJob *job)
+{
+    job_transition(job, STRATA_JOB_STATUS_CONCLUDED);
+    if (job->auto_dismiss || !job->started) {
+        job_do_dismiss(job);
+    }
+}
+
+static void job_do_finalize(StrataJob *job)
+{
+    g_autoptr(GError) err = NULL;
+
+    if (job->ret == 0 && job->drv->prepare && !job->drv->prepare(job, &err)) {
+        job->ret = -EIO;
+        g_free(job->error);
+        job->error = g_strdup(err ? err->message : "prepare failed");
+    }
+    job_finalize_single(job);
+}
+
+static void job_completed(StrataJob *job)
+{
+    job_update_rc(job);
+    if (job->ret < 0) {
+        job_finalize_single(job);
+        return;
+    }
+    job_transition(job, STRATA_JOB_STATUS_WAITING);
+    job_transition(job, STRATA_JOB_STATUS_PENDING);
+    if (!job->auto_finalize) {
+        if (job->drv->is_block_job) {
+            JsonObject *o = json_object_new();
+            json_object_set_string_member(o, "type", job->drv->type);
+            json_object_set_string_member(o, "id", job->id);
+            emit(job, "BLOCK_JOB_PENDING", o);
+        }
+        return;
+    }
+    job_do_finalize(job);
+}
+
+/* Bottom half after co_run returned. */
+static void job_exit(void *opaque)
+{
+    StrataJob *job = opaque;
+
+    /* A cancel may have finished the job meanwhile. */
+    if (!job->finalized && job->status != STRATA_JOB_STATUS_PENDING) {
+        job_completed(job);
+    }
+    job_unref(job);
+}
+
+static void job_co_entry(void *opaque)
+{
+    StrataJob *job = opaque;
+    g_autoptr(GError) err = NULL;
+
+    job->ret = job->drv->co_run(job, &err);
+    if (job->ret < 0 && err) {
+        job->error = g_strdup(err->message);
+    }
+    job->busy = false;
+    job->deferred = true;
+    job_ref(job);
+    strata_loop_call_soon(job->ctx->loop, job_exit, job);
+}
+
+void strata_job_start(StrataJob *job)
+{
+    g_return_if_fail(job != NULL && !job->started);
+    job->co = strata_coroutine_new(job_co_entry, job);
+    job->started = true;
+    job->busy = true;
+    job_transition(job, STRATA_JOB_STATUS_RUNNING);
+    strata_coroutine_enter(job->co);
+}
+
+/* ------------------------------------------------------------------ */
+/* Verbs                                                               */
+/* ------------------------------------------------------------------ */
+
+bool strata_job_set_speed(StrataJob *job, int64_t speed, GError **error)
+{
+    uint64_t old = job->speed;
+
+    g_return_val_if_fail(job != NULL, false);
+    if (!apply_verb(job, STRATA_JOB_VERB_SET_SPEED, error)) {
+        return false;
+    }
+    if (speed < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Parameter 'speed' expects a non-negative value");
+        return false;
+    }
+    job->speed = speed;
+    strata_ratelimit_set_speed(&job->limit, speed);
+    /* A faster (or no) limit takes effect now, not after the sleep the
+     * old one asked for. */
+    if ((speed == 0 || speed > (int64_t)old) &&
+        strata_timer_pending(job->sleep_timer)) {
+        job_enter(job);
+    }
+    return true;
+}
+
+bool strata_job_user_pause(StrataJob *job, GError **error)
+{
+    g_return_val_if_fail(job != NULL, false);
+    if (!apply_verb(job, STRATA_JOB_VERB_PAUSE, error)) {
+        return false;
+    }
+    if (job->user_paused) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_FAILED,
+                    "Job is already paused");
+        return false;
+    }
+    job->user_paused = true;
+    job_pause(job);
+    return true;
+}
+
+bool strata_job_user_resume(StrataJob *job, GError **error)
+{
+    g_return_val_if_fail(job != NULL, false);
+    if (!job->user_paused || job->pause_count <= 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_FAILED,
+                    "Can't resume a job that was not paused");
+        return false;
+    }
+    if (!apply_verb(job, STRATA_JOB_VERB_RESUME, error)) {
+        return false;
+    }
+    job->io_status = "ok";
+    job->user_paused = false;
+    job_resume(job);
+    return true;
+}
+
+bool strata_job_user_cancel(StrataJob *job, bool force, GError **error)
+{
+    g_return_val_if_fail(job != NULL, false);
+    if (!apply_verb(job, STRATA_JOB_VERB_CANCEL, error)) {
+        return false;
+    }
+    /* Stream, commit and create have no soft cancel: every cancel is
+     * forced. */
+    (void)force;
+    if (job->user_paused) {
+        job->io_status = "ok";
+        job->user_paused = false;
+        if (job->pause_count > 0) {
+            job->pause_count--;
+        }
+    }
+    job->cancelled = true;
+    job->force_cancel = true;
+    if (!job->started) {
+        job_completed(job);
+    } else if (job->deferred) {
+        if (!job->finalized) {
+            job_ref(job);
+            job_finalize_single(job);
+            job_unref(job);
+        }
+    } else {
+        job_enter(job);
+    }
+    return true;
+}
+
+bool strata_job_complete(StrataJob *job, GError **error)
+{
+    g_return_val_if_fail(job != NULL, false);
+    if (!apply_verb(job, STRATA_JOB_VERB_COMPLETE, error)) {
+        return false;
+    }
+    g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
+                "Job type %s does not support completion", job->drv->type);
+    return false;
+}
+
+bool strata_job_finalize(StrataJob *job, GError **error)
+{
+    g_return_val_if_fail(job != NULL, false);
+    if (!apply_verb(job, STRATA_JOB_VERB_FINALIZE, error)) {
+        return false;
+    }
+    job_ref(job);
+    job_do_finalize(job);
+    job_unref(job);
+    return true;
+}
+
+bool strata_job_dismiss(StrataJob *job, GError **error)
+{
+    g_return_val_if_fail(job != NULL, false);
+    if (!apply_verb(job, STRATA_JOB_VERB_DISMISS, error)) {
+        return false;
+    }
+    job_do_dismiss(job);
+    return true;
+}
+
+void strata_job_cancel_all_sync(StrataContext *ctx)
+{
+    g_return_if_fail(ctx != NULL);
+    while (ctx->jobs) {
+        bool waiting = false;
+        for (GList *l = ctx->jobs; l; l = l->next) {
+            StrataJob *job = l->data;
+            if (job->status == STRATA_JOB_STATUS_CONCLUDED) {
+                job_do_dismiss(job);
+                waiting = true;
+                break;
+            }
+            if (!job->cancelled && job->status != STRATA_JOB_STATUS_ABORTING) {
+                strata_job_user_cancel(job, true, NULL);
+                waiting = true;
+                break;
+            }
+        }
+        if (!waiting) {
+            strata_loop_iterate(ctx->loop, true);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Queries                                                             */
+/* ------------------------------------------------------------------ */
+
+JsonArray *strata_job_query_block_jobs(StrataContext *ctx)
+{
+    JsonArray *arr = json_array_new();
+
+    for (GList *l = ctx->jobs; l; l = l->next) {
+        StrataJob *job = l->data;
+        JsonObject *o;
+
+        if (!job->drv->is_block_job) {
+            continue;
+        }
+        o = json_object_new();
+        json_object_set_boolean_member(o, "auto-finalize", job->auto_finalize);
+        json_object_set_string_member(o, "io-status", job->io_status);
+        json_object_set_string_member(o, "device", job->id);
+        json_object_set_boolean_member(o, "auto-dismiss", job->auto_dismiss);
+        json_object_set_boolean_member(o, "busy", job->busy);
+        json_object_set_int_member(o, "len", job->progress_total);
+        json_object_set_int_member(o, "offset", job->progress_current);
+        json_object_set_string_member(o, "status", status_names[job->status]);
+        json_object_set_boolean_member(
+            o, "paused", job->pause_count > 0 &&
+            (job->status == STRATA_JOB_STATUS_PAUSED ||
+             job->status == STRATA_JOB_STATUS_STANDBY || job->user_paused));
+        json_object_set_int_member(o, "speed", job->speed);
+        json_object_set_boolean_member(
+            o, "ready", job->status == STRATA_JOB_STATUS_READY ||
+            job->status == STRATA_JOB_STATUS_STANDBY);
+        json_object_set_string_member(o, "type", job->drv->type);
+        if (job->status == STRATA_JOB_STATUS_CONCLUDED && job->ret < 0 &&
+            job->error) {
+            json_object_set_string_member(o, "error", job->error);
+        }
+        json_array_add_object_element(arr, o);
+    }
+    return arr;
+}
+
+JsonArray *strata_job_query_jobs(StrataContext *ctx)
+{
+    JsonArray *arr = json_array_new();
+
+    for (GList *l = ctx->jobs; l; l = l->next) {
+        StrataJob *job = l->data;
+        JsonObject *o = json_object_new();
+
+        json_object_set_int_member(o, "current-progress",
+                                   job->progress_current);
+        json_object_set_string_member(o, "status", status_names[job->status]);
+        json_object_set_int_member(o, "total-progress", job->progress_total);
+        json_object_set_string_member(o, "type", job->drv->type);
+        json_object_set_string_member(o, "id", job->id);
+        if (job->status == STRATA_JOB_STATUS_CONCLUDED && job->ret < 0 &&
+            job->error) {
+            json_object_set_string_member(o, "error", job->error);
+        }
+        json_array_add_object_element(arr, o);
+    }
+    return arr;
+}
+
+/* ------------------------------------------------------------------ */
+/* Helpers for stream and commit                                       */
+/* ------------------------------------------------------------------ */
+
+bool strata_job_parse_on_error(const char *text, StrataOnError *out)
+{
+    static const char *const names[] = {
+        "report", "ignore", "enospc", "stop", "auto",
+    };
+
+    *out = STRATA_ON_ERROR_REPORT;
+    if (!text) {
+        return true;
+    }
+    for (unsigned i = 0; i < G_N_ELEMENTS(names); i++) {
+        if (!strcmp(text, names[i])) {
+            *out = (StrataOnError)i;
+            return true;
+        }
+    }
+    return false;
+}
+
+/* ------------------------------------------------------------------ */
+/* The copy loop                                                       */
+/* ------------------------------------------------------------------ */
+
+typedef struct CopyLoop CopyLoop;
+
+typedef struct CopyTask {
+    CopyLoop *cl;
+    uint64_t offset, bytes;
+    int ret;
+    bool is_read;
+} CopyTask;
+
+struct CopyLoop {
+    StrataJob *job;
+    const StrataJobCopyOps *ops;
+    uint64_t chunk;
+    unsigned in_flight;
+    bool main_waits;
+    StrataCoQueue wait;
+    GQueue failed;          /* CopyTask *, finished with an error */
+    GQueue retry;           /* CopyTask *, stopped, to copy again */
+};
+
+static void *copy_buf_new(uint64_t bytes)
+{
+    void *p = NULL;
+
+    /* Page alignment suits O_DIRECT on every node below. */
+    if (posix_memalign(&p, 4096, bytes ? bytes : 4096) != 0) {
+        return NULL;
+    }
+    return p;
+}
+
+static void copy_task_co(void *opaque)
+{
+    CopyTask *t = opaque;
+    CopyLoop *cl = t->cl;
+    void *buf = copy_buf_new(t->bytes);
+
+    t->is_read = true;
+    t->ret = buf ? cl->ops->co_copy(cl->job, t->offset, t->bytes, buf,
+                                    &t->is_read)
+                 : -ENOMEM;
+    free(buf);
+    cl->in_flight--;
+    if (t->ret < 0) {
+        g_queue_push_tail(&cl->failed, t);
+    } else {
+        strata_job_progress_add(cl->job, t->bytes);
+        g_free(t);
+    }
+    strata_co_queue_next(&cl->wait);
+}
+
+static void copy_wait_one(CopyLoop *cl)
+{
+    strata_co_queue_wait(&cl->wait, NULL);
+}
+
+int strata_job_co_copy_loop(StrataJob *job, const StrataJobCopyOps *ops,
+                            uint64_t len, uint64_t chunk,
+                            unsigned max_in_flight)
+{
+    CopyLoop cl = { .job = job, .ops = ops, .chunk = chunk };
+    uint64_t offset = 0;
+    int error = 0;
+    bool stop = false;
+
+    g_return_val_if_fail(chunk > 0 && max_in_flight > 0, -EINVAL);
+    strata_co_queue_init(&cl.wait);
+    g_queue_init(&cl.failed);
+    g_queue_init(&cl.retry);
+    strata_job_progress_set_total(job, len);
+
+    for (;;) {
+        CopyTask *t;
+        uint64_t n = 0;
+        bool copy = false;
+
+        while ((t = g_queue_pop_head(&cl.failed))) {
+            StrataErrorAction a = strata_job_error_action(job, t->is_read,
+                                                          -t->ret);
+            if (a == STRATA_ERROR_ACTION_STOP) {
+                g_queue_push_tail(&cl.retry, t);
+                continue;
+            }
+            if (!error) {
+                error = t->ret;
+            }
+            if (a == STRATA_ERROR_ACTION_IGNORE) {
+                strata_job_progress_add(job, t->bytes);
+            } else {
+                stop = true;
+            }
+            g_free(t);
+        }
+        if (stop || strata_job_is_cancelled(job)) {
+            break;
+        }
+        if (g_queue_is_empty(&cl.retry) && offset >= len) {
+            if (cl.in_flight == 0) {
+                if (g_queue_is_empty(&cl.failed)) {
+                    break;
+                }
+                continue;
+            }
+            copy_wait_one(&cl);
+            continue;
+        }
+
+        t = g_queue_pop_head(&cl.retry);
+        if (!t) {
+            int ret = ops->co_classify(job, offset, MIN(chunk, len - offset),
+                                       &n, &copy);
+            if (ret < 0) {
+                StrataErrorAction a = strata_job_error_action(job, true,
+                                                              -ret);
+                if (a == STRATA_ERROR_ACTION_STOP) {
+                    strata_job_co_pause_point(job);
+                    continue;
+                }
+                if (!error) {
+                    error = ret;
+                }
+                if (a == STRATA_ERROR_ACTION_REPORT) {
+                    break;
+                }
+                n = MIN(chunk, len - offset);
+                strata_job_progress_add(job, n);
+                offset += n;
+                continue;
+            }
+            if (n == 0) {
+                n = len - offset;
+                copy = false;
+            }
+            n = MIN(n, len - offset);
+            if (!copy) {
+                strata_job_progress_add(job, n);
+                offset += n;
+                strata_job_co_pause_point(job);
+                continue;
+            }
+            t = g_new0(CopyTask, 1);
+            t->cl = &cl;
+            t->offset = offset;
+            t->bytes = n;
+            offset += n;
+        }
+        /* The speed limit is a pause point too; a cancel or a stop
+         * may arrive while the job sleeps. */
+        strata_job_co_ratelimit(job, t->bytes);
+        if (strata_job_is_cancelled(job)) {
+            g_free(t);
+            break;
+        }
+        while (cl.in_flight >= max_in_flight) {
+            copy_wait_one(&cl);
+        }
+        cl.in_flight++;
+        strata_coroutine_enter(strata_coroutine_new(copy_task_co, t));
+    }
+
+    /* Never return with copies still running: they use the job. */
+    while (cl.in_flight > 0) {
+        copy_wait_one(&cl);
+    }
+    g_queue_clear_full(&cl.failed, g_free);
+    g_queue_clear_full(&cl.retry, g_free);
+    if (strata_job_is_cancelled(job)) {
+        return error ? error : -ECANCELED;
+    }
+    return error;
+}

@@ -1,0 +1,358 @@
+/* strata — block-stream: copy what lies above the base into the top,
+ * then make the base the top's backing file.
+ *
+ * The copy is a copy-on-read done by the job: for each range the top
+ * does not hold yet, a serialising request on the top covers the read
+ * from the backing chain and the write into the top, so a guest write
+ * to the same range either lands first (the job then sees the range
+ * allocated and skips it) or waits until the job's write is done (and
+ * then overwrites it).  Stale backing data never covers a guest write.
+ */
+#include <errno.h>
+#include <string.h>
+
+#include "job-private.h"
+#include "driver.h"
+
+#define STREAM_CHUNK (512 * 1024)
+#define STREAM_IN_FLIGHT 4
+
+typedef struct StreamJob {
+    StrataJob common;
+    StrataNode *top;
+    StrataNode *base;        /* nullable: stream the whole chain */
+    char *backing_file;      /* what to write; NULL: derived from base */
+    bool backing_file_given;
+} StreamJob;
+
+static int stream_co_classify(StrataJob *job, uint64_t offset,
+                              uint64_t bytes, uint64_t *pnum, bool *copy)
+{
+    StreamJob *s = (StreamJob *)job;
+    int depth = 0;
+    int ret;
+
+    ret = strata_node_co_block_status_above(s->top, s->base, false, offset,
+                                            bytes, pnum, NULL, NULL,
+                                            &depth);
+    if (ret < 0) {
+        return ret;
+    }
+    /* Copy what a layer between the top and the base holds; what the
+     * top holds already, or nothing above the base holds, stays. */
+    *copy = (ret & STRATA_BLOCK_ALLOCATED) && depth > 0;
+    return 0;
+}
+
+/* Reads the backing chain's view of a range; past the backing file's
+ * end the top reads zeroes. */
+static int stream_co_read_backing(StreamJob *s, uint64_t offset,
+                                  uint64_t bytes, void *buf)
+{
+    StrataNode *backing = strata_node_backing(s->top);
+    int64_t blen;
+    uint64_t n;
+
+    if (!backing) {
+        memset(buf, 0, bytes);
+        return 0;
+    }
+    blen = strata_node_co_refresh_length(backing);
+    if (blen < 0) {
+        return (int)blen;
+    }
+    n = (uint64_t)blen > offset ? MIN(bytes, (uint64_t)blen - offset) : 0;
+    if (n < bytes) {
+        memset((char *)buf + n, 0, bytes - n);
+    }
+    return n ? strata_node_co_pread(backing, offset, n, buf, 0) : 0;
+}
+
+static int stream_co_copy(StrataJob *job, uint64_t offset, uint64_t bytes,
+                          void *buf, bool *is_read)
+{
+    StreamJob *s = (StreamJob *)job;
+    StrataNode *top = s->top;
+    StrataTrackedReq req;
+    uint64_t pos = offset, end = offset + bytes;
+    int ret = 0;
+
+    strata_node_inc_in_flight(top);
+    strata_tracked_request_init(&req, top, offset, bytes, true, true);
+    strata_co_wait_serialising(&req);
+    /* Inside the serialised section, a guest write that came first is
+     * visible as allocated data of the top. */
+    while (pos < end && ret == 0) {
+        uint64_t pnum = 0;
+        ret = strata_node_co_block_status(top, false, pos, end - pos, &pnum,
+                                          NULL, NULL);
+        if (ret < 0) {
+            *is_read = true;
+            break;
+        }
+        if (pnum == 0) {
+            break;
+        }
+        if (!(ret & STRATA_BLOCK_ALLOCATED)) {
+            ret = stream_co_read_backing(s, pos, pnum, buf);
+            if (ret < 0) {
+                *is_read = true;
+                break;
+            }
+            ret = strata_node_co_pwrite(top, pos, pnum, buf, 0);
+            if (ret < 0) {
+                *is_read = false;
+                break;
+            }
+        }
+        ret = 0;
+        pos += pnum;
+    }
+    strata_tracked_request_end(&req);
+    strata_node_dec_in_flight(top);
+    return ret;
+}
+
+static const StrataJobCopyOps stream_copy_ops = {
+    .co_classify = stream_co_classify,
+    .co_copy = stream_co_copy,
+};
+
+static int stream_co_run(StrataJob *job, GError **error)
+{
+    StreamJob *s = (StreamJob *)job;
+    int64_t len;
+    int ret;
+
+    if (strata_node_backing(s->top) == s->base) {
+        /* Nothing lies between the top and the base. */
+        return 0;
+    }
+    len = strata_node_co_refresh_length(s->top);
+    if (len < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO, "%s",
+                    g_strerror((int)-len));
+        return (int)len;
+    }
+    ret = strata_job_co_copy_loop(job, &stream_copy_ops, len, STREAM_CHUNK,
+                                  STREAM_IN_FLIGHT);
+    if (ret == 0) {
+        /* The header will name another backing file: what the top now
+         * holds must be stable first. */
+        ret = strata_node_co_flush(s->top);
+    }
+    return ret;
+}
+
+typedef struct BackingChange {
+    StrataNode *node;
+    const char *backing;
+    const char *fmt;
+    GError **error;
+    int ret;
+} BackingChange;
+
+static void backing_change_co(void *opaque)
+{
+    BackingChange *bc = opaque;
+
+    bc->ret = strata_node_co_change_backing_file(bc->node, bc->backing,
+                                                bc->fmt, bc->error);
+}
+
+static bool stream_prepare(StrataJob *job, GError **error)
+{
+    StreamJob *s = (StreamJob *)job;
+    StrataNode *top = s->top;
+    g_autofree char *derived = NULL;
+    BackingChange bc = { .node = top, .error = error };
+    bool ok = true;
+
+    if (!top->backing) {
+        return true;
+    }
+    if (s->base) {
+        StrataNode *data = strata_node_skip_filters(s->base);
+        bc.backing = s->backing_file;
+        if (!bc.backing) {
+            derived = strata_backing_string(s->base,
+                                            strata_node_image_filename(top));
+            bc.backing = derived;
+        }
+        bc.fmt = data && data->drv ? data->drv->name : NULL;
+    }
+
+    strata_node_drained_begin(top);
+    strata_loop_run_co(top->ctx->loop, backing_change_co, &bc);
+    if (bc.ret < 0) {
+        ok = false;
+    } else if (s->base) {
+        if (!strata_child_replace_node(top->backing, s->base, error)) {
+            ok = false;
+        }
+    } else {
+        strata_child_detach(top->backing);
+    }
+    strata_node_drained_end(top);
+    return ok;
+}
+
+static void stream_free(StrataJob *job)
+{
+    StreamJob *s = (StreamJob *)job;
+
+    g_free(s->backing_file);
+}
+
+static const StrataJobDriver stream_driver = {
+    .type = "stream",
+    .instance_size = sizeof(StreamJob),
+    .is_block_job = true,
+    .co_run = stream_co_run,
+    .prepare = stream_prepare,
+    .free = stream_free,
+};
+
+static const char *opt_str(JsonObject *args, const char *name)
+{
+    return json_object_get_string_member_with_default(args, name, NULL);
+}
+
+bool strata_stream_start(StrataContext *ctx, JsonObject *args,
+                         GError **error)
+{
+    const char *device = opt_str(args, "device");
+    const char *base_name = opt_str(args, "base");
+    const char *base_node = opt_str(args, "base-node");
+    const char *bottom_name = opt_str(args, "bottom");
+    const char *backing_file = opt_str(args, "backing-file");
+    const char *filter_name = opt_str(args, "filter-node-name");
+    StrataOnError on_error;
+    StrataNode *top, *base = NULL;
+    StreamJob *s;
+    StrataJob *job;
+
+    if (base_name && base_node) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "'base' and 'base-node' cannot be specified at the "
+                    "same time");
+        return false;
+    }
+    if (base_name && bottom_name) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "'base' and 'bottom' cannot be specified at the same "
+                    "time");
+        return false;
+    }
+    if (bottom_name && base_node) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "'bottom' and 'base-node' cannot be specified at the "
+                    "same time");
+        return false;
+    }
+    if (!strata_job_parse_on_error(opt_str(args, "on-error"), &on_error)) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Parameter 'on-error' does not accept value '%s'",
+                    opt_str(args, "on-error"));
+        return false;
+    }
+    top = device ? strata_context_lookup(ctx, device) : NULL;
+    if (!top) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_FOUND,
+                    "Cannot find device='%s' nor node-name='%s'",
+                    device ? device : "", device ? device : "");
+        return false;
+    }
+    if (base_name) {
+        base = strata_node_find_backing_image(top, base_name);
+        if (!base) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_FOUND,
+                        "Can't find '%s' in the backing chain", base_name);
+            return false;
+        }
+    }
+    if (base_node) {
+        base = strata_context_lookup(ctx, base_node);
+        if (!base) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_FOUND,
+                        "Cannot find device='' nor node-name='%s'",
+                        base_node);
+            return false;
+        }
+        if (base == top || !strata_node_chain_contains(top, base, false)) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                        "Node '%s' is not a backing image of '%s'",
+                        base_node, device);
+            return false;
+        }
+    }
+    if (bottom_name) {
+        StrataNode *bottom = strata_context_lookup(ctx, bottom_name);
+        if (!bottom) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_FOUND,
+                        "Cannot find device='' nor node-name='%s'",
+                        bottom_name);
+            return false;
+        }
+        if (bottom->drv->is_filter) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                        "Node '%s' is a filter, use a non-filter node as "
+                        "'bottom'", bottom_name);
+            return false;
+        }
+        if (bottom != top &&
+            !strata_node_chain_contains(top, bottom, false)) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                        "Node '%s' is not in a chain starting from '%s'",
+                        bottom_name, device);
+            return false;
+        }
+        base = strata_node_backing(bottom);
+    }
+    for (StrataNode *n = top; n && n != base; n = strata_node_backing(n)) {
+        if (!strata_job_busy_check(ctx, n, error)) {
+            return false;
+        }
+    }
+    if (!base && backing_file) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "backing file specified, but streaming the entire "
+                    "chain");
+        return false;
+    }
+    if (filter_name && !strata_node_name_check(filter_name, error)) {
+        return false;
+    }
+    if (filter_name && strata_context_find_node(ctx, filter_name)) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_EXISTS,
+                    "Duplicate nodes with node-name='%s'", filter_name);
+        return false;
+    }
+    if (top->read_only && strata_node_backing(top) != base) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_PERMISSION,
+                    "Block node '%s' is read-only", top->node_name);
+        return false;
+    }
+
+    job = strata_job_new(
+        ctx, &stream_driver, opt_str(args, "job-id") ? opt_str(args, "job-id")
+                                                     : "",
+        json_object_get_int_member_with_default(args, "speed", 0), on_error,
+        json_object_get_boolean_member_with_default(args, "auto-finalize",
+                                                    true),
+        json_object_get_boolean_member_with_default(args, "auto-dismiss",
+                                                    true),
+        error);
+    if (!job) {
+        return false;
+    }
+    s = (StreamJob *)job;
+    s->top = top;
+    s->base = base;
+    s->backing_file = g_strdup(backing_file);
+    for (StrataNode *n = top; n && n != base; n = strata_node_backing(n)) {
+        strata_job_add_node(job, n);
+    }
+    strata_job_start(job);
+    return true;
+}
