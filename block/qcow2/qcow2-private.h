@@ -272,6 +272,7 @@ typedef struct StrataQcow2State {
     int overlap_check;          /* STRATA_QCOW2_OL_* kinds checked */
 
     bool writable;
+    bool sparse_file;       /* block status asks the file about holes */
     /* Writes are refused: the dirty bit says refcounts are stale and no
      * repair is implemented yet. */
     bool needs_repair;
