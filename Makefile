@@ -95,8 +95,8 @@ check-slow: deps
 	$(NINJA) -C $(BUILD) -j$(JOBS)
 	$(call run-tests,$(BUILD),--suite slow,)
 
-# tests/demo (a script, or a folder with a `run` script) is the full demo;
-# until it exists, a walkthrough of what is there.
+# tests/demo/run is the live demo (also the interop test "demo"); the
+# walkthrough is the fallback for trees without it.
 demo: deps build
 	@if [ -f tests/demo ] && [ -x tests/demo ]; then \
 	    exec tests/demo $(BUILD); \
