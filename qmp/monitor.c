@@ -89,7 +89,8 @@ static const CommandEntry command_table[] = {
       strata_qmp_blockdev_snapshot_delete_internal_sync },
     { "change-backing-file", strata_qmp_change_backing_file },
     { "transaction", strata_qmp_transaction },
-    { "x-blockdev-revert", strata_qmp_x_blockdev_revert },
+    { "x-strata-blockdev-revert", strata_qmp_x_blockdev_revert },
+    { "x-strata-query-loop", strata_qmp_x_strata_query_loop },
     { "blockdev-reopen", strata_qmp_blockdev_reopen },
     { NULL, NULL },
 };
