@@ -9,5 +9,6 @@ extern const StrataDriver strata_driver_raw;
 extern const StrataDriver strata_driver_null_co;
 extern const StrataDriver strata_driver_blkdebug;
 extern const StrataDriver strata_driver_qcow2;
+extern const StrataDriver strata_driver_nbd;
 
 #endif

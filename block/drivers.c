@@ -10,6 +10,7 @@ const StrataDriver *const strata_driver_table[] = {
     &strata_driver_null_co,
     &strata_driver_blkdebug,
     &strata_driver_qcow2,
+    &strata_driver_nbd,
     NULL,
 };
 

@@ -1,0 +1,584 @@
+/* Tests of the NBD client driver: against strata's own server in the
+ * same process, against qemu-nbd, and against fake servers that break
+ * the protocol or vanish. */
+#include <signal.h>
+
+#include "../interop/nbd-harness.h"
+
+#define SIZE (1024 * 1024)
+
+static void setup(void)
+{
+    harness_setup();
+}
+
+static void teardown(void)
+{
+    harness_teardown();
+}
+
+/* ---- running node I/O from the test ---- */
+
+typedef enum { OP_READ, OP_WRITE, OP_ZERO, OP_DISCARD, OP_FLUSH,
+               OP_STATUS } OpType;
+
+typedef struct {
+    StrataNode *node;
+    OpType type;
+    uint64_t offset, bytes;
+    void *buf;
+    StrataReqFlags flags;
+    int ret;
+    uint64_t pnum;
+} Op;
+
+static void op_entry(void *opaque)
+{
+    Op *op = opaque;
+    uint64_t map;
+    StrataNode *file;
+
+    switch (op->type) {
+    case OP_READ:
+        op->ret = strata_node_co_pread(op->node, op->offset, op->bytes,
+                                       op->buf, 0);
+        break;
+    case OP_WRITE:
+        op->ret = strata_node_co_pwrite(op->node, op->offset, op->bytes,
+                                        op->buf, op->flags);
+        break;
+    case OP_ZERO:
+        op->ret = strata_node_co_pwrite_zeroes(op->node, op->offset,
+                                               op->bytes, op->flags);
+        break;
+    case OP_DISCARD:
+        op->ret = strata_node_co_pdiscard(op->node, op->offset, op->bytes);
+        break;
+    case OP_FLUSH:
+        op->ret = strata_node_co_flush(op->node);
+        break;
+    case OP_STATUS:
+        op->ret = strata_node_co_block_status(op->node, true, op->offset,
+                                              op->bytes, &op->pnum, &map,
+                                              &file);
+        break;
+    }
+}
+
+static int run_op(StrataNode *node, OpType type, uint64_t offset,
+                  uint64_t bytes, void *buf, StrataReqFlags flags,
+                  uint64_t *pnum)
+{
+    Op op = { node, type, offset, bytes, buf, flags, 0, 0 };
+
+    strata_loop_run_co(ctx->loop, op_entry, &op);
+    if (pnum) {
+        *pnum = op.pnum;
+    }
+    return op.ret;
+}
+
+static bool buf_is(const uint8_t *buf, size_t len, uint8_t c)
+{
+    for (size_t i = 0; i < len; i++) {
+        if (buf[i] != c) {
+            return false;
+        }
+    }
+    return true;
+}
+
+static StrataNode *open_client(const char *path, const char *export_name,
+                               const char *extra, GError **err)
+{
+    g_autofree char *spec = g_strdup_printf(
+        "driver=nbd,node-name=c,server.type=unix,server.path=%s,export=%s%s",
+        path, export_name, extra ? extra : "");
+    return strata_context_add_node_keyval(ctx, spec, err);
+}
+
+/* Reads, writes, zeroes, discards and block status of a sparse disk:
+ * what the driver must do against any server. */
+static void exercise(StrataNode *c)
+{
+    g_autofree uint8_t *buf = g_malloc(SIZE);
+    uint64_t pnum = 0;
+    int st;
+
+    ck_assert_int_eq(run_op(c, OP_READ, 0, SIZE, buf, 0, NULL), 0);
+    ck_assert(buf_is(buf, 65536, 0x11));
+    ck_assert(buf_is(buf + 65536, SIZE - 65536, 0));
+
+    st = run_op(c, OP_STATUS, 0, SIZE, NULL, 0, &pnum);
+    ck_assert_int_ge(st, 0);
+    ck_assert(st & STRATA_BLOCK_DATA);
+    ck_assert_uint_eq(pnum, 65536);
+    st = run_op(c, OP_STATUS, 65536, SIZE - 65536, NULL, 0, &pnum);
+    ck_assert_int_ge(st, 0);
+    ck_assert(!(st & STRATA_BLOCK_DATA));
+    ck_assert(st & STRATA_BLOCK_ZERO);
+    ck_assert_uint_gt(pnum, 0);
+
+    memset(buf, 0x22, 8192);
+    ck_assert_int_eq(run_op(c, OP_WRITE, 512 * 1024, 8192, buf,
+                            STRATA_REQ_FUA, NULL), 0);
+    ck_assert_int_eq(run_op(c, OP_FLUSH, 0, 0, NULL, 0, NULL), 0);
+    memset(buf, 0, 16384);
+    ck_assert_int_eq(run_op(c, OP_READ, 512 * 1024 - 4096, 16384, buf, 0,
+                            NULL), 0);
+    ck_assert(buf_is(buf, 4096, 0));
+    ck_assert(buf_is(buf + 4096, 8192, 0x22));
+    ck_assert(buf_is(buf + 12288, 4096, 0));
+    st = run_op(c, OP_STATUS, 512 * 1024, 4096, NULL, 0, &pnum);
+    ck_assert(st & STRATA_BLOCK_DATA);
+
+    ck_assert_int_eq(run_op(c, OP_ZERO, 0, 4096, NULL, STRATA_REQ_MAY_UNMAP,
+                            NULL), 0);
+    ck_assert_int_eq(run_op(c, OP_READ, 0, 8192, buf, 0, NULL), 0);
+    ck_assert(buf_is(buf, 4096, 0));
+    ck_assert(buf_is(buf + 4096, 4096, 0x11));
+
+    ck_assert_int_eq(run_op(c, OP_DISCARD, 512 * 1024, 8192, NULL, 0, NULL),
+                     0);
+    /* A discard is advisory; what stays readable must be old or zero. */
+    ck_assert_int_eq(run_op(c, OP_READ, 512 * 1024, 8192, buf, 0, NULL), 0);
+    ck_assert(buf_is(buf, 8192, 0) || buf_is(buf, 8192, 0x22));
+}
+
+/* ---- against strata's own server ---- */
+
+START_TEST(test_strata_server)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *path = make_raw("disk.raw", SIZE, 65536, 0x11);
+    StrataNode *c;
+
+    add_node("driver=raw,node-name=disk,file.driver=file,file.filename=%s",
+             path);
+    add_export("type=nbd,id=e0,node-name=disk,name=e0,writable=on");
+    c = open_client(sock_path, "e0", NULL, &err);
+    ck_assert_msg(c, "%s", err ? err->message : "");
+    ck_assert_int_eq(strata_export_client_count(strata_export_find(ctx,
+                                                                   "e0")), 1);
+    ck_assert(g_str_has_prefix(c->filename, "nbd+unix:///e0"));
+    exercise(c);
+    ck_assert(strata_context_del_node(ctx, "c", &err));
+    for (int i = 0; i < 50; i++) {
+        strata_loop_iterate(ctx->loop, false);
+    }
+    ck_assert_int_eq(strata_export_client_count(strata_export_find(ctx,
+                                                                   "e0")), 0);
+}
+END_TEST
+
+/* Many requests at once on one connection. */
+typedef struct {
+    StrataNode *node;
+    int idx;
+    int ret;
+    int *left;
+    uint8_t buf[4096];
+} ParOp;
+
+static void par_entry(void *opaque)
+{
+    ParOp *p = opaque;
+
+    p->ret = strata_node_co_pread(p->node, (uint64_t)p->idx * 4096, 4096,
+                                  p->buf, 0);
+    (*p->left)--;
+}
+
+START_TEST(test_parallel)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *path = make_raw("disk.raw", SIZE, SIZE, 0x33);
+    ParOp ops[40];
+    int left = 40;
+    StrataNode *c;
+
+    add_node("driver=raw,node-name=disk,file.driver=file,file.filename=%s",
+             path);
+    add_export("type=nbd,id=e0,node-name=disk,name=e0");
+    c = open_client(sock_path, "e0", ",read-only=on", &err);
+    ck_assert_msg(c, "%s", err ? err->message : "");
+    for (int i = 0; i < 40; i++) {
+        ops[i] = (ParOp){ c, i, -1, &left, { 0 } };
+        strata_coroutine_enter(strata_coroutine_new(par_entry, &ops[i]));
+    }
+    while (left) {
+        strata_loop_iterate(ctx->loop, true);
+    }
+    for (int i = 0; i < 40; i++) {
+        ck_assert_int_eq(ops[i].ret, 0);
+        ck_assert(buf_is(ops[i].buf, 4096, 0x33));
+    }
+    /* A read-only node writes nothing. */
+    ck_assert_int_lt(run_op(c, OP_WRITE, 0, 4096, ops[0].buf, 0, NULL), 0);
+}
+END_TEST
+
+START_TEST(test_open_errors)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *nosock = g_build_filename(dir, "none.sock", NULL);
+
+    add_node("driver=null-co,node-name=n0,read-zeroes=on");
+    add_export("type=nbd,id=e0,node-name=n0,name=e0");
+    ck_assert(!open_client(sock_path, "nope", NULL, &err));
+    ck_assert_msg(strstr(err->message, "not available"), "%s", err->message);
+    g_clear_error(&err);
+    /* A read-only export opened for writing. */
+    ck_assert(!open_client(sock_path, "e0", NULL, &err));
+    ck_assert(strstr(err->message, "read-only"));
+    g_clear_error(&err);
+    ck_assert(!open_client(nosock, "e0", NULL, &err));
+    ck_assert(strstr(err->message, "Failed to connect"));
+    g_clear_error(&err);
+    ck_assert(!open_client(sock_path, "e0", ",open-timeout=-1", &err));
+    g_clear_error(&err);
+    ck_assert(!strata_context_add_node_keyval(
+        ctx, "driver=nbd,node-name=c,server.type=vsock,export=e0", &err));
+    g_clear_error(&err);
+    ck_assert(!strata_context_add_node_keyval(
+        ctx, "driver=nbd,node-name=c,server.type=unix", &err));
+    ck_assert_str_eq(err->message, "Parameter 'server.path' is missing");
+    g_clear_error(&err);
+    /* The options of a future reconnect are accepted. */
+    StrataNode *c = open_client(sock_path, "e0",
+                                ",read-only=on,reconnect-delay=5,"
+                                "open-timeout=1", &err);
+    ck_assert_msg(c, "%s", err ? err->message : "");
+    uint8_t buf[4096];
+    memset(buf, 1, sizeof(buf));
+    ck_assert_int_eq(run_op(c, OP_READ, 0, 4096, buf, 0, NULL), 0);
+    ck_assert(buf_is(buf, 4096, 0));
+}
+END_TEST
+
+/* ---- against qemu-nbd ---- */
+
+typedef struct {
+    ToolRun run;
+    char *sock;
+} QemuNbd;
+
+static void qemu_nbd_start(QemuNbd *q, const char *img, const char *fmt,
+                           const char *name, bool ro)
+{
+    q->sock = g_build_filename(dir, "qemu-nbd.sock", NULL);
+    const char *argv[] = { "qemu-nbd", "-k", q->sock, "-f", fmt, "--persistent",
+                           "-x", name, img, ro ? "-r" : NULL, NULL };
+    tool_start(&q->run, argv);
+}
+
+static void qemu_nbd_stop(QemuNbd *q)
+{
+    if (q->run.proc) {
+        g_subprocess_send_signal(q->run.proc, SIGKILL);
+        tool_wait(&q->run);
+        tool_finish(&q->run);
+    }
+    g_free(q->sock);
+}
+
+START_TEST(test_qemu_nbd)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *raw = make_raw("src.raw", SIZE, 65536, 0x11);
+    g_autofree char *img = g_build_filename(dir, "disk.qcow2", NULL);
+    QemuNbd q;
+    StrataNode *c;
+
+    if (!have_tool("qemu-nbd") || !have_tool("qemu-img")) {
+        return;
+    }
+    ck_assert_int_eq(run_tool(NULL, "qemu-img", "convert", "-O", "qcow2",
+                              raw, img, NULL), 0);
+    qemu_nbd_start(&q, img, "qcow2", "disk", false);
+    /* open-timeout waits for the socket to appear. */
+    c = open_client(q.sock, "disk", ",open-timeout=10", &err);
+    ck_assert_msg(c, "%s", err ? err->message : "");
+    exercise(c);
+
+    /* The server vanishes: requests fail, nothing hangs. */
+    g_subprocess_send_signal(q.run.proc, SIGKILL);
+    tool_wait(&q.run);
+    uint8_t buf[4096];
+    ck_assert_int_eq(run_op(c, OP_READ, 0, 4096, buf, 0, NULL), -EIO);
+    ck_assert_int_eq(run_op(c, OP_READ, 0, 4096, buf, 0, NULL), -EIO);
+    ck_assert(strata_context_del_node(ctx, "c", &err));
+    qemu_nbd_stop(&q);
+}
+END_TEST
+
+/* A local overlay over a remote base reads as qemu-img sees the same
+ * chain locally. */
+START_TEST(test_remote_base)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *raw = make_raw("src.raw", SIZE, 3 * 65536, 0x44);
+    g_autofree char *base = g_build_filename(dir, "base.qcow2", NULL);
+    g_autofree char *ov = g_build_filename(dir, "ov.qcow2", NULL);
+    g_autofree char *out = g_build_filename(dir, "out.raw", NULL);
+    g_autofree uint8_t *got = g_malloc(SIZE);
+    g_autofree uint8_t *want = NULL;
+    g_autofree char *json = NULL;
+    g_autoptr(JsonParser) parser = json_parser_new();
+    gsize wlen = 0;
+    QemuNbd q;
+    StrataNode *top;
+    uint64_t pnum;
+
+    if (!have_tool("qemu-nbd") || !have_tool("qemu-img") ||
+        !have_tool("qemu-io")) {
+        return;
+    }
+    ck_assert_int_eq(run_tool(NULL, "qemu-img", "convert", "-O", "qcow2",
+                              raw, base, NULL), 0);
+    ck_assert_int_eq(run_tool(NULL, "qemu-img", "create", "-f", "qcow2",
+                              "-b", base, "-F", "qcow2", ov, NULL), 0);
+    ck_assert_int_eq(run_tool(NULL, "qemu-io", "-c", "write -P 0x55 64k 64k",
+                              "-c", "write -z 640k 64k", ov, NULL), 0);
+    qemu_nbd_start(&q, base, "qcow2", "base", true);
+    json = g_strdup_printf(
+        "{\"driver\": \"qcow2\", \"node-name\": \"top\", "
+        "\"file\": {\"driver\": \"file\", \"filename\": \"%s\"}, "
+        "\"backing\": {\"driver\": \"raw\", \"file\": {\"driver\": \"nbd\", "
+        "\"server\": {\"type\": \"unix\", \"path\": \"%s\"}, "
+        "\"export\": \"base\", \"open-timeout\": 10}}}", ov, q.sock);
+    ck_assert(json_parser_load_from_data(parser, json, -1, NULL));
+    top = strata_context_add_node(
+        ctx, json_node_get_object(json_parser_get_root(parser)), &err);
+    ck_assert_msg(top, "%s", err ? err->message : "");
+    ck_assert_int_eq(run_op(top, OP_READ, 0, SIZE, got, 0, NULL), 0);
+    /* The remote base's hole shows through as unallocated zeroes. */
+    StrataNode *remote = top->backing->node->file->node;
+    int st = run_op(remote, OP_STATUS, 4 * 65536, SIZE - 4 * 65536, NULL, 0,
+                    &pnum);
+    ck_assert_int_ge(st, 0);
+    ck_assert(!(st & STRATA_BLOCK_DATA));
+    ck_assert(strata_context_del_node(ctx, "top", &err));
+    qemu_nbd_stop(&q);
+
+    ck_assert_int_eq(run_tool(NULL, "qemu-img", "convert", "-O", "raw", ov,
+                              out, NULL), 0);
+    ck_assert(g_file_get_contents(out, (char **)&want, &wlen, NULL));
+    ck_assert_uint_eq(wlen, SIZE);
+    ck_assert(buf_is(got + 65536, 65536, 0x55));
+    ck_assert(memcmp(got, want, SIZE) == 0);
+}
+END_TEST
+
+/* ---- fake servers ---- */
+
+typedef enum {
+    FAKE_BAD_MAGIC,     /* garbage instead of a greeting */
+    FAKE_BAD_INFO,      /* export info of the wrong length */
+    FAKE_HUGE_CHUNK,    /* a chunk claiming 4 GiB */
+    FAKE_BAD_OFFSET,    /* data outside the request */
+    FAKE_HANGUP,        /* reads a request, then closes */
+    FAKE_UNKNOWN_COOKIE,
+} FakeMode;
+
+typedef struct {
+    FakeMode mode;
+    int listen_fd;
+} Fake;
+
+static bool fake_handshake(int fd, FakeMode mode)
+{
+    uint8_t b[64];
+
+    w64(b, STRATA_NBD_INIT_MAGIC);
+    w64(b + 8, STRATA_NBD_OPTS_MAGIC);
+    w16(b + 16, STRATA_NBD_FLAG_FIXED_NEWSTYLE | STRATA_NBD_FLAG_NO_ZEROES);
+    if (!raw_write(fd, b, 18) || !raw_read(fd, b, 4)) {
+        return false;
+    }
+    for (;;) {
+        if (!raw_read(fd, b, 16)) {
+            return false;
+        }
+        uint32_t opt = r32(b + 8), len = r32(b + 12);
+        g_autofree uint8_t *p = g_malloc(len + 1);
+        if (!raw_read(fd, p, len)) {
+            return false;
+        }
+        w64(b, STRATA_NBD_REP_MAGIC);
+        w32(b + 8, opt);
+        if (opt == STRATA_NBD_OPT_SET_META_CONTEXT) {
+            w32(b + 12, STRATA_NBD_REP_META_CONTEXT);
+            w32(b + 16, 4 + 15);
+            w32(b + 20, 7);
+            memcpy(b + 24, "base:allocation", 15);
+            if (!raw_write(fd, b, 39)) {
+                return false;
+            }
+        } else if (opt == STRATA_NBD_OPT_GO) {
+            w32(b + 12, STRATA_NBD_REP_INFO);
+            w32(b + 16, mode == FAKE_BAD_INFO ? 13 : 12);
+            w16(b + 20, STRATA_NBD_INFO_EXPORT);
+            w64(b + 22, SIZE);
+            w16(b + 30, STRATA_NBD_FLAG_HAS_FLAGS | STRATA_NBD_FLAG_SEND_FLUSH);
+            b[32] = 0;
+            if (!raw_write(fd, b, mode == FAKE_BAD_INFO ? 33 : 32)) {
+                return false;
+            }
+        }
+        w32(b + 12, STRATA_NBD_REP_ACK);
+        w32(b + 16, 0);
+        if (!raw_write(fd, b, 20)) {
+            return false;
+        }
+        if (opt == STRATA_NBD_OPT_GO) {
+            return true;
+        }
+    }
+}
+
+static char *fake_server(void *opaque)
+{
+    Fake *f = opaque;
+    int fd = accept(f->listen_fd, NULL, NULL);
+    uint8_t b[64];
+
+    SCHECK(fd >= 0);
+    if (f->mode == FAKE_BAD_MAGIC) {
+        memset(b, 0xa5, sizeof(b));
+        raw_write(fd, b, sizeof(b));
+        raw_is_closed(fd);
+        close(fd);
+        return NULL;
+    }
+    if (!fake_handshake(fd, f->mode) || f->mode == FAKE_BAD_INFO) {
+        raw_is_closed(fd);
+        close(fd);
+        return NULL;
+    }
+    /* One request, then misbehave. */
+    SCHECK(raw_read(fd, b, STRATA_NBD_REQUEST_SIZE));
+    uint64_t cookie = r64(b + 8);
+    w32(b, STRATA_NBD_STRUCTURED_REPLY_MAGIC);
+    w16(b + 4, STRATA_NBD_REPLY_FLAG_DONE);
+    w16(b + 6, STRATA_NBD_REPLY_TYPE_OFFSET_DATA);
+    w64(b + 8, f->mode == FAKE_UNKNOWN_COOKIE ? cookie + 1000 : cookie);
+    switch (f->mode) {
+    case FAKE_HUGE_CHUNK:
+    case FAKE_UNKNOWN_COOKIE:
+        w32(b + 16, 0xfffffff0u);
+        raw_write(fd, b, 20);
+        break;
+    case FAKE_BAD_OFFSET:
+        w32(b + 16, 8 + 16);
+        w64(b + 20, SIZE - 8);
+        memset(b + 28, 0, 16);
+        raw_write(fd, b, 44);
+        break;
+    default:
+        /* Gone mid-request, without a word. */
+        close(fd);
+        return NULL;
+    }
+    /* The client must hang up on a broken reply (a reset when it left
+     * bytes unread). */
+    SCHECK(recv(fd, b, 1, 0) <= 0);
+    close(fd);
+    return NULL;
+}
+
+typedef struct {
+    Fake *fake;
+    bool open_ok;
+    int read_ret;
+    int read2_ret;
+    char *err;
+} FakeRun;
+
+static gpointer fake_thread(gpointer opaque)
+{
+    return fake_server(opaque);
+}
+
+static void run_fake(FakeMode mode, FakeRun *fr)
+{
+    g_autofree char *path = g_build_filename(dir, "fake.sock", NULL);
+    struct sockaddr_un sun = { .sun_family = AF_UNIX };
+    Fake f = { mode, socket(AF_UNIX, SOCK_STREAM, 0) };
+    g_autoptr(GError) err = NULL;
+    StrataNode *c;
+    uint8_t buf[4096];
+
+    g_strlcpy(sun.sun_path, path, sizeof(sun.sun_path));
+    ck_assert_int_eq(bind(f.listen_fd, (struct sockaddr *)&sun, sizeof(sun)),
+                     0);
+    ck_assert_int_eq(listen(f.listen_fd, 1), 0);
+    GThread *t = g_thread_new("fake", fake_thread, &f);
+    c = open_client(path, "x", NULL, &err);
+    fr->open_ok = c != NULL;
+    if (c) {
+        fr->read_ret = run_op(c, OP_READ, 0, 4096, buf, 0, NULL);
+        fr->read2_ret = run_op(c, OP_READ, 0, 4096, buf, 0, NULL);
+        ck_assert(strata_context_del_node(ctx, "c", NULL));
+    } else {
+        fr->err = g_strdup(err->message);
+    }
+    char *res = g_thread_join(t);
+    close(f.listen_fd);
+    g_unlink(path);
+    ck_assert_msg(res == NULL, "%s", res);
+}
+
+START_TEST(test_fake_open)
+{
+    FakeRun fr = { 0 };
+
+    run_fake(FAKE_BAD_MAGIC, &fr);
+    ck_assert(!fr.open_ok);
+    ck_assert_msg(strstr(fr.err, "bad magic"), "%s", fr.err);
+    g_free(fr.err);
+    memset(&fr, 0, sizeof(fr));
+    run_fake(FAKE_BAD_INFO, &fr);
+    ck_assert(!fr.open_ok);
+    ck_assert_msg(strstr(fr.err, "bad length"), "%s", fr.err);
+    g_free(fr.err);
+}
+END_TEST
+
+START_TEST(test_fake_replies)
+{
+    static const FakeMode modes[] = {
+        FAKE_HUGE_CHUNK, FAKE_BAD_OFFSET, FAKE_HANGUP, FAKE_UNKNOWN_COOKIE,
+    };
+
+    for (unsigned i = 0; i < G_N_ELEMENTS(modes); i++) {
+        FakeRun fr = { 0 };
+        run_fake(modes[i], &fr);
+        ck_assert_msg(fr.open_ok, "mode %u: %s", i, fr.err);
+        ck_assert_int_eq(fr.read_ret, -EIO);
+        /* The connection is gone for good (until reconnect exists). */
+        ck_assert_int_eq(fr.read2_ret, -EIO);
+    }
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("nbd-client");
+
+    strata_test_add(s, "/nbd-client/strata/io", test_strata_server, setup,
+                    teardown);
+    strata_test_add(s, "/nbd-client/strata/parallel", test_parallel, setup,
+                    teardown);
+    strata_test_add(s, "/nbd-client/open/errors", test_open_errors, setup,
+                    teardown);
+    strata_test_add(s, "/nbd-client/qemu-nbd/io", test_qemu_nbd, setup,
+                    teardown);
+    strata_test_add(s, "/nbd-client/qemu-nbd/remote-base", test_remote_base,
+                    setup, teardown);
+    strata_test_add(s, "/nbd-client/fake/open", test_fake_open, setup,
+                    teardown);
+    strata_test_add(s, "/nbd-client/fake/replies", test_fake_replies, setup,
+                    teardown);
+    return strata_test_run(s);
+}
