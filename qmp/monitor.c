@@ -91,6 +91,8 @@ static const CommandEntry command_table[] = {
     { "transaction", strata_qmp_transaction },
     { "x-blockdev-revert", strata_qmp_x_blockdev_revert },
     { "blockdev-reopen", strata_qmp_blockdev_reopen },
+    { "blockdev-mirror", strata_qmp_blockdev_mirror },
+    { "drive-mirror", strata_qmp_drive_mirror },
     { NULL, NULL },
 };
 
