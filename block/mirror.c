@@ -402,9 +402,14 @@ static bool mirror_prepare(StrataJob *job, GError **error)
     bool pivot = m->should_complete && !job->cancelled;
     FinalCopy fc = { .m = m };
     bool ok = true;
+    /* The graph changes inside: a drain set ends exactly what began. */
+    StrataDrainSet *set = strata_drain_set_new(job->ctx);
 
-    strata_node_drained_begin(m->source);
-    strata_node_drained_begin(m->target);
+    strata_drain_set_add(set, m->source);
+    strata_drain_set_add(set, m->target);
+    if (m->attach_backing) {
+        strata_drain_set_add(set, m->attach_backing);
+    }
     strata_loop_run_co(job->ctx->loop, final_copy_co, &fc);
     notifier_remove(m);
     strata_job_progress_set_total(job, job->progress_current);
@@ -423,8 +428,7 @@ static bool mirror_prepare(StrataJob *job, GError **error)
         ok = strata_node_move_parents(m->to_replace, m->target, error);
         m->pivoted = ok;
     }
-    strata_node_drained_end(m->target);
-    strata_node_drained_end(m->source);
+    strata_drain_set_free(set);
     return ok;
 }
 
