@@ -498,6 +498,124 @@ START_TEST(test_mirror_errors)
 }
 END_TEST
 
+/* A guest writing 4 KiB random writes as fast as it can during the
+ * whole copy: the job must still reach READY (liveness: the event
+ * waits are generous, nothing is timed), and the pivoted target holds
+ * every write. */
+START_TEST(test_mirror_busy_guest_converges)
+{
+    QTestState *s = qtest_start(NULL, true);
+    GString *cmds = g_string_new(NULL);
+    g_autofree char *writer = NULL;
+
+    if (!have_qemu_tools()) {
+        qtest_end(s);
+        g_string_free(cmds, TRUE);
+        return;
+    }
+    source2(s);
+    ok(s, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+          "\"qcow2\", \"node-name\": \"t\", \"file\": {\"driver\": "
+          "\"file\", \"filename\": \"t.qcow2\"}}}");
+    /* 3000 scattered writes in one client, in the background */
+    for (unsigned i = 0; i < 3000; i++) {
+        g_string_append_printf(cmds, "-c 'write -P 0x%02x %u 4k' ",
+                               0x40 + i % 64,
+                               ((i * 2654435761u) % 4096) * 4096);
+    }
+    writer = g_strdup_printf("(qemu-io -f raw %s "
+                             "'nbd+unix:///disk?socket=nbd.sock' "
+                             ">/dev/null 2>&1; touch writer.done) &",
+                             cmds->str);
+    g_string_free(cmds, TRUE);
+    ck_assert_int_eq(sh(s, "%s", writer), 0);
+    ok(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+          "\"m\", \"device\": \"s1\", \"target\": \"t\", \"sync\": "
+          "\"full\", \"granularity\": 4096, \"buf-size\": 65536}}");
+    reach_ready(s, "m", "mirror");
+    /* READY stays true while the guest keeps writing */
+    ck_assert_int_eq(sh(s, "for i in $(seq 600); do test -e writer.done "
+                           "&& exit 0; sleep 0.1; done; exit 1"), 0);
+    ok(s, "{\"execute\": \"block-job-complete\", \"arguments\": "
+          "{\"device\": \"m\"}}");
+    finish_events(s, "m", "mirror");
+    ok(s, "{\"execute\": \"quit\"}");
+    ck_assert_int_eq(qtest_wait_exit(s, 10000), 0);
+    ck_assert_int_eq(sh(s, "qemu-img compare -q s1.qcow2 t.qcow2"), 0);
+    ck_assert_int_eq(sh(s, "qemu-img check -q t.qcow2"), 0);
+    qtest_end(s);
+}
+END_TEST
+
+/* Target write errors through blkdebug: report fails the job with a
+ * BLOCK_JOB_ERROR (operation write), stop pauses it and resume goes
+ * on to READY once the error is gone. */
+START_TEST(test_mirror_target_errors)
+{
+    QTestState *s = qtest_start(NULL, true);
+    JsonNode *keep = NULL;
+
+    if (!have_qemu_tools()) {
+        qtest_end(s);
+        return;
+    }
+    source2(s);
+    ok(s, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+          "\"blkdebug\", \"node-name\": \"t\", \"inject-error\": "
+          "[{\"event\": \"write_aio\", \"errno\": 5, \"once\": true}], "
+          "\"image\": {\"driver\": \"qcow2\", \"file\": {\"driver\": "
+          "\"file\", \"filename\": \"t.qcow2\"}}}}");
+    ok(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+          "\"m\", \"device\": \"s1\", \"target\": \"t\", \"sync\": "
+          "\"full\", \"on-target-error\": \"stop\"}}");
+    {
+        g_autoptr(JsonNode) ev = want_event(s, "BLOCK_JOB_ERROR");
+        ck_assert_str_eq(json_object_get_string_member(data_of(ev),
+                                                       "operation"), "write");
+        ck_assert_str_eq(json_object_get_string_member(data_of(ev),
+                                                       "action"), "stop");
+    }
+    reach_status(s, "m", "paused");
+    ck_assert_str_eq(json_object_get_string_member(block_job(s, &keep),
+                                                   "io-status"), "failed");
+    json_node_unref(keep);
+    ok(s, "{\"execute\": \"block-job-resume\", \"arguments\": "
+          "{\"device\": \"m\"}}");
+    reach_ready(s, "m", "mirror");
+    ok(s, "{\"execute\": \"block-job-complete\", \"arguments\": "
+          "{\"device\": \"m\"}}");
+    finish_events(s, "m", "mirror");
+    ok(s, "{\"execute\": \"quit\"}");
+    ck_assert_int_eq(qtest_wait_exit(s, 10000), 0);
+    ck_assert_int_eq(sh(s, "qemu-img compare -q -F raw t.qcow2 ref.raw"), 0);
+
+    /* report: the job fails with the error */
+    s = qtest_start(NULL, true);
+    source2(s);
+    ok(s, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+          "\"blkdebug\", \"node-name\": \"t\", \"inject-error\": "
+          "[{\"event\": \"write_aio\", \"errno\": 5}], "
+          "\"image\": {\"driver\": \"qcow2\", \"file\": {\"driver\": "
+          "\"file\", \"filename\": \"t.qcow2\"}}}}");
+    ok(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+          "\"m\", \"device\": \"s1\", \"target\": \"t\", \"sync\": "
+          "\"full\"}}");
+    {
+        g_autoptr(JsonNode) ev = want_event(s, "BLOCK_JOB_ERROR");
+        ck_assert_str_eq(json_object_get_string_member(data_of(ev),
+                                                       "action"), "report");
+    }
+    reach_status(s, "m", "aborting");
+    {
+        g_autoptr(JsonNode) c = want_event(s, "BLOCK_JOB_COMPLETED");
+        ck_assert(json_object_has_member(data_of(c), "error"));
+    }
+    ck_assert_str_eq(export_node(s, &keep), "s1");
+    json_node_unref(keep);
+    qtest_end(s);
+}
+END_TEST
+
 int main(void)
 {
     Suite *suite = suite_create("mirror");
@@ -512,6 +630,8 @@ int main(void)
     tcase_add_test(tc, test_drive_mirror_write_blocking);
     tcase_add_test(tc, test_drive_mirror_top);
     tcase_add_test(tc, test_mirror_errors);
+    tcase_add_test(tc, test_mirror_busy_guest_converges);
+    tcase_add_test(tc, test_mirror_target_errors);
     suite_add_tcase(suite, tc);
     sr = srunner_create(suite);
     srunner_run_all(sr, CK_NORMAL);
