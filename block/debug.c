@@ -549,6 +549,11 @@ static int writeback_all(StrataNode *node)
 {
     DebugState *s = node->opaque;
 
+    /* After a power cut nothing reaches the disk, even with nothing
+     * held: a flush must not report success. */
+    if (s->powered_off) {
+        return -EIO;
+    }
     if (g_queue_is_empty(&s->cache)) {
         return 0;
     }

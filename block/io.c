@@ -766,8 +766,10 @@ int strata_node_co_block_status(StrataNode *node, bool want_zero,
         *pnum = *pnum ? bytes : MIN(bytes, (uint64_t)1);
     }
 
-    if ((ret & STRATA_BLOCK_RECURSE) && (ret & STRATA_BLOCK_OFFSET_VALID) &&
-        *file && *file != node) {
+    /* Asking the file about holes under data is for callers that want
+     * precise zero information; the others take DATA as it is. */
+    if (want_zero && (ret & STRATA_BLOCK_RECURSE) &&
+        (ret & STRATA_BLOCK_OFFSET_VALID) && *file && *file != node) {
         uint64_t fpnum;
         int fret = strata_node_co_block_status(*file, want_zero, *map,
                                                *pnum, &fpnum, NULL, NULL);

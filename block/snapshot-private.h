@@ -101,7 +101,7 @@ bool strata_snapshot_change_backing_file(StrataContext *ctx,
  * @overlay_node_name: its node name
  * @delete_files: remove the image files of the discarded layers
  *
- * x-blockdev-revert: everything above @node in its chain is discarded
+ * x-strata-blockdev-revert: everything above @node in its chain is discarded
  * live; a new empty overlay on @node becomes the active layer for every
  * parent and export of the old top.  The discarded layers are closed.
  */

@@ -716,7 +716,7 @@ out:
 }
 
 /* ------------------------------------------------------------------ */
-/* x-blockdev-revert                                                   */
+/* x-strata-blockdev-revert                                                   */
 /* ------------------------------------------------------------------ */
 
 bool strata_snapshot_revert(StrataContext *ctx, const char *node_name,

@@ -176,6 +176,32 @@ bool strata_qmp_query_block(StrataMonitor *mon, JsonObject *args,
     return true;
 }
 
+/* ---- x-strata-query-loop ---- */
+
+bool strata_qmp_x_strata_query_loop(StrataMonitor *mon, JsonObject *args,
+                                    JsonNode **ret, GError **error)
+{
+    StrataContext *ctx = strata_monitor_get_context(mon);
+    JsonObject *o = json_object_new();
+    const char *reason = strata_loop_fallback_reason(ctx->loop);
+    StrataLoopStats st;
+    JsonNode *n = json_node_alloc();
+
+    strata_loop_get_stats(ctx->loop, &st);
+    json_object_set_string_member(o, "aio-engine",
+                                  strata_loop_engine_name(ctx->loop));
+    if (reason) {
+        json_object_set_string_member(o, "fallback-reason", reason);
+    }
+    json_object_set_int_member(o, "submits", (gint64)st.submits);
+    json_object_set_int_member(o, "sqes", (gint64)st.sqes);
+    json_object_set_int_member(o, "completions", (gint64)st.completions);
+    json_object_set_int_member(o, "thread-jobs", (gint64)st.thread_jobs);
+    json_node_take_object(json_node_init(n, JSON_NODE_OBJECT), o);
+    *ret = n;
+    return true;
+}
+
 /* ---- x-debug-query-block-graph ---- */
 
 static JsonArray *perm_list(uint64_t perm)

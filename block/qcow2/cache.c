@@ -83,15 +83,37 @@ unsigned strata_qcow2_cache_nb_entries(const StrataQcow2Cache *c)
     return c->nb_entries;
 }
 
-void strata_qcow2_cache_set_dependency(StrataQcow2Cache *c,
-                                       StrataQcow2Cache *dep)
+int strata_qcow2_cache_co_set_dependency(StrataQcow2Cache *c,
+                                         StrataQcow2Cache *dep)
 {
-    /* A cycle would deadlock the writes; the callers only ever make one
-     * cache depend on the other at a time, so break a stale one. */
-    if (dep->depends == c) {
+    int ret;
+
+    /* Each cache depends on at most one other, and never both on each
+     * other: a cycle has no write order.  Settle what is pending instead
+     * of forgetting it (forgetting let a decrement reach the disk before
+     * the L2 change that dropped the reference). */
+    if (dep->depends) {
+        StrataQcow2Cache *old = dep->depends;
+
         dep->depends = NULL;
+        ret = strata_qcow2_cache_co_flush(old);
+        if (ret < 0) {
+            dep->depends = old;
+            return ret;
+        }
+    }
+    if (c->depends && c->depends != dep) {
+        StrataQcow2Cache *old = c->depends;
+
+        c->depends = NULL;
+        ret = strata_qcow2_cache_co_flush(old);
+        if (ret < 0) {
+            c->depends = old;
+            return ret;
+        }
     }
     c->depends = dep;
+    return 0;
 }
 
 bool strata_qcow2_cache_is_dirty(const StrataQcow2Cache *c)

@@ -148,7 +148,16 @@ static int overlap_cached(StrataQcow2State *s, int chk, uint64_t offset,
         }
     }
     if ((chk & STRATA_QCOW2_OL_REFCOUNT_BLOCK) && s->refcount_table) {
-        for (uint64_t i = 0; i < s->refcount_table_size; i++) {
+        if (!s->rt_used_valid) {
+            /* Every guest write comes here: a table of 8192 entries
+             * mostly zero is not walked each time. */
+            s->rt_used = s->refcount_table_size;
+            while (s->rt_used > 0 && !s->refcount_table[s->rt_used - 1]) {
+                s->rt_used--;
+            }
+            s->rt_used_valid = true;
+        }
+        for (uint64_t i = 0; i < s->rt_used; i++) {
             uint64_t rb = s->refcount_table[i] &
                           STRATA_QCOW2_REFT_OFFSET_MASK;
             if (rb && ranges_overlap(offset, size, rb, s->cluster_size)) {

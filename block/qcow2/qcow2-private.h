@@ -241,6 +241,11 @@ typedef struct StrataQcow2State {
     uint64_t refcount_table_offset;
     uint64_t refcount_table_size; /* entries */
     uint64_t *refcount_table;   /* host byte order */
+    /* Entries up to the last non-zero one (the overlap check walks only
+     * those); 0 with !rt_used_valid: recompute.  Whoever changes the
+     * table clears rt_used_valid. */
+    uint64_t rt_used;
+    bool rt_used_valid;
     uint64_t free_cluster_index;
 
     uint32_t csize_shift;
@@ -267,6 +272,7 @@ typedef struct StrataQcow2State {
     int overlap_check;          /* STRATA_QCOW2_OL_* kinds checked */
 
     bool writable;
+    bool sparse_file;       /* block status asks the file about holes */
     /* Writes are refused: the dirty bit says refcounts are stale and no
      * repair is implemented yet. */
     bool needs_repair;
@@ -344,9 +350,11 @@ void strata_qcow2_cache_mark_dirty(StrataQcow2Cache *c, void *table);
 
 /* Before any dirty entry of @c is written, every dirty entry of @dep is
  * written and the file flushed: the metadata @c's entries point to must
- * be stable first. */
-void strata_qcow2_cache_set_dependency(StrataQcow2Cache *c,
-                                       StrataQcow2Cache *dep);
+ * be stable first.  Call it before changing @c.  When @dep depended on
+ * @c (or @c on a third cache), that older order is settled now by a
+ * flush; 0 or -errno. */
+int strata_qcow2_cache_co_set_dependency(StrataQcow2Cache *c,
+                                         StrataQcow2Cache *dep);
 /* Writes every dirty entry (dependency first) without flushing the file. */
 int strata_qcow2_cache_co_write(StrataQcow2Cache *c);
 /* As _co_write, then flushes the file. */

@@ -342,6 +342,21 @@ static void qcow2_state_free(StrataQcow2State *s)
     strata_qcow2_header_cleanup(&s->hdr);
 }
 
+/* Whether the image file has far fewer blocks than its length: the
+ * mark of preallocated metadata over holes. */
+static bool file_is_sparse(StrataNode *file)
+{
+    g_autoptr(JsonObject) img = json_object_new();
+    int64_t actual;
+
+    if (!file || !file->drv->query_image || file->total_bytes <= 0) {
+        return false;
+    }
+    file->drv->query_image(file, img);
+    actual = json_object_get_int_member_with_default(img, "actual-size", -1);
+    return actual >= 0 && actual < file->total_bytes / 2;
+}
+
 static bool qcow2_open(StrataNode *node, JsonObject *options,
                        GError **error)
 {
@@ -387,6 +402,7 @@ static bool qcow2_open(StrataNode *node, JsonObject *options,
             return false;
         }
     }
+    s->sparse_file = file_is_sparse(node->file->node);
     return true;
 }
 
@@ -1018,8 +1034,11 @@ static int qcow2_co_block_status(StrataNode *node, bool want_zero,
     case STRATA_QCOW2_CLUSTER_NORMAL:
         *map = host;
         *file = file_of(s);
+        /* Only an image whose metadata was preallocated can have holes
+         * under its data clusters: asking the file elsewhere costs a
+         * seek per extent for nothing (QEMU decides the same way). */
         return STRATA_BLOCK_DATA | STRATA_BLOCK_OFFSET_VALID |
-               STRATA_BLOCK_RECURSE;
+               (s->sparse_file ? STRATA_BLOCK_RECURSE : 0);
     case STRATA_QCOW2_CLUSTER_ZERO_PLAIN:
     case STRATA_QCOW2_CLUSTER_ZERO_ALLOC:
         return STRATA_BLOCK_ZERO;

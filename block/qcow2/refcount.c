@@ -249,6 +249,7 @@ static int ensure_refblock(StrataQcow2State *s, uint64_t cluster)
         return ret;
     }
     s->refcount_table[rt_index] = b << s->cluster_bits;
+    s->rt_used_valid = false;
     return 1;
 }
 
@@ -373,6 +374,7 @@ static int grow_reftable(StrataQcow2State *s, uint64_t min_entries)
     g_free(s->refcount_table);
     s->refcount_table = g_steal_pointer(&table);
     s->refcount_table_size = new_entries;
+    s->rt_used_valid = false;
     s->refcount_table_offset = start << s->cluster_bits;
     s->hdr.refcount_table_offset = s->refcount_table_offset;
     s->hdr.refcount_table_clusters = (uint32_t)table_clusters;
@@ -399,7 +401,11 @@ int strata_qcow2_co_update_refcount(StrataQcow2State *s, uint64_t offset,
     if (addend < 0) {
         /* The reference is gone from the L2 cache; that must be on disk
          * before the count drops. */
-        strata_qcow2_cache_set_dependency(s->refcount_cache, s->l2_cache);
+        ret = strata_qcow2_cache_co_set_dependency(s->refcount_cache,
+                                                   s->l2_cache);
+        if (ret < 0) {
+            return ret;
+        }
     }
 
     for (uint64_t c = first; c <= last; c++) {
@@ -507,8 +513,14 @@ int64_t strata_qcow2_co_alloc_clusters(StrataQcow2State *s, uint64_t size)
     }
     /* Whatever comes to point at these clusters must reach the disk
      * after their refcounts. */
-    strata_qcow2_cache_set_dependency(s->l2_cache, s->refcount_cache);
+    /* Before the next call, which may yield: a cluster freed meanwhile
+     * (a read releasing it) lowers the hint, and must keep it lowered. */
     s->free_cluster_index = first + n;
+    ret = strata_qcow2_cache_co_set_dependency(s->l2_cache,
+                                               s->refcount_cache);
+    if (ret < 0) {
+        return ret;
+    }
     return (int64_t)(first << s->cluster_bits);
 }
 

@@ -306,6 +306,7 @@ static int write_table(StrataQcow2State *s)
 typedef enum {
     COPIED_KEEP,   /* leave the flags alone */
     COPIED_EXACT,  /* COPIED ⇔ refcount 1, in L2 entries and @l1 */
+    COPIED_CLEAR,  /* COPIED off everywhere (refcounts about to rise) */
 } CopiedMode;
 
 static bool copied_changes(CopiedMode mode, uint64_t *entry, uint64_t rc)
@@ -315,7 +316,7 @@ static bool copied_changes(CopiedMode mode, uint64_t *entry, uint64_t rc)
     if (mode == COPIED_KEEP) {
         return false;
     }
-    if (rc == 1) {
+    if (rc == 1 && mode == COPIED_EXACT) {
         e |= STRATA_QCOW2_OFLAG_COPIED;
     } else {
         e &= ~STRATA_QCOW2_OFLAG_COPIED;
@@ -343,9 +344,13 @@ static int update_tree_refcounts(StrataQcow2State *s, uint64_t *l1,
 
     *l1_modified = false;
     if (mode == COPIED_EXACT) {
-        /* Cleared flags must not reach the disk before the increments
-         * that make them right. */
-        strata_qcow2_cache_set_dependency(s->l2_cache, s->refcount_cache);
+        /* Flags set (or cleared) for the new counts must not reach the
+         * disk before them. */
+        ret = strata_qcow2_cache_co_set_dependency(s->l2_cache,
+                                                   s->refcount_cache);
+        if (ret < 0) {
+            return ret;
+        }
     }
     for (uint32_t i = 0; i < l1_size; i++) {
         uint64_t l2 = l1[i] & STRATA_QCOW2_OFFSET_MASK;
@@ -660,15 +665,26 @@ static bool create_locked(StrataQcow2State *s,
         }
     }
 
-    /* 2. One more reference along the new L1 path; COPIED cleared in
-     * the active tree once those counts are on disk. */
-    ret = update_tree_refcounts(s, s->l1_table, s->l1_size, 1, COPIED_EXACT,
+    /* 2. COPIED off in the active tree, on disk, before any count
+     * rises: a crash in between then leaves clusters with refcount 1
+     * and no COPIED (a needless copy on the next write, repaired by
+     * `check -r all`) rather than COPIED on a shared cluster (an
+     * in-place write into the snapshot). */
+    ret = update_tree_refcounts(s, s->l1_table, s->l1_size, 0, COPIED_CLEAR,
                                 &l1_modified);
     if (ret == 0) {
-        ret = flush_all(s);
+        ret = strata_qcow2_cache_co_flush(s->l2_cache);
     }
     if (ret == 0 && l1_modified) {
         ret = write_active_l1(s);
+    }
+    /* 3. One more reference along the active tree. */
+    if (ret == 0) {
+        ret = update_tree_refcounts(s, s->l1_table, s->l1_size, 1,
+                                    COPIED_KEEP, &l1_modified);
+    }
+    if (ret == 0) {
+        ret = flush_all(s);
     }
     if (ret < 0) {
         /* The counts taken so far leak; nothing points at the copy. */
@@ -678,7 +694,7 @@ static bool create_locked(StrataQcow2State *s,
         return false;
     }
 
-    /* 3, 4. The new table, then the header switch. */
+    /* 4, 5. The new table, then the header switch. */
     g_ptr_array_add(s->snapshots, sn);
     ret = write_table(s);
     if (ret < 0) {

@@ -752,6 +752,44 @@ static void add(Suite *s, const char *name, const TTest *t, int timeout)
     suite_add_tcase(s, tc);
 }
 
+/* strata extra: the loop's engine, and why it fell back. */
+START_TEST(test_x_strata_query_loop)
+{
+    for (int disabled = 0; disabled < 2; disabled++) {
+        QTestState *s;
+        JsonNode *r;
+        JsonObject *o;
+
+        if (disabled) {
+            g_setenv("STRATA_IO_URING_DISABLE", "1", TRUE);
+        }
+        s = qtest_start(NULL, true);
+        g_unsetenv("STRATA_IO_URING_DISABLE");
+        r = qtest_qmp(s, "{\"execute\": \"x-strata-query-loop\"}");
+        ck_assert_msg(qtest_is_return(r), "%s", qtest_to_string(r));
+        o = json_object_get_object_member(json_node_get_object(r), "return");
+        if (disabled) {
+            ck_assert_str_eq(json_object_get_string_member(o, "aio-engine"),
+                             "threads");
+            ck_assert(strstr(json_object_get_string_member(
+                                 o, "fallback-reason"),
+                             "STRATA_IO_URING_DISABLE"));
+        } else {
+            /* This machine's kernel allows io_uring. */
+            ck_assert_str_eq(json_object_get_string_member(o, "aio-engine"),
+                             "io_uring");
+            ck_assert(!json_object_has_member(o, "fallback-reason"));
+        }
+        ck_assert(json_object_has_member(o, "completions"));
+        /* An argument it does not take is refused, as for any command. */
+        r = qtest_qmp(s, "{\"execute\": \"x-strata-query-loop\", "
+                         "\"arguments\": {\"x\": 1}}");
+        ck_assert_str_eq(qtest_error_desc(r), "Parameter 'x' is unexpected");
+        qtest_end(s);
+    }
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("qmp");
@@ -760,6 +798,7 @@ int main(void)
 
     signal(SIGPIPE, SIG_IGN);
     add(s, "/qmp/greeting", test_greeting, 30);
+    add(s, "/qmp/x-strata/query-loop", test_x_strata_query_loop, 30);
     add(s, "/qmp/negotiation", test_negotiation, 30);
     add(s, "/qmp/oob", test_oob, 30);
     add(s, "/qmp/errors/bad-input", test_bad_input, 30);

@@ -3,7 +3,7 @@
  * reply land in the overlay only), every failure with QEMU's texts,
  * transactions failing at each action position (graph, exports, image
  * files and directory unchanged), internal snapshots, change-backing-file
- * and x-blockdev-revert; images checked with qemu-img and qemu-io. */
+ * and x-strata-blockdev-revert; images checked with qemu-img and qemu-io. */
 #include <check.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -705,12 +705,12 @@ START_TEST(test_revert)
           "\"snapshot-node-name\": \"s2\"}}");
     ck_assert_int_eq(nbd_io(s, "d", "write -P 0x83 2M 1M"), 0);
     FAILS(s, "New overlay node-name already in use",
-          "{\"execute\": \"x-blockdev-revert\", \"arguments\": {\"node\": "
+          "{\"execute\": \"x-strata-blockdev-revert\", \"arguments\": {\"node\": "
           "\"base\", \"overlay-file\": \"r.qcow2\", \"overlay-node-name\": "
           "\"s1\"}}");
     ck_assert_int_ne(sh(s, "test -e r.qcow2"), 0);
     /* Back to the state when s1 was frozen: 0x82 at 1M, no 0x83. */
-    OK(s, "{\"execute\": \"x-blockdev-revert\", \"arguments\": {\"node\": "
+    OK(s, "{\"execute\": \"x-strata-blockdev-revert\", \"arguments\": {\"node\": "
           "\"s1\", \"overlay-file\": \"r.qcow2\", \"overlay-node-name\": "
           "\"r\"}}");
     ck_assert_int_eq(nbd_io(s, "d", "read -P 0x82 1M 1M"), 0);
@@ -723,7 +723,7 @@ START_TEST(test_revert)
     }
     ck_assert_int_eq(sh(s, "test -f s2.qcow2"), 0);
     /* Revert again to the base, deleting what is discarded. */
-    OK(s, "{\"execute\": \"x-blockdev-revert\", \"arguments\": {\"node\": "
+    OK(s, "{\"execute\": \"x-strata-blockdev-revert\", \"arguments\": {\"node\": "
           "\"base\", \"overlay-file\": \"r2.qcow2\", \"overlay-node-name\": "
           "\"r2\", \"delete-discarded\": true}}");
     ck_assert_int_eq(nbd_io(s, "d", "read -P 0x81 0 1M"), 0);
