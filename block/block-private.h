@@ -72,6 +72,25 @@ typedef struct StrataLimits {
     uint64_t max_pwrite_zeroes; /* 0: unlimited */
 } StrataLimits;
 
+/* What a write notifier is told about. */
+typedef enum {
+    STRATA_WRITE_DATA,
+    STRATA_WRITE_ZEROES,
+    STRATA_WRITE_DISCARD,
+} StrataWriteKind;
+
+/* Told about every successful write, write-zeroes and discard on a node
+ * (io.c), after the data reached the node and before the request
+ * completes: the mirror job's dirty tracking and write-blocking mode.
+ * @qiov is NULL unless @kind is STRATA_WRITE_DATA.  Coroutine. */
+typedef struct StrataWriteNotifier StrataWriteNotifier;
+struct StrataWriteNotifier {
+    void (*co_notify)(StrataWriteNotifier *n, uint64_t offset,
+                      uint64_t bytes, StrataIOVec *qiov, size_t qiov_offset,
+                      StrataWriteKind kind);
+    void *opaque;
+};
+
 /* A request in flight on a node, kept so overlapping ones can wait. */
 typedef struct StrataTrackedReq {
     StrataNode *node;
@@ -121,6 +140,7 @@ struct StrataNode {
     unsigned serialising_in_flight;
     StrataCoQueue drain_waiters; /* coroutines in drained_begin */
     GList *link_in_ctx;
+    GList *write_notifiers;     /* StrataWriteNotifier *; usually NULL */
 };
 
 struct StrataContext {

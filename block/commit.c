@@ -5,13 +5,14 @@
  * Nobody writes to the layers being committed (the guest writes above
  * them), and what the job writes into base lies under data those layers
  * hold, so guest reads see the same bytes throughout: no serialisation
- * is needed.  Active commit (top = the active layer) is a mirror and
- * lives elsewhere.
+ * is needed.  Active commit (top = the active layer) is a mirror:
+ * mirror.c.
  */
 #include <errno.h>
 #include <string.h>
 
 #include "job-private.h"
+#include "mirror-private.h"
 #include "driver.h"
 
 #define COMMIT_CHUNK (512 * 1024)
@@ -347,11 +348,16 @@ bool strata_commit_start(StrataContext *ctx, JsonObject *args,
                         "layer");
             return false;
         }
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
-                    "Commit of the active layer '%s' is not supported yet "
-                    "(it needs the mirror job); give top-node below it",
-                    top->node_name);
-        return false;
+        /* Guests write to the active layer while it is committed: a
+         * mirror of it into base (mirror.c). */
+        if (!strata_job_busy_check(ctx, base, error)) {
+            return false;
+        }
+        if (filter_name && !strata_node_name_check(filter_name, error)) {
+            return false;
+        }
+        return strata_active_commit_start(ctx, args, top, base, on_error,
+                                          error);
     }
     if (!strata_job_busy_check(ctx, base, error)) {
         return false;

@@ -377,6 +377,17 @@ static int aligned_pwritev(StrataNode *node, uint64_t offset,
 static int write_zeroes_inner(StrataNode *node, uint64_t offset,
                               uint64_t bytes, StrataReqFlags flags);
 
+static void notify_writes(StrataNode *node, uint64_t offset, uint64_t bytes,
+                          StrataIOVec *qiov, size_t qiov_offset,
+                          StrataWriteKind kind)
+{
+    for (GList *l = node->write_notifiers; l;) {
+        StrataWriteNotifier *n = l->data;
+        l = l->next;
+        n->co_notify(n, offset, bytes, qiov, qiov_offset, kind);
+    }
+}
+
 int strata_node_co_pwritev(StrataNode *node, uint64_t offset,
                            uint64_t bytes, StrataIOVec *qiov,
                            size_t qiov_offset, StrataReqFlags flags)
@@ -447,6 +458,10 @@ int strata_node_co_pwritev(StrataNode *node, uint64_t offset,
         }
         strata_tracked_request_end(&req);
         free(buf);
+    }
+    if (ret == 0 && node->write_notifiers) {
+        notify_writes(node, offset, bytes, qiov, qiov_offset,
+                      STRATA_WRITE_DATA);
     }
     strata_node_dec_in_flight(node);
     return ret;
@@ -577,6 +592,10 @@ int strata_node_co_pwrite_zeroes(StrataNode *node, uint64_t offset,
     strata_co_wait_serialising(&req);
     ret = write_zeroes_inner(node, a_start, a_end - a_start, flags);
     strata_tracked_request_end(&req);
+    if (ret == 0 && node->write_notifiers) {
+        notify_writes(node, a_start, a_end - a_start, NULL, 0,
+                      STRATA_WRITE_ZEROES);
+    }
     strata_node_dec_in_flight(node);
     return ret;
 }
@@ -619,6 +638,9 @@ int strata_node_co_pdiscard(StrataNode *node, uint64_t offset,
         ret = strata_node_co_pdiscard(filter_child(node), offset, bytes);
     }
     strata_tracked_request_end(&req);
+    if ((ret == 0 || ret == -ENOTSUP) && node->write_notifiers) {
+        notify_writes(node, offset, bytes, NULL, 0, STRATA_WRITE_DISCARD);
+    }
     strata_node_dec_in_flight(node);
     /* Discard is advisory: not being able to is no failure. */
     return ret == -ENOTSUP ? 0 : ret;

@@ -90,6 +90,12 @@ typedef struct StrataJobDriver {
     void (*clean)(StrataJob *job);
     /* Loop.  Frees the driver's own members (before the job is freed). */
     void (*free)(StrataJob *job);
+    /* Loop.  block-job-complete / job-complete in READY; NULL: the job
+     * type does not support completion. */
+    bool (*complete)(StrataJob *job, GError **error);
+    /* A cancel without force while READY ends the job successfully
+     * (mirror): co_run sees job->cancelled with !job->force_cancel. */
+    bool soft_cancel;
 } StrataJobDriver;
 
 struct StrataJob {
@@ -177,6 +183,10 @@ void strata_job_co_sleep_ns(StrataJob *job, int64_t ns);
  * limit says (0: unlimited). */
 void strata_job_co_ratelimit(StrataJob *job, uint64_t bytes);
 bool strata_job_is_cancelled(StrataJob *job);
+/* RUNNING → READY with BLOCK_JOB_READY (mirror). */
+void strata_job_transition_to_ready(StrataJob *job);
+/* Wakes a job asleep in strata_job_co_sleep_ns() (not a paused one). */
+void strata_job_enter(StrataJob *job);
 void strata_job_progress_set_total(StrataJob *job, uint64_t total);
 void strata_job_progress_add(StrataJob *job, uint64_t bytes);
 

@@ -331,6 +331,21 @@ static void job_enter(StrataJob *job)
     }
 }
 
+void strata_job_enter(StrataJob *job)
+{
+    if (!job->paused) {
+        job_enter(job);
+    }
+}
+
+void strata_job_transition_to_ready(StrataJob *job)
+{
+    job_transition(job, STRATA_JOB_STATUS_READY);
+    if (job->drv->is_block_job) {
+        emit(job, "BLOCK_JOB_READY", block_event_data(job));
+    }
+}
+
 static void job_timer_cb(void *opaque)
 {
     job_enter(opaque);
@@ -661,9 +676,14 @@ bool strata_job_user_cancel(StrataJob *job, bool force, GError **error)
     if (!apply_verb(job, STRATA_JOB_VERB_CANCEL, error)) {
         return false;
     }
-    /* Stream, commit and create have no soft cancel: every cancel is
+    /* Only a job in READY that supports it (mirror) has a soft cancel:
+     * it finishes without its graph change.  Every other cancel is
      * forced. */
-    (void)force;
+    if (!job->drv->soft_cancel ||
+        (job->status != STRATA_JOB_STATUS_READY &&
+         job->status != STRATA_JOB_STATUS_STANDBY)) {
+        force = true;
+    }
     if (job->user_paused) {
         job->io_status = "ok";
         job->user_paused = false;
@@ -672,7 +692,7 @@ bool strata_job_user_cancel(StrataJob *job, bool force, GError **error)
         }
     }
     job->cancelled = true;
-    job->force_cancel = true;
+    job->force_cancel = job->force_cancel || force;
     if (!job->started) {
         job_completed(job);
     } else if (job->deferred) {
@@ -692,6 +712,9 @@ bool strata_job_complete(StrataJob *job, GError **error)
     g_return_val_if_fail(job != NULL, false);
     if (!apply_verb(job, STRATA_JOB_VERB_COMPLETE, error)) {
         return false;
+    }
+    if (job->drv->complete) {
+        return job->drv->complete(job, error);
     }
     g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
                 "Job type %s does not support completion", job->drv->type);

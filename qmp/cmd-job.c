@@ -7,6 +7,7 @@
 #include "qmp-private.h"
 #include "../block/block-private.h"
 #include "../block/job-private.h"
+#include "../block/mirror-private.h"
 
 static StrataContext *ctx_of(StrataMonitor *mon)
 {
@@ -199,4 +200,16 @@ bool strata_qmp_query_jobs(StrataMonitor *mon, JsonObject *args,
 {
     *ret = array_node(strata_job_query_jobs(ctx_of(mon)));
     return true;
+}
+
+bool strata_qmp_blockdev_mirror(StrataMonitor *mon, JsonObject *args,
+                                JsonNode **ret, GError **error)
+{
+    return strata_blockdev_mirror_start(ctx_of(mon), args, error);
+}
+
+bool strata_qmp_drive_mirror(StrataMonitor *mon, JsonObject *args,
+                             JsonNode **ret, GError **error)
+{
+    return strata_drive_mirror_start(ctx_of(mon), args, error);
 }

@@ -92,6 +92,8 @@ static const CommandEntry command_table[] = {
     { "x-strata-blockdev-revert", strata_qmp_x_blockdev_revert },
     { "x-strata-query-loop", strata_qmp_x_strata_query_loop },
     { "blockdev-reopen", strata_qmp_blockdev_reopen },
+    { "blockdev-mirror", strata_qmp_blockdev_mirror },
+    { "drive-mirror", strata_qmp_drive_mirror },
     { NULL, NULL },
 };
 

@@ -163,6 +163,10 @@ bool strata_qmp_block_job_cancel(StrataMonitor *mon, JsonObject *args,
         JsonNode **ret, GError **error);
 bool strata_qmp_block_job_complete(StrataMonitor *mon, JsonObject *args,
         JsonNode **ret, GError **error);
+bool strata_qmp_blockdev_mirror(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_drive_mirror(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
 bool strata_qmp_block_job_finalize(StrataMonitor *mon, JsonObject *args,
         JsonNode **ret, GError **error);
 bool strata_qmp_block_job_dismiss(StrataMonitor *mon, JsonObject *args,

@@ -1,0 +1,918 @@
+/* strata — the mirror engine (blockdev-mirror, drive-mirror, active
+ * block-commit).
+ *
+ * A write notifier on the source marks every range a guest writes in a
+ * dirty bitmap; the job first marks what the sync mode says must be
+ * copied, then copies dirty ranges (several in flight) until nothing is
+ * dirty, goes READY, and keeps copying what guests dirty.  A copy clears
+ * its bits before it reads the source, and a guest write sets them after
+ * it reached the source, so a write that races with a copy is copied
+ * again.  When passes over the bitmap stop shrinking it (guests dirty
+ * faster than we copy), or when asked for, guest writes are also written
+ * to the target before they complete (write-blocking): the dirty count
+ * can then only fall.  The pivot runs drained at finalize: the last
+ * dirty ranges are copied, then every parent of the source moves to the
+ * target.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "mirror-private.h"
+#include "driver.h"
+#include "qcow2/qcow2.h"
+#include "../util/bitmap-private.h"
+
+#define MIRROR_DEFAULT_BUF_SIZE (16 * 1024 * 1024)
+#define MIRROR_MAX_CHUNK (1024 * 1024)
+#define MIRROR_MAX_IN_FLIGHT 16
+#define MIRROR_IDLE_NS (100 * 1000 * 1000LL)
+/* Passes over the bitmap without progress before write-blocking. */
+#define MIRROR_STALLS_BEFORE_BLOCKING 3
+
+typedef enum {
+    MIRROR_SYNC_FULL,
+    MIRROR_SYNC_TOP,
+    MIRROR_SYNC_NONE,
+} MirrorSync;
+
+typedef struct MirrorJob MirrorJob;
+
+typedef struct MirrorOp {
+    MirrorJob *m;
+    uint64_t offset, bytes;
+} MirrorOp;
+
+struct MirrorJob {
+    StrataJob common;
+    StrataNode *source;
+    StrataNode *target;
+    StrataNode *to_replace;     /* whose parents move at complete */
+    StrataNode *base;           /* copy what lies above it; NULL: all */
+    StrataNode *attach_backing; /* a ref: target's backing at complete */
+    MirrorSync sync;
+    bool is_commit;
+    bool write_blocking;
+    bool target_owned;          /* drive-mirror opened it: a ref */
+    bool base_made_writable;
+    bool pivoted;
+    bool should_complete;
+    bool idle;                  /* asleep in READY, nothing dirty */
+    uint64_t granularity, chunk;
+    unsigned max_in_flight;
+    StrataOnError on_source_error, on_target_error;
+
+    StrataBitmap *dirty;
+    StrataWriteNotifier notifier;
+    bool notifier_added;
+    GList *ops;                 /* MirrorOp * in flight */
+    unsigned in_flight;
+    uint64_t in_flight_bytes;
+    StrataCoQueue op_wait;
+    int op_ret;                 /* a failed copy that ends the job */
+    StrataErrorAction stop_pending;
+};
+
+/* ------------------------------------------------------------------ */
+/* Dirty tracking and write-blocking                                   */
+/* ------------------------------------------------------------------ */
+
+static bool overlaps_op(MirrorJob *m, uint64_t offset, uint64_t bytes)
+{
+    for (GList *l = m->ops; l; l = l->next) {
+        MirrorOp *op = l->data;
+        if (offset < op->offset + op->bytes && op->offset < offset + bytes) {
+            return true;
+        }
+    }
+    return false;
+}
+
+static void mirror_co_notify(StrataWriteNotifier *n, uint64_t offset,
+                             uint64_t bytes, StrataIOVec *qiov,
+                             size_t qiov_offset, StrataWriteKind kind)
+{
+    MirrorJob *m = n->opaque;
+    bool done = false;
+
+    /* A copy in flight over the range may carry the old data to the
+     * target after us: mark it dirty instead. */
+    if (m->write_blocking && kind != STRATA_WRITE_DISCARD &&
+        !overlaps_op(m, offset, bytes)) {
+        int ret = kind == STRATA_WRITE_DATA
+            ? strata_node_co_pwritev(m->target, offset, bytes, qiov,
+                                     qiov_offset, 0)
+            : strata_node_co_pwrite_zeroes(m->target, offset, bytes, 0);
+        done = ret == 0;
+    }
+    if (!done) {
+        strata_bitmap_set(m->dirty, offset, bytes);
+        if (m->idle) {
+            strata_job_enter(&m->common);
+        }
+    }
+}
+
+static void notifier_remove(MirrorJob *m)
+{
+    if (m->notifier_added) {
+        m->source->write_notifiers =
+            g_list_remove(m->source->write_notifiers, &m->notifier);
+        m->notifier_added = false;
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Copies                                                              */
+/* ------------------------------------------------------------------ */
+
+static void *buf_new(uint64_t bytes)
+{
+    void *p = NULL;
+
+    if (posix_memalign(&p, 4096, bytes ? bytes : 4096) != 0) {
+        return NULL;
+    }
+    return p;
+}
+
+/* Source to target, one range: 0 or -errno with *@is_read. */
+static int copy_range_co(MirrorJob *m, uint64_t offset, uint64_t bytes,
+                         bool *is_read)
+{
+    void *buf = buf_new(bytes);
+    int ret;
+
+    *is_read = true;
+    if (!buf) {
+        return -ENOMEM;
+    }
+    ret = strata_node_co_pread(m->source, offset, bytes, buf, 0);
+    if (ret == 0) {
+        *is_read = false;
+        ret = strata_node_co_pwrite(m->target, offset, bytes, buf, 0);
+    }
+    free(buf);
+    return ret;
+}
+
+static void mirror_op_co(void *opaque)
+{
+    MirrorOp *op = opaque;
+    MirrorJob *m = op->m;
+    StrataJob *job = &m->common;
+    bool is_read;
+    int ret;
+
+    ret = copy_range_co(m, op->offset, op->bytes, &is_read);
+    m->ops = g_list_remove(m->ops, op);
+    m->in_flight--;
+    m->in_flight_bytes -= op->bytes;
+    if (ret < 0) {
+        StrataErrorAction a;
+
+        strata_bitmap_set(m->dirty, op->offset, op->bytes);
+        job->on_error = is_read ? m->on_source_error : m->on_target_error;
+        a = strata_job_error_action(job, is_read, -ret);
+        if (a == STRATA_ERROR_ACTION_REPORT && m->op_ret == 0) {
+            m->op_ret = ret;
+        }
+    } else {
+        strata_job_progress_add(job, op->bytes);
+    }
+    g_free(op);
+    strata_co_queue_next(&m->op_wait);
+}
+
+static void wait_one_op(MirrorJob *m)
+{
+    strata_co_queue_wait(&m->op_wait, NULL);
+}
+
+static void wait_all_ops(MirrorJob *m)
+{
+    while (m->in_flight > 0) {
+        wait_one_op(m);
+    }
+}
+
+/* What the sync mode says must be copied goes into the bitmap; with
+ * sync=full, what no layer holds reads as zeroes and is zeroed on the
+ * target where the target might not read zeroes already. */
+static int mirror_co_dirty_init(MirrorJob *m, uint64_t len, GError **error)
+{
+    uint64_t off = 0, pnum;
+    int ret;
+
+    while (off < len) {
+        if (strata_job_is_cancelled(&m->common)) {
+            return -ECANCELED;
+        }
+        ret = strata_node_co_block_status_above(m->source, m->base, false,
+                                                off, len - off, &pnum, NULL,
+                                                NULL, NULL);
+        if (ret < 0 || pnum == 0) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO, "%s",
+                        g_strerror(ret < 0 ? -ret : EIO));
+            return ret < 0 ? ret : -EIO;
+        }
+        if (ret & STRATA_BLOCK_ALLOCATED) {
+            strata_bitmap_set(m->dirty, off, pnum);
+        } else if (m->sync == MIRROR_SYNC_FULL && !m->target_owned) {
+            uint64_t t = off, tnum;
+            while (t < off + pnum) {
+                int tr = strata_node_co_block_status_above(
+                    m->target, NULL, false, t, off + pnum - t, &tnum, NULL,
+                    NULL, NULL);
+                if (tr < 0 || tnum == 0) {
+                    strata_bitmap_set(m->dirty, t, off + pnum - t);
+                    break;
+                }
+                if ((tr & STRATA_BLOCK_ALLOCATED) &&
+                    !(tr & STRATA_BLOCK_ZERO) &&
+                    strata_node_co_pwrite_zeroes(m->target, t, tnum, 0) < 0) {
+                    strata_bitmap_set(m->dirty, t, tnum);
+                }
+                t += tnum;
+            }
+        }
+        off += pnum;
+    }
+    return 0;
+}
+
+static int mirror_co_run(StrataJob *job, GError **error)
+{
+    MirrorJob *m = (MirrorJob *)job;
+    int64_t len, tlen;
+    uint64_t cursor = 0, last_pass = UINT64_MAX;
+    unsigned stalls = 0;
+    int ret = 0;
+
+    len = strata_node_co_refresh_length(m->source);
+    tlen = strata_node_co_refresh_length(m->target);
+    if (len < 0 || tlen < 0) {
+        ret = (int)(len < 0 ? len : tlen);
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO, "%s",
+                    g_strerror(-ret));
+        return ret;
+    }
+    if (tlen < len) {
+        ret = strata_node_co_truncate(m->target, len, false, error);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    strata_co_queue_init(&m->op_wait);
+    m->dirty = strata_bitmap_new(MAX(len, 1), m->granularity);
+    m->notifier.co_notify = mirror_co_notify;
+    m->notifier.opaque = m;
+    m->source->write_notifiers =
+        g_list_append(m->source->write_notifiers, &m->notifier);
+    m->notifier_added = true;
+
+    if (m->sync != MIRROR_SYNC_NONE) {
+        ret = mirror_co_dirty_init(m, len, error);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+
+    for (;;) {
+        uint64_t cnt, off, bytes;
+
+        if (strata_job_is_cancelled(job)) {
+            ret = -ECANCELED;
+            break;
+        }
+        if (m->op_ret < 0) {
+            ret = m->op_ret;
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO, "%s",
+                        g_strerror(-ret));
+            break;
+        }
+        cnt = strata_bitmap_count(m->dirty);
+        strata_job_progress_set_total(job, job->progress_current + cnt +
+                                           m->in_flight_bytes);
+        if (cnt == 0 && m->in_flight == 0) {
+            if (job->status == STRATA_JOB_STATUS_RUNNING) {
+                strata_job_transition_to_ready(job);
+            }
+            if (m->should_complete || job->cancelled) {
+                break;
+            }
+            m->idle = true;
+            strata_job_co_sleep_ns(job, MIRROR_IDLE_NS);
+            m->idle = false;
+            continue;
+        }
+        if (cnt == 0 || m->in_flight >= m->max_in_flight) {
+            wait_one_op(m);
+            continue;
+        }
+        off = cursor;
+        if (!strata_bitmap_next_dirty_area(m->dirty, &off, m->chunk,
+                                           &bytes)) {
+            /* A pass over the bitmap ended: did it shrink? */
+            if (!m->write_blocking && job->speed == 0) {
+                stalls = cnt >= last_pass ? stalls + 1 : 0;
+                if (stalls >= MIRROR_STALLS_BEFORE_BLOCKING) {
+                    m->write_blocking = true;
+                }
+            }
+            last_pass = cnt;
+            off = 0;
+            if (!strata_bitmap_next_dirty_area(m->dirty, &off, m->chunk,
+                                               &bytes)) {
+                wait_one_op(m);
+                continue;
+            }
+        }
+        if (off + bytes > (uint64_t)len) {
+            bytes = len - off;
+        }
+        if (overlaps_op(m, off, bytes)) {
+            cursor = off + bytes;
+            if (m->in_flight > 0) {
+                wait_one_op(m);
+            }
+            continue;
+        }
+        {
+            MirrorOp *op = g_new0(MirrorOp, 1);
+            op->m = m;
+            op->offset = off;
+            op->bytes = bytes;
+            strata_bitmap_reset(m->dirty, off, bytes);
+            m->ops = g_list_prepend(m->ops, op);
+            m->in_flight++;
+            m->in_flight_bytes += bytes;
+            cursor = off + bytes;
+            strata_coroutine_enter(strata_coroutine_new(mirror_op_co, op));
+        }
+        strata_job_co_ratelimit(job, bytes);
+    }
+    /* Never return with copies running: they use the job. */
+    wait_all_ops(m);
+    return ret;
+}
+
+/* ------------------------------------------------------------------ */
+/* Completion                                                          */
+/* ------------------------------------------------------------------ */
+
+typedef struct FinalCopy {
+    MirrorJob *m;
+    int ret;
+} FinalCopy;
+
+/* Drained: nothing can dirty the source any more. */
+static void final_copy_co(void *opaque)
+{
+    FinalCopy *fc = opaque;
+    MirrorJob *m = fc->m;
+    uint64_t len = strata_bitmap_length(m->dirty);
+    uint64_t off = 0, bytes;
+    bool is_read;
+
+    while (fc->ret == 0 &&
+           strata_bitmap_next_dirty_area(m->dirty, &off, m->chunk, &bytes)) {
+        if (off + bytes > len) {
+            bytes = len - off;
+        }
+        strata_bitmap_reset(m->dirty, off, bytes);
+        fc->ret = copy_range_co(m, off, bytes, &is_read);
+        strata_job_progress_add(&m->common, bytes);
+        off += bytes;
+        if (off >= len) {
+            break;
+        }
+    }
+    if (fc->ret == 0) {
+        fc->ret = strata_node_co_flush(m->target);
+    }
+}
+
+static bool mirror_prepare(StrataJob *job, GError **error)
+{
+    MirrorJob *m = (MirrorJob *)job;
+    bool pivot = m->should_complete && !job->cancelled;
+    FinalCopy fc = { .m = m };
+    bool ok = true;
+    /* The graph changes inside: a drain set ends exactly what began. */
+    StrataDrainSet *set = strata_drain_set_new(job->ctx);
+
+    strata_drain_set_add(set, m->source);
+    strata_drain_set_add(set, m->target);
+    if (m->attach_backing) {
+        strata_drain_set_add(set, m->attach_backing);
+    }
+    strata_loop_run_co(job->ctx->loop, final_copy_co, &fc);
+    notifier_remove(m);
+    strata_job_progress_set_total(job, job->progress_current);
+    if (fc.ret < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO, "%s",
+                    g_strerror(-fc.ret));
+        ok = false;
+    }
+    if (ok && pivot && m->attach_backing && !m->target->backing) {
+        ok = strata_node_attach_child(m->target, m->attach_backing,
+                                      "backing", STRATA_CHILD_BACKING,
+                                      STRATA_PARENT_NODE, m->target, NULL,
+                                      0, 0, error) != NULL;
+    }
+    if (ok && pivot) {
+        ok = strata_node_move_parents(m->to_replace, m->target, error);
+        m->pivoted = ok;
+    }
+    strata_drain_set_free(set);
+    return ok;
+}
+
+static bool mirror_complete(StrataJob *job, GError **error)
+{
+    MirrorJob *m = (MirrorJob *)job;
+
+    m->should_complete = true;
+    strata_job_enter(job);
+    return true;
+}
+
+static void mirror_clean(StrataJob *job)
+{
+    MirrorJob *m = (MirrorJob *)job;
+
+    notifier_remove(m);
+    /* Without a pivot the base stays under the active layer: read-only
+     * again, as it was. */
+    if (m->base_made_writable && !m->pivoted) {
+        g_autoptr(GError) err = NULL;
+        if (!strata_node_set_read_only(m->target, true, &err)) {
+            g_warning("commit: could not make '%s' read-only again: %s",
+                      m->target->node_name, err->message);
+        }
+    }
+}
+
+static void mirror_free(StrataJob *job)
+{
+    MirrorJob *m = (MirrorJob *)job;
+
+    notifier_remove(m);
+    if (m->dirty) {
+        strata_bitmap_free(m->dirty);
+    }
+    if (m->attach_backing) {
+        strata_node_unref(m->attach_backing);
+    }
+    if (m->target_owned) {
+        strata_node_unref(m->target);
+    }
+}
+
+static const StrataJobDriver mirror_driver = {
+    .type = "mirror",
+    .instance_size = sizeof(MirrorJob),
+    .is_block_job = true,
+    .co_run = mirror_co_run,
+    .prepare = mirror_prepare,
+    .clean = mirror_clean,
+    .free = mirror_free,
+    .complete = mirror_complete,
+    .soft_cancel = true,
+};
+
+static const StrataJobDriver active_commit_driver = {
+    .type = "commit",
+    .instance_size = sizeof(MirrorJob),
+    .is_block_job = true,
+    .co_run = mirror_co_run,
+    .prepare = mirror_prepare,
+    .clean = mirror_clean,
+    .free = mirror_free,
+    .complete = mirror_complete,
+    .soft_cancel = true,
+};
+
+/* ------------------------------------------------------------------ */
+/* Starting                                                            */
+/* ------------------------------------------------------------------ */
+
+static const char *opt_str(JsonObject *args, const char *name)
+{
+    return json_object_get_string_member_with_default(args, name, NULL);
+}
+
+static int64_t opt_int(JsonObject *args, const char *name, int64_t def)
+{
+    return json_object_get_int_member_with_default(args, name, def);
+}
+
+/* The cluster size of @node's image, clamped as QEMU picks the default
+ * granularity. */
+static uint64_t default_granularity(StrataNode *target)
+{
+    (void)target;
+    return 64 * 1024;
+}
+
+typedef struct MirrorSetup {
+    const StrataJobDriver *drv;
+    StrataNode *source, *target, *to_replace, *base, *attach_backing;
+    MirrorSync sync;
+    StrataOnError on_source_error, on_target_error;
+    bool write_blocking, target_owned, base_made_writable, is_commit;
+    uint64_t granularity, buf_size;
+} MirrorSetup;
+
+static bool mirror_start_job(StrataContext *ctx, JsonObject *args,
+                             MirrorSetup *s, GError **error)
+{
+    const char *id = opt_str(args, "job-id");
+    MirrorJob *m;
+    StrataJob *job;
+
+    job = strata_job_new(ctx, s->drv, id ? id : "",
+                         opt_int(args, "speed", 0), s->on_source_error,
+                         json_object_get_boolean_member_with_default(
+                             args, "auto-finalize", true),
+                         json_object_get_boolean_member_with_default(
+                             args, "auto-dismiss", true),
+                         error);
+    if (!job) {
+        return false;
+    }
+    m = (MirrorJob *)job;
+    m->source = s->source;
+    m->target = s->target;
+    m->to_replace = s->to_replace ? s->to_replace : s->source;
+    m->base = s->base;
+    m->sync = s->sync;
+    m->is_commit = s->is_commit;
+    m->write_blocking = s->write_blocking;
+    m->target_owned = s->target_owned;
+    m->base_made_writable = s->base_made_writable;
+    m->on_source_error = s->on_source_error;
+    m->on_target_error = s->on_target_error;
+    m->granularity = s->granularity;
+    m->chunk = MAX(m->granularity, MIN(MIRROR_MAX_CHUNK, s->buf_size));
+    m->max_in_flight = CLAMP(s->buf_size / m->chunk, 1, MIRROR_MAX_IN_FLIGHT);
+    if (s->attach_backing) {
+        strata_node_ref(s->attach_backing);
+        m->attach_backing = s->attach_backing;
+    }
+    strata_job_add_node(job, s->source);
+    strata_job_add_node(job, s->target);
+    if (m->to_replace != s->source) {
+        strata_job_add_node(job, m->to_replace);
+    }
+    strata_job_start(job);
+    return true;
+}
+
+static bool parse_common(JsonObject *args, MirrorSetup *s, GError **error)
+{
+    const char *sync = opt_str(args, "sync");
+    const char *copy_mode = opt_str(args, "copy-mode");
+    int64_t gran = opt_int(args, "granularity", 0);
+    int64_t buf_size = opt_int(args, "buf-size", 0);
+
+    if (!strata_job_parse_on_error(opt_str(args, "on-source-error"),
+                                   &s->on_source_error) ||
+        !strata_job_parse_on_error(opt_str(args, "on-target-error"),
+                                   &s->on_target_error)) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Invalid parameter 'on-error'");
+        return false;
+    }
+    if (json_object_has_member(args, "granularity")) {
+        if (gran < 512 || gran > 64 * 1024 * 1024) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                        "Parameter 'granularity' expects a value in range "
+                        "[512B, 64MB]");
+            return false;
+        }
+        if (gran & (gran - 1)) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                        "Parameter 'granularity' expects a power of 2");
+            return false;
+        }
+    }
+    if (buf_size < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Invalid parameter 'buf-size'");
+        return false;
+    }
+    s->buf_size = buf_size ? (uint64_t)buf_size : MIRROR_DEFAULT_BUF_SIZE;
+    s->granularity = gran;
+    if (!sync || !strcmp(sync, "full")) {
+        s->sync = MIRROR_SYNC_FULL;
+    } else if (!strcmp(sync, "top")) {
+        s->sync = MIRROR_SYNC_TOP;
+    } else if (!strcmp(sync, "none")) {
+        s->sync = MIRROR_SYNC_NONE;
+    } else {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Sync mode '%s' not supported", sync);
+        return false;
+    }
+    s->write_blocking = copy_mode && !strcmp(copy_mode, "write-blocking");
+    if (opt_str(args, "filter-node-name") &&
+        !strata_node_name_check(opt_str(args, "filter-node-name"), error)) {
+        return false;
+    }
+    return true;
+}
+
+/* The source: a node no other node uses (QEMU's root rule), not busy. */
+static StrataNode *lookup_source(StrataContext *ctx, const char *device,
+                                 GError **error)
+{
+    StrataNode *bs = device ? strata_context_lookup(ctx, device) : NULL;
+
+    if (!bs) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_FOUND,
+                    "Cannot find device='%s' nor node-name='%s'",
+                    device ? device : "", device ? device : "");
+        return NULL;
+    }
+    for (GList *l = bs->parents; l; l = l->next) {
+        StrataChild *e = l->data;
+        if (e->parent_kind == STRATA_PARENT_NODE) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                        "Need a root block node");
+            return NULL;
+        }
+    }
+    if (!strata_job_busy_check(ctx, bs, error)) {
+        return NULL;
+    }
+    return bs;
+}
+
+/* Checks shared by both mirror commands once the target exists. */
+static bool check_target(StrataContext *ctx, MirrorSetup *s, JsonObject *args,
+                         GError **error)
+{
+    const char *replaces = opt_str(args, "replaces");
+    int64_t slen, tlen;
+
+    if (s->target == s->source) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Can't mirror node into itself");
+        return false;
+    }
+    for (GList *l = s->target->parents; l; l = l->next) {
+        StrataChild *e = l->data;
+        if (e->parent_kind == STRATA_PARENT_NODE &&
+            e->role == STRATA_CHILD_BACKING) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_BUSY,
+                        "Node '%s' is busy: node is used as backing hd of "
+                        "'%s'", s->target->node_name,
+                        ((StrataNode *)e->parent)->node_name);
+            return false;
+        }
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_BUSY,
+                    "Node '%s' is busy: it is used by %s",
+                    s->target->node_name, e->parent_desc);
+        return false;
+    }
+    if (!strata_job_busy_check(ctx, s->target, error)) {
+        return false;
+    }
+    if (s->target->read_only) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_PERMISSION,
+                    "Block node is read-only");
+        return false;
+    }
+    if (replaces) {
+        s->to_replace = strata_context_lookup(ctx, replaces);
+        if (!s->to_replace) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_FOUND,
+                        "Failed to find node with node-name='%s'", replaces);
+            return false;
+        }
+    }
+    slen = strata_node_refresh_length(s->source);
+    tlen = strata_node_refresh_length(s->target);
+    if (slen >= 0 && tlen >= 0 && slen != tlen) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Source and target image have different sizes");
+        return false;
+    }
+    if (!s->granularity) {
+        s->granularity = default_granularity(s->target);
+    }
+    return true;
+}
+
+bool strata_blockdev_mirror_start(StrataContext *ctx, JsonObject *args,
+                                  GError **error)
+{
+    MirrorSetup s = { .drv = &mirror_driver };
+    const char *target = opt_str(args, "target");
+
+    s.source = lookup_source(ctx, opt_str(args, "device"), error);
+    if (!s.source) {
+        return false;
+    }
+    s.target = target ? strata_context_lookup(ctx, target) : NULL;
+    if (!s.target) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_FOUND,
+                    "Cannot find device='%s' nor node-name='%s'",
+                    target ? target : "", target ? target : "");
+        return false;
+    }
+    if (!parse_common(args, &s, error) || !check_target(ctx, &s, args,
+                                                         error)) {
+        return false;
+    }
+    if (s.sync == MIRROR_SYNC_TOP) {
+        s.base = strata_node_backing(strata_node_skip_filters(s.source));
+    }
+    return mirror_start_job(ctx, args, &s, error);
+}
+
+/* Creates @file in @format with the source's size and the backing
+ * string @backing (nullable). */
+static bool create_target(StrataContext *ctx, const char *file,
+                          const char *format, uint64_t size,
+                          const char *backing, const char *backing_fmt,
+                          GError **error)
+{
+    if (!strcmp(format, "qcow2")) {
+        g_autoptr(JsonObject) opts = json_object_new();
+        json_object_set_int_member(opts, "size", size);
+        if (backing) {
+            json_object_set_string_member(opts, "backing_file", backing);
+            json_object_set_string_member(opts, "backing_fmt", backing_fmt);
+        }
+        return strata_qcow2_create(ctx, file, opts, error);
+    }
+    if (!strcmp(format, "raw")) {
+        int fd = open(file, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (fd < 0 || ftruncate(fd, size) < 0) {
+            int e = errno;
+            if (fd >= 0) {
+                close(fd);
+            }
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                        "Could not create '%s': %s", file, g_strerror(e));
+            return false;
+        }
+        close(fd);
+        return true;
+    }
+    g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
+                "Format '%s' not supported for target creation", format);
+    return false;
+}
+
+static char *absolute_path(const char *name)
+{
+    if (!name || g_path_is_absolute(name)) {
+        return g_strdup(name);
+    }
+    {
+        g_autofree char *cwd = g_get_current_dir();
+        return g_build_filename(cwd, name, NULL);
+    }
+}
+
+bool strata_drive_mirror_start(StrataContext *ctx, JsonObject *args,
+                               GError **error)
+{
+    MirrorSetup s = { .drv = &mirror_driver };
+    const char *file = opt_str(args, "target");
+    const char *mode = opt_str(args, "mode");
+    const char *format = opt_str(args, "format");
+    const char *node_name = opt_str(args, "node-name");
+    g_autoptr(JsonObject) opts = NULL;
+    StrataNode *data, *backing;
+    int64_t len;
+    bool ok;
+
+    s.source = lookup_source(ctx, opt_str(args, "device"), error);
+    if (!s.source) {
+        return false;
+    }
+    if (!parse_common(args, &s, error)) {
+        return false;
+    }
+    data = strata_node_skip_filters(s.source);
+    backing = strata_node_backing(data);
+    if (s.sync == MIRROR_SYNC_TOP && !backing) {
+        s.sync = MIRROR_SYNC_FULL;
+    }
+    if (!format) {
+        format = mode && !strcmp(mode, "existing") ? NULL : data->drv->name;
+    }
+    if (format && !strata_driver_find(format)) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Unknown file format '%s'", format);
+        return false;
+    }
+    if (node_name && strata_context_lookup(ctx, node_name)) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_EXISTS,
+                    "Duplicate nodes with node-name='%s'", node_name);
+        return false;
+    }
+    len = strata_node_refresh_length(s.source);
+    if (len < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO, "%s",
+                    g_strerror((int)-len));
+        return false;
+    }
+    if (!mode || strcmp(mode, "existing") != 0) {
+        g_autofree char *bfile = NULL;
+        const char *bfmt = NULL;
+        if (s.sync == MIRROR_SYNC_TOP) {
+            bfile = absolute_path(strata_node_image_filename(backing));
+            bfmt = strata_node_skip_filters(backing)->drv->name;
+        } else if (s.sync == MIRROR_SYNC_NONE) {
+            bfile = absolute_path(strata_node_image_filename(s.source));
+            bfmt = data->drv->name;
+        }
+        if (!create_target(ctx, file, format, len, bfile, bfmt, error)) {
+            return false;
+        }
+    } else if (!format) {
+        format = "raw";
+        {
+            g_autofree char *hdr = NULL;
+            gsize n = 0;
+            if (g_file_get_contents(file, &hdr, &n, NULL) && n >= 4 &&
+                !memcmp(hdr, "QFI\xfb", 4)) {
+                format = "qcow2";
+            }
+        }
+    }
+    opts = json_object_new();
+    json_object_set_string_member(opts, "driver", format);
+    if (node_name) {
+        json_object_set_string_member(opts, "node-name", node_name);
+    }
+    {
+        JsonObject *fo = json_object_new();
+        json_object_set_string_member(fo, "driver", "file");
+        json_object_set_string_member(fo, "filename", file);
+        json_object_set_object_member(opts, "file", fo);
+    }
+    if (!strcmp(format, "qcow2")) {
+        json_object_set_null_member(opts, "backing");
+    }
+    s.target = strata_node_open(ctx, opts, false, false, error);
+    if (!s.target) {
+        return false;
+    }
+    s.target_owned = true;
+    if (s.sync == MIRROR_SYNC_TOP) {
+        s.base = backing;
+        s.attach_backing = backing;
+    } else if (s.sync == MIRROR_SYNC_NONE && !strcmp(format, "qcow2")) {
+        s.attach_backing = s.source;
+    }
+    ok = check_target(ctx, &s, args, error) &&
+         mirror_start_job(ctx, args, &s, error);
+    if (!ok) {
+        strata_node_unref(s.target);
+    }
+    return ok;
+}
+
+bool strata_active_commit_start(StrataContext *ctx, JsonObject *args,
+                                StrataNode *top, StrataNode *base,
+                                StrataOnError on_error, GError **error)
+{
+    MirrorSetup s = {
+        .drv = &active_commit_driver,
+        .source = top,
+        .target = base,
+        .base = base,
+        .sync = MIRROR_SYNC_TOP,
+        .on_source_error = on_error,
+        .on_target_error = on_error,
+        .is_commit = true,
+        .buf_size = MIRROR_DEFAULT_BUF_SIZE,
+        .granularity = 64 * 1024,
+    };
+    StrataNode *base_data = base;
+
+    if (base->read_only) {
+        if (!strata_node_set_read_only(base, false, error)) {
+            return false;
+        }
+        s.base_made_writable = true;
+    }
+    (void)base_data;
+    if (!mirror_start_job(ctx, args, &s, error)) {
+        if (s.base_made_writable) {
+            strata_node_set_read_only(base, true, NULL);
+        }
+        return false;
+    }
+    return true;
+}

@@ -1,0 +1,641 @@
+/* qtest: the mirror engine against stratad — active block-commit (READY,
+ * complete with the export following, cancel in READY), blockdev-mirror
+ * and drive-mirror with a guest writing over NBD during the copy
+ * (checked with qemu-img compare and check), and argument errors. */
+#include <check.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+#include <glib.h>
+
+#include "libqtest.h"
+
+/* Runs a shell command in the scratch dir; returns its exit status. */
+static int sh(QTestState *s, const char *fmt, ...) G_GNUC_PRINTF(2, 3);
+static int sh(QTestState *s, const char *fmt, ...)
+{
+    va_list ap;
+    g_autofree char *cmd = NULL;
+    g_autofree char *full = NULL;
+    g_autofree char *out = NULL;
+    g_autofree char *err = NULL;
+    int status = -1;
+
+    va_start(ap, fmt);
+    cmd = g_strdup_vprintf(fmt, ap);
+    va_end(ap);
+    full = g_strdup_printf("cd '%s' && %s", qtest_dir(s), cmd);
+    {
+        char *argv[] = { "/bin/sh", "-c", full, NULL };
+        g_spawn_sync(NULL, argv, NULL, 0, NULL, NULL, &out, &err, &status,
+                     NULL);
+    }
+    if (!g_spawn_check_wait_status(status, NULL)) {
+        fprintf(stderr, "command failed: %s\n%s%s", cmd, out ? out : "",
+                err ? err : "");
+        return 1;
+    }
+    return 0;
+}
+
+static bool have_qemu_tools(void)
+{
+    g_autofree char *a = g_find_program_in_path("qemu-img");
+    g_autofree char *b = g_find_program_in_path("qemu-io");
+
+    return a && b;
+}
+
+static void ok(QTestState *s, const char *req)
+{
+    g_autoptr(JsonNode) r = qtest_qmp(s, req);
+    g_autofree char *txt = r ? qtest_to_string(r) : NULL;
+
+    ck_assert_msg(r && qtest_is_return(r), "%s -> %s", req,
+                  txt ? txt : "(none)");
+}
+
+static void fails(QTestState *s, const char *req, const char *cls,
+                  const char *desc)
+{
+    g_autoptr(JsonNode) r = qtest_qmp(s, req);
+    g_autofree char *txt = r ? qtest_to_string(r) : NULL;
+
+    ck_assert_msg(r && !qtest_is_return(r), "%s succeeded: %s", req,
+                  txt ? txt : "(none)");
+    ck_assert_msg(!strcmp(qtest_error_class(r), cls), "%s: class %s", req,
+                  qtest_error_class(r));
+    ck_assert_msg(!desc || !strcmp(qtest_error_desc(r), desc),
+                  "%s: desc '%s', want '%s'", req, qtest_error_desc(r), desc);
+}
+
+static JsonObject *data_of(JsonNode *ev)
+{
+    return json_object_get_object_member(json_node_get_object(ev), "data");
+}
+
+/* The next JOB_STATUS_CHANGE must be @status (events in between of other
+ * names are dropped, so an out-of-order status fails here). */
+static void want_status(QTestState *s, const char *id, const char *status)
+{
+    g_autoptr(JsonNode) ev = qtest_wait_event(s, "JOB_STATUS_CHANGE", 20000);
+
+    ck_assert_msg(ev != NULL, "no JOB_STATUS_CHANGE (want %s)", status);
+    ck_assert_str_eq(json_object_get_string_member(data_of(ev), "id"), id);
+    ck_assert_str_eq(json_object_get_string_member(data_of(ev), "status"),
+                     status);
+}
+
+/* Waits until the job reaches @status, whatever comes before. */
+static void reach_status(QTestState *s, const char *id, const char *status)
+{
+    for (;;) {
+        g_autoptr(JsonNode) ev = qtest_wait_event(s, "JOB_STATUS_CHANGE",
+                                                  20000);
+        ck_assert_msg(ev != NULL, "job %s never became %s", id, status);
+        if (!strcmp(json_object_get_string_member(data_of(ev), "id"), id) &&
+            !strcmp(json_object_get_string_member(data_of(ev), "status"),
+                    status)) {
+            return;
+        }
+    }
+}
+
+static JsonNode *want_event(QTestState *s, const char *name)
+{
+    JsonNode *ev = qtest_wait_event(s, name, 20000);
+
+    ck_assert_msg(ev != NULL, "no %s event", name);
+    return ev;
+}
+
+/* The one job of query-block-jobs. */
+static JsonObject *block_job(QTestState *s, JsonNode **keep)
+{
+    JsonNode *r = qtest_qmp(s, "{\"execute\": \"query-block-jobs\"}");
+    JsonArray *a = json_node_get_array(json_object_get_member(
+        json_node_get_object(r), "return"));
+
+    ck_assert_int_eq(json_array_get_length(a), 1);
+    *keep = r;
+    return json_array_get_object_element(a, 0);
+}
+
+
+static void nbd_export(QTestState *s, const char *node)
+{
+    g_autofree char *req = g_strdup_printf(
+        "{\"execute\": \"block-export-add\", \"arguments\": {\"type\": "
+        "\"nbd\", \"id\": \"e\", \"node-name\": \"%s\", \"name\": "
+        "\"disk\", \"writable\": true}}", node);
+
+    ok(s, "{\"execute\": \"nbd-server-start\", \"arguments\": {\"addr\": "
+          "{\"type\": \"unix\", \"data\": {\"path\": \"nbd.sock\"}}}}");
+    ok(s, req);
+}
+
+/* The same write through the export and into the reference image. */
+static void guest_write(QTestState *s, const char *w)
+{
+    ck_assert_int_eq(sh(s, "qemu-io -f raw -c '%s' "
+                           "'nbd+unix:///disk?socket=nbd.sock' >/dev/null "
+                           "&& qemu-io -f raw -c '%s' ref.raw >/dev/null",
+                        w, w), 0);
+}
+
+static const char *export_node(QTestState *s, JsonNode **keep)
+{
+    JsonNode *r = qtest_qmp(s, "{\"execute\": \"query-block-exports\"}");
+    JsonArray *a = json_node_get_array(json_object_get_member(
+        json_node_get_object(r), "return"));
+
+    ck_assert_int_eq(json_array_get_length(a), 1);
+    *keep = r;
+    return json_object_get_string_member(json_array_get_object_element(a, 0),
+                                         "node-name");
+}
+
+/* base <- mid <- top (libvirt style: lower layers read-only), top
+ * exported; ref.raw is what the guest sees. */
+static void chain3(QTestState *s)
+{
+    ck_assert_int_eq(sh(s, "qemu-img create -q -f qcow2 base.qcow2 16M && "
+                           "qemu-io -c 'write -P 0x11 0 8M' base.qcow2 && "
+                           "qemu-img create -q -f qcow2 -F qcow2 -b "
+                           "base.qcow2 mid.qcow2 && "
+                           "qemu-io -c 'write -P 0x22 4M 4M' mid.qcow2 && "
+                           "qemu-img create -q -f qcow2 -F qcow2 -b "
+                           "mid.qcow2 top.qcow2 && "
+                           "qemu-io -c 'write -P 0x33 6M 1M' top.qcow2 && "
+                           "qemu-img convert -O raw top.qcow2 ref.raw "
+                           ">/dev/null"), 0);
+    ok(s, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+          "\"qcow2\", \"node-name\": \"base\", \"read-only\": true, "
+          "\"file\": {\"driver\": \"file\", \"filename\": \"base.qcow2\"}}}");
+    ok(s, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+          "\"qcow2\", \"node-name\": \"mid\", \"read-only\": true, "
+          "\"backing\": \"base\", \"file\": {\"driver\": \"file\", "
+          "\"filename\": \"mid.qcow2\"}}}");
+    ok(s, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+          "\"qcow2\", \"node-name\": \"top\", \"backing\": \"mid\", "
+          "\"file\": {\"driver\": \"file\", \"filename\": \"top.qcow2\"}}}");
+    nbd_export(s, "top");
+}
+
+/* After READY: the events up to null, BLOCK_JOB_COMPLETED of @type
+ * without error (a soft cancel reports completion too). */
+static void finish_events(QTestState *s, const char *id, const char *type)
+{
+    want_status(s, id, "waiting");
+    want_status(s, id, "pending");
+    {
+        g_autoptr(JsonNode) c = want_event(s, "BLOCK_JOB_COMPLETED");
+        ck_assert(!json_object_has_member(data_of(c), "error"));
+        ck_assert_str_eq(json_object_get_string_member(data_of(c), "type"),
+                         type);
+        ck_assert_int_eq(json_object_get_int_member(data_of(c), "offset"),
+                         json_object_get_int_member(data_of(c), "len"));
+    }
+    want_status(s, id, "concluded");
+    want_status(s, id, "null");
+}
+
+static void reach_ready(QTestState *s, const char *id, const char *type)
+{
+    g_autoptr(JsonNode) r = NULL;
+
+    reach_status(s, id, "ready");
+    r = want_event(s, "BLOCK_JOB_READY");
+    ck_assert_str_eq(json_object_get_string_member(data_of(r), "type"),
+                     type);
+}
+
+START_TEST(test_active_commit_complete)
+{
+    QTestState *s = qtest_start(NULL, true);
+    JsonNode *keep = NULL;
+
+    if (!have_qemu_tools()) {
+        qtest_end(s);
+        return;
+    }
+    chain3(s);
+    ok(s, "{\"execute\": \"block-commit\", \"arguments\": {\"job-id\": "
+          "\"ac\", \"device\": \"top\", \"speed\": 65536}}");
+    reach_status(s, "ac", "running");
+    guest_write(s, "write -P 0x51 10M 1M");
+    /* not READY before complete is accepted */
+    fails(s, "{\"execute\": \"block-job-complete\", \"arguments\": "
+             "{\"device\": \"ac\"}}", "GenericError",
+          "Job 'ac' in state 'running' cannot accept command verb "
+          "'complete'");
+    ok(s, "{\"execute\": \"block-job-set-speed\", \"arguments\": "
+          "{\"device\": \"ac\", \"speed\": 0}}");
+    reach_ready(s, "ac", "commit");
+    guest_write(s, "write -P 0x52 11M 512k");
+    ok(s, "{\"execute\": \"block-job-complete\", \"arguments\": "
+          "{\"device\": \"ac\"}}");
+    finish_events(s, "ac", "commit");
+    ck_assert_str_eq(export_node(s, &keep), "base");
+    json_node_unref(keep);
+    guest_write(s, "write -P 0x53 14M 1M");
+    ck_assert_int_eq(sh(s, "qemu-img compare -q -f raw -F raw ref.raw "
+                           "'nbd+unix:///disk?socket=nbd.sock'"), 0);
+    ok(s, "{\"execute\": \"blockdev-del\", \"arguments\": {\"node-name\": "
+          "\"top\"}}");
+    ok(s, "{\"execute\": \"blockdev-del\", \"arguments\": {\"node-name\": "
+          "\"mid\"}}");
+    ok(s, "{\"execute\": \"quit\"}");
+    ck_assert_int_eq(qtest_wait_exit(s, 10000), 0);
+    ck_assert_int_eq(sh(s, "qemu-img compare -q -F raw base.qcow2 ref.raw"),
+                     0);
+    ck_assert_int_eq(sh(s, "qemu-img check -q base.qcow2 && qemu-img check "
+                           "-q mid.qcow2 && qemu-img check -q top.qcow2"),
+                     0);
+    qtest_end(s);
+}
+END_TEST
+
+START_TEST(test_active_commit_cancel_ready)
+{
+    QTestState *s = qtest_start(NULL, true);
+    JsonNode *keep = NULL;
+
+    if (!have_qemu_tools()) {
+        qtest_end(s);
+        return;
+    }
+    chain3(s);
+    ok(s, "{\"execute\": \"block-commit\", \"arguments\": {\"job-id\": "
+          "\"ac\", \"device\": \"top\"}}");
+    reach_ready(s, "ac", "commit");
+    guest_write(s, "write -P 0x52 11M 512k");
+    ok(s, "{\"execute\": \"block-job-cancel\", \"arguments\": "
+          "{\"device\": \"ac\"}}");
+    finish_events(s, "ac", "commit");
+    ck_assert_int_eq(sh(s, "cp ref.raw at-cancel.raw"), 0);
+    ck_assert_str_eq(export_node(s, &keep), "top");
+    json_node_unref(keep);
+    guest_write(s, "write -P 0x61 12M 1M");
+    ck_assert_int_eq(sh(s, "qemu-img compare -q -f raw -F raw ref.raw "
+                           "'nbd+unix:///disk?socket=nbd.sock'"), 0);
+    ok(s, "{\"execute\": \"quit\"}");
+    ck_assert_int_eq(qtest_wait_exit(s, 10000), 0);
+    /* base holds everything up to the cancel; top stays on top */
+    ck_assert_int_eq(sh(s, "qemu-img compare -q -F raw base.qcow2 "
+                           "at-cancel.raw"), 0);
+    ck_assert_int_eq(sh(s, "qemu-img compare -q -F raw top.qcow2 ref.raw"),
+                     0);
+    ck_assert_int_eq(sh(s, "qemu-img info top.qcow2 | grep -q "
+                           "'backing file: mid.qcow2'"), 0);
+    ck_assert_int_eq(sh(s, "qemu-img check -q base.qcow2"), 0);
+    qtest_end(s);
+}
+END_TEST
+
+/* A two-layer source (s0 <- s1, exported) and an empty target. */
+static void source2(QTestState *s)
+{
+    ck_assert_int_eq(sh(s, "qemu-img create -q -f qcow2 s0.qcow2 16M && "
+                           "qemu-io -c 'write -P 0x11 0 6M' s0.qcow2 && "
+                           "qemu-img create -q -f qcow2 -F qcow2 -b "
+                           "s0.qcow2 s1.qcow2 && "
+                           "qemu-io -c 'write -P 0x22 4M 4M' s1.qcow2 && "
+                           "qemu-img convert -O raw s1.qcow2 ref.raw && "
+                           "qemu-img create -q -f qcow2 t.qcow2 16M "
+                           ">/dev/null"), 0);
+    ok(s, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+          "\"qcow2\", \"node-name\": \"s0\", \"file\": {\"driver\": "
+          "\"file\", \"filename\": \"s0.qcow2\"}}}");
+    ok(s, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+          "\"qcow2\", \"node-name\": \"s1\", \"backing\": \"s0\", "
+          "\"file\": {\"driver\": \"file\", \"filename\": \"s1.qcow2\"}}}");
+    nbd_export(s, "s1");
+}
+
+START_TEST(test_blockdev_mirror_guest_writes)
+{
+    QTestState *s = qtest_start(NULL, true);
+    JsonNode *keep = NULL;
+
+    if (!have_qemu_tools()) {
+        qtest_end(s);
+        return;
+    }
+    source2(s);
+    ok(s, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+          "\"qcow2\", \"node-name\": \"t\", \"file\": {\"driver\": "
+          "\"file\", \"filename\": \"t.qcow2\"}}}");
+    ok(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+          "\"m\", \"device\": \"s1\", \"target\": \"t\", \"sync\": "
+          "\"full\", \"speed\": 65536}}");
+    reach_status(s, "m", "running");
+    guest_write(s, "write -P 0x33 1M 1M");
+    guest_write(s, "write -P 0x34 12M 2M");
+    guest_write(s, "write -P 0x35 5M 4k");
+    {
+        JsonObject *j = block_job(s, &keep);
+        ck_assert_str_eq(json_object_get_string_member(j, "type"), "mirror");
+        ck_assert(!json_object_get_boolean_member(j, "ready"));
+        json_node_unref(keep);
+    }
+    ok(s, "{\"execute\": \"block-job-set-speed\", \"arguments\": "
+          "{\"device\": \"m\", \"speed\": 0}}");
+    reach_ready(s, "m", "mirror");
+    guest_write(s, "write -P 0x36 7M 1M");
+    ok(s, "{\"execute\": \"block-job-complete\", \"arguments\": "
+          "{\"device\": \"m\"}}");
+    finish_events(s, "m", "mirror");
+    ck_assert_str_eq(export_node(s, &keep), "t");
+    json_node_unref(keep);
+    guest_write(s, "write -P 0x37 15M 1M");
+    ok(s, "{\"execute\": \"quit\"}");
+    ck_assert_int_eq(qtest_wait_exit(s, 10000), 0);
+    ck_assert_int_eq(sh(s, "qemu-img compare -q -F raw t.qcow2 ref.raw"), 0);
+    ck_assert_int_eq(sh(s, "! qemu-img info t.qcow2 | grep -q backing"), 0);
+    ck_assert_int_eq(sh(s, "qemu-img check -q t.qcow2 && qemu-img check -q "
+                           "s1.qcow2"), 0);
+    qtest_end(s);
+}
+END_TEST
+
+START_TEST(test_drive_mirror_write_blocking)
+{
+    QTestState *s = qtest_start(NULL, true);
+    JsonNode *keep = NULL;
+
+    if (!have_qemu_tools()) {
+        qtest_end(s);
+        return;
+    }
+    source2(s);
+    ok(s, "{\"execute\": \"drive-mirror\", \"arguments\": {\"job-id\": "
+          "\"m\", \"device\": \"s1\", \"target\": \"new.qcow2\", "
+          "\"format\": \"qcow2\", \"node-name\": \"new\", \"sync\": "
+          "\"full\", \"copy-mode\": \"write-blocking\"}}");
+    reach_ready(s, "m", "mirror");
+    guest_write(s, "write -P 0x44 2M 1M");
+    ok(s, "{\"execute\": \"block-job-complete\", \"arguments\": "
+          "{\"device\": \"m\"}}");
+    finish_events(s, "m", "mirror");
+    ck_assert_str_eq(export_node(s, &keep), "new");
+    json_node_unref(keep);
+    ok(s, "{\"execute\": \"quit\"}");
+    ck_assert_int_eq(qtest_wait_exit(s, 10000), 0);
+    ck_assert_int_eq(sh(s, "qemu-img compare -q -F raw new.qcow2 ref.raw"),
+                     0);
+    ck_assert_int_eq(sh(s, "qemu-img check -q new.qcow2"), 0);
+    qtest_end(s);
+}
+END_TEST
+
+START_TEST(test_drive_mirror_top)
+{
+    QTestState *s = qtest_start(NULL, true);
+
+    if (!have_qemu_tools()) {
+        qtest_end(s);
+        return;
+    }
+    source2(s);
+    ok(s, "{\"execute\": \"drive-mirror\", \"arguments\": {\"job-id\": "
+          "\"m\", \"device\": \"s1\", \"target\": \"shallow.qcow2\", "
+          "\"node-name\": \"shallow\", \"sync\": \"top\"}}");
+    reach_ready(s, "m", "mirror");
+    ok(s, "{\"execute\": \"block-job-complete\", \"arguments\": "
+          "{\"device\": \"m\"}}");
+    finish_events(s, "m", "mirror");
+    ck_assert_int_eq(sh(s, "qemu-img compare -q -f raw -F raw ref.raw "
+                           "'nbd+unix:///disk?socket=nbd.sock'"), 0);
+    ok(s, "{\"execute\": \"quit\"}");
+    ck_assert_int_eq(qtest_wait_exit(s, 10000), 0);
+    /* only the top's data was copied; the backing is the source's */
+    ck_assert_int_eq(sh(s, "qemu-img info shallow.qcow2 | grep -q "
+                           "'backing file: .*s0.qcow2'"), 0);
+    ck_assert_int_eq(sh(s, "qemu-img compare -q -F raw shallow.qcow2 "
+                           "ref.raw"), 0);
+    qtest_end(s);
+}
+END_TEST
+
+START_TEST(test_mirror_errors)
+{
+    QTestState *s = qtest_start(NULL, true);
+
+    if (!have_qemu_tools()) {
+        qtest_end(s);
+        return;
+    }
+    source2(s);
+    ck_assert_int_eq(sh(s, "qemu-img create -q -f qcow2 small.qcow2 1M"), 0);
+    ok(s, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+          "\"qcow2\", \"node-name\": \"t\", \"file\": {\"driver\": "
+          "\"file\", \"filename\": \"t.qcow2\"}}}");
+    ok(s, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+          "\"qcow2\", \"node-name\": \"small\", \"file\": {\"driver\": "
+          "\"file\", \"filename\": \"small.qcow2\"}}}");
+    fails(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+             "\"m\", \"device\": \"nope\", \"target\": \"t\", \"sync\": "
+             "\"full\"}}", "GenericError",
+          "Cannot find device='nope' nor node-name='nope'");
+    fails(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+             "\"m\", \"device\": \"s1\", \"target\": \"nope\", \"sync\": "
+             "\"full\"}}", "GenericError",
+          "Cannot find device='nope' nor node-name='nope'");
+    fails(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+             "\"m\", \"device\": \"s1\", \"target\": \"s1\", \"sync\": "
+             "\"full\"}}", "GenericError", "Can't mirror node into itself");
+    fails(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+             "\"m\", \"device\": \"s1\", \"target\": \"s0\", \"sync\": "
+             "\"full\"}}", "GenericError",
+          "Node 's0' is busy: node is used as backing hd of 's1'");
+    fails(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+             "\"m\", \"device\": \"s0\", \"target\": \"t\", \"sync\": "
+             "\"full\"}}", "GenericError", "Need a root block node");
+    fails(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+             "\"m\", \"device\": \"s1\", \"target\": \"t\", \"sync\": "
+             "\"incremental\"}}", "GenericError",
+          "Sync mode 'incremental' not supported");
+    fails(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+             "\"m\", \"device\": \"s1\", \"target\": \"t\", \"sync\": "
+             "\"full\", \"granularity\": 1000}}", "GenericError",
+          "Parameter 'granularity' expects a power of 2");
+    fails(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+             "\"m\", \"device\": \"s1\", \"target\": \"t\", \"sync\": "
+             "\"full\", \"granularity\": 256}}", "GenericError",
+          "Parameter 'granularity' expects a value in range [512B, 64MB]");
+    fails(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+             "\"m\", \"device\": \"s1\", \"target\": \"t\", \"sync\": "
+             "\"full\", \"buf-size\": -1}}", "GenericError",
+          "Invalid parameter 'buf-size'");
+    fails(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+             "\"m\", \"device\": \"s1\", \"target\": \"small\", \"sync\": "
+             "\"full\"}}", "GenericError",
+          "Source and target image have different sizes");
+    fails(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+             "\"m\", \"device\": \"s1\", \"target\": \"t\", \"sync\": "
+             "\"full\", \"replaces\": \"nope\"}}", "GenericError",
+          "Failed to find node with node-name='nope'");
+    /* busy: a second job on the mirrored node */
+    ok(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+          "\"m\", \"device\": \"s1\", \"target\": \"t\", \"sync\": "
+          "\"none\"}}");
+    reach_ready(s, "m", "mirror");
+    fails(s, "{\"execute\": \"drive-mirror\", \"arguments\": {\"job-id\": "
+             "\"m2\", \"device\": \"s1\", \"target\": \"x.qcow2\", "
+             "\"sync\": \"full\"}}", "GenericError",
+          "Node 's1' is busy: block device is in use by block job: mirror");
+    /* a forced cancel in READY is a cancel */
+    ok(s, "{\"execute\": \"block-job-cancel\", \"arguments\": "
+          "{\"device\": \"m\", \"force\": true}}");
+    {
+        g_autoptr(JsonNode) c = want_event(s, "BLOCK_JOB_CANCELLED");
+        ck_assert_str_eq(json_object_get_string_member(data_of(c), "type"),
+                         "mirror");
+    }
+    qtest_end(s);
+}
+END_TEST
+
+/* A guest writing 4 KiB random writes as fast as it can during the
+ * whole copy: the job must still reach READY (liveness: the event
+ * waits are generous, nothing is timed), and the pivoted target holds
+ * every write. */
+START_TEST(test_mirror_busy_guest_converges)
+{
+    QTestState *s = qtest_start(NULL, true);
+    GString *cmds = g_string_new(NULL);
+    g_autofree char *writer = NULL;
+
+    if (!have_qemu_tools()) {
+        qtest_end(s);
+        g_string_free(cmds, TRUE);
+        return;
+    }
+    source2(s);
+    ok(s, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+          "\"qcow2\", \"node-name\": \"t\", \"file\": {\"driver\": "
+          "\"file\", \"filename\": \"t.qcow2\"}}}");
+    /* 3000 scattered writes in one client, in the background */
+    for (unsigned i = 0; i < 3000; i++) {
+        g_string_append_printf(cmds, "-c 'write -P 0x%02x %u 4k' ",
+                               0x40 + i % 64,
+                               ((i * 2654435761u) % 4096) * 4096);
+    }
+    writer = g_strdup_printf("(qemu-io -f raw %s "
+                             "'nbd+unix:///disk?socket=nbd.sock' "
+                             ">/dev/null 2>&1; touch writer.done) &",
+                             cmds->str);
+    g_string_free(cmds, TRUE);
+    ck_assert_int_eq(sh(s, "%s", writer), 0);
+    ok(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+          "\"m\", \"device\": \"s1\", \"target\": \"t\", \"sync\": "
+          "\"full\", \"granularity\": 4096, \"buf-size\": 65536}}");
+    reach_ready(s, "m", "mirror");
+    /* READY stays true while the guest keeps writing */
+    ck_assert_int_eq(sh(s, "for i in $(seq 600); do test -e writer.done "
+                           "&& exit 0; sleep 0.1; done; exit 1"), 0);
+    ok(s, "{\"execute\": \"block-job-complete\", \"arguments\": "
+          "{\"device\": \"m\"}}");
+    finish_events(s, "m", "mirror");
+    ok(s, "{\"execute\": \"quit\"}");
+    ck_assert_int_eq(qtest_wait_exit(s, 10000), 0);
+    ck_assert_int_eq(sh(s, "qemu-img compare -q s1.qcow2 t.qcow2"), 0);
+    ck_assert_int_eq(sh(s, "qemu-img check -q t.qcow2"), 0);
+    qtest_end(s);
+}
+END_TEST
+
+/* Target write errors through blkdebug: report fails the job with a
+ * BLOCK_JOB_ERROR (operation write), stop pauses it and resume goes
+ * on to READY once the error is gone. */
+START_TEST(test_mirror_target_errors)
+{
+    QTestState *s = qtest_start(NULL, true);
+    JsonNode *keep = NULL;
+
+    if (!have_qemu_tools()) {
+        qtest_end(s);
+        return;
+    }
+    source2(s);
+    ok(s, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+          "\"blkdebug\", \"node-name\": \"t\", \"inject-error\": "
+          "[{\"event\": \"write_aio\", \"errno\": 5, \"once\": true}], "
+          "\"image\": {\"driver\": \"qcow2\", \"file\": {\"driver\": "
+          "\"file\", \"filename\": \"t.qcow2\"}}}}");
+    ok(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+          "\"m\", \"device\": \"s1\", \"target\": \"t\", \"sync\": "
+          "\"full\", \"on-target-error\": \"stop\"}}");
+    {
+        g_autoptr(JsonNode) ev = want_event(s, "BLOCK_JOB_ERROR");
+        ck_assert_str_eq(json_object_get_string_member(data_of(ev),
+                                                       "operation"), "write");
+        ck_assert_str_eq(json_object_get_string_member(data_of(ev),
+                                                       "action"), "stop");
+    }
+    reach_status(s, "m", "paused");
+    ck_assert_str_eq(json_object_get_string_member(block_job(s, &keep),
+                                                   "io-status"), "failed");
+    json_node_unref(keep);
+    ok(s, "{\"execute\": \"block-job-resume\", \"arguments\": "
+          "{\"device\": \"m\"}}");
+    reach_ready(s, "m", "mirror");
+    ok(s, "{\"execute\": \"block-job-complete\", \"arguments\": "
+          "{\"device\": \"m\"}}");
+    finish_events(s, "m", "mirror");
+    ok(s, "{\"execute\": \"quit\"}");
+    ck_assert_int_eq(qtest_wait_exit(s, 10000), 0);
+    ck_assert_int_eq(sh(s, "qemu-img compare -q -F raw t.qcow2 ref.raw"), 0);
+
+    /* report: the job fails with the error */
+    s = qtest_start(NULL, true);
+    source2(s);
+    ok(s, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+          "\"blkdebug\", \"node-name\": \"t\", \"inject-error\": "
+          "[{\"event\": \"write_aio\", \"errno\": 5}], "
+          "\"image\": {\"driver\": \"qcow2\", \"file\": {\"driver\": "
+          "\"file\", \"filename\": \"t.qcow2\"}}}}");
+    ok(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+          "\"m\", \"device\": \"s1\", \"target\": \"t\", \"sync\": "
+          "\"full\"}}");
+    {
+        g_autoptr(JsonNode) ev = want_event(s, "BLOCK_JOB_ERROR");
+        ck_assert_str_eq(json_object_get_string_member(data_of(ev),
+                                                       "action"), "report");
+    }
+    reach_status(s, "m", "aborting");
+    {
+        g_autoptr(JsonNode) c = want_event(s, "BLOCK_JOB_COMPLETED");
+        ck_assert(json_object_has_member(data_of(c), "error"));
+    }
+    ck_assert_str_eq(export_node(s, &keep), "s1");
+    json_node_unref(keep);
+    qtest_end(s);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *suite = suite_create("mirror");
+    TCase *tc = tcase_create("mirror");
+    SRunner *sr;
+    int failed;
+
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, test_active_commit_complete);
+    tcase_add_test(tc, test_active_commit_cancel_ready);
+    tcase_add_test(tc, test_blockdev_mirror_guest_writes);
+    tcase_add_test(tc, test_drive_mirror_write_blocking);
+    tcase_add_test(tc, test_drive_mirror_top);
+    tcase_add_test(tc, test_mirror_errors);
+    tcase_add_test(tc, test_mirror_busy_guest_converges);
+    tcase_add_test(tc, test_mirror_target_errors);
+    suite_add_tcase(suite, tc);
+    sr = srunner_create(suite);
+    srunner_run_all(sr, CK_NORMAL);
+    failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? 1 : 0;
+}
