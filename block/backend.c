@@ -492,12 +492,17 @@ void strata_backend_aio_flush(StrataBackend *blk, StrataIOCallback cb,
 void strata_backend_drain(StrataBackend *blk)
 {
     g_return_if_fail(blk != NULL);
-    g_return_if_fail(!strata_in_coroutine());
     if (!blk->ctx) {
         return;
     }
     while (blk->in_flight || blk->done_head) {
-        strata_loop_iterate(blk->ctx->loop, true);
+        /* A job dropping its backend does so from its coroutine: it
+         * lets the loop run instead of iterating it. */
+        if (strata_in_coroutine()) {
+            strata_loop_co_yield_now(blk->ctx->loop);
+        } else {
+            strata_loop_iterate(blk->ctx->loop, true);
+        }
     }
 }
 

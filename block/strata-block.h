@@ -180,8 +180,8 @@ STRATA_API void strata_backend_aio_pdiscard(StrataBackend *blk,
 STRATA_API void strata_backend_aio_flush(StrataBackend *blk,
                                          StrataIOCallback cb, void *opaque);
 
-/* Runs the loop until every request of @blk has completed. Plain code
- * only. */
+/* Waits until every request of @blk has completed: iterates the loop
+ * from plain code, yields to it from a coroutine. */
 STRATA_API void strata_backend_drain(StrataBackend *blk);
 
 /* Synchronous helpers for plain code (tools, tests): they iterate the
