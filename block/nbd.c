@@ -1150,6 +1150,7 @@ static bool nbd_open(StrataNode *node, JsonObject *options, GError **error)
     if (strlen(s->export_name) > STRATA_NBD_MAX_STRING) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
                     "export name too long to send to server");
+        nbd_close(node);
         return false;
     }
     s->reconnect_delay_s = strata_opts_get_int(options, "reconnect-delay", 0);
@@ -1160,10 +1161,12 @@ static bool nbd_open(StrataNode *node, JsonObject *options, GError **error)
                     "Parameter '%s' expects uint32_t",
                     s->open_timeout_s < 0 || s->open_timeout_s > UINT32_MAX ?
                     "open-timeout" : "reconnect-delay");
+        nbd_close(node);
         return false;
     }
     s->addr = nbd_parse_addr(options, error);
     if (!s->addr) {
+        nbd_close(node);
         return false;
     }
 

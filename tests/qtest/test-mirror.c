@@ -588,6 +588,7 @@ START_TEST(test_mirror_target_errors)
     ok(s, "{\"execute\": \"quit\"}");
     ck_assert_int_eq(qtest_wait_exit(s, 10000), 0);
     ck_assert_int_eq(sh(s, "qemu-img compare -q -F raw t.qcow2 ref.raw"), 0);
+    qtest_end(s);
 
     /* report: the job fails with the error */
     s = qtest_start(NULL, true);
