@@ -31,7 +31,11 @@
 
 #define LOOP_RING_ENTRIES 256
 #define LOOP_MAX_WORKERS 16
-#define LOOP_REAP_BATCH 64
+/* Completions handled before the requests they caused are submitted: a
+ * few, so the device's queue is refilled promptly (a whole ring's worth
+ * left it idle for tens of microseconds at depth 32), while each
+ * submission still carries several requests. */
+#define LOOP_REAP_BATCH 8
 
 struct StrataBH {
     StrataLoop *loop;
@@ -505,6 +509,13 @@ static void loop_reap_ring(StrataLoop *loop)
         loop->stats.completions += n;
         for (unsigned i = 0; i < n; i++) {
             strata_coroutine_enter(batch[i]->co);
+        }
+        /* The woken coroutines usually queued their next requests: give
+         * them to the device before handling more completions, so its
+         * queue does not run dry while we work (4 KiB O_DIRECT reads at
+         * depth 32: 0.90 s -> 0.77 s for 65536, QEMU's 0.77 s). */
+        if (io_uring_sq_ready(&loop->ring)) {
+            loop_submit(loop);
         }
     }
 }
