@@ -92,151 +92,37 @@ typedef struct NbdRequest {
 } NbdRequest;
 
 /* ------------------------------------------------------------------ */
-/* Byte order                                                          */
+/* Socket I/O from coroutines (nbd-sock.c)                             */
 /* ------------------------------------------------------------------ */
 
-static void put16(uint8_t *p, uint16_t v)
+static StrataNbdSock client_sock(NbdClient *c)
 {
-    p[0] = v >> 8;
-    p[1] = v;
+    return (StrataNbdSock){ c->fd, c->ctx->loop, &c->closing };
 }
 
-static void put32(uint8_t *p, uint32_t v)
-{
-    put16(p, v >> 16);
-    put16(p + 2, v);
-}
-
-static void put64(uint8_t *p, uint64_t v)
-{
-    put32(p, v >> 32);
-    put32(p + 4, v);
-}
-
-static uint16_t get16(const uint8_t *p)
-{
-    return (uint16_t)(p[0] << 8 | p[1]);
-}
-
-static uint32_t get32(const uint8_t *p)
-{
-    return (uint32_t)get16(p) << 16 | get16(p + 2);
-}
-
-static uint64_t get64(const uint8_t *p)
-{
-    return (uint64_t)get32(p) << 32 | get32(p + 4);
-}
-
-/* ------------------------------------------------------------------ */
-/* Socket I/O from coroutines                                          */
-/* ------------------------------------------------------------------ */
-
-static gboolean fd_ready(int fd, GIOCondition cond, gpointer opaque)
-{
-    strata_coroutine_wake(opaque);
-    return G_SOURCE_REMOVE;
-}
-
-/* Yields until @fd is ready for @cond (or hung up). */
-static void co_wait_fd(NbdClient *c, GIOCondition cond)
-{
-    GSource *src = g_unix_fd_source_new(c->fd, cond | G_IO_HUP | G_IO_ERR);
-
-    g_source_set_callback(src, (GSourceFunc)(void (*)(void))fd_ready,
-                          strata_coroutine_self(), NULL);
-    g_source_attach(src, strata_loop_get_context(c->ctx->loop));
-    strata_co_yield();
-    g_source_destroy(src);
-    g_source_unref(src);
-}
-
-/* Reads exactly @len bytes: 0, or -errno (-ECONNRESET at EOF). */
 static int co_read_full(NbdClient *c, void *buf, size_t len)
 {
-    uint8_t *p = buf;
-
-    while (len) {
-        if (c->closing) {
-            return -ESHUTDOWN;
-        }
-        ssize_t n = recv(c->fd, p, len, MSG_DONTWAIT);
-        if (n > 0) {
-            p += n;
-            len -= n;
-        } else if (n == 0) {
-            return -ECONNRESET;
-        } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
-            co_wait_fd(c, G_IO_IN);
-        } else if (errno != EINTR) {
-            return -errno;
-        }
-    }
-    return 0;
+    StrataNbdSock sk = client_sock(c);
+    return strata_nbd_co_read_full(&sk, buf, len);
 }
 
-/* Reads and drops @len bytes. */
 static int co_skip(NbdClient *c, uint64_t len)
 {
-    uint8_t tmp[4096];
-
-    while (len) {
-        size_t n = MIN(len, sizeof(tmp));
-        int ret = co_read_full(c, tmp, n);
-        if (ret < 0) {
-            return ret;
-        }
-        len -= n;
-    }
-    return 0;
+    StrataNbdSock sk = client_sock(c);
+    return strata_nbd_co_skip(&sk, len);
 }
 
-/* Writes every byte of @iov (at most 8 elements).  Callers that may
- * interleave hold the send lock. */
+/* Callers that may interleave hold the send lock. */
 static int co_writev_full(NbdClient *c, const struct iovec *iov, int niov)
 {
-    struct iovec v[8];
-    struct msghdr msg = { 0 };
-
-    g_return_val_if_fail(niov <= 8, -EINVAL);
-    memcpy(v, iov, niov * sizeof(*iov));
-    msg.msg_iov = v;
-    msg.msg_iovlen = niov;
-    while (msg.msg_iovlen) {
-        if (msg.msg_iov->iov_len == 0) {
-            msg.msg_iov++;
-            msg.msg_iovlen--;
-            continue;
-        }
-        ssize_t n = sendmsg(c->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
-        if (n < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                co_wait_fd(c, G_IO_OUT);
-                continue;
-            }
-            if (errno == EINTR) {
-                continue;
-            }
-            return -errno;
-        }
-        while (n > 0) {
-            size_t k = MIN((size_t)n, msg.msg_iov->iov_len);
-            msg.msg_iov->iov_base = (uint8_t *)msg.msg_iov->iov_base + k;
-            msg.msg_iov->iov_len -= k;
-            n -= k;
-            if (msg.msg_iov->iov_len == 0) {
-                msg.msg_iov++;
-                msg.msg_iovlen--;
-            }
-        }
-    }
-    return 0;
+    StrataNbdSock sk = client_sock(c);
+    return strata_nbd_co_writev_full(&sk, iov, niov);
 }
 
 static int co_write_full(NbdClient *c, const void *buf, size_t len)
 {
-    struct iovec iov = { (void *)buf, len };
-    return co_writev_full(c, &iov, 1);
+    StrataNbdSock sk = client_sock(c);
+    return strata_nbd_co_write_full(&sk, buf, len);
 }
 
 /* Stops the connection: the receiver sees EOF, pending sends fail. */
@@ -536,10 +422,10 @@ static int co_send_rep(NbdClient *c, uint32_t opt, uint32_t type,
     uint8_t hdr[20];
     struct iovec iov[2] = { { hdr, sizeof(hdr) }, { (void *)data, len } };
 
-    put64(hdr, STRATA_NBD_REP_MAGIC);
-    put32(hdr + 8, opt);
-    put32(hdr + 12, type);
-    put32(hdr + 16, len);
+    nbd_put64(hdr, STRATA_NBD_REP_MAGIC);
+    nbd_put32(hdr + 8, opt);
+    nbd_put32(hdr + 12, type);
+    nbd_put32(hdr + 16, len);
     return co_writev_full(c, iov, 2);
 }
 
@@ -601,8 +487,8 @@ static int co_opt_export_name(NbdClient *c, const char *name)
         return -ENOENT;
     }
     client_attach(c, exp);
-    put64(buf, c->size);
-    put16(buf + 8, c->tflags);
+    nbd_put64(buf, c->size);
+    nbd_put16(buf + 8, c->tflags);
     return co_write_full(c, buf, c->no_zeroes ? 10 : sizeof(buf));
 }
 
@@ -616,12 +502,12 @@ static int co_opt_info(NbdClient *c, uint32_t opt, const uint8_t *p,
     StrataExport *exp;
     int ret;
 
-    if (len < 6 || (namelen = get32(p)) > len - 6 ||
+    if (len < 6 || (namelen = nbd_get32(p)) > len - 6 ||
         namelen > STRATA_NBD_MAX_STRING) {
         return co_send_rep_err(c, opt, STRATA_NBD_REP_ERR_INVALID,
                                "bad option length");
     }
-    nreq = get16(p + 4 + namelen);
+    nreq = nbd_get16(p + 4 + namelen);
     if (len != 6 + namelen + 2u * nreq) {
         return co_send_rep_err(c, opt, STRATA_NBD_REP_ERR_INVALID,
                                "bad option length");
@@ -632,7 +518,7 @@ static int co_opt_info(NbdClient *c, uint32_t opt, const uint8_t *p,
                                "export name contains NUL");
     }
     for (uint16_t i = 0; i < nreq; i++) {
-        uint16_t what = get16(p + 6 + namelen + 2 * i);
+        uint16_t what = nbd_get16(p + 6 + namelen + 2 * i);
         want_name |= what == STRATA_NBD_INFO_NAME;
         want_desc |= what == STRATA_NBD_INFO_DESCRIPTION;
     }
@@ -644,7 +530,7 @@ static int co_opt_info(NbdClient *c, uint32_t opt, const uint8_t *p,
 
     if (want_name) {
         g_autofree uint8_t *b = g_malloc(2 + strlen(exp->name));
-        put16(b, STRATA_NBD_INFO_NAME);
+        nbd_put16(b, STRATA_NBD_INFO_NAME);
         memcpy(b + 2, exp->name, strlen(exp->name));
         ret = co_send_rep(c, opt, STRATA_NBD_REP_INFO, b,
                           2 + strlen(exp->name));
@@ -655,7 +541,7 @@ static int co_opt_info(NbdClient *c, uint32_t opt, const uint8_t *p,
     if (want_desc && exp->description) {
         size_t dl = strlen(exp->description);
         g_autofree uint8_t *b = g_malloc(2 + dl);
-        put16(b, STRATA_NBD_INFO_DESCRIPTION);
+        nbd_put16(b, STRATA_NBD_INFO_DESCRIPTION);
         memcpy(b + 2, exp->description, dl);
         ret = co_send_rep(c, opt, STRATA_NBD_REP_INFO, b, 2 + dl);
         if (ret < 0) {
@@ -666,10 +552,10 @@ static int co_opt_info(NbdClient *c, uint32_t opt, const uint8_t *p,
         /* The I/O path pads unaligned requests, so any byte granularity
          * works; 4 KiB is what avoids read-modify-write. */
         uint8_t b[14];
-        put16(b, STRATA_NBD_INFO_BLOCK_SIZE);
-        put32(b + 2, 1);
-        put32(b + 6, 4096);
-        put32(b + 10, STRATA_NBD_MAX_BUFFER);
+        nbd_put16(b, STRATA_NBD_INFO_BLOCK_SIZE);
+        nbd_put32(b + 2, 1);
+        nbd_put32(b + 6, 4096);
+        nbd_put32(b + 10, STRATA_NBD_MAX_BUFFER);
         ret = co_send_rep(c, opt, STRATA_NBD_REP_INFO, b, sizeof(b));
         if (ret < 0) {
             return ret;
@@ -678,9 +564,9 @@ static int co_opt_info(NbdClient *c, uint32_t opt, const uint8_t *p,
     {
         uint8_t b[12];
         int64_t size = strata_backend_get_length(exp->blk);
-        put16(b, STRATA_NBD_INFO_EXPORT);
-        put64(b + 2, size > 0 ? (uint64_t)size : 0);
-        put16(b + 10, export_tflags(c, exp));
+        nbd_put16(b, STRATA_NBD_INFO_EXPORT);
+        nbd_put64(b + 2, size > 0 ? (uint64_t)size : 0);
+        nbd_put16(b + 10, export_tflags(c, exp));
         ret = co_send_rep(c, opt, STRATA_NBD_REP_INFO, b, sizeof(b));
         if (ret < 0) {
             return ret;
@@ -717,7 +603,7 @@ static int co_opt_list(NbdClient *c, uint32_t len)
             continue;
         }
         b = g_malloc(4 + nl + dl);
-        put32(b, nl);
+        nbd_put32(b, nl);
         memcpy(b + 4, exp->name, nl);
         if (dl) {
             memcpy(b + 4 + nl, exp->description, dl);
@@ -737,7 +623,7 @@ static int co_send_meta(NbdClient *c, uint32_t opt, uint32_t id,
     size_t nl = strlen(name);
     uint8_t b[64];
 
-    put32(b, id);
+    nbd_put32(b, id);
     memcpy(b + 4, name, nl);
     return co_send_rep(c, opt, STRATA_NBD_REP_META_CONTEXT, b, 4 + nl);
 }
@@ -756,13 +642,13 @@ static int co_opt_meta(NbdClient *c, uint32_t opt, const uint8_t *p,
         return co_send_rep_err(c, opt, STRATA_NBD_REP_ERR_INVALID,
                                "structured replies not negotiated");
     }
-    if (len < 8 || (namelen = get32(p)) > len - 8 ||
+    if (len < 8 || (namelen = nbd_get32(p)) > len - 8 ||
         namelen > STRATA_NBD_MAX_STRING) {
         return co_send_rep_err(c, opt, STRATA_NBD_REP_ERR_INVALID,
                                "bad option length");
     }
     g_autofree char *name = g_strndup((const char *)p + 4, namelen);
-    nq = get32(p + 4 + namelen);
+    nq = nbd_get32(p + 4 + namelen);
     pos = 8 + namelen;
     exp = export_by_name(c->ctx, name);
     if (!exp) {
@@ -774,7 +660,7 @@ static int co_opt_meta(NbdClient *c, uint32_t opt, const uint8_t *p,
     }
     for (uint32_t i = 0; i < nq; i++) {
         uint32_t ql;
-        if (len - pos < 4 || (ql = get32(p + pos)) > len - pos - 4) {
+        if (len - pos < 4 || (ql = nbd_get32(p + pos)) > len - pos - 4) {
             return co_send_rep_err(c, opt, STRATA_NBD_REP_ERR_INVALID,
                                    "bad option length");
         }
@@ -824,9 +710,9 @@ static int co_negotiate(NbdClient *c)
     uint32_t cflags;
     int ret;
 
-    put64(hello, STRATA_NBD_INIT_MAGIC);
-    put64(hello + 8, STRATA_NBD_OPTS_MAGIC);
-    put16(hello + 16, STRATA_NBD_FLAG_FIXED_NEWSTYLE |
+    nbd_put64(hello, STRATA_NBD_INIT_MAGIC);
+    nbd_put64(hello + 8, STRATA_NBD_OPTS_MAGIC);
+    nbd_put16(hello + 16, STRATA_NBD_FLAG_FIXED_NEWSTYLE |
                       STRATA_NBD_FLAG_NO_ZEROES);
     ret = co_write_full(c, hello, sizeof(hello));
     if (ret < 0) {
@@ -836,7 +722,7 @@ static int co_negotiate(NbdClient *c)
     if (ret < 0) {
         return ret;
     }
-    cflags = get32(hdr);
+    cflags = nbd_get32(hdr);
     if (!(cflags & STRATA_NBD_CFLAG_FIXED_NEWSTYLE) ||
         (cflags & ~(STRATA_NBD_CFLAG_FIXED_NEWSTYLE |
                     STRATA_NBD_CFLAG_NO_ZEROES))) {
@@ -852,11 +738,11 @@ static int co_negotiate(NbdClient *c)
         if (ret < 0) {
             return ret;
         }
-        if (get64(hdr) != STRATA_NBD_OPTS_MAGIC) {
+        if (nbd_get64(hdr) != STRATA_NBD_OPTS_MAGIC) {
             return -EINVAL;
         }
-        opt = get32(hdr + 8);
-        len = get32(hdr + 12);
+        opt = nbd_get32(hdr + 8);
+        len = nbd_get32(hdr + 12);
         if (len > NBD_MAX_OPTION) {
             if (opt == STRATA_NBD_OPT_EXPORT_NAME) {
                 return -EINVAL;
@@ -1020,20 +906,20 @@ static int co_send_simple(NbdClient *c, NbdRequest *r, int ret,
     struct iovec iov[2] = { { hdr, sizeof(hdr) },
                             { (void *)data, ret < 0 ? 0 : len } };
 
-    put32(hdr, STRATA_NBD_SIMPLE_REPLY_MAGIC);
-    put32(hdr + 4, errno_to_nbd(-ret));
-    put64(hdr + 8, r->cookie);
+    nbd_put32(hdr, STRATA_NBD_SIMPLE_REPLY_MAGIC);
+    nbd_put32(hdr + 4, errno_to_nbd(-ret));
+    nbd_put64(hdr + 8, r->cookie);
     return co_writev_full(c, iov, 2);
 }
 
 static void chunk_header(uint8_t *hdr, NbdRequest *r, uint16_t flags,
                          uint16_t type, uint32_t len)
 {
-    put32(hdr, STRATA_NBD_STRUCTURED_REPLY_MAGIC);
-    put16(hdr + 4, flags);
-    put16(hdr + 6, type);
-    put64(hdr + 8, r->cookie);
-    put32(hdr + 16, len);
+    nbd_put32(hdr, STRATA_NBD_STRUCTURED_REPLY_MAGIC);
+    nbd_put16(hdr + 4, flags);
+    nbd_put16(hdr + 6, type);
+    nbd_put64(hdr + 8, r->cookie);
+    nbd_put32(hdr + 16, len);
 }
 
 static int co_send_chunk_error(NbdClient *c, NbdRequest *r, int ret)
@@ -1045,8 +931,8 @@ static int co_send_chunk_error(NbdClient *c, NbdRequest *r, int ret)
 
     chunk_header(hdr, r, STRATA_NBD_REPLY_FLAG_DONE,
                  STRATA_NBD_REPLY_TYPE_ERROR, 6 + ml);
-    put32(hdr + 20, errno_to_nbd(-ret));
-    put16(hdr + 24, ml);
+    nbd_put32(hdr + 20, errno_to_nbd(-ret));
+    nbd_put16(hdr + 24, ml);
     return co_writev_full(c, iov, 2);
 }
 
@@ -1069,7 +955,7 @@ static int co_send_read_reply(NbdClient *c, NbdRequest *r, int ret)
     /* One data chunk: DF requests are honoured trivially. */
     chunk_header(hdr, r, STRATA_NBD_REPLY_FLAG_DONE,
                  STRATA_NBD_REPLY_TYPE_OFFSET_DATA, 8 + r->len);
-    put64(hdr + 20, r->offset);
+    nbd_put64(hdr + 20, r->offset);
     return co_writev_full(c, iov, 2);
 }
 
@@ -1173,12 +1059,12 @@ static int co_block_status(NbdClient *c, NbdRequest *r)
             }
             body = g_malloc(ext->len * 4 + 1);
             for (guint k = 0; k < ext->len; k++) {
-                put32(body + 4 * k, g_array_index(ext, uint32_t, k));
+                nbd_put32(body + 4 * k, g_array_index(ext, uint32_t, k));
             }
             chunk_header(hdr, r, last ? STRATA_NBD_REPLY_FLAG_DONE : 0,
                          STRATA_NBD_REPLY_TYPE_BLOCK_STATUS,
                          4 + ext->len * 4);
-            put32(hdr + 20, parts[i].id);
+            nbd_put32(hdr + 20, parts[i].id);
             iov[0] = (struct iovec){ hdr, sizeof(hdr) };
             iov[1] = (struct iovec){ body, ext->len * 4 };
             ret = co_writev_full(c, iov, 2);
@@ -1277,16 +1163,16 @@ static void co_transmission(NbdClient *c)
         if (co_read_full(c, hdr, sizeof(hdr)) < 0) {
             return;
         }
-        if (get32(hdr) != STRATA_NBD_REQUEST_MAGIC) {
+        if (nbd_get32(hdr) != STRATA_NBD_REQUEST_MAGIC) {
             return;
         }
         r = g_new0(NbdRequest, 1);
         r->client = c;
-        r->flags = get16(hdr + 4);
-        r->type = get16(hdr + 6);
-        r->cookie = get64(hdr + 8);
-        r->offset = get64(hdr + 16);
-        r->len = get32(hdr + 24);
+        r->flags = nbd_get16(hdr + 4);
+        r->type = nbd_get16(hdr + 6);
+        r->cookie = nbd_get64(hdr + 8);
+        r->offset = nbd_get64(hdr + 16);
+        r->len = nbd_get32(hdr + 24);
 
         if (r->type == STRATA_NBD_CMD_DISC) {
             g_free(r);

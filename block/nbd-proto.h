@@ -5,7 +5,13 @@
 #ifndef STRATA_NBD_PROTO_H
 #define STRATA_NBD_PROTO_H
 
+#include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
+#include <sys/uio.h>
+#include <glib.h>
+
+#include "../util/loop-private.h"
 
 /* ---- handshake (fixed newstyle) ---- */
 
@@ -155,5 +161,60 @@ enum {
  * largest READ or WRITE payload. */
 #define STRATA_NBD_MAX_STRING 4096
 #define STRATA_NBD_MAX_BUFFER (32u * 1024 * 1024)
+
+/* ---- big-endian fields, as every NBD structure is laid out ---- */
+
+static inline void nbd_put16(uint8_t *p, uint16_t v)
+{
+    p[0] = v >> 8;
+    p[1] = v;
+}
+
+static inline void nbd_put32(uint8_t *p, uint32_t v)
+{
+    nbd_put16(p, v >> 16);
+    nbd_put16(p + 2, v);
+}
+
+static inline void nbd_put64(uint8_t *p, uint64_t v)
+{
+    nbd_put32(p, v >> 32);
+    nbd_put32(p + 4, v);
+}
+
+static inline uint16_t nbd_get16(const uint8_t *p)
+{
+    return (uint16_t)(p[0] << 8 | p[1]);
+}
+
+static inline uint32_t nbd_get32(const uint8_t *p)
+{
+    return (uint32_t)nbd_get16(p) << 16 | nbd_get16(p + 2);
+}
+
+static inline uint64_t nbd_get64(const uint8_t *p)
+{
+    return (uint64_t)nbd_get32(p) << 32 | nbd_get32(p + 4);
+}
+
+/* ---- a non-blocking socket driven from coroutines (nbd-sock.c) ---- */
+
+typedef struct StrataNbdSock {
+    int fd;
+    StrataLoop *loop;
+    const bool *closing;    /* nullable: reads give -ESHUTDOWN once set */
+} StrataNbdSock;
+
+/* Coroutine only: yields until the socket is ready for @cond (or hung
+ * up). */
+void strata_nbd_co_wait_fd(StrataNbdSock *sk, GIOCondition cond);
+/* Coroutine only: exactly @len bytes; 0 or -errno (-ECONNRESET at EOF). */
+int strata_nbd_co_read_full(StrataNbdSock *sk, void *buf, size_t len);
+/* Coroutine only: reads and drops @len bytes. */
+int strata_nbd_co_skip(StrataNbdSock *sk, uint64_t len);
+/* Coroutine only: every byte of @iov (at most 8 elements). */
+int strata_nbd_co_writev_full(StrataNbdSock *sk, const struct iovec *iov,
+                              int niov);
+int strata_nbd_co_write_full(StrataNbdSock *sk, const void *buf, size_t len);
 
 #endif

@@ -97,98 +97,30 @@ static const StrataOptDesc nbd_options[] = {
 };
 
 /* ------------------------------------------------------------------ */
-/* Byte order                                                          */
+/* Socket I/O from coroutines (nbd-sock.c)                             */
 /* ------------------------------------------------------------------ */
 
-static void put16(uint8_t *p, uint16_t v)
+static StrataNbdSock state_sock(NbdState *s)
 {
-    p[0] = v >> 8;
-    p[1] = v;
-}
-
-static void put32(uint8_t *p, uint32_t v)
-{
-    put16(p, v >> 16);
-    put16(p + 2, v);
-}
-
-static void put64(uint8_t *p, uint64_t v)
-{
-    put32(p, v >> 32);
-    put32(p + 4, v);
-}
-
-static uint16_t get16(const uint8_t *p)
-{
-    return (uint16_t)(p[0] << 8 | p[1]);
-}
-
-static uint32_t get32(const uint8_t *p)
-{
-    return (uint32_t)get16(p) << 16 | get16(p + 2);
-}
-
-static uint64_t get64(const uint8_t *p)
-{
-    return (uint64_t)get32(p) << 32 | get32(p + 4);
-}
-
-/* ------------------------------------------------------------------ */
-/* Socket I/O from coroutines                                          */
-/* ------------------------------------------------------------------ */
-
-static gboolean fd_ready(int fd, GIOCondition cond, gpointer opaque)
-{
-    strata_coroutine_wake(opaque);
-    return G_SOURCE_REMOVE;
+    return (StrataNbdSock){ s->fd, s->node->ctx->loop, NULL };
 }
 
 static void nbd_co_wait_fd(NbdState *s, GIOCondition cond)
 {
-    GSource *src = g_unix_fd_source_new(s->fd, cond | G_IO_HUP | G_IO_ERR);
-
-    g_source_set_callback(src, (GSourceFunc)(void (*)(void))fd_ready,
-                          strata_coroutine_self(), NULL);
-    g_source_attach(src, strata_loop_get_context(s->node->ctx->loop));
-    strata_co_yield();
-    g_source_destroy(src);
-    g_source_unref(src);
+    StrataNbdSock sk = state_sock(s);
+    strata_nbd_co_wait_fd(&sk, cond);
 }
 
-/* Reads exactly @len bytes: 0, or -errno (-ECONNRESET at EOF). */
 static int nbd_co_read_full(NbdState *s, void *buf, size_t len)
 {
-    uint8_t *p = buf;
-
-    while (len) {
-        ssize_t n = recv(s->fd, p, len, MSG_DONTWAIT);
-        if (n > 0) {
-            p += n;
-            len -= n;
-        } else if (n == 0) {
-            return -ECONNRESET;
-        } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
-            nbd_co_wait_fd(s, G_IO_IN);
-        } else if (errno != EINTR) {
-            return -errno;
-        }
-    }
-    return 0;
+    StrataNbdSock sk = state_sock(s);
+    return strata_nbd_co_read_full(&sk, buf, len);
 }
 
 static int nbd_co_skip(NbdState *s, uint64_t len)
 {
-    uint8_t tmp[4096];
-
-    while (len) {
-        size_t n = MIN(len, sizeof(tmp));
-        int ret = nbd_co_read_full(s, tmp, n);
-        if (ret < 0) {
-            return ret;
-        }
-        len -= n;
-    }
-    return 0;
+    StrataNbdSock sk = state_sock(s);
+    return strata_nbd_co_skip(&sk, len);
 }
 
 /* Reads @len bytes into @qiov at @off, piece by piece. */
@@ -215,20 +147,8 @@ static int nbd_co_read_qiov(NbdState *s, StrataIOVec *qiov, size_t off,
 
 static int nbd_co_write_full(NbdState *s, const void *buf, size_t len)
 {
-    const uint8_t *p = buf;
-
-    while (len) {
-        ssize_t n = send(s->fd, p, len, MSG_DONTWAIT | MSG_NOSIGNAL);
-        if (n > 0) {
-            p += n;
-            len -= n;
-        } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            nbd_co_wait_fd(s, G_IO_OUT);
-        } else if (n < 0 && errno != EINTR) {
-            return -errno;
-        }
-    }
-    return 0;
+    StrataNbdSock sk = state_sock(s);
+    return strata_nbd_co_write_full(&sk, buf, len);
 }
 
 static int nbd_co_write_qiov(NbdState *s, StrataIOVec *qiov, size_t off,
@@ -354,9 +274,9 @@ static int nbd_co_send_opt(NbdState *s, uint32_t opt, const void *data,
     uint8_t hdr[16];
     int ret;
 
-    put64(hdr, STRATA_NBD_OPTS_MAGIC);
-    put32(hdr + 8, opt);
-    put32(hdr + 12, len);
+    nbd_put64(hdr, STRATA_NBD_OPTS_MAGIC);
+    nbd_put32(hdr + 8, opt);
+    nbd_put32(hdr + 12, len);
     ret = nbd_co_write_full(s, hdr, sizeof(hdr));
     if (ret == 0 && len) {
         ret = nbd_co_write_full(s, data, len);
@@ -381,19 +301,19 @@ static bool nbd_co_recv_opt_reply(NbdState *s, uint32_t opt, uint32_t *type,
                     "Failed to read option reply: %s", g_strerror(-ret));
         return false;
     }
-    if (get64(hdr) != STRATA_NBD_REP_MAGIC) {
+    if (nbd_get64(hdr) != STRATA_NBD_REP_MAGIC) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
-                    "Unexpected option reply magic 0x%" PRIx64, get64(hdr));
+                    "Unexpected option reply magic 0x%" PRIx64, nbd_get64(hdr));
         return false;
     }
-    if (get32(hdr + 8) != opt) {
+    if (nbd_get32(hdr + 8) != opt) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
                     "Reply to option %" PRIu32 " when %" PRIu32
-                    " was sent", get32(hdr + 8), opt);
+                    " was sent", nbd_get32(hdr + 8), opt);
         return false;
     }
-    *type = get32(hdr + 12);
-    *len = get32(hdr + 16);
+    *type = nbd_get32(hdr + 12);
+    *len = nbd_get32(hdr + 16);
     if (*len > NBD_MAX_OPT_REPLY) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
                     "Option reply of %" PRIu32 " bytes is too long", *len);
@@ -447,10 +367,10 @@ static bool nbd_co_opt_meta(NbdState *s, GError **error)
     size_t plen = 4 + nlen + 4 + 4 + qlen;
     g_autofree uint8_t *p = g_malloc(plen);
 
-    put32(p, nlen);
+    nbd_put32(p, nlen);
     memcpy(p + 4, s->export_name, nlen);
-    put32(p + 4 + nlen, 1);
-    put32(p + 8 + nlen, qlen);
+    nbd_put32(p + 4 + nlen, 1);
+    nbd_put32(p + 8 + nlen, qlen);
     memcpy(p + 12 + nlen, STRATA_NBD_META_BASE_ALLOCATION, qlen);
     if (nbd_co_send_opt(s, STRATA_NBD_OPT_SET_META_CONTEXT, p, plen) < 0) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
@@ -481,7 +401,7 @@ static bool nbd_co_opt_meta(NbdState *s, GError **error)
         if (len - 4 == qlen &&
             !memcmp(data + 4, STRATA_NBD_META_BASE_ALLOCATION, qlen)) {
             s->meta_ok = true;
-            s->meta_id = get32(data);
+            s->meta_id = nbd_get32(data);
         }
     }
 }
@@ -493,10 +413,10 @@ static bool nbd_co_opt_go(NbdState *s, GError **error)
     g_autofree uint8_t *p = g_malloc(plen);
     bool have_export = false;
 
-    put32(p, nlen);
+    nbd_put32(p, nlen);
     memcpy(p + 4, s->export_name, nlen);
-    put16(p + 4 + nlen, 1);
-    put16(p + 6 + nlen, STRATA_NBD_INFO_BLOCK_SIZE);
+    nbd_put16(p + 4 + nlen, 1);
+    nbd_put16(p + 6 + nlen, STRATA_NBD_INFO_BLOCK_SIZE);
     if (nbd_co_send_opt(s, STRATA_NBD_OPT_GO, p, plen) < 0) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
                     "Failed to send option");
@@ -530,15 +450,15 @@ static bool nbd_co_opt_go(NbdState *s, GError **error)
                         "Unexpected reply type %" PRIu32 " to GO", type);
             return false;
         }
-        switch (get16(data)) {
+        switch (nbd_get16(data)) {
         case STRATA_NBD_INFO_EXPORT:
             if (len != 12) {
                 g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
                             "Export info of bad length %" PRIu32, len);
                 return false;
             }
-            s->size = get64(data + 2);
-            s->tflags = get16(data + 10);
+            s->size = nbd_get64(data + 2);
+            s->tflags = nbd_get16(data + 10);
             have_export = true;
             break;
         case STRATA_NBD_INFO_BLOCK_SIZE:
@@ -547,9 +467,9 @@ static bool nbd_co_opt_go(NbdState *s, GError **error)
                             "Block size info of bad length %" PRIu32, len);
                 return false;
             }
-            s->min_block = get32(data + 2);
-            s->pref_block = get32(data + 6);
-            s->max_block = get32(data + 10);
+            s->min_block = nbd_get32(data + 2);
+            s->pref_block = nbd_get32(data + 6);
+            s->max_block = nbd_get32(data + 10);
             if (s->min_block == 0 || s->min_block > 65536 ||
                 (s->min_block & (s->min_block - 1)) ||
                 s->max_block < s->min_block) {
@@ -577,20 +497,20 @@ static bool nbd_co_handshake(NbdState *s, GError **error)
                     g_strerror(-ret));
         return false;
     }
-    if (get64(greet) != STRATA_NBD_INIT_MAGIC ||
-        get64(greet + 8) != STRATA_NBD_OPTS_MAGIC) {
+    if (nbd_get64(greet) != STRATA_NBD_INIT_MAGIC ||
+        nbd_get64(greet + 8) != STRATA_NBD_OPTS_MAGIC) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
                     "Server does not speak fixed newstyle NBD "
                     "(bad magic)");
         return false;
     }
-    hflags = get16(greet + 16);
+    hflags = nbd_get16(greet + 16);
     if (!(hflags & STRATA_NBD_FLAG_FIXED_NEWSTYLE)) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
                     "Server does not support fixed newstyle");
         return false;
     }
-    put32(cflags, STRATA_NBD_CFLAG_FIXED_NEWSTYLE |
+    nbd_put32(cflags, STRATA_NBD_CFLAG_FIXED_NEWSTYLE |
                   (hflags & STRATA_NBD_FLAG_NO_ZEROES ?
                    STRATA_NBD_CFLAG_NO_ZEROES : 0));
     if (nbd_co_write_full(s, cflags, sizeof(cflags)) < 0) {
@@ -720,7 +640,7 @@ static int nbd_co_chunk(NbdState *s, NbdReq *r, uint16_t type, uint32_t len)
         if (ret < 0) {
             return ret;
         }
-        uint64_t off = get64(buf);
+        uint64_t off = nbd_get64(buf);
         uint32_t dlen = len - 8;
         if (off < r->offset || dlen > r->len ||
             off - r->offset > r->len - dlen) {
@@ -737,8 +657,8 @@ static int nbd_co_chunk(NbdState *s, NbdReq *r, uint16_t type, uint32_t len)
         if (ret < 0) {
             return ret;
         }
-        uint64_t off = get64(buf);
-        uint32_t hlen = get32(buf + 8);
+        uint64_t off = nbd_get64(buf);
+        uint32_t hlen = nbd_get32(buf + 8);
         if (off < r->offset || hlen == 0 || hlen > r->len ||
             off - r->offset > r->len - hlen) {
             return -EPROTO;
@@ -756,12 +676,12 @@ static int nbd_co_chunk(NbdState *s, NbdReq *r, uint16_t type, uint32_t len)
         if (ret < 0) {
             return ret;
         }
-        if (!s->meta_ok || get32(buf) != s->meta_id || r->bs_got) {
+        if (!s->meta_ok || nbd_get32(buf) != s->meta_id || r->bs_got) {
             return -EPROTO;
         }
         r->bs_got = true;
-        r->bs_len = get32(buf + 4);
-        r->bs_flags = get32(buf + 8);
+        r->bs_len = nbd_get32(buf + 4);
+        r->bs_flags = nbd_get32(buf + 8);
         /* With REQ_ONE there is one extent; tolerate more, unread. */
         return nbd_co_skip(s, len - 12);
     }
@@ -776,8 +696,8 @@ static int nbd_co_chunk(NbdState *s, NbdReq *r, uint16_t type, uint32_t len)
         if (ret < 0) {
             return ret;
         }
-        uint32_t err = get32(buf);
-        uint16_t mlen = get16(buf + 4);
+        uint32_t err = nbd_get32(buf);
+        uint16_t mlen = nbd_get16(buf + 4);
         if ((uint64_t)mlen + 6 > len) {
             return -EPROTO;
         }
@@ -804,18 +724,18 @@ static void nbd_reader_entry(void *opaque)
         if (ret < 0) {
             break;
         }
-        if (get32(hdr) == STRATA_NBD_SIMPLE_REPLY_MAGIC) {
+        if (nbd_get32(hdr) == STRATA_NBD_SIMPLE_REPLY_MAGIC) {
             ret = nbd_co_read_full(s, hdr + 4,
                                    STRATA_NBD_SIMPLE_REPLY_SIZE - 4);
             if (ret < 0) {
                 break;
             }
-            r = nbd_find_req(s, get64(hdr + 8));
+            r = nbd_find_req(s, nbd_get64(hdr + 8));
             if (!r) {
                 ret = -EPROTO;
                 break;
             }
-            uint32_t err = get32(hdr + 4);
+            uint32_t err = nbd_get32(hdr + 4);
             if (err) {
                 r->ret = nbd_errno(err);
             } else if (r->type == STRATA_NBD_CMD_READ) {
@@ -834,17 +754,17 @@ static void nbd_reader_entry(void *opaque)
                 break;
             }
             nbd_req_complete(r);
-        } else if (get32(hdr) == STRATA_NBD_STRUCTURED_REPLY_MAGIC &&
+        } else if (nbd_get32(hdr) == STRATA_NBD_STRUCTURED_REPLY_MAGIC &&
                    s->structured) {
             ret = nbd_co_read_full(s, hdr + 4,
                                    STRATA_NBD_CHUNK_HEADER_SIZE - 4);
             if (ret < 0) {
                 break;
             }
-            uint16_t flags = get16(hdr + 4);
-            uint16_t type = get16(hdr + 6);
-            uint32_t len = get32(hdr + 16);
-            r = nbd_find_req(s, get64(hdr + 8));
+            uint16_t flags = nbd_get16(hdr + 4);
+            uint16_t type = nbd_get16(hdr + 6);
+            uint32_t len = nbd_get32(hdr + 16);
+            r = nbd_find_req(s, nbd_get64(hdr + 8));
             if (!r || len > STRATA_NBD_MAX_BUFFER + 8) {
                 ret = -EPROTO;
                 break;
@@ -906,12 +826,12 @@ static int nbd_co_request(NbdState *s, NbdReq *tmpl, uint16_t flags,
     r->qiov_offset = qiov_offset;
     s->nreqs++;
 
-    put32(hdr, STRATA_NBD_REQUEST_MAGIC);
-    put16(hdr + 4, flags);
-    put16(hdr + 6, r->type);
-    put64(hdr + 8, i + 1);
-    put64(hdr + 16, r->offset);
-    put32(hdr + 24, r->len);
+    nbd_put32(hdr, STRATA_NBD_REQUEST_MAGIC);
+    nbd_put16(hdr + 4, flags);
+    nbd_put16(hdr + 6, r->type);
+    nbd_put64(hdr + 8, i + 1);
+    nbd_put64(hdr + 16, r->offset);
+    nbd_put32(hdr + 24, r->len);
 
     strata_co_mutex_lock(&s->send_lock);
     r->sent = true;
@@ -1114,8 +1034,8 @@ static void nbd_close(StrataNode *node)
         if (!s->dead) {
             /* Best effort: the server may be gone already. */
             uint8_t hdr[STRATA_NBD_REQUEST_SIZE] = { 0 };
-            put32(hdr, STRATA_NBD_REQUEST_MAGIC);
-            put16(hdr + 6, STRATA_NBD_CMD_DISC);
+            nbd_put32(hdr, STRATA_NBD_REQUEST_MAGIC);
+            nbd_put16(hdr + 6, STRATA_NBD_CMD_DISC);
             if (send(s->fd, hdr, sizeof(hdr), MSG_DONTWAIT | MSG_NOSIGNAL)) {
                 /* nothing to do either way */
             }
