@@ -147,3 +147,40 @@ int strata_node_co_change_backing_file(StrataNode *node, const char *backing,
     }
     return ret;
 }
+
+typedef struct {
+    StrataNode *node;
+    const char *backing;
+    const char *fmt;
+    GError **error;
+    int ret;
+} RecordBacking;
+
+static void record_backing_co(void *opaque)
+{
+    RecordBacking *r = opaque;
+
+    r->ret = strata_node_co_change_backing_file(r->node, r->backing, r->fmt,
+                                                r->error);
+}
+
+bool strata_node_record_backing(StrataNode *overlay, StrataNode *base,
+                                const char *backing_file, GError **error)
+{
+    g_autofree char *derived = NULL;
+    RecordBacking r = { overlay, NULL, NULL, error, 0 };
+
+    g_return_val_if_fail(overlay != NULL, false);
+    if (base) {
+        StrataNode *data = strata_node_skip_filters(base);
+        r.backing = backing_file;
+        if (!r.backing) {
+            derived = strata_backing_string(
+                base, strata_node_image_filename(overlay));
+            r.backing = derived;
+        }
+        r.fmt = data && data->drv ? data->drv->name : NULL;
+    }
+    strata_loop_run_co(overlay->ctx->loop, record_backing_co, &r);
+    return r.ret == 0;
+}

@@ -292,6 +292,19 @@ StrataNode *strata_node_find_backing_image(StrataNode *top,
 int strata_node_co_change_backing_file(StrataNode *node, const char *backing,
                                        const char *fmt, GError **error);
 
+/**
+ * strata_node_record_backing:
+ * @base: (nullable): the new backing node; NULL records none
+ * @backing_file: (nullable): the string to write verbatim; NULL derives
+ *   it with strata_backing_string()
+ *
+ * Records @base in @overlay's header (the format is @base's driver);
+ * the graph is not changed.  Plain code, or a coroutine (then it runs
+ * in place).
+ */
+bool strata_node_record_backing(StrataNode *overlay, StrataNode *base,
+                                const char *backing_file, GError **error);
+
 /* The backing node (nullable). */
 StrataNode *strata_node_backing(StrataNode *node);
 /* Walks filters down to the node with data (a filter's file child). */

@@ -91,22 +91,6 @@ static int commit_co_run(StrataJob *job, GError **error)
     return ret;
 }
 
-typedef struct BackingChange {
-    StrataNode *node;
-    const char *backing;
-    const char *fmt;
-    GError **error;
-    int ret;
-} BackingChange;
-
-static void backing_change_co(void *opaque)
-{
-    BackingChange *bc = opaque;
-
-    bc->ret = strata_node_co_change_backing_file(bc->node, bc->backing,
-                                                bc->fmt, bc->error);
-}
-
 /* The edges that make @top somebody's backing file. */
 static GPtrArray *overlay_edges(StrataNode *top)
 {
@@ -126,7 +110,6 @@ static bool commit_prepare(StrataJob *job, GError **error)
 {
     CommitJob *c = (CommitJob *)job;
     g_autoptr(GPtrArray) edges = overlay_edges(c->top);
-    StrataNode *data = strata_node_skip_filters(c->base);
     bool ok = true;
 
     strata_node_ref(c->top);
@@ -134,19 +117,10 @@ static bool commit_prepare(StrataJob *job, GError **error)
     for (guint i = 0; i < edges->len && ok; i++) {
         StrataChild *e = edges->pdata[i];
         StrataNode *overlay = e->parent;
-        g_autofree char *derived = NULL;
-        BackingChange bc = { .node = overlay, .error = error };
 
-        bc.backing = c->backing_file;
-        if (!bc.backing) {
-            derived = strata_backing_string(
-                c->base, strata_node_image_filename(overlay));
-            bc.backing = derived;
-        }
-        bc.fmt = data && data->drv ? data->drv->name : NULL;
         strata_node_drained_begin(overlay);
-        strata_loop_run_co(overlay->ctx->loop, backing_change_co, &bc);
-        if (bc.ret < 0 ||
+        if (!strata_node_record_backing(overlay, c->base, c->backing_file,
+                                        error) ||
             !strata_child_replace_node(e, c->base, error)) {
             ok = false;
         }

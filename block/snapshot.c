@@ -630,20 +630,6 @@ out:
 /* change-backing-file                                                 */
 /* ------------------------------------------------------------------ */
 
-typedef struct {
-    StrataNode *node;
-    const char *backing, *fmt;
-    GError *error;
-    int ret;
-} BackingCo;
-
-static void backing_co(void *opaque)
-{
-    BackingCo *b = opaque;
-    b->ret = strata_node_co_change_backing_file(b->node, b->backing, b->fmt,
-                                                &b->error);
-}
-
 bool strata_snapshot_change_backing_file(StrataContext *ctx,
                                          const char *device,
                                          const char *image_node_name,
@@ -653,7 +639,7 @@ bool strata_snapshot_change_backing_file(StrataContext *ctx,
     StrataNode *top = strata_context_lookup(ctx, device);
     StrataNode *image, *backing, *n;
     StrataDrainSet *drained;
-    BackingCo b = { 0 };
+    g_autoptr(GError) err = NULL;
     bool was_ro;
     bool ok = false;
 
@@ -693,17 +679,10 @@ bool strata_snapshot_change_backing_file(StrataContext *ctx,
     if (!set_read_only(image, false, error)) {
         goto out;
     }
-    b.node = image;
-    b.backing = backing_file;
-    backing = strata_node_skip_filters(backing);
-    b.fmt = backing ? backing->drv->name : NULL;
-    strata_loop_run_co(ctx->loop, backing_co, &b);
-    if (b.ret < 0) {
+    if (!strata_node_record_backing(image, backing, backing_file, &err)) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
                     "Could not change backing file to '%s': %s",
-                    backing_file,
-                    b.error ? b.error->message : g_strerror(-b.ret));
-        g_clear_error(&b.error);
+                    backing_file, err->message);
     } else {
         ok = true;
     }

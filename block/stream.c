@@ -144,47 +144,17 @@ static int stream_co_run(StrataJob *job, GError **error)
     return ret;
 }
 
-typedef struct BackingChange {
-    StrataNode *node;
-    const char *backing;
-    const char *fmt;
-    GError **error;
-    int ret;
-} BackingChange;
-
-static void backing_change_co(void *opaque)
-{
-    BackingChange *bc = opaque;
-
-    bc->ret = strata_node_co_change_backing_file(bc->node, bc->backing,
-                                                bc->fmt, bc->error);
-}
-
 static bool stream_prepare(StrataJob *job, GError **error)
 {
     StreamJob *s = (StreamJob *)job;
     StrataNode *top = s->top;
-    g_autofree char *derived = NULL;
-    BackingChange bc = { .node = top, .error = error };
     bool ok = true;
 
     if (!top->backing) {
         return true;
     }
-    if (s->base) {
-        StrataNode *data = strata_node_skip_filters(s->base);
-        bc.backing = s->backing_file;
-        if (!bc.backing) {
-            derived = strata_backing_string(s->base,
-                                            strata_node_image_filename(top));
-            bc.backing = derived;
-        }
-        bc.fmt = data && data->drv ? data->drv->name : NULL;
-    }
-
     strata_node_drained_begin(top);
-    strata_loop_run_co(top->ctx->loop, backing_change_co, &bc);
-    if (bc.ret < 0) {
+    if (!strata_node_record_backing(top, s->base, s->backing_file, error)) {
         ok = false;
     } else if (s->base) {
         if (!strata_child_replace_node(top->backing, s->base, error)) {
