@@ -96,6 +96,9 @@ typedef struct StrataJobDriver {
     /* A cancel without force while READY ends the job successfully
      * (mirror): co_run sees job->cancelled with !job->force_cancel. */
     bool soft_cancel;
+    /* Loop.  Adds the driver's own members to the job's
+     * x-strata-query-jobs entry (a JobInfo); NULL: none. */
+    void (*query)(StrataJob *job, JsonObject *info);
 } StrataJobDriver;
 
 struct StrataJob {
@@ -249,6 +252,9 @@ const char *strata_job_status_name(StrataJobStatus status);
 /* (transfer full): BlockJobInfo / JobInfo objects for every job. */
 JsonArray *strata_job_query_block_jobs(StrataContext *ctx);
 JsonArray *strata_job_query_jobs(StrataContext *ctx);
+/* (transfer full): query-jobs' objects plus each driver's query members
+ * (x-strata-query-jobs). */
+JsonArray *strata_job_query_jobs_detailed(StrataContext *ctx);
 
 /* Whether a job may move from @from to @to (the transition table). */
 bool strata_job_transition_allowed(StrataJobStatus from, StrataJobStatus to);

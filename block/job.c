@@ -809,23 +809,43 @@ JsonArray *strata_job_query_block_jobs(StrataContext *ctx)
     return arr;
 }
 
+/* One JobInfo, exactly QEMU's members. */
+static JsonObject *job_info(StrataJob *job)
+{
+    JsonObject *o = json_object_new();
+
+    json_object_set_int_member(o, "current-progress", job->progress_current);
+    json_object_set_string_member(o, "status", status_names[job->status]);
+    json_object_set_int_member(o, "total-progress", job->progress_total);
+    json_object_set_string_member(o, "type", job->drv->type);
+    json_object_set_string_member(o, "id", job->id);
+    if (job->status == STRATA_JOB_STATUS_CONCLUDED && job->ret < 0 &&
+        job->error) {
+        json_object_set_string_member(o, "error", job->error);
+    }
+    return o;
+}
+
 JsonArray *strata_job_query_jobs(StrataContext *ctx)
 {
     JsonArray *arr = json_array_new();
 
     for (GList *l = ctx->jobs; l; l = l->next) {
-        StrataJob *job = l->data;
-        JsonObject *o = json_object_new();
+        json_array_add_object_element(arr, job_info(l->data));
+    }
+    return arr;
+}
 
-        json_object_set_int_member(o, "current-progress",
-                                   job->progress_current);
-        json_object_set_string_member(o, "status", status_names[job->status]);
-        json_object_set_int_member(o, "total-progress", job->progress_total);
-        json_object_set_string_member(o, "type", job->drv->type);
-        json_object_set_string_member(o, "id", job->id);
-        if (job->status == STRATA_JOB_STATUS_CONCLUDED && job->ret < 0 &&
-            job->error) {
-            json_object_set_string_member(o, "error", job->error);
+JsonArray *strata_job_query_jobs_detailed(StrataContext *ctx)
+{
+    JsonArray *arr = json_array_new();
+
+    for (GList *l = ctx->jobs; l; l = l->next) {
+        StrataJob *job = l->data;
+        JsonObject *o = job_info(job);
+
+        if (job->drv->query) {
+            job->drv->query(job, o);
         }
         json_array_add_object_element(arr, o);
     }

@@ -30,8 +30,13 @@
 #define MIRROR_MAX_CHUNK (1024 * 1024)
 #define MIRROR_MAX_IN_FLIGHT 16
 #define MIRROR_IDLE_NS (100 * 1000 * 1000LL)
-/* Passes over the bitmap without progress before write-blocking. */
+/* Rates are measured over windows this long. */
+#define MIRROR_WINDOW_NS (250 * 1000 * 1000LL)
+/* Windows in a row in which guests dirtied data and what is left to
+ * copy did not shrink, before the job switches to write-blocking. */
 #define MIRROR_STALLS_BEFORE_BLOCKING 3
+/* Waiting for a copy in flight: woken by its end (or a verb). */
+#define MIRROR_OP_WAIT_NS (3600 * 1000000000LL)
 
 typedef enum {
     MIRROR_SYNC_FULL,
@@ -43,7 +48,12 @@ typedef struct MirrorJob MirrorJob;
 
 typedef struct MirrorOp {
     MirrorJob *m;
+    /* Copies of the job's, so an abandoned copy needs no job. */
+    StrataNode *source, *target;
     uint64_t offset, bytes;
+    /* A forced cancel left it running (a hung target): it holds a ref
+     * on both nodes and frees itself. */
+    bool abandoned;
 } MirrorOp;
 
 struct MirrorJob {
@@ -61,6 +71,9 @@ struct MirrorJob {
     bool pivoted;
     bool should_complete;
     bool idle;                  /* asleep in READY, nothing dirty */
+    bool waiting_op;            /* asleep until a copy in flight ends */
+    bool auto_blocking;         /* switched to write-blocking itself */
+    bool reached_ready;
     uint64_t granularity, chunk;
     unsigned max_in_flight;
     StrataOnError on_source_error, on_target_error;
@@ -71,8 +84,15 @@ struct MirrorJob {
     GList *ops;                 /* MirrorOp * in flight */
     unsigned in_flight;
     uint64_t in_flight_bytes;
-    StrataCoQueue op_wait;
     int op_ret;                 /* a failed copy that ends the job */
+
+    /* Rates for x-strata-query-jobs and the switch to write-blocking:
+     * totals, and where the current window started. */
+    uint64_t dirtied_total, copied_total;
+    int64_t win_start;
+    uint64_t win_dirtied, win_copied, win_left;
+    uint64_t dirty_rate, copy_rate;     /* bytes/s */
+    unsigned stalled_windows;
     StrataErrorAction stop_pending;
 };
 
@@ -89,6 +109,21 @@ static bool overlaps_op(MirrorJob *m, uint64_t offset, uint64_t bytes)
         }
     }
     return false;
+}
+
+/* Counts only granules that were clean: the dirty rate is then what
+ * the job has to copy on top of what it already had to. */
+static void mark_dirty(MirrorJob *m, uint64_t offset, uint64_t bytes)
+{
+    uint64_t g = strata_bitmap_granularity(m->dirty);
+    uint64_t end = MIN(offset + bytes, strata_bitmap_length(m->dirty));
+
+    for (uint64_t o = offset & ~(g - 1); o < end; o += g) {
+        if (!strata_bitmap_get(m->dirty, o)) {
+            m->dirtied_total += MIN(g, end - o);
+        }
+    }
+    strata_bitmap_set(m->dirty, offset, bytes);
 }
 
 static void mirror_co_notify(StrataWriteNotifier *n, uint64_t offset,
@@ -109,7 +144,7 @@ static void mirror_co_notify(StrataWriteNotifier *n, uint64_t offset,
         done = ret == 0;
     }
     if (!done) {
-        strata_bitmap_set(m->dirty, offset, bytes);
+        mark_dirty(m, offset, bytes);
         if (m->idle) {
             strata_job_enter(&m->common);
         }
@@ -140,8 +175,8 @@ static void *buf_new(uint64_t bytes)
 }
 
 /* Source to target, one range: 0 or -errno with *@is_read. */
-static int copy_range_co(MirrorJob *m, uint64_t offset, uint64_t bytes,
-                         bool *is_read)
+static int copy_range_co(StrataNode *source, StrataNode *target,
+                         uint64_t offset, uint64_t bytes, bool *is_read)
 {
     void *buf = buf_new(bytes);
     int ret;
@@ -150,13 +185,18 @@ static int copy_range_co(MirrorJob *m, uint64_t offset, uint64_t bytes,
     if (!buf) {
         return -ENOMEM;
     }
-    ret = strata_node_co_pread(m->source, offset, bytes, buf, 0);
+    ret = strata_node_co_pread(source, offset, bytes, buf, 0);
     if (ret == 0) {
         *is_read = false;
-        ret = strata_node_co_pwrite(m->target, offset, bytes, buf, 0);
+        ret = strata_node_co_pwrite(target, offset, bytes, buf, 0);
     }
     free(buf);
     return ret;
+}
+
+static void node_unref_cb(void *opaque)
+{
+    strata_node_unref(opaque);
 }
 
 static void mirror_op_co(void *opaque)
@@ -167,7 +207,16 @@ static void mirror_op_co(void *opaque)
     bool is_read;
     int ret;
 
-    ret = copy_range_co(m, op->offset, op->bytes, &is_read);
+    ret = copy_range_co(op->source, op->target, op->offset, op->bytes,
+                        &is_read);
+    if (op->abandoned) {
+        /* The job may be gone; closing a node belongs on the loop. */
+        StrataLoop *loop = op->target->ctx->loop;
+        strata_loop_call_soon(loop, node_unref_cb, op->source);
+        strata_loop_call_soon(loop, node_unref_cb, op->target);
+        g_free(op);
+        return;
+    }
     m->ops = g_list_remove(m->ops, op);
     m->in_flight--;
     m->in_flight_bytes -= op->bytes;
@@ -182,21 +231,88 @@ static void mirror_op_co(void *opaque)
         }
     } else {
         strata_job_progress_add(job, op->bytes);
+        m->copied_total += op->bytes;
     }
     g_free(op);
-    strata_co_queue_next(&m->op_wait);
+    if (m->waiting_op) {
+        strata_job_enter(job);
+    }
 }
 
+/* Sleeps as a job (a cancel or pause wakes it too) until a copy in
+ * flight ends. */
 static void wait_one_op(MirrorJob *m)
 {
-    strata_co_queue_wait(&m->op_wait, NULL);
+    m->waiting_op = true;
+    strata_job_co_sleep_ns(&m->common, MIRROR_OP_WAIT_NS);
+    m->waiting_op = false;
 }
 
 static void wait_all_ops(MirrorJob *m)
 {
-    while (m->in_flight > 0) {
+    while (m->in_flight > 0 && !strata_job_is_cancelled(&m->common)) {
         wait_one_op(m);
     }
+}
+
+/* A forced cancel does not wait for a target that may never answer:
+ * the copies in flight finish on their own. */
+static void abandon_ops(MirrorJob *m)
+{
+    for (GList *l = m->ops; l; l = l->next) {
+        MirrorOp *op = l->data;
+        op->abandoned = true;
+        strata_node_ref(op->source);
+        strata_node_ref(op->target);
+    }
+    g_list_free(m->ops);
+    m->ops = NULL;
+    m->in_flight = 0;
+    m->in_flight_bytes = 0;
+}
+
+static uint64_t left_to_copy(MirrorJob *m)
+{
+    return (m->dirty ? strata_bitmap_count(m->dirty) : 0) +
+           m->in_flight_bytes;
+}
+
+static uint64_t per_second(uint64_t bytes, int64_t ns)
+{
+    return ns > 0 ? (uint64_t)((double)bytes * 1e9 / (double)ns) : 0;
+}
+
+/* Closes a rate window once it is long enough.  A window in which
+ * guests dirtied data while what is left to copy did not shrink is a
+ * stall; a few in a row mean the job would never converge, so it
+ * switches to write-blocking (speed limit or not: a limited job must
+ * converge too). */
+static void mirror_window(MirrorJob *m, int64_t now)
+{
+    int64_t ns = now - m->win_start;
+    uint64_t dirtied, copied, left;
+
+    if (ns < MIRROR_WINDOW_NS) {
+        return;
+    }
+    dirtied = m->dirtied_total - m->win_dirtied;
+    copied = m->copied_total - m->win_copied;
+    left = left_to_copy(m);
+    /* The mean of this window and the previous rate: recent, smoothed */
+    m->dirty_rate = (m->dirty_rate + per_second(dirtied, ns)) / 2;
+    m->copy_rate = (m->copy_rate + per_second(copied, ns)) / 2;
+    if (!m->write_blocking && dirtied > 0 && left > 0 && left >= m->win_left) {
+        if (++m->stalled_windows >= MIRROR_STALLS_BEFORE_BLOCKING) {
+            m->write_blocking = true;
+            m->auto_blocking = true;
+        }
+    } else {
+        m->stalled_windows = 0;
+    }
+    m->win_start = now;
+    m->win_dirtied = m->dirtied_total;
+    m->win_copied = m->copied_total;
+    m->win_left = left;
 }
 
 /* What the sync mode says must be copied goes into the bitmap; with
@@ -248,8 +364,7 @@ static int mirror_co_run(StrataJob *job, GError **error)
 {
     MirrorJob *m = (MirrorJob *)job;
     int64_t len, tlen;
-    uint64_t cursor = 0, last_pass = UINT64_MAX;
-    unsigned stalls = 0;
+    uint64_t cursor = 0;
     int ret = 0;
 
     len = strata_node_co_refresh_length(m->source);
@@ -266,7 +381,6 @@ static int mirror_co_run(StrataJob *job, GError **error)
             return ret;
         }
     }
-    strata_co_queue_init(&m->op_wait);
     m->dirty = strata_bitmap_new(MAX(len, 1), m->granularity);
     m->notifier.co_notify = mirror_co_notify;
     m->notifier.opaque = m;
@@ -280,9 +394,11 @@ static int mirror_co_run(StrataJob *job, GError **error)
             return ret;
         }
     }
+    m->win_start = strata_clock_ns();
+    m->win_left = left_to_copy(m);
 
     for (;;) {
-        uint64_t cnt, off, bytes;
+        uint64_t cnt, off, bytes, max_bytes;
 
         if (strata_job_is_cancelled(job)) {
             ret = -ECANCELED;
@@ -294,11 +410,13 @@ static int mirror_co_run(StrataJob *job, GError **error)
                         g_strerror(-ret));
             break;
         }
+        mirror_window(m, strata_clock_ns());
         cnt = strata_bitmap_count(m->dirty);
         strata_job_progress_set_total(job, job->progress_current + cnt +
                                            m->in_flight_bytes);
         if (cnt == 0 && m->in_flight == 0) {
             if (job->status == STRATA_JOB_STATUS_RUNNING) {
+                m->reached_ready = true;
                 strata_job_transition_to_ready(job);
             }
             if (m->should_complete || job->cancelled) {
@@ -313,19 +431,17 @@ static int mirror_co_run(StrataJob *job, GError **error)
             wait_one_op(m);
             continue;
         }
+        /* Under a speed limit, chunks of an eighth of a second keep the
+         * rate smooth and the rate windows short. */
+        max_bytes = job->speed ? CLAMP((job->speed / 8) &
+                                       ~(m->granularity - 1),
+                                       m->granularity, m->chunk)
+                               : m->chunk;
         off = cursor;
-        if (!strata_bitmap_next_dirty_area(m->dirty, &off, m->chunk,
+        if (!strata_bitmap_next_dirty_area(m->dirty, &off, max_bytes,
                                            &bytes)) {
-            /* A pass over the bitmap ended: did it shrink? */
-            if (!m->write_blocking && job->speed == 0) {
-                stalls = cnt >= last_pass ? stalls + 1 : 0;
-                if (stalls >= MIRROR_STALLS_BEFORE_BLOCKING) {
-                    m->write_blocking = true;
-                }
-            }
-            last_pass = cnt;
             off = 0;
-            if (!strata_bitmap_next_dirty_area(m->dirty, &off, m->chunk,
+            if (!strata_bitmap_next_dirty_area(m->dirty, &off, max_bytes,
                                                &bytes)) {
                 wait_one_op(m);
                 continue;
@@ -344,6 +460,8 @@ static int mirror_co_run(StrataJob *job, GError **error)
         {
             MirrorOp *op = g_new0(MirrorOp, 1);
             op->m = m;
+            op->source = m->source;
+            op->target = m->target;
             op->offset = off;
             op->bytes = bytes;
             strata_bitmap_reset(m->dirty, off, bytes);
@@ -355,8 +473,12 @@ static int mirror_co_run(StrataJob *job, GError **error)
         }
         strata_job_co_ratelimit(job, bytes);
     }
-    /* Never return with copies running: they use the job. */
+    /* Never return with copies running (they use the job), unless a
+     * forced cancel gave up on them. */
     wait_all_ops(m);
+    if (m->in_flight > 0) {
+        abandon_ops(m);
+    }
     return ret;
 }
 
@@ -384,8 +506,9 @@ static void final_copy_co(void *opaque)
             bytes = len - off;
         }
         strata_bitmap_reset(m->dirty, off, bytes);
-        fc->ret = copy_range_co(m, off, bytes, &is_read);
+        fc->ret = copy_range_co(m->source, m->target, off, bytes, &is_read);
         strata_job_progress_add(&m->common, bytes);
+        m->copied_total += bytes;
         off += bytes;
         if (off >= len) {
             break;
@@ -473,6 +596,35 @@ static void mirror_free(StrataJob *job)
     }
 }
 
+static void mirror_query(StrataJob *job, JsonObject *info)
+{
+    MirrorJob *m = (MirrorJob *)job;
+    uint64_t left = left_to_copy(m);
+    uint64_t dirty_rate = m->dirty_rate, copy_rate = m->copy_rate;
+    int64_t ns = strata_clock_ns() - m->win_start;
+
+    /* A job that has not closed a window for long (paused, stopped on
+     * an error) reports what happened since the last one. */
+    if (m->win_start && ns >= 4 * MIRROR_WINDOW_NS) {
+        dirty_rate = per_second(m->dirtied_total - m->win_dirtied, ns);
+        copy_rate = per_second(m->copied_total - m->win_copied, ns);
+    }
+    json_object_set_string_member(info, "copy-mode", m->write_blocking
+                                  ? "write-blocking" : "background");
+    json_object_set_boolean_member(info, "auto-write-blocking",
+                                   m->auto_blocking);
+    json_object_set_int_member(info, "dirty-bytes", (gint64)left);
+    json_object_set_int_member(info, "dirty-rate", (gint64)dirty_rate);
+    json_object_set_int_member(info, "copy-rate", (gint64)copy_rate);
+    if (m->reached_ready) {
+        json_object_set_int_member(info, "estimated-ready-ms", 0);
+    } else if (job->ret == 0 && copy_rate > dirty_rate && m->dirty) {
+        json_object_set_int_member(
+            info, "estimated-ready-ms",
+            (gint64)((double)left * 1000.0 / (double)(copy_rate - dirty_rate)));
+    }
+}
+
 static const StrataJobDriver mirror_driver = {
     .type = "mirror",
     .instance_size = sizeof(MirrorJob),
@@ -483,6 +635,7 @@ static const StrataJobDriver mirror_driver = {
     .free = mirror_free,
     .complete = mirror_complete,
     .soft_cancel = true,
+    .query = mirror_query,
 };
 
 static const StrataJobDriver active_commit_driver = {
@@ -495,6 +648,7 @@ static const StrataJobDriver active_commit_driver = {
     .free = mirror_free,
     .complete = mirror_complete,
     .soft_cancel = true,
+    .query = mirror_query,
 };
 
 /* ------------------------------------------------------------------ */

@@ -202,6 +202,13 @@ bool strata_qmp_query_jobs(StrataMonitor *mon, JsonObject *args,
     return true;
 }
 
+bool strata_qmp_x_strata_query_jobs(StrataMonitor *mon, JsonObject *args,
+                                    JsonNode **ret, GError **error)
+{
+    *ret = array_node(strata_job_query_jobs_detailed(ctx_of(mon)));
+    return true;
+}
+
 bool strata_qmp_blockdev_mirror(StrataMonitor *mon, JsonObject *args,
                                 JsonNode **ret, GError **error)
 {

@@ -91,6 +91,7 @@ static const CommandEntry command_table[] = {
     { "transaction", strata_qmp_transaction },
     { "x-strata-blockdev-revert", strata_qmp_x_blockdev_revert },
     { "x-strata-query-loop", strata_qmp_x_strata_query_loop },
+    { "x-strata-query-jobs", strata_qmp_x_strata_query_jobs },
     { "blockdev-reopen", strata_qmp_blockdev_reopen },
     { "blockdev-mirror", strata_qmp_blockdev_mirror },
     { "drive-mirror", strata_qmp_drive_mirror },

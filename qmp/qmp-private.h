@@ -187,6 +187,8 @@ bool strata_qmp_query_block_jobs(StrataMonitor *mon, JsonObject *args,
         JsonNode **ret, GError **error);
 bool strata_qmp_query_jobs(StrataMonitor *mon, JsonObject *args,
         JsonNode **ret, GError **error);
+bool strata_qmp_x_strata_query_jobs(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
 
 /* ---- cmd-snapshot.c ---- */
 
