@@ -375,11 +375,17 @@ static int mirror_co_run(StrataJob *job, GError **error)
                     g_strerror(-ret));
         return ret;
     }
-    if (tlen < len) {
+    if (m->is_commit && tlen < len) {
+        /* the base of an active commit grows to the active layer's size */
         ret = strata_node_co_truncate(m->target, len, false, error);
         if (ret < 0) {
             return ret;
         }
+    } else if (!m->is_commit && tlen != len) {
+        /* QEMU accepts the command and fails the job here */
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Source and target image have different sizes");
+        return -EINVAL;
     }
     m->dirty = strata_bitmap_new(MAX(len, 1), m->granularity);
     m->notifier.co_notify = mirror_co_notify;
@@ -665,12 +671,18 @@ static int64_t opt_int(JsonObject *args, const char *name, int64_t def)
     return json_object_get_int_member_with_default(args, name, def);
 }
 
-/* The cluster size of @node's image, clamped as QEMU picks the default
- * granularity. */
+/* QEMU's default granularity: the target image's cluster size clamped
+ * to [4 KiB, 64 KiB]; 64 KiB for images without clusters.  A qcow2
+ * node's discard alignment is its cluster size. */
 static uint64_t default_granularity(StrataNode *target)
 {
-    (void)target;
-    return 64 * 1024;
+    StrataNode *img = strata_node_skip_filters(target);
+    uint64_t cluster = 0;
+
+    if (img && !strcmp(img->drv->name, "qcow2")) {
+        cluster = img->limits.pdiscard_alignment;
+    }
+    return cluster ? CLAMP(cluster, 4096, 64 * 1024) : 64 * 1024;
 }
 
 typedef struct MirrorSetup {
@@ -774,8 +786,64 @@ static bool parse_common(JsonObject *args, MirrorSetup *s, GError **error)
         return false;
     }
     s->write_blocking = copy_mode && !strcmp(copy_mode, "write-blocking");
-    if (opt_str(args, "filter-node-name") &&
-        !strata_node_name_check(opt_str(args, "filter-node-name"), error)) {
+    return true;
+}
+
+/* The name the mirror_top filter would take must be free and valid. */
+static bool check_filter_name(StrataContext *ctx, JsonObject *args,
+                              GError **error)
+{
+    const char *name = opt_str(args, "filter-node-name");
+
+    if (!name) {
+        return true;
+    }
+    if (!strata_node_name_check(name, error)) {
+        return false;
+    }
+    if (strata_context_lookup(ctx, name)) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_EXISTS,
+                    "Duplicate nodes with node-name='%s'", name);
+        return false;
+    }
+    return true;
+}
+
+/* @replaces must be what the source shows through filters (QEMU's
+ * check_to_replace_node): replacing anything else would change the
+ * data its users see all at once. */
+static bool check_replaces(StrataContext *ctx, MirrorSetup *s,
+                           const char *replaces, GError **error)
+{
+    StrataNode *n = s->source;
+    int64_t slen, rlen;
+
+    s->to_replace = strata_context_lookup(ctx, replaces);
+    if (!s->to_replace) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_FOUND,
+                    "Failed to find node with node-name='%s'", replaces);
+        return false;
+    }
+    while (n && n != s->to_replace && n->drv->is_filter && n->file) {
+        n = n->file->node;
+    }
+    if (n != s->to_replace) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Cannot replace '%s' by a node mirrored from '%s', "
+                    "because it cannot be guaranteed that doing so would "
+                    "not lead to an abrupt change of visible data",
+                    replaces, s->source->node_name);
+        return false;
+    }
+    if (!strata_job_busy_check(ctx, s->to_replace, error)) {
+        return false;
+    }
+    slen = strata_node_refresh_length(s->source);
+    rlen = strata_node_refresh_length(s->to_replace);
+    if (slen != rlen) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "cannot replace image with a mirror image of different "
+                    "size");
         return false;
     }
     return true;
@@ -812,7 +880,6 @@ static bool check_target(StrataContext *ctx, MirrorSetup *s, JsonObject *args,
                          GError **error)
 {
     const char *replaces = opt_str(args, "replaces");
-    int64_t slen, tlen;
 
     if (s->target == s->source) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
@@ -842,19 +909,11 @@ static bool check_target(StrataContext *ctx, MirrorSetup *s, JsonObject *args,
                     "Block node is read-only");
         return false;
     }
-    if (replaces) {
-        s->to_replace = strata_context_lookup(ctx, replaces);
-        if (!s->to_replace) {
-            g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_FOUND,
-                        "Failed to find node with node-name='%s'", replaces);
-            return false;
-        }
+    if (replaces && !s->to_replace &&
+        !check_replaces(ctx, s, replaces, error)) {
+        return false;
     }
-    slen = strata_node_refresh_length(s->source);
-    tlen = strata_node_refresh_length(s->target);
-    if (slen >= 0 && tlen >= 0 && slen != tlen) {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
-                    "Source and target image have different sizes");
+    if (!check_filter_name(ctx, args, error)) {
         return false;
     }
     if (!s->granularity) {
@@ -925,17 +984,6 @@ static bool create_target(StrataContext *ctx, const char *file,
     return false;
 }
 
-static char *absolute_path(const char *name)
-{
-    if (!name || g_path_is_absolute(name)) {
-        return g_strdup(name);
-    }
-    {
-        g_autofree char *cwd = g_get_current_dir();
-        return g_build_filename(cwd, name, NULL);
-    }
-}
-
 bool strata_drive_mirror_start(StrataContext *ctx, JsonObject *args,
                                GError **error)
 {
@@ -980,14 +1028,30 @@ bool strata_drive_mirror_start(StrataContext *ctx, JsonObject *args,
                     g_strerror((int)-len));
         return false;
     }
+    /* Checked before a file is created, as QEMU does. */
+    if (opt_str(args, "replaces")) {
+        if (!node_name) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                        "a node-name must be provided when replacing a "
+                        "named node of the graph");
+            return false;
+        }
+        if (!check_replaces(ctx, &s, opt_str(args, "replaces"), error)) {
+            return false;
+        }
+    }
+    if (!check_filter_name(ctx, args, error)) {
+        return false;
+    }
     if (!mode || strcmp(mode, "existing") != 0) {
         g_autofree char *bfile = NULL;
         const char *bfmt = NULL;
         if (s.sync == MIRROR_SYNC_TOP) {
-            bfile = absolute_path(strata_node_image_filename(backing));
+            /* the file name as the daemon knows it, as QEMU writes */
+            bfile = g_strdup(strata_node_image_filename(backing));
             bfmt = strata_node_skip_filters(backing)->drv->name;
         } else if (s.sync == MIRROR_SYNC_NONE) {
-            bfile = absolute_path(strata_node_image_filename(s.source));
+            bfile = g_strdup(strata_node_image_filename(s.source));
             bfmt = data->drv->name;
         }
         if (!create_target(ctx, file, format, len, bfile, bfmt, error)) {

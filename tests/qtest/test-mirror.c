@@ -359,13 +359,72 @@ START_TEST(test_mirror_errors)
              "\"full\", \"buf-size\": -1}}", "GenericError",
           "Invalid parameter 'buf-size'");
     fails(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
-             "\"m\", \"device\": \"s1\", \"target\": \"small\", \"sync\": "
-             "\"full\"}}", "GenericError",
-          "Source and target image have different sizes");
-    fails(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
              "\"m\", \"device\": \"s1\", \"target\": \"t\", \"sync\": "
              "\"full\", \"replaces\": \"nope\"}}", "GenericError",
           "Failed to find node with node-name='nope'");
+    fails(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+             "\"m\", \"device\": \"s1\", \"target\": \"t\", \"sync\": "
+             "\"full\", \"replaces\": \"small\"}}", "GenericError",
+          "Cannot replace 'small' by a node mirrored from 's1', because it "
+          "cannot be guaranteed that doing so would not lead to an abrupt "
+          "change of visible data");
+    fails(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+             "\"m\", \"device\": \"s1\", \"target\": \"t\", \"sync\": "
+             "\"full\", \"filter-node-name\": \"s0\"}}", "GenericError",
+          "Duplicate nodes with node-name='s0'");
+    fails(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+             "\"m\", \"device\": \"s1\", \"target\": \"t\", \"sync\": "
+             "\"full\", \"filter-node-name\": \"a b\"}}", "GenericError",
+          "Invalid node-name: 'a b'");
+    fails(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+             "\"m\", \"device\": \"s1\", \"target\": \"t\", \"sync\": "
+             "\"full\", \"granularity\": 134217728}}", "GenericError",
+          "Parameter 'granularity' expects a value in range [512B, 64MB]");
+    fails(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+             "\"m\", \"device\": \"s1\", \"target\": \"t\", \"sync\": "
+             "\"full\", \"on-target-error\": \"sometimes\"}}",
+          "GenericError", NULL);
+    fails(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+             "\"m\", \"device\": \"s1\", \"target\": \"t\", \"sync\": "
+             "\"full\", \"copy-mode\": \"eager\"}}", "GenericError", NULL);
+    fails(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+             "\"m\", \"device\": \"s1\", \"target\": \"t\"}}",
+          "GenericError", "Parameter 'sync' is missing");
+    /* drive-mirror's own arguments; no file is left behind */
+    fails(s, "{\"execute\": \"drive-mirror\", \"arguments\": {\"job-id\": "
+             "\"m\", \"device\": \"s1\", \"target\": \"r.qcow2\", "
+             "\"sync\": \"full\", \"replaces\": \"s1\"}}", "GenericError",
+          "a node-name must be provided when replacing a named node of the "
+          "graph");
+    fails(s, "{\"execute\": \"drive-mirror\", \"arguments\": {\"job-id\": "
+             "\"m\", \"device\": \"s1\", \"target\": \"r.qcow2\", "
+             "\"sync\": \"full\", \"format\": \"vmdk9\"}}", "GenericError",
+          "Unknown file format 'vmdk9'");
+    fails(s, "{\"execute\": \"drive-mirror\", \"arguments\": {\"job-id\": "
+             "\"m\", \"device\": \"s1\", \"target\": \"r.qcow2\", "
+             "\"sync\": \"full\", \"node-name\": \"t\"}}", "GenericError",
+          "Duplicate nodes with node-name='t'");
+    fails(s, "{\"execute\": \"drive-mirror\", \"arguments\": {\"job-id\": "
+             "\"m\", \"device\": \"s1\", \"target\": \"missing.qcow2\", "
+             "\"format\": \"qcow2\", \"sync\": \"full\", \"mode\": "
+             "\"existing\"}}", "GenericError",
+          "Could not open 'missing.qcow2': No such file or directory");
+    fails(s, "{\"execute\": \"drive-mirror\", \"arguments\": {\"job-id\": "
+             "\"m\", \"device\": \"s1\", \"target\": \"r.qcow2\", "
+             "\"sync\": \"full\", \"mode\": \"relative\"}}", "GenericError",
+          NULL);
+    ck_assert_int_eq(sh(s, "test ! -e r.qcow2 && test ! -e missing.qcow2"),
+                     0);
+    /* a target of another size: accepted, the job fails (as QEMU's) */
+    ok(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+          "\"sz\", \"device\": \"s1\", \"target\": \"small\", \"sync\": "
+          "\"full\"}}");
+    {
+        g_autoptr(JsonNode) c = want_event(s, "BLOCK_JOB_COMPLETED");
+        ck_assert_str_eq(json_object_get_string_member(data_of(c), "error"),
+                         "Source and target image have different sizes");
+    }
+    reach_status(s, "sz", "null");
     /* busy: a second job on the mirrored node */
     ok(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
           "\"m\", \"device\": \"s1\", \"target\": \"t\", \"sync\": "
@@ -436,73 +495,105 @@ START_TEST(test_mirror_busy_guest_converges)
 }
 END_TEST
 
-/* Target write errors through blkdebug: report fails the job with a
- * BLOCK_JOB_ERROR (operation write), stop pauses it and resume goes
- * on to READY once the error is gone. */
-START_TEST(test_mirror_target_errors)
+/* One failed request through blkdebug on the target (write) or the
+ * source (read) under each policy: BLOCK_JOB_ERROR names the action;
+ * report fails the job, stop pauses it (io-status failed, or nospace
+ * for ENOSPC) and resume goes on, ignore goes on; every job that goes
+ * on pivots a target equal to the source. */
+typedef struct PolicyCase {
+    bool source;            /* the error is a source read */
+    const char *policy;
+    int errnum;
+    const char *action;     /* BLOCK_JOB_ERROR's action */
+    const char *io_status;  /* while stopped */
+} PolicyCase;
+
+static const PolicyCase policy_cases[] = {
+    { false, "report", 5, "report", NULL },
+    { false, "stop", 5, "stop", "failed" },
+    { false, "ignore", 5, "ignore", NULL },
+    { false, "enospc", 28, "stop", "nospace" },
+    { false, "enospc", 5, "report", NULL },
+    { false, "auto", 28, "stop", "nospace" },
+    { true, "report", 5, "report", NULL },
+    { true, "stop", 5, "stop", "failed" },
+    { true, "ignore", 5, "ignore", NULL },
+};
+
+static void run_policy_case(const PolicyCase *pc)
 {
     QTestState *s = qtest_start(NULL, true);
     JsonNode *keep = NULL;
+    g_autofree char *dbg = NULL;
+    g_autofree char *mirror = NULL;
 
-    if (!have_qemu_tools()) {
-        qtest_end(s);
-        return;
-    }
     source2(s);
-    ok(s, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
-          "\"blkdebug\", \"node-name\": \"t\", \"inject-error\": "
-          "[{\"event\": \"write_aio\", \"errno\": 5, \"once\": true}], "
-          "\"image\": {\"driver\": \"qcow2\", \"file\": {\"driver\": "
-          "\"file\", \"filename\": \"t.qcow2\"}}}}");
-    ok(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
-          "\"m\", \"device\": \"s1\", \"target\": \"t\", \"sync\": "
-          "\"full\", \"on-target-error\": \"stop\"}}");
+    dbg = g_strdup_printf(
+        "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+        "\"blkdebug\", \"node-name\": \"dbg\", \"inject-error\": "
+        "[{\"event\": \"%s\", \"errno\": %d, \"once\": true}], "
+        "\"image\": %s}}", pc->source ? "read_aio" : "write_aio",
+        pc->errnum, pc->source ? "\"s1\"" :
+        "{\"driver\": \"qcow2\", \"file\": {\"driver\": \"file\", "
+        "\"filename\": \"t.qcow2\"}}");
+    ok(s, dbg);
+    if (pc->source) {
+        ok(s, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+              "\"qcow2\", \"node-name\": \"t\", \"file\": {\"driver\": "
+              "\"file\", \"filename\": \"t.qcow2\"}}}");
+    }
+    mirror = g_strdup_printf(
+        "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+        "\"m\", \"device\": \"%s\", \"target\": \"%s\", \"sync\": "
+        "\"full\", \"%s\": \"%s\"}}", pc->source ? "dbg" : "s1",
+        pc->source ? "t" : "dbg",
+        pc->source ? "on-source-error" : "on-target-error", pc->policy);
+    ok(s, mirror);
     {
         g_autoptr(JsonNode) ev = want_event(s, "BLOCK_JOB_ERROR");
         ck_assert_str_eq(json_object_get_string_member(data_of(ev),
-                                                       "operation"), "write");
-        ck_assert_str_eq(json_object_get_string_member(data_of(ev),
-                                                       "action"), "stop");
+                                                       "operation"),
+                         pc->source ? "read" : "write");
+        ck_assert_msg(!strcmp(json_object_get_string_member(data_of(ev),
+                                                            "action"),
+                              pc->action), "%s/%s/%d: action %s",
+                      pc->source ? "source" : "target", pc->policy,
+                      pc->errnum, json_object_get_string_member(
+                          data_of(ev), "action"));
     }
-    reach_status(s, "m", "paused");
-    ck_assert_str_eq(json_object_get_string_member(block_job(s, &keep),
-                                                   "io-status"), "failed");
-    json_node_unref(keep);
-    ok(s, "{\"execute\": \"block-job-resume\", \"arguments\": "
-          "{\"device\": \"m\"}}");
+    if (!strcmp(pc->action, "report")) {
+        g_autoptr(JsonNode) c = want_event(s, "BLOCK_JOB_COMPLETED");
+        ck_assert(json_object_has_member(data_of(c), "error"));
+        ck_assert_str_eq(export_node(s, &keep), "s1");
+        json_node_unref(keep);
+        qtest_end(s);
+        return;
+    }
+    if (!strcmp(pc->action, "stop")) {
+        reach_status(s, "m", "paused");
+        ck_assert_str_eq(json_object_get_string_member(block_job(s, &keep),
+                                                       "io-status"),
+                         pc->io_status);
+        json_node_unref(keep);
+        ok(s, "{\"execute\": \"block-job-resume\", \"arguments\": "
+              "{\"device\": \"m\"}}");
+    }
     reach_ready(s, "m", "mirror");
     ok(s, "{\"execute\": \"block-job-complete\", \"arguments\": "
           "{\"device\": \"m\"}}");
-    finish_events(s, "m", "mirror");
+    reach_status(s, "m", "null");
     ok(s, "{\"execute\": \"quit\"}");
     ck_assert_int_eq(qtest_wait_exit(s, 10000), 0);
     ck_assert_int_eq(sh(s, "qemu-img compare -q -F raw t.qcow2 ref.raw"), 0);
     qtest_end(s);
+}
 
-    /* report: the job fails with the error */
-    s = qtest_start(NULL, true);
-    source2(s);
-    ok(s, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
-          "\"blkdebug\", \"node-name\": \"t\", \"inject-error\": "
-          "[{\"event\": \"write_aio\", \"errno\": 5}], "
-          "\"image\": {\"driver\": \"qcow2\", \"file\": {\"driver\": "
-          "\"file\", \"filename\": \"t.qcow2\"}}}}");
-    ok(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
-          "\"m\", \"device\": \"s1\", \"target\": \"t\", \"sync\": "
-          "\"full\"}}");
-    {
-        g_autoptr(JsonNode) ev = want_event(s, "BLOCK_JOB_ERROR");
-        ck_assert_str_eq(json_object_get_string_member(data_of(ev),
-                                                       "action"), "report");
+START_TEST(test_mirror_error_policies)
+{
+    if (!have_qemu_tools()) {
+        return;
     }
-    reach_status(s, "m", "aborting");
-    {
-        g_autoptr(JsonNode) c = want_event(s, "BLOCK_JOB_COMPLETED");
-        ck_assert(json_object_has_member(data_of(c), "error"));
-    }
-    ck_assert_str_eq(export_node(s, &keep), "s1");
-    json_node_unref(keep);
-    qtest_end(s);
+    run_policy_case(&policy_cases[_i]);
 }
 END_TEST
 
@@ -521,7 +612,8 @@ int main(void)
     tcase_add_test(tc, test_drive_mirror_top);
     tcase_add_test(tc, test_mirror_errors);
     tcase_add_test(tc, test_mirror_busy_guest_converges);
-    tcase_add_test(tc, test_mirror_target_errors);
+    tcase_add_loop_test(tc, test_mirror_error_policies, 0,
+                        G_N_ELEMENTS(policy_cases));
     suite_add_tcase(suite, tc);
     sr = srunner_create(suite);
     srunner_run_all(sr, CK_NORMAL);
