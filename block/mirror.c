@@ -82,6 +82,7 @@ struct MirrorJob {
     StrataWriteNotifier notifier;
     bool notifier_added;
     GList *ops;                 /* MirrorOp * in flight */
+    GSList *free_bufs;          /* chunk-sized buffers to reuse */
     unsigned in_flight;
     uint64_t in_flight_bytes;
     int op_ret;                 /* a failed copy that ends the job */
@@ -174,11 +175,30 @@ static void *buf_new(uint64_t bytes)
     return p;
 }
 
-/* Source to target, one range: 0 or -errno with *@is_read. */
-static int copy_range_co(StrataNode *source, StrataNode *target,
-                         uint64_t offset, uint64_t bytes, bool *is_read)
+/* Chunk buffers are kept for the next copy: a fresh 1 MiB buffer is a
+ * fresh mapping whose pages the kernel faults in and zeroes each time. */
+static void *buf_get(MirrorJob *m)
 {
-    void *buf = buf_new(bytes);
+    void *buf = m->free_bufs ? m->free_bufs->data : NULL;
+
+    if (buf) {
+        m->free_bufs = g_slist_delete_link(m->free_bufs, m->free_bufs);
+        return buf;
+    }
+    return buf_new(m->chunk);
+}
+
+static void buf_put(MirrorJob *m, void *buf)
+{
+    m->free_bufs = g_slist_prepend(m->free_bufs, buf);
+}
+
+/* Source to target through @buf, one range: 0 or -errno with
+ * *@is_read. */
+static int copy_range_co(StrataNode *source, StrataNode *target,
+                         uint64_t offset, uint64_t bytes, void *buf,
+                         bool *is_read)
+{
     int ret;
 
     *is_read = true;
@@ -190,7 +210,6 @@ static int copy_range_co(StrataNode *source, StrataNode *target,
         *is_read = false;
         ret = strata_node_co_pwrite(target, offset, bytes, buf, 0);
     }
-    free(buf);
     return ret;
 }
 
@@ -204,18 +223,23 @@ static void mirror_op_co(void *opaque)
     MirrorOp *op = opaque;
     MirrorJob *m = op->m;
     StrataJob *job = &m->common;
+    void *buf = buf_get(m);
     bool is_read;
     int ret;
 
-    ret = copy_range_co(op->source, op->target, op->offset, op->bytes,
+    ret = copy_range_co(op->source, op->target, op->offset, op->bytes, buf,
                         &is_read);
     if (op->abandoned) {
+        free(buf);
         /* The job may be gone; closing a node belongs on the loop. */
         StrataLoop *loop = op->target->ctx->loop;
         strata_loop_call_soon(loop, node_unref_cb, op->source);
         strata_loop_call_soon(loop, node_unref_cb, op->target);
         g_free(op);
         return;
+    }
+    if (buf) {
+        buf_put(m, buf);
     }
     m->ops = g_list_remove(m->ops, op);
     m->in_flight--;
@@ -283,10 +307,11 @@ static uint64_t per_second(uint64_t bytes, int64_t ns)
 }
 
 /* Closes a rate window once it is long enough.  A window in which
- * guests dirtied data while what is left to copy did not shrink is a
- * stall; a few in a row mean the job would never converge, so it
- * switches to write-blocking (speed limit or not: a limited job must
- * converge too). */
+ * guests dirtied data while what is left to copy did not shrink, or
+ * in which they dirtied a third or more of what the job copied, is a
+ * stall; a few in a row mean the job would never converge, or only
+ * slowly, so it switches to write-blocking (speed limit or not: a
+ * limited job must converge too). */
 static void mirror_window(MirrorJob *m, int64_t now)
 {
     int64_t ns = now - m->win_start;
@@ -301,7 +326,8 @@ static void mirror_window(MirrorJob *m, int64_t now)
     /* The mean of this window and the previous rate: recent, smoothed */
     m->dirty_rate = (m->dirty_rate + per_second(dirtied, ns)) / 2;
     m->copy_rate = (m->copy_rate + per_second(copied, ns)) / 2;
-    if (!m->write_blocking && dirtied > 0 && left > 0 && left >= m->win_left) {
+    if (!m->write_blocking && dirtied > 0 && left > 0 &&
+        (left >= m->win_left || dirtied * 3 >= copied)) {
         if (++m->stalled_windows >= MIRROR_STALLS_BEFORE_BLOCKING) {
             m->write_blocking = true;
             m->auto_blocking = true;
@@ -504,6 +530,7 @@ static void final_copy_co(void *opaque)
     MirrorJob *m = fc->m;
     uint64_t len = strata_bitmap_length(m->dirty);
     uint64_t off = 0, bytes;
+    void *buf = buf_get(m);
     bool is_read;
 
     while (fc->ret == 0 &&
@@ -512,13 +539,17 @@ static void final_copy_co(void *opaque)
             bytes = len - off;
         }
         strata_bitmap_reset(m->dirty, off, bytes);
-        fc->ret = copy_range_co(m->source, m->target, off, bytes, &is_read);
+        fc->ret = copy_range_co(m->source, m->target, off, bytes, buf,
+                                &is_read);
         strata_job_progress_add(&m->common, bytes);
         m->copied_total += bytes;
         off += bytes;
         if (off >= len) {
             break;
         }
+    }
+    if (buf) {
+        buf_put(m, buf);
     }
     if (fc->ret == 0) {
         fc->ret = strata_node_co_flush(m->target);
@@ -594,6 +625,7 @@ static void mirror_free(StrataJob *job)
     if (m->dirty) {
         strata_bitmap_free(m->dirty);
     }
+    g_slist_free_full(m->free_bufs, free);
     if (m->attach_backing) {
         strata_node_unref(m->attach_backing);
     }
