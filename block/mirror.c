@@ -75,6 +75,7 @@ struct MirrorJob {
     bool auto_blocking;         /* switched to write-blocking itself */
     bool reached_ready;
     uint64_t granularity, chunk;
+    uint64_t buf_size;          /* bytes of copies in flight at most */
     unsigned max_in_flight;
     StrataOnError on_source_error, on_target_error;
 
@@ -193,6 +194,74 @@ static void buf_put(MirrorJob *m, void *buf)
     m->free_bufs = g_slist_prepend(m->free_bufs, buf);
 }
 
+/* One read of a range that lies in a single layer of the chain. */
+typedef struct ReadPiece {
+    StrataNode *source;
+    uint64_t offset, bytes;
+    void *buf;
+    int *ret;
+    unsigned *pending;
+    StrataCoQueue *done;
+} ReadPiece;
+
+static void read_piece_co(void *opaque)
+{
+    ReadPiece *p = opaque;
+    int ret = strata_node_co_pread(p->source, p->offset, p->bytes, p->buf,
+                                   0);
+
+    if (ret < 0 && *p->ret == 0) {
+        *p->ret = ret;
+    }
+    if (--*p->pending == 0) {
+        strata_co_queue_next(p->done);
+    }
+    g_free(p);
+}
+
+/* Reads [@offset, @offset + @bytes) of @source into @buf.  A qcow2 read
+ * across layers of a chain reads its pieces one after the other, so the
+ * range is cut where the layer that holds the data changes and the
+ * pieces are read side by side; the copy still writes the target in one
+ * request. */
+static int read_source_co(StrataNode *source, uint64_t offset,
+                          uint64_t bytes, void *buf)
+{
+    uint64_t end = offset + bytes, o = offset, pnum = 0;
+    unsigned pending = 1;       /* ours, dropped after the last spawn */
+    StrataCoQueue done;
+    int ret = 0;
+
+    if (strata_node_co_block_status_above(source, NULL, false, offset,
+                                          bytes, &pnum, NULL, NULL,
+                                          NULL) < 0 ||
+        pnum == 0 || pnum >= bytes) {
+        return strata_node_co_pread(source, offset, bytes, buf, 0);
+    }
+    strata_co_queue_init(&done);
+    while (o < end && ret == 0) {
+        ReadPiece *p;
+
+        if (o > offset &&
+            (strata_node_co_block_status_above(source, NULL, false, o,
+                                               end - o, &pnum, NULL, NULL,
+                                               NULL) < 0 || pnum == 0)) {
+            pnum = end - o;
+        }
+        p = g_new(ReadPiece, 1);
+        *p = (ReadPiece){ source, o, MIN(pnum, end - o),
+                          (uint8_t *)buf + (o - offset), &ret, &pending,
+                          &done };
+        pending++;
+        o += p->bytes;
+        strata_coroutine_enter(strata_coroutine_new(read_piece_co, p));
+    }
+    if (--pending > 0) {
+        strata_co_queue_wait(&done, NULL);
+    }
+    return ret;
+}
+
 /* Source to target through @buf, one range: 0 or -errno with
  * *@is_read. */
 static int copy_range_co(StrataNode *source, StrataNode *target,
@@ -205,7 +274,7 @@ static int copy_range_co(StrataNode *source, StrataNode *target,
     if (!buf) {
         return -ENOMEM;
     }
-    ret = strata_node_co_pread(source, offset, bytes, buf, 0);
+    ret = read_source_co(source, offset, bytes, buf);
     if (ret == 0) {
         *is_read = false;
         ret = strata_node_co_pwrite(target, offset, bytes, buf, 0);
@@ -459,7 +528,8 @@ static int mirror_co_run(StrataJob *job, GError **error)
             m->idle = false;
             continue;
         }
-        if (cnt == 0 || m->in_flight >= m->max_in_flight) {
+        if (cnt == 0 || m->in_flight >= m->max_in_flight ||
+            m->in_flight_bytes >= m->buf_size) {
             wait_one_op(m);
             continue;
         }
@@ -757,7 +827,8 @@ static bool mirror_start_job(StrataContext *ctx, JsonObject *args,
     m->on_target_error = s->on_target_error;
     m->granularity = s->granularity;
     m->chunk = MAX(m->granularity, MIN(MIRROR_MAX_CHUNK, s->buf_size));
-    m->max_in_flight = CLAMP(s->buf_size / m->chunk, 1, MIRROR_MAX_IN_FLIGHT);
+    m->buf_size = MAX(s->buf_size, m->chunk);
+    m->max_in_flight = MIRROR_MAX_IN_FLIGHT;
     if (s->attach_backing) {
         strata_node_ref(s->attach_backing);
         m->attach_backing = s->attach_backing;
