@@ -72,6 +72,11 @@ bool strata_snapshot_internal_prepare(StrataTransaction *t,
                                       const char *device, const char *name,
                                       GError **error);
 
+/* The qcow2 node that holds @node's internal snapshots: @node or a node
+ * down its file children, as QEMU's snapshot calls recurse.
+ * (transfer none) (nullable) */
+StrataNode *strata_snapshot_holder(StrataNode *node);
+
 /**
  * strata_snapshot_delete_internal:
  * @id: (nullable), @name: (nullable): at least one; both must match
@@ -110,6 +115,15 @@ bool strata_snapshot_revert(StrataContext *ctx, const char *node,
                             const char *overlay_node_name,
                             bool delete_files, GError **error);
 
+/* ---- snapshot-vm.c: snapshot-save / -load / -delete jobs ---- */
+
+/* @args: the command's arguments, validated by the schema. */
+bool strata_snapshot_save_start(StrataContext *ctx, JsonObject *args,
+                                GError **error);
+bool strata_snapshot_load_start(StrataContext *ctx, JsonObject *args,
+                                GError **error);
+bool strata_snapshot_delete_start(StrataContext *ctx, JsonObject *args,
+                                  GError **error);
 
 #ifdef __cplusplus
 }

@@ -378,9 +378,7 @@ bool strata_snapshot_prepare(StrataTransaction *t, const char *node,
 /* Internal snapshots                                                  */
 /* ------------------------------------------------------------------ */
 
-/* The qcow2 node that holds a node's internal snapshots: the node or a
- * node down its file children, as QEMU's snapshot calls recurse. */
-static StrataNode *snapshot_holder(StrataNode *node)
+StrataNode *strata_snapshot_holder(StrataNode *node)
 {
     while (node && node->drv != &strata_driver_qcow2) {
         node = node->file ? node->file->node : NULL;
@@ -502,7 +500,7 @@ bool strata_snapshot_internal_prepare(StrataTransaction *t,
                     "Device '%s' is read only", device);
         return false;
     }
-    holder = snapshot_holder(node);
+    holder = strata_snapshot_holder(node);
     if (!holder || holder->read_only) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
                     "Block format '%s' used by device '%s' does not support "
@@ -582,7 +580,7 @@ JsonObject *strata_snapshot_delete_internal(StrataContext *ctx,
                     "Name or id must be provided");
         return NULL;
     }
-    holder = snapshot_holder(node);
+    holder = strata_snapshot_holder(node);
     if (!holder) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
                     "Failed to get a snapshot list: %s",

@@ -179,3 +179,24 @@ bool strata_qmp_transaction(StrataMonitor *mon, JsonObject *args,
     strata_transaction_finish(t, ok);
     return ok;
 }
+
+bool strata_qmp_snapshot_save(StrataMonitor *mon, JsonObject *args,
+                              JsonNode **ret, GError **error)
+{
+    return strata_snapshot_save_start(strata_monitor_get_context(mon), args,
+                                      error);
+}
+
+bool strata_qmp_snapshot_load(StrataMonitor *mon, JsonObject *args,
+                              JsonNode **ret, GError **error)
+{
+    return strata_snapshot_load_start(strata_monitor_get_context(mon), args,
+                                      error);
+}
+
+bool strata_qmp_snapshot_delete(StrataMonitor *mon, JsonObject *args,
+                                JsonNode **ret, GError **error)
+{
+    return strata_snapshot_delete_start(strata_monitor_get_context(mon),
+                                        args, error);
+}
