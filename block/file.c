@@ -51,6 +51,10 @@ typedef struct FileState {
     /* errno of a failed fdatasync: the page cache may have dropped dirty
      * pages, so no later flush may claim success. */
     int flush_errno;
+    /* Bumped as each modifying request starts; a flush with nothing
+     * modified since the last successful one has nothing to make
+     * stable and skips fdatasync, as QEMU's write_gen does. */
+    uint64_t write_gen, flushed_gen;
 } FileState;
 
 static const char *const file_aio_values[] = {
@@ -591,6 +595,7 @@ static int file_co_rw(StrataNode *node, uint64_t offset, uint64_t bytes,
             return -EINVAL; /* @qiov shorter than @bytes: caller's bug */
         }
         if (write) {
+            s->write_gen++;
             ret = strata_loop_co_pwritev(loop, s->engine, s->fd, iov, niov,
                                          offset + done);
         } else {
@@ -643,6 +648,7 @@ static int file_co_pwritev(StrataNode *node, uint64_t offset, uint64_t bytes,
 static int file_co_flush(StrataNode *node)
 {
     FileState *s = node->opaque;
+    uint64_t gen = s->write_gen;
     int ret;
 
     if (node->cache_no_flush) {
@@ -651,7 +657,13 @@ static int file_co_flush(StrataNode *node)
     if (s->flush_errno) {
         return -s->flush_errno;
     }
+    if (gen == s->flushed_gen) {
+        return 0;
+    }
     ret = strata_loop_co_fdatasync(node->ctx->loop, s->engine, s->fd);
+    if (ret == 0) {
+        s->flushed_gen = MAX(s->flushed_gen, gen);
+    }
     if (ret < 0 && !s->direct) {
         /* Linux marks the pages clean even though they never reached the
          * disk: a later fdatasync would succeed without writing them. */
@@ -677,6 +689,7 @@ static int file_co_pwrite_zeroes(StrataNode *node, uint64_t offset,
     StrataLoop *loop = node->ctx->loop;
     int ret;
 
+    s->write_gen++;
     if ((flags & STRATA_REQ_MAY_UNMAP) && discard_unmaps(node) &&
         !s->is_blockdev) {
         int64_t size = file_length(s);
@@ -724,6 +737,7 @@ static int file_co_pdiscard(StrataNode *node, uint64_t offset, uint64_t bytes)
     if (!discard_unmaps(node)) {
         return 0;
     }
+    s->write_gen++;
     ret = strata_loop_co_fallocate(node->ctx->loop, s->engine, s->fd,
                                    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                                    offset, bytes);
@@ -855,6 +869,7 @@ static int file_co_truncate(StrataNode *node, uint64_t offset, bool exact,
                     node->filename, offset);
         return -EINVAL;
     }
+    s->write_gen++;
     ret = strata_loop_co_run_in_thread(node->ctx->loop, truncate_job, &job);
     if (ret == -EFBIG && s->is_blockdev) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,

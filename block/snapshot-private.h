@@ -36,9 +36,16 @@ void strata_transaction_drain(StrataTransaction *t, StrataNode *node);
 /* Records a prepared action; @ops must outlive the transaction. */
 void strata_transaction_add(StrataTransaction *t,
                             const StrataTransactionOps *ops, void *opaque);
-/* Commits (in order) or aborts (in reverse order) every action, ends the
- * drained section, cleans up and frees @t. */
-void strata_transaction_finish(StrataTransaction *t, bool commit);
+/* @path was created by an action and written without fsync: it (and
+ * its directory) is made stable before the transaction commits, all
+ * such files at once. */
+void strata_transaction_sync_file(StrataTransaction *t, const char *path);
+/* Makes the files stable (a failure turns a commit into an abort),
+ * then commits (in order) or aborts (in reverse order) every action,
+ * ends the drained section, cleans up and frees @t.
+ * Returns: whether the transaction committed. */
+bool strata_transaction_finish(StrataTransaction *t, bool commit,
+                               GError **error);
 
 /* ---- snapshot.c: actions (each prepares into a transaction) ---- */
 

@@ -746,8 +746,7 @@ bool strata_checkpoint_external(StrataContext *ctx, const char *vmstate_node,
             ok = strata_snapshot_sync_prepare(t, &a, error);
         }
     }
-    strata_transaction_finish(t, ok);
-    return ok;
+    return strata_transaction_finish(t, ok, error);
 }
 
 bool strata_checkpoint_external_load(StrataContext *ctx,
