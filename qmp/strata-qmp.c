@@ -4,6 +4,7 @@
  *   strata-qmp -s qmp.sock blockdev-add driver=null-co node-name=n0
  *   strata-qmp -s qmp.sock blockdev-add '{"driver": "null-co", ...}'
  *   strata-qmp -s qmp.sock --events
+ *   strata-qmp -s qmp.sock --wait block-stream job-id=j0 device=top
  *
  * Arguments are key=value with dotted keys for nested members; a value
  * that reads as JSON (42, true, null, [..], {..}) keeps its type, any
@@ -30,6 +31,10 @@ typedef struct {
     GQueue values;          /* JsonNode *, parsed from the server */
     bool pretty;
     bool print_events;
+    /* --wait: events are kept here from the command's sending on, since
+     * a job may report before its command's reply arrives. */
+    bool keep_events;
+    GQueue events;          /* JsonNode * */
 } Client;
 
 static G_GNUC_NORETURN void die(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
@@ -106,7 +111,11 @@ static JsonNode *wait_reply(Client *c)
         if (c->print_events) {
             print_json(c, n);
         }
-        json_node_unref(n);
+        if (c->keep_events) {
+            g_queue_push_tail(&c->events, n);
+        } else {
+            json_node_unref(n);
+        }
     }
 }
 
@@ -161,6 +170,118 @@ static int report(Client *c, JsonNode *reply, bool quiet)
     die("unexpected reply from the server");
 }
 
+/* The id of the job the command starts or acts on, for --wait. */
+static const char *job_of(JsonObject *args)
+{
+    static const char *const keys[] = { "job-id", "device", "id" };
+
+    for (guint i = 0; args && i < G_N_ELEMENTS(keys); i++) {
+        JsonNode *m = json_object_get_member(args, keys[i]);
+        if (m && JSON_NODE_HOLDS_VALUE(m) &&
+            json_node_get_value_type(m) == G_TYPE_STRING) {
+            return json_node_get_string(m);
+        }
+    }
+    return NULL;
+}
+
+/* The job an event is about ("" if none); its name in *@name. */
+static const char *event_job(JsonNode *ev, const char **name)
+{
+    JsonObject *o = json_node_get_object(ev);
+    JsonObject *data = json_object_get_object_member(o, "data");
+
+    *name = json_object_get_string_member_with_default(o, "event", "");
+    if (!data) {
+        return "";
+    }
+    return json_object_get_string_member_with_default(
+        data, json_object_has_member(data, "device") ? "device" : "id", "");
+}
+
+/* Whether @ev (an event about the awaited job, named @name) ends the
+ * wait; sets *@failed on a job error.  A job that becomes ready ends it,
+ * unless the command was one that moves a ready job on (complete, cancel,
+ * finalize): that one waits for the end. */
+static bool ends_wait(JsonNode *ev, const char *name, bool past_ready,
+                      bool *failed)
+{
+    JsonObject *data = json_object_get_object_member(
+        json_node_get_object(ev), "data");
+
+    if (!strcmp(name, "BLOCK_JOB_COMPLETED")) {
+        if (json_object_has_member(data, "error")) {
+            fprintf(stderr, "job '%s' failed: %s\n",
+                    json_object_get_string_member_with_default(data, "device",
+                                                               "?"),
+                    json_object_get_string_member_with_default(data, "error",
+                                                               "?"));
+            *failed = true;
+        }
+        return true;
+    }
+    if (!strcmp(name, "BLOCK_JOB_CANCELLED") ||
+        !strcmp(name, "BLOCK_JOB_PENDING")) {
+        return true;
+    }
+    if (!strcmp(name, "BLOCK_JOB_READY")) {
+        return !past_ready;
+    }
+    if (!strcmp(name, "JOB_STATUS_CHANGE")) {
+        const char *st = json_object_get_string_member_with_default(
+            data, "status", "");
+        return !strcmp(st, "concluded") || !strcmp(st, "null");
+    }
+    return false;
+}
+
+/* Waits until job @id is ready, pending or over; prints its BLOCK_JOB_*
+ * events (unless --events printed them already).  Returns the exit
+ * status: 1 when the job failed. */
+static int wait_job(Client *c, const char *command, const char *id)
+{
+    bool past_ready = !strcmp(command, "block-job-complete") ||
+                      !strcmp(command, "job-complete") ||
+                      !strcmp(command, "block-job-cancel") ||
+                      !strcmp(command, "job-cancel") ||
+                      !strcmp(command, "block-job-finalize") ||
+                      !strcmp(command, "job-finalize");
+    bool failed = false;
+
+    for (;;) {
+        JsonNode *ev = g_queue_pop_head(&c->events);
+        const char *name, *who;
+        bool done = false;
+
+        if (!ev) {
+            ev = next_message(c);
+            if (!ev) {
+                die("the server closed the connection before job '%s' "
+                    "ended", id);
+            }
+            if (!is_event(ev)) {
+                json_node_unref(ev);
+                continue;
+            }
+            if (c->print_events) {
+                print_json(c, ev);
+            }
+        }
+        who = event_job(ev, &name);
+        if (!strcmp(who, id)) {
+            done = ends_wait(ev, name, past_ready, &failed);
+            /* The job's own reports; JOB_STATUS_CHANGE is bookkeeping. */
+            if (!c->print_events && g_str_has_prefix(name, "BLOCK_JOB_")) {
+                print_json(c, ev);
+            }
+        }
+        json_node_unref(ev);
+        if (done) {
+            return failed ? 1 : 0;
+        }
+    }
+}
+
 /* key=value with dotted keys into @args. */
 static void add_keyval(JsonObject *args, const char *arg)
 {
@@ -213,7 +334,7 @@ static int connect_to(const char *path)
 int main(int argc, char **argv)
 {
     g_autofree char *sock = NULL;
-    gboolean pretty = FALSE, events = FALSE;
+    gboolean pretty = FALSE, events = FALSE, wait = FALSE;
     g_auto(GStrv) rest = NULL;
     GOptionEntry entries[] = {
         { "socket", 's', 0, G_OPTION_ARG_FILENAME, &sock,
@@ -222,6 +343,9 @@ int main(int argc, char **argv)
           "pretty-print JSON", NULL },
         { "events", 'e', 0, G_OPTION_ARG_NONE, &events,
           "print events (after the command, until interrupted)", NULL },
+        { "wait", 'w', 0, G_OPTION_ARG_NONE, &wait,
+          "wait until the job the command names (job-id, device or id) "
+          "is ready, pending or over; print its events", NULL },
         { G_OPTION_REMAINING, 0, 0, G_OPTION_ARG_STRING_ARRAY, &rest,
           NULL, "COMMAND [key=value...|JSON]" },
         { NULL },
@@ -244,10 +368,15 @@ int main(int argc, char **argv)
     if ((!rest || !rest[0]) && !events) {
         die("no command given");
     }
+    if (wait && (!rest || !rest[0])) {
+        die("--wait needs a command");
+    }
     signal(SIGPIPE, SIG_IGN);
     c.pretty = pretty;
     c.print_events = events;
+    c.keep_events = wait;
     g_queue_init(&c.values);
+    g_queue_init(&c.events);
     c.js = strata_json_stream_new(on_value, &c);
 
     if (rest && rest[0]) {
@@ -293,6 +422,14 @@ int main(int argc, char **argv)
         n = wait_reply(&c);
         status = report(&c, n, false);
         json_node_unref(n);
+        if (wait && status == 0) {
+            const char *id = job_of(args);
+            if (!id) {
+                die("--wait: '%s' names no job (job-id, device or id)",
+                    rest[0]);
+            }
+            status = wait_job(&c, rest[0], id);
+        }
     }
     if (events) {
         while ((n = next_message(&c))) {
@@ -303,6 +440,7 @@ int main(int argc, char **argv)
         }
     }
     close(c.fd);
+    g_queue_clear_full(&c.events, (GDestroyNotify)json_node_unref);
     strata_json_stream_free(c.js);
     return status;
 }
