@@ -334,7 +334,7 @@ static int connect_to(const char *path)
 int main(int argc, char **argv)
 {
     g_autofree char *sock = NULL;
-    gboolean pretty = FALSE, events = FALSE, wait = FALSE;
+    gboolean pretty = FALSE, events = FALSE, wait = FALSE, version = FALSE;
     g_auto(GStrv) rest = NULL;
     GOptionEntry entries[] = {
         { "socket", 's', 0, G_OPTION_ARG_FILENAME, &sock,
@@ -346,6 +346,8 @@ int main(int argc, char **argv)
         { "wait", 'w', 0, G_OPTION_ARG_NONE, &wait,
           "wait until the job the command names (job-id, device or id) "
           "is ready, pending or over; print its events", NULL },
+        { "version", 'V', 0, G_OPTION_ARG_NONE, &version,
+          "print the version", NULL },
         { G_OPTION_REMAINING, 0, 0, G_OPTION_ARG_STRING_ARRAY, &rest,
           NULL, "COMMAND [key=value...|JSON]" },
         { NULL },
@@ -361,6 +363,10 @@ int main(int argc, char **argv)
     g_option_context_add_main_entries(oc, entries, NULL);
     if (!g_option_context_parse(oc, &argc, &argv, &err)) {
         die("%s", err->message);
+    }
+    if (version) {
+        printf("strata-qmp %s\n", STRATA_VERSION);
+        return 0;
     }
     if (!sock) {
         die("-s SOCK is required");
