@@ -468,6 +468,22 @@ static void follow_event(Follow *f, JsonNode *n)
     }
 }
 
+/* The job type that a kept BLOCK_JOB_* event gives for job @id, for a
+ * job that was over (and dismissed) before query-jobs could see it. */
+static const char *event_type(Client *c, const char *id)
+{
+    for (GList *l = c->events.head; l; l = l->next) {
+        JsonObject *o = json_node_get_object(l->data);
+        JsonObject *d = json_object_get_object_member(o, "data");
+        if (d && !g_strcmp0(json_object_get_string_member_with_default(
+                                d, "device", NULL), id) &&
+            json_object_has_member(d, "type")) {
+            return json_object_get_string_member(d, "type");
+        }
+    }
+    return NULL;
+}
+
 /* Follows job @id to its end; returns the exit status. */
 static int follow_job(Client *c, const char *id, bool verbose, bool pivot,
                       bool completing)
@@ -476,13 +492,14 @@ static int follow_job(Client *c, const char *id, bool verbose, bool pivot,
                  .completing = completing, .last_percent = -1,
                  .status = -1 };
     g_autoptr(JsonObject) j = query_job(&f);
+    const char *type = j ? json_object_get_string_member_with_default(
+                               j, "type", NULL) : event_type(c, id);
 
-    f.kind = job_kind(j ? json_object_get_string_member_with_default(
-                              j, "type", NULL) : NULL);
-    f.block_job = j && (!strcmp(f.kind->type, "stream") ||
-                        !strcmp(f.kind->type, "commit") ||
-                        !strcmp(f.kind->type, "mirror") ||
-                        !strcmp(f.kind->type, "backup"));
+    f.kind = job_kind(type);
+    f.block_job = type && (!strcmp(f.kind->type, "stream") ||
+                           !strcmp(f.kind->type, "commit") ||
+                           !strcmp(f.kind->type, "mirror") ||
+                           !strcmp(f.kind->type, "backup"));
     if (!j && g_queue_is_empty(&c->events)) {
         /* Gone before we looked, and no events for it: nothing to say
          * but that it is not there. */
@@ -563,7 +580,7 @@ int main(int argc, char **argv)
 {
     g_autofree char *sock = NULL;
     gboolean pretty = FALSE, events = FALSE;
-    gboolean wait = FALSE, verbose = FALSE, pivot = FALSE;
+    gboolean wait = FALSE, verbose = FALSE, pivot = FALSE, version = FALSE;
     g_auto(GStrv) rest = NULL;
     GOptionEntry entries[] = {
         { "socket", 's', 0, G_OPTION_ARG_FILENAME, &sock,
@@ -579,6 +596,8 @@ int main(int argc, char **argv)
           "with --wait: show the job's progress on stderr", NULL },
         { "pivot", 0, 0, G_OPTION_ARG_NONE, &pivot,
           "with --wait: complete the job when it is READY (pivot)", NULL },
+        { "version", 'V', 0, G_OPTION_ARG_NONE, &version,
+          "print the version", NULL },
         { G_OPTION_REMAINING, 0, 0, G_OPTION_ARG_STRING_ARRAY, &rest,
           NULL, "COMMAND [key=value...|JSON]" },
         { NULL },
@@ -595,6 +614,10 @@ int main(int argc, char **argv)
     g_option_context_add_main_entries(oc, entries, NULL);
     if (!g_option_context_parse(oc, &argc, &argv, &err)) {
         die("%s", err->message);
+    }
+    if (version) {
+        printf("strata-qmp %s\n", STRATA_VERSION);
+        return 0;
     }
     if (!sock) {
         die("-s SOCK is required");
