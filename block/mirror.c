@@ -128,6 +128,19 @@ static void mark_dirty(MirrorJob *m, uint64_t offset, uint64_t bytes)
     strata_bitmap_set(m->dirty, offset, bytes);
 }
 
+static bool all_dirty(MirrorJob *m, uint64_t offset, uint64_t bytes)
+{
+    uint64_t g = strata_bitmap_granularity(m->dirty);
+    uint64_t end = MIN(offset + bytes, strata_bitmap_length(m->dirty));
+
+    for (uint64_t o = offset & ~(g - 1); o < end; o += g) {
+        if (!strata_bitmap_get(m->dirty, o)) {
+            return false;
+        }
+    }
+    return true;
+}
+
 static void mirror_co_notify(StrataWriteNotifier *n, uint64_t offset,
                              uint64_t bytes, StrataIOVec *qiov,
                              size_t qiov_offset, StrataWriteKind kind)
@@ -135,6 +148,11 @@ static void mirror_co_notify(StrataWriteNotifier *n, uint64_t offset,
     MirrorJob *m = n->opaque;
     bool done = false;
 
+    /* Granules still dirty will be copied from the source anyway: the
+     * guest need not wait for the target. */
+    if (m->write_blocking && all_dirty(m, offset, bytes)) {
+        return;
+    }
     /* A copy in flight over the range may carry the old data to the
      * target after us: mark it dirty instead. */
     if (m->write_blocking && kind != STRATA_WRITE_DISCARD &&
