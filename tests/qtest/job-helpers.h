@@ -72,6 +72,16 @@ static inline void fails(QTestState *s, const char *req, const char *cls,
                   "%s: desc '%s', want '%s'", req, qtest_error_desc(r), desc);
 }
 
+/* The same write through the export "disk" on DIR/nbd.sock (the
+ * guest) and into DIR/ref.raw (what the guest must see). */
+static inline void guest_write(QTestState *s, const char *w)
+{
+    ck_assert_int_eq(sh(s, "qemu-io -f raw -c '%s' "
+                           "'nbd+unix:///disk?socket=nbd.sock' >/dev/null "
+                           "&& qemu-io -f raw -c '%s' ref.raw >/dev/null",
+                        w, w), 0);
+}
+
 static inline JsonObject *data_of(JsonNode *ev)
 {
     return json_object_get_object_member(json_node_get_object(ev), "data");

@@ -46,15 +46,6 @@ static void add_remote(QTestState *s, QTestState *d)
     ok(s, add);
 }
 
-/* The same write through the source's export and into ref.raw. */
-static void guest_write(QTestState *s, const char *w)
-{
-    ck_assert_int_eq(sh(s, "qemu-io -f raw -c '%s' "
-                           "'nbd+unix:///vm?socket=nbd.sock' >/dev/null "
-                           "&& qemu-io -f raw -c '%s' ref.raw >/dev/null",
-                        w, w), 0);
-}
-
 START_TEST(test_storage_migration)
 {
     QTestState *d, *s;
@@ -80,7 +71,7 @@ START_TEST(test_storage_migration)
           "{\"type\": \"unix\", \"data\": {\"path\": \"nbd.sock\"}}}}");
     ok(s, "{\"execute\": \"block-export-add\", \"arguments\": {\"type\": "
           "\"nbd\", \"id\": \"vm\", \"node-name\": \"s1\", \"name\": "
-          "\"vm\", \"writable\": true}}");
+          "\"disk\", \"writable\": true}}");
     add_remote(s, d);
 
     ok(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "

@@ -24,15 +24,6 @@ static void nbd_export(QTestState *s, const char *node)
     ok(s, req);
 }
 
-/* The same write through the export and into the reference image. */
-static void guest_write(QTestState *s, const char *w)
-{
-    ck_assert_int_eq(sh(s, "qemu-io -f raw -c '%s' "
-                           "'nbd+unix:///disk?socket=nbd.sock' >/dev/null "
-                           "&& qemu-io -f raw -c '%s' ref.raw >/dev/null",
-                        w, w), 0);
-}
-
 static const char *export_node(QTestState *s, JsonNode **keep)
 {
     JsonNode *r = qtest_qmp(s, "{\"execute\": \"query-block-exports\"}");
