@@ -370,6 +370,165 @@ START_TEST(test_remote_base)
 }
 END_TEST
 
+/* ---- reconnecting ---- */
+
+/* Iterates the loop for about @ms milliseconds. */
+static void spin_ms(int ms)
+{
+    int64_t end = strata_clock_ns() + (int64_t)ms * 1000000;
+
+    while (strata_clock_ns() < end) {
+        strata_loop_iterate(ctx->loop, false);
+        g_usleep(1000);
+    }
+}
+
+/* Readers that each read the whole disk in 64 KiB pieces and check it. */
+typedef struct {
+    StrataNode *node;
+    int first;
+    int ret;
+    bool bad_data;
+    int *left;
+} Reader;
+
+static void reader_entry(void *opaque)
+{
+    Reader *rd = opaque;
+    g_autofree uint8_t *buf = g_malloc(65536);
+
+    for (int i = 0; i < SIZE / 65536 && rd->ret == 0; i++) {
+        int blk = (rd->first + i) % (SIZE / 65536);
+        rd->ret = strata_node_co_pread(rd->node, (uint64_t)blk * 65536, 65536,
+                                       buf, 0);
+        if (rd->ret == 0 && !buf_is(buf, 65536, 0x60 + blk)) {
+            rd->bad_data = true;
+        }
+    }
+    (*rd->left)--;
+}
+
+/* A raw image whose 64 KiB block i holds the byte 0x60 + i. */
+static char *make_pattern_raw(const char *name)
+{
+    char *path = strata_test_make_file(dir, name, SIZE, false);
+    g_autofree uint8_t *buf = g_malloc(SIZE);
+    int fd = open(path, O_RDWR);
+
+    for (int i = 0; i < SIZE / 65536; i++) {
+        memset(buf + i * 65536, 0x60 + i, 65536);
+    }
+    ck_assert_int_eq(pwrite(fd, buf, SIZE, 0), SIZE);
+    close(fd);
+    return path;
+}
+
+/* qemu-nbd stopped with requests sent and unanswered, then killed and
+ * started again: with a reconnect-delay the requests in flight are sent
+ * again and every read returns the right data. */
+START_TEST(test_reconnect_qemu_nbd)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *img = make_pattern_raw("disk.raw");
+    Reader rd[8];
+    int left = G_N_ELEMENTS(rd);
+    QemuNbd q;
+    StrataNode *c;
+
+    if (!have_tool("qemu-nbd")) {
+        return;
+    }
+    qemu_nbd_start(&q, img, "raw", "disk", true);
+    c = open_client(q.sock, "disk", ",read-only=on,open-timeout=10,"
+                    "reconnect-delay=30", &err);
+    ck_assert_msg(c, "%s", err ? err->message : "");
+    g_subprocess_send_signal(q.run.proc, SIGSTOP);
+    for (unsigned i = 0; i < G_N_ELEMENTS(rd); i++) {
+        rd[i] = (Reader){ c, i * 2, 0, false, &left };
+        strata_coroutine_enter(strata_coroutine_new(reader_entry, &rd[i]));
+    }
+    spin_ms(100);
+    ck_assert_int_eq(left, G_N_ELEMENTS(rd));
+    g_subprocess_send_signal(q.run.proc, SIGKILL);
+    g_subprocess_send_signal(q.run.proc, SIGCONT);
+    tool_wait(&q.run);
+    tool_finish(&q.run);
+    /* The server is away for a while; nothing fails meanwhile. */
+    spin_ms(500);
+    ck_assert_int_eq(left, G_N_ELEMENTS(rd));
+    g_free(q.sock);
+    qemu_nbd_start(&q, img, "raw", "disk", true);
+    while (left) {
+        strata_loop_iterate(ctx->loop, true);
+    }
+    for (unsigned i = 0; i < G_N_ELEMENTS(rd); i++) {
+        ck_assert_int_eq(rd[i].ret, 0);
+        ck_assert(!rd[i].bad_data);
+    }
+    ck_assert(strata_context_del_node(ctx, "c", &err));
+    qemu_nbd_stop(&q);
+}
+END_TEST
+
+/* Without reconnect-delay a lost connection fails requests at once, yet
+ * the driver reconnects in the background: once the server is back,
+ * later requests work again (as QEMU's driver behaves). */
+START_TEST(test_reconnect_nowait)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *path = make_pattern_raw("disk.raw");
+    uint8_t buf[4096];
+    StrataNode *c;
+    int ret = -EIO;
+
+    add_node("driver=raw,node-name=disk,file.driver=file,file.filename=%s",
+             path);
+    add_export("type=nbd,id=e0,node-name=disk,name=e0");
+    c = open_client(sock_path, "e0", ",read-only=on", &err);
+    ck_assert_msg(c, "%s", err ? err->message : "");
+    ck_assert_int_eq(run_op(c, OP_READ, 65536, 4096, buf, 0, NULL), 0);
+    ck_assert(buf_is(buf, 4096, 0x61));
+    ck_assert(strata_export_del(ctx, "e0", true, &err));
+    spin_ms(50);
+    ck_assert_int_eq(run_op(c, OP_READ, 0, 4096, buf, 0, NULL), -EIO);
+    add_export("type=nbd,id=e0,node-name=disk,name=e0");
+    for (int i = 0; i < 100 && ret < 0; i++) {
+        spin_ms(50);
+        ret = run_op(c, OP_READ, 2 * 65536, 4096, buf, 0, NULL);
+    }
+    ck_assert_int_eq(ret, 0);
+    ck_assert(buf_is(buf, 4096, 0x62));
+}
+END_TEST
+
+/* A server that does not come back within reconnect-delay: waiting
+ * requests fail with -EIO (and closing the node ends the retrying); an
+ * export that comes back with another size is not taken for the old. */
+START_TEST(test_reconnect_expires)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *path = make_pattern_raw("disk.raw");
+    g_autofree char *small = make_raw("small.raw", SIZE / 2, 0, 0);
+    uint8_t buf[4096];
+    StrataNode *c;
+
+    add_node("driver=raw,node-name=disk,file.driver=file,file.filename=%s",
+             path);
+    add_node("driver=raw,node-name=small,file.driver=file,"
+             "file.filename=%s", small);
+    add_export("type=nbd,id=e0,node-name=disk,name=e0");
+    c = open_client(sock_path, "e0", ",read-only=on,reconnect-delay=1",
+                    &err);
+    ck_assert_msg(c, "%s", err ? err->message : "");
+    ck_assert(strata_export_del(ctx, "e0", true, &err));
+    spin_ms(50);
+    add_export("type=nbd,id=e1,node-name=small,name=e0");
+    ck_assert_int_eq(run_op(c, OP_READ, 0, 4096, buf, 0, NULL), -EIO);
+    ck_assert_int_eq(run_op(c, OP_READ, 0, 4096, buf, 0, NULL), -EIO);
+    ck_assert(strata_context_del_node(ctx, "c", &err));
+}
+END_TEST
+
 /* ---- fake servers ---- */
 
 typedef enum {
@@ -576,6 +735,12 @@ int main(void)
                     teardown);
     strata_test_add(s, "/nbd-client/qemu-nbd/remote-base", test_remote_base,
                     setup, teardown);
+    strata_test_add(s, "/nbd-client/reconnect/qemu-nbd",
+                    test_reconnect_qemu_nbd, setup, teardown);
+    strata_test_add(s, "/nbd-client/reconnect/nowait", test_reconnect_nowait,
+                    setup, teardown);
+    strata_test_add(s, "/nbd-client/reconnect/expires",
+                    test_reconnect_expires, setup, teardown);
     strata_test_add(s, "/nbd-client/fake/open", test_fake_open, setup,
                     teardown);
     strata_test_add(s, "/nbd-client/fake/replies", test_fake_replies, setup,
