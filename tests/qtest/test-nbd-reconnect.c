@@ -1,0 +1,211 @@
+/* qtest: a local overlay whose base is a remote qemu-nbd export, streamed
+ * by stratad while the server is killed and started again.  With a long
+ * enough reconnect-delay the stream completes with the right data
+ * (qemu-img compare); without one it fails with an error event.  Either
+ * way the daemon keeps answering other QMP clients meanwhile. */
+#include <check.h>
+#include <poll.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+#include <glib.h>
+
+#include "libqtest.h"
+#include "job-helpers.h"
+
+static bool have_tools(void)
+{
+    g_autofree char *nbd = g_find_program_in_path("qemu-nbd");
+
+    return nbd && have_qemu_tools();
+}
+
+/* base: 0x11 over 12 of 16 MiB; top (local): 0x22 at 4 MiB; ref.raw:
+ * the guest view of the chain. */
+static void make_images(QTestState *s)
+{
+    ck_assert_int_eq(sh(s, "qemu-img create -q -f qcow2 base.qcow2 16M && "
+                           "qemu-io -c 'write -P 0x11 0 12M' base.qcow2 && "
+                           "qemu-img create -q -f qcow2 -F qcow2 -b "
+                           "base.qcow2 top.qcow2 && "
+                           "qemu-io -c 'write -P 0x22 4M 1M' top.qcow2 && "
+                           "qemu-img convert -O raw top.qcow2 ref.raw "
+                           ">/dev/null"), 0);
+}
+
+/* qemu-nbd serves base.qcow2 read-only on nbd.sock; --fork returns once
+ * the socket listens. */
+static void nbd_start(QTestState *s)
+{
+    ck_assert_int_eq(sh(s, "qemu-nbd --fork --pid-file=nbd.pid -k "
+                           "\"$PWD/nbd.sock\" -f qcow2 -r -x base "
+                           "--persistent base.qcow2"), 0);
+}
+
+/* Stopped first for a while, so the job has a request sent and
+ * unanswered when the server dies. */
+static void nbd_kill(QTestState *s)
+{
+    ck_assert_int_eq(sh(s, "kill -STOP $(cat nbd.pid) && sleep 0.3 && "
+                           "kill -9 $(cat nbd.pid) && "
+                           "kill -CONT $(cat nbd.pid) 2>/dev/null; "
+                           "rm -f nbd.pid"), 0);
+}
+
+/* At the end, whatever happened: the server this test started. */
+static void nbd_end(QTestState *s)
+{
+    sh(s, "test ! -f nbd.pid || kill -9 $(cat nbd.pid)");
+}
+
+static void add_remote_chain(QTestState *s, int delay)
+{
+    g_autofree char *cmd = g_strdup_printf(
+        "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+        "\"nbd\", \"node-name\": \"remote\", \"read-only\": true, "
+        "\"server\": {\"type\": \"unix\", \"path\": \"%s/nbd.sock\"}, "
+        "\"export\": \"base\", \"reconnect-delay\": %d}}",
+        qtest_dir(s), delay);
+
+    ok(s, cmd);
+    ok(s, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+          "\"qcow2\", \"node-name\": \"top\", \"backing\": \"remote\", "
+          "\"file\": {\"driver\": \"file\", \"filename\": \"top.qcow2\"}}}");
+}
+
+/* Waits until the stream has copied something (so the server dies with
+ * the job under way). */
+static void wait_progress(QTestState *s)
+{
+    for (int i = 0; i < 2000; i++) {
+        JsonNode *keep = NULL;
+        JsonObject *j = block_job(s, &keep);
+        gint64 off = json_object_get_int_member(j, "offset");
+
+        json_node_unref(keep);
+        if (off > 0) {
+            return;
+        }
+        g_usleep(5000);
+    }
+    ck_abort_msg("the stream made no progress");
+}
+
+/* Another client asks the daemon for its jobs and must get an answer
+ * (while a job waits for the server: @job_there). */
+static void side_client_answers(QTestState *s, bool job_there)
+{
+    const char *req = "{\"execute\": \"qmp_capabilities\"}"
+                      "{\"execute\": \"query-block-jobs\"}";
+    g_autoptr(GString) got = g_string_new(NULL);
+    int fd = qtest_connect(s);
+    int returns = 0;
+
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(write(fd, req, strlen(req)), (ssize_t)strlen(req));
+    while (returns < 2) {
+        struct pollfd p = { fd, POLLIN, 0 };
+        char buf[4096];
+        ssize_t n;
+
+        ck_assert_msg(poll(&p, 1, 10000) == 1,
+                      "the daemon stopped answering: %s", got->str);
+        n = read(fd, buf, sizeof(buf));
+        ck_assert_int_gt(n, 0);
+        g_string_append_len(got, buf, n);
+        returns = 0;
+        for (const char *q = got->str; (q = strstr(q, "\"return\""));
+             q++) {
+            returns++;
+        }
+    }
+    ck_assert_msg(!strstr(got->str, "\"stream\"") == !job_there, "%s",
+                  got->str);
+    close(fd);
+}
+
+START_TEST(test_stream_survives_restart)
+{
+    QTestState *s;
+    g_autoptr(JsonNode) ev = NULL;
+
+    if (!have_tools()) {
+        return;
+    }
+    s = qtest_start(NULL, true);
+    make_images(s);
+    nbd_start(s);
+    add_remote_chain(s, 60);
+    ok(s, "{\"execute\": \"block-stream\", \"arguments\": {\"job-id\": "
+          "\"j\", \"device\": \"top\", \"speed\": 8388608}}");
+    wait_progress(s);
+    nbd_kill(s);
+    g_usleep(300 * 1000);
+    side_client_answers(s, true);
+    nbd_start(s);
+    ev = want_event(s, "BLOCK_JOB_COMPLETED");
+    ck_assert_msg(!json_object_has_member(data_of(ev), "error"), "%s",
+                  json_object_get_string_member(data_of(ev), "error"));
+    ck_assert_int_eq(json_object_get_int_member(data_of(ev), "offset"),
+                     16 * 1024 * 1024);
+    ok(s, "{\"execute\": \"blockdev-del\", \"arguments\": {\"node-name\": "
+          "\"top\"}}");
+    ok(s, "{\"execute\": \"blockdev-del\", \"arguments\": {\"node-name\": "
+          "\"remote\"}}");
+    nbd_end(s);
+    /* The overlay stands alone now and holds the chain's data. */
+    ck_assert_int_eq(sh(s, "qemu-img compare -f qcow2 -F raw top.qcow2 "
+                           "ref.raw && ! qemu-img info top.qcow2 | "
+                           "grep -q backing"), 0);
+    qtest_end(s);
+}
+END_TEST
+
+START_TEST(test_stream_fails_without_delay)
+{
+    QTestState *s;
+    g_autoptr(JsonNode) ev = NULL;
+
+    if (!have_tools()) {
+        return;
+    }
+    s = qtest_start(NULL, true);
+    make_images(s);
+    nbd_start(s);
+    add_remote_chain(s, 0);
+    ok(s, "{\"execute\": \"block-stream\", \"arguments\": {\"job-id\": "
+          "\"j\", \"device\": \"top\", \"speed\": 4194304}}");
+    wait_progress(s);
+    nbd_kill(s);
+    ev = want_event(s, "BLOCK_JOB_COMPLETED");
+    ck_assert_msg(json_object_has_member(data_of(ev), "error"),
+                  "the stream completed without its server");
+    ck_assert_int_lt(json_object_get_int_member(data_of(ev), "offset"),
+                     16 * 1024 * 1024);
+    side_client_answers(s, false);
+    /* The overlay keeps its backing file: nothing was cut off. */
+    ok(s, "{\"execute\": \"blockdev-del\", \"arguments\": {\"node-name\": "
+          "\"top\"}}");
+    ck_assert_int_eq(sh(s, "qemu-img compare -f qcow2 -F raw top.qcow2 "
+                           "ref.raw && qemu-img info top.qcow2 | "
+                           "grep -q 'backing file: base.qcow2'"), 0);
+    nbd_end(s);
+    qtest_end(s);
+}
+END_TEST
+
+int main(void)
+{
+    Suite *su = suite_create("nbd-reconnect");
+    TCase *tc = tcase_create("stream");
+
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, test_stream_survives_restart);
+    tcase_add_test(tc, test_stream_fails_without_delay);
+    suite_add_tcase(su, tc);
+    SRunner *sr = srunner_create(su);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? 1 : 0;
+}
