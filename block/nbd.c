@@ -83,6 +83,7 @@ typedef struct NbdState {
     StrataNode *node;
     int fd;
     GSocketAddress *addr;
+    char *addr_text;          /* for messages: the path or host:port */
     char *export_name;
     int64_t open_timeout_s;
     int64_t reconnect_delay_s;
@@ -471,7 +472,7 @@ static bool nbd_co_opt_go(NbdState *s, GError **error)
             g_autofree char *msg = g_strescape((char *)data, NULL);
             g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
                         "Requested export not available%s%s",
-                        len ? ": " : "", len ? msg : "");
+                        len ? "\nserver reported: " : "", len ? msg : "");
             return false;
         }
         if (type != STRATA_NBD_REP_INFO || len < 2) {
@@ -576,7 +577,7 @@ static bool nbd_co_establish(NbdState *s, GError **error)
 
     if (ret < 0) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
-                    "Failed to connect to the NBD server: %s",
+                    "Failed to connect to '%s': %s", s->addr_text,
                     g_strerror(-ret));
         return false;
     }
@@ -1240,20 +1241,30 @@ static int nbd_co_block_status(StrataNode *node, bool want_zero,
 /* Open and close                                                      */
 /* ------------------------------------------------------------------ */
 
-static char *nbd_filename(JsonObject *options, const char *export_name)
+/* The node's filename as QEMU writes it; an empty export name is left
+ * out of the URI.  *@addr_text: the server as connect errors name it. */
+static char *nbd_filename(JsonObject *options, const char *export_name,
+                          char **addr_text)
 {
     const char *type = strata_opts_get_string(options, "server.type", "");
+    bool has_export = export_name[0] != 0;
 
     if (!strcmp(type, "unix")) {
-        return g_strdup_printf("nbd+unix:///%s?socket=%s", export_name,
-                               strata_opts_get_string(options, "server.path",
-                                                      ""));
+        const char *path = strata_opts_get_string(options, "server.path", "");
+
+        *addr_text = g_strdup(path);
+        return g_strdup_printf("nbd+unix://%s%s?socket=%s",
+                               has_export ? "/" : "", export_name, path);
     }
-    return g_strdup_printf("nbd://%s:%s/%s",
-                           strata_opts_get_string(options, "server.host", ""),
-                           strata_opts_get_string(options, "server.port",
-                                                  "10809"),
-                           export_name);
+    const char *host = strata_opts_get_string(options, "server.host", "");
+    const char *port = strata_opts_get_string(options, "server.port",
+                                              "10809");
+    g_autofree char *h = strchr(host, ':') ? g_strdup_printf("[%s]", host)
+                                           : g_strdup(host);
+
+    *addr_text = g_strdup_printf("%s:%s", host, port);
+    return g_strdup_printf("nbd://%s:%s%s%s", h, port,
+                           has_export ? "/" : "", export_name);
 }
 
 static void nbd_close(StrataNode *node)
@@ -1289,6 +1300,7 @@ static void nbd_close(StrataNode *node)
     g_clear_pointer(&s->retry_timer, strata_timer_free);
     g_clear_pointer(&s->delay_timer, strata_timer_free);
     g_clear_object(&s->addr);
+    g_clear_pointer(&s->addr_text, g_free);
     g_clear_pointer(&s->export_name, g_free);
 }
 
@@ -1331,6 +1343,8 @@ static bool nbd_open(StrataNode *node, JsonObject *options, GError **error)
         nbd_close(node);
         return false;
     }
+    g_free(node->filename);
+    node->filename = nbd_filename(options, s->export_name, &s->addr_text);
     s->addr = nbd_parse_addr(options, error);
     if (!s->addr) {
         nbd_close(node);
@@ -1366,8 +1380,6 @@ static bool nbd_open(StrataNode *node, JsonObject *options, GError **error)
     node->limits.max_pwrite_zeroes = UINT32_MAX &
         ~(uint64_t)(node->limits.request_alignment - 1);
     node->limits.pdiscard_alignment = node->limits.request_alignment;
-    g_free(node->filename);
-    node->filename = nbd_filename(options, s->export_name);
 
     s->state = NBD_CONNECTED;
     nbd_start_reader(s);
