@@ -1,6 +1,7 @@
 /* Tests of the NBD client driver: against strata's own server in the
  * same process, against qemu-nbd, and against fake servers that break
  * the protocol or vanish. */
+#include <netinet/in.h>
 #include <signal.h>
 
 #include "../interop/nbd-harness.h"
@@ -309,6 +310,86 @@ START_TEST(test_qemu_nbd)
     ck_assert_int_eq(run_op(c, OP_READ, 0, 4096, buf, 0, NULL), -EIO);
     ck_assert(strata_context_del_node(ctx, "c", &err));
     qemu_nbd_stop(&q);
+}
+END_TEST
+
+/* qemu-storage-daemon's export of the same kind of image. */
+START_TEST(test_qsd)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *raw = make_raw("src.raw", SIZE, 65536, 0x11);
+    g_autofree char *img = g_build_filename(dir, "disk.qcow2", NULL);
+    g_autofree char *sock = g_build_filename(dir, "qsd.sock", NULL);
+    g_autofree char *bd = NULL;
+    g_autofree char *srv = NULL;
+    ToolRun qsd;
+    StrataNode *c;
+
+    if (!have_tool("qemu-storage-daemon") || !have_tool("qemu-img")) {
+        return;
+    }
+    ck_assert_int_eq(run_tool(NULL, "qemu-img", "convert", "-O", "qcow2",
+                              raw, img, NULL), 0);
+    bd = g_strdup_printf("driver=qcow2,node-name=disk,file.driver=file,"
+                         "file.filename=%s", img);
+    srv = g_strdup_printf("addr.type=unix,addr.path=%s", sock);
+    const char *argv[] = {
+        "qemu-storage-daemon", "--blockdev", bd, "--nbd-server", srv,
+        "--export", "type=nbd,id=e,node-name=disk,name=disk,writable=on",
+        NULL,
+    };
+    tool_start(&qsd, argv);
+    c = open_client(sock, "disk", ",open-timeout=10", &err);
+    ck_assert_msg(c, "%s", err ? err->message : "");
+    exercise(c);
+    ck_assert(strata_context_del_node(ctx, "c", &err));
+    g_subprocess_send_signal(qsd.proc, SIGTERM);
+    tool_wait(&qsd);
+    tool_finish(&qsd);
+}
+END_TEST
+
+/* TCP on 127.0.0.1: qemu-nbd on a port the kernel just had free. */
+START_TEST(test_inet)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *raw = make_raw("src.raw", SIZE, 65536, 0x11);
+    g_autofree char *img = g_build_filename(dir, "disk.qcow2", NULL);
+    g_autofree char *port = NULL;
+    g_autofree char *spec = NULL;
+    struct sockaddr_in sin = { .sin_family = AF_INET };
+    socklen_t slen = sizeof(sin);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    ToolRun q;
+    StrataNode *c;
+
+    if (!have_tool("qemu-nbd") || !have_tool("qemu-img")) {
+        close(fd);
+        return;
+    }
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ck_assert_int_eq(bind(fd, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&sin, &slen), 0);
+    port = g_strdup_printf("%d", ntohs(sin.sin_port));
+    close(fd);
+    ck_assert_int_eq(run_tool(NULL, "qemu-img", "convert", "-O", "qcow2",
+                              raw, img, NULL), 0);
+    const char *argv[] = { "qemu-nbd", "-b", "127.0.0.1", "-p", port,
+                           "-f", "qcow2", "--persistent", "-x", "disk", img,
+                           NULL };
+    tool_start(&q, argv);
+    spec = g_strdup_printf("driver=nbd,node-name=c,server.type=inet,"
+                           "server.host=127.0.0.1,server.port=%s,"
+                           "export=disk,open-timeout=10", port);
+    c = strata_context_add_node_keyval(ctx, spec, &err);
+    ck_assert_msg(c, "%s", err ? err->message : "");
+    g_autofree char *want = g_strdup_printf("nbd://127.0.0.1:%s/disk", port);
+    ck_assert_str_eq(c->filename, want);
+    exercise(c);
+    ck_assert(strata_context_del_node(ctx, "c", &err));
+    g_subprocess_send_signal(q.proc, SIGKILL);
+    tool_wait(&q);
+    tool_finish(&q);
 }
 END_TEST
 
@@ -733,6 +814,8 @@ int main(void)
                     teardown);
     strata_test_add(s, "/nbd-client/qemu-nbd/io", test_qemu_nbd, setup,
                     teardown);
+    strata_test_add(s, "/nbd-client/qsd/io", test_qsd, setup, teardown);
+    strata_test_add(s, "/nbd-client/inet/io", test_inet, setup, teardown);
     strata_test_add(s, "/nbd-client/qemu-nbd/remote-base", test_remote_base,
                     setup, teardown);
     strata_test_add(s, "/nbd-client/reconnect/qemu-nbd",

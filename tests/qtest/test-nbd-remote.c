@@ -1,10 +1,14 @@
-/* qtest: a local overlay whose base is a remote qemu-nbd export, streamed
- * by stratad while the server is killed and started again.  With a long
- * enough reconnect-delay the stream completes with the right data
- * (qemu-img compare); without one it fails with an error event.  Either
- * way the daemon keeps answering other QMP clients meanwhile. */
+/* qtest: local overlays over remote bases.  A base exported by qemu-nbd,
+ * streamed by stratad while the server is killed and started again: with
+ * a long enough reconnect-delay the stream completes with the right data
+ * (qemu-img compare); without one it fails with an error event; either
+ * way the daemon keeps answering other QMP clients meanwhile.  And two
+ * stratad processes on loopback TCP: one exports a base, the other
+ * streams it into its local overlay. */
 #include <check.h>
+#include <netinet/in.h>
 #include <poll.h>
+#include <sys/socket.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -194,14 +198,97 @@ START_TEST(test_stream_fails_without_delay)
 }
 END_TEST
 
+
+/* A TCP port nobody listens on right now (the kernel's pick). */
+static int free_port(void)
+{
+    struct sockaddr_in sin = { .sin_family = AF_INET };
+    socklen_t len = sizeof(sin);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    int port;
+
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ck_assert_int_eq(bind(fd, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&sin, &len), 0);
+    port = ntohs(sin.sin_port);
+    close(fd);
+    return port;
+}
+
+START_TEST(test_two_daemons)
+{
+    QTestState *a, *b;
+    g_autoptr(JsonNode) ev = NULL;
+    g_autofree char *start = NULL;
+    g_autofree char *remote = NULL;
+    int port = free_port();
+
+    if (!have_qemu_tools()) {
+        return;
+    }
+    a = qtest_start(NULL, true);
+    b = qtest_start(NULL, true);
+    make_images(a);
+    ck_assert_int_eq(sh(b, "mv '%s/top.qcow2' '%s/ref.raw' . && "
+                           "qemu-img rebase -u -b nbd://127.0.0.1:%d/base "
+                           "-F raw top.qcow2", qtest_dir(a), qtest_dir(a),
+                        port), 0);
+    /* Daemon A serves its base over TCP, read-only. */
+    ok(a, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+          "\"qcow2\", \"node-name\": \"base\", \"read-only\": true, "
+          "\"file\": {\"driver\": \"file\", \"filename\": \"base.qcow2\"}}}");
+    start = g_strdup_printf(
+        "{\"execute\": \"nbd-server-start\", \"arguments\": {\"addr\": "
+        "{\"type\": \"inet\", \"data\": {\"host\": \"127.0.0.1\", "
+        "\"port\": \"%d\"}}}}", port);
+    ok(a, start);
+    ok(a, "{\"execute\": \"block-export-add\", \"arguments\": {\"type\": "
+          "\"nbd\", \"id\": \"e\", \"node-name\": \"base\", \"name\": "
+          "\"base\"}}");
+    /* Daemon B: its overlay over A's export, streamed into one image. */
+    remote = g_strdup_printf(
+        "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+        "\"nbd\", \"node-name\": \"remote\", \"read-only\": true, "
+        "\"server\": {\"type\": \"inet\", \"host\": \"127.0.0.1\", "
+        "\"port\": \"%d\"}, \"export\": \"base\"}}", port);
+    ok(b, remote);
+    ok(b, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+          "\"qcow2\", \"node-name\": \"top\", \"backing\": \"remote\", "
+          "\"file\": {\"driver\": \"file\", \"filename\": \"top.qcow2\"}}}");
+    ok(b, "{\"execute\": \"block-stream\", \"arguments\": {\"job-id\": "
+          "\"j\", \"device\": \"top\"}}");
+    ev = want_event(b, "BLOCK_JOB_COMPLETED");
+    ck_assert_msg(!json_object_has_member(data_of(ev), "error"), "%s",
+                  json_object_get_string_member(data_of(ev), "error"));
+    {
+        g_autoptr(JsonNode) r = qtest_qmp(a, "{\"execute\": "
+                                             "\"query-block-exports\"}");
+        g_autofree char *txt = qtest_to_string(r);
+        ck_assert_msg(strstr(txt, "\"node-name\": \"base\"") ||
+                      strstr(txt, "\"node-name\":\"base\""), "%s", txt);
+    }
+    ok(b, "{\"execute\": \"blockdev-del\", \"arguments\": {\"node-name\": "
+          "\"top\"}}");
+    ok(b, "{\"execute\": \"blockdev-del\", \"arguments\": {\"node-name\": "
+          "\"remote\"}}");
+    qtest_end(a);
+    /* With A gone, B's overlay holds everything by itself. */
+    ck_assert_int_eq(sh(b, "qemu-img compare -f qcow2 -F raw top.qcow2 "
+                           "ref.raw && ! qemu-img info top.qcow2 | "
+                           "grep -q backing"), 0);
+    qtest_end(b);
+}
+END_TEST
+
 int main(void)
 {
-    Suite *su = suite_create("nbd-reconnect");
+    Suite *su = suite_create("nbd-remote");
     TCase *tc = tcase_create("stream");
 
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, test_stream_survives_restart);
     tcase_add_test(tc, test_stream_fails_without_delay);
+    tcase_add_test(tc, test_two_daemons);
     suite_add_tcase(su, tc);
     SRunner *sr = srunner_create(su);
     srunner_run_all(sr, CK_NORMAL);
