@@ -212,7 +212,9 @@ void strata_nbd_co_wait_fd(StrataNbdSock *sk, GIOCondition cond);
 int strata_nbd_co_read_full(StrataNbdSock *sk, void *buf, size_t len);
 /* Coroutine only: reads and drops @len bytes. */
 int strata_nbd_co_skip(StrataNbdSock *sk, uint64_t len);
-/* Coroutine only: every byte of @iov (at most 8 elements). */
+/* Coroutine only: every byte of @iov (at most STRATA_NBD_MAX_IOV
+ * elements). */
+#define STRATA_NBD_MAX_IOV 64
 int strata_nbd_co_writev_full(StrataNbdSock *sk, const struct iovec *iov,
                               int niov);
 int strata_nbd_co_write_full(StrataNbdSock *sk, const void *buf, size_t len);

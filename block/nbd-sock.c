@@ -67,10 +67,10 @@ int strata_nbd_co_skip(StrataNbdSock *sk, uint64_t len)
 int strata_nbd_co_writev_full(StrataNbdSock *sk, const struct iovec *iov,
                               int niov)
 {
-    struct iovec v[8];
+    struct iovec v[STRATA_NBD_MAX_IOV];
     struct msghdr msg = { 0 };
 
-    g_return_val_if_fail(niov <= 8, -EINVAL);
+    g_return_val_if_fail(niov <= STRATA_NBD_MAX_IOV, -EINVAL);
     memcpy(v, iov, niov * sizeof(*iov));
     msg.msg_iov = v;
     msg.msg_iovlen = niov;
