@@ -77,6 +77,7 @@ typedef struct NbdClient {
     bool meta_base;           /* selected meta contexts */
     bool meta_depth;
     char *meta_export;        /* export the selection was made for */
+    StrataNbdRBuf rbuf;
     StrataCoMutex send_lock;
     struct NbdRequest *out_head;   /* replies waiting for the sender */
     struct NbdRequest **out_tail;
@@ -110,7 +111,7 @@ typedef struct NbdRequest {
 
 static StrataNbdSock client_sock(NbdClient *c)
 {
-    return (StrataNbdSock){ c->fd, c->ctx->loop, &c->closing };
+    return (StrataNbdSock){ c->fd, c->ctx->loop, &c->closing, &c->rbuf };
 }
 
 static int co_read_full(NbdClient *c, void *buf, size_t len)

@@ -199,10 +199,19 @@ static inline uint64_t nbd_get64(const uint8_t *p)
 
 /* ---- a non-blocking socket driven from coroutines (nbd-sock.c) ---- */
 
+/* Bytes received ahead of what was asked: small reads (headers) are
+ * served from here, so one recv() takes in many of them. */
+typedef struct StrataNbdRBuf {
+    size_t pos, end;
+    uint8_t data[16 * 1024];
+} StrataNbdRBuf;
+
 typedef struct StrataNbdSock {
     int fd;
     StrataLoop *loop;
     const bool *closing;    /* nullable: reads give -ESHUTDOWN once set */
+    StrataNbdRBuf *rbuf;    /* nullable: unbuffered; else everything read
+                             * from @fd must go through this socket */
 } StrataNbdSock;
 
 /* Coroutine only: yields until the socket is ready for @cond (or hung

@@ -100,6 +100,7 @@ typedef struct NbdState {
     StrataTimer *delay_timer;     /* ends the CONNECTING_WAIT state */
     StrataCoQueue reconnect_wait; /* requests waiting for a connection */
     StrataCoMutex send_lock;
+    StrataNbdRBuf rbuf;           /* of the current connection */
     NbdReq reqs[NBD_MAX_REQS];
     unsigned nreqs;
     StrataCoQueue slot_wait;
@@ -132,7 +133,7 @@ static const StrataOptDesc nbd_options[] = {
 
 static StrataNbdSock state_sock(NbdState *s)
 {
-    return (StrataNbdSock){ s->fd, s->node->ctx->loop, NULL };
+    return (StrataNbdSock){ s->fd, s->node->ctx->loop, NULL, &s->rbuf };
 }
 
 static void nbd_co_wait_fd(NbdState *s, GIOCondition cond)
@@ -272,6 +273,7 @@ static int nbd_co_connect(NbdState *s)
         !g_socket_address_to_native(s->addr, &ss, len, NULL)) {
         return -EINVAL;
     }
+    s->rbuf.pos = s->rbuf.end = 0;
     s->fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC,
                    0);
     if (s->fd < 0) {
