@@ -36,6 +36,10 @@
 #define NBD_MAX_REQS 16
 /* Extents in one block-status chunk. */
 #define NBD_MAX_EXTENTS (1024 * 1024 / 8)
+/* Request buffers a connection keeps for reuse, and the largest kept
+ * (at most 16 MiB per connection). */
+#define NBD_BUF_CACHE 8
+#define NBD_BUF_CACHE_MAX (2 * 1024 * 1024)
 /* Option payloads larger than this are skipped and refused. */
 #define NBD_MAX_OPTION (64 * 1024)
 
@@ -78,6 +82,9 @@ typedef struct NbdClient {
     bool meta_depth;
     char *meta_export;        /* export the selection was made for */
     StrataNbdRBuf rbuf;
+    void *bufs[NBD_BUF_CACHE];     /* request buffers for reuse */
+    size_t buf_sizes[NBD_BUF_CACHE];
+    unsigned buf_next;
     StrataCoMutex send_lock;
     struct NbdRequest *out_head;   /* replies waiting for the sender */
     struct NbdRequest **out_tail;
@@ -1187,9 +1194,60 @@ static int co_do_request(NbdClient *c, NbdRequest *r)
     }
 }
 
+/* Buffers of a power-of-two size are kept per connection for the next
+ * request: large ones would otherwise come from mmap() each time, and
+ * every page of them would fault and be zeroed on first touch. */
+static size_t buf_class(uint32_t len)
+{
+    size_t sz = 4096;
+
+    while (sz < len) {
+        sz <<= 1;
+    }
+    return sz;
+}
+
+static void *client_buf_get(NbdClient *c, uint32_t len)
+{
+    size_t sz = buf_class(len);
+    void *buf = NULL;
+
+    for (int i = 0; i < NBD_BUF_CACHE; i++) {
+        if (c->bufs[i] && c->buf_sizes[i] == sz) {
+            buf = c->bufs[i];
+            c->bufs[i] = NULL;
+            return buf;
+        }
+    }
+    return posix_memalign(&buf, 4096, sz) == 0 ? buf : NULL;
+}
+
+static void client_buf_put(NbdClient *c, void *buf, uint32_t len)
+{
+    int slot = -1;
+
+    if (!buf || buf_class(len) > NBD_BUF_CACHE_MAX) {
+        free(buf);
+        return;
+    }
+    for (int i = 0; i < NBD_BUF_CACHE && slot < 0; i++) {
+        if (!c->bufs[i]) {
+            slot = i;
+        }
+    }
+    if (slot < 0) {
+        /* Full: the oldest entry makes room (a size no longer asked for
+         * does not stay forever). */
+        slot = c->buf_next++ % NBD_BUF_CACHE;
+        free(c->bufs[slot]);
+    }
+    c->bufs[slot] = buf;
+    c->buf_sizes[slot] = buf_class(len);
+}
+
 static void request_free(NbdRequest *r)
 {
-    free(r->buf);
+    client_buf_put(r->client, r->buf, r->len);
     g_free(r);
 }
 
@@ -1256,7 +1314,8 @@ static void co_transmission(NbdClient *c)
         r->err = request_check(c, r);
         if ((r->type == STRATA_NBD_CMD_WRITE ||
              (r->type == STRATA_NBD_CMD_READ && r->err == 0)) && r->len) {
-            if (posix_memalign(&r->buf, 4096, r->len) != 0) {
+            r->buf = client_buf_get(c, r->len);
+            if (!r->buf) {
                 g_free(r);
                 return;
             }
@@ -1285,6 +1344,9 @@ static void client_free_bh(void *opaque)
     g_io_stream_close(G_IO_STREAM(c->conn), NULL, NULL);
     g_object_unref(c->conn);
     g_free(c->meta_export);
+    for (int i = 0; i < NBD_BUF_CACHE; i++) {
+        free(c->bufs[i]);
+    }
     if (c->exp) {
         StrataExport *exp = c->exp;
         exp->clients = g_list_remove(exp->clients, c);
