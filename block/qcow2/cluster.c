@@ -32,6 +32,39 @@ StrataQcow2ClusterType strata_qcow2_l2_entry_type(uint64_t entry)
     return STRATA_QCOW2_CLUSTER_NORMAL;
 }
 
+bool strata_qcow2_extl2_valid(uint64_t entry, uint64_t bitmap)
+{
+    uint64_t alloc = bitmap & STRATA_QCOW2_BITMAP_ALL_ALLOC;
+
+    if (entry & STRATA_QCOW2_OFLAG_COMPRESSED) {
+        return bitmap == 0;
+    }
+    if (!(entry & STRATA_QCOW2_OFFSET_MASK) && alloc) {
+        return false;
+    }
+    return !(alloc & (bitmap >> 32));
+}
+
+StrataQcow2ClusterType strata_qcow2_subcluster_type(uint64_t entry,
+                                                    uint64_t bitmap,
+                                                    unsigned sc)
+{
+    bool host = entry & STRATA_QCOW2_OFFSET_MASK;
+
+    if (entry & STRATA_QCOW2_OFLAG_COMPRESSED) {
+        return STRATA_QCOW2_CLUSTER_COMPRESSED;
+    }
+    if (bitmap & (1ull << sc)) {
+        return STRATA_QCOW2_CLUSTER_NORMAL;
+    }
+    if (bitmap & (1ull << (32 + sc))) {
+        return host ? STRATA_QCOW2_CLUSTER_ZERO_ALLOC
+                    : STRATA_QCOW2_CLUSTER_ZERO_PLAIN;
+    }
+    return host ? STRATA_QCOW2_CLUSTER_UNALLOCATED_ALLOC
+                : STRATA_QCOW2_CLUSTER_UNALLOCATED;
+}
+
 int strata_qcow2_co_write_header_bytes(StrataQcow2State *s, uint64_t offset,
                                        const void *buf, size_t len)
 {
@@ -494,6 +527,103 @@ int strata_qcow2_co_get_l2_slice(StrataQcow2State *s, uint64_t offset,
     return 0;
 }
 
+static bool has_host(StrataQcow2ClusterType t)
+{
+    return t == STRATA_QCOW2_CLUSTER_NORMAL ||
+           t == STRATA_QCOW2_CLUSTER_ZERO_ALLOC ||
+           t == STRATA_QCOW2_CLUSTER_UNALLOCATED_ALLOC;
+}
+
+/*
+ * strata_qcow2_co_get_host_offset() on an extended-L2 image, from entry
+ * @idx of the pinned @slice (released here): a run is a sequence of
+ * subclusters of one type, which may go on into the following entries
+ * (with data, contiguous on the host).
+ */
+static int get_host_offset_ext(StrataQcow2State *s, uint64_t offset,
+                               uint64_t want, uint64_t *slice, uint64_t idx,
+                               uint64_t *bytes, uint64_t *host,
+                               StrataQcow2ClusterType *type)
+{
+    uint64_t in_cluster = strata_qcow2_offset_into_cluster(s, offset);
+    uint64_t scs = s->subcluster_size;
+    uint64_t entry = strata_qcow2_l2_get(s, slice, idx);
+    uint64_t bitmap = strata_qcow2_l2_get_bitmap(s, slice, idx);
+    unsigned sc = (unsigned)(in_cluster >> s->subcluster_bits);
+    uint64_t first_host = entry & STRATA_QCOW2_OFFSET_MASK;
+    uint64_t e = entry, b = bitmap, i = idx, n;
+    StrataQcow2ClusterType t;
+    int ret;
+
+    if (!strata_qcow2_extl2_valid(entry, bitmap)) {
+        strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
+        strata_qcow2_co_signal_corruption(s,
+            "Invalid cluster entry found (guest offset %#" G_GINT64_MODIFIER
+            "x, entry %#" G_GINT64_MODIFIER "x, bitmap %#" G_GINT64_MODIFIER
+            "x)", offset, entry, bitmap);
+        return -EIO;
+    }
+    t = strata_qcow2_subcluster_type(entry, bitmap, sc);
+    if (t == STRATA_QCOW2_CLUSTER_COMPRESSED) {
+        strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
+        *type = t;
+        *host = entry;
+        *bytes = MIN(want, s->cluster_size - in_cluster);
+        return 0;
+    }
+    if (first_host) {
+        ret = check_cluster_offset(s, first_host, "Data cluster", offset);
+        if (ret < 0) {
+            strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
+            return ret;
+        }
+    }
+
+    n = scs - (in_cluster & (scs - 1));
+    sc++;
+    while (n < want) {
+        StrataQcow2ClusterType tt;
+        bool next_entry = sc == STRATA_QCOW2_SUBCLUSTERS;
+
+        if (next_entry) {
+            if (++i >= s->l2_slice_entries) {
+                break;
+            }
+            e = strata_qcow2_l2_get(s, slice, i);
+            b = strata_qcow2_l2_get_bitmap(s, slice, i);
+            if (!strata_qcow2_extl2_valid(e, b) ||
+                (e & STRATA_QCOW2_OFLAG_COPIED) !=
+                (entry & STRATA_QCOW2_OFLAG_COPIED)) {
+                break;
+            }
+            sc = 0;
+        }
+        tt = strata_qcow2_subcluster_type(e, b, sc);
+        if (tt != t) {
+            break;
+        }
+        if (t == STRATA_QCOW2_CLUSTER_NORMAL &&
+            (e & STRATA_QCOW2_OFFSET_MASK) + ((uint64_t)sc << s->subcluster_bits)
+            != first_host + in_cluster + n) {
+            break;
+        }
+        if (next_entry && has_host(t) &&
+            check_cluster_offset(s, e & STRATA_QCOW2_OFFSET_MASK,
+                                 "Data cluster", offset + n) < 0) {
+            break;
+        }
+        n += scs;
+        sc++;
+    }
+    strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
+    *type = t;
+    *bytes = MIN(want, n);
+    if (has_host(t)) {
+        *host = first_host + in_cluster;
+    }
+    return 0;
+}
+
 /* Flags that must agree for neighbouring entries to form one run. */
 #define RUN_FLAGS                                                           \
     (STRATA_QCOW2_OFLAG_COPIED | STRATA_QCOW2_OFLAG_ZERO)
@@ -528,9 +658,13 @@ int strata_qcow2_co_get_host_offset(StrataQcow2State *s, uint64_t offset,
         return 0;
     }
 
-    entry = GUINT64_FROM_BE(slice[idx]);
+    entry = strata_qcow2_l2_get(s, slice, idx);
     if (l2_entry) {
         *l2_entry = entry;
+    }
+    if (s->extended_l2) {
+        return get_host_offset_ext(s, offset, want, slice, idx, bytes, host,
+                                   type);
     }
     t = strata_qcow2_l2_entry_type(entry);
     if (t == STRATA_QCOW2_CLUSTER_COMPRESSED) {

@@ -190,6 +190,9 @@ static const char *const variants[] = {
     "refcount_bits=64",
     "compat=0.10,cluster_size=512",
     "lazy_refcounts=on",
+    "extended_l2=on",
+    "extended_l2=on,cluster_size=16k",
+    "extended_l2=on,cluster_size=2M",
 };
 
 START_TEST(test_read_variants)
@@ -313,12 +316,15 @@ static void write_workload(const char *create_opts, bool strata_creates,
     uint64_t cs = 65536, size, grown;
     Pair p;
 
-    if (strstr(create_opts, "cluster_size=512")) {
-        cs = 512;
-    } else if (strstr(create_opts, "cluster_size=4096")) {
-        cs = 4096;
-    } else if (strstr(create_opts, "cluster_size=2M")) {
-        cs = 2 << 20;
+    if (strstr(create_opts, "cluster_size=")) {
+        char *end;
+        cs = g_ascii_strtoull(strstr(create_opts, "cluster_size=") + 13,
+                              &end, 10);
+        if (*end == 'M') {
+            cs <<= 20;
+        } else if (*end == 'k') {
+            cs <<= 10;
+        }
     }
     size = MAX(16 * cs, 8u << 20);
     grown = size + MAX(2 * cs, 2u << 20);
@@ -410,6 +416,8 @@ static const char *const write_variants[] = {
     "cluster_size=2M",
     "refcount_bits=64",
     "compat=0.10,cluster_size=512",
+    "extended_l2=on",
+    "extended_l2=on,cluster_size=16k",
 };
 
 START_TEST(test_write_own_images)
@@ -875,6 +883,190 @@ START_TEST(test_dirty_repair_on_open)
 }
 END_TEST
 
+/* ---- extended L2: strata and QEMU, op for op ---- */
+
+/* One step of the subcluster workload: a qemu-io command and the same
+ * operation through strata.  op: 1 write, 2 zero, 3 zero+unmap,
+ * 4 discard, 7 internal snapshot. */
+typedef struct {
+    int op;
+    uint64_t off, len;
+    uint8_t val;
+} ExtStep;
+
+static const ExtStep ext_steps[] = {
+    { 1, 0, 4096, 0x11 },               /* new cluster, subclusters 0-1 */
+    { 1, 8192 + 100, 200, 0x12 },       /* same cluster, COW of one sc */
+    { 2, 16384, 4096, 0 },              /* zero bits in an own cluster */
+    { 1, 65536 + 1000, 70000, 0x13 },   /* two new clusters, both partial */
+    { 2, 200 << 10, 6 << 10, 0 },       /* zero bits, no host cluster */
+    { 1, (201 << 10) + 7, 512, 0x14 },  /* into a zero subcluster */
+    { 4, 256 << 10, 128 << 10, 0 },     /* discard over the backing file */
+    { 1, 576 << 10, 64 << 10, 0x15 },
+    { 3, 512 << 10, 64 << 10, 0 },      /* zero + unmap */
+    { 2, 576 << 10, 64 << 10, 0 },      /* zero, keeps the host cluster */
+    { 1, (576 << 10) + 2048, 100, 0x16 }, /* into a preallocated zero sc */
+    { 1, 1 << 20, 1024, 0x17 },
+    { 7, 0, 0, 0 },                     /* the clusters become shared */
+    { 1, (1 << 20) + (10 << 10), 1024, 0x18 }, /* COW of a shared one */
+    { 1, 4096 + 1, 10, 0x19 },          /* COW of a shared one */
+    { 2, (3 << 20) + 512, 64 << 10, 0 }, /* zero: partial sc at both ends */
+};
+
+static void ext_apply_qemu(const char *rel, const ExtStep *st)
+{
+    static const char *const cmd[] = {
+        NULL, "write -P 0x%x", "write -z", "write -z -u", "discard",
+    };
+    g_autofree char *c = NULL;
+
+    if (st->op == 7) {
+        ck_assert_int_eq(sh(NULL, "qemu-img snapshot -c s1 %s", rel), 0);
+        return;
+    }
+    c = g_strdup_printf(cmd[st->op], st->val);
+    ck_assert_int_eq(sh(NULL, "qemu-io -c '%s %" G_GUINT64_FORMAT " %"
+                        G_GUINT64_FORMAT "' %s >/dev/null", c, st->off,
+                        st->len, rel), 0);
+}
+
+static void ext_apply_strata(const char *rel, const ExtStep *st)
+{
+    StrataNode *n;
+    g_autofree uint8_t *b = NULL;
+
+    if (st->op == 7) {
+        strata_snap(rel, 0, "s1");
+        return;
+    }
+    n = open_img(rel);
+    if (st->op == 1) {
+        b = g_malloc(st->len);
+        memset(b, st->val, st->len);
+    }
+    ck_assert_int_eq(run(n, st->op, st->off, st->len, b), 0);
+    close_node(n);
+}
+
+/* The allocation map without host offsets (the two allocate in their
+ * own order). */
+static char *map_without_offsets(const char *rel)
+{
+    g_autofree char *out = NULL;
+    g_autoptr(GRegex) re = g_regex_new(", \"offset\": [0-9]+", 0, 0, NULL);
+
+    ck_assert_int_eq(sh(&out, "qemu-img map --output=json %s", rel), 0);
+    return g_regex_replace_literal(re, out, -1, 0, "", 0, NULL);
+}
+
+START_TEST(test_extl2_like_qemu)
+{
+    static const char *const opts[] = {
+        "extended_l2=on", "extended_l2=on,cluster_size=16k",
+    };
+    const char *o = opts[_i];
+    g_autofree char *qmap = NULL, *smap = NULL, *out = NULL;
+    int rc;
+
+    ck_assert_int_eq(sh(NULL, "qemu-img create -q -f qcow2 b.qcow2 4M && "
+                        "qemu-io -c 'write -P 0x61 0 4M' b.qcow2 >/dev/null "
+                        "&& qemu-img create -q -f qcow2 -o %s -b b.qcow2 "
+                        "-F qcow2 q.qcow2 8M && cp q.qcow2 s.qcow2", o), 0);
+    for (unsigned i = 0; i < G_N_ELEMENTS(ext_steps); i++) {
+        ext_apply_qemu("q.qcow2", &ext_steps[i]);
+        ext_apply_strata("s.qcow2", &ext_steps[i]);
+    }
+    check_clean("s.qcow2");
+    rc = sh(&out, "qemu-img compare q.qcow2 s.qcow2");
+    ck_assert_msg(rc == 0, "qemu-img compare: %d\n%s", rc, out);
+    /* Subcluster for subcluster, what is data, zero or the backing
+     * file's is the same as QEMU left it. */
+    qmap = map_without_offsets("q.qcow2");
+    smap = map_without_offsets("s.qcow2");
+    ck_assert_str_eq(smap, qmap);
+    rc = sh(&out, "qemu-io -r -c 'read -P 0x12 8292 200' "
+            "-c 'read -P 0x61 8492 100' -c 'read -P 0 16384 4096' "
+            "-c 'read -P 0x14 205831 512' -c 'read -P 0x18 1058816 1024' "
+            "s.qcow2");
+    ck_assert_msg(rc == 0 && !strstr(out, "failed"), "%s", out);
+    compare_with_qemu("s.qcow2");
+    compare_with_qemu("q.qcow2");
+}
+END_TEST
+
+START_TEST(test_extl2_create)
+{
+    g_autoptr(GError) err = NULL;
+    g_autoptr(JsonObject) o = json_object_new();
+    g_autofree char *img = g_build_filename(dir, "e.qcow2", NULL);
+    g_autofree char *out = NULL;
+
+    json_object_set_int_member(o, "size", 64 << 20);
+    json_object_set_string_member(o, "extended_l2", "on");
+    json_object_set_string_member(o, "preallocation", "metadata");
+    ck_assert_msg(strata_qcow2_create(ctx, img, o, &err), "%s",
+                  err ? err->message : "");
+    check_clean("e.qcow2");
+    ck_assert_int_eq(sh(&out, "qemu-img info --output=json e.qcow2"), 0);
+    ck_assert_ptr_nonnull(strstr(out, "\"extended-l2\": true"));
+    /* Preallocated, yet nothing written: zeroes, and QEMU agrees. */
+    ck_assert_int_eq(sh(&out, "qemu-io -r -c 'read -P 0 0 64M' e.qcow2"), 0);
+    ck_assert_ptr_null(strstr(out, "failed"));
+    compare_with_qemu("e.qcow2");
+
+    /* QEMU's limits: 16 KiB clusters at least, and v3. */
+    json_object_set_string_member(o, "preallocation", "off");
+    json_object_set_string_member(o, "cluster_size", "8k");
+    ck_assert(!strata_qcow2_create(ctx, img, o, &err));
+    ck_assert_ptr_nonnull(strstr(err->message, "16384"));
+    g_clear_error(&err);
+    json_object_set_string_member(o, "cluster_size", "64k");
+    json_object_set_string_member(o, "compat", "0.10");
+    ck_assert(!strata_qcow2_create(ctx, img, o, &err));
+    ck_assert_ptr_nonnull(strstr(err->message, "1.1"));
+}
+END_TEST
+
+/* A bitmap that marks a subcluster both data and zero is refused with
+ * EIO, and counted by check, without touching the file. */
+START_TEST(test_extl2_bad_bitmap)
+{
+    StrataNode *n;
+    uint8_t buf[4096];
+    g_autofree char *before = NULL, *after = NULL;
+    gsize blen, alen;
+    g_autofree char *img = g_build_filename(dir, "x.qcow2", NULL);
+
+    ck_assert_int_eq(sh(NULL, "qemu-img create -q -f qcow2 -o "
+                        "extended_l2=on x.qcow2 1M && qemu-io -c "
+                        "'write -P 1 0 4k' x.qcow2 >/dev/null && "
+                        "printf '\\000\\000\\000\\001\\000\\000\\000\\001' | "
+                        "dd of=x.qcow2 bs=1 seek=$((0x40008)) conv=notrunc "
+                        "2>/dev/null"), 0);
+    ck_assert(g_file_get_contents(img, &before, &blen, NULL));
+    {
+        g_autofree char *out = NULL;
+        ck_assert_int_eq(sh(&out, "qemu-img check x.qcow2"), 2);
+    }
+    {
+        g_autoptr(GError) err = NULL;
+        g_autofree char *spec = g_strdup_printf(
+            "driver=qcow2,read-only=on,file.driver=file,file.filename=%s",
+            img);
+        n = strata_context_add_node_keyval(ctx, spec, &err);
+        ck_assert_msg(n, "%s", err ? err->message : "");
+    }
+    ck_assert_int_eq(run(n, 0, 0, sizeof(buf), buf), -EIO);
+    close_node(n);
+    {
+        StrataQcow2CheckResult r = strata_check("x.qcow2", 0);
+        ck_assert_int_ge(r.corruptions, 1);
+    }
+    ck_assert(g_file_get_contents(img, &after, &alen, NULL));
+    ck_assert(blen == alen && memcmp(before, after, blen) == 0);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("qcow2-interop");
@@ -939,5 +1131,15 @@ int main(void)
                     test_dirty_repair_on_open, setup, teardown);
     strata_test_add(s, "/interop/qcow2/create/qemu-check",
                     test_create_matches_qemu, setup, teardown);
+
+    tc = tcase_create("/interop/qcow2/extl2/like-qemu");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 300);
+    tcase_add_loop_test(tc, test_extl2_like_qemu, 0, 2);
+    suite_add_tcase(s, tc);
+    strata_test_add(s, "/interop/qcow2/extl2/create", test_extl2_create,
+                    setup, teardown);
+    strata_test_add(s, "/interop/qcow2/extl2/bad-bitmap",
+                    test_extl2_bad_bitmap, setup, teardown);
     return strata_test_run(s);
 }
