@@ -7,6 +7,7 @@
 #include <zlib.h>
 #ifdef STRATA_HAVE_ZSTD
 #include <zstd.h>
+#include <zstd_errors.h>
 #endif
 
 #include "qcow2-private.h"
@@ -787,6 +788,62 @@ static int inflate_zstd(const uint8_t *in, size_t in_len, uint8_t *out,
     return ret;
 }
 #endif
+
+static ssize_t deflate_zlib(const uint8_t *in, size_t in_len, uint8_t *out,
+                            size_t out_len)
+{
+    z_stream z;
+    ssize_t ret;
+
+    memset(&z, 0, sizeof(z));
+    /* Raw deflate, 4 KiB window: what QEMU's reader inflates. */
+    if (deflateInit2(&z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9,
+                     Z_DEFAULT_STRATEGY) != Z_OK) {
+        return -ENOMEM;
+    }
+    z.next_in = (Bytef *)in;
+    z.avail_in = (uInt)in_len;
+    z.next_out = out;
+    z.avail_out = (uInt)out_len;
+    ret = deflate(&z, Z_FINISH);
+    if (ret == Z_STREAM_END) {
+        ret = (ssize_t)(out_len - z.avail_out);
+    } else {
+        /* Z_OK or Z_BUF_ERROR: the output did not fit. */
+        ret = -ENOSPC;
+    }
+    deflateEnd(&z);
+    return ret;
+}
+
+#ifdef STRATA_HAVE_ZSTD
+static ssize_t deflate_zstd(const uint8_t *in, size_t in_len, uint8_t *out,
+                            size_t out_len)
+{
+    size_t r = ZSTD_compress(out, out_len, in, in_len, ZSTD_CLEVEL_DEFAULT);
+
+    if (ZSTD_isError(r)) {
+        return ZSTD_getErrorCode(r) == ZSTD_error_dstSize_tooSmall
+            ? -ENOSPC : -EIO;
+    }
+    return (ssize_t)r;
+}
+#endif
+
+ssize_t strata_qcow2_compress(StrataQcow2State *s, const uint8_t *in,
+                              uint8_t *out, size_t out_len)
+{
+    switch (s->hdr.compression_type) {
+    case 0:
+        return deflate_zlib(in, s->cluster_size, out, out_len);
+#ifdef STRATA_HAVE_ZSTD
+    case 1:
+        return deflate_zstd(in, s->cluster_size, out, out_len);
+#endif
+    default:
+        return -ENOTSUP;
+    }
+}
 
 int strata_qcow2_co_read_compressed(StrataQcow2State *s, uint64_t entry)
 {

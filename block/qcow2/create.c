@@ -149,7 +149,7 @@ bool strata_qcow2_create(StrataContext *ctx, const char *filename,
     const char *compat = "1.1", *backing = NULL, *backing_fmt = NULL;
     const char *prealloc = "off", *ctype = "zlib";
     uint64_t size = 0, cluster_size = 65536, refcount_bits = 16;
-    bool lazy = false, extl2 = false, meta;
+    bool lazy = false, extl2 = false, zstd = false, meta;
     uint32_t cluster_bits, refcount_order;
     uint64_t per_l1, l1_size, l1_clusters, l2_count = 0, data_count = 0;
     uint64_t rb_entries, rt_clusters = 1, rb_count = 1, total;
@@ -245,10 +245,25 @@ bool strata_qcow2_create(StrataContext *ctx, const char *filename,
     }
     /* Extended entries take 16 bytes: the data word, then the bitmap. */
     l2_entry_size = extl2 ? 16 : 8;
-    if (strcmp(ctype, "zlib") != 0) {
+    if (!strcmp(ctype, "zstd")) {
+#ifdef STRATA_HAVE_ZSTD
+        if (!strcmp(compat, "0.10")) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                        "Compression type selection is only supported with "
+                        "compatibility level 1.1 and above (use version=v3 "
+                        "or greater)");
+            return false;
+        }
+        zstd = true;
+#else
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
-                    "Compression type '%s' is not supported for new images "
-                    "(only zlib)", ctype);
+                    "Compression type 'zstd' is not supported by this "
+                    "build (no libzstd)");
+        return false;
+#endif
+    } else if (strcmp(ctype, "zlib") != 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Invalid parameter '%s'", ctype);
         return false;
     }
     if (backing_fmt && !backing) {
@@ -329,6 +344,11 @@ bool strata_qcow2_create(StrataContext *ctx, const char *filename,
     h.refcount_order = refcount_order;
     h.compatible_features = lazy ? STRATA_QCOW2_COMPAT_LAZY_REFCOUNTS : 0;
     h.incompatible_features = extl2 ? STRATA_QCOW2_INCOMPAT_EXTL2 : 0;
+    if (zstd) {
+        /* A reader that does not know the field must not guess. */
+        h.compression_type = 1;
+        h.incompatible_features |= STRATA_QCOW2_INCOMPAT_COMPRESSION;
+    }
     h.backing_file = g_strdup(backing);
     h.backing_format = g_strdup(backing_fmt);
     hdr_buf = strata_qcow2_header_build(&h, error);

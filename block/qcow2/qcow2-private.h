@@ -10,6 +10,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/types.h>
 #include <glib.h>
 
 #include "../block-private.h"
@@ -258,6 +259,9 @@ typedef struct StrataQcow2State {
     uint64_t rt_used;
     bool rt_used_valid;
     uint64_t free_cluster_index;
+    /* Where the next compressed cluster may go, packed after the last
+     * one in its host cluster; 0: start a new host cluster. */
+    uint64_t free_byte_offset;
 
     uint32_t csize_shift;
     uint64_t csize_mask;
@@ -503,6 +507,12 @@ int strata_qcow2_co_get_l2_slice(StrataQcow2State *s, uint64_t offset,
 int strata_qcow2_co_write_l1_entry(StrataQcow2State *s, uint32_t index);
 /* Grows the active L1 to @min_size entries (new table, header switch). */
 int strata_qcow2_co_grow_l1(StrataQcow2State *s, uint64_t min_size);
+
+/* Compresses one cluster at @in with the image's compression type:
+ * the bytes written to @out (at most @out_len), -ENOSPC when they do
+ * not fit, -ENOTSUP for a type this build cannot write. */
+ssize_t strata_qcow2_compress(StrataQcow2State *s, const uint8_t *in,
+                              uint8_t *out, size_t out_len);
 
 /* Decompresses the cluster of @entry into s->decmp_buf. */
 int strata_qcow2_co_read_compressed(StrataQcow2State *s, uint64_t entry);

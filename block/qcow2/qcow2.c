@@ -856,6 +856,176 @@ unlock:
     return ret < 0 ? ret : (int64_t)n;
 }
 
+/* ------------------------------------------------------------------ */
+/* Compressed writes                                                   */
+/* ------------------------------------------------------------------ */
+
+/*
+ * Host bytes for @size bytes of compressed data (less than a cluster),
+ * packed after the previous compressed cluster when its host cluster
+ * has room: each compressed cluster holds one reference to the host
+ * cluster it lies in.  s->lock held.
+ */
+static int64_t alloc_compressed(StrataQcow2State *s, uint64_t size)
+{
+    uint64_t off = s->free_byte_offset;
+    uint64_t room = s->cluster_size - strata_qcow2_offset_into_cluster(s, off);
+    uint64_t rc = 0;
+    int ret;
+
+    if (off) {
+        /* A host cluster whose compressed clusters were all freed may
+         * have gone to someone else meanwhile. */
+        ret = strata_qcow2_co_get_refcount(s, off >> s->cluster_bits, &rc);
+        if (ret < 0 || rc == 0 || rc >= s->refcount_max || room < size) {
+            off = 0;
+        }
+    }
+    if (off) {
+        ret = strata_qcow2_co_update_refcount(s, off, size, 1);
+        if (ret < 0) {
+            return ret;
+        }
+    } else {
+        int64_t c = strata_qcow2_co_alloc_clusters(s, s->cluster_size);
+        if (c < 0) {
+            return c;
+        }
+        off = (uint64_t)c;
+    }
+    s->free_byte_offset = off + size;
+    if (!strata_qcow2_offset_into_cluster(s, s->free_byte_offset)) {
+        s->free_byte_offset = 0;
+    }
+    return (int64_t)off;
+}
+
+/* Stores the cluster at guest @offset (@data: one whole cluster) in
+ * @clen compressed bytes at @cdata, replacing whatever was there. */
+static int write_one_compressed(StrataQcow2State *s, uint64_t offset,
+                                const uint8_t *cdata, uint64_t clen)
+{
+    StrataQcow2Alloc alloc;
+    uint64_t *slice, idx, old, entry, nb_add;
+    int64_t coff;
+    int ret;
+
+    strata_co_mutex_lock(&s->lock);
+    while (wait_for_allocs(s, offset, offset + s->cluster_size)) {
+    }
+    /* The L2 table first, then the data, as for any allocation. */
+    ret = strata_qcow2_co_get_l2_slice(s, offset, true, &slice, &idx);
+    if (ret < 0) {
+        goto unlock;
+    }
+    strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
+    coff = alloc_compressed(s, clen);
+    if (coff < 0) {
+        ret = (int)coff;
+        goto unlock;
+    }
+    if ((uint64_t)coff > s->cluster_offset_mask) {
+        /* The descriptor cannot name it (cluster sizes below 16 KiB
+         * leave fewer offset bits than the file may need). */
+        strata_qcow2_co_free_clusters(s, (uint64_t)coff, clen);
+        ret = -EFBIG;
+        goto unlock;
+    }
+    alloc_begin(s, &alloc, offset, offset + s->cluster_size);
+    ret = strata_qcow2_co_pre_write_overlap_check(s, 0, (uint64_t)coff,
+                                                  clen);
+    strata_co_mutex_unlock(&s->lock);
+
+    if (ret == 0) {
+        ret = strata_node_co_pwrite(file_of(s), (uint64_t)coff, clen, cdata,
+                                    0);
+    }
+
+    strata_co_mutex_lock(&s->lock);
+    if (ret == 0) {
+        /* New refcounts and the data before the entry naming them. */
+        ret = strata_qcow2_cache_co_set_dependency(s->l2_cache,
+                                                   s->refcount_cache);
+    }
+    if (ret == 0) {
+        ret = strata_qcow2_co_get_l2_slice(s, offset, true, &slice, &idx);
+    }
+    if (ret < 0) {
+        strata_qcow2_co_free_clusters(s, (uint64_t)coff, clen);
+        goto done;
+    }
+    nb_add = (((uint64_t)coff + clen - 1) >> 9) - ((uint64_t)coff >> 9);
+    entry = (uint64_t)coff | (nb_add << s->csize_shift) |
+            STRATA_QCOW2_OFLAG_COMPRESSED;
+    old = strata_qcow2_l2_get(s, slice, idx);
+    strata_qcow2_l2_set(s, slice, idx, entry);
+    /* Compressed clusters have no subclusters. */
+    strata_qcow2_l2_set_bitmap(s, slice, idx, 0);
+    strata_qcow2_cache_mark_dirty(s->l2_cache, slice);
+    strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
+    strata_qcow2_co_free_l2_entry(s, old);
+    s->decmp_host = 0;
+done:
+    alloc_end(s, &alloc);
+unlock:
+    strata_co_mutex_unlock(&s->lock);
+    return ret;
+}
+
+/*
+ * STRATA_REQ_WRITE_COMPRESSED: whole clusters (the disk's last one may
+ * be partial, and is padded with zeroes), each compressed on its own;
+ * one that does not shrink is written as a normal cluster, as QEMU
+ * does.
+ */
+static int write_compressed(StrataQcow2State *s, uint64_t offset,
+                            uint64_t bytes, StrataIOVec *qiov,
+                            size_t qiov_offset)
+{
+    uint64_t cs = s->cluster_size;
+    g_autofree uint8_t *in = NULL, *out = NULL;
+
+    if (strata_qcow2_offset_into_cluster(s, offset) ||
+        (strata_qcow2_offset_into_cluster(s, bytes) &&
+         offset + bytes != s->hdr.size)) {
+        return -EINVAL;
+    }
+    in = g_malloc(cs);
+    out = g_malloc(cs);
+    while (bytes > 0) {
+        uint64_t n = MIN(bytes, cs);
+        ssize_t clen;
+        int ret;
+
+        strata_iov_to_buf(qiov, qiov_offset, in, n);
+        memset(in + n, 0, cs - n);
+        clen = strata_qcow2_compress(s, in, out, cs - 1);
+        if (clen == -ENOSPC) {
+            StrataIOVec v;
+            strata_iov_init_buf(&v, in, n);
+            for (uint64_t done = 0; done < n;) {
+                int64_t w = write_chunk(s, offset + done, n - done, &v, done);
+                if (w < 0) {
+                    return (int)w;
+                }
+                done += (uint64_t)w;
+            }
+            ret = 0;
+        } else if (clen < 0) {
+            return (int)clen;
+        } else {
+            ret = write_one_compressed(s, offset, out, (uint64_t)clen);
+        }
+        if (ret < 0) {
+            return ret;
+        }
+        offset += n;
+        qiov_offset += n;
+        bytes -= n;
+    }
+    return 0;
+}
+
 static int qcow2_co_pwritev(StrataNode *node, uint64_t offset,
                             uint64_t bytes, StrataIOVec *qiov,
                             size_t qiov_offset, StrataReqFlags flags)
@@ -865,6 +1035,9 @@ static int qcow2_co_pwritev(StrataNode *node, uint64_t offset,
 
     if (ret < 0) {
         return ret;
+    }
+    if (flags & STRATA_REQ_WRITE_COMPRESSED) {
+        return write_compressed(s, offset, bytes, qiov, qiov_offset);
     }
     while (bytes > 0) {
         int64_t n = write_chunk(s, offset, bytes, qiov, qiov_offset);

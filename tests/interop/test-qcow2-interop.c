@@ -103,7 +103,7 @@ static void close_node(StrataNode *n)
 typedef struct {
     StrataNode *node;
     int op;          /* 0 read, 1 write, 2 zero, 3 zero+unmap, 4 discard,
-                      * 5 truncate, 6 flush */
+                      * 5 truncate, 6 flush, 8 compressed write */
     uint64_t off, len;
     uint8_t *buf;
     int ret;
@@ -133,6 +133,10 @@ static void req_co(void *opaque)
         break;
     case 5:
         r->ret = strata_node_co_truncate(r->node, r->off, false, &err);
+        break;
+    case 8:
+        r->ret = strata_node_co_pwrite(r->node, r->off, r->len, r->buf,
+                                       STRATA_REQ_WRITE_COMPRESSED);
         break;
     default:
         r->ret = strata_node_co_flush(r->node);
@@ -1067,6 +1071,109 @@ START_TEST(test_extl2_bad_bitmap)
 }
 END_TEST
 
+/* ---- compressed writes ---- */
+
+static const char *const compress_variants[] = {
+    "compression_type=zlib",
+    "compression_type=zstd",
+    "cluster_size=512",
+    "cluster_size=4096",
+    "extended_l2=on",
+};
+
+static int64_t check_compressed_clusters(const char *rel)
+{
+    g_autofree char *out = NULL;
+    g_autoptr(JsonParser) jp = json_parser_new();
+
+    ck_assert_int_eq(sh(&out, "qemu-img check --output=json %s", rel), 0);
+    ck_assert(json_parser_load_from_data(jp, out, -1, NULL));
+    return json_object_get_int_member_with_default(
+        json_node_get_object(json_parser_get_root(jp)),
+        "compressed-clusters", 0);
+}
+
+START_TEST(test_write_compressed)
+{
+    const char *v = compress_variants[_i];
+    g_autoptr(GError) err = NULL;
+    g_autoptr(JsonObject) o = json_object_new();
+    g_auto(GStrv) kv = g_strsplit(v, "=", 2);
+    g_autofree char *img = g_build_filename(dir, "c.qcow2", NULL);
+    g_autofree char *ref = g_build_filename(dir, "ref.raw", NULL);
+    g_autofree char *out = NULL;
+    uint64_t cs = strstr(v, "cluster_size=") ? strtoull(kv[1], NULL, 10)
+                                               : 65536;
+    uint64_t size = 24 * cs + 1536 % cs;    /* a partial last cluster */
+    g_autofree uint8_t *data = g_malloc(size);
+    g_autofree uint8_t *before = NULL, *after = NULL;
+    gsize blen, alen;
+    StrataNode *n;
+    Pair p;
+    int rc;
+
+    if (strstr(v, "zstd") &&
+        sh(NULL, "qemu-img create -q -f qcow2 -o compression_type=zstd "
+           "z.qcow2 1M") != 0) {
+        return;   /* QEMU built without zstd cannot be the oracle */
+    }
+    for (uint64_t i = 0; i < size; i++) {
+        data[i] = (uint8_t)((i / 100) ^ (i / cs));
+    }
+    /* One cluster that does not shrink: written as a normal cluster. */
+    for (uint64_t i = 2 * cs; i < 3 * cs; i++) {
+        data[i] = (uint8_t)g_random_int();
+    }
+    ck_assert(g_file_set_contents(ref, (char *)data, (gssize)size, NULL));
+    json_object_set_int_member(o, "size", (gint64)size);
+    json_object_set_string_member(o, kv[0], kv[1]);
+    ck_assert_msg(strata_qcow2_create(ctx, img, o, &err), "%s",
+                  err ? err->message : "");
+
+    n = open_img("c.qcow2");
+    ck_assert_int_eq(run(n, 8, 0, size, data), 0);
+    close_node(n);
+    check_clean("c.qcow2");
+    ck_assert_int_ge(check_compressed_clusters("c.qcow2"), 20);
+    rc = sh(&out, "qemu-img compare -f raw -F qcow2 ref.raw c.qcow2");
+    ck_assert_msg(rc == 0, "qemu-img compare: %d\n%s", rc, out);
+
+    /* Not whole clusters: refused, nothing written. */
+    ck_assert(g_file_get_contents(img, (char **)&before, &blen, NULL));
+    n = open_img("c.qcow2");
+    ck_assert_int_eq(run(n, 8, cs / 2, cs, data), -EINVAL);
+    ck_assert_int_eq(run(n, 8, 0, cs / 2, data), -EINVAL);
+    close_node(n);
+    ck_assert(g_file_get_contents(img, (char **)&after, &alen, NULL));
+    ck_assert(blen == alen && memcmp(before, after, blen) == 0);
+
+    /* Compressed clusters overwritten, partly (copy-on-write from the
+     * compressed data), wholly (compressed again), zeroed, discarded. */
+    p.node = open_img("c.qcow2");
+    p.fd = open(ref, O_RDWR);
+    p.v2_backing = false;
+    ck_assert_int_ge(p.fd, 0);
+    both_write(&p, 5 * cs + 10, 20, 0x5a);
+    ck_assert_int_eq(run(p.node, 8, 6 * cs, 2 * cs, data + 6 * cs), 0);
+    ck_assert_int_eq(pwrite(p.fd, data + 6 * cs, 2 * cs, (off_t)(6 * cs)),
+                     (ssize_t)(2 * cs));
+    both_zero(&p, 9 * cs, cs, false);
+    both_discard(&p, 10 * cs, 2 * cs);
+    ck_assert_int_eq(run(p.node, 6, 0, 0, NULL), 0);
+    close_node(p.node);
+    close(p.fd);
+
+    check_clean("c.qcow2");
+    rc = sh(&out, "qemu-img compare -f raw -F qcow2 ref.raw c.qcow2");
+    ck_assert_msg(rc == 0, "qemu-img compare: %d\n%s", rc, out);
+    rc = sh(&out, "qemu-io -r -c 'read -P 0x5a %" G_GUINT64_FORMAT " 20' "
+            "-c 'read -P 0 %" G_GUINT64_FORMAT " %" G_GUINT64_FORMAT "' "
+            "c.qcow2", 5 * cs + 10, 9 * cs, 3 * cs);
+    ck_assert_msg(rc == 0 && !strstr(out, "failed"), "%s", out);
+    compare_with_qemu("c.qcow2");
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("qcow2-interop");
@@ -1136,6 +1243,12 @@ int main(void)
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_set_timeout(tc, 300);
     tcase_add_loop_test(tc, test_extl2_like_qemu, 0, 2);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("/interop/qcow2/write/compressed");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 300);
+    tcase_add_loop_test(tc, test_write_compressed, 0,
+                        G_N_ELEMENTS(compress_variants));
     suite_add_tcase(s, tc);
     strata_test_add(s, "/interop/qcow2/extl2/create", test_extl2_create,
                     setup, teardown);
