@@ -1075,7 +1075,10 @@ static int write_zero_data(StrataQcow2State *s, uint64_t offset,
 
 typedef enum {
     ZAP_ZERO,          /* write-zeroes: keep our storage (ZERO_ALLOC) */
-    ZAP_ZERO_UNMAP,    /* write-zeroes with unmap, guest discard (v3) */
+    ZAP_ZERO_UNMAP,    /* write-zeroes with unmap (v3): ZERO_PLAIN */
+    ZAP_DISCARD,       /* guest discard (v3): as ZAP_ZERO_UNMAP, but what
+                        * reads as zeroes with nothing below is left
+                        * alone, as QEMU leaves it */
     ZAP_DEALLOCATE,    /* v2 without backing: entry 0 */
 } ZapMode;
 
@@ -1099,7 +1102,8 @@ static int zap_clusters(StrataQcow2State *s, uint64_t offset, uint64_t bytes,
             break;
         }
         n = MIN(bytes >> s->cluster_bits, s->l2_slice_entries - idx);
-        if (!slice && (!has_backing || mode == ZAP_DEALLOCATE)) {
+        if (!slice && (mode == ZAP_DEALLOCATE ||
+                       (mode == ZAP_DISCARD && !has_backing))) {
             /* No table: everything here reads as zeroes already. */
             done = n;
         } else {
@@ -1131,7 +1135,8 @@ static int zap_clusters(StrataQcow2State *s, uint64_t offset, uint64_t bytes,
 
                 if (mode == ZAP_DEALLOCATE) {
                     neu = 0;
-                } else if (t == STRATA_QCOW2_CLUSTER_UNALLOCATED &&
+                } else if (mode == ZAP_DISCARD &&
+                           t == STRATA_QCOW2_CLUSTER_UNALLOCATED &&
                            !has_backing) {
                     continue;
                 } else if (mode == ZAP_ZERO &&
@@ -1336,8 +1341,7 @@ static int qcow2_co_pdiscard(StrataNode *node, uint64_t offset,
         return 0;
     }
     return zap_clusters(s, first, last - first,
-                        s->hdr.version < 3 ? ZAP_DEALLOCATE
-                                           : ZAP_ZERO_UNMAP);
+                        s->hdr.version < 3 ? ZAP_DEALLOCATE : ZAP_DISCARD);
 }
 
 static int qcow2_co_flush(StrataNode *node)
