@@ -234,7 +234,7 @@ static void print_option_help(const char *fmt)
                "  lazy_refcounts=<bool (on/off)> - Postpone refcount "
                "updates\n"
                "  preallocation=<str>    - Preallocation mode (allowed "
-               "values: off, metadata)\n"
+               "values: off, metadata, falloc, full)\n"
                "  refcount_bits=<num>    - Width of a reference count entry "
                "in bits\n"
                "  size=<size>            - Virtual disk size\n");

@@ -276,12 +276,14 @@ bool strata_qcow2_create(StrataContext *ctx, const char *filename,
     }
     if (!strcmp(prealloc, "off")) {
         meta = false;
-    } else if (!strcmp(prealloc, "metadata")) {
+    } else if (!strcmp(prealloc, "metadata") || !strcmp(prealloc, "falloc") ||
+               !strcmp(prealloc, "full")) {
+        /* falloc and full map the disk as metadata does; the data
+         * clusters then get their file space too. */
         meta = true;
     } else {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
-                    "Preallocation mode '%s' is not supported (off or "
-                    "metadata)", prealloc);
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Invalid parameter '%s'", prealloc);
         return false;
     }
     if (meta && backing) {
@@ -435,6 +437,24 @@ bool strata_qcow2_create(StrataContext *ctx, const char *filename,
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
                     "Could not resize '%s': %s", filename, g_strerror(errno));
         goto out;
+    }
+    if (data_count && !strcmp(prealloc, "falloc")) {
+        int r = posix_fallocate(fd, (off_t)data_off,
+                                (off_t)(data_count * cluster_size));
+        if (r) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                        "Could not preallocate data for '%s': %s", filename,
+                        g_strerror(r));
+            goto out;
+        }
+    } else if (data_count && !strcmp(prealloc, "full")) {
+        memset(buf, 0, cluster_size);
+        for (uint64_t c = 0; c < data_count; c++) {
+            if (!write_all(fd, buf, cluster_size,
+                           data_off + c * cluster_size, filename, error)) {
+                goto out;
+            }
+        }
     }
     if (fsync(fd) < 0) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,

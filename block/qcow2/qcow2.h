@@ -27,7 +27,8 @@ extern "C" {
  *   backing_fmt, lazy_refcounts, refcount_bits (default 16),
  *   compression_type ("zlib"), extended_l2 (subclusters; 16 KiB
  *   clusters at least, compat 1.1),
- *   preallocation ("off" or "metadata")
+ *   preallocation ("off", "metadata", "falloc": data clusters
+ *   fallocated too, "full": written with zeroes)
  *
  * Writes an empty image laid out as `qemu-img create -f qcow2` does.
  *

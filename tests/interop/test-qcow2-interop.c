@@ -453,6 +453,9 @@ START_TEST(test_create_matches_qemu)
         "\"cluster_size\": 4096}",
         "{\"size\": 10485760, \"lazy_refcounts\": \"on\", "
         "\"refcount_bits\": 8}",
+        "{\"size\": 3145728, \"preallocation\": \"falloc\"}",
+        "{\"size\": 3145728, \"preallocation\": \"full\", "
+        "\"cluster_size\": 4096}",
     };
 
     for (unsigned i = 0; i < G_N_ELEMENTS(opts); i++) {
@@ -469,6 +472,13 @@ START_TEST(test_create_matches_qemu)
         check_clean("n.qcow2");
         ck_assert_int_eq(sh(&out, "qemu-img info --output=json n.qcow2"), 0);
         ck_assert_ptr_nonnull(strstr(out, "\"format\": \"qcow2\""));
+        if (strstr(opts[i], "falloc") || strstr(opts[i], "full")) {
+            /* The data clusters hold file space: no hole under them. */
+            ck_assert_int_eq(sh(&out, "qemu-img map --output=json n.qcow2 && "
+                                "qemu-io -r -c 'read -P 0 0 3M' n.qcow2"), 0);
+            ck_assert_ptr_nonnull(strstr(out, "\"zero\": false"));
+            ck_assert_ptr_null(strstr(out, "failed"));
+        }
     }
 }
 END_TEST
