@@ -67,6 +67,10 @@ typedef struct FileState {
     /* errno of a failed fdatasync: the page cache may have dropped dirty
      * pages, so no later flush may claim success. */
     int flush_errno;
+    /* Bumped as each modifying request starts; a flush with nothing
+     * modified since the last successful one has nothing to make
+     * stable and skips fdatasync, as QEMU's write_gen does. */
+    uint64_t write_gen, flushed_gen;
     /* Buffered whole-page writes go inline (see INLINE_SLOW_NS) unless
      * a slow one made them wait in io_uring until inline_after_ns. */
     bool inline_writes;
@@ -656,6 +660,9 @@ static int file_co_rw(StrataNode *node, uint64_t offset, uint64_t bytes,
         if (niov == 0) {
             return -EINVAL; /* @qiov shorter than @bytes: caller's bug */
         }
+        if (write) {
+            s->write_gen++;
+        }
         if (write && inline_ok(s, offset + done, bytes - done)) {
             ret = inline_pwritev(s, iov, niov, offset + done);
         } else if (write) {
@@ -711,6 +718,7 @@ static int file_co_pwritev(StrataNode *node, uint64_t offset, uint64_t bytes,
 static int file_co_flush(StrataNode *node)
 {
     FileState *s = node->opaque;
+    uint64_t gen = s->write_gen;
     int ret;
 
     if (node->cache_no_flush) {
@@ -719,7 +727,13 @@ static int file_co_flush(StrataNode *node)
     if (s->flush_errno) {
         return -s->flush_errno;
     }
+    if (gen == s->flushed_gen) {
+        return 0;
+    }
     ret = strata_loop_co_fdatasync(node->ctx->loop, s->engine, s->fd);
+    if (ret == 0) {
+        s->flushed_gen = MAX(s->flushed_gen, gen);
+    }
     if (ret < 0 && !s->direct) {
         /* Linux marks the pages clean even though they never reached the
          * disk: a later fdatasync would succeed without writing them. */
@@ -745,6 +759,7 @@ static int file_co_pwrite_zeroes(StrataNode *node, uint64_t offset,
     StrataLoop *loop = node->ctx->loop;
     int ret;
 
+    s->write_gen++;
     if ((flags & STRATA_REQ_MAY_UNMAP) && discard_unmaps(node) &&
         !s->is_blockdev) {
         int64_t size = file_length(s);
@@ -792,6 +807,7 @@ static int file_co_pdiscard(StrataNode *node, uint64_t offset, uint64_t bytes)
     if (!discard_unmaps(node)) {
         return 0;
     }
+    s->write_gen++;
     ret = strata_loop_co_fallocate(node->ctx->loop, s->engine, s->fd,
                                    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                                    offset, bytes);
@@ -923,6 +939,7 @@ static int file_co_truncate(StrataNode *node, uint64_t offset, bool exact,
                     node->filename, offset);
         return -EINVAL;
     }
+    s->write_gen++;
     ret = strata_loop_co_run_in_thread(node->ctx->loop, truncate_job, &job);
     if (ret == -EFBIG && s->is_blockdev) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
