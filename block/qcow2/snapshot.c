@@ -387,7 +387,7 @@ static int update_tree_refcounts(StrataQcow2State *s, uint64_t *l1,
                 return ret;
             }
             for (uint64_t j = 0; j < s->l2_slice_entries; j++) {
-                uint64_t e = GUINT64_FROM_BE(slice[j]);
+                uint64_t e = strata_qcow2_l2_get(s, slice, j);
                 uint64_t host = e & STRATA_QCOW2_OFFSET_MASK;
 
                 switch (strata_qcow2_l2_entry_type(e)) {
@@ -434,7 +434,7 @@ static int update_tree_refcounts(StrataQcow2State *s, uint64_t *l1,
                     continue;
                 }
                 if (copied_changes(mode, &e, rc)) {
-                    slice[j] = GUINT64_TO_BE(e);
+                    strata_qcow2_l2_set(s, slice, j, e);
                     dirty = true;
                 }
             }
