@@ -2,6 +2,7 @@
  * through the cluster map and the backing chain, allocating writes with
  * copy-on-write, zero clusters, discard), flush, resize and query. */
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <stdio.h>
 #include <sys/stat.h>
@@ -583,6 +584,47 @@ static int check_writable(StrataQcow2State *s)
 }
 
 /*
+ * Reads the parts of the new cluster run [start, end) that a write of
+ * [start + head_len, end - tail_len) leaves alone, into *@buf (free()),
+ * laid out as in the run.  The buffer is aligned for the file so the
+ * merged write (head, guest data, tail) needs no bounce copy.  When the
+ * run is one cluster, head and tail come from one read of the whole
+ * cluster: through a backing chain a second request costs more than the
+ * few bytes of guest data read for nothing.
+ */
+static int cow_read(StrataQcow2State *s, uint64_t start, uint64_t end,
+                    uint64_t head_len, uint64_t tail_len, uint8_t **buf)
+{
+    uint64_t len = end - start;
+    size_t align = MAX(file_of(s)->limits.buf_align, 4096u);
+    StrataIOVec v;
+    void *p = NULL;
+    int ret = 0;
+
+    *buf = NULL;
+    if (!head_len && !tail_len) {
+        return 0;
+    }
+    if (posix_memalign(&p, align, len) != 0) {
+        return -ENOMEM;
+    }
+    *buf = p;
+    if (head_len && tail_len && len == s->cluster_size) {
+        strata_iov_init_buf(&v, p, len);
+        return read_internal(s, start, len, &v, 0);
+    }
+    if (head_len) {
+        strata_iov_init_buf(&v, p, head_len);
+        ret = read_internal(s, start, head_len, &v, 0);
+    }
+    if (ret == 0 && tail_len) {
+        strata_iov_init_buf(&v, *buf + len - tail_len, tail_len);
+        ret = read_internal(s, end - tail_len, tail_len, &v, 0);
+    }
+    return ret;
+}
+
+/*
  * Writes what fits of [offset, offset + bytes) in one run of clusters of
  * the same kind; returns the bytes written or -errno.
  */
@@ -594,9 +636,9 @@ static int64_t write_chunk(StrataQcow2State *s, uint64_t offset,
     uint64_t n, host, entry, start, end, nb;
     StrataQcow2ClusterType type;
     StrataQcow2Alloc alloc;
-    g_autofree uint8_t *head = NULL, *tail = NULL;
+    uint8_t *cow = NULL;
     uint64_t head_len, tail_len;
-    StrataIOVec hv, tv, wv;
+    StrataIOVec wv;
     uint64_t *slice;
     uint64_t idx;
     int64_t hoff;
@@ -654,20 +696,14 @@ static int64_t write_chunk(StrataQcow2State *s, uint64_t offset,
      * request does not cover, from whatever they read as now. */
     head_len = offset - start;
     tail_len = end - (offset + n);
-    strata_iov_init(&wv, 3);
-    ret = 0;
+    strata_iov_init(&wv, qiov->niov + 2);
+    ret = cow_read(s, start, end, head_len, tail_len, &cow);
     if (head_len) {
-        head = g_malloc(head_len);
-        strata_iov_init_buf(&hv, head, head_len);
-        ret = read_internal(s, start, head_len, &hv, 0);
-        strata_iov_add(&wv, head, head_len);
+        strata_iov_add(&wv, cow, head_len);
     }
     strata_iov_concat(&wv, qiov, qiov_offset, n);
-    if (ret == 0 && tail_len) {
-        tail = g_malloc(tail_len);
-        strata_iov_init_buf(&tv, tail, tail_len);
-        ret = read_internal(s, offset + n, tail_len, &tv, 0);
-        strata_iov_add(&wv, tail, tail_len);
+    if (tail_len) {
+        strata_iov_add(&wv, cow + (end - start) - tail_len, tail_len);
     }
     if (ret == 0) {
         strata_co_mutex_lock(&s->lock);
@@ -680,6 +716,7 @@ static int64_t write_chunk(StrataQcow2State *s, uint64_t offset,
                                      end - start, &wv, 0, 0);
     }
     strata_iov_cleanup(&wv);
+    free(cow);
 
     strata_co_mutex_lock(&s->lock);
     if (ret < 0) {
