@@ -152,6 +152,22 @@ static bool open_co_body(StrataQcow2State *s, JsonObject *options,
     s->refcount_cache = strata_qcow2_cache_new(
         s, (unsigned)MIN(sizes.refcount_cache_size / s->cluster_size,
                          (uint64_t)G_MAXINT), (uint32_t)s->cluster_size);
+    {
+        /* QEMU's default on Linux: unused slices go back after 10 min. */
+        int64_t ci = strata_opts_get_int(options, "cache-clean-interval",
+                                         600);
+        GMainContext *gctx = strata_loop_get_context(s->node->ctx->loop);
+
+        if (ci < 0 || ci > G_MAXUINT32) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                        "Cache clean interval too big");
+            return false;
+        }
+        strata_qcow2_cache_set_clean_interval(s->l2_cache, gctx,
+                                              (unsigned)ci);
+        strata_qcow2_cache_set_clean_interval(s->refcount_cache, gctx,
+                                              (unsigned)ci);
+    }
 
     /* Refcounts left stale by a crash under lazy refcounts are rebuilt
      * before anything is written, as QEMU does on open. */
@@ -332,6 +348,7 @@ static bool open_backing(StrataQcow2State *s, JsonObject *options,
 
 static void qcow2_state_free(StrataQcow2State *s)
 {
+    strata_qcow2_layermap_free(s);
     strata_qcow2_cache_free(s->l2_cache);
     strata_qcow2_cache_free(s->refcount_cache);
     s->l2_cache = s->refcount_cache = NULL;
@@ -356,6 +373,11 @@ static bool file_is_sparse(StrataNode *file)
     file->drv->query_image(file, img);
     actual = json_object_get_int_member_with_default(img, "actual-size", -1);
     return actual >= 0 && actual < file->total_bytes / 2;
+}
+
+static void prepare_co(void *opaque)
+{
+    strata_qcow2_layermap_co_prepare(opaque);
 }
 
 static bool qcow2_open(StrataNode *node, JsonObject *options,
@@ -404,6 +426,7 @@ static bool qcow2_open(StrataNode *node, JsonObject *options,
         }
     }
     s->sparse_file = file_is_sparse(node->file->node);
+    strata_loop_run_co(node->ctx->loop, prepare_co, s);
     return true;
 }
 
@@ -447,33 +470,6 @@ static void qcow2_close(StrataNode *node)
 /* ------------------------------------------------------------------ */
 /* Reads                                                               */
 /* ------------------------------------------------------------------ */
-
-static int read_backing(StrataQcow2State *s, uint64_t offset, uint64_t n,
-                        StrataIOVec *qiov, size_t qiov_offset)
-{
-    StrataNode *b = backing_of(s);
-    int64_t blen = b ? b->total_bytes : 0;
-    uint64_t avail = 0;
-
-    /* The VM state area belongs to this image alone. */
-    if (offset >= strata_qcow2_vm_state_offset(s)) {
-        b = NULL;
-    }
-    if (b && blen > 0 && offset < (uint64_t)blen) {
-        avail = MIN(n, (uint64_t)blen - offset);
-    }
-    if (avail) {
-        int ret = strata_node_co_preadv(b, offset, avail, qiov, qiov_offset,
-                                        0);
-        if (ret < 0) {
-            return ret;
-        }
-    }
-    if (avail < n) {
-        strata_iov_memset(qiov, qiov_offset + avail, 0, n - avail);
-    }
-    return 0;
-}
 
 /* Reads guest bytes without the request path: also used for the
  * copy-on-write of a cluster's untouched parts. */
@@ -528,7 +524,8 @@ static int read_internal(StrataQcow2State *s, uint64_t offset,
             strata_co_mutex_unlock(&s->lock);
             switch (type) {
             case STRATA_QCOW2_CLUSTER_UNALLOCATED:
-                ret = read_backing(s, offset, n, qiov, qiov_offset);
+                ret = strata_qcow2_co_read_backing(s, offset, n, qiov,
+                                                    qiov_offset);
                 break;
             default:
                 strata_iov_memset(qiov, qiov_offset, 0, n);
