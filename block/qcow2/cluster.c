@@ -44,14 +44,20 @@ int strata_qcow2_co_write_header_bytes(StrataQcow2State *s, uint64_t offset,
     return ret < 0 ? ret : strata_node_co_flush(file_of(s));
 }
 
-int strata_qcow2_co_write_meta(StrataQcow2State *s, int ign, uint64_t offset,
-                               const void *buf, size_t len)
+int strata_qcow2_co_pwrite_meta(StrataQcow2State *s, int ign,
+                                uint64_t offset, const void *buf, size_t len)
 {
     int ret = strata_qcow2_co_pre_write_overlap_check(s, ign, offset, len);
     if (ret < 0) {
         return ret;
     }
-    ret = strata_node_co_pwrite(file_of(s), offset, len, buf, 0);
+    return strata_node_co_pwrite(file_of(s), offset, len, buf, 0);
+}
+
+int strata_qcow2_co_write_meta(StrataQcow2State *s, int ign, uint64_t offset,
+                               const void *buf, size_t len)
+{
+    int ret = strata_qcow2_co_pwrite_meta(s, ign, offset, buf, len);
     return ret < 0 ? ret : strata_node_co_flush(file_of(s));
 }
 

@@ -143,8 +143,8 @@ static bool write_all(int fd, const void *buf, size_t len, uint64_t off,
     return true;
 }
 
-bool strata_qcow2_create(StrataContext *ctx, const char *filename,
-                         JsonObject *opts, GError **error)
+static bool create_image(StrataContext *ctx, const char *filename,
+                         JsonObject *opts, bool sync, GError **error)
 {
     const char *compat = "1.1", *backing = NULL, *backing_fmt = NULL;
     const char *prealloc = "off", *ctype = "zlib";
@@ -400,7 +400,7 @@ bool strata_qcow2_create(StrataContext *ctx, const char *filename,
                     "Could not resize '%s': %s", filename, g_strerror(errno));
         goto out;
     }
-    if (fsync(fd) < 0) {
+    if (sync && fsync(fd) < 0) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
                     "Could not flush '%s': %s", filename, g_strerror(errno));
         goto out;
@@ -412,4 +412,16 @@ out:
         unlink(filename);
     }
     return ok;
+}
+
+bool strata_qcow2_create(StrataContext *ctx, const char *filename,
+                         JsonObject *opts, GError **error)
+{
+    return create_image(ctx, filename, opts, true, error);
+}
+
+bool strata_qcow2_create_unsynced(StrataContext *ctx, const char *filename,
+                                  JsonObject *opts, GError **error)
+{
+    return create_image(ctx, filename, opts, false, error);
 }

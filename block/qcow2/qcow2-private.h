@@ -517,6 +517,10 @@ bool strata_qcow2_parse_overlap_check(JsonObject *options, int *mask,
  * after the overlap check (kinds in @ign may be overwritten). */
 int strata_qcow2_co_write_meta(StrataQcow2State *s, int ign, uint64_t offset,
                                const void *buf, size_t len);
+/* The same without the flush: for metadata nothing points at yet, made
+ * stable by a later flush that comes before the pointer is written. */
+int strata_qcow2_co_pwrite_meta(StrataQcow2State *s, int ign,
+                                uint64_t offset, const void *buf, size_t len);
 /* Writes a header field range synchronously (write + flush). */
 int strata_qcow2_co_write_header_bytes(StrataQcow2State *s, uint64_t offset,
                                        const void *buf, size_t len);

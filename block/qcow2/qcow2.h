@@ -35,6 +35,11 @@ extern "C" {
 bool strata_qcow2_create(StrataContext *ctx, const char *filename,
                          JsonObject *opts, GError **error);
 
+/* As strata_qcow2_create(), without the final fsync: for callers that
+ * make many images stable at once (a transaction's overlays). */
+bool strata_qcow2_create_unsynced(StrataContext *ctx, const char *filename,
+                                  JsonObject *opts, GError **error);
+
 /* ------------------------------------------------------------------ */
 /* Internal snapshots                                                  */
 /* ------------------------------------------------------------------ */
