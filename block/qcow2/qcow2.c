@@ -1758,6 +1758,40 @@ static int qcow2_co_change_backing_file(StrataNode *node,
     return 0;
 }
 
+static JsonObject *cache_stats(const StrataQcow2Cache *c)
+{
+    JsonObject *o = json_object_new();
+    StrataQcow2CacheStats st;
+
+    strata_qcow2_cache_get_stats(c, &st);
+    json_object_set_int_member(o, "hits", (gint64)st.hits);
+    json_object_set_int_member(o, "misses", (gint64)st.misses);
+    json_object_set_int_member(o, "entries", st.entries);
+    json_object_set_int_member(o, "max-entries", st.max_entries);
+    json_object_set_int_member(o, "bytes", (gint64)st.bytes);
+    return o;
+}
+
+static void qcow2_query_stats(StrataNode *node, JsonObject *stats)
+{
+    StrataQcow2State *s = node->opaque;
+    StrataQcow2LayerMapStats lm;
+    JsonObject *m = json_object_new();
+
+    json_object_set_object_member(stats, "l2-cache",
+                                  cache_stats(s->l2_cache));
+    json_object_set_object_member(stats, "refcount-cache",
+                                  cache_stats(s->refcount_cache));
+    strata_qcow2_layermap_get_stats(s, &lm);
+    json_object_set_int_member(m, "lookups", (gint64)lm.lookups);
+    json_object_set_int_member(m, "composed", (gint64)lm.composed);
+    json_object_set_int_member(m, "walked", (gint64)lm.walked);
+    json_object_set_int_member(m, "resets", (gint64)lm.resets);
+    json_object_set_int_member(m, "layers", lm.layers);
+    json_object_set_int_member(m, "regions", lm.regions_built);
+    json_object_set_object_member(stats, "layer-map", m);
+}
+
 static void qcow2_query_image(StrataNode *node, JsonObject *image)
 {
     StrataQcow2State *s = node->opaque;
@@ -1850,4 +1884,5 @@ const StrataDriver strata_driver_qcow2 = {
     .reopen_prepare = qcow2_reopen_prepare,
     .reopen_commit = qcow2_reopen_commit,
     .query_image = qcow2_query_image,
+    .query_stats = qcow2_query_stats,
 };
