@@ -106,7 +106,8 @@ static int co_next_segment(ConvertJob *j, uint64_t *src_off, int *src_idx,
     if (ret & STRATA_BLOCK_DATA) {
         pnum = MIN(CHUNK, pnum);
     }
-    if (j->compress_cluster && pnum < want) {
+    if (j->compress_cluster &&
+        j->cur_off + pnum < j->src_len[j->cur_src]) {
         /* Compression works on whole clusters: a segment ends on a
          * cluster boundary, and a cluster mixing kinds is data. */
         uint64_t cs = j->compress_cluster;
