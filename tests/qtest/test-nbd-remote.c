@@ -4,7 +4,8 @@
  * (qemu-img compare); without one it fails with an error event; either
  * way the daemon keeps answering other QMP clients meanwhile.  And two
  * stratad processes on loopback TCP: one exports a base, the other
- * streams it into its local overlay. */
+ * streams it into its local overlay; one mirrors its disk to the other's
+ * export (storage migration) and then runs a four-layer chain on it. */
 #include <check.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -280,6 +281,106 @@ START_TEST(test_two_daemons)
 }
 END_TEST
 
+/* Storage migration as libvirt drives it: B mirrors its disk (a
+ * two-layer local chain) to a writable export of A over TCP, cancels in
+ * READY (the source stays), and A's copy holds the guest view.  Then B
+ * opens a four-layer chain whose base is A's export and serves it: the
+ * guest view through B matches the local chain. */
+START_TEST(test_mirror_to_remote)
+{
+    QTestState *a, *b;
+    g_autoptr(JsonNode) ev = NULL;
+    g_autofree char *cmd = NULL;
+    int port = free_port();
+
+    if (!have_qemu_tools()) {
+        return;
+    }
+    a = qtest_start(NULL, true);
+    b = qtest_start(NULL, true);
+    make_images(b);
+    ck_assert_int_eq(sh(a, "qemu-img create -q -f raw target.raw 16M"), 0);
+    ok(a, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+          "\"raw\", \"node-name\": \"t\", \"file\": {\"driver\": \"file\", "
+          "\"filename\": \"target.raw\"}}}");
+    cmd = g_strdup_printf(
+        "{\"execute\": \"nbd-server-start\", \"arguments\": {\"addr\": "
+        "{\"type\": \"inet\", \"data\": {\"host\": \"127.0.0.1\", "
+        "\"port\": \"%d\"}}}}", port);
+    ok(a, cmd);
+    ok(a, "{\"execute\": \"block-export-add\", \"arguments\": {\"type\": "
+          "\"nbd\", \"id\": \"e\", \"node-name\": \"t\", \"name\": \"t\", "
+          "\"writable\": true}}");
+
+    ok(b, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+          "\"qcow2\", \"node-name\": \"base\", \"file\": {\"driver\": "
+          "\"file\", \"filename\": \"base.qcow2\"}}}");
+    ok(b, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+          "\"qcow2\", \"node-name\": \"top\", \"backing\": \"base\", "
+          "\"file\": {\"driver\": \"file\", \"filename\": \"top.qcow2\"}}}");
+    g_free(cmd);
+    cmd = g_strdup_printf(
+        "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+        "\"nbd\", \"node-name\": \"remote\", \"server\": {\"type\": "
+        "\"inet\", \"host\": \"127.0.0.1\", \"port\": \"%d\"}, "
+        "\"export\": \"t\"}}", port);
+    ok(b, cmd);
+    ok(b, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
+          "\"m\", \"device\": \"top\", \"target\": \"remote\", \"sync\": "
+          "\"full\"}}");
+    json_node_unref(want_event(b, "BLOCK_JOB_READY"));
+    ok(b, "{\"execute\": \"block-job-cancel\", \"arguments\": {\"device\": "
+          "\"m\"}}");
+    ev = want_event(b, "BLOCK_JOB_COMPLETED");
+    ck_assert_msg(!json_object_has_member(data_of(ev), "error"), "%s",
+                  json_object_get_string_member(data_of(ev), "error"));
+    ok(b, "{\"execute\": \"blockdev-del\", \"arguments\": {\"node-name\": "
+          "\"top\"}}");
+    ok(b, "{\"execute\": \"blockdev-del\", \"arguments\": {\"node-name\": "
+          "\"base\"}}");
+    ok(b, "{\"execute\": \"blockdev-del\", \"arguments\": {\"node-name\": "
+          "\"remote\"}}");
+    ck_assert_int_eq(sh(a, "qemu-img compare -f raw -F raw target.raw "
+                           "'%s/ref.raw'", qtest_dir(b)), 0);
+
+    /* A four-layer chain in B over A's export (now the guest's disk). */
+    /* Built over a local copy of A's image (A holds it open); the
+     * blockdev-add below puts A's export under s1 instead. */
+    ck_assert_int_eq(sh(b, "cp '%s/target.raw' copy.raw && "
+                           "qemu-img create -q -f qcow2 -F raw -b "
+                           "copy.raw s1.qcow2 && "
+                           "qemu-io -c 'write -P 0x31 1M 64k' s1.qcow2 && "
+                           "qemu-img create -q -f qcow2 -F qcow2 -b s1.qcow2 "
+                           "s2.qcow2 && qemu-io -c 'write -z 2M 1M' s2.qcow2 && "
+                           "qemu-img create -q -f qcow2 -F qcow2 -b s2.qcow2 "
+                           "s3.qcow2 && qemu-io -c 'write -P 0x33 15M 4k' "
+                           "s3.qcow2 && qemu-img convert -O raw s3.qcow2 "
+                           "ref4.raw >/dev/null && rm copy.raw", qtest_dir(a)),
+                     0);
+    g_free(cmd);
+    cmd = g_strdup_printf(
+        "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+        "\"qcow2\", \"node-name\": \"s3\", \"read-only\": true, "
+        "\"file\": {\"driver\": \"file\", \"filename\": \"s3.qcow2\"}, "
+        "\"backing\": {\"driver\": \"qcow2\", \"file\": {\"driver\": "
+        "\"file\", \"filename\": \"s2.qcow2\"}, \"backing\": {\"driver\": "
+        "\"qcow2\", \"file\": {\"driver\": \"file\", \"filename\": "
+        "\"s1.qcow2\"}, \"backing\": {\"driver\": \"raw\", \"file\": "
+        "{\"driver\": \"nbd\", \"server\": {\"type\": \"inet\", \"host\": "
+        "\"127.0.0.1\", \"port\": \"%d\"}, \"export\": \"t\"}}}}}}", port);
+    ok(b, cmd);
+    ok(b, "{\"execute\": \"nbd-server-start\", \"arguments\": {\"addr\": "
+          "{\"type\": \"unix\", \"data\": {\"path\": \"b.sock\"}}}}");
+    ok(b, "{\"execute\": \"block-export-add\", \"arguments\": {\"type\": "
+          "\"nbd\", \"id\": \"e4\", \"node-name\": \"s3\", \"name\": "
+          "\"s3\"}}");
+    ck_assert_int_eq(sh(b, "qemu-img compare -f raw -F raw "
+                           "'nbd+unix:///s3?socket=b.sock' ref4.raw"), 0);
+    qtest_end(b);
+    qtest_end(a);
+}
+END_TEST
+
 int main(void)
 {
     Suite *su = suite_create("nbd-remote");
@@ -289,6 +390,7 @@ int main(void)
     tcase_add_test(tc, test_stream_survives_restart);
     tcase_add_test(tc, test_stream_fails_without_delay);
     tcase_add_test(tc, test_two_daemons);
+    tcase_add_test(tc, test_mirror_to_remote);
     suite_add_tcase(su, tc);
     SRunner *sr = srunner_create(su);
     srunner_run_all(sr, CK_NORMAL);
