@@ -129,6 +129,24 @@ static void side_client_answers(QTestState *s, bool job_there)
     close(fd);
 }
 
+/* A daemon with the remote chain, streaming at @speed bytes/s, whose
+ * server has just been killed with the job under way. */
+static QTestState *stream_then_kill(int delay, int speed)
+{
+    QTestState *s = qtest_start(NULL, true);
+    g_autofree char *cmd = g_strdup_printf(
+        "{\"execute\": \"block-stream\", \"arguments\": {\"job-id\": "
+        "\"j\", \"device\": \"top\", \"speed\": %d}}", speed);
+
+    make_images(s);
+    nbd_start(s);
+    add_remote_chain(s, delay);
+    ok(s, cmd);
+    wait_progress(s);
+    nbd_kill(s);
+    return s;
+}
+
 START_TEST(test_stream_survives_restart)
 {
     QTestState *s;
@@ -137,14 +155,7 @@ START_TEST(test_stream_survives_restart)
     if (!have_tools()) {
         return;
     }
-    s = qtest_start(NULL, true);
-    make_images(s);
-    nbd_start(s);
-    add_remote_chain(s, 60);
-    ok(s, "{\"execute\": \"block-stream\", \"arguments\": {\"job-id\": "
-          "\"j\", \"device\": \"top\", \"speed\": 8388608}}");
-    wait_progress(s);
-    nbd_kill(s);
+    s = stream_then_kill(60, 8388608);
     g_usleep(300 * 1000);
     side_client_answers(s, true);
     nbd_start(s);
@@ -174,14 +185,7 @@ START_TEST(test_stream_fails_without_delay)
     if (!have_tools()) {
         return;
     }
-    s = qtest_start(NULL, true);
-    make_images(s);
-    nbd_start(s);
-    add_remote_chain(s, 0);
-    ok(s, "{\"execute\": \"block-stream\", \"arguments\": {\"job-id\": "
-          "\"j\", \"device\": \"top\", \"speed\": 4194304}}");
-    wait_progress(s);
-    nbd_kill(s);
+    s = stream_then_kill(0, 4194304);
     ev = want_event(s, "BLOCK_JOB_COMPLETED");
     ck_assert_msg(json_object_has_member(data_of(ev), "error"),
                   "the stream completed without its server");

@@ -283,19 +283,28 @@ static void qemu_nbd_stop(QemuNbd *q)
     g_free(q->sock);
 }
 
+/* A qcow2 image of SIZE: 64 KiB of 0x11, then a hole. (transfer full) */
+static char *make_sparse_qcow2(void)
+{
+    g_autofree char *raw = make_raw("src.raw", SIZE, 65536, 0x11);
+    char *img = g_build_filename(dir, "disk.qcow2", NULL);
+
+    ck_assert_int_eq(run_tool(NULL, "qemu-img", "convert", "-O", "qcow2",
+                              raw, img, NULL), 0);
+    return img;
+}
+
 START_TEST(test_qemu_nbd)
 {
     g_autoptr(GError) err = NULL;
-    g_autofree char *raw = make_raw("src.raw", SIZE, 65536, 0x11);
-    g_autofree char *img = g_build_filename(dir, "disk.qcow2", NULL);
+    g_autofree char *img = NULL;
     QemuNbd q;
     StrataNode *c;
 
     if (!have_tool("qemu-nbd") || !have_tool("qemu-img")) {
         return;
     }
-    ck_assert_int_eq(run_tool(NULL, "qemu-img", "convert", "-O", "qcow2",
-                              raw, img, NULL), 0);
+    img = make_sparse_qcow2();
     qemu_nbd_start(&q, img, "qcow2", "disk", false);
     /* open-timeout waits for the socket to appear. */
     c = open_client(q.sock, "disk", ",open-timeout=10", &err);
@@ -317,8 +326,7 @@ END_TEST
 START_TEST(test_qsd)
 {
     g_autoptr(GError) err = NULL;
-    g_autofree char *raw = make_raw("src.raw", SIZE, 65536, 0x11);
-    g_autofree char *img = g_build_filename(dir, "disk.qcow2", NULL);
+    g_autofree char *img = NULL;
     g_autofree char *sock = g_build_filename(dir, "qsd.sock", NULL);
     g_autofree char *bd = NULL;
     g_autofree char *srv = NULL;
@@ -328,8 +336,7 @@ START_TEST(test_qsd)
     if (!have_tool("qemu-storage-daemon") || !have_tool("qemu-img")) {
         return;
     }
-    ck_assert_int_eq(run_tool(NULL, "qemu-img", "convert", "-O", "qcow2",
-                              raw, img, NULL), 0);
+    img = make_sparse_qcow2();
     bd = g_strdup_printf("driver=qcow2,node-name=disk,file.driver=file,"
                          "file.filename=%s", img);
     srv = g_strdup_printf("addr.type=unix,addr.path=%s", sock);
@@ -353,8 +360,7 @@ END_TEST
 START_TEST(test_inet)
 {
     g_autoptr(GError) err = NULL;
-    g_autofree char *raw = make_raw("src.raw", SIZE, 65536, 0x11);
-    g_autofree char *img = g_build_filename(dir, "disk.qcow2", NULL);
+    g_autofree char *img = NULL;
     g_autofree char *port = NULL;
     g_autofree char *spec = NULL;
     struct sockaddr_in sin = { .sin_family = AF_INET };
@@ -372,8 +378,7 @@ START_TEST(test_inet)
     ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&sin, &slen), 0);
     port = g_strdup_printf("%d", ntohs(sin.sin_port));
     close(fd);
-    ck_assert_int_eq(run_tool(NULL, "qemu-img", "convert", "-O", "qcow2",
-                              raw, img, NULL), 0);
+    img = make_sparse_qcow2();
     const char *argv[] = { "qemu-nbd", "-b", "127.0.0.1", "-p", port,
                            "-f", "qcow2", "--persistent", "-x", "disk", img,
                            NULL };
