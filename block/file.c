@@ -67,7 +67,7 @@ typedef struct FileState {
     /* errno of a failed fdatasync: the page cache may have dropped dirty
      * pages, so no later flush may claim success. */
     int flush_errno;
-    /* Bumped as each modifying request starts; a flush with nothing
+    /* Bumped as each modifying request ends; a flush with nothing
      * modified since the last successful one has nothing to make
      * stable and skips fdatasync, as QEMU's write_gen does. */
     uint64_t write_gen, flushed_gen;
@@ -660,9 +660,6 @@ static int file_co_rw(StrataNode *node, uint64_t offset, uint64_t bytes,
         if (niov == 0) {
             return -EINVAL; /* @qiov shorter than @bytes: caller's bug */
         }
-        if (write) {
-            s->write_gen++;
-        }
         if (write && inline_ok(s, offset + done, bytes - done)) {
             ret = inline_pwritev(s, iov, niov, offset + done);
         } else if (write) {
@@ -671,6 +668,12 @@ static int file_co_rw(StrataNode *node, uint64_t offset, uint64_t bytes,
         } else {
             ret = strata_loop_co_preadv(loop, s->engine, s->fd, iov, niov,
                                         offset + done);
+        }
+        if (write) {
+            /* Counted when the write is over (whatever its result): a
+             * flush that began while it was in flight does not cover
+             * it, and the next one must not be skipped. */
+            s->write_gen++;
         }
         if (iov != local) {
             g_free(iov);
@@ -752,14 +755,13 @@ static int not_supported(int ret)
     return (ret == -EOPNOTSUPP || ret == -ENOSYS) ? -ENOTSUP : ret;
 }
 
-static int file_co_pwrite_zeroes(StrataNode *node, uint64_t offset,
-                                 uint64_t bytes, StrataReqFlags flags)
+static int do_pwrite_zeroes(StrataNode *node, uint64_t offset,
+                            uint64_t bytes, StrataReqFlags flags)
 {
     FileState *s = node->opaque;
     StrataLoop *loop = node->ctx->loop;
     int ret;
 
-    s->write_gen++;
     if ((flags & STRATA_REQ_MAY_UNMAP) && discard_unmaps(node) &&
         !s->is_blockdev) {
         int64_t size = file_length(s);
@@ -799,6 +801,16 @@ static int file_co_pwrite_zeroes(StrataNode *node, uint64_t offset,
     return not_supported(ret);
 }
 
+static int file_co_pwrite_zeroes(StrataNode *node, uint64_t offset,
+                                 uint64_t bytes, StrataReqFlags flags)
+{
+    FileState *s = node->opaque;
+    int ret = do_pwrite_zeroes(node, offset, bytes, flags);
+
+    s->write_gen++;     /* after the change, as in file_co_rw */
+    return ret;
+}
+
 static int file_co_pdiscard(StrataNode *node, uint64_t offset, uint64_t bytes)
 {
     FileState *s = node->opaque;
@@ -807,10 +819,10 @@ static int file_co_pdiscard(StrataNode *node, uint64_t offset, uint64_t bytes)
     if (!discard_unmaps(node)) {
         return 0;
     }
-    s->write_gen++;
     ret = strata_loop_co_fallocate(node->ctx->loop, s->engine, s->fd,
                                    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                                    offset, bytes);
+    s->write_gen++;
     return not_supported(ret);
 }
 
@@ -939,8 +951,8 @@ static int file_co_truncate(StrataNode *node, uint64_t offset, bool exact,
                     node->filename, offset);
         return -EINVAL;
     }
-    s->write_gen++;
     ret = strata_loop_co_run_in_thread(node->ctx->loop, truncate_job, &job);
+    s->write_gen++;
     if (ret == -EFBIG && s->is_blockdev) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
                     "Cannot grow device files");

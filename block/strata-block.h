@@ -109,6 +109,10 @@ typedef enum {
     STRATA_REQ_MAY_UNMAP = 1 << 1,   /* write-zeroes may deallocate */
     STRATA_REQ_NO_FALLBACK = 1 << 2, /* write-zeroes: fail with -ENOTSUP
                                       * rather than write zero buffers */
+    /* write: store whole clusters compressed (qcow2; the request covers
+     * whole clusters, or ends at the end of the disk); drivers without
+     * compression write the data as it is */
+    STRATA_REQ_WRITE_COMPRESSED = 1 << 3,
 } StrataReqFlags;
 
 /**

@@ -387,7 +387,7 @@ static int update_tree_refcounts(StrataQcow2State *s, uint64_t *l1,
                 return ret;
             }
             for (uint64_t j = 0; j < s->l2_slice_entries; j++) {
-                uint64_t e = GUINT64_FROM_BE(slice[j]);
+                uint64_t e = strata_qcow2_l2_get(s, slice, j);
                 uint64_t host = e & STRATA_QCOW2_OFFSET_MASK;
 
                 switch (strata_qcow2_l2_entry_type(e)) {
@@ -434,7 +434,7 @@ static int update_tree_refcounts(StrataQcow2State *s, uint64_t *l1,
                     continue;
                 }
                 if (copied_changes(mode, &e, rc)) {
-                    slice[j] = GUINT64_TO_BE(e);
+                    strata_qcow2_l2_set(s, slice, j, e);
                     dirty = true;
                 }
             }
@@ -785,6 +785,8 @@ static bool apply_locked(StrataQcow2State *s, StrataQcow2Snapshot *sn,
         return false;
     }
     s->decmp_host = 0;
+    /* Every cluster may map differently now, for the images above too. */
+    strata_qcow2_layermap_notify_change(s);
 
     if (sn->disk_size != s->hdr.size) {
         uint8_t be[8];
@@ -799,6 +801,7 @@ static bool apply_locked(StrataQcow2State *s, StrataQcow2Snapshot *sn,
         s->hdr.size = sn->disk_size;
         s->l1_vm_state_index = (uint32_t)need;
         s->node->total_bytes = (int64_t)sn->disk_size;
+        strata_node_chain_changed(s->node);
     }
 
     /* The old active path's references go; failures only leak. */
