@@ -3,8 +3,8 @@
  * The size is taken off the end of the command line before the flags
  * are parsed, as qemu-img does, so that "-1G" is a size and not a flag.
  * "+N" and "-N" are relative to the current size.  Shrinking needs
- * --shrink; the driver decides whether it can (raw can, qcow2 refuses
- * for now).
+ * --shrink; the driver decides whether it can (raw and qcow2 can; a v2
+ * qcow2 image with internal snapshots cannot be resized at all).
  */
 #include <getopt.h>
 #include <stdio.h>

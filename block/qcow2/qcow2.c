@@ -1049,6 +1049,112 @@ static int qcow2_co_block_status(StrataNode *node, bool want_zero,
     }
 }
 
+/*
+ * Drops the L2 tables of the L1 entries from @keep on: their entries go
+ * to zero on disk first, then the tables are freed (a crash in between
+ * leaks them).  The L1 table keeps its size, as in QEMU.
+ */
+static int shrink_l1(StrataQcow2State *s, uint32_t keep)
+{
+    uint64_t bytes;
+    g_autofree uint8_t *zeroes = NULL;
+    int ret;
+
+    keep = MAX(keep, 1u);
+    if (keep >= s->l1_size) {
+        return 0;
+    }
+    /* Nothing still cached may point into the tables being dropped. */
+    ret = strata_qcow2_cache_co_flush(s->l2_cache);
+    if (ret < 0) {
+        return ret;
+    }
+    bytes = (uint64_t)(s->l1_size - keep) * 8;
+    zeroes = g_malloc0(bytes);
+    ret = strata_qcow2_co_write_meta(s, STRATA_QCOW2_OL_ACTIVE_L1,
+                                     s->l1_table_offset +
+                                     (uint64_t)keep * 8, zeroes, bytes);
+    if (ret < 0) {
+        /* Part of the tail may be zero on disk: forget it in memory too,
+         * so that nothing writes through a table half gone. */
+        memset(s->l1_table + keep, 0, bytes);
+        return ret;
+    }
+    for (uint32_t i = keep; i < s->l1_size; i++) {
+        uint64_t l2 = s->l1_table[i] & STRATA_QCOW2_OFFSET_MASK;
+
+        s->l1_table[i] = 0;
+        if (l2) {
+            strata_qcow2_cache_discard_cluster(s->l2_cache, l2,
+                                               s->cluster_size);
+            strata_qcow2_co_free_clusters(s, l2, s->cluster_size);
+        }
+    }
+    return 0;
+}
+
+/*
+ * Shrinking, as QEMU 7.2 does it: the clusters past the new end are
+ * deallocated (also in an image with internal snapshots, whose tables
+ * are copied first), the L2 tables past it freed, refcount blocks left
+ * empty dropped, then the header gets the new size and the file loses
+ * its unused tail.  A crash before the header write leaves the old size
+ * with its tail deallocated, never a size the metadata does not cover.
+ */
+static int shrink(StrataQcow2State *s, uint64_t offset, uint64_t need,
+                  GError **error)
+{
+    uint64_t start = (offset + s->cluster_size - 1) & ~(s->cluster_size - 1);
+    uint8_t be[8];
+    const char *what = "Failed to discard cropped clusters";
+    int64_t len;
+    int ret = 0;
+
+    if (start < s->hdr.size) {
+        ret = zap_clusters(s, start, s->hdr.size - start, ZAP_DEALLOCATE);
+    }
+    strata_co_mutex_lock(&s->lock);
+    if (ret == 0) {
+        what = "Failed to reduce the number of L2 tables";
+        ret = shrink_l1(s, (uint32_t)need);
+    }
+    if (ret == 0) {
+        what = "Failed to discard unused refblocks";
+        ret = strata_qcow2_cache_co_flush(s->l2_cache);
+    }
+    if (ret == 0) {
+        ret = strata_qcow2_co_shrink_reftable(s);
+    }
+    if (ret == 0) {
+        what = "Failed to update the image size";
+        strata_qcow2_put_be64(be, offset);
+        ret = strata_qcow2_co_write_header_bytes(s, STRATA_QCOW2_HDR_SIZE,
+                                                 be, sizeof(be));
+    }
+    if (ret == 0) {
+        s->hdr.size = offset;
+        s->l1_vm_state_index = (uint32_t)need;
+        len = strata_qcow2_co_last_cluster_end(s);
+        if (len > 0 && len < file_of(s)->total_bytes) {
+            g_autoptr(GError) err = NULL;
+            /* Exact, or a file would keep its length; a block device
+             * refuses (ENOTSUP) and simply keeps its size. */
+            int r = strata_node_co_truncate(file_of(s), (uint64_t)len, true,
+                                            &err);
+            if (r < 0 && r != -ENOTSUP) {
+                g_warning("qcow2: Failed to truncate the tail of the "
+                          "image: %s", err->message);
+            }
+        }
+    }
+    strata_co_mutex_unlock(&s->lock);
+    if (ret < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO, "%s: %s", what,
+                    g_strerror(-ret));
+    }
+    return ret;
+}
+
 static int qcow2_co_truncate(StrataNode *node, uint64_t offset, bool exact,
                              GError **error)
 {
@@ -1078,9 +1184,7 @@ static int qcow2_co_truncate(StrataNode *node, uint64_t offset, bool exact,
         return -EINVAL;
     }
     if (offset < old) {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
-                    "qcow2 images cannot be shrunk yet");
-        return -ENOTSUP;
+        return shrink(s, offset, need, error);
     }
     if (offset == old) {
         return 0;
