@@ -187,6 +187,12 @@ struct StrataDriver {
 
     /* Loop.  Adds driver-specific members to query output ("image"). */
     void (*query_image)(StrataNode *node, JsonObject *image);
+
+    /* Loop or coroutine.  A format driver above this node is about to do
+     * what @event (one of QEMU's blkdebug event names, "l2_update", …)
+     * names; blkdebug arms its rules for that event.  NULL: ignored
+     * (events do not pass through other drivers, as in QEMU). */
+    void (*debug_event)(StrataNode *node, const char *event);
 };
 
 #ifdef __cplusplus

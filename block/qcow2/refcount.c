@@ -238,11 +238,13 @@ static int ensure_refblock(StrataQcow2State *s, uint64_t cluster)
     }
 
     /* Block first, then the table entry that makes it live. */
+    strata_node_debug_event(file_of(s), "refblock_alloc_write");
     ret = write_sync(s, 0, b << s->cluster_bits, block, s->cluster_size);
     if (ret < 0) {
         return ret;
     }
     strata_qcow2_put_be64(be, b << s->cluster_bits);
+    strata_node_debug_event(file_of(s), "refblock_alloc_hookup");
     ret = write_sync(s, STRATA_QCOW2_OL_REFCOUNT_TABLE,
                      s->refcount_table_offset + rt_index * 8, be, 8);
     if (ret < 0) {
@@ -273,6 +275,7 @@ static int grow_reftable(StrataQcow2State *s, uint64_t min_entries)
     int64_t len;
     int ret;
 
+    strata_node_debug_event(file_of(s), "reftable_grow");
     len = strata_node_co_refresh_length(file_of(s));
     if (len < 0) {
         return (int)len;
@@ -333,6 +336,8 @@ static int grow_reftable(StrataQcow2State *s, uint64_t min_entries)
         ret = strata_qcow2_co_pre_write_overlap_check(s, 0, boff,
                                                       s->cluster_size);
         if (ret == 0) {
+            strata_node_debug_event(file_of(s),
+                                    "refblock_alloc_write_blocks");
             ret = strata_node_co_pwrite(file_of(s), boff, s->cluster_size,
                                         buf, 0);
         }
@@ -356,6 +361,7 @@ static int grow_reftable(StrataQcow2State *s, uint64_t min_entries)
         if (ret < 0) {
             return ret;
         }
+        strata_node_debug_event(file_of(s), "refblock_alloc_write_table");
         ret = write_sync(s, 0, start << s->cluster_bits, tb,
                          table_clusters * s->cluster_size);
         if (ret < 0) {
@@ -365,6 +371,7 @@ static int grow_reftable(StrataQcow2State *s, uint64_t min_entries)
 
     strata_qcow2_put_be64(hdr, start << s->cluster_bits);
     strata_qcow2_put_be32(hdr + 8, (uint32_t)table_clusters);
+    strata_node_debug_event(file_of(s), "refblock_alloc_switch_table");
     ret = strata_qcow2_co_write_header_bytes(s, STRATA_QCOW2_HDR_REFTABLE,
                                              hdr, sizeof(hdr));
     if (ret < 0) {

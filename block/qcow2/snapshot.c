@@ -465,6 +465,7 @@ static int write_active_l1(StrataQcow2State *s)
     for (uint32_t i = 0; i < s->l1_size; i++) {
         strata_qcow2_put_be64(buf + (uint64_t)i * 8, s->l1_table[i]);
     }
+    strata_node_debug_event(s->node->file->node, "l1_update");
     return bytes ? strata_qcow2_co_write_meta(s, STRATA_QCOW2_OL_ACTIVE_L1,
                                               s->l1_table_offset, buf, bytes)
                  : 0;
@@ -687,7 +688,11 @@ static bool create_locked(StrataQcow2State *s,
         ret = flush_all(s);
     }
     if (ret < 0) {
-        /* The counts taken so far leak; nothing points at the copy. */
+        /* The counts taken so far leak; nothing points at the copy.
+         * COPIED flags cleared so far (on disk, or only in memory when
+         * the L1 write failed) follow the refcounts again: a one-off
+         * error must not leave the tree and the table disagreeing. */
+        recompute_active_copied(s);
         set_io_error(error, "Could not update refcounts for the snapshot",
                      ret);
         strata_qcow2_snapshot_free(sn);
