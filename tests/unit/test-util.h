@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <glib.h>
 #include <glib/gstdio.h>
+#include <stdbool.h>
 #include <unistd.h>
 
 /* One TCase per test, named by its path ("/io/align/read"), so a
@@ -33,6 +34,44 @@ static inline int strata_test_run(Suite *s)
     srunner_free(sr);
     return failed ? 1 : 0;
 }
+
+/* One row of a program's test table. Check's test handles are not
+ * constant expressions, so tables live inside main(). */
+typedef struct StrataTestCase {
+    const char *path;
+    const TTest *fn;
+    /* Liveness bound in seconds; 0 keeps the usual 120. */
+    int timeout;
+    /* > 0: run once per _i in [0, loops) (e.g. once per I/O engine). */
+    int loops;
+    /* Runs without the program's fixture. */
+    bool bare;
+} StrataTestCase;
+
+/* Builds suite @name from @tests (one TCase each, inside @setup and
+ * @teardown when given), runs it and returns the exit status. */
+static inline int strata_test_main_n(const char *name,
+                                     const StrataTestCase *tests, size_t n,
+                                     void (*setup)(void),
+                                     void (*teardown)(void))
+{
+    Suite *s = suite_create(name);
+    for (size_t i = 0; i < n; i++) {
+        const StrataTestCase *t = &tests[i];
+        TCase *tc = tcase_create(t->path);
+        if (!t->bare && (setup || teardown)) {
+            tcase_add_checked_fixture(tc, setup, teardown);
+        }
+        tcase_set_timeout(tc, t->timeout ? t->timeout : 120);
+        _tcase_add_test(tc, t->fn, 0, 0, 0, t->loops ? t->loops : 1);
+        suite_add_tcase(s, tc);
+    }
+    return strata_test_run(s);
+}
+
+#define strata_test_main(name, tests, setup, teardown) \
+    strata_test_main_n((name), (tests), G_N_ELEMENTS(tests), (setup), \
+                       (teardown))
 
 static inline char *strata_test_tmpdir(void)
 {
