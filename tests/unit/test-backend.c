@@ -190,14 +190,12 @@ END_TEST
 
 int main(void)
 {
-    Suite *s = suite_create("backend");
-    strata_test_add(s, "/backend/aio/not-in-submit", test_aio_not_in_submit,
-                    setup, teardown);
-    strata_test_add(s, "/backend/aio/depth", test_aio_depth, setup,
-                    teardown);
-    strata_test_add(s, "/backend/range-and-perm", test_range_and_perm, setup,
-                    teardown);
-    strata_test_add(s, "/backend/context-free", test_context_free_ejects,
-                    setup, teardown);
-    return strata_test_run(s);
+    const StrataTestCase tests[] = {
+        { "/backend/aio/not-in-submit", test_aio_not_in_submit },
+        { "/backend/aio/depth", test_aio_depth },
+        { "/backend/range-and-perm", test_range_and_perm },
+        { "/backend/context-free", test_context_free_ejects },
+    };
+
+    return strata_test_main("backend", tests, setup, teardown);
 }

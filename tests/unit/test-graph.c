@@ -702,32 +702,24 @@ END_TEST
 
 int main(void)
 {
-    Suite *s = suite_create("graph");
-    strata_test_add(s, "/graph/names", test_names, setup, teardown);
-    strata_test_add(s, "/graph/options/errors", test_option_errors, setup,
-                    teardown);
-    strata_test_add(s, "/graph/children/nested", test_nested_children, setup,
-                    teardown);
-    strata_test_add(s, "/graph/del/in-use", test_in_use, setup, teardown);
-    strata_test_add(s, "/graph/perm/conflict", test_permissions, setup,
-                    teardown);
-    strata_test_add(s, "/graph/perm/propagate", test_perm_propagates, setup,
-                    teardown);
-    strata_test_add(s, "/graph/children/cycle", test_cycle_refused, setup,
-                    teardown);
-    strata_test_add(s, "/graph/drain", test_drain, setup, teardown);
-    strata_test_add(s, "/graph/close/flushes", test_close_flushes, setup,
-                    teardown);
-    strata_test_add(s, "/graph/reopen/file-modes", test_reopen_file_modes,
-                    setup, teardown);
-    strata_test_add(s, "/graph/reopen/all-or-none", test_reopen_all_or_none,
-                    setup, teardown);
-    strata_test_add(s, "/graph/reopen/backing", test_reopen_backing, setup,
-                    teardown);
-    strata_test_add(s, "/graph/overlay/append", test_append_overlay, setup,
-                    teardown);
-    strata_test_add(s, "/graph/drain/set", test_drain_set, setup, teardown);
-    strata_test_add(s, "/graph/options/untouched-ro-switch",
-                    test_options_untouched_and_ro_switch, setup, teardown);
-    return strata_test_run(s);
+    const StrataTestCase tests[] = {
+        { "/graph/names", test_names },
+        { "/graph/options/errors", test_option_errors },
+        { "/graph/children/nested", test_nested_children },
+        { "/graph/del/in-use", test_in_use },
+        { "/graph/perm/conflict", test_permissions },
+        { "/graph/perm/propagate", test_perm_propagates },
+        { "/graph/children/cycle", test_cycle_refused },
+        { "/graph/drain", test_drain },
+        { "/graph/close/flushes", test_close_flushes },
+        { "/graph/reopen/file-modes", test_reopen_file_modes },
+        { "/graph/reopen/all-or-none", test_reopen_all_or_none },
+        { "/graph/reopen/backing", test_reopen_backing },
+        { "/graph/overlay/append", test_append_overlay },
+        { "/graph/drain/set", test_drain_set },
+        { "/graph/options/untouched-ro-switch",
+          test_options_untouched_and_ro_switch },
+    };
+
+    return strata_test_main("graph", tests, setup, teardown);
 }

@@ -326,20 +326,16 @@ END_TEST
 
 int main(void)
 {
-    Suite *s = suite_create("io");
-    strata_test_add(s, "/io/align/direct", test_unaligned_direct, setup,
-                    teardown);
-    strata_test_add(s, "/io/align/rmw-serialised", test_rmw_serialised,
-                    setup, teardown);
-    strata_test_add(s, "/io/eof", test_eof, setup, teardown);
-    strata_test_add(s, "/io/zeroes/write", test_write_zeroes, setup,
-                    teardown);
-    strata_test_add(s, "/io/zeroes/detect-unmap", test_detect_zeroes_unmap,
-                    setup, teardown);
-    strata_test_add(s, "/io/read-only", test_read_only, setup, teardown);
-    strata_test_add(s, "/io/errors/propagate", test_errors_propagate, setup,
-                    teardown);
-    strata_test_add(s, "/io/block-status/sparse", test_block_status, setup,
-                    teardown);
-    return strata_test_run(s);
+    const StrataTestCase tests[] = {
+        { "/io/align/direct", test_unaligned_direct },
+        { "/io/align/rmw-serialised", test_rmw_serialised },
+        { "/io/eof", test_eof },
+        { "/io/zeroes/write", test_write_zeroes },
+        { "/io/zeroes/detect-unmap", test_detect_zeroes_unmap },
+        { "/io/read-only", test_read_only },
+        { "/io/errors/propagate", test_errors_propagate },
+        { "/io/block-status/sparse", test_block_status },
+    };
+
+    return strata_test_main("io", tests, setup, teardown);
 }

@@ -322,23 +322,17 @@ END_TEST
 
 int main(void)
 {
-    Suite *s = suite_create("raw");
+    const StrataTestCase tests[] = {
+        { "/raw/passthrough", test_passthrough },
+        { "/raw/window", test_window },
+        { "/raw/window/offset-only", test_offset_only },
+        { "/raw/window/errors", test_window_errors },
+        { "/raw/missing-child", test_missing_child },
+        { "/raw/block-status", test_block_status_window },
+        { "/raw/zeroes-discard", test_zeroes_discard_shifted },
+        { "/raw/truncate", test_truncate },
+        { "/raw/read-only", test_read_only_child },
+    };
 
-    strata_test_add(s, "/raw/passthrough", test_passthrough, setup,
-                    teardown);
-    strata_test_add(s, "/raw/window", test_window, setup, teardown);
-    strata_test_add(s, "/raw/window/offset-only", test_offset_only, setup,
-                    teardown);
-    strata_test_add(s, "/raw/window/errors", test_window_errors, setup,
-                    teardown);
-    strata_test_add(s, "/raw/missing-child", test_missing_child, setup,
-                    teardown);
-    strata_test_add(s, "/raw/block-status", test_block_status_window, setup,
-                    teardown);
-    strata_test_add(s, "/raw/zeroes-discard", test_zeroes_discard_shifted,
-                    setup, teardown);
-    strata_test_add(s, "/raw/truncate", test_truncate, setup, teardown);
-    strata_test_add(s, "/raw/read-only", test_read_only_child, setup,
-                    teardown);
-    return strata_test_run(s);
+    return strata_test_main("raw", tests, setup, teardown);
 }
