@@ -4,26 +4,8 @@
 #include <string.h>
 
 #include "block-private.h"
+#define STRATA_TEST_CONTEXT
 #include "test-util.h"
-
-static StrataContext *ctx;
-static char *dir;
-
-static void setup(void)
-{
-    g_autoptr(GError) err = NULL;
-    ctx = strata_context_new(NULL, NULL, &err);
-    ck_assert_msg(ctx, "%s", err ? err->message : "");
-    dir = strata_test_tmpdir();
-}
-
-static void teardown(void)
-{
-    if (ctx) {
-        strata_context_free(ctx);
-    }
-    strata_test_rmdir(dir);
-}
 
 static StrataBackend *open_raw(const char *path, bool writable)
 {
@@ -197,5 +179,6 @@ int main(void)
         { "/backend/context-free", test_context_free_ejects },
     };
 
-    return strata_test_main("backend", tests, setup, teardown);
+    return strata_test_main("backend", tests, strata_test_context_setup,
+                            strata_test_context_teardown);
 }

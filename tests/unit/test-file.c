@@ -8,27 +8,8 @@
 #include <sys/wait.h>
 
 #include "driver.h"
+#define STRATA_TEST_CONTEXT
 #include "test-util.h"
-
-static StrataContext *ctx;
-static char *dir;
-
-static void setup(void)
-{
-    g_autoptr(GError) err = NULL;
-
-    ctx = strata_context_new(NULL, NULL, &err);
-    ck_assert_msg(ctx, "%s", err ? err->message : "");
-    dir = strata_test_tmpdir();
-}
-
-static void teardown(void)
-{
-    if (ctx) {
-        strata_context_free(ctx);
-    }
-    strata_test_rmdir(dir);
-}
 
 static StrataNode *add(StrataContext *c, const char *spec, GError **err)
 {
@@ -796,5 +777,6 @@ int main(void)
         { "/file/lock/qemu-refused", test_lock_qemu_refused },
     };
 
-    return strata_test_main("file", tests, setup, teardown);
+    return strata_test_main("file", tests, strata_test_context_setup,
+                            strata_test_context_teardown);
 }

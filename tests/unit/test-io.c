@@ -6,24 +6,8 @@
 #include <sys/stat.h>
 
 #include "block-private.h"
+#define STRATA_TEST_CONTEXT
 #include "test-util.h"
-
-static StrataContext *ctx;
-static char *dir;
-
-static void setup(void)
-{
-    g_autoptr(GError) err = NULL;
-    ctx = strata_context_new(NULL, NULL, &err);
-    ck_assert_msg(ctx, "%s", err ? err->message : "");
-    dir = strata_test_tmpdir();
-}
-
-static void teardown(void)
-{
-    strata_context_free(ctx);
-    strata_test_rmdir(dir);
-}
 
 static StrataNode *open_file(const char *path, const char *extra)
 {
@@ -337,5 +321,6 @@ int main(void)
         { "/io/block-status/sparse", test_block_status },
     };
 
-    return strata_test_main("io", tests, setup, teardown);
+    return strata_test_main("io", tests, strata_test_context_setup,
+                            strata_test_context_teardown);
 }

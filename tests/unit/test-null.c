@@ -4,22 +4,8 @@
 #include <string.h>
 
 #include "driver.h"
+#define STRATA_TEST_CONTEXT
 #include "test-util.h"
-
-static StrataContext *ctx;
-
-static void setup(void)
-{
-    g_autoptr(GError) err = NULL;
-
-    ctx = strata_context_new(NULL, NULL, &err);
-    ck_assert_msg(ctx, "%s", err ? err->message : "");
-}
-
-static void teardown(void)
-{
-    strata_context_free(ctx);
-}
 
 static StrataNode *add(const char *spec)
 {
@@ -244,5 +230,6 @@ int main(void)
         { "/null/filename", test_filename },
     };
 
-    return strata_test_main("null", tests, setup, teardown);
+    return strata_test_main("null", tests, strata_test_context_setup,
+                            strata_test_context_teardown);
 }

@@ -5,25 +5,8 @@
 #include <sys/stat.h>
 
 #include "driver.h"
+#define STRATA_TEST_CONTEXT
 #include "test-util.h"
-
-static StrataContext *ctx;
-static char *dir;
-
-static void setup(void)
-{
-    g_autoptr(GError) err = NULL;
-
-    ctx = strata_context_new(NULL, NULL, &err);
-    ck_assert_msg(ctx, "%s", err ? err->message : "");
-    dir = strata_test_tmpdir();
-}
-
-static void teardown(void)
-{
-    strata_context_free(ctx);
-    strata_test_rmdir(dir);
-}
 
 static unsigned char pat(size_t i)
 {
@@ -334,5 +317,6 @@ int main(void)
         { "/raw/read-only", test_read_only_child },
     };
 
-    return strata_test_main("raw", tests, setup, teardown);
+    return strata_test_main("raw", tests, strata_test_context_setup,
+                            strata_test_context_teardown);
 }

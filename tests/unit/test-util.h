@@ -117,4 +117,35 @@ static inline char *strata_test_make_file(const char *dir, const char *name,
     return path;
 }
 
+
+#ifdef STRATA_TEST_CONTEXT
+#include "strata-block.h"
+
+/* The fixture of the block-layer tests, opted into by defining
+ * STRATA_TEST_CONTEXT before this header: a fresh context @ctx and
+ * scratch directory @dir per test. A test may free @ctx itself and set
+ * it to NULL. */
+static StrataContext *ctx;
+static char *dir;
+
+static void strata_test_context_setup(void)
+{
+    g_autoptr(GError) err = NULL;
+
+    ctx = strata_context_new(NULL, NULL, &err);
+    ck_assert_msg(ctx, "%s", err ? err->message : "");
+    dir = strata_test_tmpdir();
+}
+
+static void strata_test_context_teardown(void)
+{
+    if (ctx) {
+        strata_context_free(ctx);
+        ctx = NULL;
+    }
+    strata_test_rmdir(dir);
+    dir = NULL;
+}
+#endif
+
 #endif
