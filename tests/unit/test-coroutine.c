@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "coroutine-private.h"
+#define STRATA_TEST_TRACE
 #include "test-util.h"
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -19,33 +20,6 @@
 #define TEST_ASAN 1
 #endif
 #endif
-
-/* A log of events as a string, to check orderings in one assert. */
-static GString *trace;
-
-static void trace_add(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
-static void trace_add(const char *fmt, ...)
-{
-    va_list ap;
-
-    if (trace->len) {
-        g_string_append_c(trace, ' ');
-    }
-    va_start(ap, fmt);
-    g_string_append_vprintf(trace, fmt, ap);
-    va_end(ap);
-}
-
-static void trace_setup(void)
-{
-    trace = g_string_new(NULL);
-}
-
-static void trace_teardown(void)
-{
-    g_string_free(trace, TRUE);
-    trace = NULL;
-}
 
 /* Runs @fn in a child and returns its wait status. */
 static int run_in_child(void (*fn)(void))
@@ -624,5 +598,6 @@ int main(void)
         { "/coroutine/misuse/outside", test_misuse_outside, .bare = true },
     };
 
-    return strata_test_main("coroutine", tests, trace_setup, trace_teardown);
+    return strata_test_main("coroutine", tests, strata_test_trace_setup,
+                            strata_test_trace_teardown);
 }

@@ -11,33 +11,13 @@
 
 #include "coroutine-private.h"
 #include "loop-private.h"
+#define STRATA_TEST_TRACE
 #include "test-util.h"
-
-static GString *trace;
-
-static void trace_add(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
-static void trace_add(const char *fmt, ...)
-{
-    va_list ap;
-
-    if (trace->len) {
-        g_string_append_c(trace, ' ');
-    }
-    va_start(ap, fmt);
-    g_string_append_vprintf(trace, fmt, ap);
-    va_end(ap);
-}
 
 static void setup(void)
 {
-    trace = g_string_new(NULL);
+    strata_test_trace_setup();
     g_unsetenv("STRATA_IO_URING_DISABLE");
-}
-
-static void teardown(void)
-{
-    g_string_free(trace, TRUE);
-    trace = NULL;
 }
 
 /* Engine of a looped test: 0 = io_uring, 1 = threads. */
@@ -985,5 +965,6 @@ int main(void)
         { "/loop/misuse", test_misuse },
     };
 
-    return strata_test_main("loop", tests, setup, teardown);
+    return strata_test_main("loop", tests, setup,
+                            strata_test_trace_teardown);
 }

@@ -148,4 +148,37 @@ static void strata_test_context_teardown(void)
 }
 #endif
 
+
+#ifdef STRATA_TEST_TRACE
+#include <stdarg.h>
+
+/* Opted into by defining STRATA_TEST_TRACE: a log of events as one
+ * string @trace, so an ordering is checked in one assert. */
+static GString *trace;
+
+static void trace_add(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
+static void trace_add(const char *fmt, ...)
+{
+    va_list ap;
+
+    if (trace->len) {
+        g_string_append_c(trace, ' ');
+    }
+    va_start(ap, fmt);
+    g_string_append_vprintf(trace, fmt, ap);
+    va_end(ap);
+}
+
+static void strata_test_trace_setup(void)
+{
+    trace = g_string_new(NULL);
+}
+
+static void strata_test_trace_teardown(void)
+{
+    g_string_free(trace, TRUE);
+    trace = NULL;
+}
+#endif
+
 #endif
