@@ -1493,6 +1493,23 @@ static int qcow2_co_block_status(StrataNode *node, bool want_zero,
     }
 }
 
+/* The header's disk size, then the state that follows it; @need: the
+ * L1 entries the new size uses. */
+static int set_size(StrataQcow2State *s, uint64_t size, uint64_t need)
+{
+    uint8_t be[8];
+    int ret;
+
+    strata_qcow2_put_be64(be, size);
+    ret = strata_qcow2_co_write_header_bytes(s, STRATA_QCOW2_HDR_SIZE, be,
+                                             sizeof(be));
+    if (ret == 0) {
+        s->hdr.size = size;
+        s->l1_vm_state_index = (uint32_t)need;
+    }
+    return ret;
+}
+
 /*
  * Drops the L2 tables of the L1 entries from @keep on: their entries go
  * to zero on disk first, then the tables are freed (a crash in between
@@ -1549,7 +1566,6 @@ static int shrink(StrataQcow2State *s, uint64_t offset, uint64_t need,
                   GError **error)
 {
     uint64_t start = (offset + s->cluster_size - 1) & ~(s->cluster_size - 1);
-    uint8_t be[8];
     const char *what = "Failed to discard cropped clusters";
     int64_t len;
     int ret = 0;
@@ -1571,13 +1587,9 @@ static int shrink(StrataQcow2State *s, uint64_t offset, uint64_t need,
     }
     if (ret == 0) {
         what = "Failed to update the image size";
-        strata_qcow2_put_be64(be, offset);
-        ret = strata_qcow2_co_write_header_bytes(s, STRATA_QCOW2_HDR_SIZE,
-                                                 be, sizeof(be));
+        ret = set_size(s, offset, need);
     }
     if (ret == 0) {
-        s->hdr.size = offset;
-        s->l1_vm_state_index = (uint32_t)need;
         len = strata_qcow2_co_last_cluster_end(s);
         if (len > 0 && len < file_of(s)->total_bytes) {
             g_autoptr(GError) err = NULL;
@@ -1607,7 +1619,6 @@ static int qcow2_co_truncate(StrataNode *node, uint64_t offset, bool exact,
     uint64_t per_l1 = s->cluster_size << s->l2_bits;
     uint64_t need = offset / per_l1 + (offset % per_l1 != 0);
     StrataNode *b = backing_of(s);
-    uint8_t be[8];
     int ret = check_writable(s);
 
     if (ret < 0) {
@@ -1650,13 +1661,7 @@ static int qcow2_co_truncate(StrataNode *node, uint64_t offset, bool exact,
         ret = strata_qcow2_cache_co_flush(s->refcount_cache);
     }
     if (ret == 0) {
-        strata_qcow2_put_be64(be, offset);
-        ret = strata_qcow2_co_write_header_bytes(s, STRATA_QCOW2_HDR_SIZE,
-                                                 be, sizeof(be));
-    }
-    if (ret == 0) {
-        s->hdr.size = offset;
-        s->l1_vm_state_index = (uint32_t)need;
+        ret = set_size(s, offset, need);
     }
     strata_co_mutex_unlock(&s->lock);
     if (ret < 0) {
