@@ -15,6 +15,10 @@
 #include "mirror-private.h"
 #include "driver.h"
 
+/* QEMU's chunk (a range that fails is one BLOCK_JOB_ERROR, as in QEMU),
+ * four in flight where QEMU copies one at a time: with the file
+ * preallocated ahead of the writes, reads and writes then overlap, and
+ * the buffers stay within 2 MiB. */
 #define COMMIT_CHUNK (512 * 1024)
 #define COMMIT_IN_FLIGHT 4
 

@@ -11,6 +11,7 @@
  */
 #include <errno.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "job-private.h"
 #include "driver.h"
@@ -864,6 +865,7 @@ typedef struct CopyLoop CopyLoop;
 typedef struct CopyTask {
     CopyLoop *cl;
     uint64_t offset, bytes;
+    void *buf;
     int ret;
     bool is_read;
 } CopyTask;
@@ -873,34 +875,55 @@ struct CopyLoop {
     const StrataJobCopyOps *ops;
     uint64_t chunk;
     unsigned in_flight;
-    bool main_waits;
     StrataCoQueue wait;
     GQueue failed;          /* CopyTask *, finished with an error */
     GQueue retry;           /* CopyTask *, stopped, to copy again */
+    GPtrArray *spare;       /* buffers of @chunk bytes not in use */
+    GPtrArray *bufs;        /* every buffer made, unmapped at the end */
 };
 
-static void *copy_buf_new(uint64_t bytes)
+/*
+ * One buffer per copy in flight, made on first use and kept for the
+ * job: a chunk is far above malloc's mmap threshold, so a buffer per
+ * copy would be a mmap, a page fault per page and a munmap each time,
+ * or (once glibc raises its threshold) heap that outlives the job.
+ * Page alignment suits O_DIRECT on every node below.
+ */
+static void *copy_buf_get(CopyLoop *cl)
 {
-    void *p = NULL;
+    void *p;
 
-    /* Page alignment suits O_DIRECT on every node below. */
-    if (posix_memalign(&p, 4096, bytes ? bytes : 4096) != 0) {
+    if (cl->spare->len) {
+        return g_ptr_array_steal_index_fast(cl->spare, cl->spare->len - 1);
+    }
+    p = mmap(NULL, cl->chunk, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
         return NULL;
     }
+    g_ptr_array_add(cl->bufs, p);
     return p;
+}
+
+static void copy_bufs_free(CopyLoop *cl)
+{
+    for (guint i = 0; i < cl->bufs->len; i++) {
+        munmap(cl->bufs->pdata[i], cl->chunk);
+    }
+    g_ptr_array_unref(cl->bufs);
+    g_ptr_array_unref(cl->spare);
 }
 
 static void copy_task_co(void *opaque)
 {
     CopyTask *t = opaque;
     CopyLoop *cl = t->cl;
-    void *buf = copy_buf_new(t->bytes);
 
     t->is_read = true;
-    t->ret = buf ? cl->ops->co_copy(cl->job, t->offset, t->bytes, buf,
-                                    &t->is_read)
-                 : -ENOMEM;
-    free(buf);
+    t->ret = cl->ops->co_copy(cl->job, t->offset, t->bytes, t->buf,
+                              &t->is_read);
+    g_ptr_array_add(cl->spare, t->buf);
+    t->buf = NULL;
     cl->in_flight--;
     if (t->ret < 0) {
         g_queue_push_tail(&cl->failed, t);
@@ -916,6 +939,28 @@ static void copy_wait_one(CopyLoop *cl)
     strata_co_queue_wait(&cl->wait, NULL);
 }
 
+/* Extends a range of @n bytes at @offset that needs copying over the
+ * ranges after it that need copying too, up to a chunk: the layers'
+ * extents (often a cluster or two) are far smaller than a chunk, and
+ * the copy reads whatever layer holds each part.  What the lookahead
+ * finds not to need a copy is classified again by the caller. */
+static uint64_t copy_extend(CopyLoop *cl, uint64_t offset, uint64_t n,
+                            uint64_t len)
+{
+    while (n < cl->chunk && offset + n < len) {
+        uint64_t m = 0;
+        bool more = false;
+
+        if (cl->ops->co_classify(cl->job, offset + n,
+                                 MIN(cl->chunk - n, len - offset - n), &m,
+                                 &more) < 0 || !more || m == 0) {
+            break;
+        }
+        n += MIN(m, cl->chunk - n);
+    }
+    return n;
+}
+
 int strata_job_co_copy_loop(StrataJob *job, const StrataJobCopyOps *ops,
                             uint64_t len, uint64_t chunk,
                             unsigned max_in_flight)
@@ -929,6 +974,8 @@ int strata_job_co_copy_loop(StrataJob *job, const StrataJobCopyOps *ops,
     strata_co_queue_init(&cl.wait);
     g_queue_init(&cl.failed);
     g_queue_init(&cl.retry);
+    cl.spare = g_ptr_array_new();
+    cl.bufs = g_ptr_array_new();
     strata_job_progress_set_total(job, len);
 
     for (;;) {
@@ -1000,6 +1047,7 @@ int strata_job_co_copy_loop(StrataJob *job, const StrataJobCopyOps *ops,
                 strata_job_co_pause_point(job);
                 continue;
             }
+            n = copy_extend(&cl, offset, n, len);
             t = g_new0(CopyTask, 1);
             t->cl = &cl;
             t->offset = offset;
@@ -1016,6 +1064,12 @@ int strata_job_co_copy_loop(StrataJob *job, const StrataJobCopyOps *ops,
         while (cl.in_flight >= max_in_flight) {
             copy_wait_one(&cl);
         }
+        t->buf = copy_buf_get(&cl);
+        if (!t->buf) {
+            g_free(t);
+            error = error ? error : -ENOMEM;
+            break;
+        }
         cl.in_flight++;
         strata_coroutine_enter(strata_coroutine_new(copy_task_co, t));
     }
@@ -1026,6 +1080,7 @@ int strata_job_co_copy_loop(StrataJob *job, const StrataJobCopyOps *ops,
     }
     g_queue_clear_full(&cl.failed, g_free);
     g_queue_clear_full(&cl.retry, g_free);
+    copy_bufs_free(&cl);
     if (strata_job_is_cancelled(job)) {
         return error ? error : -ECANCELED;
     }

@@ -14,6 +14,10 @@
 #include "job-private.h"
 #include "driver.h"
 
+/* QEMU's chunk (a range that fails is one BLOCK_JOB_ERROR, as in QEMU),
+ * four in flight where QEMU copies one at a time: with the file
+ * preallocated ahead of the writes, reads and writes then overlap, and
+ * the buffers stay within 2 MiB. */
 #define STREAM_CHUNK (512 * 1024)
 #define STREAM_IN_FLIGHT 4
 

@@ -10,6 +10,7 @@
  * Every call runs with s->lock held: the cache needs no lock of its own.
  */
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "qcow2-private.h"
@@ -57,10 +58,10 @@ StrataQcow2Cache *strata_qcow2_cache_new(StrataQcow2State *s,
     c->s = s;
     c->nb_entries = MAX(nb_entries, 1u);
     c->entry_size = entry_size;
+    /* Tables are allocated when first used: a node that is only read
+     * through, or a cache sized for a big disk, costs no memory for
+     * slots it never fills. */
     c->entries = g_new0(CacheEntry, c->nb_entries);
-    for (unsigned i = 0; i < c->nb_entries; i++) {
-        c->entries[i].table = g_malloc0(entry_size);
-    }
     c->by_offset = g_hash_table_new(offset_hash, offset_equal);
     return c;
 }
@@ -71,7 +72,7 @@ void strata_qcow2_cache_free(StrataQcow2Cache *c)
         return;
     }
     for (unsigned i = 0; i < c->nb_entries; i++) {
-        g_free(c->entries[i].table);
+        free(c->entries[i].table);
     }
     g_hash_table_destroy(c->by_offset);
     g_free(c->entries);
@@ -239,6 +240,13 @@ static int cache_get(StrataQcow2Cache *c, uint64_t offset, void **table,
         }
         g_hash_table_remove(c->by_offset, &e->offset);
         e->offset = 0;
+    }
+    if (!e->table) {
+        /* Page-aligned, so that O_DIRECT reads land without a bounce. */
+        if (posix_memalign(&e->table, 4096, c->entry_size) != 0) {
+            e->table = NULL;
+            return -ENOMEM;
+        }
     }
     /* Pin while reading: the read yields and others may look for it. */
     if (read) {
