@@ -219,11 +219,14 @@ static void job_ref(StrataJob *job)
     job->refcnt++;
 }
 
+static void job_drop_filter(StrataJob *job);
+
 static void job_unref(StrataJob *job)
 {
     if (--job->refcnt > 0) {
         return;
     }
+    job_drop_filter(job);
     if (job->drv->free) {
         job->drv->free(job);
     }
@@ -301,6 +304,73 @@ static void job_remove(StrataJob *job)
                                             job->link_in_ctx);
         job->link_in_ctx = NULL;
     }
+}
+
+bool strata_job_insert_filter(StrataJob *job, const char *drv_name,
+                              StrataNode *node, const char *name,
+                              bool read_only, GError **error)
+{
+    g_autoptr(JsonObject) o = json_object_new();
+    StrataDrainSet *set;
+    StrataNode *f;
+    bool ok;
+
+    g_return_val_if_fail(job != NULL && node != NULL && !job->filter, false);
+    json_object_set_string_member(o, "driver", drv_name);
+    if (name) {
+        json_object_set_string_member(o, "node-name", name);
+    }
+    json_object_set_string_member(o, "file", node->node_name);
+    json_object_set_boolean_member(o, "read-only", read_only);
+    f = strata_node_open(job->ctx, o, false, false, error);
+    if (!f) {
+        return false;
+    }
+    set = strata_drain_set_new(job->ctx);
+    strata_drain_set_add(set, node);
+    strata_drain_set_add(set, f);
+    ok = strata_node_move_parents(node, f, error);
+    strata_drain_set_free(set);
+    if (!ok) {
+        strata_child_detach(f->file);
+        strata_node_unref(f);
+        return false;
+    }
+    job->filter = f;
+    return true;
+}
+
+/* Gives the filter's parents back to the node below it and drops it. */
+static void job_drop_filter(StrataJob *job)
+{
+    StrataNode *f = job->filter;
+    g_autoptr(GError) err = NULL;
+
+    if (!f) {
+        return;
+    }
+    job->filter = NULL;
+    if (f->file) {
+        StrataNode *below = f->file->node;
+        StrataDrainSet *set;
+
+        strata_node_ref(below);
+        set = strata_drain_set_new(job->ctx);
+
+        strata_drain_set_add(set, f);
+        strata_drain_set_add(set, below);
+        /* The filter's own edge first: it holds what its parents need
+         * (a guest's unshared write), which would conflict with those
+         * parents arriving on the node below. */
+        strata_child_detach(f->file);
+        if (!strata_node_move_parents(f, below, &err)) {
+            g_warning("job '%s': could not remove its filter node: %s",
+                      job->id, err->message);
+        }
+        strata_drain_set_free(set);
+        strata_node_unref(below);
+    }
+    strata_node_unref(f);
 }
 
 void strata_job_early_fail(StrataJob *job)
@@ -520,6 +590,7 @@ static void job_finalize_single(StrataJob *job)
     if (job->drv->clean) {
         job->drv->clean(job);
     }
+    job_drop_filter(job);
     job->finalized = true;
     emit_block_completed(job);
     job_conclude(job);

@@ -327,6 +327,11 @@ bool strata_stream_start(StrataContext *ctx, JsonObject *args,
     for (StrataNode *n = top; n && n != base; n = strata_node_backing(n)) {
         strata_job_add_node(job, n);
     }
+    if (!strata_job_insert_filter(job, "copy-on-read", top, filter_name,
+                                  false, error)) {
+        strata_job_early_fail(job);
+        return false;
+    }
     strata_job_start(job);
     return true;
 }

@@ -319,6 +319,95 @@ START_TEST(test_commit_guest_writes_nbd)
 }
 END_TEST
 
+/* The name of the node whose driver is @drv in query-named-block-nodes,
+ * or NULL. */
+static char *node_of_driver(QTestState *s, const char *drv)
+{
+    g_autoptr(JsonNode) r = qtest_qmp(
+        s, "{\"execute\": \"query-named-block-nodes\"}");
+    JsonArray *a = json_node_get_array(json_object_get_member(
+        json_node_get_object(r), "return"));
+
+    for (guint i = 0; i < json_array_get_length(a); i++) {
+        JsonObject *n = json_array_get_object_element(a, i);
+        if (!strcmp(json_object_get_string_member(n, "drv"), drv)) {
+            return g_strdup(json_object_get_string_member(n, "node-name"));
+        }
+    }
+    return NULL;
+}
+
+/* As QEMU: a copy-on-read filter above the streamed node and a
+ * commit_top filter above the committed top while the job lives, named
+ * by filter-node-name or auto-named; guest I/O goes through them, and
+ * they are gone when the job is. */
+START_TEST(test_filter_nodes)
+{
+    QTestState *s;
+    char *name;
+
+    if (!have_qemu_tools()) {
+        return;
+    }
+    s = qtest_start(NULL, true);
+    make_chain(s);
+    add_chain(s);
+    ok(s, "{\"execute\": \"nbd-server-start\", \"arguments\": {\"addr\": "
+          "{\"type\": \"unix\", \"data\": {\"path\": \"nbd.sock\"}}}}");
+    ok(s, "{\"execute\": \"block-export-add\", \"arguments\": {\"type\": "
+          "\"nbd\", \"id\": \"e\", \"node-name\": \"top\", \"name\": "
+          "\"disk\", \"writable\": true}}");
+    fails(s, "{\"execute\": \"block-commit\", \"arguments\": {\"job-id\": "
+             "\"c\", \"device\": \"top\", \"top-node\": \"mid\", "
+             "\"base-node\": \"base\", \"filter-node-name\": \"mid\"}}",
+          "GenericError", NULL);
+    ck_assert_ptr_null(node_of_driver(s, "commit_top"));
+
+    ok(s, "{\"execute\": \"block-commit\", \"arguments\": {\"job-id\": "
+          "\"c\", \"device\": \"top\", \"top-node\": \"mid\", "
+          "\"base-node\": \"base\", \"speed\": 65536}}");
+    name = node_of_driver(s, "commit_top");
+    ck_assert_msg(name && name[0] == '#', "commit_top node: %s",
+                  name ? name : "(none)");
+    g_free(name);
+    ck_assert_int_eq(sh(s, "qemu-io -f raw -c 'write -P 0x55 1M 64k' "
+                           "'nbd+unix:///disk?socket=nbd.sock' >/dev/null && "
+                           "qemu-io -f raw -c 'write -P 0x55 1M 64k' ref.raw "
+                           ">/dev/null"), 0);
+    ok(s, "{\"execute\": \"block-job-set-speed\", \"arguments\": "
+          "{\"device\": \"c\", \"speed\": 0}}");
+    json_node_unref(want_event(s, "BLOCK_JOB_COMPLETED"));
+    ck_assert_ptr_null(node_of_driver(s, "commit_top"));
+
+    ok(s, "{\"execute\": \"block-stream\", \"arguments\": {\"job-id\": "
+          "\"s\", \"device\": \"top\", \"filter-node-name\": \"cor0\", "
+          "\"speed\": 65536}}");
+    name = node_of_driver(s, "copy-on-read");
+    ck_assert_str_eq(name ? name : "(none)", "cor0");
+    g_free(name);
+    ck_assert_int_eq(sh(s, "qemu-io -f raw -c 'write -P 0x56 9M 64k' "
+                           "'nbd+unix:///disk?socket=nbd.sock' >/dev/null && "
+                           "qemu-io -f raw -c 'write -P 0x56 9M 64k' ref.raw "
+                           ">/dev/null"), 0);
+    ok(s, "{\"execute\": \"block-job-set-speed\", \"arguments\": "
+          "{\"device\": \"s\", \"speed\": 0}}");
+    json_node_unref(want_event(s, "BLOCK_JOB_COMPLETED"));
+    ck_assert_ptr_null(node_of_driver(s, "copy-on-read"));
+    /* The export is back on top, and writes still land. */
+    ck_assert_int_eq(sh(s, "qemu-io -f raw -c 'write -P 0x57 2M 64k' "
+                           "'nbd+unix:///disk?socket=nbd.sock' >/dev/null && "
+                           "qemu-io -f raw -c 'write -P 0x57 2M 64k' ref.raw "
+                           ">/dev/null"), 0);
+    ck_assert_int_eq(sh(s, "qemu-img compare -q -f raw -F raw ref.raw "
+                           "'nbd+unix:///disk?socket=nbd.sock'"), 0);
+    ok(s, "{\"execute\": \"quit\"}");
+    ck_assert_int_eq(qtest_wait_exit(s, 20000), 0);
+    ck_assert_int_eq(sh(s, "qemu-img compare -q -F raw top.qcow2 ref.raw && "
+                           "qemu-img check -q top.qcow2"), 0);
+    qtest_end(s);
+}
+END_TEST
+
 int main(void)
 {
     Suite *su = suite_create("jobs-live");
@@ -331,6 +420,7 @@ int main(void)
     tcase_add_test(tc, test_crash_during_commit);
     tcase_add_test(tc, test_speed_bound);
     tcase_add_test(tc, test_commit_guest_writes_nbd);
+    tcase_add_test(tc, test_filter_nodes);
     suite_add_tcase(su, tc);
     sr = srunner_create(su);
     srunner_run_all(sr, CK_NORMAL);
