@@ -158,6 +158,9 @@ struct StrataContext {
                             JsonObject *data, void *opaque);
     void *export_event_opaque;
     GList *jobs;                /* StrataJob *, oldest first (job.c) */
+    /* The embedder's VM state (snapshot-vm.c); NULL: disk-only. */
+    const struct StrataVmstateProvider *vmstate_provider;
+    void *vmstate_opaque;
 };
 
 /* ---- graph.c ---- */

@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
@@ -37,6 +38,21 @@
 /* iovec entries kept on the stack before a request needs the heap. */
 #define FILE_LOCAL_IOV 16
 
+/*
+ * Buffered writes are done inline, in the loop's thread.  Ext4 (among
+ * others) cannot take a buffered write without possibly blocking, so
+ * io_uring hands every such write to one of its kernel worker threads:
+ * two context switches and a wake-up per 4 KiB write, which cost about
+ * as much again as copying the data into the page cache.  A plain
+ * pwritev of whole pages into the page cache does not wait for the
+ * disk, so it runs inline; but the kernel may still make it wait
+ * (dirty-page throttling, a journal commit), and the loop must not be
+ * held for long.  A write that takes longer than INLINE_SLOW_NS sends
+ * writes back to io_uring for INLINE_BACKOFF_NS.
+ */
+#define INLINE_SLOW_NS (2 * 1000 * 1000)
+#define INLINE_BACKOFF_NS (100 * 1000 * 1000)
+
 typedef struct FileState {
     int fd;
     bool have_fd;           /* open() got as far as opening fd */
@@ -57,11 +73,63 @@ typedef struct FileState {
      * its length. */
     uint64_t data_end, alloc_end;
     bool prealloc_off;      /* fallocate failed once: append plainly */
+    /* Bumped as each modifying request ends; a flush with nothing
+     * modified since the last successful one has nothing to make
+     * stable and skips fdatasync, as QEMU's write_gen does. */
+    uint64_t write_gen, flushed_gen;
+    /* Buffered whole-page writes go inline (see INLINE_SLOW_NS) unless
+     * a slow one made them wait in io_uring until inline_after_ns. */
+    bool inline_writes;
+    int64_t inline_after_ns;
 } FileState;
 
 /* Reservation steps: an eighth of the file, within these bounds. */
 #define PREALLOC_MIN (1ull << 20)
 #define PREALLOC_MAX (64ull << 20)
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Whether a write of @bytes at @offset goes inline: whole pages only,
+ * so the kernel never has to read a page in first. */
+static bool inline_ok(FileState *s, uint64_t offset, uint64_t bytes)
+{
+    const uint64_t page = 4096;
+
+    if (!s->inline_writes || ((offset | bytes) & (page - 1))) {
+        return false;
+    }
+    return !s->inline_after_ns || now_ns() >= s->inline_after_ns;
+}
+
+static ssize_t inline_pwritev(FileState *s, const struct iovec *iov,
+                              int niov, uint64_t offset)
+{
+    int64_t t0 = now_ns(), took;
+    ssize_t ret = pwritev(s->fd, iov, niov, (off_t)offset);
+
+    if (ret < 0) {
+        ret = -errno;
+    }
+    took = now_ns() - t0;
+    s->inline_after_ns = took > INLINE_SLOW_NS ? t0 + took +
+                                                 INLINE_BACKOFF_NS : 0;
+    return ret;
+}
+
+/* Buffered I/O on the io_uring engine writes inline; aio=threads asked
+ * for threads, and O_DIRECT writes really wait for the disk. */
+static void update_inline_writes(FileState *s, StrataNode *node)
+{
+    s->inline_writes = !s->direct && s->engine != STRATA_AIO_THREADS &&
+                       strata_loop_has_io_uring(node->ctx->loop);
+    s->inline_after_ns = 0;
+}
 
 static const char *const file_aio_values[] = {
     "threads", "native", "io_uring", NULL
@@ -346,6 +414,7 @@ static bool file_open(StrataNode *node, JsonObject *options, GError **error)
     }
     s->use_lock = strcmp(locking, "off") != 0;
     s->direct = node->cache_direct;
+    update_inline_writes(s, node);
 
     flags = O_CLOEXEC | (node->read_only ? O_RDONLY : O_RDWR);
     if (s->direct) {
@@ -507,6 +576,7 @@ static void file_reopen_commit(StrataReopenState *rs)
     }
     close(old_fd);
     s->direct = rs->cache_direct;
+    update_inline_writes(s, node);
     node->limits.request_alignment = 1;
     node->limits.buf_align = 1;
     if (s->direct) {
@@ -679,12 +749,20 @@ static int file_co_rw(StrataNode *node, uint64_t offset, uint64_t bytes,
         if (niov == 0) {
             return -EINVAL; /* @qiov shorter than @bytes: caller's bug */
         }
-        if (write) {
+        if (write && inline_ok(s, offset + done, bytes - done)) {
+            ret = inline_pwritev(s, iov, niov, offset + done);
+        } else if (write) {
             ret = strata_loop_co_pwritev(loop, s->engine, s->fd, iov, niov,
                                          offset + done);
         } else {
             ret = strata_loop_co_preadv(loop, s->engine, s->fd, iov, niov,
                                         offset + done);
+        }
+        if (write) {
+            /* Counted when the write is over (whatever its result): a
+             * flush that began while it was in flight does not cover
+             * it, and the next one must not be skipped. */
+            s->write_gen++;
         }
         if (iov != local) {
             g_free(iov);
@@ -747,6 +825,7 @@ static int file_co_pwritev(StrataNode *node, uint64_t offset, uint64_t bytes,
 static int file_co_flush(StrataNode *node)
 {
     FileState *s = node->opaque;
+    uint64_t gen = s->write_gen;
     int ret;
 
     if (node->cache_no_flush) {
@@ -755,7 +834,13 @@ static int file_co_flush(StrataNode *node)
     if (s->flush_errno) {
         return -s->flush_errno;
     }
+    if (gen == s->flushed_gen) {
+        return 0;
+    }
     ret = strata_loop_co_fdatasync(node->ctx->loop, s->engine, s->fd);
+    if (ret == 0) {
+        s->flushed_gen = MAX(s->flushed_gen, gen);
+    }
     if (ret < 0 && !s->direct) {
         /* Linux marks the pages clean even though they never reached the
          * disk: a later fdatasync would succeed without writing them. */
@@ -774,8 +859,8 @@ static int not_supported(int ret)
     return (ret == -EOPNOTSUPP || ret == -ENOSYS) ? -ENOTSUP : ret;
 }
 
-static int file_co_pwrite_zeroes(StrataNode *node, uint64_t offset,
-                                 uint64_t bytes, StrataReqFlags flags)
+static int do_pwrite_zeroes(StrataNode *node, uint64_t offset,
+                            uint64_t bytes, StrataReqFlags flags)
 {
     FileState *s = node->opaque;
     StrataLoop *loop = node->ctx->loop;
@@ -824,6 +909,16 @@ static int file_co_pwrite_zeroes(StrataNode *node, uint64_t offset,
     return not_supported(ret);
 }
 
+static int file_co_pwrite_zeroes(StrataNode *node, uint64_t offset,
+                                 uint64_t bytes, StrataReqFlags flags)
+{
+    FileState *s = node->opaque;
+    int ret = do_pwrite_zeroes(node, offset, bytes, flags);
+
+    s->write_gen++;     /* after the change, as in file_co_rw */
+    return ret;
+}
+
 static int file_co_pdiscard(StrataNode *node, uint64_t offset, uint64_t bytes)
 {
     FileState *s = node->opaque;
@@ -835,6 +930,7 @@ static int file_co_pdiscard(StrataNode *node, uint64_t offset, uint64_t bytes)
     ret = strata_loop_co_fallocate(node->ctx->loop, s->engine, s->fd,
                                    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                                    offset, bytes);
+    s->write_gen++;
     return not_supported(ret);
 }
 
@@ -970,6 +1066,7 @@ static int file_co_truncate(StrataNode *node, uint64_t offset, bool exact,
         /* The size is the length again; a reservation starts anew. */
         s->alloc_end = 0;
     }
+    s->write_gen++;
     if (ret == -EFBIG && s->is_blockdev) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
                     "Cannot grow device files");

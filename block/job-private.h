@@ -233,11 +233,12 @@ typedef struct StrataJobCopyOps {
  * strata_job_co_copy_loop:
  * @len: bytes to walk (the job's total progress)
  * @chunk: largest range copied at once
- * @max_in_flight: ranges copied concurrently
+ * @max_in_flight: buffer space, in chunks; within it, copies of ranges
+ *   smaller than a chunk run several per chunk (up to 8)
  *
  * Walks [0, @len) in chunks: skips what @ops->co_classify says needs no
  * copy, honours the speed limit, pause points and cancel between chunks,
- * keeps up to @max_in_flight copies going, and applies the on-error
+ * keeps as many copies going as the buffer space holds, and applies the on-error
  * policy to failed ones (a stopped range is retried after resume).
  *
  * Returns: 0, or the -errno that ends the job (an ignored error too, at

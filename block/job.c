@@ -937,6 +937,7 @@ typedef struct CopyTask {
     CopyLoop *cl;
     uint64_t offset, bytes;
     void *buf;
+    uint64_t slots;         /* the buffer's slots in the arena */
     int ret;
     bool is_read;
 } CopyTask;
@@ -949,40 +950,52 @@ struct CopyLoop {
     StrataCoQueue wait;
     GQueue failed;          /* CopyTask *, finished with an error */
     GQueue retry;           /* CopyTask *, stopped, to copy again */
-    GPtrArray *spare;       /* buffers of @chunk bytes not in use */
-    GPtrArray *bufs;        /* every buffer made, unmapped at the end */
+    uint8_t *arena;         /* buffer space, mmapped on first use */
+    size_t slot, nslots;
+    uint64_t used;          /* a bit per slot in use */
+    bool nomem;
 };
 
 /*
- * One buffer per copy in flight, made on first use and kept for the
- * job: a chunk is far above malloc's mmap threshold, so a buffer per
- * copy would be a mmap, a page fault per page and a munmap each time,
- * or (once glibc raises its threshold) heap that outlives the job.
- * Page alignment suits O_DIRECT on every node below.
+ * The copies' buffers come from one arena of max_in_flight chunks, cut
+ * into slots of an eighth of a chunk: a copy takes the slots its range
+ * needs, so many small copies (a layer's extents are often one cluster)
+ * run at once within the same memory as a few big ones.  The arena is
+ * made once per job: a chunk is far above malloc's mmap threshold, so a
+ * buffer per copy would be a mmap, a page fault per page and a munmap
+ * each time, or (once glibc raises its threshold) heap that outlives
+ * the job.  Page alignment suits O_DIRECT on every node below.
  */
-static void *copy_buf_get(CopyLoop *cl)
+static void copy_arena_init(CopyLoop *cl, unsigned max_in_flight)
 {
-    void *p;
-
-    if (cl->spare->len) {
-        return g_ptr_array_steal_index_fast(cl->spare, cl->spare->len - 1);
-    }
-    p = mmap(NULL, cl->chunk, PROT_READ | PROT_WRITE,
-             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) {
-        return NULL;
-    }
-    g_ptr_array_add(cl->bufs, p);
-    return p;
+    cl->slot = cl->chunk % (8 * 4096) == 0 ? cl->chunk / 8 : cl->chunk;
+    cl->nslots = MIN((size_t)max_in_flight * (cl->chunk / cl->slot),
+                     (size_t)64);
+    cl->nslots = MAX(cl->nslots, cl->chunk / cl->slot);
 }
 
-static void copy_bufs_free(CopyLoop *cl)
+static void *copy_buf_get(CopyLoop *cl, CopyTask *t)
 {
-    for (guint i = 0; i < cl->bufs->len; i++) {
-        munmap(cl->bufs->pdata[i], cl->chunk);
+    size_t k = (size_t)((t->bytes + cl->slot - 1) / cl->slot);
+    uint64_t mask = k >= 64 ? UINT64_MAX : (1ull << k) - 1;
+
+    if (!cl->arena) {
+        void *p = mmap(NULL, cl->slot * cl->nslots, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) {
+            cl->nomem = true;
+            return NULL;
+        }
+        cl->arena = p;
     }
-    g_ptr_array_unref(cl->bufs);
-    g_ptr_array_unref(cl->spare);
+    for (size_t i = 0; i + k <= cl->nslots; i++) {
+        if (!(cl->used & (mask << i))) {
+            t->slots = mask << i;
+            cl->used |= t->slots;
+            return cl->arena + i * cl->slot;
+        }
+    }
+    return NULL;
 }
 
 static void copy_task_co(void *opaque)
@@ -993,7 +1006,7 @@ static void copy_task_co(void *opaque)
     t->is_read = true;
     t->ret = cl->ops->co_copy(cl->job, t->offset, t->bytes, t->buf,
                               &t->is_read);
-    g_ptr_array_add(cl->spare, t->buf);
+    cl->used &= ~t->slots;
     t->buf = NULL;
     cl->in_flight--;
     if (t->ret < 0) {
@@ -1045,8 +1058,7 @@ int strata_job_co_copy_loop(StrataJob *job, const StrataJobCopyOps *ops,
     strata_co_queue_init(&cl.wait);
     g_queue_init(&cl.failed);
     g_queue_init(&cl.retry);
-    cl.spare = g_ptr_array_new();
-    cl.bufs = g_ptr_array_new();
+    copy_arena_init(&cl, max_in_flight);
     strata_job_progress_set_total(job, len);
 
     for (;;) {
@@ -1132,10 +1144,10 @@ int strata_job_co_copy_loop(StrataJob *job, const StrataJobCopyOps *ops,
             g_free(t);
             break;
         }
-        while (cl.in_flight >= max_in_flight) {
+        while (!(t->buf = copy_buf_get(&cl, t)) && !cl.nomem &&
+               cl.in_flight > 0) {
             copy_wait_one(&cl);
         }
-        t->buf = copy_buf_get(&cl);
         if (!t->buf) {
             g_free(t);
             error = error ? error : -ENOMEM;
@@ -1151,7 +1163,9 @@ int strata_job_co_copy_loop(StrataJob *job, const StrataJobCopyOps *ops,
     }
     g_queue_clear_full(&cl.failed, g_free);
     g_queue_clear_full(&cl.retry, g_free);
-    copy_bufs_free(&cl);
+    if (cl.arena) {
+        munmap(cl.arena, cl.slot * cl.nslots);
+    }
     if (strata_job_is_cancelled(job)) {
         return error ? error : -ECANCELED;
     }

@@ -15,11 +15,11 @@
 #include "driver.h"
 
 /* QEMU's chunk (a range that fails is one BLOCK_JOB_ERROR, as in QEMU),
- * four in flight where QEMU copies one at a time: with the file
- * preallocated ahead of the writes, reads and writes then overlap, and
- * the buffers stay within 2 MiB. */
+ * and buffer space for six (3 MiB), shared by up to 48 smaller copies,
+ * where QEMU copies one chunk at a time: with the file preallocated
+ * ahead of the writes, reads and writes then overlap. */
 #define STREAM_CHUNK (512 * 1024)
-#define STREAM_IN_FLIGHT 4
+#define STREAM_IN_FLIGHT 6
 
 typedef struct StreamJob {
     StrataJob common;

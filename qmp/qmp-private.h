@@ -204,6 +204,12 @@ bool strata_qmp_transaction(StrataMonitor *mon, JsonObject *args,
         JsonNode **ret, GError **error);
 bool strata_qmp_x_blockdev_revert(StrataMonitor *mon, JsonObject *args,
         JsonNode **ret, GError **error);
+bool strata_qmp_snapshot_save(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_snapshot_load(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_snapshot_delete(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
 
 /* ---- server.c ---- */
 

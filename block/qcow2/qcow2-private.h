@@ -10,6 +10,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/types.h>
 #include <glib.h>
 
 #include "../block-private.h"
@@ -50,7 +51,7 @@ extern "C" {
 /* The incompatible bits this driver can open at all. */
 #define STRATA_QCOW2_INCOMPAT_SUPPORTED                                     \
     (STRATA_QCOW2_INCOMPAT_DIRTY | STRATA_QCOW2_INCOMPAT_CORRUPT |          \
-     STRATA_QCOW2_INCOMPAT_COMPRESSION)
+     STRATA_QCOW2_INCOMPAT_COMPRESSION | STRATA_QCOW2_INCOMPAT_EXTL2)
 #define STRATA_QCOW2_COMPAT_LAZY_REFCOUNTS (1ull << 0)
 /* No autoclear feature is implemented: every set bit is cleared before
  * the first write. */
@@ -64,6 +65,13 @@ extern "C" {
 #define STRATA_QCOW2_L1_RESERVED 0x7f000000000001ffull
 #define STRATA_QCOW2_L2_RESERVED 0x3f000000000001feull
 #define STRATA_QCOW2_REFT_OFFSET_MASK 0xfffffffffffffe00ull
+
+/* Extended L2 entries: a second word per entry, the subcluster bitmap
+ * (bit n: subcluster n holds data; bit 32 + n: it reads as zeroes). */
+#define STRATA_QCOW2_SUBCLUSTERS 32u
+#define STRATA_QCOW2_MIN_EXTL2_CLUSTER_BITS 14
+#define STRATA_QCOW2_BITMAP_ALL_ALLOC 0x00000000ffffffffull
+#define STRATA_QCOW2_BITMAP_ALL_ZERO 0xffffffff00000000ull
 
 /* Header byte offsets of fields rewritten on their own. */
 #define STRATA_QCOW2_HDR_SIZE 24
@@ -226,6 +234,10 @@ typedef struct StrataQcow2State {
     uint32_t cluster_bits;
     uint64_t cluster_size;
     uint32_t l2_bits;           /* log2(entries per L2 table) */
+    bool extended_l2;           /* 16-byte entries with subclusters */
+    uint32_t l2_entry_shift;    /* log2(64-bit words per L2 entry) */
+    uint32_t subcluster_bits;   /* = cluster_bits without extended L2 */
+    uint64_t subcluster_size;
     uint64_t l2_size;           /* entries per L2 table */
     uint32_t l2_slice_size;     /* bytes per L2 cache entry */
     uint64_t l2_slice_entries;
@@ -247,6 +259,9 @@ typedef struct StrataQcow2State {
     uint64_t rt_used;
     bool rt_used_valid;
     uint64_t free_cluster_index;
+    /* Where the next compressed cluster may go, packed after the last
+     * one in its host cluster; 0: start a new host cluster. */
+    uint64_t free_byte_offset;
 
     uint32_t csize_shift;
     uint64_t csize_mask;
@@ -299,9 +314,67 @@ typedef enum {
     STRATA_QCOW2_CLUSTER_ZERO_ALLOC,
     STRATA_QCOW2_CLUSTER_NORMAL,
     STRATA_QCOW2_CLUSTER_COMPRESSED,
+    /* Extended L2 only: a subcluster of a cluster we hold host space
+     * for that still falls through to the backing file. */
+    STRATA_QCOW2_CLUSTER_UNALLOCATED_ALLOC,
 } StrataQcow2ClusterType;
 
+/* The type of a whole standard entry (for extended entries: whether it
+ * names host storage, which is what refcounting needs). */
 StrataQcow2ClusterType strata_qcow2_l2_entry_type(uint64_t entry);
+
+/* Whether an extended entry's bitmap agrees with its entry: no
+ * subcluster both data and zero, no data without a host cluster, no
+ * bitmap on a compressed cluster. */
+bool strata_qcow2_extl2_valid(uint64_t entry, uint64_t bitmap);
+/* The type of subcluster @sc of a valid extended entry. */
+StrataQcow2ClusterType strata_qcow2_subcluster_type(uint64_t entry,
+                                                    uint64_t bitmap,
+                                                    unsigned sc);
+
+/* Bitmap bits of subclusters [from, to): data and zero halves. */
+static inline uint64_t strata_qcow2_sc_alloc_range(unsigned from,
+                                                   unsigned to)
+{
+    return (1ull << to) - (1ull << from);
+}
+
+static inline uint64_t strata_qcow2_sc_zero_range(unsigned from, unsigned to)
+{
+    return strata_qcow2_sc_alloc_range(from, to) << 32;
+}
+
+/* L2 entry @i of a slice (big-endian on disk and in the cache); with
+ * extended L2 each entry is two words, the bitmap second. */
+static inline uint64_t strata_qcow2_l2_get(const StrataQcow2State *s,
+                                           const uint64_t *slice,
+                                           uint64_t i)
+{
+    return GUINT64_FROM_BE(slice[i << s->l2_entry_shift]);
+}
+
+static inline uint64_t strata_qcow2_l2_get_bitmap(const StrataQcow2State *s,
+                                                  const uint64_t *slice,
+                                                  uint64_t i)
+{
+    return s->extended_l2 ? GUINT64_FROM_BE(slice[(i << 1) + 1]) : 0;
+}
+
+static inline void strata_qcow2_l2_set(const StrataQcow2State *s,
+                                       uint64_t *slice, uint64_t i,
+                                       uint64_t entry)
+{
+    slice[i << s->l2_entry_shift] = GUINT64_TO_BE(entry);
+}
+
+static inline void strata_qcow2_l2_set_bitmap(const StrataQcow2State *s,
+                                              uint64_t *slice, uint64_t i,
+                                              uint64_t bitmap)
+{
+    if (s->extended_l2) {
+        slice[(i << 1) + 1] = GUINT64_TO_BE(bitmap);
+    }
+}
 
 /* Geometry helpers. */
 static inline uint64_t strata_qcow2_offset_into_cluster(
@@ -435,6 +508,12 @@ int strata_qcow2_co_write_l1_entry(StrataQcow2State *s, uint32_t index);
 /* Grows the active L1 to @min_size entries (new table, header switch). */
 int strata_qcow2_co_grow_l1(StrataQcow2State *s, uint64_t min_size);
 
+/* Compresses one cluster at @in with the image's compression type:
+ * the bytes written to @out (at most @out_len), -ENOSPC when they do
+ * not fit, -ENOTSUP for a type this build cannot write. */
+ssize_t strata_qcow2_compress(StrataQcow2State *s, const uint8_t *in,
+                              uint8_t *out, size_t out_len);
+
 /* Decompresses the cluster of @entry into s->decmp_buf. */
 int strata_qcow2_co_read_compressed(StrataQcow2State *s, uint64_t entry);
 
@@ -461,6 +540,10 @@ bool strata_qcow2_parse_overlap_check(JsonObject *options, int *mask,
  * after the overlap check (kinds in @ign may be overwritten). */
 int strata_qcow2_co_write_meta(StrataQcow2State *s, int ign, uint64_t offset,
                                const void *buf, size_t len);
+/* The same without the flush: for metadata nothing points at yet, made
+ * stable by a later flush that comes before the pointer is written. */
+int strata_qcow2_co_pwrite_meta(StrataQcow2State *s, int ign,
+                                uint64_t offset, const void *buf, size_t len);
 /* Writes a header field range synchronously (write + flush). */
 int strata_qcow2_co_write_header_bytes(StrataQcow2State *s, uint64_t offset,
                                        const void *buf, size_t len);

@@ -273,13 +273,22 @@ START_TEST(test_header_features)
     g_clear_error(&err);
     strata_qcow2_header_cleanup(&p);
 
-    /* Extended L2 and data files are refused clearly. */
+    /* Extended L2 opens, with subclusters of 512 bytes at least. */
     strata_qcow2_put_be64(cl + 72, STRATA_QCOW2_INCOMPAT_EXTL2);
     strata_qcow2_header_init(&p);
     ck_assert(strata_qcow2_header_parse(&p, cl, 1 << 16, &err));
-    ck_assert(!strata_qcow2_header_check_features(&p, false, &err));
-    ck_assert_ptr_nonnull(strstr(err->message, "extended L2"));
+    ck_assert(strata_qcow2_header_check_features(&p, true, &err));
     strata_qcow2_header_cleanup(&p);
+    {
+        uint32_t bits = strata_qcow2_be32(cl + 20);
+        strata_qcow2_put_be32(cl + 20, 13);
+        strata_qcow2_header_init(&p);
+        ck_assert(!strata_qcow2_header_parse(&p, cl, 1 << 16, &err));
+        ck_assert_ptr_nonnull(strstr(err->message, "subcluster"));
+        g_clear_error(&err);
+        strata_qcow2_header_cleanup(&p);
+        strata_qcow2_put_be32(cl + 20, bits);
+    }
 }
 END_TEST
 
@@ -482,10 +491,12 @@ START_TEST(test_create_errors)
     g_clear_error(&err);
     json_object_set_int_member(o, "size", 1 << 20);
     json_object_set_string_member(o, "extended_l2", "on");
+    json_object_set_int_member(o, "cluster_size", 8192);
     ck_assert(!strata_qcow2_create(ctx, path, o, &err));
     ck_assert_ptr_nonnull(strstr(err->message, "Extended L2"));
     g_clear_error(&err);
     json_object_remove_member(o, "extended_l2");
+    json_object_remove_member(o, "cluster_size");
     json_object_set_string_member(o, "compat", "0.10");
     json_object_set_int_member(o, "refcount_bits", 1);
     ck_assert(!strata_qcow2_create(ctx, path, o, &err));
