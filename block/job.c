@@ -966,6 +966,11 @@ struct CopyLoop {
  * each time, or (once glibc raises its threshold) heap that outlives
  * the job.  Page alignment suits O_DIRECT on every node below.
  */
+/* Copies in flight at most, whatever their size: each is a coroutine
+ * whose stack, like the slots it fills, stays in the daemon's peak
+ * memory. Sixteen small copies already keep the disk busy. */
+#define COPY_MAX_TASKS 16
+
 static void copy_arena_init(CopyLoop *cl, unsigned max_in_flight)
 {
     cl->slot = cl->chunk % (8 * 4096) == 0 ? cl->chunk / 8 : cl->chunk;
@@ -1144,8 +1149,9 @@ int strata_job_co_copy_loop(StrataJob *job, const StrataJobCopyOps *ops,
             g_free(t);
             break;
         }
-        while (!(t->buf = copy_buf_get(&cl, t)) && !cl.nomem &&
-               cl.in_flight > 0) {
+        while ((cl.in_flight >= COPY_MAX_TASKS ||
+                !(t->buf = copy_buf_get(&cl, t))) &&
+               !cl.nomem && cl.in_flight > 0) {
             copy_wait_one(&cl);
         }
         if (!t->buf) {

@@ -15,7 +15,7 @@
 #include "driver.h"
 
 /* QEMU's chunk (a range that fails is one BLOCK_JOB_ERROR, as in QEMU),
- * and buffer space for six (3 MiB), shared by up to 48 smaller copies,
+ * and buffer space for six (3 MiB), shared by up to 16 smaller copies,
  * where QEMU copies one chunk at a time: with the file preallocated
  * ahead of the writes, reads and writes then overlap. */
 #define STREAM_CHUNK (512 * 1024)
