@@ -284,20 +284,13 @@ START_TEST(test_commit_guest_writes_nbd)
     s = qtest_start(NULL, true);
     make_chain(s);
     add_chain(s);
-    ok(s, "{\"execute\": \"nbd-server-start\", \"arguments\": {\"addr\": "
-          "{\"type\": \"unix\", \"data\": {\"path\": \"nbd.sock\"}}}}");
-    ok(s, "{\"execute\": \"block-export-add\", \"arguments\": {\"type\": "
-          "\"nbd\", \"id\": \"e\", \"node-name\": \"top\", \"name\": "
-          "\"disk\", \"writable\": true}}");
+    export_top(s);
     ok(s, "{\"execute\": \"block-commit\", \"arguments\": {\"job-id\": "
           "\"j\", \"device\": \"top\", \"top-node\": \"mid\", "
           "\"base-node\": \"base\", \"speed\": 1048576}}");
     reach_status(s, "j", "running");
     for (unsigned i = 0; i < G_N_ELEMENTS(writes); i++) {
-        ck_assert_int_eq(sh(s, "qemu-io -f raw -c '%s' "
-                               "'nbd+unix:///disk?socket=nbd.sock' "
-                               ">/dev/null && qemu-io -f raw -c '%s' ref.raw "
-                               ">/dev/null", writes[i], writes[i]), 0);
+        ck_assert_int_eq(guest_io(s, writes[i]), 0);
     }
     ck_assert_int_lt(job_offset(s), 10 * MiB);
     ok(s, "{\"execute\": \"block-job-set-speed\", \"arguments\": "
@@ -352,11 +345,7 @@ START_TEST(test_filter_nodes)
     s = qtest_start(NULL, true);
     make_chain(s);
     add_chain(s);
-    ok(s, "{\"execute\": \"nbd-server-start\", \"arguments\": {\"addr\": "
-          "{\"type\": \"unix\", \"data\": {\"path\": \"nbd.sock\"}}}}");
-    ok(s, "{\"execute\": \"block-export-add\", \"arguments\": {\"type\": "
-          "\"nbd\", \"id\": \"e\", \"node-name\": \"top\", \"name\": "
-          "\"disk\", \"writable\": true}}");
+    export_top(s);
     fails(s, "{\"execute\": \"block-commit\", \"arguments\": {\"job-id\": "
              "\"c\", \"device\": \"top\", \"top-node\": \"mid\", "
              "\"base-node\": \"base\", \"filter-node-name\": \"mid\"}}",
@@ -370,10 +359,7 @@ START_TEST(test_filter_nodes)
     ck_assert_msg(name && name[0] == '#', "commit_top node: %s",
                   name ? name : "(none)");
     g_free(name);
-    ck_assert_int_eq(sh(s, "qemu-io -f raw -c 'write -P 0x55 1M 64k' "
-                           "'nbd+unix:///disk?socket=nbd.sock' >/dev/null && "
-                           "qemu-io -f raw -c 'write -P 0x55 1M 64k' ref.raw "
-                           ">/dev/null"), 0);
+    ck_assert_int_eq(guest_io(s, "write -P 0x55 1M 64k"), 0);
     ok(s, "{\"execute\": \"block-job-set-speed\", \"arguments\": "
           "{\"device\": \"c\", \"speed\": 0}}");
     json_node_unref(want_event(s, "BLOCK_JOB_COMPLETED"));
@@ -385,19 +371,13 @@ START_TEST(test_filter_nodes)
     name = node_of_driver(s, "copy-on-read");
     ck_assert_str_eq(name ? name : "(none)", "cor0");
     g_free(name);
-    ck_assert_int_eq(sh(s, "qemu-io -f raw -c 'write -P 0x56 9M 64k' "
-                           "'nbd+unix:///disk?socket=nbd.sock' >/dev/null && "
-                           "qemu-io -f raw -c 'write -P 0x56 9M 64k' ref.raw "
-                           ">/dev/null"), 0);
+    ck_assert_int_eq(guest_io(s, "write -P 0x56 9M 64k"), 0);
     ok(s, "{\"execute\": \"block-job-set-speed\", \"arguments\": "
           "{\"device\": \"s\", \"speed\": 0}}");
     json_node_unref(want_event(s, "BLOCK_JOB_COMPLETED"));
     ck_assert_ptr_null(node_of_driver(s, "copy-on-read"));
     /* The export is back on top, and writes still land. */
-    ck_assert_int_eq(sh(s, "qemu-io -f raw -c 'write -P 0x57 2M 64k' "
-                           "'nbd+unix:///disk?socket=nbd.sock' >/dev/null && "
-                           "qemu-io -f raw -c 'write -P 0x57 2M 64k' ref.raw "
-                           ">/dev/null"), 0);
+    ck_assert_int_eq(guest_io(s, "write -P 0x57 2M 64k"), 0);
     ck_assert_int_eq(sh(s, "qemu-img compare -q -f raw -F raw ref.raw "
                            "'nbd+unix:///disk?socket=nbd.sock'"), 0);
     ok(s, "{\"execute\": \"quit\"}");
