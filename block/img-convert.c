@@ -48,6 +48,12 @@ typedef struct ConvertJob {
     /* Block status yields: the cursor is taken under this lock so that
      * two workers never claim the same range. */
     StrataCoMutex cursor_lock;
+    /* The last block status answer: [cur_off, st_end) of st_src is st.
+     * Asked for the whole rest of the source and carved into chunks, so
+     * a remote source costs one round trip per extent, not per chunk. */
+    int st_src;
+    uint64_t st_end;
+    int st;
     StrataImgProgress progress;
     int error;
 } ConvertJob;
@@ -78,18 +84,30 @@ static int co_next_segment(ConvertJob *j, uint64_t *src_off, int *src_idx,
     }
     top = strata_img_backend_node(j->src[j->cur_src]);
     base = j->top_only ? strata_node_backing(top) : NULL;
-    want = MIN(CHUNK, j->src_len[j->cur_src] - j->cur_off);
-    ret = strata_node_co_block_status_above(top, base,
-                                            strata_img_want_zero(top),
-                                            j->cur_off,
-                                            want, &pnum, NULL, NULL, NULL);
-    if (ret < 0) {
-        return ret;
+    if (j->st_src != j->cur_src || j->cur_off >= j->st_end) {
+        want = j->src_len[j->cur_src] - j->cur_off;
+        ret = strata_node_co_block_status_above(top, base,
+                                                strata_img_want_zero(top),
+                                                j->cur_off, want, &pnum,
+                                                NULL, NULL, NULL);
+        if (ret < 0) {
+            return ret;
+        }
+        if (pnum == 0) {
+            pnum = want;
+        }
+        j->st_src = j->cur_src;
+        j->st_end = j->cur_off + pnum;
+        j->st = ret;
     }
-    if (pnum == 0) {
-        pnum = want;
+    ret = j->st;
+    /* Data goes through a CHUNK buffer; the rest needs none. */
+    pnum = j->st_end - j->cur_off;
+    if (ret & STRATA_BLOCK_DATA) {
+        pnum = MIN(CHUNK, pnum);
     }
-    if (j->compress_cluster && pnum < want) {
+    if (j->compress_cluster &&
+        j->cur_off + pnum < j->src_len[j->cur_src]) {
         /* Compression works on whole clusters: a segment ends on a
          * cluster boundary, and a cluster mixing kinds is data. */
         uint64_t cs = j->compress_cluster;

@@ -94,6 +94,7 @@ static const CommandEntry command_table[] = {
     { "snapshot-load", strata_qmp_snapshot_load },
     { "snapshot-delete", strata_qmp_snapshot_delete },
     { "x-strata-query-loop", strata_qmp_x_strata_query_loop },
+    { "x-strata-query-node-stats", strata_qmp_x_strata_query_node_stats },
     { "blockdev-reopen", strata_qmp_blockdev_reopen },
     { "blockdev-mirror", strata_qmp_blockdev_mirror },
     { "drive-mirror", strata_qmp_drive_mirror },

@@ -137,6 +137,9 @@ bool strata_qmp_block_export_add(StrataMonitor *mon, JsonObject *args,
                                  JsonNode **ret, GError **error);
 bool strata_qmp_block_export_del(StrataMonitor *mon, JsonObject *args,
                                  JsonNode **ret, GError **error);
+bool strata_qmp_x_strata_query_node_stats(StrataMonitor *mon,
+                                          JsonObject *args, JsonNode **ret,
+                                          GError **error);
 bool strata_qmp_x_strata_query_loop(StrataMonitor *mon, JsonObject *args,
                                     JsonNode **ret, GError **error);
 bool strata_qmp_query_block_exports(StrataMonitor *mon, JsonObject *args,

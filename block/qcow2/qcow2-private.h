@@ -172,6 +172,7 @@ const char *strata_qcow2_feature_name(const StrataQcow2Header *h,
 /* ------------------------------------------------------------------ */
 
 typedef struct StrataQcow2Cache StrataQcow2Cache;
+typedef struct StrataQcow2LayerMap StrataQcow2LayerMap;
 
 /* A read of guest data from host clusters, between the lookup and the
  * end of its I/O: those clusters are not handed out again meanwhile,
@@ -269,6 +270,8 @@ typedef struct StrataQcow2State {
 
     StrataQcow2Cache *l2_cache;
     StrataQcow2Cache *refcount_cache;
+    /* Which layer below holds each cluster (layermap.c); NULL: none. */
+    StrataQcow2LayerMap *layer_map;
 
     /* Held across metadata lookups and updates, never across guest data
      * I/O. */
@@ -432,11 +435,33 @@ int strata_qcow2_cache_co_set_dependency(StrataQcow2Cache *c,
 int strata_qcow2_cache_co_write(StrataQcow2Cache *c);
 /* As _co_write, then flushes the file. */
 int strata_qcow2_cache_co_flush(StrataQcow2Cache *c);
+/* The cached copy of the entry at host @offset, or NULL; not pinned:
+ * use it before the next yield. */
+const void *strata_qcow2_cache_peek(StrataQcow2Cache *c, uint64_t offset);
 /* Forgets the entries of the cluster at @offset (it was freed). */
 void strata_qcow2_cache_discard_cluster(StrataQcow2Cache *c,
                                         uint64_t offset,
                                         uint64_t cluster_size);
 bool strata_qcow2_cache_is_dirty(const StrataQcow2Cache *c);
+
+/* What a cache did and holds, for query commands and tests. */
+typedef struct StrataQcow2CacheStats {
+    uint64_t hits, misses;
+    unsigned entries;       /* existing now (memory is allocated lazily) */
+    unsigned max_entries;
+    uint64_t bytes;         /* table memory held now */
+} StrataQcow2CacheStats;
+
+void strata_qcow2_cache_get_stats(const StrataQcow2Cache *c,
+                                  StrataQcow2CacheStats *stats);
+/* Every @seconds (0: never), entries not used since the last tick give
+ * their memory back (cache-clean-interval), on @context's loop. */
+void strata_qcow2_cache_set_clean_interval(StrataQcow2Cache *c,
+                                           GMainContext *context,
+                                           unsigned seconds);
+/* One clean tick now, after forgetting every entry's recent use: frees
+ * all clean unpinned entries. */
+void strata_qcow2_cache_drop_clean(StrataQcow2Cache *c);
 
 /* Cache sizes from options, as QEMU 7.2 derives them. */
 typedef struct StrataQcow2CacheSizes {
@@ -448,6 +473,37 @@ typedef struct StrataQcow2CacheSizes {
 bool strata_qcow2_cache_sizes(JsonObject *options, uint64_t virtual_size,
                               uint32_t cluster_bits,
                               StrataQcow2CacheSizes *sizes, GError **error);
+
+/* ------------------------------------------------------------------ */
+/* layermap.c: which layer of the backing chain holds each cluster     */
+/* ------------------------------------------------------------------ */
+
+/* Coroutine, s->lock not held.  Reads [@offset, + @bytes), which @s
+ * leaves unallocated, as its backing chain shows it: from the layer that
+ * holds each cluster, found in the map without a lookup per layer. */
+int strata_qcow2_co_read_backing(StrataQcow2State *s, uint64_t offset,
+                                 uint64_t bytes, StrataIOVec *qiov,
+                                 size_t qiov_offset);
+/* Which guest clusters @s maps (or their length) changed: the maps of
+ * every node above @s forget what they know.  Not a coroutine. */
+void strata_qcow2_layermap_notify_change(StrataQcow2State *s);
+/* Coroutine, at the end of open: builds @s's whole map when that is
+ * cheap (a small image; the backing's own map to build from). */
+void strata_qcow2_layermap_co_prepare(StrataQcow2State *s);
+void strata_qcow2_layermap_free(StrataQcow2State *s);
+
+typedef struct StrataQcow2LayerMapStats {
+    uint64_t lookups;       /* reads answered from the map */
+    uint64_t composed;      /* regions built from the backing's map */
+    uint64_t walked;        /* regions built by walking the chain */
+    uint64_t resets;        /* times everything was forgotten */
+    unsigned layers;        /* layers below, as the map sees them */
+    unsigned regions_built; /* regions held now */
+} StrataQcow2LayerMapStats;
+
+/* All zero when @s has no map. */
+void strata_qcow2_layermap_get_stats(StrataQcow2State *s,
+                                     StrataQcow2LayerMapStats *stats);
 
 /* ------------------------------------------------------------------ */
 /* refcount.c                                                          */

@@ -2,6 +2,7 @@
  * through the cluster map and the backing chain, allocating writes with
  * copy-on-write, zero clusters, discard), flush, resize and query. */
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <stdio.h>
 #include <sys/stat.h>
@@ -194,6 +195,22 @@ static bool open_co_body(StrataQcow2State *s, JsonObject *options,
     s->refcount_cache = strata_qcow2_cache_new(
         s, (unsigned)MIN(sizes.refcount_cache_size / s->cluster_size,
                          (uint64_t)G_MAXINT), (uint32_t)s->cluster_size);
+    {
+        /* QEMU's default on Linux: unused slices go back after 10 min. */
+        int64_t ci = strata_opts_get_int(options, "cache-clean-interval",
+                                         600);
+        GMainContext *gctx = strata_loop_get_context(s->node->ctx->loop);
+
+        if (ci < 0 || ci > G_MAXUINT32) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                        "Cache clean interval too big");
+            return false;
+        }
+        strata_qcow2_cache_set_clean_interval(s->l2_cache, gctx,
+                                              (unsigned)ci);
+        strata_qcow2_cache_set_clean_interval(s->refcount_cache, gctx,
+                                              (unsigned)ci);
+    }
 
     /* Refcounts left stale by a crash under lazy refcounts are rebuilt
      * before anything is written, as QEMU does on open. */
@@ -374,6 +391,7 @@ static bool open_backing(StrataQcow2State *s, JsonObject *options,
 
 static void qcow2_state_free(StrataQcow2State *s)
 {
+    strata_qcow2_layermap_free(s);
     strata_qcow2_cache_free(s->l2_cache);
     strata_qcow2_cache_free(s->refcount_cache);
     s->l2_cache = s->refcount_cache = NULL;
@@ -398,6 +416,11 @@ static bool file_is_sparse(StrataNode *file)
     file->drv->query_image(file, img);
     actual = json_object_get_int_member_with_default(img, "actual-size", -1);
     return actual >= 0 && actual < file->total_bytes / 2;
+}
+
+static void prepare_co(void *opaque)
+{
+    strata_qcow2_layermap_co_prepare(opaque);
 }
 
 static bool qcow2_open(StrataNode *node, JsonObject *options,
@@ -446,6 +469,7 @@ static bool qcow2_open(StrataNode *node, JsonObject *options,
         }
     }
     s->sparse_file = file_is_sparse(node->file->node);
+    strata_loop_run_co(node->ctx->loop, prepare_co, s);
     return true;
 }
 
@@ -489,33 +513,6 @@ static void qcow2_close(StrataNode *node)
 /* ------------------------------------------------------------------ */
 /* Reads                                                               */
 /* ------------------------------------------------------------------ */
-
-static int read_backing(StrataQcow2State *s, uint64_t offset, uint64_t n,
-                        StrataIOVec *qiov, size_t qiov_offset)
-{
-    StrataNode *b = backing_of(s);
-    int64_t blen = b ? b->total_bytes : 0;
-    uint64_t avail = 0;
-
-    /* The VM state area belongs to this image alone. */
-    if (offset >= strata_qcow2_vm_state_offset(s)) {
-        b = NULL;
-    }
-    if (b && blen > 0 && offset < (uint64_t)blen) {
-        avail = MIN(n, (uint64_t)blen - offset);
-    }
-    if (avail) {
-        int ret = strata_node_co_preadv(b, offset, avail, qiov, qiov_offset,
-                                        0);
-        if (ret < 0) {
-            return ret;
-        }
-    }
-    if (avail < n) {
-        strata_iov_memset(qiov, qiov_offset + avail, 0, n - avail);
-    }
-    return 0;
-}
 
 /* Reads guest bytes without the request path: also used for the
  * copy-on-write of a cluster's untouched parts. */
@@ -571,7 +568,8 @@ static int read_internal(StrataQcow2State *s, uint64_t offset,
             switch (type) {
             case STRATA_QCOW2_CLUSTER_UNALLOCATED:
             case STRATA_QCOW2_CLUSTER_UNALLOCATED_ALLOC:
-                ret = read_backing(s, offset, n, qiov, qiov_offset);
+                ret = strata_qcow2_co_read_backing(s, offset, n, qiov,
+                                                    qiov_offset);
                 break;
             default:
                 strata_iov_memset(qiov, qiov_offset, 0, n);
@@ -626,6 +624,47 @@ static int check_writable(StrataQcow2State *s)
     return 0;
 }
 
+/*
+ * Reads the parts of the new cluster run [start, end) that a write of
+ * [start + head_len, end - tail_len) leaves alone, into *@buf (free()),
+ * laid out as in the run.  The buffer is aligned for the file so the
+ * merged write (head, guest data, tail) needs no bounce copy.  When the
+ * run is one cluster, head and tail come from one read of the whole
+ * cluster: through a backing chain a second request costs more than the
+ * few bytes of guest data read for nothing.
+ */
+static int cow_read(StrataQcow2State *s, uint64_t start, uint64_t end,
+                    uint64_t head_len, uint64_t tail_len, uint8_t **buf)
+{
+    uint64_t len = end - start;
+    size_t align = MAX(file_of(s)->limits.buf_align, 4096u);
+    StrataIOVec v;
+    void *p = NULL;
+    int ret = 0;
+
+    *buf = NULL;
+    if (!head_len && !tail_len) {
+        return 0;
+    }
+    if (posix_memalign(&p, align, len) != 0) {
+        return -ENOMEM;
+    }
+    *buf = p;
+    if (head_len && tail_len && len == s->cluster_size) {
+        strata_iov_init_buf(&v, p, len);
+        return read_internal(s, start, len, &v, 0);
+    }
+    if (head_len) {
+        strata_iov_init_buf(&v, p, head_len);
+        ret = read_internal(s, start, head_len, &v, 0);
+    }
+    if (ret == 0 && tail_len) {
+        strata_iov_init_buf(&v, *buf + len - tail_len, tail_len);
+        ret = read_internal(s, end - tail_len, tail_len, &v, 0);
+    }
+    return ret;
+}
+
 /* Writes guest [offset, offset + n) from @qiov, widened to [gfrom, gto)
  * with what the guest reads there now (the copy-on-write of what the
  * request leaves out), at @host, where guest @gfrom is to live.
@@ -635,23 +674,18 @@ static int write_padded(StrataQcow2State *s, uint64_t gfrom, uint64_t gto,
                         size_t qiov_offset, uint64_t host)
 {
     uint64_t head_len = offset - gfrom, tail_len = gto - (offset + n);
-    g_autofree uint8_t *head = NULL, *tail = NULL;
-    StrataIOVec hv, tv, wv;
-    int ret = 0;
+    uint8_t *cow = NULL;
+    StrataIOVec wv;
+    int ret;
 
-    strata_iov_init(&wv, 3);
+    strata_iov_init(&wv, qiov->niov + 2);
+    ret = cow_read(s, gfrom, gto, head_len, tail_len, &cow);
     if (head_len) {
-        head = g_malloc(head_len);
-        strata_iov_init_buf(&hv, head, head_len);
-        ret = read_internal(s, gfrom, head_len, &hv, 0);
-        strata_iov_add(&wv, head, head_len);
+        strata_iov_add(&wv, cow, head_len);
     }
     strata_iov_concat(&wv, qiov, qiov_offset, n);
-    if (ret == 0 && tail_len) {
-        tail = g_malloc(tail_len);
-        strata_iov_init_buf(&tv, tail, tail_len);
-        ret = read_internal(s, offset + n, tail_len, &tv, 0);
-        strata_iov_add(&wv, tail, tail_len);
+    if (tail_len) {
+        strata_iov_add(&wv, cow + (gto - gfrom) - tail_len, tail_len);
     }
     if (ret == 0) {
         strata_co_mutex_lock(&s->lock);
@@ -664,6 +698,7 @@ static int write_padded(StrataQcow2State *s, uint64_t gfrom, uint64_t gto,
                                      0);
     }
     strata_iov_cleanup(&wv);
+    free(cow);
     return ret;
 }
 
@@ -762,6 +797,7 @@ static int64_t write_subclusters(StrataQcow2State *s, uint64_t offset,
     strata_co_mutex_unlock(&s->lock);
     return ret < 0 ? ret : (int64_t)n;
 }
+
 
 /*
  * Writes what fits of [offset, offset + bytes) in one run of clusters of
@@ -1754,6 +1790,40 @@ static int qcow2_co_change_backing_file(StrataNode *node,
     return 0;
 }
 
+static JsonObject *cache_stats(const StrataQcow2Cache *c)
+{
+    JsonObject *o = json_object_new();
+    StrataQcow2CacheStats st;
+
+    strata_qcow2_cache_get_stats(c, &st);
+    json_object_set_int_member(o, "hits", (gint64)st.hits);
+    json_object_set_int_member(o, "misses", (gint64)st.misses);
+    json_object_set_int_member(o, "entries", st.entries);
+    json_object_set_int_member(o, "max-entries", st.max_entries);
+    json_object_set_int_member(o, "bytes", (gint64)st.bytes);
+    return o;
+}
+
+static void qcow2_query_stats(StrataNode *node, JsonObject *stats)
+{
+    StrataQcow2State *s = node->opaque;
+    StrataQcow2LayerMapStats lm;
+    JsonObject *m = json_object_new();
+
+    json_object_set_object_member(stats, "l2-cache",
+                                  cache_stats(s->l2_cache));
+    json_object_set_object_member(stats, "refcount-cache",
+                                  cache_stats(s->refcount_cache));
+    strata_qcow2_layermap_get_stats(s, &lm);
+    json_object_set_int_member(m, "lookups", (gint64)lm.lookups);
+    json_object_set_int_member(m, "composed", (gint64)lm.composed);
+    json_object_set_int_member(m, "walked", (gint64)lm.walked);
+    json_object_set_int_member(m, "resets", (gint64)lm.resets);
+    json_object_set_int_member(m, "layers", lm.layers);
+    json_object_set_int_member(m, "regions", lm.regions_built);
+    json_object_set_object_member(stats, "layer-map", m);
+}
+
 static void qcow2_query_image(StrataNode *node, JsonObject *image)
 {
     StrataQcow2State *s = node->opaque;
@@ -1846,4 +1916,5 @@ const StrataDriver strata_driver_qcow2 = {
     .reopen_prepare = qcow2_reopen_prepare,
     .reopen_commit = qcow2_reopen_commit,
     .query_image = qcow2_query_image,
+    .query_stats = qcow2_query_stats,
 };

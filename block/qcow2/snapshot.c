@@ -785,6 +785,8 @@ static bool apply_locked(StrataQcow2State *s, StrataQcow2Snapshot *sn,
         return false;
     }
     s->decmp_host = 0;
+    /* Every cluster may map differently now, for the images above too. */
+    strata_qcow2_layermap_notify_change(s);
 
     if (sn->disk_size != s->hdr.size) {
         uint8_t be[8];
@@ -799,6 +801,7 @@ static bool apply_locked(StrataQcow2State *s, StrataQcow2Snapshot *sn,
         s->hdr.size = sn->disk_size;
         s->l1_vm_state_index = (uint32_t)need;
         s->node->total_bytes = (int64_t)sn->disk_size;
+        strata_node_chain_changed(s->node);
     }
 
     /* The old active path's references go; failures only leak. */

@@ -11,6 +11,7 @@
 #include <glib/gstdio.h>
 
 #include "strata.h"
+#include "../unit/test-util.h"
 
 #define MiB (1024 * 1024)
 
@@ -204,18 +205,10 @@ END_TEST
 
 int main(void)
 {
-    Suite *su = suite_create("jobs-embed");
-    TCase *tc = tcase_create("jobs-embed");
-    SRunner *sr;
-    int failed;
+    const StrataTestCase tests[] = {
+        { "/jobs-embed/stream/guest-writes", test_stream_guest_writes_embedded },
+        { "/jobs-embed/commit/guest-writes", test_commit_guest_writes_embedded },
+    };
 
-    tcase_set_timeout(tc, 120);
-    tcase_add_test(tc, test_stream_guest_writes_embedded);
-    tcase_add_test(tc, test_commit_guest_writes_embedded);
-    suite_add_tcase(su, tc);
-    sr = srunner_create(su);
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? 1 : 0;
+    return strata_test_main("jobs-embed", tests, NULL, NULL);
 }

@@ -15,6 +15,7 @@
 
 #include "libqtest.h"
 #include "job-helpers.h"
+#include "../unit/test-util.h"
 
 #define MiB (1024 * 1024)
 /* The largest range stream and commit copy at once (their chunk). */
@@ -390,21 +391,13 @@ END_TEST
 
 int main(void)
 {
-    Suite *su = suite_create("jobs-live");
-    TCase *tc = tcase_create("jobs-live");
-    SRunner *sr;
-    int failed;
+    const StrataTestCase tests[] = {
+        { "/jobs-live/crash/stream", test_crash_during_stream },
+        { "/jobs-live/crash/commit", test_crash_during_commit },
+        { "/jobs-live/speed-bound", test_speed_bound },
+        { "/jobs-live/commit/guest-writes-nbd", test_commit_guest_writes_nbd },
+        { "/jobs-live/filter-nodes", test_filter_nodes },
+    };
 
-    tcase_set_timeout(tc, 120);
-    tcase_add_test(tc, test_crash_during_stream);
-    tcase_add_test(tc, test_crash_during_commit);
-    tcase_add_test(tc, test_speed_bound);
-    tcase_add_test(tc, test_commit_guest_writes_nbd);
-    tcase_add_test(tc, test_filter_nodes);
-    suite_add_tcase(su, tc);
-    sr = srunner_create(su);
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? 1 : 0;
+    return strata_test_main("jobs-live", tests, NULL, NULL);
 }

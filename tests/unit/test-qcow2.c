@@ -340,9 +340,12 @@ START_TEST(test_cache_sizes)
     ck_assert_uint_eq(sz.l2_cache_size, 8 << 20);
     ck_assert_uint_eq(sz.l2_slice_size, 4096);
     ck_assert_uint_eq(sz.refcount_cache_size, 4 << 16);
-    /* 1 TiB would need 128 MiB: capped at 32 MiB. */
+    /* 1 TiB needs 128 MiB: the default covers it (allocated lazily);
+     * 2 TiB is capped there. */
     ck_assert(strata_qcow2_cache_sizes(NULL, 1ull << 40, 16, &sz, &err));
-    ck_assert_uint_eq(sz.l2_cache_size, 32 << 20);
+    ck_assert_uint_eq(sz.l2_cache_size, 128 << 20);
+    ck_assert(strata_qcow2_cache_sizes(NULL, 2ull << 40, 16, &sz, &err));
+    ck_assert_uint_eq(sz.l2_cache_size, 128 << 20);
     /* 512-byte clusters: slices are whole clusters. */
     ck_assert(strata_qcow2_cache_sizes(NULL, 1 << 20, 9, &sz, &err));
     ck_assert_uint_eq(sz.l2_slice_size, 512);
