@@ -67,6 +67,12 @@ typedef struct FileState {
     /* errno of a failed fdatasync: the page cache may have dropped dirty
      * pages, so no later flush may claim success. */
     int flush_errno;
+    /* Space reserved ahead of appending O_DIRECT writes (prealloc_co):
+     * the file is physically alloc_end bytes long while the layers above
+     * see data_end.  alloc_end 0: nothing reserved, the file's size is
+     * its length. */
+    uint64_t data_end, alloc_end;
+    bool prealloc_off;      /* fallocate failed once: append plainly */
     /* Bumped as each modifying request ends; a flush with nothing
      * modified since the last successful one has nothing to make
      * stable and skips fdatasync, as QEMU's write_gen does. */
@@ -76,6 +82,10 @@ typedef struct FileState {
     bool inline_writes;
     int64_t inline_after_ns;
 } FileState;
+
+/* Reservation steps: an eighth of the file, within these bounds. */
+#define PREALLOC_MIN (1ull << 20)
+#define PREALLOC_MAX (64ull << 20)
 
 static int64_t now_ns(void)
 {
@@ -452,9 +462,26 @@ fail:
     return false;
 }
 
+/* Gives back what a reservation left past the data.  A plain
+ * ftruncate on the loop thread: it only drops unwritten extents, and
+ * runs when the descriptor is about to be closed or replaced. */
+static void prealloc_trim(FileState *s)
+{
+    if (s->alloc_end > s->data_end &&
+        ftruncate(s->fd, (off_t)s->data_end) < 0) {
+        g_warning("file: could not trim preallocated space: %s",
+                  g_strerror(errno));
+    }
+    s->alloc_end = 0;
+}
+
 static void file_close(StrataNode *node)
 {
     FileState *s = node->opaque;
+
+    if (s->have_fd) {
+        prealloc_trim(s);
+    }
 
     /* Closing the descriptor drops every OFD lock it holds. */
     if (s->have_fd) {
@@ -540,6 +567,7 @@ static void file_reopen_commit(StrataReopenState *rs)
     /* The new descriptor takes the lock bytes before the old one lets
      * them go, so no other process sees a moment without them; shared
      * locks of two descriptors never conflict with each other. */
+    prealloc_trim(s);
     s->fd = r->fd;
     s->locked_perm = s->locked_unshared = 0;
     if (!apply_locks(s, held_perm, held_unshared, false, &err)) {
@@ -586,7 +614,68 @@ static int64_t file_length(FileState *s)
         }
         return (int64_t)size;
     }
+    if (s->alloc_end) {
+        return (int64_t)s->data_end;
+    }
     return st.st_size;
+}
+
+/*
+ * An O_DIRECT write that moves the end of a file is slow: the kernel
+ * (ext4, xfs) runs it under the inode lock and waits for it, so appends
+ * go one at a time however many are in flight.  Writes into space that
+ * fallocate reserved are ordinary overwrites and run in parallel, so a
+ * write that would append first reserves a step ahead.  The layers above
+ * keep seeing the file end where the data ends (data_end); the rest is
+ * trimmed on close.  A crash leaves the reservation in place: for a
+ * format it is unreferenced space past its last cluster, which qemu-img
+ * check accepts.
+ */
+static int prealloc_co(StrataNode *node, uint64_t offset, uint64_t bytes)
+{
+    FileState *s = node->opaque;
+    uint64_t end = offset + bytes, size, step, target;
+    int64_t len;
+    int ret;
+
+    if (!s->direct || s->is_blockdev) {
+        return 0;
+    }
+    if (s->alloc_end) {
+        if (end <= s->alloc_end) {
+            s->data_end = MAX(s->data_end, end);
+            return 0;
+        }
+        size = s->alloc_end;
+    } else if (s->prealloc_off) {
+        return 0;
+    } else {
+        len = file_length(s);
+        if (len < 0) {
+            return (int)len;
+        }
+        if (end <= (uint64_t)len) {
+            return 0;
+        }
+        size = (uint64_t)len;
+        s->data_end = size;
+    }
+    step = CLAMP(size / 8, PREALLOC_MIN, PREALLOC_MAX);
+    target = (end + step + PREALLOC_MIN - 1) & ~(PREALLOC_MIN - 1);
+    /* Recorded before the call: writes meanwhile below target count as
+     * overwrites, and a write racing the fallocate still lands (as an
+     * append, which fallocate keeps). */
+    s->alloc_end = target;
+    s->data_end = MAX(s->data_end, end);
+    ret = strata_loop_co_fallocate(node->ctx->loop, s->engine, s->fd, 0,
+                                   size, target - size);
+    if (ret < 0) {
+        /* Unsupported or out of space: the write itself says whether
+         * the data fits, and the file's size is its length again. */
+        s->prealloc_off = true;
+        s->alloc_end = 0;
+    }
+    return 0;
 }
 
 static int64_t file_co_get_length(StrataNode *node)
@@ -704,6 +793,16 @@ static int file_co_rw(StrataNode *node, uint64_t offset, uint64_t bytes,
     return 0;
 }
 
+/* A request that changed the file's size otherwise (zeroes past the
+ * end) moves the reservation's bookkeeping along. */
+static void prealloc_note_end(FileState *s, uint64_t end)
+{
+    if (s->alloc_end) {
+        s->data_end = MAX(s->data_end, end);
+        s->alloc_end = MAX(s->alloc_end, end);
+    }
+}
+
 static int file_co_preadv(StrataNode *node, uint64_t offset, uint64_t bytes,
                           StrataIOVec *qiov, size_t qiov_offset,
                           StrataReqFlags flags)
@@ -715,6 +814,11 @@ static int file_co_pwritev(StrataNode *node, uint64_t offset, uint64_t bytes,
                            StrataIOVec *qiov, size_t qiov_offset,
                            StrataReqFlags flags)
 {
+    int ret = prealloc_co(node, offset, bytes);
+
+    if (ret < 0) {
+        return ret;
+    }
     return file_co_rw(node, offset, bytes, qiov, qiov_offset, true);
 }
 
@@ -787,6 +891,7 @@ static int do_pwrite_zeroes(StrataNode *node, uint64_t offset,
                                            end - from);
         }
         if (ret == 0) {
+            prealloc_note_end(s, end);
             return 0;
         }
         ret = not_supported(ret);
@@ -798,6 +903,9 @@ static int do_pwrite_zeroes(StrataNode *node, uint64_t offset,
     /* ZERO_RANGE without KEEP_SIZE also extends the file. */
     ret = strata_loop_co_fallocate(loop, s->engine, s->fd,
                                    FALLOC_FL_ZERO_RANGE, offset, bytes);
+    if (ret == 0) {
+        prealloc_note_end(s, offset + bytes);
+    }
     return not_supported(ret);
 }
 
@@ -909,6 +1017,7 @@ typedef struct TruncateJob {
     uint64_t offset;
     bool exact;
     int64_t size;
+    bool resized;
 } TruncateJob;
 
 static int truncate_job(void *opaque)
@@ -935,6 +1044,7 @@ static int truncate_job(void *opaque)
     if (ftruncate(s->fd, (off_t)job->offset) < 0) {
         return -errno;
     }
+    job->resized = true;
     return 0;
 }
 
@@ -952,6 +1062,10 @@ static int file_co_truncate(StrataNode *node, uint64_t offset, bool exact,
         return -EINVAL;
     }
     ret = strata_loop_co_run_in_thread(node->ctx->loop, truncate_job, &job);
+    if (job.resized) {
+        /* The size is the length again; a reservation starts anew. */
+        s->alloc_end = 0;
+    }
     s->write_gen++;
     if (ret == -EFBIG && s->is_blockdev) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,

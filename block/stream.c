@@ -14,8 +14,12 @@
 #include "job-private.h"
 #include "driver.h"
 
+/* QEMU's chunk (a range that fails is one BLOCK_JOB_ERROR, as in QEMU),
+ * and buffer space for six (3 MiB), shared by up to 16 smaller copies,
+ * where QEMU copies one chunk at a time: with the file preallocated
+ * ahead of the writes, reads and writes then overlap. */
 #define STREAM_CHUNK (512 * 1024)
-#define STREAM_IN_FLIGHT 4
+#define STREAM_IN_FLIGHT 6
 
 typedef struct StreamJob {
     StrataJob common;
@@ -322,6 +326,11 @@ bool strata_stream_start(StrataContext *ctx, JsonObject *args,
     s->backing_file = g_strdup(backing_file);
     for (StrataNode *n = top; n && n != base; n = strata_node_backing(n)) {
         strata_job_add_node(job, n);
+    }
+    if (!strata_job_insert_filter(job, "copy-on-read", top, filter_name,
+                                  false, error)) {
+        strata_job_early_fail(job);
+        return false;
     }
     strata_job_start(job);
     return true;

@@ -15,8 +15,8 @@
 /* Deeper chains than this are refused rather than recursed into. */
 #define MAX_BACKING_DEPTH 256
 
-/* Bytes the open path reads to find the header: the largest cluster. */
-#define HEADER_READ_MAX (1u << STRATA_QCOW2_MAX_CLUSTER_BITS)
+/* Bytes read first to learn the cluster size: the fixed header. */
+#define HEADER_PROBE 4096
 
 static StrataNode *file_of(StrataQcow2State *s)
 {
@@ -26,6 +26,44 @@ static StrataNode *file_of(StrataQcow2State *s)
 static StrataNode *backing_of(StrataQcow2State *s)
 {
     return s->node->backing ? s->node->backing->node : NULL;
+}
+
+/*
+ * Reads the header cluster of @file (@flen bytes long): the header and
+ * its extensions live in the first cluster.  The fixed part comes first
+ * and says how big a cluster is, so a 64 KiB-cluster image costs 64 KiB
+ * rather than the largest cluster size (2 MiB of a daemon's peak memory
+ * per image opened).  A cluster size out of range is left to the
+ * parser to report.
+ */
+static int read_header_cluster(StrataNode *file, int64_t flen,
+                               uint8_t **out, size_t *out_len)
+{
+    size_t len = (size_t)MIN((uint64_t)MAX(flen, 0), HEADER_PROBE);
+    g_autofree uint8_t *buf = g_malloc0(MAX(len, (size_t)1));
+    uint32_t bits;
+    int ret;
+
+    ret = len ? strata_node_co_pread(file, 0, len, buf, 0) : 0;
+    if (ret < 0) {
+        return ret;
+    }
+    bits = len >= 24 ? strata_qcow2_be32(buf + 20) : 0;
+    if (bits >= STRATA_QCOW2_MIN_CLUSTER_BITS &&
+        bits <= STRATA_QCOW2_MAX_CLUSTER_BITS &&
+        (uint64_t)flen > len && (1u << bits) > len) {
+        size_t more = (size_t)MIN((uint64_t)flen, 1ull << bits);
+
+        buf = g_realloc(buf, more);
+        ret = strata_node_co_pread(file, len, more - len, buf + len, 0);
+        if (ret < 0) {
+            return ret;
+        }
+        len = more;
+    }
+    *out = g_steal_pointer(&buf);
+    *out_len = len;
+    return 0;
 }
 
 /* ------------------------------------------------------------------ */
@@ -78,15 +116,11 @@ static bool open_co_body(StrataQcow2State *s, JsonObject *options,
                     g_strerror((int)-flen));
         return false;
     }
-    len = (size_t)MIN((uint64_t)flen, (uint64_t)HEADER_READ_MAX);
-    buf = g_malloc0(MAX(len, (size_t)1));
-    if (len) {
-        ret = strata_node_co_pread(file, 0, len, buf, 0);
-        if (ret < 0) {
-            g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
-                        "Could not read qcow2 header: %s", g_strerror(-ret));
-            return false;
-        }
+    ret = read_header_cluster(file, flen, &buf, &len);
+    if (ret < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                    "Could not read qcow2 header: %s", g_strerror(-ret));
+        return false;
     }
     if (!strata_qcow2_header_parse(&s->hdr, buf, len, error) ||
         !strata_qcow2_header_check_features(&s->hdr, s->writable, error)) {
@@ -1747,9 +1781,7 @@ static void reopen_co(void *opaque)
                         g_strerror((int)-flen));
             return;
         }
-        len = (size_t)MIN((uint64_t)flen, (uint64_t)HEADER_READ_MAX);
-        buf = g_malloc0(MAX(len, (size_t)1));
-        ret = len ? strata_node_co_pread(file_of(s), 0, len, buf, 0) : 0;
+        ret = read_header_cluster(file_of(s), flen, &buf, &len);
         if (ret < 0) {
             g_set_error(&r->error, STRATA_ERROR, STRATA_ERROR_IO,
                         "Could not read qcow2 header: %s", g_strerror(-ret));

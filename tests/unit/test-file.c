@@ -380,6 +380,55 @@ START_TEST(test_direct_unaligned)
 }
 END_TEST
 
+/* Appends under O_DIRECT reserve space ahead (so that they run as
+ * overwrites, in parallel); the node still ends where the data ends, a
+ * resize drops the reservation, and closing gives it back. */
+START_TEST(test_direct_append_reserves)
+{
+    g_autofree char *path = strata_test_make_file(dir, "r.img", 65536, true);
+    g_autoptr(GError) err = NULL;
+    g_autofree char *spec = g_strdup_printf(
+        "driver=file,node-name=f,filename=%s,cache.direct=on", path);
+    StrataNode *n = add(ctx, spec, &err);
+    unsigned char *buf = NULL, *back = NULL;
+    const uint64_t cs = 65536;
+
+    if (!n && err && strstr(err->message, "Invalid argument")) {
+        return; /* no O_DIRECT on this file system */
+    }
+    ck_assert_msg(n, "%s", err ? err->message : "");
+    ck_assert_int_eq(posix_memalign((void **)&buf, 4096, cs), 0);
+    ck_assert_int_eq(posix_memalign((void **)&back, 4096, cs), 0);
+    for (uint64_t i = 1; i <= 4; i++) {
+        memset(buf, (int)(0x40 + i), cs);
+        ck_assert_int_eq(node_write(n, i * cs, cs, buf), 0);
+    }
+    ck_assert_int_gt(stat_path(path).st_size, 5 * cs);
+    ck_assert_int_eq(strata_node_get_length(n), 5 * cs);
+    /* Not exact and within the data: nothing to do, whatever lies past
+     * the data on disk. */
+    ck_assert_int_eq(node_truncate(n, 4 * cs, false, NULL), 0);
+    ck_assert_int_gt(stat_path(path).st_size, 5 * cs);
+    /* Growing: the size is exactly what was asked, then appends reserve
+     * again. */
+    ck_assert_int_eq(node_truncate(n, 6 * cs, false, NULL), 0);
+    ck_assert_int_eq(stat_path(path).st_size, 6 * cs);
+    memset(buf, 0x50, cs);
+    ck_assert_int_eq(node_write(n, 6 * cs, cs, buf), 0);
+    ck_assert_int_gt(stat_path(path).st_size, 7 * cs);
+    ck_assert(strata_context_del_node(ctx, "f", NULL));
+    ck_assert_int_eq(stat_path(path).st_size, 7 * cs);
+    read_plain(path, back, cs, (off_t)(4 * cs));
+    memset(buf, 0x44, cs);
+    ck_assert_int_eq(memcmp(back, buf, cs), 0);
+    read_plain(path, back, cs, (off_t)(6 * cs));
+    memset(buf, 0x50, cs);
+    ck_assert_int_eq(memcmp(back, buf, cs), 0);
+    free(buf);
+    free(back);
+}
+END_TEST
+
 START_TEST(test_flush)
 {
     g_autofree char *path = strata_test_make_file(dir, "f.img", 4096, true);
@@ -769,6 +818,7 @@ int main(void)
         { "/file/discard", test_discard },
         { "/file/block-status/sparse", test_block_status_sparse },
         { "/file/truncate", test_truncate },
+        { "/file/direct-append-reserves", test_direct_append_reserves },
         { "/file/truncate/read-only", test_truncate_read_only },
         { "/file/lock/second-context", test_lock_second_context },
         { "/file/lock/off", test_lock_off },
