@@ -14,7 +14,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
+#include "driver.h"
 #include "img-private.h"
 
 #define CHUNK (1u << 20)
@@ -24,6 +26,9 @@ typedef struct RebaseJob {
     StrataBackend *top;
     StrataBackend *new_base;   /* NULL: no backing file */
     uint64_t len, new_len;
+    /* The layer of the old chain that is the new backing file: where
+     * nothing above it holds a range, both sides read the same. */
+    StrataNode *prefix;
     uint64_t cur;
     StrataCoMutex cursor_lock;
     StrataImgProgress progress;
@@ -51,22 +56,42 @@ static int co_reads_zero(StrataNode *node, uint64_t off, uint64_t bytes,
     return (ret & STRATA_BLOCK_ZERO) || !(ret & STRATA_BLOCK_DATA);
 }
 
-/* Claims the next range the image does not hold itself; 0 at the end. */
+/* Whether @node holds [@off, +@bytes) above @base; *@pnum how far. */
+static int co_allocated_above(StrataNode *node, StrataNode *base,
+                              uint64_t off, uint64_t bytes, uint64_t *pnum)
+{
+    int ret = strata_node_co_block_status_above(node, base, false, off,
+                                                bytes, pnum, NULL, NULL,
+                                                NULL);
+
+    if (ret < 0) {
+        return ret;
+    }
+    *pnum = *pnum ? *pnum : bytes;
+    return !!(ret & STRATA_BLOCK_ALLOCATED);
+}
+
+/* Claims the next range whose view may change: the image does not hold
+ * it, and a layer of the old chain above the new backing file does (or
+ * the new backing file is not in the old chain).  0 at the end. */
 static int co_next_range(RebaseJob *j, uint64_t *off, uint64_t *bytes)
 {
     StrataNode *top = strata_img_backend_node(j->top);
     StrataNode *old = strata_node_backing(top);
 
     while (j->cur < j->len) {
-        uint64_t want = MIN(CHUNK, j->len - j->cur), pnum = 0;
-        int ret = strata_node_co_block_status_above(top, old, false, j->cur,
-                                                    want, &pnum, NULL, NULL,
-                                                    NULL);
+        uint64_t pnum;
+        int ret = co_allocated_above(top, old, j->cur,
+                                     MIN(CHUNK, j->len - j->cur), &pnum);
+
+        if (ret == 0 && j->prefix) {
+            ret = co_allocated_above(old, j->prefix, j->cur, pnum, &pnum);
+            ret = ret < 0 ? ret : !ret;
+        }
         if (ret < 0) {
             return ret;
         }
-        pnum = pnum ? pnum : want;
-        if (ret & STRATA_BLOCK_ALLOCATED) {
+        if (ret) {
             j->cur += pnum;
             j->done += pnum;
             continue;
@@ -77,6 +102,27 @@ static int co_next_range(RebaseJob *j, uint64_t *off, uint64_t *bytes)
         return 1;
     }
     return 0;
+}
+
+/* The layer below @top whose file is @path's (device and inode, so any
+ * spelling counts). (nullable) */
+static StrataNode *find_in_chain(StrataNode *top, const char *path)
+{
+    struct stat want, st;
+
+    if (stat(path, &want) < 0) {
+        return NULL;
+    }
+    for (StrataNode *n = strata_node_backing(top); n;
+         n = strata_node_backing(n)) {
+        const char *f = strata_node_image_filename(n);
+
+        if (f && stat(f, &st) == 0 && st.st_dev == want.st_dev &&
+            st.st_ino == want.st_ino) {
+            return n;
+        }
+    }
+    return NULL;
 }
 
 static int rebase_worker(void *opaque)
@@ -319,6 +365,15 @@ int strata_img_rebase(int argc, char **argv)
         }
         j.len = (uint64_t)len;
         j.new_len = (uint64_t)nlen;
+        if (j.new_base && j.new_len == j.len) {
+            j.prefix = find_in_chain(strata_img_backend_node(j.top), path);
+            /* Opened as another format, the same file reads otherwise. */
+            if (j.prefix && strcmp(j.prefix->drv->name,
+                                   strata_img_backend_node(j.new_base)
+                                       ->drv->name)) {
+                j.prefix = NULL;
+            }
+        }
         strata_co_mutex_init(&j.cursor_lock);
         strata_img_progress_init(&j.progress, progress && !quiet);
         r = strata_img_co_run(&t, 8, rebase_worker, &j);
