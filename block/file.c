@@ -14,9 +14,11 @@
 #include <unistd.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/uio.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <linux/magic.h>
 
 #include "drivers-private.h"
 
@@ -63,8 +65,17 @@
  * a cold sequential read ran at half the disk's speed.  A blocking
  * preadv in a worker thread runs the kernel's readahead to the end in
  * one go.  Only the default engine does this; aio=io_uring keeps every
- * read on the ring.
+ * read on the ring.  File systems that refuse RWF_NOWAIT keep the engine,
+ * except those in memory (tmpfs, ramfs), which never wait for a disk and
+ * whose reads the ring would hand to its worker threads one by one: they
+ * are read inline.
  */
+
+typedef enum {
+    FILE_READ_ENGINE,       /* every read on the node's engine */
+    FILE_READ_SPLIT,        /* page cache inline, misses in threads */
+    FILE_READ_INLINE,       /* a file system in memory: all inline */
+} FileReadMode;
 
 typedef struct FileState {
     int fd;
@@ -84,8 +95,7 @@ typedef struct FileState {
      * a slow one made them wait in io_uring until inline_after_ns. */
     bool inline_writes;
     int64_t inline_after_ns;
-    /* Buffered reads: page cache inline, misses in threads (above). */
-    bool split_reads;
+    FileReadMode read_mode;
 } FileState;
 
 static int64_t now_ns(void)
@@ -130,20 +140,45 @@ static void update_inline_writes(FileState *s, StrataNode *node)
     s->inline_writes = !s->direct && s->engine != STRATA_AIO_THREADS &&
                        strata_loop_has_io_uring(node->ctx->loop);
     s->inline_after_ns = 0;
-    s->split_reads = s->inline_writes && s->engine == STRATA_AIO_AUTO;
+    s->read_mode = FILE_READ_ENGINE;
+    if (s->inline_writes && s->engine == STRATA_AIO_AUTO && s->fd >= 0) {
+        struct statfs fs;
+
+        s->read_mode = fstatfs(s->fd, &fs) == 0 &&
+                       (fs.f_type == TMPFS_MAGIC || fs.f_type == RAMFS_MAGIC)
+                           ? FILE_READ_INLINE
+                           : FILE_READ_SPLIT;
+    }
 }
 
-/* A buffered read from the page cache only: the bytes read, or -EAGAIN
- * when the first page is not cached. */
-static ssize_t cached_preadv(FileState *s, const struct iovec *iov, int niov,
-                             uint64_t offset)
+/* One read as s->read_mode says: the bytes read or -errno. */
+static ssize_t read_once(FileState *s, StrataLoop *loop,
+                         const struct iovec *iov, int niov, uint64_t offset)
 {
     ssize_t ret;
 
-    do {
+    switch (s->read_mode) {
+    case FILE_READ_INLINE:
+        ret = preadv(s->fd, iov, niov, (off_t)offset);
+        return ret < 0 ? -errno : ret;
+    case FILE_READ_SPLIT:
         ret = preadv2(s->fd, iov, niov, (off_t)offset, RWF_NOWAIT);
-    } while (ret < 0 && errno == EINTR);
-    return ret < 0 ? -errno : ret;
+        if (ret >= 0) {
+            return ret;
+        }
+        if (errno == EAGAIN) {
+            return strata_loop_co_preadv(loop, STRATA_AIO_THREADS, s->fd,
+                                         iov, niov, offset);
+        }
+        if (errno != EOPNOTSUPP) {
+            return -errno;
+        }
+        s->read_mode = FILE_READ_ENGINE;    /* RWF_NOWAIT refused */
+        break;
+    case FILE_READ_ENGINE:
+        break;
+    }
+    return strata_loop_co_preadv(loop, s->engine, s->fd, iov, niov, offset);
 }
 
 static const char *const file_aio_values[] = {
@@ -429,7 +464,6 @@ static bool file_open(StrataNode *node, JsonObject *options, GError **error)
     }
     s->use_lock = strcmp(locking, "off") != 0;
     s->direct = node->cache_direct;
-    update_inline_writes(s, node);
 
     flags = O_CLOEXEC | (node->read_only ? O_RDONLY : O_RDWR);
     if (s->direct) {
@@ -446,6 +480,7 @@ static bool file_open(StrataNode *node, JsonObject *options, GError **error)
         return false;
     }
     s->have_fd = true;
+    update_inline_writes(s, node);
     if (fstat(s->fd, &st) < 0) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
                     "Could not stat '%s': %s", filename, g_strerror(errno));
@@ -690,15 +725,8 @@ static int file_co_rw(StrataNode *node, uint64_t offset, uint64_t bytes,
         } else if (write) {
             ret = strata_loop_co_pwritev(loop, s->engine, s->fd, iov, niov,
                                          offset + done);
-        } else if (s->split_reads) {
-            ret = cached_preadv(s, iov, niov, offset + done);
-            if (ret == -EAGAIN || ret == -EOPNOTSUPP) {
-                ret = strata_loop_co_preadv(loop, STRATA_AIO_THREADS, s->fd,
-                                            iov, niov, offset + done);
-            }
         } else {
-            ret = strata_loop_co_preadv(loop, s->engine, s->fd, iov, niov,
-                                        offset + done);
+            ret = read_once(s, loop, iov, niov, offset + done);
         }
         if (iov != local) {
             g_free(iov);
