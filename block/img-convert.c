@@ -217,7 +217,7 @@ static void convert_help(void)
     printf("Usage: strata-img convert [-c] [-f fmt] [-O output_fmt]\n"
            "         [-B backing_file [-F backing_fmt]] [-o options]\n"
            "         [-m num_coroutines] [-W] [-n] [-p] [-q] [-U]\n"
-           "         [-t cache] [-T src_cache]\n"
+           "         [-t cache] [-T src_cache] [-l snapshot_param]\n"
            "         filename [filename2 [...]] output_filename\n");
 }
 
@@ -241,6 +241,7 @@ int strata_img_convert(int argc, char **argv)
     bool compress = false, skip_create = false, quiet = false;
     bool progress = false, out_of_order = false, target_is_zero = false;
     uint64_t coroutines = 8;
+    g_auto(StrataImgSnapshotSel) snap = { 0 };
     StrataImgTool t = { 0 };
     ConvertJob j = { 0 };
     int ret = 1, c, r;
@@ -279,9 +280,10 @@ int strata_img_convert(int argc, char **argv)
             strata_img_append_options(&options, optarg);
             break;
         case 'l':
-            strata_img_error("Internal snapshots are not supported by "
-                             "strata-img yet (-l)");
-            return 1;
+            if (!strata_img_parse_snapshot_param(optarg, &snap)) {
+                return 1;
+            }
+            break;
         case 'S': {
             uint64_t s;
 
@@ -382,6 +384,10 @@ int strata_img_convert(int argc, char **argv)
     }
     out_name = argv[argc - 1];
     j.n_src = argc - optind - 1;
+    if (j.n_src > 1 && snap.given && !snap.by_opts) {
+        strata_img_error("No support for concatenating multiple snapshot");
+        return 1;
+    }
 
     if (strata_img_options_want_help(options)) {
         strata_img_error("Use 'strata-img create -f %s -o help' for the "
@@ -411,6 +417,10 @@ int strata_img_convert(int argc, char **argv)
 
         j.src[i] = strata_img_open(t.ctx, argv[optind + i], &src_oo);
         if (!j.src[i]) {
+            goto out;
+        }
+        /* -l reads the first source's snapshot, as qemu-img does. */
+        if (i == 0 && !strata_img_load_snapshot(&t, j.src[0], &snap)) {
             goto out;
         }
         len = strata_backend_get_length(j.src[i]);

@@ -114,7 +114,8 @@ static void measure_help(void)
 {
     printf("Usage: strata-img measure [--output=human|json] [-O output_fmt] "
            "[-o options]\n"
-           "         [--size N | [-f fmt] [-U] [--image-opts] filename]\n");
+           "         [--size N | [-f fmt] [-U] [--image-opts]\n"
+           "         [-l snapshot_param] filename]\n");
 }
 
 int strata_img_measure(int argc, char **argv)
@@ -128,6 +129,7 @@ int strata_img_measure(int argc, char **argv)
         { "image-opts", no_argument, NULL, OPTION_IMAGE_OPTS },
         { NULL, 0, NULL, 0 },
     };
+    g_auto(StrataImgSnapshotSel) snap = { 0 };
     StrataImgOpenOpts oo = { 0 };
     StrataImgTool t = { 0 };
     StrataBackend *blk = NULL;
@@ -169,9 +171,10 @@ int strata_img_measure(int argc, char **argv)
             strata_img_append_options(&options, optarg);
             break;
         case 'l':
-            strata_img_error("Measuring an internal snapshot (-l) is not "
-                             "supported yet");
-            return 1;
+            if (!strata_img_parse_snapshot_param(optarg, &snap)) {
+                return 1;
+            }
+            break;
         case 'U':
             oo.force_share = true;
             break;
@@ -209,6 +212,11 @@ int strata_img_measure(int argc, char **argv)
     if (!filename && img_size == -1) {
         strata_img_error("Either --size N or one filename must be "
                          "specified.");
+        return 1;
+    }
+    if (!filename && (oo.image_opts || oo.fmt || snap.given)) {
+        strata_img_error("--image-opts, -f, and -l require a filename "
+                         "argument.");
         return 1;
     }
     if (oo.fmt && !strata_img_format_known(oo.fmt)) {
@@ -290,7 +298,7 @@ int strata_img_measure(int argc, char **argv)
             goto out;
         }
         blk = strata_img_open(t.ctx, filename, &oo);
-        if (!blk) {
+        if (!blk || !strata_img_load_snapshot(&t, blk, &snap)) {
             goto out;
         }
         j.node = strata_img_backend_node(blk);

@@ -283,6 +283,40 @@ int strata_img_amend(int argc, char **argv);
 int strata_img_check(int argc, char **argv);
 int strata_img_snapshot(int argc, char **argv);
 
+/* -l of convert and measure: which internal snapshot to read. */
+typedef struct StrataImgSnapshotSel {
+    bool given;
+    bool by_opts;      /* snapshot.id=…,snapshot.name=… */
+    char *id;          /* by_opts: nullable */
+    char *name;        /* by_opts: nullable; else the ID or name */
+} StrataImgSnapshotSel;
+
+/**
+ * strata_img_parse_snapshot_param:
+ * @text: qemu-img's snapshot_param: "snapshot.id=ID,snapshot.name=NAME"
+ *   (either member), or an ID or name
+ *
+ * Returns: false after reporting qemu-img's parse error.
+ */
+bool strata_img_parse_snapshot_param(const char *text,
+                                     StrataImgSnapshotSel *sel);
+void strata_img_snapshot_sel_clear(StrataImgSnapshotSel *sel);
+G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC(StrataImgSnapshotSel,
+                                 strata_img_snapshot_sel_clear)
+
+/**
+ * strata_img_load_snapshot:
+ * @blk: a read-only image
+ *
+ * Makes @blk's image read as the selected snapshot (a plain -l value
+ * is tried as an ID, then as a name, as qemu-img does).  Nothing when
+ * @sel was not given.
+ *
+ * Returns: false after reporting "Failed to load snapshot: …".
+ */
+bool strata_img_load_snapshot(StrataImgTool *t, StrataBackend *blk,
+                              const StrataImgSnapshotSel *sel);
+
 /* Creates @filename as @fmt ("raw" or "qcow2") with @opts (string
  * members as -o gives them; "size" required).  Shared by create and
  * convert.  Returns: false with @error. */
