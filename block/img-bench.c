@@ -303,10 +303,7 @@ int strata_img_bench(int argc, char **argv)
         }
     }
 
-    if (optind != argc - 1) {
-        strata_img_error_exit("Expecting one image file name");
-    }
-    filename = argv[optind];
+    filename = strata_img_one_filename(argc, argv);
 
     if (oo.image_opts && oo.fmt) {
         strata_img_error("--image-opts and --format are mutually exclusive");

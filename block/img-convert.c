@@ -205,13 +205,6 @@ static int convert_worker(void *opaque)
     return ret < 0 ? ret : 0;
 }
 
-static int convert_flush(void *opaque)
-{
-    ConvertJob *j = opaque;
-
-    return strata_backend_co_flush(j->dst);
-}
-
 static void convert_help(void)
 {
     printf("Usage: strata-img convert [-c] [-f fmt] [-O output_fmt]\n"
@@ -247,20 +240,9 @@ int strata_img_convert(int argc, char **argv)
     int ret = 1, c, r;
 
     optind = 1;
-    for (;;) {
-        c = getopt_long(argc, argv, ":hf:O:B:F:co:l:S:pt:T:qnm:WrU",
-                        long_options, NULL);
-        if (c == -1) {
-            break;
-        }
+    while ((c = strata_img_getopt(argc, argv, ":hf:O:B:F:co:l:S:pt:T:qnm:WrU",
+                                  long_options, convert_help)) != -1) {
         switch (c) {
-        case ':':
-            strata_img_missing_argument(argv[optind - 1]);
-        case '?':
-            strata_img_unrecognized_option(argv[optind - 1]);
-        case 'h':
-            convert_help();
-            return 0;
         case 'f':
             src_oo.fmt = optarg;
             break;
@@ -301,14 +283,12 @@ int strata_img_convert(int argc, char **argv)
             progress = true;
             break;
         case 't':
-            if (!strata_img_parse_cache_mode(optarg, &dst_oo)) {
-                strata_img_error("Invalid cache option: %s", optarg);
+            if (!strata_img_cache_option(optarg, &dst_oo, false)) {
                 return 1;
             }
             break;
         case 'T':
-            if (!strata_img_parse_cache_mode(optarg, &src_oo)) {
-                strata_img_error("Invalid source cache option: %s", optarg);
+            if (!strata_img_cache_option(optarg, &src_oo, true)) {
                 return 1;
             }
             break;
@@ -360,12 +340,10 @@ int strata_img_convert(int argc, char **argv)
         strata_img_error("--target-is-zero requires use of -n flag");
         return 1;
     }
-    if (src_oo.fmt && !strata_img_format_known(src_oo.fmt)) {
-        strata_img_error("Unknown file format '%s'", src_oo.fmt);
+    if (!strata_img_check_format(src_oo.fmt)) {
         return 1;
     }
-    if (!strata_img_format_known(out_fmt)) {
-        strata_img_error("Unknown file format '%s'", out_fmt);
+    if (!strata_img_check_format(out_fmt)) {
         return 1;
     }
     if (backing && !backing_fmt) {
@@ -469,7 +447,7 @@ int strata_img_convert(int argc, char **argv)
     strata_img_progress_init(&j.progress, progress && !quiet);
     r = strata_img_co_run(&t, (unsigned)coroutines, convert_worker, &j);
     if (r == 0) {
-        r = strata_img_co_run(&t, 1, convert_flush, &j);
+        r = strata_img_co_run(&t, 1, strata_img_co_flush, j.dst);
     }
     if (r < 0) {
         strata_img_error("error while writing at byte %" PRIu64 ": %s",

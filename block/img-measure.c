@@ -143,19 +143,9 @@ int strata_img_measure(int argc, char **argv)
     int ret = 1, c;
 
     optind = 1;
-    for (;;) {
-        c = getopt_long(argc, argv, ":f:hl:o:O:U", long_options, NULL);
-        if (c == -1) {
-            break;
-        }
+    while ((c = strata_img_getopt(argc, argv, ":f:hl:o:O:U",
+                                  long_options, measure_help)) != -1) {
         switch (c) {
-        case ':':
-            strata_img_missing_argument(argv[optind - 1]);
-        case '?':
-            strata_img_unrecognized_option(argv[optind - 1]);
-        case 'h':
-            measure_help();
-            return 0;
         case 'f':
             oo.fmt = optarg;
             break;
@@ -179,11 +169,7 @@ int strata_img_measure(int argc, char **argv)
             oo.force_share = true;
             break;
         case OPTION_OUTPUT:
-            if (!strcmp(optarg, "json")) {
-                json = true;
-            } else if (strcmp(optarg, "human")) {
-                strata_img_error("--output must be used with human or json "
-                                 "as argument.");
+            if (!strata_img_parse_output(optarg, &json)) {
                 return 1;
             }
             break;
@@ -224,8 +210,7 @@ int strata_img_measure(int argc, char **argv)
                          filename ? filename : "", oo.fmt);
         return 1;
     }
-    if (!strata_img_format_known(out_fmt)) {
-        strata_img_error("Unknown file format '%s'", out_fmt);
+    if (!strata_img_check_format(out_fmt)) {
         return 1;
     }
     qcow2 = !strcmp(out_fmt, "qcow2");

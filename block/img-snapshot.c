@@ -191,10 +191,7 @@ int strata_img_snapshot(int argc, char **argv)
         }
     }
     (void)quiet;    /* -c, -a and -d print nothing on success anyway */
-    if (optind != argc - 1) {
-        strata_img_error_exit("Expecting one image file name");
-    }
-    filename = argv[optind];
+    filename = strata_img_one_filename(argc, argv);
     if (oo.fmt && !strata_img_format_known(oo.fmt)) {
         strata_img_error("Could not open '%s': Unknown driver '%s'",
                          filename, oo.fmt);
