@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "driver.h"
 #include "img-private.h"
@@ -295,7 +296,9 @@ int strata_img_rebase(int argc, char **argv)
                    ? g_strdup(backing)
                    : g_build_filename(dir, backing, NULL);
     }
-    if (g_strcmp0(oo.fmt ? oo.fmt : strata_img_probe_format(filename),
+    /* A file that cannot be read is the open's error to report. */
+    if (access(filename, R_OK) == 0 &&
+        g_strcmp0(oo.fmt ? oo.fmt : strata_img_probe_format(filename),
                   "qcow2")) {
         strata_img_error("Could not change the backing file to '%s': "
                          "Operation not supported", backing);

@@ -124,7 +124,7 @@ int strata_img_resize(int argc, char **argv)
         }
     }
     if (optind != argc - 1) {
-        strata_img_error_exit("Expecting one image file name");
+        strata_img_error_exit("Expecting image file name and size");
     }
 
     num = size_arg;
