@@ -358,6 +358,13 @@ static void check_rw(const char *aio)
     memset(back, 0, 200000);
     ck_assert_int_eq(node_read(n, 12345, 200000, back), 0);
     ck_assert_int_eq(memcmp(buf, back, 200000), 0);
+    /* Small reads take the page cache inline when they can. */
+    drop_cache(path, 0, 0);
+    for (int i = 0; i < 2; i++) {
+        memset(back, 0, 8192);
+        ck_assert_int_eq(node_read(n, 100000, 8192, back), 0);
+        ck_assert_int_eq(memcmp(buf + 100000 - 12345, back, 8192), 0);
+    }
 }
 
 START_TEST(test_rw_default)
