@@ -141,6 +141,12 @@ struct StrataNode {
     StrataCoQueue drain_waiters; /* coroutines in drained_begin */
     GList *link_in_ctx;
     GList *write_notifiers;     /* StrataWriteNotifier *; usually NULL */
+    /* Moves whenever what this node reads through its children may have
+     * changed: an edge at or below it, the length of a node below, or
+     * (as a driver reports it) what a node below maps.  What a driver
+     * learnt about the chain below it (the qcow2 layer map) holds for
+     * one value only. */
+    uint64_t chain_gen;
 };
 
 struct StrataContext {
@@ -158,6 +164,9 @@ struct StrataContext {
                             JsonObject *data, void *opaque);
     void *export_event_opaque;
     GList *jobs;                /* StrataJob *, oldest first (job.c) */
+    /* The embedder's VM state (snapshot-vm.c); NULL: disk-only. */
+    const struct StrataVmstateProvider *vmstate_provider;
+    void *vmstate_opaque;
 };
 
 /* ---- graph.c ---- */
@@ -177,6 +186,9 @@ struct StrataContext {
 StrataNode *strata_node_open(StrataContext *ctx, JsonObject *options,
                              bool strings_only, bool monitor_owned,
                              GError **error);
+
+/* Moves the chain_gen of @node and of every node above it. */
+void strata_node_chain_changed(StrataNode *node);
 
 void strata_node_ref(StrataNode *node);
 void strata_node_unref(StrataNode *node);

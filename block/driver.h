@@ -187,6 +187,10 @@ struct StrataDriver {
 
     /* Loop.  Adds driver-specific members to query output ("image"). */
     void (*query_image)(StrataNode *node, JsonObject *image);
+
+    /* Loop.  Adds the driver's counters (caches and the like) to
+     * @stats, for x-strata-query-node-stats.  NULL: none. */
+    void (*query_stats)(StrataNode *node, JsonObject *stats);
 };
 
 #ifdef __cplusplus

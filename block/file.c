@@ -98,6 +98,10 @@ typedef struct FileState {
     /* errno of a failed fdatasync: the page cache may have dropped dirty
      * pages, so no later flush may claim success. */
     int flush_errno;
+    /* Bumped as each modifying request ends; a flush with nothing
+     * modified since the last successful one has nothing to make
+     * stable and skips fdatasync, as QEMU's write_gen does. */
+    uint64_t write_gen, flushed_gen;
     /* Buffered whole-page writes go inline (see INLINE_SLOW_NS) unless
      * a slow one made them wait in io_uring until inline_after_ns. */
     bool inline_writes;
@@ -741,6 +745,12 @@ static int file_co_rw(StrataNode *node, uint64_t offset, uint64_t bytes,
             ret = read_once(s, loop, iov, niov, offset + done,
                             bytes - done);
         }
+        if (write) {
+            /* Counted when the write is over (whatever its result): a
+             * flush that began while it was in flight does not cover
+             * it, and the next one must not be skipped. */
+            s->write_gen++;
+        }
         if (iov != local) {
             g_free(iov);
         }
@@ -787,6 +797,7 @@ static int file_co_pwritev(StrataNode *node, uint64_t offset, uint64_t bytes,
 static int file_co_flush(StrataNode *node)
 {
     FileState *s = node->opaque;
+    uint64_t gen = s->write_gen;
     int ret;
 
     if (node->cache_no_flush) {
@@ -795,7 +806,13 @@ static int file_co_flush(StrataNode *node)
     if (s->flush_errno) {
         return -s->flush_errno;
     }
+    if (gen == s->flushed_gen) {
+        return 0;
+    }
     ret = strata_loop_co_fdatasync(node->ctx->loop, s->engine, s->fd);
+    if (ret == 0) {
+        s->flushed_gen = MAX(s->flushed_gen, gen);
+    }
     if (ret < 0 && !s->direct) {
         /* Linux marks the pages clean even though they never reached the
          * disk: a later fdatasync would succeed without writing them. */
@@ -814,8 +831,8 @@ static int not_supported(int ret)
     return (ret == -EOPNOTSUPP || ret == -ENOSYS) ? -ENOTSUP : ret;
 }
 
-static int file_co_pwrite_zeroes(StrataNode *node, uint64_t offset,
-                                 uint64_t bytes, StrataReqFlags flags)
+static int do_pwrite_zeroes(StrataNode *node, uint64_t offset,
+                            uint64_t bytes, StrataReqFlags flags)
 {
     FileState *s = node->opaque;
     StrataLoop *loop = node->ctx->loop;
@@ -860,6 +877,16 @@ static int file_co_pwrite_zeroes(StrataNode *node, uint64_t offset,
     return not_supported(ret);
 }
 
+static int file_co_pwrite_zeroes(StrataNode *node, uint64_t offset,
+                                 uint64_t bytes, StrataReqFlags flags)
+{
+    FileState *s = node->opaque;
+    int ret = do_pwrite_zeroes(node, offset, bytes, flags);
+
+    s->write_gen++;     /* after the change, as in file_co_rw */
+    return ret;
+}
+
 static int file_co_pdiscard(StrataNode *node, uint64_t offset, uint64_t bytes)
 {
     FileState *s = node->opaque;
@@ -871,6 +898,7 @@ static int file_co_pdiscard(StrataNode *node, uint64_t offset, uint64_t bytes)
     ret = strata_loop_co_fallocate(node->ctx->loop, s->engine, s->fd,
                                    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                                    offset, bytes);
+    s->write_gen++;
     return not_supported(ret);
 }
 
@@ -1000,6 +1028,7 @@ static int file_co_truncate(StrataNode *node, uint64_t offset, bool exact,
         return -EINVAL;
     }
     ret = strata_loop_co_run_in_thread(node->ctx->loop, truncate_job, &job);
+    s->write_gen++;
     if (ret == -EFBIG && s->is_blockdev) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
                     "Cannot grow device files");

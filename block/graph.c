@@ -229,6 +229,28 @@ static bool is_ancestor(StrataNode *maybe_ancestor, StrataNode *node)
     return false;
 }
 
+static void chain_changed(StrataNode *node, unsigned depth)
+{
+    node->chain_gen++;
+    /* Graphs are a few hundred nodes deep at most; the bound only keeps
+     * an unforeseen shape from recursing without end. */
+    if (depth > 4096) {
+        return;
+    }
+    for (GList *l = node->parents; l; l = l->next) {
+        StrataChild *c = l->data;
+        if (c->parent_kind == STRATA_PARENT_NODE) {
+            chain_changed(c->parent, depth + 1);
+        }
+    }
+}
+
+void strata_node_chain_changed(StrataNode *node)
+{
+    g_return_if_fail(node != NULL);
+    chain_changed(node, 0);
+}
+
 StrataChild *strata_node_attach_child(StrataNode *parent_node,
                                       StrataNode *child, const char *name,
                                       StrataChildRole role,
@@ -301,6 +323,7 @@ StrataChild *strata_node_attach_child(StrataNode *parent_node,
     }
 
     if (parent_node) {
+        strata_node_chain_changed(parent_node);
         parent_node->children = g_list_append(parent_node->children, c);
         if (role == STRATA_CHILD_FILE && !parent_node->file) {
             parent_node->file = c;
@@ -330,6 +353,9 @@ void strata_child_detach(StrataChild *c)
         }
     }
     child->parents = g_list_delete_link(child->parents, c->link_in_parents);
+    if (c->parent_kind == STRATA_PARENT_NODE) {
+        strata_node_chain_changed(c->parent);
+    }
     /* Dropping permissions cannot conflict. */
     strata_node_refresh_perms(child, NULL);
     g_free(c->name);
@@ -372,6 +398,9 @@ bool strata_child_replace_node(StrataChild *c, StrataNode *new_node,
         strata_node_refresh_perms(new_node, NULL);
         strata_node_unref(new_node);
         return false;
+    }
+    if (c->parent_kind == STRATA_PARENT_NODE) {
+        strata_node_chain_changed(c->parent);
     }
     strata_node_refresh_perms(old, NULL);
     strata_node_unref(old);

@@ -31,6 +31,7 @@ typedef struct CompareJob {
     StrataImgProgress progress;
     /* Results. */
     bool mismatch;
+    bool status_mismatch;      /* strict mode: allocation differs */
     uint64_t mismatch_offset;
     const char *failed_op;     /* what failed, for the message */
     int failed_image;
@@ -38,8 +39,13 @@ typedef struct CompareJob {
 
 /* Whether [@off, @off + @bytes) reads as zeroes in @node's chain, and for
  * how many bytes the answer holds. */
+/* What strict mode compares of two block statuses (QEMU compares the
+ * whole status word). */
+#define STRICT_MASK (STRATA_BLOCK_DATA | STRATA_BLOCK_ZERO | \
+                     STRATA_BLOCK_ALLOCATED | STRATA_BLOCK_OFFSET_VALID)
+
 static int co_is_zero(StrataNode *node, uint64_t off, uint64_t bytes,
-                      uint64_t *pnum)
+                      uint64_t *pnum, int *status)
 {
     int ret = strata_node_co_block_status_above(node, NULL, true, off, bytes,
                                                 pnum, NULL, NULL, NULL);
@@ -47,6 +53,7 @@ static int co_is_zero(StrataNode *node, uint64_t off, uint64_t bytes,
     if (ret < 0) {
         return ret;
     }
+    *status = ret & STRICT_MASK;
     if (*pnum == 0) {
         *pnum = bytes;
         return 1;
@@ -90,13 +97,18 @@ static int compare_co_run(void *opaque)
 
     while (off < j->common) {
         uint64_t want = MIN(CHUNK, j->common - off), p0, p1, n;
-        int z0, z1;
+        int z0, z1, st0 = 0, st1 = 0;
 
-        z0 = co_is_zero(n0, off, want, &p0);
-        z1 = z0 < 0 ? 0 : co_is_zero(n1, off, want, &p1);
+        z0 = co_is_zero(n0, off, want, &p0, &st0);
+        z1 = z0 < 0 ? 0 : co_is_zero(n1, off, want, &p1, &st1);
         if (z0 < 0 || z1 < 0) {
             j->failed_op = "get block status";
             return z0 < 0 ? z0 : z1;
+        }
+        if (j->strict && st0 != st1) {
+            j->status_mismatch = true;
+            j->mismatch_offset = off;
+            return 0;
         }
         n = MIN(p0, p1);
         if (!(z0 && z1)) {
@@ -132,7 +144,8 @@ static int compare_co_run(void *opaque)
         off = j->common;
         while (off < j->len[i]) {
             uint64_t want = MIN(CHUNK, j->len[i] - off), p, d;
-            int z = co_is_zero(node, off, want, &p);
+            int st;
+            int z = co_is_zero(node, off, want, &p, &st);
 
             if (z < 0) {
                 j->failed_op = "get block status";
@@ -268,7 +281,13 @@ int strata_img_compare(int argc, char **argv)
         goto out;
     }
     strata_img_progress_finish(&j.progress);
-    if (j.mismatch) {
+    if (j.status_mismatch) {
+        if (!quiet) {
+            printf("Strict mode: Offset %" PRIu64 " block status mismatch!\n",
+                   j.mismatch_offset);
+        }
+        ret = 1;
+    } else if (j.mismatch) {
         if (!quiet) {
             printf("Content mismatch at offset %" PRIu64 "!\n",
                    j.mismatch_offset);

@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "img-private.h"
+#include "driver.h"
 
 #define CHUNK (2u << 20)
 #define ZERO_GRAIN 4096u
@@ -37,6 +38,7 @@ typedef struct ConvertJob {
     bool fresh_target;       /* reads as zeroes before we write */
     bool top_only;           /* -B: the source's backing is the target's */
     bool in_order;           /* not -W */
+    uint64_t compress_cluster; /* -c: the target's cluster size; 0: no */
     /* The cursor the workers share (cooperative: no lock needed). */
     int cur_src;
     uint64_t cur_off;
@@ -46,6 +48,12 @@ typedef struct ConvertJob {
     /* Block status yields: the cursor is taken under this lock so that
      * two workers never claim the same range. */
     StrataCoMutex cursor_lock;
+    /* The last block status answer: [cur_off, st_end) of st_src is st.
+     * Asked for the whole rest of the source and carved into chunks, so
+     * a remote source costs one round trip per extent, not per chunk. */
+    int st_src;
+    uint64_t st_end;
+    int st;
     StrataImgProgress progress;
     int error;
 } ConvertJob;
@@ -76,16 +84,39 @@ static int co_next_segment(ConvertJob *j, uint64_t *src_off, int *src_idx,
     }
     top = strata_img_backend_node(j->src[j->cur_src]);
     base = j->top_only ? strata_node_backing(top) : NULL;
-    want = MIN(CHUNK, j->src_len[j->cur_src] - j->cur_off);
-    ret = strata_node_co_block_status_above(top, base,
-                                            strata_img_want_zero(top),
-                                            j->cur_off,
-                                            want, &pnum, NULL, NULL, NULL);
-    if (ret < 0) {
-        return ret;
+    if (j->st_src != j->cur_src || j->cur_off >= j->st_end) {
+        want = j->src_len[j->cur_src] - j->cur_off;
+        ret = strata_node_co_block_status_above(top, base,
+                                                strata_img_want_zero(top),
+                                                j->cur_off, want, &pnum,
+                                                NULL, NULL, NULL);
+        if (ret < 0) {
+            return ret;
+        }
+        if (pnum == 0) {
+            pnum = want;
+        }
+        j->st_src = j->cur_src;
+        j->st_end = j->cur_off + pnum;
+        j->st = ret;
     }
-    if (pnum == 0) {
-        pnum = want;
+    ret = j->st;
+    /* Data goes through a CHUNK buffer; the rest needs none. */
+    pnum = j->st_end - j->cur_off;
+    if (ret & STRATA_BLOCK_DATA) {
+        pnum = MIN(CHUNK, pnum);
+    }
+    if (j->compress_cluster &&
+        j->cur_off + pnum < j->src_len[j->cur_src]) {
+        /* Compression works on whole clusters: a segment ends on a
+         * cluster boundary, and a cluster mixing kinds is data. */
+        uint64_t cs = j->compress_cluster;
+        uint64_t end = (j->cur_off + pnum) / cs * cs;
+        if (end <= j->cur_off) {
+            end = MIN(j->cur_off / cs * cs + cs, j->src_len[j->cur_src]);
+            ret = STRATA_BLOCK_DATA;
+        }
+        pnum = end - j->cur_off;
     }
     if (ret & STRATA_BLOCK_DATA) {
         *kind = SEG_DATA;
@@ -109,12 +140,49 @@ static bool is_zero(const uint8_t *p, size_t n)
     return n == 0 || (p[0] == 0 && memcmp(p, p + 1, n - 1) == 0);
 }
 
+/* -c: writes @buf a target cluster at a time, compressed where the
+ * cluster is whole (or the disk's last), skipping or zeroing all-zero
+ * clusters as co_write_data() does. */
+static int co_write_compressed(ConvertJob *j, uint64_t dst_off,
+                               const uint8_t *buf, uint64_t bytes)
+{
+    uint64_t cs = j->compress_cluster;
+
+    for (uint64_t i = 0; i < bytes;) {
+        uint64_t d = dst_off + i;
+        uint64_t n = MIN(cs - d % cs, bytes - i);
+        bool whole = d % cs == 0 && (n == cs || d + n == j->total);
+        int ret;
+
+        if (is_zero(buf + i, n)) {
+            ret = !j->fresh_target || j->top_only
+                ? strata_backend_co_pwrite_zeroes(j->dst, d, n,
+                                                  STRATA_REQ_MAY_UNMAP)
+                : 0;
+        } else {
+            ret = strata_backend_co_pwrite(j->dst, d, buf + i, n,
+                                           whole
+                                               ? STRATA_REQ_WRITE_COMPRESSED
+                                               : 0);
+        }
+        if (ret < 0) {
+            return ret;
+        }
+        i += n;
+    }
+    return 0;
+}
+
 /* Writes @buf's non-zero 4 KiB runs; the zero ones are skipped on a
  * fresh target, written as zeroes otherwise. */
 static int co_write_data(ConvertJob *j, uint64_t dst_off, const uint8_t *buf,
                          uint64_t bytes)
 {
     uint64_t i = 0;
+
+    if (j->compress_cluster) {
+        return co_write_compressed(j, dst_off, buf, bytes);
+    }
 
     while (i < bytes) {
         uint64_t n = MIN(ZERO_GRAIN, bytes - i);
@@ -331,9 +399,13 @@ int strata_img_convert(int argc, char **argv)
     if (argc - optind < 2) {
         strata_img_error_exit("Expecting image file name");
     }
-    if (compress) {
-        strata_img_error("Compressed output (-c) is not supported by "
-                         "strata-img yet");
+    if (compress && strcmp(out_fmt, "qcow2")) {
+        strata_img_error("Compression not supported for this file format");
+        return 1;
+    }
+    if (compress && out_of_order) {
+        strata_img_error("Out of order write and compress are mutually "
+                         "exclusive");
         return 1;
     }
     if (target_is_zero && !skip_create) {
@@ -439,6 +511,19 @@ int strata_img_convert(int argc, char **argv)
         }
     }
 
+    if (compress) {
+        StrataNode *dn = strata_img_backend_node(j.dst);
+        g_autoptr(JsonObject) q = json_object_new();
+
+        if (strcmp(dn->drv->name, "qcow2") || !dn->drv->query_image) {
+            strata_img_error("Compression not supported for this file "
+                             "format");
+            goto out;
+        }
+        dn->drv->query_image(dn, q);
+        j.compress_cluster = (uint64_t)json_object_get_int_member_with_default(
+            q, "cluster-size", 0);
+    }
     j.fresh_target = !skip_create || target_is_zero;
     j.top_only = backing != NULL;
     j.in_order = !out_of_order;

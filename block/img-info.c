@@ -188,7 +188,9 @@ static JsonObject *image_info(StrataNode *node)
         file->drv->query_image(file, fq);
         copy_member(q, fq, "actual-size");
     }
-    if (!json_object_has_member(q, "dirty-flag")) {
+    /* raw decides by its file (see raw_query_image). */
+    if (!json_object_has_member(q, "dirty-flag") &&
+        strcmp(node->drv->name, "raw") != 0) {
         json_object_set_boolean_member(q, "dirty-flag", false);
     }
     if (json_object_has_member(q, "format-specific")) {

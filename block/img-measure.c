@@ -46,16 +46,17 @@ static uint64_t refcount_metadata(uint64_t clusters, uint64_t cluster_size,
 
 /* Bytes of a qcow2 file with every cluster of @size allocated. */
 static uint64_t qcow2_full_size(uint64_t size, uint64_t cluster_size,
-                                unsigned refcount_order)
+                                unsigned refcount_order, bool extended_l2)
 {
     uint64_t aligned = ALIGN_UP(size, cluster_size);
-    uint64_t per_l2 = cluster_size / L2E;
+    /* Extended L2 entries carry a 64-bit subcluster bitmap too. */
+    uint64_t l2e = extended_l2 ? 2 * L2E : L2E;
     uint64_t meta = cluster_size;   /* header */
     uint64_t nl2e, nl1e;
 
-    nl2e = ALIGN_UP(aligned / cluster_size, per_l2);
-    meta += nl2e * L2E;
-    nl1e = ALIGN_UP(nl2e * L2E / cluster_size, per_l2);
+    nl2e = ALIGN_UP(aligned / cluster_size, cluster_size / l2e);
+    meta += nl2e * l2e;
+    nl1e = ALIGN_UP(nl2e * l2e / cluster_size, cluster_size / L2E);
     meta += nl1e * L2E;
     meta += refcount_metadata((meta + aligned) / cluster_size, cluster_size,
                               refcount_order);
@@ -138,6 +139,7 @@ int strata_img_measure(int argc, char **argv)
     const char *out_fmt = "raw", *filename = NULL, *v;
     MeasureJob j = { .cluster_size = 65536 };
     bool json = false, qcow2, v3 = true, has_bitmaps = false;
+    bool extended_l2 = false;
     int64_t img_size = -1;
     uint64_t required = 0, full, refcount_bits = 16, virtual_size;
     int ret = 1, c;
@@ -272,10 +274,18 @@ int strata_img_measure(int argc, char **argv)
                              "'off'");
             return 1;
         }
-        if (ext) {
-            strata_img_error("Extended L2 entries are not supported yet");
+        if (ext && !v3) {
+            strata_img_error("Extended L2 entries are only supported with "
+                             "compatibility level 1.1 and above (use "
+                             "version=v3 or greater)");
             return 1;
         }
+        if (ext && j.cluster_size < 16384) {
+            strata_img_error("Extended L2 entries are only supported with "
+                             "cluster sizes of at least 16384 bytes");
+            return 1;
+        }
+        extended_l2 = ext;
     }
 
     if (filename) {
@@ -318,7 +328,8 @@ int strata_img_measure(int argc, char **argv)
         if (!strcmp(v, "full") || !strcmp(v, "falloc")) {
             j.data = virtual_size;
         }
-        full = qcow2_full_size(virtual_size, j.cluster_size, order);
+        full = qcow2_full_size(virtual_size, j.cluster_size, order,
+                               extended_l2);
         required = full - virtual_size + j.data;
     }
 

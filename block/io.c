@@ -153,6 +153,10 @@ int64_t strata_node_co_refresh_length(StrataNode *node)
         len = -ENOMEDIUM;
     }
     if (len >= 0) {
+        /* Unknown to known is no change anyone above could have seen. */
+        if (node->total_bytes >= 0 && node->total_bytes != len) {
+            strata_node_chain_changed(node);
+        }
         node->total_bytes = len;
     }
     return len;

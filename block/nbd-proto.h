@@ -199,10 +199,19 @@ static inline uint64_t nbd_get64(const uint8_t *p)
 
 /* ---- a non-blocking socket driven from coroutines (nbd-sock.c) ---- */
 
+/* Bytes received ahead of what was asked: small reads (headers) are
+ * served from here, so one recv() takes in many of them. */
+typedef struct StrataNbdRBuf {
+    size_t pos, end;
+    uint8_t data[16 * 1024];
+} StrataNbdRBuf;
+
 typedef struct StrataNbdSock {
     int fd;
     StrataLoop *loop;
     const bool *closing;    /* nullable: reads give -ESHUTDOWN once set */
+    StrataNbdRBuf *rbuf;    /* nullable: unbuffered; else everything read
+                             * from @fd must go through this socket */
 } StrataNbdSock;
 
 /* Coroutine only: yields until the socket is ready for @cond (or hung
@@ -212,7 +221,9 @@ void strata_nbd_co_wait_fd(StrataNbdSock *sk, GIOCondition cond);
 int strata_nbd_co_read_full(StrataNbdSock *sk, void *buf, size_t len);
 /* Coroutine only: reads and drops @len bytes. */
 int strata_nbd_co_skip(StrataNbdSock *sk, uint64_t len);
-/* Coroutine only: every byte of @iov (at most 8 elements). */
+/* Coroutine only: every byte of @iov (at most STRATA_NBD_MAX_IOV
+ * elements). */
+#define STRATA_NBD_MAX_IOV 64
 int strata_nbd_co_writev_full(StrataNbdSock *sk, const struct iovec *iov,
                               int niov);
 int strata_nbd_co_write_full(StrataNbdSock *sk, const void *buf, size_t len);

@@ -28,16 +28,34 @@ void strata_nbd_co_wait_fd(StrataNbdSock *sk, GIOCondition cond)
 
 int strata_nbd_co_read_full(StrataNbdSock *sk, void *buf, size_t len)
 {
+    StrataNbdRBuf *rb = sk->rbuf;
     uint8_t *p = buf;
 
     while (len) {
+        if (rb && rb->pos < rb->end) {
+            size_t n = MIN(len, rb->end - rb->pos);
+            memcpy(p, rb->data + rb->pos, n);
+            rb->pos += n;
+            p += n;
+            len -= n;
+            continue;
+        }
         if (sk->closing && *sk->closing) {
             return -ESHUTDOWN;
         }
-        ssize_t n = recv(sk->fd, p, len, MSG_DONTWAIT);
+        /* Large reads go straight to the caller's buffer. */
+        bool fill = rb && len < sizeof(rb->data);
+        ssize_t n = fill ? recv(sk->fd, rb->data, sizeof(rb->data),
+                                MSG_DONTWAIT)
+                         : recv(sk->fd, p, len, MSG_DONTWAIT);
         if (n > 0) {
-            p += n;
-            len -= n;
+            if (fill) {
+                rb->pos = 0;
+                rb->end = n;
+            } else {
+                p += n;
+                len -= n;
+            }
         } else if (n == 0) {
             return -ECONNRESET;
         } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
@@ -67,10 +85,10 @@ int strata_nbd_co_skip(StrataNbdSock *sk, uint64_t len)
 int strata_nbd_co_writev_full(StrataNbdSock *sk, const struct iovec *iov,
                               int niov)
 {
-    struct iovec v[8];
+    struct iovec v[STRATA_NBD_MAX_IOV];
     struct msghdr msg = { 0 };
 
-    g_return_val_if_fail(niov <= 8, -EINVAL);
+    g_return_val_if_fail(niov <= STRATA_NBD_MAX_IOV, -EINVAL);
     memcpy(v, iov, niov * sizeof(*iov));
     msg.msg_iov = v;
     msg.msg_iovlen = niov;

@@ -11,10 +11,16 @@
  * turns under a send lock, so many requests are in flight at once.
  *
  * The server is not trusted: every length, offset and count it sends is
- * checked, and a reply that breaks the protocol ends the connection;
- * requests in flight then fail with -EIO.  Reconnecting
- * (reconnect-delay) is not done yet: the option is accepted and a lost
- * connection fails every later request.
+ * checked, and a reply that breaks the protocol ends the connection for
+ * good; requests in flight then fail with -EIO.
+ *
+ * A connection that is merely lost (EOF, reset, a failed send) is
+ * re-established by a background coroutine, as QEMU's driver does: for
+ * reconnect-delay seconds requests (those in flight included) wait and
+ * are then sent again on the new connection; past the delay, or without
+ * one, they fail with -EIO at once while the reconnecting goes on, so a
+ * server that comes back later serves later requests.  Nothing blocks the
+ * loop: connect, handshake and backoff all yield.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -35,11 +41,22 @@
 #define NBD_MAX_OPT_REPLY (64 * 1024)
 /* How long the server may take to answer the handshake. */
 #define NBD_HANDSHAKE_NS (30 * G_GINT64_CONSTANT(1000000000))
+/* Reconnect attempts back off from the first to the last pause. */
+#define NBD_RETRY_MIN_NS (100 * G_GINT64_CONSTANT(1000000))
+#define NBD_RETRY_MAX_NS (2 * G_GINT64_CONSTANT(1000000000))
+
+typedef enum {
+    NBD_CONNECTED,
+    NBD_CONNECTING_WAIT,    /* lost: requests wait for the reconnect */
+    NBD_CONNECTING_NOWAIT,  /* lost past reconnect-delay: requests fail */
+    NBD_QUIT,               /* protocol broken, or closing: final */
+} NbdConnState;
 
 typedef struct NbdReq {
     bool in_use;
     bool sent;
     bool done;                /* the final chunk has been read */
+    bool lost;                /* done because the connection went */
     StrataCoroutine *waiter;  /* set while the owner yields for the reply */
     int ret;
     uint16_t type;
@@ -52,24 +69,38 @@ typedef struct NbdReq {
     uint32_t bs_flags;
 } NbdReq;
 
-typedef struct NbdState {
-    StrataNode *node;
-    int fd;
-    GSocketAddress *addr;
-    char *export_name;
-    int64_t open_timeout_s;
-    int64_t reconnect_delay_s;
-
+/* What a handshake learns about the export. */
+typedef struct NbdInfo {
     uint64_t size;
     uint16_t tflags;
     bool structured;
     bool meta_ok;
     uint32_t meta_id;
     uint32_t min_block, pref_block, max_block;
+} NbdInfo;
 
-    bool dead;                /* the connection is gone */
+typedef struct NbdState {
+    StrataNode *node;
+    int fd;
+    GSocketAddress *addr;
+    char *addr_text;          /* for messages: the path or host:port */
+    char *export_name;
+    int64_t open_timeout_s;
+    int64_t reconnect_delay_s;
+
+    NbdInfo info;             /* the connection in use */
+    NbdInfo neg;              /* the one being negotiated */
+
+    NbdConnState state;
     bool reader_running;
+    StrataCoQueue reader_gone;    /* the reconnect waits for the reader */
+    bool reconnect_running;
+    StrataCoroutine *sleeper;     /* the reconnect, in its backoff pause */
+    StrataTimer *retry_timer;
+    StrataTimer *delay_timer;     /* ends the CONNECTING_WAIT state */
+    StrataCoQueue reconnect_wait; /* requests waiting for a connection */
     StrataCoMutex send_lock;
+    StrataNbdRBuf rbuf;           /* of the current connection */
     NbdReq reqs[NBD_MAX_REQS];
     unsigned nreqs;
     StrataCoQueue slot_wait;
@@ -102,7 +133,7 @@ static const StrataOptDesc nbd_options[] = {
 
 static StrataNbdSock state_sock(NbdState *s)
 {
-    return (StrataNbdSock){ s->fd, s->node->ctx->loop, NULL };
+    return (StrataNbdSock){ s->fd, s->node->ctx->loop, NULL, &s->rbuf };
 }
 
 static void nbd_co_wait_fd(NbdState *s, GIOCondition cond)
@@ -242,6 +273,7 @@ static int nbd_co_connect(NbdState *s)
         !g_socket_address_to_native(s->addr, &ss, len, NULL)) {
         return -EINVAL;
     }
+    s->rbuf.pos = s->rbuf.end = 0;
     s->fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC,
                    0);
     if (s->fd < 0) {
@@ -351,7 +383,7 @@ static bool nbd_co_opt_structured(NbdState *s, GError **error)
                         "Structured reply ACK with a payload");
             return false;
         }
-        s->structured = true;
+        s->neg.structured = true;
     } else if (!(type & STRATA_NBD_REP_ERR(0))) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
                     "Unexpected reply type %" PRIu32, type);
@@ -390,7 +422,7 @@ static bool nbd_co_opt_meta(NbdState *s, GError **error)
         }
         if (type & STRATA_NBD_REP_ERR(0)) {
             /* Block status is optional: without it, all is data. */
-            s->meta_ok = false;
+            s->neg.meta_ok = false;
             return true;
         }
         if (type != STRATA_NBD_REP_META_CONTEXT || len < 4) {
@@ -400,8 +432,8 @@ static bool nbd_co_opt_meta(NbdState *s, GError **error)
         }
         if (len - 4 == qlen &&
             !memcmp(data + 4, STRATA_NBD_META_BASE_ALLOCATION, qlen)) {
-            s->meta_ok = true;
-            s->meta_id = nbd_get32(data);
+            s->neg.meta_ok = true;
+            s->neg.meta_id = nbd_get32(data);
         }
     }
 }
@@ -442,7 +474,7 @@ static bool nbd_co_opt_go(NbdState *s, GError **error)
             g_autofree char *msg = g_strescape((char *)data, NULL);
             g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
                         "Requested export not available%s%s",
-                        len ? ": " : "", len ? msg : "");
+                        len ? "\nserver reported: " : "", len ? msg : "");
             return false;
         }
         if (type != STRATA_NBD_REP_INFO || len < 2) {
@@ -457,8 +489,8 @@ static bool nbd_co_opt_go(NbdState *s, GError **error)
                             "Export info of bad length %" PRIu32, len);
                 return false;
             }
-            s->size = nbd_get64(data + 2);
-            s->tflags = nbd_get16(data + 10);
+            s->neg.size = nbd_get64(data + 2);
+            s->neg.tflags = nbd_get16(data + 10);
             have_export = true;
             break;
         case STRATA_NBD_INFO_BLOCK_SIZE:
@@ -467,12 +499,12 @@ static bool nbd_co_opt_go(NbdState *s, GError **error)
                             "Block size info of bad length %" PRIu32, len);
                 return false;
             }
-            s->min_block = nbd_get32(data + 2);
-            s->pref_block = nbd_get32(data + 6);
-            s->max_block = nbd_get32(data + 10);
-            if (s->min_block == 0 || s->min_block > 65536 ||
-                (s->min_block & (s->min_block - 1)) ||
-                s->max_block < s->min_block) {
+            s->neg.min_block = nbd_get32(data + 2);
+            s->neg.pref_block = nbd_get32(data + 6);
+            s->neg.max_block = nbd_get32(data + 10);
+            if (s->neg.min_block == 0 || s->neg.min_block > 65536 ||
+                (s->neg.min_block & (s->neg.min_block - 1)) ||
+                s->neg.max_block < s->neg.min_block) {
                 g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
                             "Server sent impossible block sizes");
                 return false;
@@ -521,17 +553,11 @@ static bool nbd_co_handshake(NbdState *s, GError **error)
     if (!nbd_co_opt_structured(s, error)) {
         return false;
     }
-    if (s->structured && !nbd_co_opt_meta(s, error)) {
+    if (s->neg.structured && !nbd_co_opt_meta(s, error)) {
         return false;
     }
     return nbd_co_opt_go(s, error);
 }
-
-typedef struct {
-    NbdState *s;
-    GError *error;
-    bool ok;
-} NbdOpenCo;
 
 static void handshake_timeout(void *opaque)
 {
@@ -542,31 +568,81 @@ static void handshake_timeout(void *opaque)
     }
 }
 
+/* One attempt: connect and negotiate, within NBD_HANDSHAKE_NS.  On
+ * failure the socket is closed again. */
+static bool nbd_co_establish(NbdState *s, GError **error)
+{
+    StrataLoop *loop = s->node->ctx->loop;
+    StrataTimer *timer;
+    int ret = nbd_co_connect(s);
+    bool ok;
+
+    if (ret < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                    "Failed to connect to '%s': %s", s->addr_text,
+                    g_strerror(-ret));
+        return false;
+    }
+    memset(&s->neg, 0, sizeof(s->neg));
+    timer = strata_timer_new(loop, handshake_timeout, s);
+    strata_timer_mod(timer, strata_clock_ns() + NBD_HANDSHAKE_NS);
+    ok = nbd_co_handshake(s, error);
+    strata_timer_del(timer);
+    strata_timer_free(timer);
+    if (ok && !(s->neg.tflags & STRATA_NBD_FLAG_HAS_FLAGS)) {
+        s->neg.tflags = 0;
+    }
+    if (!ok) {
+        close(s->fd);
+        s->fd = -1;
+    }
+    return ok;
+}
+
+static void retry_timer_cb(void *opaque)
+{
+    NbdState *s = opaque;
+    StrataCoroutine *co = s->sleeper;
+
+    if (co) {
+        s->sleeper = NULL;
+        strata_coroutine_wake(co);
+    }
+}
+
+/* Coroutine only: a pause between attempts that closing cuts short. */
+static void nbd_co_backoff(NbdState *s, int64_t ns)
+{
+    s->sleeper = strata_coroutine_self();
+    strata_timer_mod(s->retry_timer, strata_clock_ns() + ns);
+    strata_co_yield();
+    strata_timer_del(s->retry_timer);
+}
+
+typedef struct {
+    NbdState *s;
+    GError *error;
+    bool ok;
+} NbdOpenCo;
+
 static void nbd_open_entry(void *opaque)
 {
     NbdOpenCo *oc = opaque;
     NbdState *s = oc->s;
-    StrataLoop *loop = s->node->ctx->loop;
     int64_t deadline = strata_clock_ns() +
                        s->open_timeout_s * G_GINT64_CONSTANT(1000000000);
-    StrataTimer *timer;
-    int ret;
 
-    /* With open-timeout, a server that is not up yet is retried. */
-    while ((ret = nbd_co_connect(s)) < 0 && strata_clock_ns() < deadline) {
-        strata_loop_co_sleep_ns(loop, 100 * 1000 * 1000);
+    /* With open-timeout, a server that is not up (or not ready) yet is
+     * tried again until the deadline; the last error is reported. */
+    for (;;) {
+        g_clear_error(&oc->error);
+        oc->ok = nbd_co_establish(s, &oc->error);
+        if (oc->ok || strata_clock_ns() >= deadline) {
+            return;
+        }
+        nbd_co_backoff(s, MIN(NBD_RETRY_MIN_NS,
+                              deadline - strata_clock_ns()));
     }
-    if (ret < 0) {
-        g_set_error(&oc->error, STRATA_ERROR, STRATA_ERROR_IO,
-                    "Failed to connect to the NBD server: %s",
-                    g_strerror(-ret));
-        return;
-    }
-    timer = strata_timer_new(loop, handshake_timeout, s);
-    strata_timer_mod(timer, strata_clock_ns() + NBD_HANDSHAKE_NS);
-    oc->ok = nbd_co_handshake(s, &oc->error);
-    strata_timer_del(timer);
-    strata_timer_free(timer);
 }
 
 /* ------------------------------------------------------------------ */
@@ -597,10 +673,39 @@ static void nbd_req_complete(NbdReq *r)
     }
 }
 
-/* Fails every request in flight: the connection is gone. */
-static void nbd_set_dead(NbdState *s)
+static void nbd_reconnect_entry(void *opaque);
+
+static void delay_timer_cb(void *opaque)
 {
-    s->dead = true;
+    NbdState *s = opaque;
+
+    if (s->state == NBD_CONNECTING_WAIT) {
+        s->state = NBD_CONNECTING_NOWAIT;
+        strata_co_queue_restart_all(&s->reconnect_wait);
+    }
+}
+
+/*
+ * The connection is gone: every request on it ends (marked lost, so it
+ * may be sent again), and unless @fatal (the server broke the protocol)
+ * or the node is closing, a reconnect starts in the background.
+ */
+static void nbd_conn_lost(NbdState *s, bool fatal)
+{
+    if (s->state == NBD_CONNECTED) {
+        if (fatal) {
+            s->state = NBD_QUIT;
+        } else if (s->reconnect_delay_s) {
+            s->state = NBD_CONNECTING_WAIT;
+            strata_timer_mod(s->delay_timer, strata_clock_ns() +
+                             s->reconnect_delay_s *
+                             G_GINT64_CONSTANT(1000000000));
+        } else {
+            s->state = NBD_CONNECTING_NOWAIT;
+        }
+    } else if (fatal) {
+        s->state = NBD_QUIT;
+    }
     if (s->fd >= 0) {
         shutdown(s->fd, SHUT_RDWR);
     }
@@ -608,10 +713,19 @@ static void nbd_set_dead(NbdState *s)
         NbdReq *r = &s->reqs[i];
         if (r->in_use && !r->done) {
             r->ret = -EIO;
+            r->lost = true;
             nbd_req_complete(r);
         }
     }
     strata_co_queue_restart_all(&s->slot_wait);
+    if (s->state == NBD_QUIT) {
+        strata_timer_del(s->delay_timer);
+        strata_co_queue_restart_all(&s->reconnect_wait);
+    } else if (!s->reconnect_running) {
+        s->reconnect_running = true;
+        strata_loop_schedule_co(s->node->ctx->loop,
+                                strata_coroutine_new(nbd_reconnect_entry, s));
+    }
 }
 
 static NbdReq *nbd_find_req(NbdState *s, uint64_t cookie)
@@ -676,7 +790,7 @@ static int nbd_co_chunk(NbdState *s, NbdReq *r, uint16_t type, uint32_t len)
         if (ret < 0) {
             return ret;
         }
-        if (!s->meta_ok || nbd_get32(buf) != s->meta_id || r->bs_got) {
+        if (!s->info.meta_ok || nbd_get32(buf) != s->info.meta_id || r->bs_got) {
             return -EPROTO;
         }
         r->bs_got = true;
@@ -717,7 +831,7 @@ static void nbd_reader_entry(void *opaque)
     uint8_t hdr[STRATA_NBD_CHUNK_HEADER_SIZE];
     int ret = 0;
 
-    while (!s->dead && ret == 0) {
+    while (s->state == NBD_CONNECTED && ret == 0) {
         NbdReq *r;
 
         ret = nbd_co_read_full(s, hdr, 4);
@@ -741,7 +855,7 @@ static void nbd_reader_entry(void *opaque)
             } else if (r->type == STRATA_NBD_CMD_READ) {
                 /* A structured connection must not answer reads with
                  * data in a simple reply. */
-                if (s->structured) {
+                if (s->info.structured) {
                     ret = -EPROTO;
                     break;
                 }
@@ -755,7 +869,7 @@ static void nbd_reader_entry(void *opaque)
             }
             nbd_req_complete(r);
         } else if (nbd_get32(hdr) == STRATA_NBD_STRUCTURED_REPLY_MAGIC &&
-                   s->structured) {
+                   s->info.structured) {
             ret = nbd_co_read_full(s, hdr + 4,
                                    STRATA_NBD_CHUNK_HEADER_SIZE - 4);
             if (ret < 0) {
@@ -788,8 +902,99 @@ static void nbd_reader_entry(void *opaque)
         g_warning("nbd: node '%s': server broke the protocol; "
                   "disconnecting", s->node->node_name);
     }
-    nbd_set_dead(s);
+    nbd_conn_lost(s, ret == -EPROTO);
     s->reader_running = false;
+    strata_co_queue_restart_all(&s->reader_gone);
+}
+
+static void nbd_start_reader(NbdState *s)
+{
+    s->reader_running = true;
+    strata_coroutine_enter(strata_coroutine_new(nbd_reader_entry, s));
+}
+
+/* The export behind a new connection must be the one the node was
+ * opened on, as the layers above see it. */
+static bool nbd_same_export(NbdState *s, GError **error)
+{
+    const StrataNode *node = s->node;
+
+    if (s->neg.size != s->info.size) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                    "export size changed from %" PRIu64 " to %" PRIu64,
+                    s->info.size, s->neg.size);
+        return false;
+    }
+    if (!node->read_only && (s->neg.tflags & STRATA_NBD_FLAG_READ_ONLY)) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                    "export became read-only");
+        return false;
+    }
+    if (MAX(s->neg.min_block, 1) > node->limits.request_alignment ||
+        (s->neg.max_block && s->neg.max_block < node->limits.max_transfer)) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                    "export block sizes changed");
+        return false;
+    }
+    return true;
+}
+
+/*
+ * Runs while the connection is down: waits for the old reader and any
+ * sender still on the old socket, then connects again (backing off up to
+ * NBD_RETRY_MAX_NS between attempts) until it works or the node closes.
+ */
+static void nbd_reconnect_entry(void *opaque)
+{
+    NbdState *s = opaque;
+    int64_t pause = NBD_RETRY_MIN_NS;
+    bool warned = false;
+
+    while (s->reader_running) {
+        strata_co_queue_wait(&s->reader_gone, NULL);
+    }
+    strata_co_mutex_lock(&s->send_lock);
+    if (s->fd >= 0) {
+        close(s->fd);
+        s->fd = -1;
+    }
+    strata_co_mutex_unlock(&s->send_lock);
+
+    while (s->state == NBD_CONNECTING_WAIT ||
+           s->state == NBD_CONNECTING_NOWAIT) {
+        g_autoptr(GError) err = NULL;
+
+        if (nbd_co_establish(s, &err)) {
+            if (s->state == NBD_QUIT) {
+                break;      /* closed meanwhile */
+            }
+            if (nbd_same_export(s, &err)) {
+                s->info = s->neg;
+                s->state = NBD_CONNECTED;
+                strata_timer_del(s->delay_timer);
+                nbd_start_reader(s);
+                break;
+            }
+            if (!warned) {
+                g_warning("nbd: node '%s': %s; not reconnecting to it",
+                          s->node->node_name, err->message);
+                warned = true;
+            }
+            close(s->fd);
+            s->fd = -1;
+        }
+        if (s->state == NBD_QUIT) {
+            break;
+        }
+        nbd_co_backoff(s, pause);
+        pause = MIN(pause * 2, NBD_RETRY_MAX_NS);
+    }
+    if (s->state != NBD_CONNECTED && s->fd >= 0) {
+        close(s->fd);
+        s->fd = -1;
+    }
+    s->reconnect_running = false;
+    strata_co_queue_restart_all(&s->reconnect_wait);
 }
 
 /* ------------------------------------------------------------------ */
@@ -798,61 +1003,89 @@ static void nbd_reader_entry(void *opaque)
 
 /*
  * Sends one request and waits for its whole reply.  @qiov: the data of
- * a WRITE, or the buffer a READ fills.  Returns 0 or -errno.
+ * a WRITE, or the buffer a READ fills.  While the connection is being
+ * re-established within reconnect-delay, the request waits, and one lost
+ * with the connection is sent again.  Returns 0 or -errno.
  */
 static int nbd_co_request(NbdState *s, NbdReq *tmpl, uint16_t flags,
                           StrataIOVec *qiov, size_t qiov_offset)
 {
+    const NbdReq orig = *tmpl;
     uint8_t hdr[STRATA_NBD_REQUEST_SIZE];
-    NbdReq *r = NULL;
-    int i, ret;
 
-    while (!s->dead && s->nreqs >= NBD_MAX_REQS) {
-        strata_co_queue_wait(&s->slot_wait, NULL);
-    }
-    if (s->dead) {
-        return -EIO;
-    }
-    for (i = 0; i < NBD_MAX_REQS; i++) {
-        if (!s->reqs[i].in_use) {
-            r = &s->reqs[i];
-            break;
+    for (;;) {
+        NbdReq *r = NULL;
+        bool lost;
+        int i, ret;
+
+        for (;;) {
+            if (s->state == NBD_CONNECTING_WAIT) {
+                strata_co_queue_wait(&s->reconnect_wait, NULL);
+            } else if (s->state == NBD_CONNECTED &&
+                       s->nreqs >= NBD_MAX_REQS) {
+                strata_co_queue_wait(&s->slot_wait, NULL);
+            } else {
+                break;
+            }
+        }
+        if (s->state != NBD_CONNECTED) {
+            return -EIO;
+        }
+        for (i = 0; i < NBD_MAX_REQS; i++) {
+            if (!s->reqs[i].in_use) {
+                r = &s->reqs[i];
+                break;
+            }
+        }
+        g_return_val_if_fail(r != NULL, -EIO);
+        *r = orig;
+        r->in_use = true;
+        r->qiov = qiov;
+        r->qiov_offset = qiov_offset;
+        s->nreqs++;
+
+        nbd_put32(hdr, STRATA_NBD_REQUEST_MAGIC);
+        nbd_put16(hdr + 4, flags);
+        nbd_put16(hdr + 6, r->type);
+        nbd_put64(hdr + 8, i + 1);
+        nbd_put64(hdr + 16, r->offset);
+        nbd_put32(hdr + 24, r->len);
+
+        strata_co_mutex_lock(&s->send_lock);
+        /* A request the connection took down while it queued for the
+         * lock must not go out on the next connection. */
+        if (s->state != NBD_CONNECTED || r->done) {
+            if (!r->done) {
+                r->ret = -EIO;
+                r->lost = true;
+                r->done = true;
+            }
+        } else {
+            r->sent = true;
+            ret = nbd_co_write_full(s, hdr, sizeof(hdr));
+            if (ret == 0 && r->type == STRATA_NBD_CMD_WRITE) {
+                ret = nbd_co_write_qiov(s, qiov, qiov_offset, r->len);
+            }
+            if (ret < 0) {
+                nbd_conn_lost(s, false);
+            }
+        }
+        strata_co_mutex_unlock(&s->send_lock);
+        if (!r->done) {
+            r->waiter = strata_coroutine_self();
+            strata_co_yield();
+        }
+        ret = r->ret;
+        lost = r->lost;
+        *tmpl = *r;
+        memset(r, 0, sizeof(*r));
+        s->nreqs--;
+        strata_co_queue_next(&s->slot_wait);
+        if (!lost || !s->reconnect_delay_s ||
+            s->state == NBD_CONNECTING_NOWAIT || s->state == NBD_QUIT) {
+            return ret;
         }
     }
-    g_return_val_if_fail(r != NULL, -EIO);
-    *r = *tmpl;
-    r->in_use = true;
-    r->qiov = qiov;
-    r->qiov_offset = qiov_offset;
-    s->nreqs++;
-
-    nbd_put32(hdr, STRATA_NBD_REQUEST_MAGIC);
-    nbd_put16(hdr + 4, flags);
-    nbd_put16(hdr + 6, r->type);
-    nbd_put64(hdr + 8, i + 1);
-    nbd_put64(hdr + 16, r->offset);
-    nbd_put32(hdr + 24, r->len);
-
-    strata_co_mutex_lock(&s->send_lock);
-    r->sent = true;
-    ret = s->dead ? -EIO : nbd_co_write_full(s, hdr, sizeof(hdr));
-    if (ret == 0 && r->type == STRATA_NBD_CMD_WRITE) {
-        ret = nbd_co_write_qiov(s, qiov, qiov_offset, r->len);
-    }
-    strata_co_mutex_unlock(&s->send_lock);
-    if (ret < 0 && !s->dead) {
-        nbd_set_dead(s);
-    }
-    if (!r->done) {
-        r->waiter = strata_coroutine_self();
-        strata_co_yield();
-    }
-    ret = r->ret;
-    *tmpl = *r;
-    memset(r, 0, sizeof(*r));
-    s->nreqs--;
-    strata_co_queue_next(&s->slot_wait);
-    return ret;
 }
 
 static int nbd_co_simple(NbdState *s, uint16_t type, uint16_t flags,
@@ -867,7 +1100,7 @@ static int64_t nbd_co_get_length(StrataNode *node)
 {
     NbdState *s = node->opaque;
 
-    return s->size;
+    return s->info.size;
 }
 
 static int nbd_co_preadv(StrataNode *node, uint64_t offset, uint64_t bytes,
@@ -906,13 +1139,13 @@ static int nbd_co_pwritev(StrataNode *node, uint64_t offset, uint64_t bytes,
                  .len = bytes };
     uint16_t f = 0;
 
-    if (s->tflags & STRATA_NBD_FLAG_READ_ONLY) {
+    if (s->info.tflags & STRATA_NBD_FLAG_READ_ONLY) {
         return -EACCES;
     }
     if (bytes == 0) {
         return 0;
     }
-    if ((flags & STRATA_REQ_FUA) && (s->tflags & STRATA_NBD_FLAG_SEND_FUA)) {
+    if ((flags & STRATA_REQ_FUA) && (s->info.tflags & STRATA_NBD_FLAG_SEND_FUA)) {
         f |= STRATA_NBD_CMD_FLAG_FUA;
     }
     int ret = nbd_co_request(s, &t, f, qiov, qiov_offset);
@@ -925,7 +1158,7 @@ static int nbd_co_pwrite_zeroes(StrataNode *node, uint64_t offset,
     NbdState *s = node->opaque;
     uint16_t f = 0;
 
-    if (!(s->tflags & STRATA_NBD_FLAG_SEND_WRITE_ZEROES)) {
+    if (!(s->info.tflags & STRATA_NBD_FLAG_SEND_WRITE_ZEROES)) {
         return -ENOTSUP;
     }
     if (bytes > UINT32_MAX) {
@@ -934,7 +1167,7 @@ static int nbd_co_pwrite_zeroes(StrataNode *node, uint64_t offset,
     if (!(flags & STRATA_REQ_MAY_UNMAP)) {
         f |= STRATA_NBD_CMD_FLAG_NO_HOLE;
     }
-    if ((flags & STRATA_REQ_FUA) && (s->tflags & STRATA_NBD_FLAG_SEND_FUA)) {
+    if ((flags & STRATA_REQ_FUA) && (s->info.tflags & STRATA_NBD_FLAG_SEND_FUA)) {
         f |= STRATA_NBD_CMD_FLAG_FUA;
     }
     int ret = nbd_co_simple(s, STRATA_NBD_CMD_WRITE_ZEROES, f, offset,
@@ -946,7 +1179,7 @@ static int nbd_co_pdiscard(StrataNode *node, uint64_t offset, uint64_t bytes)
 {
     NbdState *s = node->opaque;
 
-    if (!(s->tflags & STRATA_NBD_FLAG_SEND_TRIM)) {
+    if (!(s->info.tflags & STRATA_NBD_FLAG_SEND_TRIM)) {
         return -ENOTSUP;
     }
     if (bytes > UINT32_MAX) {
@@ -959,7 +1192,7 @@ static int nbd_co_flush(StrataNode *node)
 {
     NbdState *s = node->opaque;
 
-    if (!(s->tflags & STRATA_NBD_FLAG_SEND_FLUSH)) {
+    if (!(s->info.tflags & STRATA_NBD_FLAG_SEND_FLUSH)) {
         return 0;
     }
     return nbd_co_simple(s, STRATA_NBD_CMD_FLUSH, 0, 0, 0);
@@ -971,7 +1204,7 @@ static int nbd_co_block_status(StrataNode *node, bool want_zero,
                                StrataNode **file)
 {
     NbdState *s = node->opaque;
-    uint32_t align = MAX(s->min_block, 1);
+    uint32_t align = MAX(s->info.min_block, 1);
     uint64_t len = MIN(bytes, (uint64_t)(UINT32_MAX & ~(align - 1)));
     NbdReq t = { .type = STRATA_NBD_CMD_BLOCK_STATUS, .offset = offset,
                  .len = len };
@@ -979,7 +1212,7 @@ static int nbd_co_block_status(StrataNode *node, bool want_zero,
 
     *map = offset;
     *file = node;
-    if (!s->meta_ok) {
+    if (!s->info.meta_ok) {
         *pnum = bytes;
         return STRATA_BLOCK_DATA | STRATA_BLOCK_OFFSET_VALID;
     }
@@ -1010,28 +1243,40 @@ static int nbd_co_block_status(StrataNode *node, bool want_zero,
 /* Open and close                                                      */
 /* ------------------------------------------------------------------ */
 
-static char *nbd_filename(JsonObject *options, const char *export_name)
+/* The node's filename as QEMU writes it; an empty export name is left
+ * out of the URI.  *@addr_text: the server as connect errors name it. */
+static char *nbd_filename(JsonObject *options, const char *export_name,
+                          char **addr_text)
 {
     const char *type = strata_opts_get_string(options, "server.type", "");
+    bool has_export = export_name[0] != 0;
 
     if (!strcmp(type, "unix")) {
-        return g_strdup_printf("nbd+unix:///%s?socket=%s", export_name,
-                               strata_opts_get_string(options, "server.path",
-                                                      ""));
+        const char *path = strata_opts_get_string(options, "server.path", "");
+
+        *addr_text = g_strdup(path);
+        return g_strdup_printf("nbd+unix://%s%s?socket=%s",
+                               has_export ? "/" : "", export_name, path);
     }
-    return g_strdup_printf("nbd://%s:%s/%s",
-                           strata_opts_get_string(options, "server.host", ""),
-                           strata_opts_get_string(options, "server.port",
-                                                  "10809"),
-                           export_name);
+    const char *host = strata_opts_get_string(options, "server.host", "");
+    const char *port = strata_opts_get_string(options, "server.port",
+                                              "10809");
+    g_autofree char *h = strchr(host, ':') ? g_strdup_printf("[%s]", host)
+                                           : g_strdup(host);
+
+    *addr_text = g_strdup_printf("%s:%s", host, port);
+    return g_strdup_printf("nbd://%s:%s%s%s", h, port,
+                           has_export ? "/" : "", export_name);
 }
 
 static void nbd_close(StrataNode *node)
 {
     NbdState *s = node->opaque;
+    bool was_connected = s->state == NBD_CONNECTED;
 
+    s->state = NBD_QUIT;
     if (s->fd >= 0) {
-        if (!s->dead) {
+        if (was_connected) {
             /* Best effort: the server may be gone already. */
             uint8_t hdr[STRATA_NBD_REQUEST_SIZE] = { 0 };
             nbd_put32(hdr, STRATA_NBD_REQUEST_MAGIC);
@@ -1040,14 +1285,24 @@ static void nbd_close(StrataNode *node)
                 /* nothing to do either way */
             }
         }
+        /* Ends the reader, and a handshake the reconnect is in. */
         shutdown(s->fd, SHUT_RDWR);
-        while (s->reader_running) {
-            strata_loop_iterate(node->ctx->loop, true);
-        }
+    }
+    if (s->retry_timer) {
+        retry_timer_cb(s);
+    }
+    strata_co_queue_restart_all(&s->reconnect_wait);
+    while (s->reader_running || s->reconnect_running) {
+        strata_loop_iterate(node->ctx->loop, true);
+    }
+    if (s->fd >= 0) {
         close(s->fd);
         s->fd = -1;
     }
+    g_clear_pointer(&s->retry_timer, strata_timer_free);
+    g_clear_pointer(&s->delay_timer, strata_timer_free);
     g_clear_object(&s->addr);
+    g_clear_pointer(&s->addr_text, g_free);
     g_clear_pointer(&s->export_name, g_free);
 }
 
@@ -1059,11 +1314,17 @@ static bool nbd_open(StrataNode *node, JsonObject *options, GError **error)
 
     s->node = node;
     s->fd = -1;
+    s->state = NBD_QUIT;
     strata_co_mutex_init(&s->send_lock);
     strata_co_queue_init(&s->slot_wait);
+    strata_co_queue_init(&s->reconnect_wait);
+    strata_co_queue_init(&s->reader_gone);
+    s->retry_timer = strata_timer_new(node->ctx->loop, retry_timer_cb, s);
+    s->delay_timer = strata_timer_new(node->ctx->loop, delay_timer_cb, s);
     if (!server || !JSON_NODE_HOLDS_OBJECT(server)) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
                     "Invalid parameter type for 'server', expected: object");
+        nbd_close(node);
         return false;
     }
     s->export_name = g_strdup(strata_opts_get_string(options, "export", ""));
@@ -1084,6 +1345,8 @@ static bool nbd_open(StrataNode *node, JsonObject *options, GError **error)
         nbd_close(node);
         return false;
     }
+    g_free(node->filename);
+    node->filename = nbd_filename(options, s->export_name, &s->addr_text);
     s->addr = nbd_parse_addr(options, error);
     if (!s->addr) {
         nbd_close(node);
@@ -1096,36 +1359,32 @@ static bool nbd_open(StrataNode *node, JsonObject *options, GError **error)
         nbd_close(node);
         return false;
     }
-    if (!(s->tflags & STRATA_NBD_FLAG_HAS_FLAGS)) {
-        s->tflags = 0;
-    }
-    if (s->size > INT64_MAX) {
+    s->info = s->neg;
+    if (s->info.size > INT64_MAX) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
-                    "Export size %" PRIu64 " is too large", s->size);
+                    "Export size %" PRIu64 " is too large", s->info.size);
         nbd_close(node);
         return false;
     }
-    if (!node->read_only && (s->tflags & STRATA_NBD_FLAG_READ_ONLY)) {
+    if (!node->read_only && (s->info.tflags & STRATA_NBD_FLAG_READ_ONLY)) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_PERMISSION,
                     "export '%s' is read-only", s->export_name);
         nbd_close(node);
         return false;
     }
 
-    node->limits.request_alignment = MAX(s->min_block, 1);
+    node->limits.request_alignment = MAX(s->info.min_block, 1);
     node->limits.buf_align = 1;
-    node->limits.max_transfer = s->max_block ?
-        MIN(s->max_block, STRATA_NBD_MAX_BUFFER) : STRATA_NBD_MAX_BUFFER;
+    node->limits.max_transfer = s->info.max_block ?
+        MIN(s->info.max_block, STRATA_NBD_MAX_BUFFER) : STRATA_NBD_MAX_BUFFER;
     node->limits.max_transfer &= ~(uint64_t)(node->limits.request_alignment -
                                              1);
     node->limits.max_pwrite_zeroes = UINT32_MAX &
         ~(uint64_t)(node->limits.request_alignment - 1);
     node->limits.pdiscard_alignment = node->limits.request_alignment;
-    g_free(node->filename);
-    node->filename = nbd_filename(options, s->export_name);
 
-    s->reader_running = true;
-    strata_coroutine_enter(strata_coroutine_new(nbd_reader_entry, s));
+    s->state = NBD_CONNECTED;
+    nbd_start_reader(s);
     return true;
 }
 

@@ -250,8 +250,10 @@ static void raw_query_image(StrataNode *node, JsonObject *image)
             json_object_set_int_member(image, "actual-size",
                 json_object_get_int_member(fimg, "actual-size"));
         }
+        json_object_set_boolean_member(image, "dirty-flag", false);
     }
-    json_object_set_boolean_member(image, "dirty-flag", false);
+    /* Else QEMU's get_info, which raw forwards to its file, fails (an
+     * nbd file): no dirty flag at all. */
 }
 
 const StrataDriver strata_driver_raw = {

@@ -36,9 +36,16 @@ void strata_transaction_drain(StrataTransaction *t, StrataNode *node);
 /* Records a prepared action; @ops must outlive the transaction. */
 void strata_transaction_add(StrataTransaction *t,
                             const StrataTransactionOps *ops, void *opaque);
-/* Commits (in order) or aborts (in reverse order) every action, ends the
- * drained section, cleans up and frees @t. */
-void strata_transaction_finish(StrataTransaction *t, bool commit);
+/* @path was created by an action and written without fsync: it (and
+ * its directory) is made stable before the transaction commits, all
+ * such files at once. */
+void strata_transaction_sync_file(StrataTransaction *t, const char *path);
+/* Makes the files stable (a failure turns a commit into an abort),
+ * then commits (in order) or aborts (in reverse order) every action,
+ * ends the drained section, cleans up and frees @t.
+ * Returns: whether the transaction committed. */
+bool strata_transaction_finish(StrataTransaction *t, bool commit,
+                               GError **error);
 
 /* ---- snapshot.c: actions (each prepares into a transaction) ---- */
 
@@ -71,6 +78,11 @@ bool strata_snapshot_prepare(StrataTransaction *t, const char *node,
 bool strata_snapshot_internal_prepare(StrataTransaction *t,
                                       const char *device, const char *name,
                                       GError **error);
+
+/* The qcow2 node that holds @node's internal snapshots: @node or a node
+ * down its file children, as QEMU's snapshot calls recurse.
+ * (transfer none) (nullable) */
+StrataNode *strata_snapshot_holder(StrataNode *node);
 
 /**
  * strata_snapshot_delete_internal:
@@ -110,6 +122,15 @@ bool strata_snapshot_revert(StrataContext *ctx, const char *node,
                             const char *overlay_node_name,
                             bool delete_files, GError **error);
 
+/* ---- snapshot-vm.c: snapshot-save / -load / -delete jobs ---- */
+
+/* @args: the command's arguments, validated by the schema. */
+bool strata_snapshot_save_start(StrataContext *ctx, JsonObject *args,
+                                GError **error);
+bool strata_snapshot_load_start(StrataContext *ctx, JsonObject *args,
+                                GError **error);
+bool strata_snapshot_delete_start(StrataContext *ctx, JsonObject *args,
+                                  GError **error);
 
 #ifdef __cplusplus
 }

@@ -131,7 +131,8 @@ static void monitor_disown(StrataNode *node)
 /* Creates @file as a qcow2 overlay of @base (its size, backing string
  * and format). */
 static bool create_overlay_file(StrataNode *base, const char *file,
-                                const char *format, GError **error)
+                                const char *format, bool sync,
+                                GError **error)
 {
     g_autoptr(JsonObject) opts = json_object_new();
     g_autofree char *backing = NULL;
@@ -161,7 +162,10 @@ static bool create_overlay_file(StrataNode *base, const char *file,
     json_object_set_int_member(opts, "size", MAX(base->total_bytes, 0));
     json_object_set_string_member(opts, "backing_file", backing);
     json_object_set_string_member(opts, "backing_fmt", data->drv->name);
-    return strata_qcow2_create(base->ctx, file, opts, error);
+    /* A transaction makes all its overlays stable at once, before it
+     * commits. */
+    return sync ? strata_qcow2_create(base->ctx, file, opts, error)
+                : strata_qcow2_create_unsynced(base->ctx, file, opts, error);
 }
 
 /* Opens @file with driver @format and no backing. */
@@ -335,10 +339,12 @@ bool strata_snapshot_sync_prepare(StrataTransaction *t,
         return false;
     }
     if (a->mode == STRATA_SNAPSHOT_MODE_ABSOLUTE_PATHS) {
-        if (!create_overlay_file(base, a->snapshot_file, format, error)) {
+        if (!create_overlay_file(base, a->snapshot_file, format, false,
+                                 error)) {
             return false;
         }
         s->created_file = g_strdup(a->snapshot_file);
+        strata_transaction_sync_file(t, a->snapshot_file);
     }
     s->overlay = open_overlay(ctx, a->snapshot_file, format,
                               a->snapshot_node_name, error);
@@ -378,9 +384,7 @@ bool strata_snapshot_prepare(StrataTransaction *t, const char *node,
 /* Internal snapshots                                                  */
 /* ------------------------------------------------------------------ */
 
-/* The qcow2 node that holds a node's internal snapshots: the node or a
- * node down its file children, as QEMU's snapshot calls recurse. */
-static StrataNode *snapshot_holder(StrataNode *node)
+StrataNode *strata_snapshot_holder(StrataNode *node)
 {
     while (node && node->drv != &strata_driver_qcow2) {
         node = node->file ? node->file->node : NULL;
@@ -502,7 +506,7 @@ bool strata_snapshot_internal_prepare(StrataTransaction *t,
                     "Device '%s' is read only", device);
         return false;
     }
-    holder = snapshot_holder(node);
+    holder = strata_snapshot_holder(node);
     if (!holder || holder->read_only) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
                     "Block format '%s' used by device '%s' does not support "
@@ -582,7 +586,7 @@ JsonObject *strata_snapshot_delete_internal(StrataContext *ctx,
                     "Name or id must be provided");
         return NULL;
     }
-    holder = snapshot_holder(node);
+    holder = strata_snapshot_holder(node);
     if (!holder) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
                     "Failed to get a snapshot list: %s",
@@ -764,7 +768,7 @@ bool strata_snapshot_revert(StrataContext *ctx, const char *node_name,
     drained = strata_drain_set_new(ctx);
     strata_drain_set_add(drained, top);
     if (!flush_node(target, error) ||
-        !create_overlay_file(target, overlay_file, "qcow2", error)) {
+        !create_overlay_file(target, overlay_file, "qcow2", true, error)) {
         goto out;
     }
     created = true;

@@ -11,6 +11,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/types.h>
 #include <sys/uio.h>
 #include <glib.h>
 #include <json-glib/json-glib.h>
@@ -108,6 +109,10 @@ typedef enum {
     STRATA_REQ_MAY_UNMAP = 1 << 1,   /* write-zeroes may deallocate */
     STRATA_REQ_NO_FALLBACK = 1 << 2, /* write-zeroes: fail with -ENOTSUP
                                       * rather than write zero buffers */
+    /* write: store whole clusters compressed (qcow2; the request covers
+     * whole clusters, or ends at the end of the disk); drivers without
+     * compression write the data as it is */
+    STRATA_REQ_WRITE_COMPRESSED = 1 << 3,
 } StrataReqFlags;
 
 /**
@@ -192,6 +197,106 @@ STRATA_API int strata_backend_pwrite(StrataBackend *blk, uint64_t offset,
                                      const void *buf, size_t bytes,
                                      StrataReqFlags flags);
 STRATA_API int strata_backend_flush(StrataBackend *blk);
+
+
+/* ------------------------------------------------------------------ */
+/* VM state: system checkpoints                                        */
+/* ------------------------------------------------------------------ */
+
+/* A VM state stream being saved or loaded; valid only during the
+ * provider callback it is handed to. */
+typedef struct StrataVmstate StrataVmstate;
+
+/**
+ * strata_vmstate_write:
+ *
+ * Appends @len bytes to the VM state being saved.  May yield to the
+ * loop (the callback runs in a coroutine); guest I/O stays held back.
+ *
+ * Returns: 0 or -errno.
+ */
+STRATA_API int strata_vmstate_write(StrataVmstate *vs, const void *buf,
+                                    size_t len);
+
+/**
+ * strata_vmstate_read:
+ *
+ * Reads the next bytes of the VM state being loaded.
+ *
+ * Returns: the bytes read (fewer than @len only at the end of the
+ *   state, 0 there), or -errno.
+ */
+STRATA_API ssize_t strata_vmstate_read(StrataVmstate *vs, void *buf,
+                                       size_t len);
+
+/* Returns: the size of the VM state being loaded, in bytes. */
+STRATA_API uint64_t strata_vmstate_size(StrataVmstate *vs);
+
+/**
+ * StrataVmstateProvider:
+ * @save: writes the VMM's state (RAM, devices) with
+ *   strata_vmstate_write(); false with @error to fail the checkpoint
+ * @load: reads it back with strata_vmstate_read(); false with @error
+ *   fails the load (the disks have been reverted by then)
+ *
+ * Both run on the loop thread, in a coroutine, while every disk of the
+ * checkpoint is drained: no guest request is in flight and new ones
+ * wait.  The VMM keeps its vCPUs stopped for the duration.  They must
+ * not iterate the loop themselves.
+ */
+typedef struct StrataVmstateProvider {
+    bool (*save)(void *opaque, StrataVmstate *vs, GError **error);
+    bool (*load)(void *opaque, StrataVmstate *vs, GError **error);
+} StrataVmstateProvider;
+
+/**
+ * strata_context_set_vmstate_provider:
+ * @provider: (nullable): must outlive its registration; NULL removes it
+ *
+ * Registers the VMM's state with the context.  Without a provider,
+ * snapshot-save takes disk-only snapshots; with one, the state goes into
+ * the qcow2 VM-state area of the node named by snapshot-save's
+ * "vmstate" and snapshot-load hands it back.
+ */
+STRATA_API void strata_context_set_vmstate_provider(
+    StrataContext *ctx, const StrataVmstateProvider *provider, void *opaque);
+
+/* One disk of an external checkpoint. */
+typedef struct StrataCheckpointDisk {
+    const char *node_name;          /* the active layer */
+    const char *overlay_file;       /* created as a qcow2 overlay */
+    const char *overlay_node_name;  /* the new active layer */
+} StrataCheckpointDisk;
+
+/**
+ * strata_checkpoint_external:
+ * @vmstate_node: a writable node (a file node) that receives the VM
+ *   state; its old contents are replaced
+ * @disks: the disks to snapshot, @n_disks of them
+ *
+ * An external system checkpoint: with every disk drained, the
+ * provider's state is written to @vmstate_node, then every disk gets a
+ * new overlay, as one transaction: on any failure no overlay remains
+ * (nor its file) and @vmstate_node holds no valid state.  Without a
+ * provider only the disks are snapshotted.  Plain code on the loop
+ * thread; it iterates the loop until done.
+ */
+STRATA_API bool strata_checkpoint_external(StrataContext *ctx,
+                                           const char *vmstate_node,
+                                           const StrataCheckpointDisk *disks,
+                                           size_t n_disks, GError **error);
+
+/**
+ * strata_checkpoint_external_load:
+ *
+ * Hands the VM state that strata_checkpoint_external() wrote to
+ * @vmstate_node to the provider's load.  The disks are the embedder's
+ * to set back (open the images the overlays were made on, or revert to
+ * them with x-strata-blockdev-revert).  Plain code, as above.
+ */
+STRATA_API bool strata_checkpoint_external_load(StrataContext *ctx,
+                                                const char *vmstate_node,
+                                                GError **error);
 
 #ifdef __cplusplus
 }

@@ -202,6 +202,49 @@ bool strata_qmp_x_strata_query_loop(StrataMonitor *mon, JsonObject *args,
     return true;
 }
 
+/* ---- x-strata-query-node-stats ---- */
+
+static JsonObject *node_stats(StrataNode *node)
+{
+    JsonObject *o = json_object_new();
+
+    json_object_set_string_member(o, "node-name", node->node_name);
+    json_object_set_string_member(o, "driver", node->drv->name);
+    if (node->drv->query_stats) {
+        JsonObject *d = json_object_new();
+        node->drv->query_stats(node, d);
+        json_object_set_object_member(o, "stats", d);
+    }
+    return o;
+}
+
+bool strata_qmp_x_strata_query_node_stats(StrataMonitor *mon,
+                                          JsonObject *args, JsonNode **ret,
+                                          GError **error)
+{
+    StrataContext *ctx = strata_monitor_get_context(mon);
+    const char *name = json_object_get_string_member_with_default(
+        args, "node-name", NULL);
+    JsonArray *arr = json_array_new();
+
+    if (name) {
+        StrataNode *node = strata_context_find_node(ctx, name);
+        if (!node) {
+            json_array_unref(arr);
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_FOUND,
+                        "Cannot find node %s", name);
+            return false;
+        }
+        json_array_add_object_element(arr, node_stats(node));
+    } else {
+        for (GList *l = ctx->all_nodes; l; l = l->next) {
+            json_array_add_object_element(arr, node_stats(l->data));
+        }
+    }
+    *ret = array_node(arr);
+    return true;
+}
+
 /* ---- x-debug-query-block-graph ---- */
 
 static JsonArray *perm_list(uint64_t perm)

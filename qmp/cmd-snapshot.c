@@ -61,8 +61,7 @@ static bool run_one(StrataMonitor *mon, PrepareFn fn, JsonObject *args,
         strata_transaction_new(strata_monitor_get_context(mon));
     bool ok = fn(t, args, error);
 
-    strata_transaction_finish(t, ok);
-    return ok;
+    return strata_transaction_finish(t, ok, error);
 }
 
 bool strata_qmp_blockdev_snapshot_sync(StrataMonitor *mon, JsonObject *args,
@@ -176,6 +175,26 @@ bool strata_qmp_transaction(StrataMonitor *mon, JsonObject *args,
         }
         ok = fn(t, data, error);
     }
-    strata_transaction_finish(t, ok);
-    return ok;
+    return strata_transaction_finish(t, ok, error);
+}
+
+bool strata_qmp_snapshot_save(StrataMonitor *mon, JsonObject *args,
+                              JsonNode **ret, GError **error)
+{
+    return strata_snapshot_save_start(strata_monitor_get_context(mon), args,
+                                      error);
+}
+
+bool strata_qmp_snapshot_load(StrataMonitor *mon, JsonObject *args,
+                              JsonNode **ret, GError **error)
+{
+    return strata_snapshot_load_start(strata_monitor_get_context(mon), args,
+                                      error);
+}
+
+bool strata_qmp_snapshot_delete(StrataMonitor *mon, JsonObject *args,
+                                JsonNode **ret, GError **error)
+{
+    return strata_snapshot_delete_start(strata_monitor_get_context(mon),
+                                        args, error);
 }

@@ -137,6 +137,9 @@ bool strata_qmp_block_export_add(StrataMonitor *mon, JsonObject *args,
                                  JsonNode **ret, GError **error);
 bool strata_qmp_block_export_del(StrataMonitor *mon, JsonObject *args,
                                  JsonNode **ret, GError **error);
+bool strata_qmp_x_strata_query_node_stats(StrataMonitor *mon,
+                                          JsonObject *args, JsonNode **ret,
+                                          GError **error);
 bool strata_qmp_x_strata_query_loop(StrataMonitor *mon, JsonObject *args,
                                     JsonNode **ret, GError **error);
 bool strata_qmp_query_block_exports(StrataMonitor *mon, JsonObject *args,
@@ -203,6 +206,12 @@ bool strata_qmp_change_backing_file(StrataMonitor *mon, JsonObject *args,
 bool strata_qmp_transaction(StrataMonitor *mon, JsonObject *args,
         JsonNode **ret, GError **error);
 bool strata_qmp_x_blockdev_revert(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_snapshot_save(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_snapshot_load(StrataMonitor *mon, JsonObject *args,
+        JsonNode **ret, GError **error);
+bool strata_qmp_snapshot_delete(StrataMonitor *mon, JsonObject *args,
         JsonNode **ret, GError **error);
 
 /* ---- server.c ---- */

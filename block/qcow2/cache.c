@@ -1,7 +1,9 @@
 /* strata — qcow2 metadata cache: L2 table slices and refcount blocks.
  *
  * An entry is one slice of a metadata cluster, pinned while in use and
- * evicted least-recently-used.  Dirty entries go back to the file on
+ * evicted least-recently-used.  Entries are created on first use, up to
+ * the cache's size, so a node opened and little used costs little memory
+ * however large its image is; the clean interval gives unused ones back.  Dirty entries go back to the file on
  * eviction or flush; a cache may depend on another (L2 on refcounts
  * after an allocation, refcounts on L2 after a free), and then the other
  * is written and the file flushed before any of its own entries, so a
@@ -10,32 +12,46 @@
  * Every call runs with s->lock held: the cache needs no lock of its own.
  */
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "qcow2-private.h"
 
 #define MIN_L2_CACHE_CLUSTERS 2
 #define MIN_REFCOUNT_CACHE_CLUSTERS 4
-#define DEFAULT_L2_CACHE_MAX (32ull * 1024 * 1024)
+/* Enough to map a 1 TiB image with 64 KiB clusters; only what is used
+ * is allocated. */
+#define DEFAULT_L2_CACHE_MAX (128ull * 1024 * 1024)
 #define DEFAULT_L2_SLICE 4096
 
 typedef struct CacheEntry {
-    uint64_t offset;   /* 0: free slot */
-    void *table;
+    uint64_t offset;   /* 0: holds nothing */
+    void *table;       /* aligned for O_DIRECT, entry_size bytes */
     unsigned ref;
     bool dirty;
-    uint64_t lru;
+    bool used;         /* looked up since the last clean tick */
+    GList link;        /* in c->lru */
 } CacheEntry;
 
 struct StrataQcow2Cache {
     StrataQcow2State *s;
-    CacheEntry *entries;
-    unsigned nb_entries;
+    unsigned nb_entries;       /* the most entries the cache may hold */
+    unsigned nb_alloc;         /* entries that exist */
+    unsigned nb_dirty;
     uint32_t entry_size;
-    uint64_t lru_counter;
-    GHashTable *by_offset; /* &entry->offset → entry */
+    /* Every existing entry, most recently used first; empty ones at the
+     * tail. */
+    GQueue lru;
+    GHashTable *by_offset;     /* &entry->offset → entry */
+    GHashTable *by_table;      /* entry->table → entry */
     StrataQcow2Cache *depends;
+    StrataQcow2CacheStats stats;
+    GSource *clean_source;     /* armed while there are entries */
+    GMainContext *clean_context;
+    unsigned clean_interval;   /* seconds; 0: never */
 };
+
+static void arm_clean(StrataQcow2Cache *c);
 
 static guint offset_hash(gconstpointer p)
 {
@@ -57,12 +73,19 @@ StrataQcow2Cache *strata_qcow2_cache_new(StrataQcow2State *s,
     c->s = s;
     c->nb_entries = MAX(nb_entries, 1u);
     c->entry_size = entry_size;
-    c->entries = g_new0(CacheEntry, c->nb_entries);
-    for (unsigned i = 0; i < c->nb_entries; i++) {
-        c->entries[i].table = g_malloc0(entry_size);
-    }
+    g_queue_init(&c->lru);
     c->by_offset = g_hash_table_new(offset_hash, offset_equal);
+    c->by_table = g_hash_table_new(g_direct_hash, g_direct_equal);
     return c;
+}
+
+static void entry_free(StrataQcow2Cache *c, CacheEntry *e)
+{
+    g_queue_unlink(&c->lru, &e->link);
+    g_hash_table_remove(c->by_table, e->table);
+    free(e->table);
+    g_free(e);
+    c->nb_alloc--;
 }
 
 void strata_qcow2_cache_free(StrataQcow2Cache *c)
@@ -70,17 +93,27 @@ void strata_qcow2_cache_free(StrataQcow2Cache *c)
     if (!c) {
         return;
     }
-    for (unsigned i = 0; i < c->nb_entries; i++) {
-        g_free(c->entries[i].table);
+    strata_qcow2_cache_set_clean_interval(c, NULL, 0);
+    while (c->lru.head) {
+        entry_free(c, c->lru.head->data);
     }
     g_hash_table_destroy(c->by_offset);
-    g_free(c->entries);
+    g_hash_table_destroy(c->by_table);
     g_free(c);
 }
 
 unsigned strata_qcow2_cache_nb_entries(const StrataQcow2Cache *c)
 {
     return c->nb_entries;
+}
+
+void strata_qcow2_cache_get_stats(const StrataQcow2Cache *c,
+                                  StrataQcow2CacheStats *stats)
+{
+    *stats = c->stats;
+    stats->entries = c->nb_alloc;
+    stats->max_entries = c->nb_entries;
+    stats->bytes = (uint64_t)c->nb_alloc * c->entry_size;
 }
 
 int strata_qcow2_cache_co_set_dependency(StrataQcow2Cache *c,
@@ -118,12 +151,7 @@ int strata_qcow2_cache_co_set_dependency(StrataQcow2Cache *c,
 
 bool strata_qcow2_cache_is_dirty(const StrataQcow2Cache *c)
 {
-    for (unsigned i = 0; i < c->nb_entries; i++) {
-        if (c->entries[i].dirty) {
-            return true;
-        }
-    }
-    return false;
+    return c->nb_dirty > 0;
 }
 
 static StrataNode *file_node(StrataQcow2Cache *c)
@@ -131,8 +159,21 @@ static StrataNode *file_node(StrataQcow2Cache *c)
     return c->s->node->file->node;
 }
 
+static void set_dirty(StrataQcow2Cache *c, CacheEntry *e, bool dirty)
+{
+    if (e->dirty != dirty) {
+        e->dirty = dirty;
+        if (dirty) {
+            c->nb_dirty++;
+        } else {
+            c->nb_dirty--;
+        }
+    }
+}
+
 static int entry_write(StrataQcow2Cache *c, CacheEntry *e)
 {
+    uint64_t offset = e->offset;
     int ret;
 
     if (!e->dirty) {
@@ -146,6 +187,9 @@ static int entry_write(StrataQcow2Cache *c, CacheEntry *e)
             c->depends = dep;
             return ret;
         }
+        if (!e->dirty || e->offset != offset) {
+            return 0;   /* written by someone else meanwhile */
+        }
     }
     ret = strata_qcow2_co_pre_write_overlap_check(
         c->s, c == c->s->refcount_cache
@@ -155,24 +199,47 @@ static int entry_write(StrataQcow2Cache *c, CacheEntry *e)
     if (ret < 0) {
         return ret;
     }
+    /* Clean before the write yields: a change made meanwhile marks it
+     * dirty again and is written next time. */
+    set_dirty(c, e, false);
+    e->ref++;
     ret = strata_node_co_pwrite(file_node(c), e->offset, c->entry_size,
                                 e->table, 0);
+    e->ref--;
     if (ret < 0) {
+        set_dirty(c, e, true);
         return ret;
     }
-    e->dirty = false;
     return 0;
 }
 
 int strata_qcow2_cache_co_write(StrataQcow2Cache *c)
 {
+    g_autofree CacheEntry **todo = NULL;
+    unsigned n = 0;
     int first_err = 0;
 
-    for (unsigned i = 0; i < c->nb_entries; i++) {
-        int ret = entry_write(c, &c->entries[i]);
+    if (!c->nb_dirty) {
+        return 0;
+    }
+    /* Pinned while the writes yield: the clean interval and eviction
+     * leave them alone. */
+    todo = g_new(CacheEntry *, c->nb_dirty);
+    for (GList *l = c->lru.head; l && n < c->nb_dirty; l = l->next) {
+        CacheEntry *e = l->data;
+        if (e->dirty) {
+            e->ref++;
+            todo[n++] = e;
+        }
+    }
+    for (unsigned i = 0; i < n; i++) {
+        int ret = entry_write(c, todo[i]);
         if (ret < 0 && !first_err) {
             first_err = ret;
         }
+    }
+    for (unsigned i = 0; i < n; i++) {
+        todo[i]->ref--;
     }
     return first_err;
 }
@@ -195,50 +262,90 @@ int strata_qcow2_cache_co_flush(StrataQcow2Cache *c)
     return ret < 0 ? ret : fret;
 }
 
-static CacheEntry *find_victim(StrataQcow2Cache *c)
+/* An entry that may be reused, empty (offset 0) and unpinned; NULL with
+ * -errno in *@err.  May yield to write a dirty victim back. */
+static CacheEntry *get_free_entry(StrataQcow2Cache *c, int *err)
 {
-    CacheEntry *best = NULL;
+    for (;;) {
+        CacheEntry *e = NULL;
 
-    for (unsigned i = 0; i < c->nb_entries; i++) {
-        CacheEntry *e = &c->entries[i];
-        if (e->ref) {
-            continue;
-        }
-        if (!e->offset) {
+        if (c->nb_alloc < c->nb_entries) {
+            void *t = NULL;
+            size_t align = MAX(file_node(c)->limits.buf_align, 512u);
+            if (posix_memalign(&t, align, c->entry_size) != 0) {
+                *err = -ENOMEM;
+                return NULL;
+            }
+            e = g_new0(CacheEntry, 1);
+            e->table = t;
+            e->link.data = e;
+            g_queue_push_tail_link(&c->lru, &e->link);
+            g_hash_table_insert(c->by_table, t, e);
+            c->nb_alloc++;
+            arm_clean(c);
             return e;
         }
-        if (!best || e->lru < best->lru) {
-            best = e;
+        for (GList *l = c->lru.tail; l; l = l->prev) {
+            CacheEntry *x = l->data;
+            if (!x->ref) {
+                e = x;
+                break;
+            }
         }
+        if (!e) {
+            /* Every entry pinned: only a bug in the callers gets here. */
+            g_warning("qcow2 metadata cache: every entry is in use");
+            *err = -ENOSPC;
+            return NULL;
+        }
+        if (e->dirty) {
+            int ret = entry_write(c, e);
+            if (ret < 0) {
+                *err = ret;
+                return NULL;
+            }
+            continue;   /* it yielded: look again */
+        }
+        if (e->offset) {
+            g_hash_table_remove(c->by_offset, &e->offset);
+            e->offset = 0;
+        }
+        return e;
     }
-    return best;
+}
+
+static void touch(StrataQcow2Cache *c, CacheEntry *e)
+{
+    g_queue_unlink(&c->lru, &e->link);
+    g_queue_push_head_link(&c->lru, &e->link);
+    e->used = true;
 }
 
 static int cache_get(StrataQcow2Cache *c, uint64_t offset, void **table,
                      bool read)
 {
     CacheEntry *e;
-    int ret;
+    int ret = 0;
 
     g_return_val_if_fail(offset != 0, -EINVAL);
 
     e = g_hash_table_lookup(c->by_offset, &offset);
     if (e) {
+        c->stats.hits++;
         goto found;
     }
-    e = find_victim(c);
+    c->stats.misses++;
+    e = get_free_entry(c, &ret);
     if (!e) {
-        /* Every entry pinned: only a bug in the callers gets here. */
-        g_warning("qcow2 metadata cache: every entry is in use");
-        return -ENOSPC;
+        return ret;
     }
-    if (e->offset) {
-        ret = entry_write(c, e);
-        if (ret < 0) {
-            return ret;
+    /* Someone may have loaded it while a dirty victim was written. */
+    {
+        CacheEntry *other = g_hash_table_lookup(c->by_offset, &offset);
+        if (other) {
+            e = other;
+            goto found;
         }
-        g_hash_table_remove(c->by_offset, &e->offset);
-        e->offset = 0;
     }
     /* Pin while reading: the read yields and others may look for it. */
     if (read) {
@@ -259,12 +366,11 @@ static int cache_get(StrataQcow2Cache *c, uint64_t offset, void **table,
         memset(e->table, 0, c->entry_size);
     }
     e->offset = offset;
-    e->dirty = false;
     g_hash_table_insert(c->by_offset, &e->offset, e);
 
 found:
     e->ref++;
-    e->lru = ++c->lru_counter;
+    touch(c, e);
     *table = e->table;
     return 0;
 }
@@ -281,14 +387,15 @@ int strata_qcow2_cache_co_get_empty(StrataQcow2Cache *c, uint64_t offset,
     return cache_get(c, offset, table, false);
 }
 
+const void *strata_qcow2_cache_peek(StrataQcow2Cache *c, uint64_t offset)
+{
+    CacheEntry *e = g_hash_table_lookup(c->by_offset, &offset);
+    return e ? e->table : NULL;
+}
+
 static CacheEntry *entry_of(StrataQcow2Cache *c, void *table)
 {
-    for (unsigned i = 0; i < c->nb_entries; i++) {
-        if (c->entries[i].table == table) {
-            return &c->entries[i];
-        }
-    }
-    return NULL;
+    return g_hash_table_lookup(c->by_table, table);
 }
 
 void strata_qcow2_cache_put(StrataQcow2Cache *c, void **table)
@@ -309,22 +416,103 @@ void strata_qcow2_cache_mark_dirty(StrataQcow2Cache *c, void *table)
     CacheEntry *e = entry_of(c, table);
 
     g_return_if_fail(e != NULL);
-    e->dirty = true;
+    set_dirty(c, e, true);
+    if (c == c->s->l2_cache) {
+        /* What this image maps changed: chains above it must look
+         * again. */
+        strata_qcow2_layermap_notify_change(c->s);
+    }
 }
 
 void strata_qcow2_cache_discard_cluster(StrataQcow2Cache *c,
                                         uint64_t offset,
                                         uint64_t cluster_size)
 {
-    for (unsigned i = 0; i < c->nb_entries; i++) {
-        CacheEntry *e = &c->entries[i];
+    GList *next;
+
+    for (GList *l = c->lru.head; l; l = next) {
+        CacheEntry *e = l->data;
+        next = l->next;
         if (e->offset && e->offset >= offset &&
             e->offset < offset + cluster_size && !e->ref) {
             g_hash_table_remove(c->by_offset, &e->offset);
             e->offset = 0;
-            e->dirty = false;
+            set_dirty(c, e, false);
+            /* Empty entries are reused first. */
+            g_queue_unlink(&c->lru, &e->link);
+            g_queue_push_tail_link(&c->lru, &e->link);
         }
     }
+    if (c == c->s->l2_cache) {
+        strata_qcow2_layermap_notify_change(c->s);
+    }
+}
+
+static void disarm_clean(StrataQcow2Cache *c)
+{
+    if (c->clean_source) {
+        g_source_destroy(c->clean_source);
+        g_source_unref(c->clean_source);
+        c->clean_source = NULL;
+    }
+}
+
+/* The clean interval: entries nobody looked up since the last tick
+ * give their memory back (dirty or pinned ones stay). */
+static gboolean clean_tick(gpointer opaque)
+{
+    StrataQcow2Cache *c = opaque;
+    GList *l = c->lru.head;
+
+    while (l) {
+        CacheEntry *e = l->data;
+        l = l->next;
+        if (!e->used && !e->ref && !e->dirty) {
+            if (e->offset) {
+                g_hash_table_remove(c->by_offset, &e->offset);
+            }
+            entry_free(c, e);
+        } else {
+            e->used = false;
+        }
+    }
+    if (!c->nb_alloc) {
+        /* Nothing left to give back: no timer until there is.  Every
+         * source costs the loop a little on each iteration, and most
+         * layers of a deep chain hold nothing. */
+        disarm_clean(c);
+        return G_SOURCE_REMOVE;
+    }
+    return G_SOURCE_CONTINUE;
+}
+
+static void arm_clean(StrataQcow2Cache *c)
+{
+    if (c->clean_interval && !c->clean_source) {
+        c->clean_source = g_timeout_source_new_seconds(c->clean_interval);
+        g_source_set_callback(c->clean_source, clean_tick, c, NULL);
+        g_source_attach(c->clean_source, c->clean_context);
+    }
+}
+
+void strata_qcow2_cache_set_clean_interval(StrataQcow2Cache *c,
+                                           GMainContext *context,
+                                           unsigned seconds)
+{
+    disarm_clean(c);
+    c->clean_context = context;
+    c->clean_interval = seconds;
+    if (c->nb_alloc) {
+        arm_clean(c);
+    }
+}
+
+void strata_qcow2_cache_drop_clean(StrataQcow2Cache *c)
+{
+    for (GList *l = c->lru.head; l; l = l->next) {
+        ((CacheEntry *)l->data)->used = false;
+    }
+    clean_tick(c);
 }
 
 /* ------------------------------------------------------------------ */

@@ -61,10 +61,37 @@ static int read_l2(Check *c, uint64_t offset, uint64_t *table)
         c->res->check_errors++;
         return ret;
     }
-    for (uint64_t i = 0; i < s->l2_size; i++) {
+    for (uint64_t i = 0; i < s->cluster_size / 8; i++) {
         table[i] = GUINT64_FROM_BE(table[i]);
     }
     return 0;
+}
+
+/* Extended L2: a bitmap that disagrees with its entry. */
+static void check_bitmap(Check *c, uint64_t index, uint64_t e, uint64_t b)
+{
+    if (e & STRATA_QCOW2_OFLAG_COMPRESSED) {
+        if (b) {
+            g_printerr("ERROR compressed cluster %" G_GUINT64_FORMAT
+                       " with non-zero subcluster allocation bitmap, "
+                       "entry=%#" G_GINT64_MODIFIER "x\n", index, e);
+            c->res->corruptions++;
+        }
+        return;
+    }
+    if (!(e & STRATA_QCOW2_OFFSET_MASK) &&
+        (b & STRATA_QCOW2_BITMAP_ALL_ALLOC)) {
+        g_printerr("ERROR: Unallocated cluster has non-zero subcluster "
+                   "allocation map\n");
+        c->res->corruptions++;
+        return;
+    }
+    if (!strata_qcow2_extl2_valid(e, b)) {
+        g_printerr("ERROR offset=%" G_GINT64_MODIFIER "x: Allocated cluster "
+                   "has corrupted subcluster allocation bitmap\n",
+                   (uint64_t)(e & STRATA_QCOW2_OFFSET_MASK));
+        c->res->corruptions++;
+    }
 }
 
 /* One L2 table's entries; @frag: fragmentation statistics (active tree
@@ -79,9 +106,14 @@ static int check_l2(Check *c, uint64_t l2_offset, bool frag, uint64_t *next)
         return ret;
     }
     for (uint64_t i = 0; i < s->l2_size; i++) {
-        uint64_t e = t[i];
+        uint64_t e = t[i << s->l2_entry_shift];
         uint64_t host = e & STRATA_QCOW2_OFFSET_MASK;
 
+        if (s->extended_l2) {
+            check_bitmap(c, i, e, t[(i << 1) + 1]);
+            /* Bit 0 is not the zero flag there (the bitmap is). */
+            e &= ~STRATA_QCOW2_OFLAG_ZERO;
+        }
         switch (strata_qcow2_l2_entry_type(e)) {
         case STRATA_QCOW2_CLUSTER_COMPRESSED: {
             uint64_t off = e & s->cluster_offset_mask;
@@ -215,7 +247,8 @@ static int check_copied(Check *c)
             return -EIO;
         }
         for (uint64_t j = 0; j < s->l2_size; j++) {
-            uint64_t e = t[j], host = e & STRATA_QCOW2_OFFSET_MASK;
+            uint64_t e = t[j << s->l2_entry_shift];
+            uint64_t host = e & STRATA_QCOW2_OFFSET_MASK;
             StrataQcow2ClusterType ty = strata_qcow2_l2_entry_type(e);
             if ((ty != STRATA_QCOW2_CLUSTER_NORMAL &&
                  ty != STRATA_QCOW2_CLUSTER_ZERO_ALLOC) ||
@@ -232,7 +265,7 @@ static int check_copied(Check *c)
                            G_GINT64_MODIFIER "x refcount=%" G_GUINT64_FORMAT
                            "\n", fix ? "Repairing" : "ERROR", e, rc);
                 if (fix) {
-                    t[j] = e ^ STRATA_QCOW2_OFLAG_COPIED;
+                    t[j << s->l2_entry_shift] = e ^ STRATA_QCOW2_OFLAG_COPIED;
                     l2_dirty = true;
                     c->res->corruptions_fixed++;
                 } else {
@@ -241,7 +274,7 @@ static int check_copied(Check *c)
             }
         }
         if (l2_dirty) {
-            for (uint64_t j = 0; j < s->l2_size; j++) {
+            for (uint64_t j = 0; j < s->cluster_size / 8; j++) {
                 t[j] = GUINT64_TO_BE(t[j]);
             }
             /* The cache must not hold an older copy of this table. */

@@ -7,6 +7,7 @@
 #include <zlib.h>
 #ifdef STRATA_HAVE_ZSTD
 #include <zstd.h>
+#include <zstd_errors.h>
 #endif
 
 #include "qcow2-private.h"
@@ -32,6 +33,39 @@ StrataQcow2ClusterType strata_qcow2_l2_entry_type(uint64_t entry)
     return STRATA_QCOW2_CLUSTER_NORMAL;
 }
 
+bool strata_qcow2_extl2_valid(uint64_t entry, uint64_t bitmap)
+{
+    uint64_t alloc = bitmap & STRATA_QCOW2_BITMAP_ALL_ALLOC;
+
+    if (entry & STRATA_QCOW2_OFLAG_COMPRESSED) {
+        return bitmap == 0;
+    }
+    if (!(entry & STRATA_QCOW2_OFFSET_MASK) && alloc) {
+        return false;
+    }
+    return !(alloc & (bitmap >> 32));
+}
+
+StrataQcow2ClusterType strata_qcow2_subcluster_type(uint64_t entry,
+                                                    uint64_t bitmap,
+                                                    unsigned sc)
+{
+    bool host = entry & STRATA_QCOW2_OFFSET_MASK;
+
+    if (entry & STRATA_QCOW2_OFLAG_COMPRESSED) {
+        return STRATA_QCOW2_CLUSTER_COMPRESSED;
+    }
+    if (bitmap & (1ull << sc)) {
+        return STRATA_QCOW2_CLUSTER_NORMAL;
+    }
+    if (bitmap & (1ull << (32 + sc))) {
+        return host ? STRATA_QCOW2_CLUSTER_ZERO_ALLOC
+                    : STRATA_QCOW2_CLUSTER_ZERO_PLAIN;
+    }
+    return host ? STRATA_QCOW2_CLUSTER_UNALLOCATED_ALLOC
+                : STRATA_QCOW2_CLUSTER_UNALLOCATED;
+}
+
 int strata_qcow2_co_write_header_bytes(StrataQcow2State *s, uint64_t offset,
                                        const void *buf, size_t len)
 {
@@ -44,14 +78,20 @@ int strata_qcow2_co_write_header_bytes(StrataQcow2State *s, uint64_t offset,
     return ret < 0 ? ret : strata_node_co_flush(file_of(s));
 }
 
-int strata_qcow2_co_write_meta(StrataQcow2State *s, int ign, uint64_t offset,
-                               const void *buf, size_t len)
+int strata_qcow2_co_pwrite_meta(StrataQcow2State *s, int ign,
+                                uint64_t offset, const void *buf, size_t len)
 {
     int ret = strata_qcow2_co_pre_write_overlap_check(s, ign, offset, len);
     if (ret < 0) {
         return ret;
     }
-    ret = strata_node_co_pwrite(file_of(s), offset, len, buf, 0);
+    return strata_node_co_pwrite(file_of(s), offset, len, buf, 0);
+}
+
+int strata_qcow2_co_write_meta(StrataQcow2State *s, int ign, uint64_t offset,
+                               const void *buf, size_t len)
+{
+    int ret = strata_qcow2_co_pwrite_meta(s, ign, offset, buf, len);
     return ret < 0 ? ret : strata_node_co_flush(file_of(s));
 }
 
@@ -494,6 +534,103 @@ int strata_qcow2_co_get_l2_slice(StrataQcow2State *s, uint64_t offset,
     return 0;
 }
 
+static bool has_host(StrataQcow2ClusterType t)
+{
+    return t == STRATA_QCOW2_CLUSTER_NORMAL ||
+           t == STRATA_QCOW2_CLUSTER_ZERO_ALLOC ||
+           t == STRATA_QCOW2_CLUSTER_UNALLOCATED_ALLOC;
+}
+
+/*
+ * strata_qcow2_co_get_host_offset() on an extended-L2 image, from entry
+ * @idx of the pinned @slice (released here): a run is a sequence of
+ * subclusters of one type, which may go on into the following entries
+ * (with data, contiguous on the host).
+ */
+static int get_host_offset_ext(StrataQcow2State *s, uint64_t offset,
+                               uint64_t want, uint64_t *slice, uint64_t idx,
+                               uint64_t *bytes, uint64_t *host,
+                               StrataQcow2ClusterType *type)
+{
+    uint64_t in_cluster = strata_qcow2_offset_into_cluster(s, offset);
+    uint64_t scs = s->subcluster_size;
+    uint64_t entry = strata_qcow2_l2_get(s, slice, idx);
+    uint64_t bitmap = strata_qcow2_l2_get_bitmap(s, slice, idx);
+    unsigned sc = (unsigned)(in_cluster >> s->subcluster_bits);
+    uint64_t first_host = entry & STRATA_QCOW2_OFFSET_MASK;
+    uint64_t e = entry, b = bitmap, i = idx, n;
+    StrataQcow2ClusterType t;
+    int ret;
+
+    if (!strata_qcow2_extl2_valid(entry, bitmap)) {
+        strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
+        strata_qcow2_co_signal_corruption(s,
+            "Invalid cluster entry found (guest offset %#" G_GINT64_MODIFIER
+            "x, entry %#" G_GINT64_MODIFIER "x, bitmap %#" G_GINT64_MODIFIER
+            "x)", offset, entry, bitmap);
+        return -EIO;
+    }
+    t = strata_qcow2_subcluster_type(entry, bitmap, sc);
+    if (t == STRATA_QCOW2_CLUSTER_COMPRESSED) {
+        strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
+        *type = t;
+        *host = entry;
+        *bytes = MIN(want, s->cluster_size - in_cluster);
+        return 0;
+    }
+    if (first_host) {
+        ret = check_cluster_offset(s, first_host, "Data cluster", offset);
+        if (ret < 0) {
+            strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
+            return ret;
+        }
+    }
+
+    n = scs - (in_cluster & (scs - 1));
+    sc++;
+    while (n < want) {
+        StrataQcow2ClusterType tt;
+        bool next_entry = sc == STRATA_QCOW2_SUBCLUSTERS;
+
+        if (next_entry) {
+            if (++i >= s->l2_slice_entries) {
+                break;
+            }
+            e = strata_qcow2_l2_get(s, slice, i);
+            b = strata_qcow2_l2_get_bitmap(s, slice, i);
+            if (!strata_qcow2_extl2_valid(e, b) ||
+                (e & STRATA_QCOW2_OFLAG_COPIED) !=
+                (entry & STRATA_QCOW2_OFLAG_COPIED)) {
+                break;
+            }
+            sc = 0;
+        }
+        tt = strata_qcow2_subcluster_type(e, b, sc);
+        if (tt != t) {
+            break;
+        }
+        if (t == STRATA_QCOW2_CLUSTER_NORMAL &&
+            (e & STRATA_QCOW2_OFFSET_MASK) + ((uint64_t)sc << s->subcluster_bits)
+            != first_host + in_cluster + n) {
+            break;
+        }
+        if (next_entry && has_host(t) &&
+            check_cluster_offset(s, e & STRATA_QCOW2_OFFSET_MASK,
+                                 "Data cluster", offset + n) < 0) {
+            break;
+        }
+        n += scs;
+        sc++;
+    }
+    strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
+    *type = t;
+    *bytes = MIN(want, n);
+    if (has_host(t)) {
+        *host = first_host + in_cluster;
+    }
+    return 0;
+}
+
 /* Flags that must agree for neighbouring entries to form one run. */
 #define RUN_FLAGS                                                           \
     (STRATA_QCOW2_OFLAG_COPIED | STRATA_QCOW2_OFLAG_ZERO)
@@ -528,9 +665,13 @@ int strata_qcow2_co_get_host_offset(StrataQcow2State *s, uint64_t offset,
         return 0;
     }
 
-    entry = GUINT64_FROM_BE(slice[idx]);
+    entry = strata_qcow2_l2_get(s, slice, idx);
     if (l2_entry) {
         *l2_entry = entry;
+    }
+    if (s->extended_l2) {
+        return get_host_offset_ext(s, offset, want, slice, idx, bytes, host,
+                                   type);
     }
     t = strata_qcow2_l2_entry_type(entry);
     if (t == STRATA_QCOW2_CLUSTER_COMPRESSED) {
@@ -653,6 +794,62 @@ static int inflate_zstd(const uint8_t *in, size_t in_len, uint8_t *out,
     return ret;
 }
 #endif
+
+static ssize_t deflate_zlib(const uint8_t *in, size_t in_len, uint8_t *out,
+                            size_t out_len)
+{
+    z_stream z;
+    ssize_t ret;
+
+    memset(&z, 0, sizeof(z));
+    /* Raw deflate, 4 KiB window: what QEMU's reader inflates. */
+    if (deflateInit2(&z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9,
+                     Z_DEFAULT_STRATEGY) != Z_OK) {
+        return -ENOMEM;
+    }
+    z.next_in = (Bytef *)in;
+    z.avail_in = (uInt)in_len;
+    z.next_out = out;
+    z.avail_out = (uInt)out_len;
+    ret = deflate(&z, Z_FINISH);
+    if (ret == Z_STREAM_END) {
+        ret = (ssize_t)(out_len - z.avail_out);
+    } else {
+        /* Z_OK or Z_BUF_ERROR: the output did not fit. */
+        ret = -ENOSPC;
+    }
+    deflateEnd(&z);
+    return ret;
+}
+
+#ifdef STRATA_HAVE_ZSTD
+static ssize_t deflate_zstd(const uint8_t *in, size_t in_len, uint8_t *out,
+                            size_t out_len)
+{
+    size_t r = ZSTD_compress(out, out_len, in, in_len, ZSTD_CLEVEL_DEFAULT);
+
+    if (ZSTD_isError(r)) {
+        return ZSTD_getErrorCode(r) == ZSTD_error_dstSize_tooSmall
+            ? -ENOSPC : -EIO;
+    }
+    return (ssize_t)r;
+}
+#endif
+
+ssize_t strata_qcow2_compress(StrataQcow2State *s, const uint8_t *in,
+                              uint8_t *out, size_t out_len)
+{
+    switch (s->hdr.compression_type) {
+    case 0:
+        return deflate_zlib(in, s->cluster_size, out, out_len);
+#ifdef STRATA_HAVE_ZSTD
+    case 1:
+        return deflate_zstd(in, s->cluster_size, out, out_len);
+#endif
+    default:
+        return -ENOTSUP;
+    }
+}
 
 int strata_qcow2_co_read_compressed(StrataQcow2State *s, uint64_t entry)
 {

@@ -143,17 +143,17 @@ static bool write_all(int fd, const void *buf, size_t len, uint64_t off,
     return true;
 }
 
-bool strata_qcow2_create(StrataContext *ctx, const char *filename,
-                         JsonObject *opts, GError **error)
+static bool create_image(StrataContext *ctx, const char *filename,
+                         JsonObject *opts, bool sync, GError **error)
 {
     const char *compat = "1.1", *backing = NULL, *backing_fmt = NULL;
     const char *prealloc = "off", *ctype = "zlib";
     uint64_t size = 0, cluster_size = 65536, refcount_bits = 16;
-    bool lazy = false, extl2 = false, meta;
+    bool lazy = false, extl2 = false, zstd = false, meta;
     uint32_t cluster_bits, refcount_order;
     uint64_t per_l1, l1_size, l1_clusters, l2_count = 0, data_count = 0;
     uint64_t rb_entries, rt_clusters = 1, rb_count = 1, total;
-    uint64_t rt_off, rb_off, l1_off, l2_off, data_off;
+    uint64_t rt_off, rb_off, l1_off, l2_off, data_off, l2_entry_size;
     StrataQcow2Header h;
     g_autofree uint8_t *hdr_buf = NULL;
     g_autofree uint8_t *buf = NULL;
@@ -229,15 +229,41 @@ bool strata_qcow2_create(StrataContext *ctx, const char *filename,
                     "1.1 and above (use compat=1.1 or greater)");
         return false;
     }
-    if (extl2) {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
-                    "Extended L2 entries are not supported yet");
+    if (extl2 && !strcmp(compat, "0.10")) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Extended L2 entries are only supported with "
+                    "compatibility level 1.1 and above (use version=v3 or "
+                    "greater)");
         return false;
     }
-    if (strcmp(ctype, "zlib") != 0) {
+    if (extl2 && cluster_bits < STRATA_QCOW2_MIN_EXTL2_CLUSTER_BITS) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Extended L2 entries are only supported with cluster "
+                    "sizes of at least %u bytes",
+                    1u << STRATA_QCOW2_MIN_EXTL2_CLUSTER_BITS);
+        return false;
+    }
+    /* Extended entries take 16 bytes: the data word, then the bitmap. */
+    l2_entry_size = extl2 ? 16 : 8;
+    if (!strcmp(ctype, "zstd")) {
+#ifdef STRATA_HAVE_ZSTD
+        if (!strcmp(compat, "0.10")) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                        "Compression type selection is only supported with "
+                        "compatibility level 1.1 and above (use version=v3 "
+                        "or greater)");
+            return false;
+        }
+        zstd = true;
+#else
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
-                    "Compression type '%s' is not supported for new images "
-                    "(only zlib)", ctype);
+                    "Compression type 'zstd' is not supported by this "
+                    "build (no libzstd)");
+        return false;
+#endif
+    } else if (strcmp(ctype, "zlib") != 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Invalid parameter '%s'", ctype);
         return false;
     }
     if (backing_fmt && !backing) {
@@ -250,12 +276,14 @@ bool strata_qcow2_create(StrataContext *ctx, const char *filename,
     }
     if (!strcmp(prealloc, "off")) {
         meta = false;
-    } else if (!strcmp(prealloc, "metadata")) {
+    } else if (!strcmp(prealloc, "metadata") || !strcmp(prealloc, "falloc") ||
+               !strcmp(prealloc, "full")) {
+        /* falloc and full map the disk as metadata does; the data
+         * clusters then get their file space too. */
         meta = true;
     } else {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
-                    "Preallocation mode '%s' is not supported (off or "
-                    "metadata)", prealloc);
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Invalid parameter '%s'", prealloc);
         return false;
     }
     if (meta && backing) {
@@ -265,7 +293,7 @@ bool strata_qcow2_create(StrataContext *ctx, const char *filename,
         return false;
     }
 
-    per_l1 = cluster_size * (cluster_size / 8);
+    per_l1 = cluster_size * (cluster_size / l2_entry_size);
     l1_size = size / per_l1 + (size % per_l1 != 0);
     if (l1_size * 8 > STRATA_QCOW2_MAX_L1_BYTES) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
@@ -276,7 +304,8 @@ bool strata_qcow2_create(StrataContext *ctx, const char *filename,
     l1_clusters = MAX((l1_size * 8 + cluster_size - 1) >> cluster_bits, 1u);
     if (meta) {
         data_count = (size + cluster_size - 1) >> cluster_bits;
-        l2_count = (data_count + cluster_size / 8 - 1) / (cluster_size / 8);
+        l2_count = (data_count + cluster_size / l2_entry_size - 1) /
+                   (cluster_size / l2_entry_size);
     }
 
     /* Refcount table and blocks that cover everything, themselves
@@ -316,6 +345,12 @@ bool strata_qcow2_create(StrataContext *ctx, const char *filename,
     h.refcount_table_clusters = (uint32_t)rt_clusters;
     h.refcount_order = refcount_order;
     h.compatible_features = lazy ? STRATA_QCOW2_COMPAT_LAZY_REFCOUNTS : 0;
+    h.incompatible_features = extl2 ? STRATA_QCOW2_INCOMPAT_EXTL2 : 0;
+    if (zstd) {
+        /* A reader that does not know the field must not guess. */
+        h.compression_type = 1;
+        h.incompatible_features |= STRATA_QCOW2_INCOMPAT_COMPRESSION;
+    }
     h.backing_file = g_strdup(backing);
     h.backing_format = g_strdup(backing_fmt);
     hdr_buf = strata_qcow2_header_build(&h, error);
@@ -380,11 +415,14 @@ bool strata_qcow2_create(StrataContext *ctx, const char *filename,
         }
     }
     for (uint64_t t = 0; t < l2_count; t++) {
+        uint64_t per_l2 = cluster_size / l2_entry_size;
         memset(buf, 0, cluster_size);
-        for (uint64_t i = 0; i < cluster_size / 8; i++) {
-            uint64_t k = t * (cluster_size / 8) + i;
+        /* Extended entries keep an empty bitmap: the subclusters read
+         * as zeroes (nothing was written) but own their space. */
+        for (uint64_t i = 0; i < per_l2; i++) {
+            uint64_t k = t * per_l2 + i;
             if (k < data_count) {
-                strata_qcow2_put_be64(buf + i * 8,
+                strata_qcow2_put_be64(buf + i * l2_entry_size,
                                       (data_off + k * cluster_size) |
                                       STRATA_QCOW2_OFLAG_COPIED);
             }
@@ -400,7 +438,25 @@ bool strata_qcow2_create(StrataContext *ctx, const char *filename,
                     "Could not resize '%s': %s", filename, g_strerror(errno));
         goto out;
     }
-    if (fsync(fd) < 0) {
+    if (data_count && !strcmp(prealloc, "falloc")) {
+        int r = posix_fallocate(fd, (off_t)data_off,
+                                (off_t)(data_count * cluster_size));
+        if (r) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                        "Could not preallocate data for '%s': %s", filename,
+                        g_strerror(r));
+            goto out;
+        }
+    } else if (data_count && !strcmp(prealloc, "full")) {
+        memset(buf, 0, cluster_size);
+        for (uint64_t c = 0; c < data_count; c++) {
+            if (!write_all(fd, buf, cluster_size,
+                           data_off + c * cluster_size, filename, error)) {
+                goto out;
+            }
+        }
+    }
+    if (sync && fsync(fd) < 0) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
                     "Could not flush '%s': %s", filename, g_strerror(errno));
         goto out;
@@ -412,4 +468,16 @@ out:
         unlink(filename);
     }
     return ok;
+}
+
+bool strata_qcow2_create(StrataContext *ctx, const char *filename,
+                         JsonObject *opts, GError **error)
+{
+    return create_image(ctx, filename, opts, true, error);
+}
+
+bool strata_qcow2_create_unsynced(StrataContext *ctx, const char *filename,
+                                  JsonObject *opts, GError **error)
+{
+    return create_image(ctx, filename, opts, false, error);
 }

@@ -314,7 +314,15 @@ bool strata_qcow2_header_parse(StrataQcow2Header *h, const uint8_t *buf,
     if (h->size > INT64_MAX) {
         return corrupt(error, "Image is too big");
     }
+    if ((h->incompatible_features & STRATA_QCOW2_INCOMPAT_EXTL2) &&
+        h->cluster_bits < STRATA_QCOW2_MIN_EXTL2_CLUSTER_BITS) {
+        return corrupt(error, "Unsupported subcluster size");
+    }
+    /* Extended L2 entries are twice as wide: half as many per table. */
     per_l1 = cluster_size * (cluster_size / 8);
+    if (h->incompatible_features & STRATA_QCOW2_INCOMPAT_EXTL2) {
+        per_l1 /= 2;
+    }
     needed = h->size / per_l1 + (h->size % per_l1 != 0);
     if (needed > INT32_MAX) {
         return corrupt(error, "Image is too big");
@@ -404,12 +412,6 @@ bool strata_qcow2_header_check_features(const StrataQcow2Header *h,
     if (h->incompatible_features & STRATA_QCOW2_INCOMPAT_DATA_FILE) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
                     "qcow2 images with an external data file are not "
-                    "supported");
-        return false;
-    }
-    if (h->incompatible_features & STRATA_QCOW2_INCOMPAT_EXTL2) {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
-                    "qcow2 images with extended L2 entries are not "
                     "supported");
         return false;
     }

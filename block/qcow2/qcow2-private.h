@@ -10,6 +10,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/types.h>
 #include <glib.h>
 
 #include "../block-private.h"
@@ -50,7 +51,7 @@ extern "C" {
 /* The incompatible bits this driver can open at all. */
 #define STRATA_QCOW2_INCOMPAT_SUPPORTED                                     \
     (STRATA_QCOW2_INCOMPAT_DIRTY | STRATA_QCOW2_INCOMPAT_CORRUPT |          \
-     STRATA_QCOW2_INCOMPAT_COMPRESSION)
+     STRATA_QCOW2_INCOMPAT_COMPRESSION | STRATA_QCOW2_INCOMPAT_EXTL2)
 #define STRATA_QCOW2_COMPAT_LAZY_REFCOUNTS (1ull << 0)
 /* No autoclear feature is implemented: every set bit is cleared before
  * the first write. */
@@ -64,6 +65,13 @@ extern "C" {
 #define STRATA_QCOW2_L1_RESERVED 0x7f000000000001ffull
 #define STRATA_QCOW2_L2_RESERVED 0x3f000000000001feull
 #define STRATA_QCOW2_REFT_OFFSET_MASK 0xfffffffffffffe00ull
+
+/* Extended L2 entries: a second word per entry, the subcluster bitmap
+ * (bit n: subcluster n holds data; bit 32 + n: it reads as zeroes). */
+#define STRATA_QCOW2_SUBCLUSTERS 32u
+#define STRATA_QCOW2_MIN_EXTL2_CLUSTER_BITS 14
+#define STRATA_QCOW2_BITMAP_ALL_ALLOC 0x00000000ffffffffull
+#define STRATA_QCOW2_BITMAP_ALL_ZERO 0xffffffff00000000ull
 
 /* Header byte offsets of fields rewritten on their own. */
 #define STRATA_QCOW2_HDR_SIZE 24
@@ -164,6 +172,7 @@ const char *strata_qcow2_feature_name(const StrataQcow2Header *h,
 /* ------------------------------------------------------------------ */
 
 typedef struct StrataQcow2Cache StrataQcow2Cache;
+typedef struct StrataQcow2LayerMap StrataQcow2LayerMap;
 
 /* A read of guest data from host clusters, between the lookup and the
  * end of its I/O: those clusters are not handed out again meanwhile,
@@ -226,6 +235,10 @@ typedef struct StrataQcow2State {
     uint32_t cluster_bits;
     uint64_t cluster_size;
     uint32_t l2_bits;           /* log2(entries per L2 table) */
+    bool extended_l2;           /* 16-byte entries with subclusters */
+    uint32_t l2_entry_shift;    /* log2(64-bit words per L2 entry) */
+    uint32_t subcluster_bits;   /* = cluster_bits without extended L2 */
+    uint64_t subcluster_size;
     uint64_t l2_size;           /* entries per L2 table */
     uint32_t l2_slice_size;     /* bytes per L2 cache entry */
     uint64_t l2_slice_entries;
@@ -247,6 +260,9 @@ typedef struct StrataQcow2State {
     uint64_t rt_used;
     bool rt_used_valid;
     uint64_t free_cluster_index;
+    /* Where the next compressed cluster may go, packed after the last
+     * one in its host cluster; 0: start a new host cluster. */
+    uint64_t free_byte_offset;
 
     uint32_t csize_shift;
     uint64_t csize_mask;
@@ -254,6 +270,8 @@ typedef struct StrataQcow2State {
 
     StrataQcow2Cache *l2_cache;
     StrataQcow2Cache *refcount_cache;
+    /* Which layer below holds each cluster (layermap.c); NULL: none. */
+    StrataQcow2LayerMap *layer_map;
 
     /* Held across metadata lookups and updates, never across guest data
      * I/O. */
@@ -299,9 +317,67 @@ typedef enum {
     STRATA_QCOW2_CLUSTER_ZERO_ALLOC,
     STRATA_QCOW2_CLUSTER_NORMAL,
     STRATA_QCOW2_CLUSTER_COMPRESSED,
+    /* Extended L2 only: a subcluster of a cluster we hold host space
+     * for that still falls through to the backing file. */
+    STRATA_QCOW2_CLUSTER_UNALLOCATED_ALLOC,
 } StrataQcow2ClusterType;
 
+/* The type of a whole standard entry (for extended entries: whether it
+ * names host storage, which is what refcounting needs). */
 StrataQcow2ClusterType strata_qcow2_l2_entry_type(uint64_t entry);
+
+/* Whether an extended entry's bitmap agrees with its entry: no
+ * subcluster both data and zero, no data without a host cluster, no
+ * bitmap on a compressed cluster. */
+bool strata_qcow2_extl2_valid(uint64_t entry, uint64_t bitmap);
+/* The type of subcluster @sc of a valid extended entry. */
+StrataQcow2ClusterType strata_qcow2_subcluster_type(uint64_t entry,
+                                                    uint64_t bitmap,
+                                                    unsigned sc);
+
+/* Bitmap bits of subclusters [from, to): data and zero halves. */
+static inline uint64_t strata_qcow2_sc_alloc_range(unsigned from,
+                                                   unsigned to)
+{
+    return (1ull << to) - (1ull << from);
+}
+
+static inline uint64_t strata_qcow2_sc_zero_range(unsigned from, unsigned to)
+{
+    return strata_qcow2_sc_alloc_range(from, to) << 32;
+}
+
+/* L2 entry @i of a slice (big-endian on disk and in the cache); with
+ * extended L2 each entry is two words, the bitmap second. */
+static inline uint64_t strata_qcow2_l2_get(const StrataQcow2State *s,
+                                           const uint64_t *slice,
+                                           uint64_t i)
+{
+    return GUINT64_FROM_BE(slice[i << s->l2_entry_shift]);
+}
+
+static inline uint64_t strata_qcow2_l2_get_bitmap(const StrataQcow2State *s,
+                                                  const uint64_t *slice,
+                                                  uint64_t i)
+{
+    return s->extended_l2 ? GUINT64_FROM_BE(slice[(i << 1) + 1]) : 0;
+}
+
+static inline void strata_qcow2_l2_set(const StrataQcow2State *s,
+                                       uint64_t *slice, uint64_t i,
+                                       uint64_t entry)
+{
+    slice[i << s->l2_entry_shift] = GUINT64_TO_BE(entry);
+}
+
+static inline void strata_qcow2_l2_set_bitmap(const StrataQcow2State *s,
+                                              uint64_t *slice, uint64_t i,
+                                              uint64_t bitmap)
+{
+    if (s->extended_l2) {
+        slice[(i << 1) + 1] = GUINT64_TO_BE(bitmap);
+    }
+}
 
 /* Geometry helpers. */
 static inline uint64_t strata_qcow2_offset_into_cluster(
@@ -359,11 +435,33 @@ int strata_qcow2_cache_co_set_dependency(StrataQcow2Cache *c,
 int strata_qcow2_cache_co_write(StrataQcow2Cache *c);
 /* As _co_write, then flushes the file. */
 int strata_qcow2_cache_co_flush(StrataQcow2Cache *c);
+/* The cached copy of the entry at host @offset, or NULL; not pinned:
+ * use it before the next yield. */
+const void *strata_qcow2_cache_peek(StrataQcow2Cache *c, uint64_t offset);
 /* Forgets the entries of the cluster at @offset (it was freed). */
 void strata_qcow2_cache_discard_cluster(StrataQcow2Cache *c,
                                         uint64_t offset,
                                         uint64_t cluster_size);
 bool strata_qcow2_cache_is_dirty(const StrataQcow2Cache *c);
+
+/* What a cache did and holds, for query commands and tests. */
+typedef struct StrataQcow2CacheStats {
+    uint64_t hits, misses;
+    unsigned entries;       /* existing now (memory is allocated lazily) */
+    unsigned max_entries;
+    uint64_t bytes;         /* table memory held now */
+} StrataQcow2CacheStats;
+
+void strata_qcow2_cache_get_stats(const StrataQcow2Cache *c,
+                                  StrataQcow2CacheStats *stats);
+/* Every @seconds (0: never), entries not used since the last tick give
+ * their memory back (cache-clean-interval), on @context's loop. */
+void strata_qcow2_cache_set_clean_interval(StrataQcow2Cache *c,
+                                           GMainContext *context,
+                                           unsigned seconds);
+/* One clean tick now, after forgetting every entry's recent use: frees
+ * all clean unpinned entries. */
+void strata_qcow2_cache_drop_clean(StrataQcow2Cache *c);
 
 /* Cache sizes from options, as QEMU 7.2 derives them. */
 typedef struct StrataQcow2CacheSizes {
@@ -375,6 +473,37 @@ typedef struct StrataQcow2CacheSizes {
 bool strata_qcow2_cache_sizes(JsonObject *options, uint64_t virtual_size,
                               uint32_t cluster_bits,
                               StrataQcow2CacheSizes *sizes, GError **error);
+
+/* ------------------------------------------------------------------ */
+/* layermap.c: which layer of the backing chain holds each cluster     */
+/* ------------------------------------------------------------------ */
+
+/* Coroutine, s->lock not held.  Reads [@offset, + @bytes), which @s
+ * leaves unallocated, as its backing chain shows it: from the layer that
+ * holds each cluster, found in the map without a lookup per layer. */
+int strata_qcow2_co_read_backing(StrataQcow2State *s, uint64_t offset,
+                                 uint64_t bytes, StrataIOVec *qiov,
+                                 size_t qiov_offset);
+/* Which guest clusters @s maps (or their length) changed: the maps of
+ * every node above @s forget what they know.  Not a coroutine. */
+void strata_qcow2_layermap_notify_change(StrataQcow2State *s);
+/* Coroutine, at the end of open: builds @s's whole map when that is
+ * cheap (a small image; the backing's own map to build from). */
+void strata_qcow2_layermap_co_prepare(StrataQcow2State *s);
+void strata_qcow2_layermap_free(StrataQcow2State *s);
+
+typedef struct StrataQcow2LayerMapStats {
+    uint64_t lookups;       /* reads answered from the map */
+    uint64_t composed;      /* regions built from the backing's map */
+    uint64_t walked;        /* regions built by walking the chain */
+    uint64_t resets;        /* times everything was forgotten */
+    unsigned layers;        /* layers below, as the map sees them */
+    unsigned regions_built; /* regions held now */
+} StrataQcow2LayerMapStats;
+
+/* All zero when @s has no map. */
+void strata_qcow2_layermap_get_stats(StrataQcow2State *s,
+                                     StrataQcow2LayerMapStats *stats);
 
 /* ------------------------------------------------------------------ */
 /* refcount.c                                                          */
@@ -435,6 +564,12 @@ int strata_qcow2_co_write_l1_entry(StrataQcow2State *s, uint32_t index);
 /* Grows the active L1 to @min_size entries (new table, header switch). */
 int strata_qcow2_co_grow_l1(StrataQcow2State *s, uint64_t min_size);
 
+/* Compresses one cluster at @in with the image's compression type:
+ * the bytes written to @out (at most @out_len), -ENOSPC when they do
+ * not fit, -ENOTSUP for a type this build cannot write. */
+ssize_t strata_qcow2_compress(StrataQcow2State *s, const uint8_t *in,
+                              uint8_t *out, size_t out_len);
+
 /* Decompresses the cluster of @entry into s->decmp_buf. */
 int strata_qcow2_co_read_compressed(StrataQcow2State *s, uint64_t entry);
 
@@ -461,6 +596,10 @@ bool strata_qcow2_parse_overlap_check(JsonObject *options, int *mask,
  * after the overlap check (kinds in @ign may be overwritten). */
 int strata_qcow2_co_write_meta(StrataQcow2State *s, int ign, uint64_t offset,
                                const void *buf, size_t len);
+/* The same without the flush: for metadata nothing points at yet, made
+ * stable by a later flush that comes before the pointer is written. */
+int strata_qcow2_co_pwrite_meta(StrataQcow2State *s, int ign,
+                                uint64_t offset, const void *buf, size_t len);
 /* Writes a header field range synchronously (write + flush). */
 int strata_qcow2_co_write_header_bytes(StrataQcow2State *s, uint64_t offset,
                                        const void *buf, size_t len);

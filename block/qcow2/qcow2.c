@@ -2,6 +2,7 @@
  * through the cluster map and the backing chain, allocating writes with
  * copy-on-write, zero clusters, discard), flush, resize and query. */
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <stdio.h>
 #include <sys/stat.h>
@@ -102,8 +103,14 @@ static bool open_co_body(StrataQcow2State *s, JsonObject *options,
 
     s->cluster_bits = s->hdr.cluster_bits;
     s->cluster_size = 1ull << s->cluster_bits;
-    s->l2_bits = s->cluster_bits - 3;
+    s->extended_l2 = !!(s->hdr.incompatible_features &
+                        STRATA_QCOW2_INCOMPAT_EXTL2);
+    s->l2_entry_shift = s->extended_l2 ? 1 : 0;
+    s->l2_bits = s->cluster_bits - 3 - s->l2_entry_shift;
     s->l2_size = 1ull << s->l2_bits;
+    s->subcluster_bits = s->cluster_bits -
+                         (s->extended_l2 ? 5 /* 32 subclusters */ : 0);
+    s->subcluster_size = 1ull << s->subcluster_bits;
     s->csize_shift = 62 - (s->cluster_bits - 8);
     s->csize_mask = (1ull << (s->cluster_bits - 8)) - 1;
     s->cluster_offset_mask = (1ull << s->csize_shift) - 1;
@@ -139,18 +146,37 @@ static bool open_co_body(StrataQcow2State *s, JsonObject *options,
     if (strata_qcow2_co_read_snapshots(s, error) < 0) {
         return false;
     }
-    if (!strata_qcow2_cache_sizes(options, s->hdr.size, s->cluster_bits,
-                                  &sizes, error)) {
+    /* The sizes cover the L2 tables of the whole disk at 8 bytes an
+     * entry: extended entries take twice that, as would a disk twice
+     * as large. */
+    if (!strata_qcow2_cache_sizes(options, s->hdr.size << s->l2_entry_shift,
+                                  s->cluster_bits, &sizes, error)) {
         return false;
     }
     s->l2_slice_size = (uint32_t)sizes.l2_slice_size;
-    s->l2_slice_entries = s->l2_slice_size / 8;
+    s->l2_slice_entries = s->l2_slice_size / (8u << s->l2_entry_shift);
     s->l2_cache = strata_qcow2_cache_new(
         s, (unsigned)MIN(sizes.l2_cache_size / s->l2_slice_size,
                          (uint64_t)G_MAXINT), s->l2_slice_size);
     s->refcount_cache = strata_qcow2_cache_new(
         s, (unsigned)MIN(sizes.refcount_cache_size / s->cluster_size,
                          (uint64_t)G_MAXINT), (uint32_t)s->cluster_size);
+    {
+        /* QEMU's default on Linux: unused slices go back after 10 min. */
+        int64_t ci = strata_opts_get_int(options, "cache-clean-interval",
+                                         600);
+        GMainContext *gctx = strata_loop_get_context(s->node->ctx->loop);
+
+        if (ci < 0 || ci > G_MAXUINT32) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                        "Cache clean interval too big");
+            return false;
+        }
+        strata_qcow2_cache_set_clean_interval(s->l2_cache, gctx,
+                                              (unsigned)ci);
+        strata_qcow2_cache_set_clean_interval(s->refcount_cache, gctx,
+                                              (unsigned)ci);
+    }
 
     /* Refcounts left stale by a crash under lazy refcounts are rebuilt
      * before anything is written, as QEMU does on open. */
@@ -331,6 +357,7 @@ static bool open_backing(StrataQcow2State *s, JsonObject *options,
 
 static void qcow2_state_free(StrataQcow2State *s)
 {
+    strata_qcow2_layermap_free(s);
     strata_qcow2_cache_free(s->l2_cache);
     strata_qcow2_cache_free(s->refcount_cache);
     s->l2_cache = s->refcount_cache = NULL;
@@ -355,6 +382,11 @@ static bool file_is_sparse(StrataNode *file)
     file->drv->query_image(file, img);
     actual = json_object_get_int_member_with_default(img, "actual-size", -1);
     return actual >= 0 && actual < file->total_bytes / 2;
+}
+
+static void prepare_co(void *opaque)
+{
+    strata_qcow2_layermap_co_prepare(opaque);
 }
 
 static bool qcow2_open(StrataNode *node, JsonObject *options,
@@ -403,6 +435,7 @@ static bool qcow2_open(StrataNode *node, JsonObject *options,
         }
     }
     s->sparse_file = file_is_sparse(node->file->node);
+    strata_loop_run_co(node->ctx->loop, prepare_co, s);
     return true;
 }
 
@@ -446,33 +479,6 @@ static void qcow2_close(StrataNode *node)
 /* ------------------------------------------------------------------ */
 /* Reads                                                               */
 /* ------------------------------------------------------------------ */
-
-static int read_backing(StrataQcow2State *s, uint64_t offset, uint64_t n,
-                        StrataIOVec *qiov, size_t qiov_offset)
-{
-    StrataNode *b = backing_of(s);
-    int64_t blen = b ? b->total_bytes : 0;
-    uint64_t avail = 0;
-
-    /* The VM state area belongs to this image alone. */
-    if (offset >= strata_qcow2_vm_state_offset(s)) {
-        b = NULL;
-    }
-    if (b && blen > 0 && offset < (uint64_t)blen) {
-        avail = MIN(n, (uint64_t)blen - offset);
-    }
-    if (avail) {
-        int ret = strata_node_co_preadv(b, offset, avail, qiov, qiov_offset,
-                                        0);
-        if (ret < 0) {
-            return ret;
-        }
-    }
-    if (avail < n) {
-        strata_iov_memset(qiov, qiov_offset + avail, 0, n - avail);
-    }
-    return 0;
-}
 
 /* Reads guest bytes without the request path: also used for the
  * copy-on-write of a cluster's untouched parts. */
@@ -527,7 +533,9 @@ static int read_internal(StrataQcow2State *s, uint64_t offset,
             strata_co_mutex_unlock(&s->lock);
             switch (type) {
             case STRATA_QCOW2_CLUSTER_UNALLOCATED:
-                ret = read_backing(s, offset, n, qiov, qiov_offset);
+            case STRATA_QCOW2_CLUSTER_UNALLOCATED_ALLOC:
+                ret = strata_qcow2_co_read_backing(s, offset, n, qiov,
+                                                    qiov_offset);
                 break;
             default:
                 strata_iov_memset(qiov, qiov_offset, 0, n);
@@ -583,6 +591,181 @@ static int check_writable(StrataQcow2State *s)
 }
 
 /*
+ * Reads the parts of the new cluster run [start, end) that a write of
+ * [start + head_len, end - tail_len) leaves alone, into *@buf (free()),
+ * laid out as in the run.  The buffer is aligned for the file so the
+ * merged write (head, guest data, tail) needs no bounce copy.  When the
+ * run is one cluster, head and tail come from one read of the whole
+ * cluster: through a backing chain a second request costs more than the
+ * few bytes of guest data read for nothing.
+ */
+static int cow_read(StrataQcow2State *s, uint64_t start, uint64_t end,
+                    uint64_t head_len, uint64_t tail_len, uint8_t **buf)
+{
+    uint64_t len = end - start;
+    size_t align = MAX(file_of(s)->limits.buf_align, 4096u);
+    StrataIOVec v;
+    void *p = NULL;
+    int ret = 0;
+
+    *buf = NULL;
+    if (!head_len && !tail_len) {
+        return 0;
+    }
+    if (posix_memalign(&p, align, len) != 0) {
+        return -ENOMEM;
+    }
+    *buf = p;
+    if (head_len && tail_len && len == s->cluster_size) {
+        strata_iov_init_buf(&v, p, len);
+        return read_internal(s, start, len, &v, 0);
+    }
+    if (head_len) {
+        strata_iov_init_buf(&v, p, head_len);
+        ret = read_internal(s, start, head_len, &v, 0);
+    }
+    if (ret == 0 && tail_len) {
+        strata_iov_init_buf(&v, *buf + len - tail_len, tail_len);
+        ret = read_internal(s, end - tail_len, tail_len, &v, 0);
+    }
+    return ret;
+}
+
+/* Writes guest [offset, offset + n) from @qiov, widened to [gfrom, gto)
+ * with what the guest reads there now (the copy-on-write of what the
+ * request leaves out), at @host, where guest @gfrom is to live.
+ * s->lock not held. */
+static int write_padded(StrataQcow2State *s, uint64_t gfrom, uint64_t gto,
+                        uint64_t offset, uint64_t n, StrataIOVec *qiov,
+                        size_t qiov_offset, uint64_t host)
+{
+    uint64_t head_len = offset - gfrom, tail_len = gto - (offset + n);
+    uint8_t *cow = NULL;
+    StrataIOVec wv;
+    int ret;
+
+    strata_iov_init(&wv, qiov->niov + 2);
+    ret = cow_read(s, gfrom, gto, head_len, tail_len, &cow);
+    if (head_len) {
+        strata_iov_add(&wv, cow, head_len);
+    }
+    strata_iov_concat(&wv, qiov, qiov_offset, n);
+    if (tail_len) {
+        strata_iov_add(&wv, cow + (gto - gfrom) - tail_len, tail_len);
+    }
+    if (ret == 0) {
+        strata_co_mutex_lock(&s->lock);
+        ret = strata_qcow2_co_pre_write_overlap_check(s, 0, host,
+                                                      gto - gfrom);
+        strata_co_mutex_unlock(&s->lock);
+    }
+    if (ret == 0) {
+        ret = strata_node_co_pwritev(file_of(s), host, gto - gfrom, &wv, 0,
+                                     0);
+    }
+    strata_iov_cleanup(&wv);
+    free(cow);
+    return ret;
+}
+
+/*
+ * The part of a cluster a new host cluster must receive when a write
+ * covers bytes [*from, *to) of it: all of it, except with extended L2,
+ * where it is the written subclusters, widened over every subcluster
+ * with data when the old cluster has some (its entry is replaced).
+ */
+static void cow_extent(StrataQcow2State *s, uint64_t entry, uint64_t bitmap,
+                       uint64_t *from, uint64_t *to)
+{
+    uint64_t scs = s->subcluster_size;
+    uint64_t alloc = bitmap & STRATA_QCOW2_BITMAP_ALL_ALLOC;
+
+    if (!s->extended_l2 || (entry & STRATA_QCOW2_OFLAG_COMPRESSED)) {
+        *from = 0;
+        *to = s->cluster_size;
+        return;
+    }
+    *from &= ~(scs - 1);
+    *to = (*to + scs - 1) & ~(scs - 1);
+    if ((entry & STRATA_QCOW2_OFFSET_MASK) && alloc) {
+        *from = MIN(*from, (uint64_t)__builtin_ctzll(alloc)
+                           << s->subcluster_bits);
+        *to = MAX(*to, (uint64_t)(64 - __builtin_clzll(alloc))
+                       << s->subcluster_bits);
+    }
+}
+
+/* A new alloc covering guest [start, end), registered; s->lock held. */
+static void alloc_begin(StrataQcow2State *s, StrataQcow2Alloc *alloc,
+                        uint64_t start, uint64_t end)
+{
+    alloc->guest_start = start;
+    alloc->guest_end = end;
+    strata_co_queue_init(&alloc->waiters);
+    s->allocs = g_list_prepend(s->allocs, alloc);
+}
+
+static void alloc_end(StrataQcow2State *s, StrataQcow2Alloc *alloc)
+{
+    s->allocs = g_list_remove(s->allocs, alloc);
+    strata_co_queue_restart_all(&alloc->waiters);
+}
+
+/*
+ * Extended L2: a write into subclusters without data (they read as
+ * zeroes or from the backing file) of a cluster we own.  Only the
+ * subclusters it covers in part are completed by copy-on-write; then
+ * the bitmap marks what was written as data.  Called with s->lock held,
+ * which it drops.
+ */
+static int64_t write_subclusters(StrataQcow2State *s, uint64_t offset,
+                                 uint64_t n, uint64_t host,
+                                 StrataIOVec *qiov, size_t qiov_offset)
+{
+    uint64_t scs = s->subcluster_size;
+    uint64_t start = strata_qcow2_start_of_cluster(s, offset);
+    uint64_t gfrom, gto, *slice, idx;
+    StrataQcow2Alloc alloc;
+    int ret;
+
+    n = MIN(n, start + s->cluster_size - offset);
+    gfrom = offset & ~(scs - 1);
+    gto = (offset + n + scs - 1) & ~(scs - 1);
+    /* Two writes into one subcluster would each copy the other's part
+     * from below: they take turns. */
+    alloc_begin(s, &alloc, start, start + s->cluster_size);
+    strata_co_mutex_unlock(&s->lock);
+
+    ret = write_padded(s, gfrom, gto, offset, n, qiov, qiov_offset,
+                       host - (offset - gfrom));
+
+    strata_co_mutex_lock(&s->lock);
+    if (ret == 0) {
+        /* The data reaches the disk before the bitmap that shows it. */
+        ret = strata_qcow2_cache_co_set_dependency(s->l2_cache,
+                                                   s->refcount_cache);
+    }
+    if (ret == 0) {
+        ret = strata_qcow2_co_get_l2_slice(s, offset, true, &slice, &idx);
+    }
+    if (ret == 0) {
+        unsigned from = (unsigned)((gfrom - start) >> s->subcluster_bits);
+        unsigned to = (unsigned)((gto - start) >> s->subcluster_bits);
+        uint64_t b = strata_qcow2_l2_get_bitmap(s, slice, idx);
+
+        b |= strata_qcow2_sc_alloc_range(from, to);
+        b &= ~strata_qcow2_sc_zero_range(from, to);
+        strata_qcow2_l2_set_bitmap(s, slice, idx, b);
+        strata_qcow2_cache_mark_dirty(s->l2_cache, slice);
+        strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
+    }
+    alloc_end(s, &alloc);
+    strata_co_mutex_unlock(&s->lock);
+    return ret < 0 ? ret : (int64_t)n;
+}
+
+
+/*
  * Writes what fits of [offset, offset + bytes) in one run of clusters of
  * the same kind; returns the bytes written or -errno.
  */
@@ -592,11 +775,9 @@ static int64_t write_chunk(StrataQcow2State *s, uint64_t offset,
 {
     uint64_t cs = s->cluster_size;
     uint64_t n, host, entry, start, end, nb;
+    uint64_t from0, to0, fromL, toL;
     StrataQcow2ClusterType type;
     StrataQcow2Alloc alloc;
-    g_autofree uint8_t *head = NULL, *tail = NULL;
-    uint64_t head_len, tail_len;
-    StrataIOVec hv, tv, wv;
     uint64_t *slice;
     uint64_t idx;
     int64_t hoff;
@@ -627,6 +808,11 @@ static int64_t write_chunk(StrataQcow2State *s, uint64_t offset,
                                      0);
         return ret < 0 ? ret : (int64_t)n;
     }
+    if (s->extended_l2 && (entry & STRATA_QCOW2_OFLAG_COPIED) &&
+        (type == STRATA_QCOW2_CLUSTER_ZERO_ALLOC ||
+         type == STRATA_QCOW2_CLUSTER_UNALLOCATED_ALLOC)) {
+        return write_subclusters(s, offset, n, host, qiov, qiov_offset);
+    }
 
     /* A new cluster run: [start, end) in guest space. */
     start = strata_qcow2_start_of_cluster(s, offset);
@@ -638,48 +824,26 @@ static int64_t write_chunk(StrataQcow2State *s, uint64_t offset,
     if (ret < 0) {
         goto unlock;
     }
+    from0 = offset - start;
+    to0 = nb == 1 ? offset + n - start : cs;
+    cow_extent(s, strata_qcow2_l2_get(s, slice, idx),
+               strata_qcow2_l2_get_bitmap(s, slice, idx), &from0, &to0);
+    fromL = nb == 1 ? offset - start : 0;
+    toL = offset + n - (end - cs);
+    cow_extent(s, strata_qcow2_l2_get(s, slice, idx + nb - 1),
+               strata_qcow2_l2_get_bitmap(s, slice, idx + nb - 1), &fromL,
+               &toL);
     strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
     hoff = strata_qcow2_co_alloc_clusters(s, nb * cs);
     if (hoff < 0) {
         ret = (int)hoff;
         goto unlock;
     }
-    alloc.guest_start = start;
-    alloc.guest_end = end;
-    strata_co_queue_init(&alloc.waiters);
-    s->allocs = g_list_prepend(s->allocs, &alloc);
+    alloc_begin(s, &alloc, start, end);
     strata_co_mutex_unlock(&s->lock);
 
-    /* Copy-on-write of the parts of the first and last cluster that the
-     * request does not cover, from whatever they read as now. */
-    head_len = offset - start;
-    tail_len = end - (offset + n);
-    strata_iov_init(&wv, 3);
-    ret = 0;
-    if (head_len) {
-        head = g_malloc(head_len);
-        strata_iov_init_buf(&hv, head, head_len);
-        ret = read_internal(s, start, head_len, &hv, 0);
-        strata_iov_add(&wv, head, head_len);
-    }
-    strata_iov_concat(&wv, qiov, qiov_offset, n);
-    if (ret == 0 && tail_len) {
-        tail = g_malloc(tail_len);
-        strata_iov_init_buf(&tv, tail, tail_len);
-        ret = read_internal(s, offset + n, tail_len, &tv, 0);
-        strata_iov_add(&wv, tail, tail_len);
-    }
-    if (ret == 0) {
-        strata_co_mutex_lock(&s->lock);
-        ret = strata_qcow2_co_pre_write_overlap_check(s, 0, (uint64_t)hoff,
-                                                      end - start);
-        strata_co_mutex_unlock(&s->lock);
-    }
-    if (ret == 0) {
-        ret = strata_node_co_pwritev(file_of(s), (uint64_t)hoff,
-                                     end - start, &wv, 0, 0);
-    }
-    strata_iov_cleanup(&wv);
+    ret = write_padded(s, start + from0, end - cs + toL, offset, n, qiov,
+                       qiov_offset, (uint64_t)hoff + from0);
 
     strata_co_mutex_lock(&s->lock);
     if (ret < 0) {
@@ -696,9 +860,23 @@ static int64_t write_chunk(StrataQcow2State *s, uint64_t offset,
     {
         g_autofree uint64_t *old = g_new(uint64_t, nb);
         for (uint64_t k = 0; k < nb; k++) {
-            old[k] = GUINT64_FROM_BE(slice[idx + k]);
-            slice[idx + k] = GUINT64_TO_BE(((uint64_t)hoff + k * cs) |
-                                           STRATA_QCOW2_OFLAG_COPIED);
+            old[k] = strata_qcow2_l2_get(s, slice, idx + k);
+            strata_qcow2_l2_set(s, slice, idx + k,
+                                ((uint64_t)hoff + k * cs) |
+                                STRATA_QCOW2_OFLAG_COPIED);
+            if (s->extended_l2) {
+                /* Written subclusters hold data now; the others keep
+                 * reading as zeroes or from the backing file. */
+                unsigned f = k == 0 ? (unsigned)(from0 >> s->subcluster_bits)
+                                    : 0;
+                unsigned t = k == nb - 1
+                    ? (unsigned)(toL >> s->subcluster_bits)
+                    : STRATA_QCOW2_SUBCLUSTERS;
+                uint64_t b = strata_qcow2_l2_get_bitmap(s, slice, idx + k);
+                b |= strata_qcow2_sc_alloc_range(f, t);
+                b &= ~strata_qcow2_sc_zero_range(f, t);
+                strata_qcow2_l2_set_bitmap(s, slice, idx + k, b);
+            }
         }
         strata_qcow2_cache_mark_dirty(s->l2_cache, slice);
         strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
@@ -708,11 +886,180 @@ static int64_t write_chunk(StrataQcow2State *s, uint64_t offset,
     }
     s->decmp_host = 0;
 done:
-    s->allocs = g_list_remove(s->allocs, &alloc);
-    strata_co_queue_restart_all(&alloc.waiters);
+    alloc_end(s, &alloc);
 unlock:
     strata_co_mutex_unlock(&s->lock);
     return ret < 0 ? ret : (int64_t)n;
+}
+
+/* ------------------------------------------------------------------ */
+/* Compressed writes                                                   */
+/* ------------------------------------------------------------------ */
+
+/*
+ * Host bytes for @size bytes of compressed data (less than a cluster),
+ * packed after the previous compressed cluster when its host cluster
+ * has room: each compressed cluster holds one reference to the host
+ * cluster it lies in.  s->lock held.
+ */
+static int64_t alloc_compressed(StrataQcow2State *s, uint64_t size)
+{
+    uint64_t off = s->free_byte_offset;
+    uint64_t room = s->cluster_size - strata_qcow2_offset_into_cluster(s, off);
+    uint64_t rc = 0;
+    int ret;
+
+    if (off) {
+        /* A host cluster whose compressed clusters were all freed may
+         * have gone to someone else meanwhile. */
+        ret = strata_qcow2_co_get_refcount(s, off >> s->cluster_bits, &rc);
+        if (ret < 0 || rc == 0 || rc >= s->refcount_max || room < size) {
+            off = 0;
+        }
+    }
+    if (off) {
+        ret = strata_qcow2_co_update_refcount(s, off, size, 1);
+        if (ret < 0) {
+            return ret;
+        }
+    } else {
+        int64_t c = strata_qcow2_co_alloc_clusters(s, s->cluster_size);
+        if (c < 0) {
+            return c;
+        }
+        off = (uint64_t)c;
+    }
+    s->free_byte_offset = off + size;
+    if (!strata_qcow2_offset_into_cluster(s, s->free_byte_offset)) {
+        s->free_byte_offset = 0;
+    }
+    return (int64_t)off;
+}
+
+/* Stores the cluster at guest @offset (@data: one whole cluster) in
+ * @clen compressed bytes at @cdata, replacing whatever was there. */
+static int write_one_compressed(StrataQcow2State *s, uint64_t offset,
+                                const uint8_t *cdata, uint64_t clen)
+{
+    StrataQcow2Alloc alloc;
+    uint64_t *slice, idx, old, entry, nb_add;
+    int64_t coff;
+    int ret;
+
+    strata_co_mutex_lock(&s->lock);
+    while (wait_for_allocs(s, offset, offset + s->cluster_size)) {
+    }
+    /* The L2 table first, then the data, as for any allocation. */
+    ret = strata_qcow2_co_get_l2_slice(s, offset, true, &slice, &idx);
+    if (ret < 0) {
+        goto unlock;
+    }
+    strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
+    coff = alloc_compressed(s, clen);
+    if (coff < 0) {
+        ret = (int)coff;
+        goto unlock;
+    }
+    if ((uint64_t)coff > s->cluster_offset_mask) {
+        /* The descriptor cannot name it (cluster sizes below 16 KiB
+         * leave fewer offset bits than the file may need). */
+        strata_qcow2_co_free_clusters(s, (uint64_t)coff, clen);
+        ret = -EFBIG;
+        goto unlock;
+    }
+    alloc_begin(s, &alloc, offset, offset + s->cluster_size);
+    ret = strata_qcow2_co_pre_write_overlap_check(s, 0, (uint64_t)coff,
+                                                  clen);
+    strata_co_mutex_unlock(&s->lock);
+
+    if (ret == 0) {
+        ret = strata_node_co_pwrite(file_of(s), (uint64_t)coff, clen, cdata,
+                                    0);
+    }
+
+    strata_co_mutex_lock(&s->lock);
+    if (ret == 0) {
+        /* New refcounts and the data before the entry naming them. */
+        ret = strata_qcow2_cache_co_set_dependency(s->l2_cache,
+                                                   s->refcount_cache);
+    }
+    if (ret == 0) {
+        ret = strata_qcow2_co_get_l2_slice(s, offset, true, &slice, &idx);
+    }
+    if (ret < 0) {
+        strata_qcow2_co_free_clusters(s, (uint64_t)coff, clen);
+        goto done;
+    }
+    nb_add = (((uint64_t)coff + clen - 1) >> 9) - ((uint64_t)coff >> 9);
+    entry = (uint64_t)coff | (nb_add << s->csize_shift) |
+            STRATA_QCOW2_OFLAG_COMPRESSED;
+    old = strata_qcow2_l2_get(s, slice, idx);
+    strata_qcow2_l2_set(s, slice, idx, entry);
+    /* Compressed clusters have no subclusters. */
+    strata_qcow2_l2_set_bitmap(s, slice, idx, 0);
+    strata_qcow2_cache_mark_dirty(s->l2_cache, slice);
+    strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
+    strata_qcow2_co_free_l2_entry(s, old);
+    s->decmp_host = 0;
+done:
+    alloc_end(s, &alloc);
+unlock:
+    strata_co_mutex_unlock(&s->lock);
+    return ret;
+}
+
+/*
+ * STRATA_REQ_WRITE_COMPRESSED: whole clusters (the disk's last one may
+ * be partial, and is padded with zeroes), each compressed on its own;
+ * one that does not shrink is written as a normal cluster, as QEMU
+ * does.
+ */
+static int write_compressed(StrataQcow2State *s, uint64_t offset,
+                            uint64_t bytes, StrataIOVec *qiov,
+                            size_t qiov_offset)
+{
+    uint64_t cs = s->cluster_size;
+    g_autofree uint8_t *in = NULL, *out = NULL;
+
+    if (strata_qcow2_offset_into_cluster(s, offset) ||
+        (strata_qcow2_offset_into_cluster(s, bytes) &&
+         offset + bytes != s->hdr.size)) {
+        return -EINVAL;
+    }
+    in = g_malloc(cs);
+    out = g_malloc(cs);
+    while (bytes > 0) {
+        uint64_t n = MIN(bytes, cs);
+        ssize_t clen;
+        int ret;
+
+        strata_iov_to_buf(qiov, qiov_offset, in, n);
+        memset(in + n, 0, cs - n);
+        clen = strata_qcow2_compress(s, in, out, cs - 1);
+        if (clen == -ENOSPC) {
+            StrataIOVec v;
+            strata_iov_init_buf(&v, in, n);
+            for (uint64_t done = 0; done < n;) {
+                int64_t w = write_chunk(s, offset + done, n - done, &v, done);
+                if (w < 0) {
+                    return (int)w;
+                }
+                done += (uint64_t)w;
+            }
+            ret = 0;
+        } else if (clen < 0) {
+            return (int)clen;
+        } else {
+            ret = write_one_compressed(s, offset, out, (uint64_t)clen);
+        }
+        if (ret < 0) {
+            return ret;
+        }
+        offset += n;
+        qiov_offset += n;
+        bytes -= n;
+    }
+    return 0;
 }
 
 static int qcow2_co_pwritev(StrataNode *node, uint64_t offset,
@@ -724,6 +1071,9 @@ static int qcow2_co_pwritev(StrataNode *node, uint64_t offset,
 
     if (ret < 0) {
         return ret;
+    }
+    if (flags & STRATA_REQ_WRITE_COMPRESSED) {
+        return write_compressed(s, offset, bytes, qiov, qiov_offset);
     }
     while (bytes > 0) {
         int64_t n = write_chunk(s, offset, bytes, qiov, qiov_offset);
@@ -761,7 +1111,10 @@ static int write_zero_data(StrataQcow2State *s, uint64_t offset,
 
 typedef enum {
     ZAP_ZERO,          /* write-zeroes: keep our storage (ZERO_ALLOC) */
-    ZAP_ZERO_UNMAP,    /* write-zeroes with unmap, guest discard (v3) */
+    ZAP_ZERO_UNMAP,    /* write-zeroes with unmap (v3): ZERO_PLAIN */
+    ZAP_DISCARD,       /* guest discard (v3): as ZAP_ZERO_UNMAP, but what
+                        * reads as zeroes with nothing below is left
+                        * alone, as QEMU leaves it */
     ZAP_DEALLOCATE,    /* v2 without backing: entry 0 */
 } ZapMode;
 
@@ -785,7 +1138,8 @@ static int zap_clusters(StrataQcow2State *s, uint64_t offset, uint64_t bytes,
             break;
         }
         n = MIN(bytes >> s->cluster_bits, s->l2_slice_entries - idx);
-        if (!slice && (!has_backing || mode == ZAP_DEALLOCATE)) {
+        if (!slice && (mode == ZAP_DEALLOCATE ||
+                       (mode == ZAP_DISCARD && !has_backing))) {
             /* No table: everything here reads as zeroes already. */
             done = n;
         } else {
@@ -808,27 +1162,37 @@ static int zap_clusters(StrataQcow2State *s, uint64_t offset, uint64_t bytes,
             g_autofree uint64_t *freed = g_new0(uint64_t, n);
             bool dirty = false;
             for (uint64_t k = 0; k < n; k++) {
-                uint64_t old = GUINT64_FROM_BE(slice[idx + k]);
+                uint64_t old = strata_qcow2_l2_get(s, slice, idx + k);
+                uint64_t oldb = strata_qcow2_l2_get_bitmap(s, slice, idx + k);
                 StrataQcow2ClusterType t = strata_qcow2_l2_entry_type(old);
-                uint64_t neu;
+                /* With extended L2, zero lives in the bitmap. */
+                uint64_t zero = s->extended_l2 ? 0 : STRATA_QCOW2_OFLAG_ZERO;
+                uint64_t neu, neub = 0;
 
                 if (mode == ZAP_DEALLOCATE) {
                     neu = 0;
-                } else if (t == STRATA_QCOW2_CLUSTER_UNALLOCATED &&
+                } else if (mode == ZAP_DISCARD &&
+                           t == STRATA_QCOW2_CLUSTER_UNALLOCATED &&
                            !has_backing) {
                     continue;
                 } else if (mode == ZAP_ZERO &&
                            (t == STRATA_QCOW2_CLUSTER_NORMAL ||
                             t == STRATA_QCOW2_CLUSTER_ZERO_ALLOC) &&
                            (old & STRATA_QCOW2_OFLAG_COPIED)) {
-                    neu = old | STRATA_QCOW2_OFLAG_ZERO;
+                    neu = old | zero;
+                    neub = STRATA_QCOW2_BITMAP_ALL_ZERO;
                 } else {
-                    neu = STRATA_QCOW2_OFLAG_ZERO;
+                    neu = zero;
+                    neub = STRATA_QCOW2_BITMAP_ALL_ZERO;
                 }
-                if (neu == old) {
+                if (!s->extended_l2) {
+                    neub = 0;
+                }
+                if (neu == old && neub == oldb) {
                     continue;
                 }
-                slice[idx + k] = GUINT64_TO_BE(neu);
+                strata_qcow2_l2_set(s, slice, idx + k, neu);
+                strata_qcow2_l2_set_bitmap(s, slice, idx + k, neub);
                 dirty = true;
                 if ((neu & STRATA_QCOW2_OFFSET_MASK) == 0) {
                     freed[k] = old;
@@ -873,6 +1237,84 @@ static void whole_clusters(StrataQcow2State *s, uint64_t offset,
     }
 }
 
+/* Extended L2: sets the zero bits of the whole subclusters [offset,
+ * offset + bytes) of one cluster; -ENOTSUP for a compressed cluster. */
+static int zero_subclusters(StrataQcow2State *s, uint64_t offset,
+                            uint64_t bytes)
+{
+    uint64_t start = strata_qcow2_start_of_cluster(s, offset);
+    unsigned from = (unsigned)((offset - start) >> s->subcluster_bits);
+    unsigned to = (unsigned)((offset + bytes - start) >> s->subcluster_bits);
+    uint64_t *slice, idx, e, b, nb;
+    int ret;
+
+    strata_co_mutex_lock(&s->lock);
+    while (wait_for_allocs(s, start, start + s->cluster_size)) {
+    }
+    ret = strata_qcow2_co_get_l2_slice(s, offset, false, &slice, &idx);
+    if (ret < 0 || (!slice && !backing_of(s))) {
+        /* No table and nothing below: zeroes already. */
+        goto out;
+    }
+    if (!slice || !(s->l1_table[offset >> (s->l2_bits + s->cluster_bits)] &
+                    STRATA_QCOW2_OFLAG_COPIED)) {
+        if (slice) {
+            strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
+        }
+        ret = strata_qcow2_co_get_l2_slice(s, offset, true, &slice, &idx);
+        if (ret < 0) {
+            goto out;
+        }
+    }
+    e = strata_qcow2_l2_get(s, slice, idx);
+    b = strata_qcow2_l2_get_bitmap(s, slice, idx);
+    if (e & STRATA_QCOW2_OFLAG_COMPRESSED) {
+        ret = -ENOTSUP;
+    } else if (!strata_qcow2_extl2_valid(e, b)) {
+        ret = -EIO;
+    } else {
+        nb = (b | strata_qcow2_sc_zero_range(from, to)) &
+             ~strata_qcow2_sc_alloc_range(from, to);
+        if (nb != b) {
+            strata_qcow2_l2_set_bitmap(s, slice, idx, nb);
+            strata_qcow2_cache_mark_dirty(s->l2_cache, slice);
+        }
+    }
+    strata_qcow2_cache_put(s->l2_cache, (void **)&slice);
+out:
+    strata_co_mutex_unlock(&s->lock);
+    return ret;
+}
+
+/* Zeroes [offset, offset + bytes) inside one cluster: with extended L2
+ * whole subclusters by their zero bits, the rest as data. */
+static int zero_partial(StrataQcow2State *s, uint64_t offset, uint64_t bytes)
+{
+    uint64_t scs = s->subcluster_size;
+    uint64_t end = offset + bytes;
+    uint64_t a = (offset + scs - 1) & ~(scs - 1);
+    uint64_t z = end & ~(scs - 1);
+    int ret;
+
+    if (!s->extended_l2 || a >= z) {
+        return write_zero_data(s, offset, bytes);
+    }
+    if (offset < a) {
+        ret = write_zero_data(s, offset, a - offset);
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    ret = zero_subclusters(s, a, z - a);
+    if (ret == -ENOTSUP) {
+        ret = write_zero_data(s, a, z - a);
+    }
+    if (ret == 0 && end > z) {
+        ret = write_zero_data(s, z, end - z);
+    }
+    return ret;
+}
+
 static int qcow2_co_pwrite_zeroes(StrataNode *node, uint64_t offset,
                                   uint64_t bytes, StrataReqFlags flags)
 {
@@ -895,20 +1337,23 @@ static int qcow2_co_pwrite_zeroes(StrataNode *node, uint64_t offset,
     }
     whole_clusters(s, offset, bytes, &first, &last);
     if (first >= last) {
-        return write_zero_data(s, offset, bytes);
+        /* No whole cluster: a head and perhaps a tail cluster. */
+        first = last = MIN(first, end);
     }
     if (offset < first) {
-        ret = write_zero_data(s, offset, first - offset);
+        ret = zero_partial(s, offset, first - offset);
         if (ret < 0) {
             return ret;
         }
     }
-    ret = zap_clusters(s, first, last - first, mode);
-    if (ret < 0) {
-        return ret;
+    if (first < last) {
+        ret = zap_clusters(s, first, last - first, mode);
+        if (ret < 0) {
+            return ret;
+        }
     }
     if (end > last) {
-        ret = write_zero_data(s, last, end - last);
+        ret = zero_partial(s, last, end - last);
     }
     return ret;
 }
@@ -932,8 +1377,7 @@ static int qcow2_co_pdiscard(StrataNode *node, uint64_t offset,
         return 0;
     }
     return zap_clusters(s, first, last - first,
-                        s->hdr.version < 3 ? ZAP_DEALLOCATE
-                                           : ZAP_ZERO_UNMAP);
+                        s->hdr.version < 3 ? ZAP_DEALLOCATE : ZAP_DISCARD);
 }
 
 static int qcow2_co_flush(StrataNode *node)
@@ -1314,6 +1758,40 @@ static int qcow2_co_change_backing_file(StrataNode *node,
     return 0;
 }
 
+static JsonObject *cache_stats(const StrataQcow2Cache *c)
+{
+    JsonObject *o = json_object_new();
+    StrataQcow2CacheStats st;
+
+    strata_qcow2_cache_get_stats(c, &st);
+    json_object_set_int_member(o, "hits", (gint64)st.hits);
+    json_object_set_int_member(o, "misses", (gint64)st.misses);
+    json_object_set_int_member(o, "entries", st.entries);
+    json_object_set_int_member(o, "max-entries", st.max_entries);
+    json_object_set_int_member(o, "bytes", (gint64)st.bytes);
+    return o;
+}
+
+static void qcow2_query_stats(StrataNode *node, JsonObject *stats)
+{
+    StrataQcow2State *s = node->opaque;
+    StrataQcow2LayerMapStats lm;
+    JsonObject *m = json_object_new();
+
+    json_object_set_object_member(stats, "l2-cache",
+                                  cache_stats(s->l2_cache));
+    json_object_set_object_member(stats, "refcount-cache",
+                                  cache_stats(s->refcount_cache));
+    strata_qcow2_layermap_get_stats(s, &lm);
+    json_object_set_int_member(m, "lookups", (gint64)lm.lookups);
+    json_object_set_int_member(m, "composed", (gint64)lm.composed);
+    json_object_set_int_member(m, "walked", (gint64)lm.walked);
+    json_object_set_int_member(m, "resets", (gint64)lm.resets);
+    json_object_set_int_member(m, "layers", lm.layers);
+    json_object_set_int_member(m, "regions", lm.regions_built);
+    json_object_set_object_member(stats, "layer-map", m);
+}
+
 static void qcow2_query_image(StrataNode *node, JsonObject *image)
 {
     StrataQcow2State *s = node->opaque;
@@ -1350,7 +1828,7 @@ static void qcow2_query_image(StrataNode *node, JsonObject *image)
                                        !!(h->compatible_features &
                                           STRATA_QCOW2_COMPAT_LAZY_REFCOUNTS));
         json_object_set_boolean_member(data, "corrupt", s->corrupt);
-        json_object_set_boolean_member(data, "extended-l2", false);
+        json_object_set_boolean_member(data, "extended-l2", s->extended_l2);
     } else {
         json_object_set_string_member(data, "compression-type", "zlib");
     }
@@ -1406,4 +1884,5 @@ const StrataDriver strata_driver_qcow2 = {
     .reopen_prepare = qcow2_reopen_prepare,
     .reopen_commit = qcow2_reopen_commit,
     .query_image = qcow2_query_image,
+    .query_stats = qcow2_query_stats,
 };

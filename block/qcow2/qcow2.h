@@ -25,8 +25,10 @@ extern "C" {
  *   size (required, bytes, rounded up to 512), compat ("0.10" or "1.1",
  *   default "1.1"), cluster_size (default 65536), backing_file,
  *   backing_fmt, lazy_refcounts, refcount_bits (default 16),
- *   compression_type ("zlib"), extended_l2 (refused when on),
- *   preallocation ("off" or "metadata")
+ *   compression_type ("zlib"), extended_l2 (subclusters; 16 KiB
+ *   clusters at least, compat 1.1),
+ *   preallocation ("off", "metadata", "falloc": data clusters
+ *   fallocated too, "full": written with zeroes)
  *
  * Writes an empty image laid out as `qemu-img create -f qcow2` does.
  *
@@ -34,6 +36,11 @@ extern "C" {
  */
 bool strata_qcow2_create(StrataContext *ctx, const char *filename,
                          JsonObject *opts, GError **error);
+
+/* As strata_qcow2_create(), without the final fsync: for callers that
+ * make many images stable at once (a transaction's overlays). */
+bool strata_qcow2_create_unsynced(StrataContext *ctx, const char *filename,
+                                  JsonObject *opts, GError **error);
 
 /* ------------------------------------------------------------------ */
 /* Internal snapshots                                                  */

@@ -237,11 +237,19 @@ static uint8_t *build_table(StrataQcow2State *s, uint64_t *len)
 }
 
 /* Flushes both caches: dependencies then settle, and what follows can
- * order its own writes. */
+ * order its own writes.  Both caches are written before the one flush
+ * (a dependency still flushes in between, from entry_write), so that a
+ * barrier costs one fdatasync, not two. */
 static int flush_all(StrataQcow2State *s)
 {
-    int ret = strata_qcow2_cache_co_flush(s->l2_cache);
-    return ret < 0 ? ret : strata_qcow2_cache_co_flush(s->refcount_cache);
+    int ret = strata_qcow2_cache_co_write(s->l2_cache);
+    int ret2 = strata_qcow2_cache_co_write(s->refcount_cache);
+
+    if (ret == 0) {
+        ret = ret2;
+    }
+    ret2 = strata_node_co_flush(s->node->file->node);
+    return ret < 0 ? ret : ret2;
 }
 
 /*
@@ -271,9 +279,12 @@ static int write_table(StrataQcow2State *s)
         }
         new_off = (uint64_t)off;
         memcpy(cl, buf, len);
-        ret = flush_all(s);
+        /* The table, its clusters' refcounts and whatever the caller
+         * left in the caches are stable before the header points at
+         * the table: one flush for all. */
+        ret = strata_qcow2_co_pwrite_meta(s, 0, new_off, cl, alloc);
         if (ret == 0) {
-            ret = strata_qcow2_co_write_meta(s, 0, new_off, cl, alloc);
+            ret = flush_all(s);
         }
         if (ret < 0) {
             strata_qcow2_co_free_clusters(s, new_off, alloc);
@@ -376,7 +387,7 @@ static int update_tree_refcounts(StrataQcow2State *s, uint64_t *l1,
                 return ret;
             }
             for (uint64_t j = 0; j < s->l2_slice_entries; j++) {
-                uint64_t e = GUINT64_FROM_BE(slice[j]);
+                uint64_t e = strata_qcow2_l2_get(s, slice, j);
                 uint64_t host = e & STRATA_QCOW2_OFFSET_MASK;
 
                 switch (strata_qcow2_l2_entry_type(e)) {
@@ -423,7 +434,7 @@ static int update_tree_refcounts(StrataQcow2State *s, uint64_t *l1,
                     continue;
                 }
                 if (copied_changes(mode, &e, rc)) {
-                    slice[j] = GUINT64_TO_BE(e);
+                    strata_qcow2_l2_set(s, slice, j, e);
                     dirty = true;
                 }
             }
@@ -456,8 +467,8 @@ fail:
     return 0;
 }
 
-/* Writes the whole active L1 from s->l1_table (write + flush). */
-static int write_active_l1(StrataQcow2State *s)
+/* Writes the whole active L1 from s->l1_table, flushed if @flush. */
+static int write_active_l1(StrataQcow2State *s, bool flush)
 {
     uint64_t bytes = (uint64_t)s->l1_size * 8;
     g_autofree uint8_t *buf = g_malloc0(MAX(bytes, 1));
@@ -465,9 +476,14 @@ static int write_active_l1(StrataQcow2State *s)
     for (uint32_t i = 0; i < s->l1_size; i++) {
         strata_qcow2_put_be64(buf + (uint64_t)i * 8, s->l1_table[i]);
     }
-    return bytes ? strata_qcow2_co_write_meta(s, STRATA_QCOW2_OL_ACTIVE_L1,
+    if (!bytes) {
+        return 0;
+    }
+    return flush ? strata_qcow2_co_write_meta(s, STRATA_QCOW2_OL_ACTIVE_L1,
                                               s->l1_table_offset, buf, bytes)
-                 : 0;
+                 : strata_qcow2_co_pwrite_meta(s, STRATA_QCOW2_OL_ACTIVE_L1,
+                                               s->l1_table_offset, buf,
+                                               bytes);
 }
 
 /* After decrements are on disk: COPIED set again where the active tree
@@ -485,7 +501,7 @@ static int recompute_active_copied(StrataQcow2State *s)
         ret = strata_qcow2_cache_co_flush(s->l2_cache);
     }
     if (ret == 0 && l1_modified) {
-        ret = write_active_l1(s);
+        ret = write_active_l1(s, true);
     }
     return ret;
 }
@@ -656,7 +672,9 @@ static bool create_locked(StrataQcow2State *s,
         for (uint32_t i = 0; i < sn->l1_size; i++) {
             strata_qcow2_put_be64(buf + (uint64_t)i * 8, s->l1_table[i]);
         }
-        ret = strata_qcow2_co_write_meta(s, 0, (uint64_t)off, buf, bytes);
+        /* Nothing points at the copy yet: the flush below makes it
+         * stable along with the COPIED changes. */
+        ret = strata_qcow2_co_pwrite_meta(s, 0, (uint64_t)off, buf, bytes);
         if (ret < 0) {
             set_io_error(error, "Could not write the snapshot L1", ret);
             strata_qcow2_co_free_clusters(s, (uint64_t)off, bytes);
@@ -672,19 +690,17 @@ static bool create_locked(StrataQcow2State *s,
      * in-place write into the snapshot). */
     ret = update_tree_refcounts(s, s->l1_table, s->l1_size, 0, COPIED_CLEAR,
                                 &l1_modified);
-    if (ret == 0) {
-        ret = strata_qcow2_cache_co_flush(s->l2_cache);
-    }
     if (ret == 0 && l1_modified) {
-        ret = write_active_l1(s);
-    }
-    /* 3. One more reference along the active tree. */
-    if (ret == 0) {
-        ret = update_tree_refcounts(s, s->l1_table, s->l1_size, 1,
-                                    COPIED_KEEP, &l1_modified);
+        ret = write_active_l1(s, false);
     }
     if (ret == 0) {
         ret = flush_all(s);
+    }
+    /* 3. One more reference along the active tree; write_table's flush
+     * makes the counts stable before the header names the snapshot. */
+    if (ret == 0) {
+        ret = update_tree_refcounts(s, s->l1_table, s->l1_size, 1,
+                                    COPIED_KEEP, &l1_modified);
     }
     if (ret < 0) {
         /* The counts taken so far leak; nothing points at the copy. */
@@ -761,7 +777,7 @@ static bool apply_locked(StrataQcow2State *s, StrataQcow2Snapshot *sn,
     old_l1 = s->l1_table;
     old_size = s->l1_size;
     s->l1_table = new_l1;
-    ret = write_active_l1(s);
+    ret = write_active_l1(s, true);
     if (ret < 0) {
         s->l1_table = old_l1;
         g_free(new_l1);
@@ -769,6 +785,8 @@ static bool apply_locked(StrataQcow2State *s, StrataQcow2Snapshot *sn,
         return false;
     }
     s->decmp_host = 0;
+    /* Every cluster may map differently now, for the images above too. */
+    strata_qcow2_layermap_notify_change(s);
 
     if (sn->disk_size != s->hdr.size) {
         uint8_t be[8];
@@ -783,6 +801,7 @@ static bool apply_locked(StrataQcow2State *s, StrataQcow2Snapshot *sn,
         s->hdr.size = sn->disk_size;
         s->l1_vm_state_index = (uint32_t)need;
         s->node->total_bytes = (int64_t)sn->disk_size;
+        strata_node_chain_changed(s->node);
     }
 
     /* The old active path's references go; failures only leak. */

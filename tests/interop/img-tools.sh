@@ -141,7 +141,17 @@ cmp -s cat.raw qcat.raw && ok "convert: two inputs concatenated" || bad "convert
 qemu-img create -q -f qcow2 cv5.qcow2 4M
 qio -c 'write -P 9 0 4M' cv5.qcow2
 "$IMG" convert -n -O qcow2 top.qcow2 cv5.qcow2 && compare_ok "convert -n: zeroes written over old data" top.qcow2 cv5.qcow2
-refuse "convert: -c not yet" - convert -c -O qcow2 top.qcow2 x20.qcow2
+for o in compression_type=zlib compression_type=zstd,cluster_size=4k extended_l2=on; do
+    "$IMG" convert -c -O qcow2 -o $o top.qcow2 cc.qcow2 && check_ok "convert -c $o: clean" cc.qcow2
+    compare_ok "convert -c $o: equal" top.qcow2 cc.qcow2
+    qemu-img convert -c -O qcow2 -o $o top.qcow2 qcc.qcow2
+    a=$(qemu-img check cc.qcow2 | grep allocated); b=$(qemu-img check qcc.qcow2 | grep allocated)
+    [ -n "$a" ] && [ "$a" == "$b" ] && ok "convert -c $o: as many compressed clusters as qemu-img's" \
+        || bad "convert -c $o: '$a' vs '$b'"
+done
+refuse "convert -c: raw target" - convert -c -O raw top.qcow2 x20.raw
+grep -q "Compression not supported" err && ok "convert -c raw: says why" || bad "convert -c raw: $(cat err)"
+refuse "convert -c -W" - convert -c -W -O qcow2 top.qcow2 x20.qcow2
 refuse "convert: -m 17" - convert -m 17 -O qcow2 top.qcow2 x21.qcow2
 refuse "convert: unknown -o" - convert -O qcow2 -o foo=1 top.qcow2 x22.qcow2
 grep -q "'foo'" err && ok "convert: -o foo named" || bad "convert: -o foo not named"

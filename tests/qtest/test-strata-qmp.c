@@ -11,6 +11,7 @@
 
 #include "libqtest.h"
 #include "job-helpers.h"
+#include "../unit/test-util.h"
 
 typedef struct {
     int status;         /* exit status, or -1 when killed by a signal */
@@ -278,6 +279,84 @@ START_TEST(test_wait_create_job)
 }
 END_TEST
 
+static gint64 stat_of(QTestState *s, const char *node, const char *group,
+                      const char *member)
+{
+    g_autofree char *req = g_strdup_printf(
+        "{\"execute\": \"x-strata-query-node-stats\", \"arguments\": "
+        "{\"node-name\": \"%s\"}}", node);
+    g_autoptr(JsonNode) r = qtest_qmp(s, req);
+    JsonArray *a;
+    JsonObject *o;
+
+    ck_assert(r && qtest_is_return(r));
+    a = json_object_get_array_member(json_node_get_object(r), "return");
+    ck_assert_uint_eq(json_array_get_length(a), 1);
+    o = json_array_get_object_element(a, 0);
+    ck_assert_str_eq(json_object_get_string_member(o, "node-name"), node);
+    if (!group) {
+        return json_object_has_member(o, "stats");
+    }
+    o = json_object_get_object_member(json_object_get_object_member(
+                                          o, "stats"), group);
+    return json_object_get_int_member(o, member);
+}
+
+/* x-strata-query-node-stats: the qcow2 caches are empty until used (the
+ * memory is taken lazily) and count what a job does. */
+START_TEST(test_node_stats)
+{
+    QTestState *s;
+    const char *args[] = { "--wait", "block-stream", "job-id=s1",
+                           "device=top", NULL };
+    Run r;
+
+    if (!have_qemu_tools()) {
+        return;
+    }
+    s = start_chain();
+    ck_assert_int_gt(stat_of(s, "top", "l2-cache", "max-entries"), 0);
+    ck_assert_int_eq(stat_of(s, "top", "l2-cache", "bytes"), 0);
+    r = run_client(s, args);
+    ck_assert_msg(r.status == 0, "exit %d: %s", r.status, r.err);
+    run_clear(&r);
+    ck_assert_int_gt(stat_of(s, "top", "l2-cache", "entries"), 0);
+    ck_assert_int_gt(stat_of(s, "top", "l2-cache", "bytes"), 0);
+    ck_assert_int_gt(stat_of(s, "top", "l2-cache", "misses") +
+                     stat_of(s, "top", "l2-cache", "hits"), 0);
+    /* Every node is listed; a file node keeps no counters. */
+    {
+        g_autoptr(JsonNode) q = qtest_qmp(
+            s, "{\"execute\": \"x-strata-query-node-stats\"}");
+        JsonArray *a = json_object_get_array_member(
+            json_node_get_object(q), "return");
+        unsigned files = 0, qcow2s = 0;
+
+        for (guint i = 0; i < json_array_get_length(a); i++) {
+            JsonObject *o = json_array_get_object_element(a, i);
+            const char *drv = json_object_get_string_member(o, "driver");
+            if (!strcmp(drv, "file")) {
+                files++;
+                ck_assert(!json_object_has_member(o, "stats"));
+            } else if (!strcmp(drv, "qcow2")) {
+                qcow2s++;
+                ck_assert(json_object_has_member(o, "stats"));
+            }
+        }
+        /* top and base after the stream dropped mid: 2 + 2 files. */
+        ck_assert_uint_ge(qcow2s, 1);
+        ck_assert_uint_eq(files, qcow2s);
+    }
+    fails(s, "{\"execute\": \"x-strata-query-node-stats\", "
+             "\"arguments\": {\"node-name\": \"nope\"}}",
+          "GenericError", "Cannot find node nope");
+    fails(s, "{\"execute\": \"x-strata-query-node-stats\", "
+             "\"arguments\": {\"node-name\": 5}}",
+          "GenericError", NULL);
+    qtest_end(s);
+}
+END_TEST
+
 START_TEST(test_wait_errors)
 {
     QTestState *s = qtest_start(NULL, true);
@@ -313,22 +392,15 @@ END_TEST
 
 int main(void)
 {
-    Suite *su = suite_create("strata-qmp");
-    TCase *tc = tcase_create("wait");
-    SRunner *sr;
-    int failed;
+    const StrataTestCase tests[] = {
+        { "/strata-qmp/wait-stream", test_wait_stream },
+        { "/strata-qmp/wait-ready-and-pivot", test_wait_ready_and_pivot },
+        { "/strata-qmp/wait-cancelled", test_wait_cancelled },
+        { "/strata-qmp/wait-interrupt-cancels", test_wait_interrupt_cancels },
+        { "/strata-qmp/wait-create-job", test_wait_create_job },
+        { "/strata-qmp/wait-errors", test_wait_errors },
+        { "/strata-qmp/node-stats", test_node_stats },
+    };
 
-    tcase_set_timeout(tc, 120);
-    tcase_add_test(tc, test_wait_stream);
-    tcase_add_test(tc, test_wait_ready_and_pivot);
-    tcase_add_test(tc, test_wait_cancelled);
-    tcase_add_test(tc, test_wait_interrupt_cancels);
-    tcase_add_test(tc, test_wait_create_job);
-    tcase_add_test(tc, test_wait_errors);
-    suite_add_tcase(su, tc);
-    sr = srunner_create(su);
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return strata_test_main("strata-qmp", tests, NULL, NULL);
 }

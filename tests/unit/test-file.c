@@ -8,27 +8,8 @@
 #include <sys/wait.h>
 
 #include "driver.h"
+#define STRATA_TEST_CONTEXT
 #include "test-util.h"
-
-static StrataContext *ctx;
-static char *dir;
-
-static void setup(void)
-{
-    g_autoptr(GError) err = NULL;
-
-    ctx = strata_context_new(NULL, NULL, &err);
-    ck_assert_msg(ctx, "%s", err ? err->message : "");
-    dir = strata_test_tmpdir();
-}
-
-static void teardown(void)
-{
-    if (ctx) {
-        strata_context_free(ctx);
-    }
-    strata_test_rmdir(dir);
-}
 
 static StrataNode *add(StrataContext *c, const char *spec, GError **err)
 {
@@ -796,49 +777,32 @@ END_TEST
 
 int main(void)
 {
-    Suite *s = suite_create("file");
+    const StrataTestCase tests[] = {
+        { "/file/open/missing", test_open_missing },
+        { "/file/open/bad-options", test_open_bad_options },
+        { "/file/open/accepted-options", test_open_accepted_options },
+        { "/file/open/native-needs-direct", test_open_native_needs_direct },
+        { "/file/open/io-uring", test_open_io_uring },
+        { "/file/open/directory", test_open_directory },
+        { "/file/rw/default", test_rw_default },
+        { "/file/rw/threads", test_rw_threads },
+        { "/file/rw/short-read", test_short_read_zero_fills },
+        { "/file/direct/unaligned", test_direct_unaligned },
+        { "/file/flush/no-flush", test_flush },
+        { "/file/query", test_length_and_query },
+        { "/file/zeroes/grow", test_zeroes_grow },
+        { "/file/zeroes/unmap", test_zeroes_unmap_punches },
+        { "/file/discard", test_discard },
+        { "/file/block-status/sparse", test_block_status_sparse },
+        { "/file/truncate", test_truncate },
+        { "/file/truncate/read-only", test_truncate_read_only },
+        { "/file/lock/second-context", test_lock_second_context },
+        { "/file/lock/off", test_lock_off },
+        { "/file/lock/bytes", test_lock_bytes_match_qemu },
+        { "/file/lock/qemu-io-holds", test_lock_qemu_io_holds },
+        { "/file/lock/qemu-refused", test_lock_qemu_refused },
+    };
 
-    strata_test_add(s, "/file/open/missing", test_open_missing, setup,
-                    teardown);
-    strata_test_add(s, "/file/open/bad-options", test_open_bad_options,
-                    setup, teardown);
-    strata_test_add(s, "/file/open/accepted-options",
-                    test_open_accepted_options, setup, teardown);
-    strata_test_add(s, "/file/open/native-needs-direct",
-                    test_open_native_needs_direct, setup, teardown);
-    strata_test_add(s, "/file/open/io-uring", test_open_io_uring, setup,
-                    teardown);
-    strata_test_add(s, "/file/open/directory", test_open_directory, setup,
-                    teardown);
-    strata_test_add(s, "/file/rw/default", test_rw_default, setup,
-                    teardown);
-    strata_test_add(s, "/file/rw/threads", test_rw_threads, setup,
-                    teardown);
-    strata_test_add(s, "/file/rw/short-read", test_short_read_zero_fills,
-                    setup, teardown);
-    strata_test_add(s, "/file/direct/unaligned", test_direct_unaligned,
-                    setup, teardown);
-    strata_test_add(s, "/file/flush/no-flush", test_flush, setup, teardown);
-    strata_test_add(s, "/file/query", test_length_and_query, setup,
-                    teardown);
-    strata_test_add(s, "/file/zeroes/grow", test_zeroes_grow, setup,
-                    teardown);
-    strata_test_add(s, "/file/zeroes/unmap", test_zeroes_unmap_punches,
-                    setup, teardown);
-    strata_test_add(s, "/file/discard", test_discard, setup, teardown);
-    strata_test_add(s, "/file/block-status/sparse", test_block_status_sparse,
-                    setup, teardown);
-    strata_test_add(s, "/file/truncate", test_truncate, setup, teardown);
-    strata_test_add(s, "/file/truncate/read-only", test_truncate_read_only,
-                    setup, teardown);
-    strata_test_add(s, "/file/lock/second-context", test_lock_second_context,
-                    setup, teardown);
-    strata_test_add(s, "/file/lock/off", test_lock_off, setup, teardown);
-    strata_test_add(s, "/file/lock/bytes", test_lock_bytes_match_qemu, setup,
-                    teardown);
-    strata_test_add(s, "/file/lock/qemu-io-holds", test_lock_qemu_io_holds,
-                    setup, teardown);
-    strata_test_add(s, "/file/lock/qemu-refused", test_lock_qemu_refused,
-                    setup, teardown);
-    return strata_test_run(s);
+    return strata_test_main("file", tests, strata_test_context_setup,
+                            strata_test_context_teardown);
 }

@@ -1,6 +1,7 @@
 /* Tests of the NBD client driver: against strata's own server in the
  * same process, against qemu-nbd, and against fake servers that break
  * the protocol or vanish. */
+#include <netinet/in.h>
 #include <signal.h>
 
 #include "../interop/nbd-harness.h"
@@ -282,19 +283,28 @@ static void qemu_nbd_stop(QemuNbd *q)
     g_free(q->sock);
 }
 
+/* A qcow2 image of SIZE: 64 KiB of 0x11, then a hole. (transfer full) */
+static char *make_sparse_qcow2(void)
+{
+    g_autofree char *raw = make_raw("src.raw", SIZE, 65536, 0x11);
+    char *img = g_build_filename(dir, "disk.qcow2", NULL);
+
+    ck_assert_int_eq(run_tool(NULL, "qemu-img", "convert", "-O", "qcow2",
+                              raw, img, NULL), 0);
+    return img;
+}
+
 START_TEST(test_qemu_nbd)
 {
     g_autoptr(GError) err = NULL;
-    g_autofree char *raw = make_raw("src.raw", SIZE, 65536, 0x11);
-    g_autofree char *img = g_build_filename(dir, "disk.qcow2", NULL);
+    g_autofree char *img = NULL;
     QemuNbd q;
     StrataNode *c;
 
     if (!have_tool("qemu-nbd") || !have_tool("qemu-img")) {
         return;
     }
-    ck_assert_int_eq(run_tool(NULL, "qemu-img", "convert", "-O", "qcow2",
-                              raw, img, NULL), 0);
+    img = make_sparse_qcow2();
     qemu_nbd_start(&q, img, "qcow2", "disk", false);
     /* open-timeout waits for the socket to appear. */
     c = open_client(q.sock, "disk", ",open-timeout=10", &err);
@@ -309,6 +319,82 @@ START_TEST(test_qemu_nbd)
     ck_assert_int_eq(run_op(c, OP_READ, 0, 4096, buf, 0, NULL), -EIO);
     ck_assert(strata_context_del_node(ctx, "c", &err));
     qemu_nbd_stop(&q);
+}
+END_TEST
+
+/* qemu-storage-daemon's export of the same kind of image. */
+START_TEST(test_qsd)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *img = NULL;
+    g_autofree char *sock = g_build_filename(dir, "qsd.sock", NULL);
+    g_autofree char *bd = NULL;
+    g_autofree char *srv = NULL;
+    ToolRun qsd;
+    StrataNode *c;
+
+    if (!have_tool("qemu-storage-daemon") || !have_tool("qemu-img")) {
+        return;
+    }
+    img = make_sparse_qcow2();
+    bd = g_strdup_printf("driver=qcow2,node-name=disk,file.driver=file,"
+                         "file.filename=%s", img);
+    srv = g_strdup_printf("addr.type=unix,addr.path=%s", sock);
+    const char *argv[] = {
+        "qemu-storage-daemon", "--blockdev", bd, "--nbd-server", srv,
+        "--export", "type=nbd,id=e,node-name=disk,name=disk,writable=on",
+        NULL,
+    };
+    tool_start(&qsd, argv);
+    c = open_client(sock, "disk", ",open-timeout=10", &err);
+    ck_assert_msg(c, "%s", err ? err->message : "");
+    exercise(c);
+    ck_assert(strata_context_del_node(ctx, "c", &err));
+    g_subprocess_send_signal(qsd.proc, SIGTERM);
+    tool_wait(&qsd);
+    tool_finish(&qsd);
+}
+END_TEST
+
+/* TCP on 127.0.0.1: qemu-nbd on a port the kernel just had free. */
+START_TEST(test_inet)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *img = NULL;
+    g_autofree char *port = NULL;
+    g_autofree char *spec = NULL;
+    struct sockaddr_in sin = { .sin_family = AF_INET };
+    socklen_t slen = sizeof(sin);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    ToolRun q;
+    StrataNode *c;
+
+    if (!have_tool("qemu-nbd") || !have_tool("qemu-img")) {
+        close(fd);
+        return;
+    }
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ck_assert_int_eq(bind(fd, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&sin, &slen), 0);
+    port = g_strdup_printf("%d", ntohs(sin.sin_port));
+    close(fd);
+    img = make_sparse_qcow2();
+    const char *argv[] = { "qemu-nbd", "-b", "127.0.0.1", "-p", port,
+                           "-f", "qcow2", "--persistent", "-x", "disk", img,
+                           NULL };
+    tool_start(&q, argv);
+    spec = g_strdup_printf("driver=nbd,node-name=c,server.type=inet,"
+                           "server.host=127.0.0.1,server.port=%s,"
+                           "export=disk,open-timeout=10", port);
+    c = strata_context_add_node_keyval(ctx, spec, &err);
+    ck_assert_msg(c, "%s", err ? err->message : "");
+    g_autofree char *want = g_strdup_printf("nbd://127.0.0.1:%s/disk", port);
+    ck_assert_str_eq(c->filename, want);
+    exercise(c);
+    ck_assert(strata_context_del_node(ctx, "c", &err));
+    g_subprocess_send_signal(q.proc, SIGKILL);
+    tool_wait(&q);
+    tool_finish(&q);
 }
 END_TEST
 
@@ -367,6 +453,165 @@ START_TEST(test_remote_base)
     ck_assert_uint_eq(wlen, SIZE);
     ck_assert(buf_is(got + 65536, 65536, 0x55));
     ck_assert(memcmp(got, want, SIZE) == 0);
+}
+END_TEST
+
+/* ---- reconnecting ---- */
+
+/* Iterates the loop for about @ms milliseconds. */
+static void spin_ms(int ms)
+{
+    int64_t end = strata_clock_ns() + (int64_t)ms * 1000000;
+
+    while (strata_clock_ns() < end) {
+        strata_loop_iterate(ctx->loop, false);
+        g_usleep(1000);
+    }
+}
+
+/* Readers that each read the whole disk in 64 KiB pieces and check it. */
+typedef struct {
+    StrataNode *node;
+    int first;
+    int ret;
+    bool bad_data;
+    int *left;
+} Reader;
+
+static void reader_entry(void *opaque)
+{
+    Reader *rd = opaque;
+    g_autofree uint8_t *buf = g_malloc(65536);
+
+    for (int i = 0; i < SIZE / 65536 && rd->ret == 0; i++) {
+        int blk = (rd->first + i) % (SIZE / 65536);
+        rd->ret = strata_node_co_pread(rd->node, (uint64_t)blk * 65536, 65536,
+                                       buf, 0);
+        if (rd->ret == 0 && !buf_is(buf, 65536, 0x60 + blk)) {
+            rd->bad_data = true;
+        }
+    }
+    (*rd->left)--;
+}
+
+/* A raw image whose 64 KiB block i holds the byte 0x60 + i. */
+static char *make_pattern_raw(const char *name)
+{
+    char *path = strata_test_make_file(dir, name, SIZE, false);
+    g_autofree uint8_t *buf = g_malloc(SIZE);
+    int fd = open(path, O_RDWR);
+
+    for (int i = 0; i < SIZE / 65536; i++) {
+        memset(buf + i * 65536, 0x60 + i, 65536);
+    }
+    ck_assert_int_eq(pwrite(fd, buf, SIZE, 0), SIZE);
+    close(fd);
+    return path;
+}
+
+/* qemu-nbd stopped with requests sent and unanswered, then killed and
+ * started again: with a reconnect-delay the requests in flight are sent
+ * again and every read returns the right data. */
+START_TEST(test_reconnect_qemu_nbd)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *img = make_pattern_raw("disk.raw");
+    Reader rd[8];
+    int left = G_N_ELEMENTS(rd);
+    QemuNbd q;
+    StrataNode *c;
+
+    if (!have_tool("qemu-nbd")) {
+        return;
+    }
+    qemu_nbd_start(&q, img, "raw", "disk", true);
+    c = open_client(q.sock, "disk", ",read-only=on,open-timeout=10,"
+                    "reconnect-delay=30", &err);
+    ck_assert_msg(c, "%s", err ? err->message : "");
+    g_subprocess_send_signal(q.run.proc, SIGSTOP);
+    for (unsigned i = 0; i < G_N_ELEMENTS(rd); i++) {
+        rd[i] = (Reader){ c, i * 2, 0, false, &left };
+        strata_coroutine_enter(strata_coroutine_new(reader_entry, &rd[i]));
+    }
+    spin_ms(100);
+    ck_assert_int_eq(left, G_N_ELEMENTS(rd));
+    g_subprocess_send_signal(q.run.proc, SIGKILL);
+    g_subprocess_send_signal(q.run.proc, SIGCONT);
+    tool_wait(&q.run);
+    tool_finish(&q.run);
+    /* The server is away for a while; nothing fails meanwhile. */
+    spin_ms(500);
+    ck_assert_int_eq(left, G_N_ELEMENTS(rd));
+    g_free(q.sock);
+    qemu_nbd_start(&q, img, "raw", "disk", true);
+    while (left) {
+        strata_loop_iterate(ctx->loop, true);
+    }
+    for (unsigned i = 0; i < G_N_ELEMENTS(rd); i++) {
+        ck_assert_int_eq(rd[i].ret, 0);
+        ck_assert(!rd[i].bad_data);
+    }
+    ck_assert(strata_context_del_node(ctx, "c", &err));
+    qemu_nbd_stop(&q);
+}
+END_TEST
+
+/* Without reconnect-delay a lost connection fails requests at once, yet
+ * the driver reconnects in the background: once the server is back,
+ * later requests work again (as QEMU's driver behaves). */
+START_TEST(test_reconnect_nowait)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *path = make_pattern_raw("disk.raw");
+    uint8_t buf[4096];
+    StrataNode *c;
+    int ret = -EIO;
+
+    add_node("driver=raw,node-name=disk,file.driver=file,file.filename=%s",
+             path);
+    add_export("type=nbd,id=e0,node-name=disk,name=e0");
+    c = open_client(sock_path, "e0", ",read-only=on", &err);
+    ck_assert_msg(c, "%s", err ? err->message : "");
+    ck_assert_int_eq(run_op(c, OP_READ, 65536, 4096, buf, 0, NULL), 0);
+    ck_assert(buf_is(buf, 4096, 0x61));
+    ck_assert(strata_export_del(ctx, "e0", true, &err));
+    spin_ms(50);
+    ck_assert_int_eq(run_op(c, OP_READ, 0, 4096, buf, 0, NULL), -EIO);
+    add_export("type=nbd,id=e0,node-name=disk,name=e0");
+    for (int i = 0; i < 100 && ret < 0; i++) {
+        spin_ms(50);
+        ret = run_op(c, OP_READ, 2 * 65536, 4096, buf, 0, NULL);
+    }
+    ck_assert_int_eq(ret, 0);
+    ck_assert(buf_is(buf, 4096, 0x62));
+}
+END_TEST
+
+/* A server that does not come back within reconnect-delay: waiting
+ * requests fail with -EIO (and closing the node ends the retrying); an
+ * export that comes back with another size is not taken for the old. */
+START_TEST(test_reconnect_expires)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *path = make_pattern_raw("disk.raw");
+    g_autofree char *small = make_raw("small.raw", SIZE / 2, 0, 0);
+    uint8_t buf[4096];
+    StrataNode *c;
+
+    add_node("driver=raw,node-name=disk,file.driver=file,file.filename=%s",
+             path);
+    add_node("driver=raw,node-name=small,file.driver=file,"
+             "file.filename=%s", small);
+    add_export("type=nbd,id=e0,node-name=disk,name=e0");
+    c = open_client(sock_path, "e0", ",read-only=on,reconnect-delay=1",
+                    &err);
+    ck_assert_msg(c, "%s", err ? err->message : "");
+    ck_assert(strata_export_del(ctx, "e0", true, &err));
+    spin_ms(50);
+    add_export("type=nbd,id=e1,node-name=small,name=e0");
+    ck_assert_int_eq(run_op(c, OP_READ, 0, 4096, buf, 0, NULL), -EIO);
+    ck_assert_int_eq(run_op(c, OP_READ, 0, 4096, buf, 0, NULL), -EIO);
+    ck_assert(strata_context_del_node(ctx, "c", &err));
 }
 END_TEST
 
@@ -574,8 +819,16 @@ int main(void)
                     teardown);
     strata_test_add(s, "/nbd-client/qemu-nbd/io", test_qemu_nbd, setup,
                     teardown);
+    strata_test_add(s, "/nbd-client/qsd/io", test_qsd, setup, teardown);
+    strata_test_add(s, "/nbd-client/inet/io", test_inet, setup, teardown);
     strata_test_add(s, "/nbd-client/qemu-nbd/remote-base", test_remote_base,
                     setup, teardown);
+    strata_test_add(s, "/nbd-client/reconnect/qemu-nbd",
+                    test_reconnect_qemu_nbd, setup, teardown);
+    strata_test_add(s, "/nbd-client/reconnect/nowait", test_reconnect_nowait,
+                    setup, teardown);
+    strata_test_add(s, "/nbd-client/reconnect/expires",
+                    test_reconnect_expires, setup, teardown);
     strata_test_add(s, "/nbd-client/fake/open", test_fake_open, setup,
                     teardown);
     strata_test_add(s, "/nbd-client/fake/replies", test_fake_replies, setup,

@@ -273,13 +273,22 @@ START_TEST(test_header_features)
     g_clear_error(&err);
     strata_qcow2_header_cleanup(&p);
 
-    /* Extended L2 and data files are refused clearly. */
+    /* Extended L2 opens, with subclusters of 512 bytes at least. */
     strata_qcow2_put_be64(cl + 72, STRATA_QCOW2_INCOMPAT_EXTL2);
     strata_qcow2_header_init(&p);
     ck_assert(strata_qcow2_header_parse(&p, cl, 1 << 16, &err));
-    ck_assert(!strata_qcow2_header_check_features(&p, false, &err));
-    ck_assert_ptr_nonnull(strstr(err->message, "extended L2"));
+    ck_assert(strata_qcow2_header_check_features(&p, true, &err));
     strata_qcow2_header_cleanup(&p);
+    {
+        uint32_t bits = strata_qcow2_be32(cl + 20);
+        strata_qcow2_put_be32(cl + 20, 13);
+        strata_qcow2_header_init(&p);
+        ck_assert(!strata_qcow2_header_parse(&p, cl, 1 << 16, &err));
+        ck_assert_ptr_nonnull(strstr(err->message, "subcluster"));
+        g_clear_error(&err);
+        strata_qcow2_header_cleanup(&p);
+        strata_qcow2_put_be32(cl + 20, bits);
+    }
 }
 END_TEST
 
@@ -331,9 +340,12 @@ START_TEST(test_cache_sizes)
     ck_assert_uint_eq(sz.l2_cache_size, 8 << 20);
     ck_assert_uint_eq(sz.l2_slice_size, 4096);
     ck_assert_uint_eq(sz.refcount_cache_size, 4 << 16);
-    /* 1 TiB would need 128 MiB: capped at 32 MiB. */
+    /* 1 TiB needs 128 MiB: the default covers it (allocated lazily);
+     * 2 TiB is capped there. */
     ck_assert(strata_qcow2_cache_sizes(NULL, 1ull << 40, 16, &sz, &err));
-    ck_assert_uint_eq(sz.l2_cache_size, 32 << 20);
+    ck_assert_uint_eq(sz.l2_cache_size, 128 << 20);
+    ck_assert(strata_qcow2_cache_sizes(NULL, 2ull << 40, 16, &sz, &err));
+    ck_assert_uint_eq(sz.l2_cache_size, 128 << 20);
     /* 512-byte clusters: slices are whole clusters. */
     ck_assert(strata_qcow2_cache_sizes(NULL, 1 << 20, 9, &sz, &err));
     ck_assert_uint_eq(sz.l2_slice_size, 512);
@@ -482,10 +494,12 @@ START_TEST(test_create_errors)
     g_clear_error(&err);
     json_object_set_int_member(o, "size", 1 << 20);
     json_object_set_string_member(o, "extended_l2", "on");
+    json_object_set_int_member(o, "cluster_size", 8192);
     ck_assert(!strata_qcow2_create(ctx, path, o, &err));
     ck_assert_ptr_nonnull(strstr(err->message, "Extended L2"));
     g_clear_error(&err);
     json_object_remove_member(o, "extended_l2");
+    json_object_remove_member(o, "cluster_size");
     json_object_set_string_member(o, "compat", "0.10");
     json_object_set_int_member(o, "refcount_bits", 1);
     ck_assert(!strata_qcow2_create(ctx, path, o, &err));

@@ -1,0 +1,303 @@
+#!/usr/bin/env python3
+"""NBD benchmarks: strata against QEMU 7.2, side by side in one run.
+
+Two suites (both by default; --suites picks):
+
+  client  (issue 9)  read a whole export of qemu-nbd into a local raw
+          file: `strata-img convert -f raw -O raw nbd+unix://... out`
+          against `qemu-img convert` of the same; every copy is compared
+          with the source (cmp).
+  export  (issue 6)  the same client, `qemu-img bench -f raw
+          nbd+unix://...`, against stratad's export and against
+          qemu-storage-daemon's export of an identical file: 4 KiB random
+          reads and writes at depth 32, 1 MiB sequential reads and writes.
+          Both daemons get the same command line (--blockdev file with
+          cache.direct=on and aio=io_uring, raw on top, --nbd-server,
+          --export writable).  Every sample is checked afterwards with
+          qemu-io reads of the expected pattern through the export.
+
+Method as shared/bench: every row once per side in each repetition, the
+order alternating between repetitions; medians (and minimum) over
+--reps (default 5); a failed or unverified sample has no value and is
+listed under FAILURES (exit status 1).  Times are the tools' own
+("Run completed in" for bench, wall time for convert).
+
+    tests/bench/bench-nbd.py                       # 1 GiB, 5 reps
+    tests/bench/bench-nbd.py --size 256M --reps 2  # a quick look
+"""
+import argparse
+import importlib.util
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.realpath(__file__))
+_spec = importlib.util.spec_from_file_location(
+    "bench_img", os.path.join(HERE, "bench-img.py"))
+bench_img = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_img)
+log, evict, warm = bench_img.log, bench_img.evict, bench_img.warm
+golden_step, parse_size = bench_img.golden_step, bench_img.parse_size
+RUN_RE, MIB = bench_img.RUN_RE, bench_img.MIB
+
+
+def run(argv, **kw):
+    p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       universal_newlines=True, **kw)
+    if p.returncode != 0:
+        raise RuntimeError("%s: status %d: %s" % (" ".join(argv), p.returncode,
+                                                  p.stdout.strip()[-400:]))
+    return p.stdout
+
+
+class Server:
+    """A process serving one export on a UNIX socket until stop()."""
+
+    def __init__(self, argv, sock, pidfile=None):
+        self.sock = sock
+        for p in (sock, pidfile):
+            if p and os.path.exists(p):
+                os.unlink(p)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.time() + 30
+        # QSD creates its sockets while still parsing options: wait for
+        # the pidfile, written once it is ready (see shared/bench).
+        ready = pidfile or sock
+        while not os.path.exists(ready) or not os.path.exists(sock):
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError("%s did not start" % argv[0])
+            time.sleep(0.01)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Row:
+    def __init__(self, suite, name, work, **kw):
+        self.suite, self.name, self.work = suite, name, work
+        self.__dict__.update(kw)
+        self.samples = {"qemu": [], "strata": []}
+        self.failures = []
+
+
+def make_file(path, size, pattern):
+    run(["qemu-img", "create", "-q", "-f", "raw", path, str(size)])
+    run(["qemu-io", "-f", "raw", "-c",
+         "write -P 0x%02x 0 %d" % (pattern, size), path])
+
+
+def qio_check(uri, offsets, length, pattern):
+    cmds = []
+    for off in offsets:
+        cmds += ["-c", "read -P 0x%02x %d %d" % (pattern, off, length)]
+    out = run(["qemu-io", "-f", "raw"] + cmds + [uri])
+    if "Pattern verification failed" in out or "error" in out.lower():
+        raise RuntimeError("verification: %s" % out.strip()[-300:])
+
+
+class Bench:
+    def __init__(self, a):
+        self.a = a
+        self.tmp = tempfile.mkdtemp(prefix="strata-bench-nbd.", dir=a.tmp)
+        self.size = a.size
+
+    def path(self, name):
+        return os.path.join(self.tmp, name)
+
+    # ---- client: convert from qemu-nbd ----
+
+    def client_setup(self):
+        self.src = self.path("src.raw")
+        make_file(self.src, self.size, 0x11)
+        self.nbd_sock = self.path("qnbd.sock")
+        self.qnbd = Server(["qemu-nbd", "-f", "raw", "-r", "-x", "src",
+                            "-e", "4", "--persistent", "-k", self.nbd_sock,
+                            "--pid-file", self.path("qnbd.pid"), self.src],
+                           self.nbd_sock, self.path("qnbd.pid"))
+        return [Row("client", "convert %d MiB from qemu-nbd" %
+                    (self.size // MIB), self.size, uri="nbd+unix:///src?socket=%s"
+                    % self.nbd_sock)]
+
+    def client_sample(self, row, side):
+        tool = self.a.qemu_img if side == "qemu" else self.a.strata_img
+        out = self.path("out.raw")
+        if os.path.exists(out):
+            os.unlink(out)
+        warm(self.src)      # the server's side is the same for both
+        t0 = time.perf_counter()
+        run([tool, "convert", "-f", "raw", "-O", "raw", row.uri, out])
+        t = time.perf_counter() - t0
+        if subprocess.call(["cmp", "-s", out, self.src]) != 0:
+            raise RuntimeError("the copy differs from the source")
+        os.unlink(out)
+        return t
+
+    # ---- export: qemu-img bench through stratad / QSD ----
+
+    def export_setup(self):
+        self.rfile = self.path("read.raw")
+        self.wfile = self.path("write.raw")
+        make_file(self.rfile, self.size, 0x11)
+        make_file(self.wfile, self.size, 0x11)
+        n4k = self.size // 4096
+        step = golden_step(self.size, 4096)
+        sc = self.a.scale
+        rows = [
+            Row("export", "rr4k qd32", "r", bs=4096, count=int(n4k // 4 * sc),
+                step=step, write=False),
+            Row("export", "rw4k qd32", "w", bs=4096, count=int(n4k // 8 * sc),
+                step=step, write=True),
+            Row("export", "sr1m qd32", "r", bs=MIB,
+                count=int(self.size // MIB * sc), step=MIB, write=False),
+            Row("export", "sw1m qd32", "w", bs=MIB,
+                count=int(self.size // MIB * sc), step=MIB, write=True),
+        ]
+        return rows
+
+    def daemon(self, side, f):
+        sock = self.path("%s.sock" % side)
+        pidfile = self.path("%s.pid" % side)
+        exe = self.a.qsd if side == "qemu" else self.a.stratad
+        argv = [exe,
+                "--blockdev", "driver=file,node-name=f,filename=%s,"
+                "cache.direct=on,aio=io_uring" % f,
+                "--blockdev", "driver=raw,node-name=d,file=f",
+                "--nbd-server", "addr.type=unix,addr.path=%s" % sock,
+                "--export", "type=nbd,id=e,node-name=d,name=disk,"
+                "writable=on",
+                "--pidfile", pidfile]
+        return Server(argv, sock, pidfile), "nbd+unix:///disk?socket=%s" % sock
+
+    def export_sample(self, row, side):
+        f = self.rfile if row.work == "r" else self.wfile
+        pattern = 0x5a if side == "qemu" else 0xa5
+        evict(f)
+        srv, uri = self.daemon(side, f)
+        try:
+            argv = [self.a.qemu_img, "bench", "-f", "raw", "-d", "32",
+                    "-c", str(row.count), "-s", str(row.bs),
+                    "-S", str(row.step)]
+            if row.write:
+                argv += ["-w", "--pattern=%d" % pattern]
+            out = run(argv + [uri])
+            m = RUN_RE.search(out)
+            if not m:
+                raise RuntimeError("no run time in: %s" % out[-200:])
+            t = float(m.group(1))
+            # First, second and last request's blocks hold what was
+            # written (writes) or the file's pattern (reads).
+            offs = sorted({(i * row.step) % self.size
+                           for i in (0, 1, row.count - 1)})
+            qio_check(uri, offs, row.bs, pattern if row.write else 0x11)
+        finally:
+            srv.stop()
+        return t
+
+    # ---- the run ----
+
+    def go(self):
+        rows = []
+        try:
+            if "client" in self.a.suites:
+                rows += self.client_setup()
+            if "export" in self.a.suites:
+                rows += self.export_setup()
+            for rep in range(self.a.reps):
+                order = ["qemu", "strata"] if rep % 2 == 0 else ["strata", "qemu"]
+                for row in rows:
+                    for side in order:
+                        fn = self.client_sample if row.suite == "client" \
+                            else self.export_sample
+                        try:
+                            t = fn(row, side)
+                            row.samples[side].append(t)
+                            log("rep %d %s %s: %.3f s" % (rep + 1, row.name,
+                                                          side, t))
+                        except Exception as e:  # noqa: BLE001
+                            row.failures.append("%s rep %d: %s" %
+                                                (side, rep + 1, e))
+                            log("FAILED %s %s: %s" % (row.name, side, e))
+        finally:
+            if getattr(self, "qnbd", None):
+                self.qnbd.stop()
+            if not self.a.keep:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+        return rows
+
+
+def report(rows, reps):
+    out = ["| row | QEMU s, median (min) | strata s, median (min) | "
+           "QEMU rate | strata rate | QEMU/strata (speed-up) |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        q, s = r.samples["qemu"], r.samples["strata"]
+
+        def rate(xs):
+            if not xs:
+                return "—"
+            med = statistics.median(xs)
+            if r.suite == "client":
+                return "%.0f MiB/s" % (r.work / MIB / med)
+            return "%.1fk ops/s" % (r.count / med / 1e3)
+
+        speed = "—"
+        if q and s:
+            speed = "%.2f×" % (statistics.median(q) / statistics.median(s))
+        out.append("| %s | %s | %s | %s | %s | %s |" % (
+            r.name, bench_img.fmt_time(q), bench_img.fmt_time(s), rate(q),
+            rate(s), speed))
+    out.append("")
+    out.append("%d repetitions, sides alternating; QEMU = qemu-img convert "
+               "(client) or qemu-storage-daemon's export (export); speed-up "
+               "= QEMU median time / strata median time (> 1: strata "
+               "faster)." % reps)
+    fails = [(r.name, f) for r in rows for f in r.failures]
+    if fails:
+        out += ["", "FAILURES:"] + ["- %s: %s" % f for f in fails]
+    return "\n".join(out)
+
+
+def main():
+    top = os.path.dirname(os.path.dirname(HERE))
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--suites", default="client,export")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--size", type=parse_size, default=parse_size("1G"))
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="fewer bench requests (export suite)")
+    p.add_argument("--build", default=os.path.join(top, "build"))
+    p.add_argument("--strata-img")
+    p.add_argument("--stratad")
+    p.add_argument("--qemu-img", default=os.environ.get("QEMU_IMG", "qemu-img"))
+    p.add_argument("--qsd", default=os.environ.get("QSD",
+                                                   "qemu-storage-daemon"))
+    p.add_argument("--tmp", default=os.environ.get("STRATA_BENCH_TMP"))
+    p.add_argument("--out", help="also write the table here")
+    p.add_argument("--keep", action="store_true")
+    a = p.parse_args()
+    a.suites = a.suites.split(",")
+    a.strata_img = a.strata_img or os.path.join(a.build, "block", "strata-img")
+    a.stratad = a.stratad or os.path.join(a.build, "qmp", "stratad")
+    rows = Bench(a).go()
+    text = report(rows, a.reps)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text + "\n")
+    return 1 if any(r.failures for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

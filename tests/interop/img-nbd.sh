@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# strata-img on NBD URIs against qemu-img on the same qemu-nbd exports:
+# info, map, compare and convert over nbd+unix://, nbd:// (TCP on
+# 127.0.0.1) and nbd+tcp://, a qcow2 file exported as is (probed as
+# qcow2 through NBD), and bad URIs, unknown exports and absent servers
+# worded as qemu-img words them.
+#
+#   img-nbd.sh PATH/TO/strata-img
+set -uo pipefail
+IMG=$(realpath "${1:?usage: img-nbd.sh PATH/TO/strata-img}")
+. "$(dirname "$(realpath "$0")")/img-lib.sh"
+command -v qemu-nbd >/dev/null || { echo "SKIP: no qemu-nbd"; exit 77; }
+
+pids=()
+cleanup() {
+    for f in "${pids[@]}"; do [ -f "$f" ] && kill -9 "$(cat "$f")"; done
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+# serve NAME FILE FMT ARGS...: qemu-nbd in the background (two clients
+# at once: compare opens the export twice).
+serve() {
+    local name=$1 file=$2 fmt=$3; shift 3
+    qemu-nbd --fork --pid-file="$PWD/$name.pid" -f "$fmt" -x "$name" \
+        -e 2 --persistent "$@" "$file" || bad "qemu-nbd $name"
+    pids+=("$PWD/$name.pid")
+}
+
+qemu-img create -q -f qcow2 disk.qcow2 64M
+qio -c 'write -P 0x11 0 1M' -c 'write -z 4M 1M' -c 'write -P 0x22 8M 64k' \
+    -c 'write -P 0x33 63M 512' disk.qcow2
+cp disk.qcow2 copy.qcow2
+qemu-img convert -O raw disk.qcow2 disk.raw
+
+serve exp disk.qcow2 qcow2 -k "$PWD/s.sock" -r
+U="nbd+unix:///exp?socket=$PWD/s.sock"
+port=$(python3 -c 'import socket; s = socket.socket()
+s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+serve tcp disk.qcow2 qcow2 -b 127.0.0.1 -p "$port" -r
+T="nbd://127.0.0.1:$port/tcp"
+# The image file itself, unparsed: strata-img must probe qcow2 over NBD.
+serve file copy.qcow2 raw -k "$PWD/f.sock" -r
+F="nbd+unix:///file?socket=$PWD/f.sock"
+
+for u in "$U" "$T" "nbd+tcp://127.0.0.1:$port/tcp" \
+         "nbd:unix:$PWD/s.sock:exportname=exp" "$F"; do
+    same "info $u" info "$u"
+    same "info json $u" info --output=json "$u"
+    same "map $u" map "$u"
+    same "map json $u" map --output=json "$u"
+done
+same "info -f raw (the qcow2 bytes)" info -f raw "$F"
+same "map -f raw" map --output=json -f raw "$F"
+
+same "compare uri file" compare "$U" disk.raw
+same "compare file uri" compare disk.raw "$T"
+same "compare strict (allocation differs)" compare -s "$U" disk.raw
+same "compare two exports" compare "$U" "$T"
+same "compare probed qcow2" compare "$F" "$U"
+cp disk.raw other.raw
+qio -f raw -c 'write -P 0x44 9M 4k' other.raw
+same "compare differs" compare "$U" other.raw
+
+"$IMG" convert -O raw "$U" s.raw && qemu-img convert -O raw "$U" q.raw &&
+    cmp -s s.raw q.raw && ok "convert to raw: same bytes" ||
+    bad "convert to raw"
+"$IMG" convert -O qcow2 "$T" s.qcow2 && compare_ok "convert tcp to qcow2" \
+    s.qcow2 disk.raw
+qemu-img convert -O qcow2 "$T" q.qcow2
+same "convert keeps holes (map of result)" map --output=json s.qcow2
+[ "$(qemu-img map --output=json s.qcow2)" == \
+  "$(qemu-img map --output=json q.qcow2)" ] &&
+    ok "convert allocates as qemu-img" || bad "convert allocation"
+"$IMG" convert -O raw "$F" f.raw && cmp -s f.raw disk.raw &&
+    ok "convert of a probed qcow2 export" || bad "convert probed"
+
+same "unknown export" info "nbd+unix:///nope?socket=$PWD/s.sock"
+same "empty export name" info "nbd+unix://?socket=$PWD/s.sock"
+same "no server" info "nbd+unix:///exp?socket=$PWD/none.sock"
+same "refused port" info "nbd://127.0.0.1:1/exp"
+same "no socket" info "nbd+unix:///exp"
+same "extra query" info "nbd+unix:///exp?socket=$PWD/s.sock&x=1"
+same "query on tcp" info "nbd://127.0.0.1:$port/tcp?socket=x"
+same "no host" info "nbd:///exp"
+same "tls scheme" info "nbds://127.0.0.1/exp"
+refuse "convert onto an export refused" - convert -n -O raw disk.raw "$U"
+finish

@@ -1,0 +1,510 @@
+/* Tests of qcow2 backing chains beyond one layer: the layer map (reads
+ * of a deep chain go straight to the layer that holds a cluster) stays
+ * right when upper and lower layers are written, when a snapshot is put
+ * on top, and when the chain is changed under it (as stream and commit
+ * do when they finish); copy-on-write of partial clusters over a chain
+ * with a different pattern in every cluster; the metadata cache's lazy
+ * allocation, counters and clean interval. */
+#include <errno.h>
+#include <string.h>
+
+#include "block-private.h"
+#include "qcow2/qcow2-private.h"
+#include "qcow2/qcow2.h"
+#include "test-util.h"
+
+/* 8 MiB at 4 KiB clusters: 2048 clusters, four L2 tables (regions). */
+#define SIZE (8u << 20)
+#define CS 4096u
+#define NCL (SIZE / CS)
+#define DEPTH 5
+
+static StrataContext *ctx;
+static char *dir;
+
+static void setup(void)
+{
+    g_autoptr(GError) err = NULL;
+    ctx = strata_context_new(NULL, NULL, &err);
+    ck_assert_msg(ctx, "%s", err ? err->message : "");
+    dir = strata_test_tmpdir();
+}
+
+static void teardown(void)
+{
+    strata_context_free(ctx);
+    strata_test_rmdir(dir);
+}
+
+static char *layer_path(int i)
+{
+    g_autofree char *name = g_strdup_printf("l%d.qcow2", i);
+    return g_build_filename(dir, name, NULL);
+}
+
+static void create(int i, const char *backing)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *path = layer_path(i);
+    g_autoptr(JsonObject) o = json_object_new();
+
+    json_object_set_int_member(o, "size", SIZE);
+    json_object_set_int_member(o, "cluster_size", CS);
+    if (backing) {
+        json_object_set_string_member(o, "backing_file", backing);
+        json_object_set_string_member(o, "backing_fmt", "qcow2");
+    }
+    ck_assert_msg(strata_qcow2_create(ctx, path, o, &err), "%s",
+                  err ? err->message : "");
+}
+
+/* Opens layer @i; @backing: a node name, "null", or NULL for the
+ * image's own backing file. */
+static StrataNode *open_layer(int i, const char *backing, bool ro)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *path = layer_path(i);
+    g_autofree char *bk = backing
+        ? (strcmp(backing, "null") ? g_strdup_printf(", \"backing\": \"%s\"",
+                                                     backing)
+                                   : g_strdup(", \"backing\": null"))
+        : g_strdup("");
+    g_autofree char *spec = g_strdup_printf(
+        "{\"driver\": \"qcow2\", \"node-name\": \"n%d\", \"read-only\": %s"
+        "%s, \"file\": {\"driver\": \"file\", \"filename\": \"%s\"}}",
+        i, ro ? "true" : "false", bk, path);
+    StrataNode *n = strata_context_add_node_keyval(ctx, spec, &err);
+
+    ck_assert_msg(n, "%s", err ? err->message : "");
+    return n;
+}
+
+static void close_node(StrataNode *n)
+{
+    g_autoptr(GError) err = NULL;
+    ck_assert_msg(strata_context_del_node(ctx, n->node_name, &err), "%s",
+                  err ? err->message : "");
+}
+
+/* Points @parent's backing edge at @to inside a drained section, as
+ * the jobs do when they finish. */
+static void set_backing(StrataNode *parent, StrataNode *to)
+{
+    g_autoptr(GError) err = NULL;
+    StrataDrainSet *d = strata_drain_set_new(ctx);
+
+    strata_drain_set_add(d, parent);
+    strata_drain_set_add(d, to);
+    ck_assert_msg(strata_child_replace_node(parent->backing, to, &err),
+                  "%s", err ? err->message : "");
+    strata_drain_set_free(d);
+}
+
+typedef struct {
+    StrataNode *node;
+    uint64_t off, len;
+    int val;        /* pattern byte; -1 zero write; -3 read */
+    uint8_t *buf;
+    int ret;
+} IoReq;
+
+static void io_co(void *opaque)
+{
+    IoReq *r = opaque;
+
+    if (r->val == -3) {
+        r->ret = strata_node_co_pread(r->node, r->off, r->len, r->buf, 0);
+    } else if (r->val == -1) {
+        r->ret = strata_node_co_pwrite_zeroes(r->node, r->off, r->len, 0);
+    } else {
+        g_autofree uint8_t *b = g_malloc(r->len);
+        memset(b, r->val, r->len);
+        r->ret = strata_node_co_pwrite(r->node, r->off, r->len, b, 0);
+    }
+}
+
+static void must_io(StrataNode *n, uint64_t off, uint64_t len, int val)
+{
+    IoReq r = { n, off, len, val, NULL, 0 };
+    strata_loop_run_co(ctx->loop, io_co, &r);
+    ck_assert_int_eq(r.ret, 0);
+}
+
+/* What each cluster of the guest view holds: its byte value. */
+typedef struct {
+    uint8_t v[NCL];
+} Model;
+
+/* Reads all of @n and compares with @m in one assertion. */
+static void expect_model(StrataNode *n, const Model *m)
+{
+    g_autofree uint8_t *got = g_malloc(SIZE);
+    g_autofree uint8_t *want = g_malloc(SIZE);
+    IoReq r = { n, 0, SIZE, -3, got, 0 };
+
+    for (unsigned c = 0; c < NCL; c++) {
+        memset(want + (uint64_t)c * CS, m->v[c], CS);
+    }
+    strata_loop_run_co(ctx->loop, io_co, &r);
+    ck_assert_int_eq(r.ret, 0);
+    if (memcmp(got, want, SIZE) != 0) {
+        uint64_t i = 0;
+        while (got[i] == want[i]) {
+            i++;
+        }
+        ck_abort_msg("byte %#" G_GINT64_MODIFIER "x (cluster %u): %#x, "
+                     "expected %#x", i, (unsigned)(i / CS), got[i], want[i]);
+    }
+}
+
+/*
+ * A chain l0 (base) .. l4 (top): layer i writes every cluster c with
+ * c % (i + 2) == 0 (value 0x10 * i + 1 + c % 7), and layer 2 zeroes
+ * every 11th cluster; the rest is unallocated everywhere.
+ */
+static void build_chain(Model *m)
+{
+    memset(m, 0, sizeof(*m));
+    for (int i = 0; i < DEPTH; i++) {
+        g_autofree char *below = i ? g_strdup_printf("l%d.qcow2", i - 1)
+                                   : NULL;
+        StrataNode *n;
+
+        create(i, below);
+        /* With its backing: zero writes must hide what lies below. */
+        n = open_layer(i, NULL, false);
+        for (unsigned c = 0; c < NCL; c++) {
+            if (c % (unsigned)(i + 2) == 0) {
+                int val = 0x10 * i + 1 + (int)(c % 7);
+                must_io(n, (uint64_t)c * CS, CS, val);
+                m->v[c] = (uint8_t)val;
+            } else if (i == 2 && c % 11 == 0) {
+                must_io(n, (uint64_t)c * CS, CS, -1);
+                m->v[c] = 0;
+            }
+        }
+        close_node(n);
+    }
+}
+
+static StrataQcow2LayerMapStats map_stats(StrataNode *n)
+{
+    StrataQcow2LayerMapStats st;
+    strata_qcow2_layermap_get_stats(n->opaque, &st);
+    return st;
+}
+
+START_TEST(test_map_open_and_read)
+{
+    Model m;
+    StrataNode *top;
+    StrataQcow2LayerMapStats st;
+
+    build_chain(&m);
+    /* The whole chain opened from the top's backing file names. */
+    top = open_layer(DEPTH - 1, NULL, true);
+    st = map_stats(top);
+    ck_assert_uint_eq(st.layers, DEPTH - 1);
+    /* Open built every region, from the backing's own map. */
+    ck_assert_uint_eq(st.regions_built, 4);
+    ck_assert_uint_ge(st.composed, 4);
+    expect_model(top, &m);
+    st = map_stats(top);
+    ck_assert_uint_gt(st.lookups, 0);
+    /* Only the top keeps a map. */
+    {
+        StrataNode *below = top->backing->node;
+        StrataQcow2LayerMapStats bst = map_stats(below);
+        ck_assert_uint_eq(bst.regions_built, 0);
+    }
+    close_node(top);
+}
+END_TEST
+
+START_TEST(test_map_lower_writes)
+{
+    Model m;
+    StrataNode *n[DEPTH];
+    StrataQcow2LayerMapStats st;
+
+    build_chain(&m);
+    /* One node per layer, as blockdev-add makes them, all writable. */
+    n[0] = open_layer(0, NULL, false);
+    for (int i = 1; i < DEPTH; i++) {
+        g_autofree char *b = g_strdup_printf("n%d", i - 1);
+        n[i] = open_layer(i, b, false);
+    }
+    expect_model(n[DEPTH - 1], &m);
+    st = map_stats(n[DEPTH - 1]);
+    ck_assert_uint_gt(st.lookups, 0);
+
+    /* Cluster 1 is held by nothing; 2 only by the base; 3 by l1; 4 by
+     * l2.  Writes into intermediate layers must show through the top
+     * wherever nothing between covers them. */
+    must_io(n[1], 1 * CS, CS, 0xa1);        /* unallocated → l1 */
+    must_io(n[1], 2 * CS, CS, 0xa2);        /* over the base */
+    must_io(n[3], 3 * CS, CS, 0xa3);        /* over l1, right below top */
+    must_io(n[0], 13 * CS, CS, 0xa5);       /* held by nobody */
+    must_io(n[1], 14 * CS, CS, -1);         /* zero over base's data */
+    m.v[1] = 0xa1;
+    m.v[2] = 0xa2;
+    m.v[3] = 0xa3;
+    m.v[13] = 0xa5;
+    ck_assert_uint_ne(m.v[14], 0);
+    m.v[14] = 0;
+    /* Writes to the top itself never change what lies below it. */
+    must_io(n[DEPTH - 1], 7 * CS, CS, 0xa7);
+    m.v[7] = 0xa7;
+    expect_model(n[DEPTH - 1], &m);
+    /* A write into l2's region 3 after the map was rebuilt. */
+    must_io(n[2], (NCL - 1) * CS, CS, 0xaf);
+    m.v[NCL - 1] = 0xaf;
+    expect_model(n[DEPTH - 1], &m);
+    st = map_stats(n[DEPTH - 1]);
+    ck_assert_uint_gt(st.resets, 1);
+
+    for (int i = DEPTH - 1; i >= 0; i--) {
+        close_node(n[i]);
+    }
+}
+END_TEST
+
+/* A snapshot on top: the old top becomes a lower layer; writes into it
+ * (as a commit into it would do) show through the new top. */
+START_TEST(test_map_snapshot_on_top)
+{
+    g_autoptr(GError) err = NULL;
+    Model m;
+    StrataNode *top, *over;
+
+    build_chain(&m);
+    top = open_layer(DEPTH - 1, NULL, false);
+    expect_model(top, &m);
+    create(DEPTH, "l4.qcow2");
+    over = open_layer(DEPTH, "null", false);
+    {
+        StrataDrainSet *d = strata_drain_set_new(ctx);
+        strata_drain_set_add(d, top);
+        strata_drain_set_add(d, over);
+        ck_assert_msg(strata_node_append_overlay(top, over, &err), "%s",
+                      err ? err->message : "");
+        strata_drain_set_free(d);
+    }
+    expect_model(over, &m);
+    ck_assert_uint_eq(map_stats(over).layers, DEPTH);
+    must_io(top, 9 * CS, CS, 0xb9);
+    m.v[9] = 0xb9;
+    expect_model(over, &m);
+    close_node(over);
+    close_node(top);
+}
+END_TEST
+
+/* The chain changed under a map: the top's backing replaced by a lower
+ * layer, as stream and commit do when they finish. */
+START_TEST(test_map_chain_change)
+{
+    g_autoptr(GError) err = NULL;
+    Model m, m2;
+    StrataNode *n[DEPTH];
+
+    build_chain(&m);
+    n[0] = open_layer(0, NULL, true);
+    for (int i = 1; i < DEPTH; i++) {
+        g_autofree char *b = g_strdup_printf("n%d", i - 1);
+        n[i] = open_layer(i, b, true);
+    }
+    expect_model(n[DEPTH - 1], &m);
+
+    /* The top over l1 directly: what l2 and l3 held disappears. */
+    memset(&m2, 0, sizeof(m2));
+    for (unsigned c = 0; c < NCL; c++) {
+        for (int i = 1; i >= 0; i--) {
+            if (c % (unsigned)(i + 2) == 0) {
+                m2.v[c] = (uint8_t)(0x10 * i + 1 + c % 7);
+                break;
+            }
+        }
+        if (c % (DEPTH + 1) == 0) {
+            m2.v[c] = (uint8_t)(0x10 * (DEPTH - 1) + 1 + c % 7);
+        }
+    }
+    set_backing(n[DEPTH - 1], n[1]);
+    expect_model(n[DEPTH - 1], &m2);
+    ck_assert_uint_eq(map_stats(n[DEPTH - 1]).layers, 2);
+
+    /* And back: the original view again. */
+    set_backing(n[DEPTH - 1], n[DEPTH - 2]);
+    expect_model(n[DEPTH - 1], &m);
+    for (int i = DEPTH - 1; i >= 0; i--) {
+        close_node(n[i]);
+    }
+}
+END_TEST
+
+/* A lower layer shorter than the top: past its end the chain reads
+ * zeroes even where the layers below it hold data. */
+START_TEST(test_map_short_layer)
+{
+    g_autoptr(GError) err = NULL;
+    Model m;
+    StrataNode *n[DEPTH];
+
+    build_chain(&m);
+    n[0] = open_layer(0, NULL, false);
+    for (int i = 1; i < DEPTH; i++) {
+        g_autofree char *b = g_strdup_printf("n%d", i - 1);
+        n[i] = open_layer(i, b, false);
+    }
+    expect_model(n[DEPTH - 1], &m);
+    /* l3's backing becomes an empty image half as long over l1. */
+    {
+        g_autoptr(JsonObject) o = json_object_new();
+        g_autofree char *p = g_build_filename(dir, "half.qcow2", NULL);
+        g_autofree char *spec = NULL;
+        StrataNode *half;
+        json_object_set_int_member(o, "size", SIZE / 2);
+        json_object_set_int_member(o, "cluster_size", CS);
+        ck_assert(strata_qcow2_create(ctx, p, o, &err));
+        spec = g_strdup_printf(
+            "{\"driver\": \"qcow2\", \"node-name\": \"half\", \"backing\": "
+            "\"n1\", \"file\": {\"driver\": \"file\", \"filename\": "
+            "\"%s\"}}", p);
+        half = strata_context_add_node_keyval(ctx, spec, &err);
+        ck_assert_msg(half, "%s", err ? err->message : "");
+        set_backing(n[3], half);
+        for (unsigned c = 0; c < NCL; c++) {
+            bool top_has = c % (DEPTH + 1) == 0;
+            bool l3_has = c % 5 == 0;
+            if (c >= NCL / 2 && !top_has && !l3_has) {
+                m.v[c] = 0;
+            } else if (c < NCL / 2 && !top_has && !l3_has) {
+                /* half holds nothing: l1 then the base show through. */
+                m.v[c] = c % 3 == 0 ? (uint8_t)(0x10 + 1 + c % 7)
+                       : c % 2 == 0 ? (uint8_t)(1 + c % 7) : 0;
+            }
+        }
+        expect_model(n[DEPTH - 1], &m);
+        close_node(n[DEPTH - 1]);
+        close_node(n[3]);
+        close_node(half);
+    }
+    for (int i = 2; i >= 0; i--) {
+        close_node(n[i]);
+    }
+}
+END_TEST
+
+/* Partial writes over a chain whose every cluster differs: the copied
+ * head and tail must come from the right place. */
+START_TEST(test_cow_over_chain)
+{
+    Model m;
+    StrataNode *top;
+    g_autofree uint8_t *want = g_malloc(SIZE);
+    g_autofree uint8_t *got = g_malloc(SIZE);
+    IoReq r;
+    static const struct { uint64_t off, len; } w[] = {
+        { 2 * CS + 512, 1024 },         /* head and tail */
+        { 4 * CS, 1536 },               /* tail only */
+        { 6 * CS + 3584, 512 },         /* head only */
+        { 8 * CS + 2048, 3 * CS },      /* over three clusters */
+        { 20 * CS + 100, 77 },          /* unaligned */
+    };
+
+    build_chain(&m);
+    top = open_layer(DEPTH - 1, NULL, false);
+    for (unsigned c = 0; c < NCL; c++) {
+        memset(want + (uint64_t)c * CS, m.v[c], CS);
+    }
+    for (unsigned i = 0; i < G_N_ELEMENTS(w); i++) {
+        must_io(top, w[i].off, w[i].len, 0xc0 + (int)i);
+        memset(want + w[i].off, 0xc0 + (int)i, w[i].len);
+    }
+    r = (IoReq){ top, 0, SIZE, -3, got, 0 };
+    strata_loop_run_co(ctx->loop, io_co, &r);
+    ck_assert_int_eq(r.ret, 0);
+    ck_assert(memcmp(got, want, SIZE) == 0);
+    close_node(top);
+}
+END_TEST
+
+START_TEST(test_cache_lazy)
+{
+    StrataNode *n;
+    StrataQcow2State *s;
+    StrataQcow2CacheStats st;
+    Model m;
+
+    memset(&m, 0, sizeof(m));
+    create(0, NULL);
+    n = open_layer(0, NULL, false);
+    s = n->opaque;
+    strata_qcow2_cache_get_stats(s->l2_cache, &st);
+    /* Sized to map the whole image, but nothing allocated yet. */
+    ck_assert_uint_eq(st.max_entries, 4);
+    ck_assert_uint_eq(st.entries, 0);
+    ck_assert_uint_eq(st.bytes, 0);
+    must_io(n, 0, CS, 0x11);
+    m.v[0] = 0x11;
+    expect_model(n, &m);
+    strata_qcow2_cache_get_stats(s->l2_cache, &st);
+    ck_assert_uint_eq(st.entries, 1);       /* one L2 table in use */
+    ck_assert_uint_eq(st.bytes, CS);
+    ck_assert_uint_gt(st.hits, 0);
+    ck_assert_uint_ge(st.misses, 1);
+    /* Dirty entries stay; clean ones go. */
+    strata_qcow2_cache_drop_clean(s->l2_cache);
+    strata_qcow2_cache_get_stats(s->l2_cache, &st);
+    ck_assert_uint_eq(st.entries, 1);
+    close_node(n);
+    n = open_layer(0, NULL, false);
+    s = n->opaque;
+    expect_model(n, &m);
+    strata_qcow2_cache_drop_clean(s->l2_cache);
+    strata_qcow2_cache_get_stats(s->l2_cache, &st);
+    ck_assert_uint_eq(st.entries, 0);
+    ck_assert_uint_eq(st.bytes, 0);
+    /* And reloads on the next use. */
+    expect_model(n, &m);
+    close_node(n);
+}
+END_TEST
+
+START_TEST(test_cache_clean_interval_option)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *path = NULL;
+    g_autofree char *spec = NULL;
+
+    create(0, NULL);
+    path = layer_path(0);
+    spec = g_strdup_printf("driver=qcow2,cache-clean-interval=-1,"
+                           "file.driver=file,file.filename=%s", path);
+    ck_assert_ptr_null(strata_context_add_node_keyval(ctx, spec, &err));
+    ck_assert_ptr_nonnull(strstr(err->message, "clean interval"));
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("qcow2-chain");
+
+    strata_test_add(s, "/qcow2/layermap/open-and-read",
+                    test_map_open_and_read, setup, teardown);
+    strata_test_add(s, "/qcow2/layermap/lower-writes", test_map_lower_writes,
+                    setup, teardown);
+    strata_test_add(s, "/qcow2/layermap/snapshot-on-top",
+                    test_map_snapshot_on_top, setup, teardown);
+    strata_test_add(s, "/qcow2/layermap/chain-change", test_map_chain_change,
+                    setup, teardown);
+    strata_test_add(s, "/qcow2/layermap/short-layer", test_map_short_layer,
+                    setup, teardown);
+    strata_test_add(s, "/qcow2/cow/over-chain", test_cow_over_chain, setup,
+                    teardown);
+    strata_test_add(s, "/qcow2/cache/lazy", test_cache_lazy, setup,
+                    teardown);
+    strata_test_add(s, "/qcow2/cache/clean-interval-option",
+                    test_cache_clean_interval_option, setup, teardown);
+    return strata_test_run(s);
+}
