@@ -234,8 +234,7 @@ int strata_img_compare(int argc, char **argv)
         strata_img_error_exit("Expecting two image file names");
     }
     for (int i = 0; i < 2; i++) {
-        if (oo[i].fmt && !strata_img_format_known(oo[i].fmt)) {
-            strata_img_error("Unknown file format '%s'", oo[i].fmt);
+        if (!strata_img_check_format(oo[i].fmt)) {
             return 2;
         }
     }

@@ -142,21 +142,11 @@ int strata_img_snapshot(int argc, char **argv)
     int ret = 1, c;
 
     optind = 1;
-    for (;;) {
+    while ((c = strata_img_getopt(argc, argv, ":la:c:d:f:hqU",
+                                  long_options, snapshot_help)) != -1) {
         Action a = ACTION_NONE;
 
-        c = getopt_long(argc, argv, ":la:c:d:f:hqU", long_options, NULL);
-        if (c == -1) {
-            break;
-        }
         switch (c) {
-        case ':':
-            strata_img_missing_argument(argv[optind - 1]);
-        case '?':
-            strata_img_unrecognized_option(argv[optind - 1]);
-        case 'h':
-            snapshot_help();
-            return 0;
         case 'f':
             oo.fmt = optarg;
             break;
