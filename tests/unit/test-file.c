@@ -53,6 +53,15 @@ static void read_plain(const char *path, void *buf, size_t len, off_t off)
     close(fd);
 }
 
+static void drop_cache(const char *path, off_t off, off_t len)
+{
+    int fd = open(path, O_RDONLY);
+
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(posix_fadvise(fd, off, len, POSIX_FADV_DONTNEED), 0);
+    close(fd);
+}
+
 static struct stat stat_path(const char *path)
 {
     struct stat st;
@@ -320,6 +329,23 @@ static void check_rw(const char *aio)
     memset(back, 0, 200000);
     ck_assert_int_eq(node_read(n, 12345, 200000, back), 0);
     ck_assert_int_eq(memcmp(buf, back, 200000), 0);
+    /* Not cached, then half cached: buffered reads that miss the page
+     * cache take another path than hits. */
+    drop_cache(path, 0, 0);
+    memset(back, 0, 200000);
+    ck_assert_int_eq(node_read(n, 12345, 200000, back), 0);
+    ck_assert_int_eq(memcmp(buf, back, 200000), 0);
+    drop_cache(path, 65536, 0);
+    memset(back, 0, 200000);
+    ck_assert_int_eq(node_read(n, 12345, 200000, back), 0);
+    ck_assert_int_eq(memcmp(buf, back, 200000), 0);
+    /* Small reads take the page cache inline when they can. */
+    drop_cache(path, 0, 0);
+    for (int i = 0; i < 2; i++) {
+        memset(back, 0, 8192);
+        ck_assert_int_eq(node_read(n, 100000, 8192, back), 0);
+        ck_assert_int_eq(memcmp(buf + 100000 - 12345, back, 8192), 0);
+    }
 }
 
 START_TEST(test_rw_default)
