@@ -422,6 +422,10 @@ int strata_node_co_pdiscard(StrataNode *node, uint64_t offset,
                             uint64_t bytes);
 int strata_node_co_flush(StrataNode *node);
 /* Resizes; @exact: the node must get exactly @offset bytes. */
+/* Tells @node (a format driver's file child) that the format is about
+ * to do what @event names, for fault injection: see the driver field
+ * debug_event.  A no-op for every driver but blkdebug. */
+void strata_node_debug_event(StrataNode *node, const char *event);
 int strata_node_co_truncate(StrataNode *node, uint64_t offset, bool exact,
                             GError **error);
 /* Refreshes the cached length from the driver: the length or -errno.

@@ -15,8 +15,12 @@
 #include "mirror-private.h"
 #include "driver.h"
 
+/* QEMU's chunk (a range that fails is one BLOCK_JOB_ERROR, as in QEMU),
+ * and buffer space for six (3 MiB), shared by up to 16 smaller copies,
+ * where QEMU copies one chunk at a time: with the file preallocated
+ * ahead of the writes, reads and writes then overlap. */
 #define COMMIT_CHUNK (512 * 1024)
-#define COMMIT_IN_FLIGHT 4
+#define COMMIT_IN_FLIGHT 6
 
 typedef struct CommitJob {
     StrataJob common;
@@ -109,7 +113,9 @@ static GPtrArray *overlay_edges(StrataNode *top)
 static bool commit_prepare(StrataJob *job, GError **error)
 {
     CommitJob *c = (CommitJob *)job;
-    g_autoptr(GPtrArray) edges = overlay_edges(c->top);
+    /* The overlays reach top through the job's filter. */
+    g_autoptr(GPtrArray) edges = overlay_edges(job->filter ? job->filter
+                                                           : c->top);
     bool ok = true;
 
     strata_node_ref(c->top);
@@ -391,6 +397,12 @@ bool strata_commit_start(StrataContext *ctx, JsonObject *args,
         if (n == base) {
             break;
         }
+    }
+    if (!strata_job_insert_filter(job, "commit_top", top, filter_name, true,
+                                  error)) {
+        commit_clean(job);
+        strata_job_early_fail(job);
+        return false;
     }
     strata_job_start(job);
     return true;

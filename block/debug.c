@@ -67,6 +67,10 @@ typedef struct DebugRule {
     uint64_t range_start, range_len;
     uint64_t after;         /* matching requests still let through */
     bool spent;             /* a once rule that fired */
+    /* The format above raised this rule's event (a metadata event such
+     * as l2_update): requests match it from then on, as QEMU's active
+     * rules do, until another raised event with rules replaces it. */
+    bool armed;
 } DebugRule;
 
 /* A write the volatile cache holds and has not given to the image. */
@@ -431,7 +435,7 @@ static bool rule_matches(DebugState *s, DebugRule *rule, IoType type,
 {
     if (rule->spent || !(rule->iotypes & (1u << type)) ||
         (rule->state && rule->state != s->state) ||
-        !event_fires(rule->event, type)) {
+        (!rule->armed && !event_fires(rule->event, type))) {
         return false;
     }
     if (rule->has_range) {
@@ -479,6 +483,25 @@ static int rule_check(StrataNode *node, IoType type, uint64_t offset,
         return -err;
     }
     return 0;
+}
+
+/* The format driver above raised @event: its rules become the armed
+ * ones (an event without rules leaves the armed set alone, as in
+ * QEMU). */
+static void debug_debug_event(StrataNode *node, const char *event)
+{
+    DebugState *s = node->opaque;
+    bool any = false;
+
+    for (unsigned i = 0; i < s->nrules; i++) {
+        any |= !strcmp(s->rules[i].event, event);
+    }
+    if (!any) {
+        return;
+    }
+    for (unsigned i = 0; i < s->nrules; i++) {
+        s->rules[i].armed = !strcmp(s->rules[i].event, event);
+    }
 }
 
 /* ---- the volatile cache ---- */
@@ -1120,4 +1143,5 @@ const StrataDriver strata_driver_blkdebug = {
     .co_block_status = debug_co_block_status,
     .co_truncate = debug_co_truncate,
     .reopen_prepare = debug_reopen_prepare,
+    .debug_event = debug_debug_event,
 };

@@ -191,6 +191,12 @@ struct StrataDriver {
     /* Loop.  Adds the driver's counters (caches and the like) to
      * @stats, for x-strata-query-node-stats.  NULL: none. */
     void (*query_stats)(StrataNode *node, JsonObject *stats);
+
+    /* Loop or coroutine.  A format driver above this node is about to do
+     * what @event (one of QEMU's blkdebug event names, "l2_update", …)
+     * names; blkdebug arms its rules for that event.  NULL: ignored
+     * (events do not pass through other drivers, as in QEMU). */
+    void (*debug_event)(StrataNode *node, const char *event);
 };
 
 #ifdef __cplusplus

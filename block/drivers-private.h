@@ -10,5 +10,7 @@ extern const StrataDriver strata_driver_null_co;
 extern const StrataDriver strata_driver_blkdebug;
 extern const StrataDriver strata_driver_qcow2;
 extern const StrataDriver strata_driver_nbd;
+extern const StrataDriver strata_driver_copy_on_read;
+extern const StrataDriver strata_driver_commit_top;
 
 #endif

@@ -11,6 +11,8 @@ const StrataDriver *const strata_driver_table[] = {
     &strata_driver_blkdebug,
     &strata_driver_qcow2,
     &strata_driver_nbd,
+    &strata_driver_copy_on_read,
+    &strata_driver_commit_top,
     NULL,
 };
 

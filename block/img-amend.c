@@ -154,19 +154,9 @@ int strata_img_amend(int argc, char **argv)
     int target_version;
 
     optind = 1;
-    for (;;) {
-        c = getopt_long(argc, argv, ":ho:f:t:pq", long_options, NULL);
-        if (c == -1) {
-            break;
-        }
+    while ((c = strata_img_getopt(argc, argv, ":ho:f:t:pq",
+                                  long_options, amend_help)) != -1) {
         switch (c) {
-        case ':':
-            strata_img_missing_argument(argv[optind - 1]);
-        case '?':
-            strata_img_unrecognized_option(argv[optind - 1]);
-        case 'h':
-            amend_help();
-            return 0;
         case 'o':
             strata_img_append_options(&options, optarg);
             break;
@@ -174,8 +164,7 @@ int strata_img_amend(int argc, char **argv)
             oo.fmt = optarg;
             break;
         case 't':
-            if (!strata_img_parse_cache_mode(optarg, &oo)) {
-                strata_img_error("Invalid cache option: %s", optarg);
+            if (!strata_img_cache_option(optarg, &oo, false)) {
                 return 1;
             }
             break;
@@ -191,10 +180,7 @@ int strata_img_amend(int argc, char **argv)
     if (!options) {
         strata_img_error_exit("Must specify options (-o)");
     }
-    if (optind != argc - 1) {
-        strata_img_error_exit("Expecting one image file name");
-    }
-    filename = argv[optind];
+    filename = strata_img_one_filename(argc, argv);
     if (oo.image_opts) {
         strata_img_error("amend takes a file name, not --image-opts");
         return 1;

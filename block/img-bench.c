@@ -193,20 +193,9 @@ int strata_img_bench(int argc, char **argv)
     int ret = 1;
     int c;
 
-    for (;;) {
-        c = getopt_long(argc, argv, ":hc:d:f:ni:o:qs:S:t:wU", long_options,
-                        NULL);
-        if (c == -1) {
-            break;
-        }
+    while ((c = strata_img_getopt(argc, argv, ":hc:d:f:ni:o:qs:S:t:wU",
+                                  long_options, bench_help)) != -1) {
         switch (c) {
-        case ':':
-            strata_img_missing_argument(argv[optind - 1]);
-        case '?':
-            strata_img_unrecognized_option(argv[optind - 1]);
-        case 'h':
-            bench_help();
-            return 0;
         case 'c':
             if (!strata_img_parse_uint(optarg, INT_MAX, &count) ||
                 count == 0) {
@@ -303,10 +292,7 @@ int strata_img_bench(int argc, char **argv)
         }
     }
 
-    if (optind != argc - 1) {
-        strata_img_error_exit("Expecting one image file name");
-    }
-    filename = argv[optind];
+    filename = strata_img_one_filename(argc, argv);
 
     if (oo.image_opts && oo.fmt) {
         strata_img_error("--image-opts and --format are mutually exclusive");

@@ -139,19 +139,9 @@ int strata_img_check(int argc, char **argv)
     int ret = 1, c;
 
     optind = 1;
-    for (;;) {
-        c = getopt_long(argc, argv, ":hf:r:T:qU", long_options, NULL);
-        if (c == -1) {
-            break;
-        }
+    while ((c = strata_img_getopt(argc, argv, ":hf:r:T:qU",
+                                  long_options, check_help)) != -1) {
         switch (c) {
-        case ':':
-            strata_img_missing_argument(argv[optind - 1]);
-        case '?':
-            strata_img_unrecognized_option(argv[optind - 1]);
-        case 'h':
-            check_help();
-            return 0;
         case 'f':
             oo.fmt = optarg;
             break;
@@ -167,8 +157,7 @@ int strata_img_check(int argc, char **argv)
             }
             break;
         case 'T':
-            if (!strata_img_parse_cache_mode(optarg, &oo)) {
-                strata_img_error("Invalid source cache option: %s", optarg);
+            if (!strata_img_cache_option(optarg, &oo, true)) {
                 return 1;
             }
             break;
@@ -179,11 +168,7 @@ int strata_img_check(int argc, char **argv)
             oo.force_share = true;
             break;
         case OPTION_OUTPUT:
-            if (!strcmp(optarg, "json")) {
-                json = true;
-            } else if (strcmp(optarg, "human")) {
-                strata_img_error("--output must be used with human or json "
-                                 "as argument.");
+            if (!strata_img_parse_output(optarg, &json)) {
                 return 1;
             }
             break;
@@ -192,10 +177,7 @@ int strata_img_check(int argc, char **argv)
             break;
         }
     }
-    if (optind != argc - 1) {
-        strata_img_error_exit("Expecting one image file name");
-    }
-    filename = argv[optind];
+    filename = strata_img_one_filename(argc, argv);
     if (oo.fmt && !strata_img_format_known(oo.fmt)) {
         strata_img_error("Could not open '%s': Unknown driver '%s'",
                          filename, oo.fmt);

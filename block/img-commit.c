@@ -34,11 +34,7 @@ typedef struct CommitJob {
     bool want_zero;              /* see strata_img_want_zero() */
     StrataBackend *chain;
     StrataBackend *base;         /* writable */
-    uint64_t len;
-    uint64_t cur, done;
-    StrataCoMutex cursor_lock;
-    StrataImgProgress progress;
-    int error;
+    StrataImgCopy c;
 } CommitJob;
 
 static int commit_worker(void *opaque)
@@ -47,25 +43,25 @@ static int commit_worker(void *opaque)
     g_autofree uint8_t *buf = g_malloc(CHUNK);
     int ret = 0;
 
-    while (!j->error) {
+    while (!j->c.error) {
         uint64_t off, pnum = 0, want;
         bool copy;
 
-        strata_co_mutex_lock(&j->cursor_lock);
-        if (j->cur >= j->len) {
-            strata_co_mutex_unlock(&j->cursor_lock);
+        strata_co_mutex_lock(&j->c.cursor_lock);
+        if (j->c.cur >= j->c.len) {
+            strata_co_mutex_unlock(&j->c.cursor_lock);
             break;
         }
-        off = j->cur;
-        want = MIN(CHUNK, j->len - off);
+        off = j->c.cur;
+        want = MIN(CHUNK, j->c.len - off);
         ret = strata_node_co_block_status_above(j->top, j->base_in_chain,
                                                 j->want_zero, off, want,
                                                 &pnum, NULL, NULL, NULL);
         if (ret >= 0) {
             pnum = pnum ? pnum : want;
-            j->cur += pnum;
+            j->c.cur += pnum;
         }
-        strata_co_mutex_unlock(&j->cursor_lock);
+        strata_co_mutex_unlock(&j->c.cursor_lock);
         if (ret < 0) {
             break;
         }
@@ -83,43 +79,15 @@ static int commit_worker(void *opaque)
         if (ret < 0) {
             break;
         }
-        j->done += pnum;
-        strata_img_progress_update(&j->progress, j->done, j->len);
+        strata_img_copy_advance(&j->c, pnum);
     }
-    if (ret < 0 && !j->error) {
-        j->error = ret;
-    }
-    return ret < 0 ? ret : 0;
+    return strata_img_copy_finish(&j->c, ret);
 }
 
-static int commit_flush(void *opaque)
-{
-    CommitJob *j = opaque;
-
-    return strata_backend_co_flush(j->base);
-}
-
-typedef struct FileId {
-    dev_t dev;
-    ino_t ino;
-} FileId;
-
-static bool file_id(const char *path, FileId *id)
-{
-    struct stat st;
-
-    if (stat(path, &st) < 0) {
-        return false;
-    }
-    id->dev = st.st_dev;
-    id->ino = st.st_ino;
-    return true;
-}
-
-static bool id_in(GArray *ids, const FileId *id)
+static bool id_in(GArray *ids, const StrataImgFileId *id)
 {
     for (guint i = 0; i < ids->len; i++) {
-        FileId *e = &g_array_index(ids, FileId, i);
+        StrataImgFileId *e = &g_array_index(ids, StrataImgFileId, i);
 
         if (e->dev == id->dev && e->ino == id->ino) {
             return true;
@@ -148,13 +116,13 @@ static char *find_other_user(GPtrArray *dirs, GArray *chain_ids,
             g_autofree char *path = g_build_filename(dir, de->d_name, NULL);
             g_autofree char *backing = NULL;
             g_autofree char *bpath = NULL;
-            FileId id, bid;
+            StrataImgFileId id, bid;
             struct stat st;
 
             if (stat(path, &st) < 0 || !S_ISREG(st.st_mode)) {
                 continue;
             }
-            id = (FileId) { st.st_dev, st.st_ino };
+            id = (StrataImgFileId) { st.st_dev, st.st_ino };
             if (id_in(chain_ids, &id) ||
                 g_strcmp0(strata_img_probe_format(path), "qcow2") ||
                 !strata_img_qcow2_read_backing(path, &backing, NULL) ||
@@ -164,11 +132,13 @@ static char *find_other_user(GPtrArray *dirs, GArray *chain_ids,
             bpath = g_path_is_absolute(backing)
                         ? g_strdup(backing)
                         : g_build_filename(dir, backing, NULL);
-            if (!file_id(bpath, &bid) || !id_in(protected_ids, &bid)) {
+            if (!strata_img_file_id(bpath, &bid) ||
+                !id_in(protected_ids, &bid)) {
                 continue;
             }
             for (guint i = 0; i < protected_ids->len; i++) {
-                FileId *e = &g_array_index(protected_ids, FileId, i);
+                StrataImgFileId *e = &g_array_index(protected_ids,
+                                                    StrataImgFileId, i);
 
                 if (e->dev == bid.dev && e->ino == bid.ino) {
                     char *msg = g_strdup_printf(
@@ -208,33 +178,24 @@ int strata_img_commit(int argc, char **argv)
     bool drop = false, quiet = false, progress = false, force = false;
     g_autoptr(GPtrArray) dirs = g_ptr_array_new_with_free_func(g_free);
     g_autoptr(GPtrArray) protected = g_ptr_array_new();
-    g_autoptr(GArray) chain_ids = g_array_new(FALSE, FALSE, sizeof(FileId));
+    g_autoptr(GArray) chain_ids = g_array_new(FALSE, FALSE,
+                                              sizeof(StrataImgFileId));
     g_autoptr(GArray) protected_ids = g_array_new(FALSE, FALSE,
-                                                  sizeof(FileId));
+                                                  sizeof(StrataImgFileId));
     g_autoptr(GError) err = NULL;
     g_autofree char *other = NULL;
     StrataImgTool t = { 0 };
     CommitJob j = { 0 };
     StrataNode *base = NULL, *n;
-    FileId base_id = { 0 }, base_id2 = { 0 };
+    StrataImgFileId base_id = { 0 }, base_id2 = { 0 };
     uint64_t rate;
     int64_t len;
     int ret = 1, c, r;
 
     optind = 1;
-    for (;;) {
-        c = getopt_long(argc, argv, ":hf:b:dpqr:t:", long_options, NULL);
-        if (c == -1) {
-            break;
-        }
+    while ((c = strata_img_getopt(argc, argv, ":hf:b:dpqr:t:",
+                                  long_options, commit_help)) != -1) {
         switch (c) {
-        case ':':
-            strata_img_missing_argument(argv[optind - 1]);
-        case '?':
-            strata_img_unrecognized_option(argv[optind - 1]);
-        case 'h':
-            commit_help();
-            return 0;
         case 'f':
             oo.fmt = optarg;
             break;
@@ -263,8 +224,7 @@ int strata_img_commit(int argc, char **argv)
             }
             break;
         case 't':
-            if (!strata_img_parse_cache_mode(optarg, &base_oo)) {
-                strata_img_error("Invalid cache option: %s", optarg);
+            if (!strata_img_cache_option(optarg, &base_oo, false)) {
                 return 1;
             }
             break;
@@ -276,12 +236,8 @@ int strata_img_commit(int argc, char **argv)
             break;
         }
     }
-    if (optind != argc - 1) {
-        strata_img_error_exit("Expecting one image file name");
-    }
-    filename = argv[optind];
-    if (oo.fmt && !strata_img_format_known(oo.fmt)) {
-        strata_img_error("Unknown file format '%s'", oo.fmt);
+    filename = strata_img_one_filename(argc, argv);
+    if (!strata_img_check_format(oo.fmt)) {
         return 1;
     }
     if (!strata_img_tool_init(&t)) {
@@ -302,8 +258,9 @@ int strata_img_commit(int argc, char **argv)
          * directory; a path from here names it too. */
         g_autofree char *dir = g_path_get_dirname(filename);
         g_autofree char *rel = g_build_filename(dir, base_name, NULL);
-        bool a = file_id(base_name, &base_id);
-        bool b = !g_path_is_absolute(base_name) && file_id(rel, &base_id2);
+        bool a = strata_img_file_id(base_name, &base_id);
+        bool b = !g_path_is_absolute(base_name) &&
+                 strata_img_file_id(rel, &base_id2);
 
         if (!a) {
             base_id = base_id2;
@@ -321,10 +278,10 @@ int strata_img_commit(int argc, char **argv)
     for (n = j.top; n; n = strata_node_backing(n)) {
         StrataNode *f = n->file ? n->file->node : NULL;
         const char *path = f && f->filename ? f->filename : n->filename;
-        FileId id = { 0 };
+        StrataImgFileId id = { 0 };
 
         n = strata_node_skip_filters(n);
-        if (!path || !file_id(path, &id)) {
+        if (!path || !strata_img_file_id(path, &id)) {
             continue;
         }
         g_array_append_val(chain_ids, id);
@@ -370,24 +327,23 @@ int strata_img_commit(int argc, char **argv)
                          g_strerror((int)-len));
         goto out;
     }
-    j.len = (uint64_t)len;
+    j.c.len = (uint64_t)len;
     if (strata_backend_get_length(j.base) < len) {
         /* A shorter base grows, as qemu-img's commit grows it. */
         strata_img_error("The base image is smaller than the image to "
                          "commit; resize it first");
         goto out;
     }
-    strata_co_mutex_init(&j.cursor_lock);
-    strata_img_progress_init(&j.progress, progress && !quiet);
+    strata_img_copy_init(&j.c, j.c.len, progress && !quiet);
     r = strata_img_co_run(&t, 8, commit_worker, &j);
     if (r == 0) {
-        r = strata_img_co_run(&t, 1, commit_flush, &j);
+        r = strata_img_co_run(&t, 1, strata_img_co_flush, j.base);
     }
     if (r < 0) {
         strata_img_error("Block job failed: %s", g_strerror(-r));
         goto out;
     }
-    strata_img_progress_finish(&j.progress);
+    strata_img_progress_finish(&j.c.progress);
 
     if (!drop) {
         g_autofree char *top_file = NULL;

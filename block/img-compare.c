@@ -195,26 +195,11 @@ int strata_img_compare(int argc, char **argv)
     bool quiet = false, progress = false;
     int ret = 2, c, r;
 
+    /* Usage errors exit with 1 as in qemu-img; 2 is for failures. */
     optind = 1;
-    for (;;) {
-        c = getopt_long(argc, argv, ":hf:F:T:pqsU", long_options, NULL);
-        if (c == -1) {
-            break;
-        }
+    while ((c = strata_img_getopt(argc, argv, ":hf:F:T:pqsU",
+                                  long_options, compare_help)) != -1) {
         switch (c) {
-        case ':':
-            fflush(stdout);
-            fprintf(stderr, "strata-img: argument for '%s' is missing\n",
-                    argv[optind - 1]);
-            return 2;
-        case '?':
-            fflush(stdout);
-            fprintf(stderr, "strata-img: unrecognized option '%s'\n",
-                    argv[optind - 1]);
-            return 2;
-        case 'h':
-            compare_help();
-            return 0;
         case 'f':
             oo[0].fmt = optarg;
             break;
@@ -246,12 +231,10 @@ int strata_img_compare(int argc, char **argv)
         }
     }
     if (optind != argc - 2) {
-        strata_img_error("Expecting two image file names");
-        return 2;
+        strata_img_error_exit("Expecting two image file names");
     }
     for (int i = 0; i < 2; i++) {
-        if (oo[i].fmt && !strata_img_format_known(oo[i].fmt)) {
-            strata_img_error("Unknown file format '%s'", oo[i].fmt);
+        if (!strata_img_check_format(oo[i].fmt)) {
             return 2;
         }
     }

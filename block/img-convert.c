@@ -273,19 +273,12 @@ static int convert_worker(void *opaque)
     return ret < 0 ? ret : 0;
 }
 
-static int convert_flush(void *opaque)
-{
-    ConvertJob *j = opaque;
-
-    return strata_backend_co_flush(j->dst);
-}
-
 static void convert_help(void)
 {
     printf("Usage: strata-img convert [-c] [-f fmt] [-O output_fmt]\n"
            "         [-B backing_file [-F backing_fmt]] [-o options]\n"
            "         [-m num_coroutines] [-W] [-n] [-p] [-q] [-U]\n"
-           "         [-t cache] [-T src_cache]\n"
+           "         [-t cache] [-T src_cache] [-l snapshot_param]\n"
            "         filename [filename2 [...]] output_filename\n");
 }
 
@@ -309,25 +302,15 @@ int strata_img_convert(int argc, char **argv)
     bool compress = false, skip_create = false, quiet = false;
     bool progress = false, out_of_order = false, target_is_zero = false;
     uint64_t coroutines = 8;
+    g_auto(StrataImgSnapshotSel) snap = { 0 };
     StrataImgTool t = { 0 };
     ConvertJob j = { 0 };
     int ret = 1, c, r;
 
     optind = 1;
-    for (;;) {
-        c = getopt_long(argc, argv, ":hf:O:B:F:co:l:S:pt:T:qnm:WrU",
-                        long_options, NULL);
-        if (c == -1) {
-            break;
-        }
+    while ((c = strata_img_getopt(argc, argv, ":hf:O:B:F:co:l:S:pt:T:qnm:WrU",
+                                  long_options, convert_help)) != -1) {
         switch (c) {
-        case ':':
-            strata_img_missing_argument(argv[optind - 1]);
-        case '?':
-            strata_img_unrecognized_option(argv[optind - 1]);
-        case 'h':
-            convert_help();
-            return 0;
         case 'f':
             src_oo.fmt = optarg;
             break;
@@ -347,9 +330,10 @@ int strata_img_convert(int argc, char **argv)
             strata_img_append_options(&options, optarg);
             break;
         case 'l':
-            strata_img_error("Internal snapshots are not supported by "
-                             "strata-img yet (-l)");
-            return 1;
+            if (!strata_img_parse_snapshot_param(optarg, &snap)) {
+                return 1;
+            }
+            break;
         case 'S': {
             uint64_t s;
 
@@ -367,14 +351,12 @@ int strata_img_convert(int argc, char **argv)
             progress = true;
             break;
         case 't':
-            if (!strata_img_parse_cache_mode(optarg, &dst_oo)) {
-                strata_img_error("Invalid cache option: %s", optarg);
+            if (!strata_img_cache_option(optarg, &dst_oo, false)) {
                 return 1;
             }
             break;
         case 'T':
-            if (!strata_img_parse_cache_mode(optarg, &src_oo)) {
-                strata_img_error("Invalid source cache option: %s", optarg);
+            if (!strata_img_cache_option(optarg, &src_oo, true)) {
                 return 1;
             }
             break;
@@ -430,12 +412,10 @@ int strata_img_convert(int argc, char **argv)
         strata_img_error("--target-is-zero requires use of -n flag");
         return 1;
     }
-    if (src_oo.fmt && !strata_img_format_known(src_oo.fmt)) {
-        strata_img_error("Unknown file format '%s'", src_oo.fmt);
+    if (!strata_img_check_format(src_oo.fmt)) {
         return 1;
     }
-    if (!strata_img_format_known(out_fmt)) {
-        strata_img_error("Unknown file format '%s'", out_fmt);
+    if (!strata_img_check_format(out_fmt)) {
         return 1;
     }
     if (backing && !backing_fmt) {
@@ -454,6 +434,10 @@ int strata_img_convert(int argc, char **argv)
     }
     out_name = argv[argc - 1];
     j.n_src = argc - optind - 1;
+    if (j.n_src > 1 && snap.given && !snap.by_opts) {
+        strata_img_error("No support for concatenating multiple snapshot");
+        return 1;
+    }
 
     if (strata_img_options_want_help(options)) {
         strata_img_error("Use 'strata-img create -f %s -o help' for the "
@@ -483,6 +467,10 @@ int strata_img_convert(int argc, char **argv)
 
         j.src[i] = strata_img_open(t.ctx, argv[optind + i], &src_oo);
         if (!j.src[i]) {
+            goto out;
+        }
+        /* -l reads the first source's snapshot, as qemu-img does. */
+        if (i == 0 && !strata_img_load_snapshot(&t, j.src[0], &snap)) {
             goto out;
         }
         len = strata_backend_get_length(j.src[i]);
@@ -544,7 +532,7 @@ int strata_img_convert(int argc, char **argv)
     strata_img_progress_init(&j.progress, progress && !quiet);
     r = strata_img_co_run(&t, (unsigned)coroutines, convert_worker, &j);
     if (r == 0) {
-        r = strata_img_co_run(&t, 1, convert_flush, &j);
+        r = strata_img_co_run(&t, 1, strata_img_co_flush, j.dst);
     }
     if (r < 0) {
         strata_img_error("error while writing at byte %" PRIu64 ": %s",

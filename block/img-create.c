@@ -288,19 +288,9 @@ int strata_img_create(int argc, char **argv)
     int c;
 
     optind = 1;
-    for (;;) {
-        c = getopt_long(argc, argv, ":F:b:f:ho:qu", long_options, NULL);
-        if (c == -1) {
-            break;
-        }
+    while ((c = strata_img_getopt(argc, argv, ":F:b:f:ho:qu",
+                                  long_options, create_help)) != -1) {
         switch (c) {
-        case ':':
-            strata_img_missing_argument(argv[optind - 1]);
-        case '?':
-            strata_img_unrecognized_option(argv[optind - 1]);
-        case 'h':
-            create_help();
-            return 0;
         case 'F':
             backing_fmt = optarg;
             break;

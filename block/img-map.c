@@ -172,24 +172,15 @@ int strata_img_map(int argc, char **argv)
     StrataBackend *blk = NULL;
     g_autoptr(GArray) entries = g_array_new(FALSE, FALSE, sizeof(MapEntry));
     int64_t start = 0, max_length = -1, len;
+    const char *filename;
     bool json = false;
     MapJob j;
     int ret = 1, c, r;
 
     optind = 1;
-    for (;;) {
-        c = getopt_long(argc, argv, ":f:hU", long_options, NULL);
-        if (c == -1) {
-            break;
-        }
+    while ((c = strata_img_getopt(argc, argv, ":f:hU",
+                                  long_options, map_help)) != -1) {
         switch (c) {
-        case ':':
-            strata_img_missing_argument(argv[optind - 1]);
-        case '?':
-            strata_img_unrecognized_option(argv[optind - 1]);
-        case 'h':
-            map_help();
-            return 0;
         case 'f':
             oo.fmt = optarg;
             break;
@@ -197,11 +188,7 @@ int strata_img_map(int argc, char **argv)
             oo.force_share = true;
             break;
         case OPTION_OUTPUT:
-            if (!strcmp(optarg, "json")) {
-                json = true;
-            } else if (strcmp(optarg, "human")) {
-                strata_img_error("--output must be used with human or json "
-                                 "as argument.");
+            if (!strata_img_parse_output(optarg, &json)) {
                 return 1;
             }
             break;
@@ -222,17 +209,14 @@ int strata_img_map(int argc, char **argv)
             break;
         }
     }
-    if (optind != argc - 1) {
-        strata_img_error_exit("Expecting one image file name");
-    }
-    if (oo.fmt && !strata_img_format_known(oo.fmt)) {
-        strata_img_error("Unknown file format '%s'", oo.fmt);
+    filename = strata_img_one_filename(argc, argv);
+    if (!strata_img_check_format(oo.fmt)) {
         return 1;
     }
     if (!strata_img_tool_init(&t)) {
         goto out;
     }
-    blk = strata_img_open(t.ctx, argv[optind], &oo);
+    blk = strata_img_open(t.ctx, filename, &oo);
     if (!blk) {
         goto out;
     }

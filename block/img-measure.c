@@ -115,7 +115,8 @@ static void measure_help(void)
 {
     printf("Usage: strata-img measure [--output=human|json] [-O output_fmt] "
            "[-o options]\n"
-           "         [--size N | [-f fmt] [-U] [--image-opts] filename]\n");
+           "         [--size N | [-f fmt] [-U] [--image-opts]\n"
+           "         [-l snapshot_param] filename]\n");
 }
 
 int strata_img_measure(int argc, char **argv)
@@ -129,6 +130,7 @@ int strata_img_measure(int argc, char **argv)
         { "image-opts", no_argument, NULL, OPTION_IMAGE_OPTS },
         { NULL, 0, NULL, 0 },
     };
+    g_auto(StrataImgSnapshotSel) snap = { 0 };
     StrataImgOpenOpts oo = { 0 };
     StrataImgTool t = { 0 };
     StrataBackend *blk = NULL;
@@ -143,19 +145,9 @@ int strata_img_measure(int argc, char **argv)
     int ret = 1, c;
 
     optind = 1;
-    for (;;) {
-        c = getopt_long(argc, argv, ":f:hl:o:O:U", long_options, NULL);
-        if (c == -1) {
-            break;
-        }
+    while ((c = strata_img_getopt(argc, argv, ":f:hl:o:O:U",
+                                  long_options, measure_help)) != -1) {
         switch (c) {
-        case ':':
-            strata_img_missing_argument(argv[optind - 1]);
-        case '?':
-            strata_img_unrecognized_option(argv[optind - 1]);
-        case 'h':
-            measure_help();
-            return 0;
         case 'f':
             oo.fmt = optarg;
             break;
@@ -171,18 +163,15 @@ int strata_img_measure(int argc, char **argv)
             strata_img_append_options(&options, optarg);
             break;
         case 'l':
-            strata_img_error("Measuring an internal snapshot (-l) is not "
-                             "supported yet");
-            return 1;
+            if (!strata_img_parse_snapshot_param(optarg, &snap)) {
+                return 1;
+            }
+            break;
         case 'U':
             oo.force_share = true;
             break;
         case OPTION_OUTPUT:
-            if (!strcmp(optarg, "json")) {
-                json = true;
-            } else if (strcmp(optarg, "human")) {
-                strata_img_error("--output must be used with human or json "
-                                 "as argument.");
+            if (!strata_img_parse_output(optarg, &json)) {
                 return 1;
             }
             break;
@@ -213,13 +202,17 @@ int strata_img_measure(int argc, char **argv)
                          "specified.");
         return 1;
     }
+    if (!filename && (oo.image_opts || oo.fmt || snap.given)) {
+        strata_img_error("--image-opts, -f, and -l require a filename "
+                         "argument.");
+        return 1;
+    }
     if (oo.fmt && !strata_img_format_known(oo.fmt)) {
         strata_img_error("Could not open '%s': Unknown driver '%s'",
                          filename ? filename : "", oo.fmt);
         return 1;
     }
-    if (!strata_img_format_known(out_fmt)) {
-        strata_img_error("Unknown file format '%s'", out_fmt);
+    if (!strata_img_check_format(out_fmt)) {
         return 1;
     }
     qcow2 = !strcmp(out_fmt, "qcow2");
@@ -300,7 +293,7 @@ int strata_img_measure(int argc, char **argv)
             goto out;
         }
         blk = strata_img_open(t.ctx, filename, &oo);
-        if (!blk) {
+        if (!blk || !strata_img_load_snapshot(&t, blk, &snap)) {
             goto out;
         }
         j.node = strata_img_backend_node(blk);

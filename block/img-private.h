@@ -4,6 +4,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/types.h>
 #include <glib.h>
 
 #include "strata-block.h"
@@ -60,6 +61,29 @@ const char *strata_img_probe_format(const char *filename);
 /* Whether strata can open and create images of format @fmt. */
 bool strata_img_format_known(const char *fmt);
 
+/* Reports "Unknown file format" unless @fmt is NULL or known. */
+bool strata_img_check_format(const char *fmt);
+
+/* --output=human|json; false after reporting qemu-img's error. */
+bool strata_img_parse_output(const char *arg, bool *json);
+
+/* The one operand left after the options, or qemu-img's usage error
+ * (exits). */
+const char *strata_img_one_filename(int argc, char **argv);
+
+/* A StrataImgCoFunc that flushes the StrataBackend @opaque. */
+int strata_img_co_flush(void *opaque);
+
+/* A file by device and inode, so that every spelling of it (symlinks,
+ * relative paths) compares equal. */
+typedef struct StrataImgFileId {
+    dev_t dev;
+    ino_t ino;
+} StrataImgFileId;
+
+/* false when @path cannot be stat'ed. */
+bool strata_img_file_id(const char *path, StrataImgFileId *id);
+
 /**
  * strata_img_parse_options:
  * @text: qemu-img's -o syntax: "key=value,key=value" (",," is a comma
@@ -93,6 +117,24 @@ void strata_img_progress_update(StrataImgProgress *p, uint64_t done,
                                 uint64_t total);
 /* Prints 100% and the final newline. */
 void strata_img_progress_finish(StrataImgProgress *p);
+
+/* What the workers of a copy (commit, rebase) share: a cursor claimed
+ * under a lock (block status yields), the progress, the first error. */
+typedef struct StrataImgCopy {
+    uint64_t len;             /* bytes to go through */
+    uint64_t cur;             /* the next byte to claim */
+    uint64_t done;
+    StrataCoMutex cursor_lock;
+    StrataImgProgress progress;
+    int error;                /* the first error; the others stop */
+} StrataImgCopy;
+
+void strata_img_copy_init(StrataImgCopy *c, uint64_t len, bool progress);
+/* Counts @bytes as done and redraws the progress bar. */
+void strata_img_copy_advance(StrataImgCopy *c, uint64_t bytes);
+/* A worker's return value for @ret (0 or -errno), recording the first
+ * error. */
+int strata_img_copy_finish(StrataImgCopy *c, int ret);
 
 /* qemu-img's human sizes: "324 KiB", "1.5 GiB", "0 B". (transfer full) */
 char *strata_img_size_to_str(uint64_t bytes);
@@ -217,6 +259,21 @@ void strata_img_error(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
 void strata_img_error_exit(const char *fmt, ...)
     G_GNUC_PRINTF(1, 2) G_GNUC_NORETURN;
 
+struct option;
+
+/**
+ * strata_img_getopt:
+ * @help: prints the subcommand's usage
+ *
+ * getopt_long() for a subcommand (@shortopts starting with ':'): a
+ * missing argument or an unknown option is reported as qemu-img reports
+ * it (exit status 1), -h prints @help and exits with status 0.
+ *
+ * Returns: the next option, -1 after the last.
+ */
+int strata_img_getopt(int argc, char **argv, const char *shortopts,
+                      const struct option *longopts, void (*help)(void));
+
 /* getopt's ':' and '?' answers, worded as qemu-img words them. */
 void strata_img_missing_argument(const char *option) G_GNUC_NORETURN;
 void strata_img_unrecognized_option(const char *option) G_GNUC_NORETURN;
@@ -232,6 +289,11 @@ void strata_img_unrecognized_option(const char *option) G_GNUC_NORETURN;
  * Returns: false for an unknown mode.
  */
 bool strata_img_parse_cache_mode(const char *mode, StrataImgOpenOpts *o);
+
+/* -t (@source false) or -T: strata_img_parse_cache_mode() reporting
+ * qemu-img's error for an unknown mode. */
+bool strata_img_cache_option(const char *mode, StrataImgOpenOpts *o,
+                             bool source);
 
 /* Returns: false unless @aio is "threads", "native" or "io_uring". */
 bool strata_img_parse_aio(const char *aio);
@@ -282,6 +344,40 @@ int strata_img_measure(int argc, char **argv);
 int strata_img_amend(int argc, char **argv);
 int strata_img_check(int argc, char **argv);
 int strata_img_snapshot(int argc, char **argv);
+
+/* -l of convert and measure: which internal snapshot to read. */
+typedef struct StrataImgSnapshotSel {
+    bool given;
+    bool by_opts;      /* snapshot.id=…,snapshot.name=… */
+    char *id;          /* by_opts: nullable */
+    char *name;        /* by_opts: nullable; else the ID or name */
+} StrataImgSnapshotSel;
+
+/**
+ * strata_img_parse_snapshot_param:
+ * @text: qemu-img's snapshot_param: "snapshot.id=ID,snapshot.name=NAME"
+ *   (either member), or an ID or name
+ *
+ * Returns: false after reporting qemu-img's parse error.
+ */
+bool strata_img_parse_snapshot_param(const char *text,
+                                     StrataImgSnapshotSel *sel);
+void strata_img_snapshot_sel_clear(StrataImgSnapshotSel *sel);
+G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC(StrataImgSnapshotSel,
+                                 strata_img_snapshot_sel_clear)
+
+/**
+ * strata_img_load_snapshot:
+ * @blk: a read-only image
+ *
+ * Makes @blk's image read as the selected snapshot (a plain -l value
+ * is tried as an ID, then as a name, as qemu-img does).  Nothing when
+ * @sel was not given.
+ *
+ * Returns: false after reporting "Failed to load snapshot: …".
+ */
+bool strata_img_load_snapshot(StrataImgTool *t, StrataBackend *blk,
+                              const StrataImgSnapshotSel *sel);
 
 /* Creates @filename as @fmt ("raw" or "qcow2") with @opts (string
  * members as -o gives them; "size" required).  Shared by create and

@@ -105,6 +105,26 @@ static bool edit_header(const char *filename, HeaderEdit edit,
     return ok;
 }
 
+/* Parses the header of the closed image @filename into @h (initialised
+ * here; the caller cleans it up either way). */
+static bool load_header(const char *filename, StrataQcow2Header *h,
+                        size_t *cluster_size, GError **error)
+{
+    g_autofree uint8_t *buf = NULL;
+    int fd;
+
+    strata_qcow2_header_init(h);
+    fd = open(filename, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                    "Could not open '%s': %s", filename, g_strerror(errno));
+        return false;
+    }
+    buf = read_header(fd, filename, h, cluster_size, error);
+    close(fd);
+    return buf != NULL;
+}
+
 typedef struct BackingArg {
     const char *name;
     const char *fmt;
@@ -178,46 +198,22 @@ bool strata_img_qcow2_read_backing(const char *filename, char **backing,
                                    GError **error)
 {
     StrataQcow2Header h;
-    g_autofree uint8_t *buf = NULL;
     size_t cluster_size;
-    int fd;
+    bool ok = load_header(filename, &h, &cluster_size, error);
 
-    *backing = NULL;
-    fd = open(filename, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
-                    "Could not open '%s': %s", filename, g_strerror(errno));
-        return false;
-    }
-    strata_qcow2_header_init(&h);
-    buf = read_header(fd, filename, &h, &cluster_size, error);
-    close(fd);
-    if (buf) {
-        *backing = g_steal_pointer(&h.backing_file);
-    }
+    *backing = ok ? g_steal_pointer(&h.backing_file) : NULL;
     strata_qcow2_header_cleanup(&h);
-    return buf != NULL;
+    return ok;
 }
 
 bool strata_img_qcow2_recreate_empty(const char *filename, GError **error)
 {
     StrataQcow2Header h;
-    g_autofree uint8_t *buf = NULL;
     g_autoptr(JsonObject) opts = json_object_new();
     size_t cluster_size;
     bool ok = false;
-    int fd;
 
-    fd = open(filename, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
-                    "Could not open '%s': %s", filename, g_strerror(errno));
-        return false;
-    }
-    strata_qcow2_header_init(&h);
-    buf = read_header(fd, filename, &h, &cluster_size, error);
-    close(fd);
-    if (!buf) {
+    if (!load_header(filename, &h, &cluster_size, error)) {
         goto out;
     }
     if (h.nb_snapshots || (h.kept_exts && h.kept_exts->len) ||
@@ -282,45 +278,26 @@ bool strata_img_qcow2_read_incompat(const char *filename, uint64_t *bits,
                                     GError **error)
 {
     StrataQcow2Header h;
-    g_autofree uint8_t *buf = NULL;
     size_t cluster_size;
-    int fd;
+    bool ok = load_header(filename, &h, &cluster_size, error);
 
-    fd = open(filename, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
-                    "Could not open '%s': %s", filename, g_strerror(errno));
-        return false;
-    }
-    strata_qcow2_header_init(&h);
-    buf = read_header(fd, filename, &h, &cluster_size, error);
-    close(fd);
-    if (buf) {
+    if (ok) {
         *bits = h.incompatible_features;
     }
     strata_qcow2_header_cleanup(&h);
-    return buf != NULL;
+    return ok;
 }
 
 bool strata_img_qcow2_summary(const char *filename, StrataImgQcow2Summary *sum,
                               GError **error)
 {
     StrataQcow2Header h;
-    g_autofree uint8_t *buf = NULL;
     size_t cluster_size;
-    int fd;
+    bool ok;
 
     memset(sum, 0, sizeof(*sum));
-    fd = open(filename, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
-                    "Could not open '%s': %s", filename, g_strerror(errno));
-        return false;
-    }
-    strata_qcow2_header_init(&h);
-    buf = read_header(fd, filename, &h, &cluster_size, error);
-    close(fd);
-    if (buf) {
+    ok = load_header(filename, &h, &cluster_size, error);
+    if (ok) {
         sum->version = h.version;
         sum->refcount_bits = 1u << h.refcount_order;
         sum->nb_snapshots = h.nb_snapshots;
@@ -338,7 +315,7 @@ bool strata_img_qcow2_summary(const char *filename, StrataImgQcow2Summary *sum,
         sum->backing_format = g_steal_pointer(&h.backing_format);
     }
     strata_qcow2_header_cleanup(&h);
-    return buf != NULL;
+    return ok;
 }
 
 void strata_img_qcow2_summary_clear(StrataImgQcow2Summary *sum)

@@ -14,7 +14,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
+#include "driver.h"
 #include "img-private.h"
 
 #define CHUNK (1u << 20)
@@ -23,12 +25,11 @@
 typedef struct RebaseJob {
     StrataBackend *top;
     StrataBackend *new_base;   /* NULL: no backing file */
-    uint64_t len, new_len;
-    uint64_t cur;
-    StrataCoMutex cursor_lock;
-    StrataImgProgress progress;
-    uint64_t done;
-    int error;
+    uint64_t new_len;
+    /* The layer of the old chain that is the new backing file: where
+     * nothing above it holds a range, both sides read the same. */
+    StrataNode *prefix;
+    StrataImgCopy c;
 } RebaseJob;
 
 /* Whether @node's chain reads [@off, +@bytes) as zeroes; *@pnum how far
@@ -51,32 +52,73 @@ static int co_reads_zero(StrataNode *node, uint64_t off, uint64_t bytes,
     return (ret & STRATA_BLOCK_ZERO) || !(ret & STRATA_BLOCK_DATA);
 }
 
-/* Claims the next range the image does not hold itself; 0 at the end. */
+/* Whether @node holds [@off, +@bytes) above @base; *@pnum how far. */
+static int co_allocated_above(StrataNode *node, StrataNode *base,
+                              uint64_t off, uint64_t bytes, uint64_t *pnum)
+{
+    int ret = strata_node_co_block_status_above(node, base, false, off,
+                                                bytes, pnum, NULL, NULL,
+                                                NULL);
+
+    if (ret < 0) {
+        return ret;
+    }
+    *pnum = *pnum ? *pnum : bytes;
+    return !!(ret & STRATA_BLOCK_ALLOCATED);
+}
+
+/* Claims the next range whose view may change: the image does not hold
+ * it, and a layer of the old chain above the new backing file does (or
+ * the new backing file is not in the old chain).  0 at the end. */
 static int co_next_range(RebaseJob *j, uint64_t *off, uint64_t *bytes)
 {
     StrataNode *top = strata_img_backend_node(j->top);
     StrataNode *old = strata_node_backing(top);
 
-    while (j->cur < j->len) {
-        uint64_t want = MIN(CHUNK, j->len - j->cur), pnum = 0;
-        int ret = strata_node_co_block_status_above(top, old, false, j->cur,
-                                                    want, &pnum, NULL, NULL,
-                                                    NULL);
+    while (j->c.cur < j->c.len) {
+        uint64_t pnum;
+        int ret = co_allocated_above(top, old, j->c.cur,
+                                     MIN(CHUNK, j->c.len - j->c.cur), &pnum);
+
+        if (ret == 0 && j->prefix) {
+            ret = co_allocated_above(old, j->prefix, j->c.cur, pnum, &pnum);
+            ret = ret < 0 ? ret : !ret;
+        }
         if (ret < 0) {
             return ret;
         }
-        pnum = pnum ? pnum : want;
-        if (ret & STRATA_BLOCK_ALLOCATED) {
-            j->cur += pnum;
-            j->done += pnum;
+        if (ret) {
+            j->c.cur += pnum;
+            j->c.done += pnum;
             continue;
         }
-        *off = j->cur;
+        *off = j->c.cur;
         *bytes = pnum;
-        j->cur += pnum;
+        j->c.cur += pnum;
         return 1;
     }
     return 0;
+}
+
+/* The layer below @top whose file is @path's (device and inode, so any
+ * spelling counts). (nullable) */
+static StrataNode *find_in_chain(StrataNode *top, const char *path)
+{
+    StrataImgFileId want, id;
+
+    if (!strata_img_file_id(path, &want)) {
+        return NULL;
+    }
+    for (StrataNode *n = strata_node_backing(top); n;
+         n = strata_node_backing(n)) {
+        const char *f = strata_node_image_filename(n);
+
+        if (f && strata_img_file_id(f, &id) && id.dev == want.dev &&
+            id.ino == want.ino) {
+            return n;
+        }
+    }
+    return NULL;
 }
 
 static int rebase_worker(void *opaque)
@@ -87,13 +129,13 @@ static int rebase_worker(void *opaque)
     StrataNode *top = strata_img_backend_node(j->top);
     int ret = 0;
 
-    while (!j->error) {
+    while (!j->c.error) {
         uint64_t off, bytes, p_old, p_new = 0, n;
         int z_old, z_new = 1;
 
-        strata_co_mutex_lock(&j->cursor_lock);
+        strata_co_mutex_lock(&j->c.cursor_lock);
         ret = co_next_range(j, &off, &bytes);
-        strata_co_mutex_unlock(&j->cursor_lock);
+        strata_co_mutex_unlock(&j->c.cursor_lock);
         if (ret <= 0) {
             break;
         }
@@ -117,15 +159,15 @@ static int rebase_worker(void *opaque)
         }
         if (n < bytes) {
             /* Give the rest back: another pass of the cursor takes it. */
-            strata_co_mutex_lock(&j->cursor_lock);
-            if (j->cur == off + bytes) {
-                j->cur = off + n;
+            strata_co_mutex_lock(&j->c.cursor_lock);
+            if (j->c.cur == off + bytes) {
+                j->c.cur = off + n;
                 bytes = n;
             } else {
                 /* Too late: compare the whole range by reading it. */
                 z_old = z_new = 0;
             }
-            strata_co_mutex_unlock(&j->cursor_lock);
+            strata_co_mutex_unlock(&j->c.cursor_lock);
         }
         if (!(z_old && z_new)) {
             ret = strata_backend_co_pread(j->top, off, a, bytes);
@@ -165,20 +207,9 @@ static int rebase_worker(void *opaque)
                 break;
             }
         }
-        j->done += bytes;
-        strata_img_progress_update(&j->progress, j->done, j->len);
+        strata_img_copy_advance(&j->c, bytes);
     }
-    if (ret < 0 && !j->error) {
-        j->error = ret;
-    }
-    return ret < 0 ? ret : 0;
-}
-
-static int rebase_flush(void *opaque)
-{
-    RebaseJob *j = opaque;
-
-    return strata_backend_co_flush(j->top);
+    return strata_img_copy_finish(&j->c, ret);
 }
 
 static void rebase_help(void)
@@ -207,19 +238,9 @@ int strata_img_rebase(int argc, char **argv)
     int ret = 1, c, r;
 
     optind = 1;
-    for (;;) {
-        c = getopt_long(argc, argv, ":hf:F:b:upqt:T:U", long_options, NULL);
-        if (c == -1) {
-            break;
-        }
+    while ((c = strata_img_getopt(argc, argv, ":hf:F:b:upqt:T:U",
+                                  long_options, rebase_help)) != -1) {
         switch (c) {
-        case ':':
-            strata_img_missing_argument(argv[optind - 1]);
-        case '?':
-            strata_img_unrecognized_option(argv[optind - 1]);
-        case 'h':
-            rebase_help();
-            return 0;
         case 'f':
             oo.fmt = optarg;
             break;
@@ -239,14 +260,12 @@ int strata_img_rebase(int argc, char **argv)
             quiet = true;
             break;
         case 't':
-            if (!strata_img_parse_cache_mode(optarg, &oo)) {
-                strata_img_error("Invalid cache option: %s", optarg);
+            if (!strata_img_cache_option(optarg, &oo, false)) {
                 return 1;
             }
             break;
         case 'T':
-            if (!strata_img_parse_cache_mode(optarg, &base_oo)) {
-                strata_img_error("Invalid source cache option: %s", optarg);
+            if (!strata_img_cache_option(optarg, &base_oo, true)) {
                 return 1;
             }
             break;
@@ -255,17 +274,13 @@ int strata_img_rebase(int argc, char **argv)
             break;
         }
     }
-    if (optind != argc - 1) {
-        strata_img_error_exit("Expecting one image file name");
-    }
-    filename = argv[optind];
+    filename = strata_img_one_filename(argc, argv);
     if (!backing) {
         strata_img_error("Must specify backing file (-b) or use -b \"\" to "
                          "remove it");
         return 1;
     }
-    if (oo.fmt && !strata_img_format_known(oo.fmt)) {
-        strata_img_error("Unknown file format '%s'", oo.fmt);
+    if (!strata_img_check_format(oo.fmt)) {
         return 1;
     }
     if (backing_fmt && !strata_img_format_known(backing_fmt)) {
@@ -281,7 +296,9 @@ int strata_img_rebase(int argc, char **argv)
                    ? g_strdup(backing)
                    : g_build_filename(dir, backing, NULL);
     }
-    if (g_strcmp0(oo.fmt ? oo.fmt : strata_img_probe_format(filename),
+    /* A file that cannot be read is the open's error to report. */
+    if (access(filename, R_OK) == 0 &&
+        g_strcmp0(oo.fmt ? oo.fmt : strata_img_probe_format(filename),
                   "qcow2")) {
         strata_img_error("Could not change the backing file to '%s': "
                          "Operation not supported", backing);
@@ -317,20 +334,28 @@ int strata_img_rebase(int argc, char **argv)
                              g_strerror((int)-(len < 0 ? len : nlen)));
             goto out;
         }
-        j.len = (uint64_t)len;
+        j.c.len = (uint64_t)len;
         j.new_len = (uint64_t)nlen;
-        strata_co_mutex_init(&j.cursor_lock);
-        strata_img_progress_init(&j.progress, progress && !quiet);
+        if (j.new_base && j.new_len == j.c.len) {
+            j.prefix = find_in_chain(strata_img_backend_node(j.top), path);
+            /* Opened as another format, the same file reads otherwise. */
+            if (j.prefix && strcmp(j.prefix->drv->name,
+                                   strata_img_backend_node(j.new_base)
+                                       ->drv->name)) {
+                j.prefix = NULL;
+            }
+        }
+        strata_img_copy_init(&j.c, j.c.len, progress && !quiet);
         r = strata_img_co_run(&t, 8, rebase_worker, &j);
         if (r == 0) {
-            r = strata_img_co_run(&t, 1, rebase_flush, &j);
+            r = strata_img_co_run(&t, 1, strata_img_co_flush, j.top);
         }
         if (r < 0) {
             strata_img_error("Error while rebasing '%s': %s", filename,
                              g_strerror(-r));
             goto out;
         }
-        strata_img_progress_finish(&j.progress);
+        strata_img_progress_finish(&j.c.progress);
     }
     /* The data is in place and flushed; only now may the header name
      * the new backing file, with the image closed. */

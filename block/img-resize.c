@@ -3,8 +3,8 @@
  * The size is taken off the end of the command line before the flags
  * are parsed, as qemu-img does, so that "-1G" is a size and not a flag.
  * "+N" and "-N" are relative to the current size.  Shrinking needs
- * --shrink; the driver decides whether it can (raw can, qcow2 refuses
- * for now).
+ * --shrink; the driver decides whether it can (raw and qcow2 can; a v2
+ * qcow2 image with internal snapshots cannot be resized at all).
  */
 #include <getopt.h>
 #include <stdio.h>
@@ -94,19 +94,9 @@ int strata_img_resize(int argc, char **argv)
     size_arg = argv[--argc];
 
     optind = 1;
-    for (;;) {
-        c = getopt_long(argc, argv, ":f:hq", long_options, NULL);
-        if (c == -1) {
-            break;
-        }
+    while ((c = strata_img_getopt(argc, argv, ":f:hq",
+                                  long_options, resize_help)) != -1) {
         switch (c) {
-        case ':':
-            strata_img_missing_argument(argv[optind - 1]);
-        case '?':
-            strata_img_unrecognized_option(argv[optind - 1]);
-        case 'h':
-            resize_help();
-            return 0;
         case 'f':
             oo.fmt = optarg;
             break;
@@ -134,7 +124,7 @@ int strata_img_resize(int argc, char **argv)
         }
     }
     if (optind != argc - 1) {
-        strata_img_error_exit("Expecting one image file name");
+        strata_img_error_exit("Expecting image file name and size");
     }
 
     num = size_arg;

@@ -142,21 +142,11 @@ int strata_img_snapshot(int argc, char **argv)
     int ret = 1, c;
 
     optind = 1;
-    for (;;) {
+    while ((c = strata_img_getopt(argc, argv, ":la:c:d:f:hqU",
+                                  long_options, snapshot_help)) != -1) {
         Action a = ACTION_NONE;
 
-        c = getopt_long(argc, argv, ":la:c:d:f:hqU", long_options, NULL);
-        if (c == -1) {
-            break;
-        }
         switch (c) {
-        case ':':
-            strata_img_missing_argument(argv[optind - 1]);
-        case '?':
-            strata_img_unrecognized_option(argv[optind - 1]);
-        case 'h':
-            snapshot_help();
-            return 0;
         case 'f':
             oo.fmt = optarg;
             break;
@@ -191,10 +181,7 @@ int strata_img_snapshot(int argc, char **argv)
         }
     }
     (void)quiet;    /* -c, -a and -d print nothing on success anyway */
-    if (optind != argc - 1) {
-        strata_img_error_exit("Expecting one image file name");
-    }
-    filename = argv[optind];
+    filename = strata_img_one_filename(argc, argv);
     if (oo.fmt && !strata_img_format_known(oo.fmt)) {
         strata_img_error("Could not open '%s': Unknown driver '%s'",
                          filename, oo.fmt);
@@ -278,4 +265,103 @@ out:
     }
     strata_img_tool_cleanup(&t);
     return ret;
+}
+
+/* ------------------------------------------------------------------ */
+/* Reading a snapshot: -l of convert and measure                       */
+/* ------------------------------------------------------------------ */
+
+static const char *const snapshot_param_keys[] = {
+    "snapshot.id", "snapshot.name", NULL
+};
+
+bool strata_img_parse_snapshot_param(const char *text,
+                                     StrataImgSnapshotSel *sel)
+{
+    strata_img_snapshot_sel_clear(sel);
+    sel->given = true;
+    if (g_str_has_prefix(text, "snapshot.")) {
+        g_autoptr(JsonObject) o = strata_img_parse_options(
+            text, snapshot_param_keys, NULL);
+
+        if (!o) {
+            strata_img_error("Failed in parsing snapshot param '%s'", text);
+            return false;
+        }
+        sel->by_opts = true;
+        sel->id = g_strdup(json_object_get_string_member_with_default(
+            o, "snapshot.id", NULL));
+        sel->name = g_strdup(json_object_get_string_member_with_default(
+            o, "snapshot.name", NULL));
+    } else {
+        sel->name = g_strdup(text);
+    }
+    return true;
+}
+
+void strata_img_snapshot_sel_clear(StrataImgSnapshotSel *sel)
+{
+    g_clear_pointer(&sel->id, g_free);
+    g_clear_pointer(&sel->name, g_free);
+    sel->given = sel->by_opts = false;
+}
+
+typedef struct LoadJob {
+    StrataNode *node;
+    const char *id, *name;
+    GError *err;
+} LoadJob;
+
+static int co_load_snapshot(void *opaque)
+{
+    LoadJob *j = opaque;
+
+    return strata_qcow2_co_snapshot_load_tmp(j->node, j->id, j->name,
+                                             &j->err) ? 0 : -EIO;
+}
+
+static bool load_snapshot(StrataImgTool *t, LoadJob *j)
+{
+    g_clear_error(&j->err);
+    return strata_img_co_run(t, 1, co_load_snapshot, j) == 0;
+}
+
+bool strata_img_load_snapshot(StrataImgTool *t, StrataBackend *blk,
+                              const StrataImgSnapshotSel *sel)
+{
+    LoadJob j = { strata_img_backend_node(blk), NULL, NULL, NULL };
+    bool ok;
+
+    /* qemu-img reads the active state when neither member is set. */
+    if (!sel->given || (sel->by_opts && !sel->id && !sel->name)) {
+        return true;
+    }
+    if (strcmp(j.node->drv->name, "qcow2")) {
+        strata_img_error("Failed to load snapshot: Block format '%s' used "
+                         "by device '' does not support temporarily "
+                         "loading internal snapshots", j.node->drv->name);
+        return false;
+    }
+    if (sel->by_opts) {
+        j.id = sel->id;
+        j.name = sel->name;
+        ok = load_snapshot(t, &j);
+    } else {
+        j.id = sel->name;
+        ok = load_snapshot(t, &j);
+        if (!ok && (g_error_matches(j.err, STRATA_ERROR,
+                                    STRATA_ERROR_NOT_FOUND) ||
+                    g_error_matches(j.err, STRATA_ERROR,
+                                    STRATA_ERROR_INVALID_ARGUMENT))) {
+            j.id = NULL;
+            j.name = sel->name;
+            ok = load_snapshot(t, &j);
+        }
+    }
+    if (!ok) {
+        strata_img_error("Failed to load snapshot: %s",
+                         j.err ? j.err->message : g_strerror(EIO));
+    }
+    g_clear_error(&j.err);
+    return ok;
 }

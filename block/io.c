@@ -717,6 +717,13 @@ int strata_node_co_truncate(StrataNode *node, uint64_t offset, bool exact,
     return ret;
 }
 
+void strata_node_debug_event(StrataNode *node, const char *event)
+{
+    if (node && node->drv && node->drv->debug_event) {
+        node->drv->debug_event(node, event);
+    }
+}
+
 /* ------------------------------------------------------------------ */
 /* Block status                                                        */
 /* ------------------------------------------------------------------ */

@@ -130,6 +130,7 @@ struct StrataJob {
 
     StrataTimer *sleep_timer;
     GPtrArray *nodes;       /* nodes the job works on (a ref each) */
+    StrataNode *filter;     /* the job's filter node, while it lives */
     GList *link_in_ctx;
 };
 
@@ -167,6 +168,20 @@ StrataJob *strata_job_new(StrataContext *ctx, const StrataJobDriver *drv,
  * until the job ends. */
 void strata_job_add_node(StrataJob *job, StrataNode *node);
 bool strata_job_uses_node(StrataJob *job, StrataNode *node);
+
+/**
+ * strata_job_insert_filter:
+ * @drv_name: "copy-on-read" (stream) or "commit_top" (commit)
+ * @name: (nullable): filter-node-name; NULL: a generated name
+ *
+ * Puts a filter node above @node for the job's lifetime, as QEMU does:
+ * every parent of @node (backends, exports, overlays) then reaches it
+ * through the filter, which query-named-block-nodes lists.  The job
+ * removes it after its clean step, before BLOCK_JOB_COMPLETED.
+ */
+bool strata_job_insert_filter(StrataJob *job, const char *drv_name,
+                              StrataNode *node, const char *name,
+                              bool read_only, GError **error);
 
 /* Goes RUNNING and enters the coroutine (it runs until it first
  * yields). */
@@ -221,11 +236,12 @@ typedef struct StrataJobCopyOps {
  * strata_job_co_copy_loop:
  * @len: bytes to walk (the job's total progress)
  * @chunk: largest range copied at once
- * @max_in_flight: ranges copied concurrently
+ * @max_in_flight: buffer space, in chunks; within it, copies of ranges
+ *   smaller than a chunk run several per chunk (up to 8)
  *
  * Walks [0, @len) in chunks: skips what @ops->co_classify says needs no
  * copy, honours the speed limit, pause points and cancel between chunks,
- * keeps up to @max_in_flight copies going, and applies the on-error
+ * keeps as many copies going as the buffer space holds, and applies the on-error
  * policy to failed ones (a stopped range is retried after resume).
  *
  * Returns: 0, or the -errno that ends the job (an ignored error too, at

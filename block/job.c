@@ -11,6 +11,7 @@
  */
 #include <errno.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "job-private.h"
 #include "driver.h"
@@ -218,11 +219,14 @@ static void job_ref(StrataJob *job)
     job->refcnt++;
 }
 
+static void job_drop_filter(StrataJob *job);
+
 static void job_unref(StrataJob *job)
 {
     if (--job->refcnt > 0) {
         return;
     }
+    job_drop_filter(job);
     if (job->drv->free) {
         job->drv->free(job);
     }
@@ -300,6 +304,73 @@ static void job_remove(StrataJob *job)
                                             job->link_in_ctx);
         job->link_in_ctx = NULL;
     }
+}
+
+bool strata_job_insert_filter(StrataJob *job, const char *drv_name,
+                              StrataNode *node, const char *name,
+                              bool read_only, GError **error)
+{
+    g_autoptr(JsonObject) o = json_object_new();
+    StrataDrainSet *set;
+    StrataNode *f;
+    bool ok;
+
+    g_return_val_if_fail(job != NULL && node != NULL && !job->filter, false);
+    json_object_set_string_member(o, "driver", drv_name);
+    if (name) {
+        json_object_set_string_member(o, "node-name", name);
+    }
+    json_object_set_string_member(o, "file", node->node_name);
+    json_object_set_boolean_member(o, "read-only", read_only);
+    f = strata_node_open(job->ctx, o, false, false, error);
+    if (!f) {
+        return false;
+    }
+    set = strata_drain_set_new(job->ctx);
+    strata_drain_set_add(set, node);
+    strata_drain_set_add(set, f);
+    ok = strata_node_move_parents(node, f, error);
+    strata_drain_set_free(set);
+    if (!ok) {
+        strata_child_detach(f->file);
+        strata_node_unref(f);
+        return false;
+    }
+    job->filter = f;
+    return true;
+}
+
+/* Gives the filter's parents back to the node below it and drops it. */
+static void job_drop_filter(StrataJob *job)
+{
+    StrataNode *f = job->filter;
+    g_autoptr(GError) err = NULL;
+
+    if (!f) {
+        return;
+    }
+    job->filter = NULL;
+    if (f->file) {
+        StrataNode *below = f->file->node;
+        StrataDrainSet *set;
+
+        strata_node_ref(below);
+        set = strata_drain_set_new(job->ctx);
+
+        strata_drain_set_add(set, f);
+        strata_drain_set_add(set, below);
+        /* The filter's own edge first: it holds what its parents need
+         * (a guest's unshared write), which would conflict with those
+         * parents arriving on the node below. */
+        strata_child_detach(f->file);
+        if (!strata_node_move_parents(f, below, &err)) {
+            g_warning("job '%s': could not remove its filter node: %s",
+                      job->id, err->message);
+        }
+        strata_drain_set_free(set);
+        strata_node_unref(below);
+    }
+    strata_node_unref(f);
 }
 
 void strata_job_early_fail(StrataJob *job)
@@ -519,6 +590,7 @@ static void job_finalize_single(StrataJob *job)
     if (job->drv->clean) {
         job->drv->clean(job);
     }
+    job_drop_filter(job);
     job->finalized = true;
     emit_block_completed(job);
     job_conclude(job);
@@ -884,6 +956,8 @@ typedef struct CopyLoop CopyLoop;
 typedef struct CopyTask {
     CopyLoop *cl;
     uint64_t offset, bytes;
+    void *buf;
+    uint64_t slots;         /* the buffer's slots in the arena */
     int ret;
     bool is_read;
 } CopyTask;
@@ -893,34 +967,72 @@ struct CopyLoop {
     const StrataJobCopyOps *ops;
     uint64_t chunk;
     unsigned in_flight;
-    bool main_waits;
     StrataCoQueue wait;
     GQueue failed;          /* CopyTask *, finished with an error */
     GQueue retry;           /* CopyTask *, stopped, to copy again */
+    uint8_t *arena;         /* buffer space, mmapped on first use */
+    size_t slot, nslots;
+    uint64_t used;          /* a bit per slot in use */
+    bool nomem;
 };
 
-static void *copy_buf_new(uint64_t bytes)
-{
-    void *p = NULL;
+/*
+ * The copies' buffers come from one arena of max_in_flight chunks, cut
+ * into slots of an eighth of a chunk: a copy takes the slots its range
+ * needs, so many small copies (a layer's extents are often one cluster)
+ * run at once within the same memory as a few big ones.  The arena is
+ * made once per job: a chunk is far above malloc's mmap threshold, so a
+ * buffer per copy would be a mmap, a page fault per page and a munmap
+ * each time, or (once glibc raises its threshold) heap that outlives
+ * the job.  Page alignment suits O_DIRECT on every node below.
+ */
+/* Copies in flight at most, whatever their size: each is a coroutine
+ * whose stack, like the slots it fills, stays in the daemon's peak
+ * memory. Sixteen small copies already keep the disk busy. */
+#define COPY_MAX_TASKS 16
 
-    /* Page alignment suits O_DIRECT on every node below. */
-    if (posix_memalign(&p, 4096, bytes ? bytes : 4096) != 0) {
-        return NULL;
+static void copy_arena_init(CopyLoop *cl, unsigned max_in_flight)
+{
+    cl->slot = cl->chunk % (8 * 4096) == 0 ? cl->chunk / 8 : cl->chunk;
+    cl->nslots = MIN((size_t)max_in_flight * (cl->chunk / cl->slot),
+                     (size_t)64);
+    cl->nslots = MAX(cl->nslots, cl->chunk / cl->slot);
+}
+
+static void *copy_buf_get(CopyLoop *cl, CopyTask *t)
+{
+    size_t k = (size_t)((t->bytes + cl->slot - 1) / cl->slot);
+    uint64_t mask = k >= 64 ? UINT64_MAX : (1ull << k) - 1;
+
+    if (!cl->arena) {
+        void *p = mmap(NULL, cl->slot * cl->nslots, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) {
+            cl->nomem = true;
+            return NULL;
+        }
+        cl->arena = p;
     }
-    return p;
+    for (size_t i = 0; i + k <= cl->nslots; i++) {
+        if (!(cl->used & (mask << i))) {
+            t->slots = mask << i;
+            cl->used |= t->slots;
+            return cl->arena + i * cl->slot;
+        }
+    }
+    return NULL;
 }
 
 static void copy_task_co(void *opaque)
 {
     CopyTask *t = opaque;
     CopyLoop *cl = t->cl;
-    void *buf = copy_buf_new(t->bytes);
 
     t->is_read = true;
-    t->ret = buf ? cl->ops->co_copy(cl->job, t->offset, t->bytes, buf,
-                                    &t->is_read)
-                 : -ENOMEM;
-    free(buf);
+    t->ret = cl->ops->co_copy(cl->job, t->offset, t->bytes, t->buf,
+                              &t->is_read);
+    cl->used &= ~t->slots;
+    t->buf = NULL;
     cl->in_flight--;
     if (t->ret < 0) {
         g_queue_push_tail(&cl->failed, t);
@@ -936,6 +1048,28 @@ static void copy_wait_one(CopyLoop *cl)
     strata_co_queue_wait(&cl->wait, NULL);
 }
 
+/* Extends a range of @n bytes at @offset that needs copying over the
+ * ranges after it that need copying too, up to a chunk: the layers'
+ * extents (often a cluster or two) are far smaller than a chunk, and
+ * the copy reads whatever layer holds each part.  What the lookahead
+ * finds not to need a copy is classified again by the caller. */
+static uint64_t copy_extend(CopyLoop *cl, uint64_t offset, uint64_t n,
+                            uint64_t len)
+{
+    while (n < cl->chunk && offset + n < len) {
+        uint64_t m = 0;
+        bool more = false;
+
+        if (cl->ops->co_classify(cl->job, offset + n,
+                                 MIN(cl->chunk - n, len - offset - n), &m,
+                                 &more) < 0 || !more || m == 0) {
+            break;
+        }
+        n += MIN(m, cl->chunk - n);
+    }
+    return n;
+}
+
 int strata_job_co_copy_loop(StrataJob *job, const StrataJobCopyOps *ops,
                             uint64_t len, uint64_t chunk,
                             unsigned max_in_flight)
@@ -949,6 +1083,7 @@ int strata_job_co_copy_loop(StrataJob *job, const StrataJobCopyOps *ops,
     strata_co_queue_init(&cl.wait);
     g_queue_init(&cl.failed);
     g_queue_init(&cl.retry);
+    copy_arena_init(&cl, max_in_flight);
     strata_job_progress_set_total(job, len);
 
     for (;;) {
@@ -1020,6 +1155,7 @@ int strata_job_co_copy_loop(StrataJob *job, const StrataJobCopyOps *ops,
                 strata_job_co_pause_point(job);
                 continue;
             }
+            n = copy_extend(&cl, offset, n, len);
             t = g_new0(CopyTask, 1);
             t->cl = &cl;
             t->offset = offset;
@@ -1033,8 +1169,15 @@ int strata_job_co_copy_loop(StrataJob *job, const StrataJobCopyOps *ops,
             g_free(t);
             break;
         }
-        while (cl.in_flight >= max_in_flight) {
+        while ((cl.in_flight >= COPY_MAX_TASKS ||
+                !(t->buf = copy_buf_get(&cl, t))) &&
+               !cl.nomem && cl.in_flight > 0) {
             copy_wait_one(&cl);
+        }
+        if (!t->buf) {
+            g_free(t);
+            error = error ? error : -ENOMEM;
+            break;
         }
         cl.in_flight++;
         strata_coroutine_enter(strata_coroutine_new(copy_task_co, t));
@@ -1046,6 +1189,9 @@ int strata_job_co_copy_loop(StrataJob *job, const StrataJobCopyOps *ops,
     }
     g_queue_clear_full(&cl.failed, g_free);
     g_queue_clear_full(&cl.retry, g_free);
+    if (cl.arena) {
+        munmap(cl.arena, cl.slot * cl.nslots);
+    }
     if (strata_job_is_cancelled(job)) {
         return error ? error : -ECANCELED;
     }

@@ -7,11 +7,13 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <getopt.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/stat.h>
 
 #include "block-private.h"
 #include "img-private.h"
@@ -98,6 +100,24 @@ void strata_img_error_exit(const char *fmt, ...)
     va_end(ap);
     fputs("Try 'strata-img --help' for more information\n", stderr);
     exit(EXIT_FAILURE);
+}
+
+int strata_img_getopt(int argc, char **argv, const char *shortopts,
+                      const struct option *longopts, void (*help)(void))
+{
+    int c = getopt_long(argc, argv, shortopts, longopts, NULL);
+
+    switch (c) {
+    case ':':
+        strata_img_missing_argument(argv[optind - 1]);
+    case '?':
+        strata_img_unrecognized_option(argv[optind - 1]);
+    case 'h':
+        help();
+        exit(EXIT_SUCCESS);
+    default:
+        return c;
+    }
 }
 
 void strata_img_missing_argument(const char *option)
@@ -645,6 +665,85 @@ int strata_img_co_run(StrataImgTool *t, unsigned n, StrataImgCoFunc fn,
 bool strata_img_format_known(const char *fmt)
 {
     return g_strcmp0(fmt, "raw") == 0 || g_strcmp0(fmt, "qcow2") == 0;
+}
+
+bool strata_img_cache_option(const char *mode, StrataImgOpenOpts *o,
+                             bool source)
+{
+    if (!strata_img_parse_cache_mode(mode, o)) {
+        strata_img_error("Invalid %scache option: %s", source ? "source " : "",
+                         mode);
+        return false;
+    }
+    return true;
+}
+
+bool strata_img_check_format(const char *fmt)
+{
+    if (fmt && !strata_img_format_known(fmt)) {
+        strata_img_error("Unknown file format '%s'", fmt);
+        return false;
+    }
+    return true;
+}
+
+bool strata_img_parse_output(const char *arg, bool *json)
+{
+    if (!strcmp(arg, "json") || !strcmp(arg, "human")) {
+        *json = !strcmp(arg, "json");
+        return true;
+    }
+    strata_img_error("--output must be used with human or json as "
+                     "argument.");
+    return false;
+}
+
+const char *strata_img_one_filename(int argc, char **argv)
+{
+    if (optind != argc - 1) {
+        strata_img_error_exit("Expecting one image file name");
+    }
+    return argv[optind];
+}
+
+void strata_img_copy_init(StrataImgCopy *c, uint64_t len, bool progress)
+{
+    c->len = len;
+    c->cur = c->done = 0;
+    c->error = 0;
+    strata_co_mutex_init(&c->cursor_lock);
+    strata_img_progress_init(&c->progress, progress);
+}
+
+void strata_img_copy_advance(StrataImgCopy *c, uint64_t bytes)
+{
+    c->done += bytes;
+    strata_img_progress_update(&c->progress, c->done, c->len);
+}
+
+int strata_img_copy_finish(StrataImgCopy *c, int ret)
+{
+    if (ret < 0 && !c->error) {
+        c->error = ret;
+    }
+    return ret < 0 ? ret : 0;
+}
+
+int strata_img_co_flush(void *opaque)
+{
+    return strata_backend_co_flush(opaque);
+}
+
+bool strata_img_file_id(const char *path, StrataImgFileId *id)
+{
+    struct stat st;
+
+    if (stat(path, &st) < 0) {
+        return false;
+    }
+    id->dev = st.st_dev;
+    id->ino = st.st_ino;
+    return true;
 }
 
 bool strata_img_options_want_help(const char *text)

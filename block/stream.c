@@ -14,8 +14,12 @@
 #include "job-private.h"
 #include "driver.h"
 
+/* QEMU's chunk (a range that fails is one BLOCK_JOB_ERROR, as in QEMU),
+ * and buffer space for six (3 MiB), shared by up to 16 smaller copies,
+ * where QEMU copies one chunk at a time: with the file preallocated
+ * ahead of the writes, reads and writes then overlap. */
 #define STREAM_CHUNK (512 * 1024)
-#define STREAM_IN_FLIGHT 4
+#define STREAM_IN_FLIGHT 6
 
 typedef struct StreamJob {
     StrataJob common;
@@ -23,6 +27,9 @@ typedef struct StreamJob {
     StrataNode *base;        /* nullable: stream the whole chain */
     char *backing_file;      /* what to write; NULL: derived from base */
     bool backing_file_given;
+    /* The top was read-only (an intermediate layer): reopened read-write
+     * for the job and read-only again when it ends, as QEMU does. */
+    bool made_writable;
 } StreamJob;
 
 static int stream_co_classify(StrataJob *job, uint64_t offset,
@@ -174,12 +181,25 @@ static void stream_free(StrataJob *job)
     g_free(s->backing_file);
 }
 
+static void stream_clean(StrataJob *job)
+{
+    StreamJob *s = (StreamJob *)job;
+    g_autoptr(GError) err = NULL;
+
+    if (s->made_writable && !strata_node_set_read_only(s->top, true, &err)) {
+        g_warning("stream: could not make '%s' read-only again: %s",
+                  s->top->node_name, err->message);
+    }
+    s->made_writable = false;
+}
+
 static const StrataJobDriver stream_driver = {
     .type = "stream",
     .instance_size = sizeof(StreamJob),
     .is_block_job = true,
     .co_run = stream_co_run,
     .prepare = stream_prepare,
+    .clean = stream_clean,
     .free = stream_free,
 };
 
@@ -298,12 +318,6 @@ bool strata_stream_start(StrataContext *ctx, JsonObject *args,
                     "Duplicate nodes with node-name='%s'", filter_name);
         return false;
     }
-    if (top->read_only && strata_node_backing(top) != base) {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_PERMISSION,
-                    "Block node '%s' is read-only", top->node_name);
-        return false;
-    }
-
     job = strata_job_new(
         ctx, &stream_driver, opt_str(args, "job-id") ? opt_str(args, "job-id")
                                                      : "",
@@ -322,6 +336,21 @@ bool strata_stream_start(StrataContext *ctx, JsonObject *args,
     s->backing_file = g_strdup(backing_file);
     for (StrataNode *n = top; n && n != base; n = strata_node_backing(n)) {
         strata_job_add_node(job, n);
+    }
+    /* Streaming into an intermediate (read-only) layer: it is written
+     * for the job's time only. */
+    if (top->read_only) {
+        if (!strata_node_set_read_only(top, false, error)) {
+            strata_job_early_fail(job);
+            return false;
+        }
+        s->made_writable = true;
+    }
+    if (!strata_job_insert_filter(job, "copy-on-read", top, filter_name,
+                                  false, error)) {
+        stream_clean(job);
+        strata_job_early_fail(job);
+        return false;
     }
     strata_job_start(job);
     return true;

@@ -97,6 +97,13 @@ strata_ratelimit_calculate_delay(StrataRateLimit *rl, int64_t now_ns,
         uint64_t elapsed = ((uint64_t)now_ns - (uint64_t)rl->slice_start) /
                            (uint64_t)rl->slice_ns;
         advance_slices(rl, elapsed, quota);
+        if (rl->dispatched == 0) {
+            /* Idle: the next slice starts now, not on a grid laid down
+             * long ago.  A slice already under way would let this
+             * request and a whole quota after it go within less than a
+             * slice's time, running ahead of the rate. */
+            rl->slice_start = now_ns;
+        }
     }
 
     if (rl->dispatched != 0 && add_sat(rl->dispatched, bytes) > quota) {

@@ -203,6 +203,9 @@ static int entry_write(StrataQcow2Cache *c, CacheEntry *e)
      * dirty again and is written next time. */
     set_dirty(c, e, false);
     e->ref++;
+    strata_node_debug_event(file_node(c), c == c->s->refcount_cache
+                                              ? "refblock_update_part"
+                                              : "l2_update");
     ret = strata_node_co_pwrite(file_node(c), e->offset, c->entry_size,
                                 e->table, 0);
     e->ref--;

@@ -373,6 +373,7 @@ int strata_qcow2_co_write_l1_entry(StrataQcow2State *s, uint32_t index)
     uint8_t be[8];
 
     strata_qcow2_put_be64(be, s->l1_table[index]);
+    strata_node_debug_event(file_of(s), "l1_update");
     return strata_qcow2_co_write_meta(s, STRATA_QCOW2_OL_ACTIVE_L1,
                                       s->l1_table_offset +
                                       (uint64_t)index * 8, be, sizeof(be));
@@ -411,12 +412,14 @@ int strata_qcow2_co_grow_l1(StrataQcow2State *s, uint64_t min_size)
     for (uint32_t i = 0; i < s->l1_size; i++) {
         strata_qcow2_put_be64(buf + (uint64_t)i * 8, s->l1_table[i]);
     }
+    strata_node_debug_event(file_of(s), "l1_grow_write_table");
     ret = strata_qcow2_co_write_meta(s, 0, (uint64_t)off, buf, alloc);
     if (ret < 0) {
         return ret;
     }
     strata_qcow2_put_be32(hdr, (uint32_t)min_size);
     strata_qcow2_put_be64(hdr + 4, (uint64_t)off);
+    strata_node_debug_event(file_of(s), "l1_grow_activate_table");
     ret = strata_qcow2_co_write_header_bytes(s, STRATA_QCOW2_HDR_L1, hdr,
                                              sizeof(hdr));
     if (ret < 0) {

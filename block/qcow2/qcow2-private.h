@@ -531,6 +531,12 @@ void strata_qcow2_co_free_clusters(StrataQcow2State *s, uint64_t offset,
 /* Drops the references of one L2 entry's host storage. */
 void strata_qcow2_co_free_l2_entry(StrataQcow2State *s, uint64_t entry);
 bool strata_qcow2_refcount_init(StrataQcow2State *s, GError **error);
+/* Coroutine, s->lock held.  Drops the refcount blocks that count
+ * nothing but themselves from the table (after a shrink). */
+int strata_qcow2_co_shrink_reftable(StrataQcow2State *s);
+/* Coroutine, s->lock held.  The end of the last cluster in use (the
+ * length the file needs), or -errno. */
+int64_t strata_qcow2_co_last_cluster_end(StrataQcow2State *s);
 
 /* ------------------------------------------------------------------ */
 /* cluster.c                                                           */

@@ -15,8 +15,8 @@
 /* Deeper chains than this are refused rather than recursed into. */
 #define MAX_BACKING_DEPTH 256
 
-/* Bytes the open path reads to find the header: the largest cluster. */
-#define HEADER_READ_MAX (1u << STRATA_QCOW2_MAX_CLUSTER_BITS)
+/* Bytes read first to learn the cluster size: the fixed header. */
+#define HEADER_PROBE 4096
 
 static StrataNode *file_of(StrataQcow2State *s)
 {
@@ -26,6 +26,44 @@ static StrataNode *file_of(StrataQcow2State *s)
 static StrataNode *backing_of(StrataQcow2State *s)
 {
     return s->node->backing ? s->node->backing->node : NULL;
+}
+
+/*
+ * Reads the header cluster of @file (@flen bytes long): the header and
+ * its extensions live in the first cluster.  The fixed part comes first
+ * and says how big a cluster is, so a 64 KiB-cluster image costs 64 KiB
+ * rather than the largest cluster size (2 MiB of a daemon's peak memory
+ * per image opened).  A cluster size out of range is left to the
+ * parser to report.
+ */
+static int read_header_cluster(StrataNode *file, int64_t flen,
+                               uint8_t **out, size_t *out_len)
+{
+    size_t len = (size_t)MIN((uint64_t)MAX(flen, 0), HEADER_PROBE);
+    g_autofree uint8_t *buf = g_malloc0(MAX(len, (size_t)1));
+    uint32_t bits;
+    int ret;
+
+    ret = len ? strata_node_co_pread(file, 0, len, buf, 0) : 0;
+    if (ret < 0) {
+        return ret;
+    }
+    bits = len >= 24 ? strata_qcow2_be32(buf + 20) : 0;
+    if (bits >= STRATA_QCOW2_MIN_CLUSTER_BITS &&
+        bits <= STRATA_QCOW2_MAX_CLUSTER_BITS &&
+        (uint64_t)flen > len && (1u << bits) > len) {
+        size_t more = (size_t)MIN((uint64_t)flen, 1ull << bits);
+
+        buf = g_realloc(buf, more);
+        ret = strata_node_co_pread(file, len, more - len, buf + len, 0);
+        if (ret < 0) {
+            return ret;
+        }
+        len = more;
+    }
+    *out = g_steal_pointer(&buf);
+    *out_len = len;
+    return 0;
 }
 
 /* ------------------------------------------------------------------ */
@@ -78,15 +116,11 @@ static bool open_co_body(StrataQcow2State *s, JsonObject *options,
                     g_strerror((int)-flen));
         return false;
     }
-    len = (size_t)MIN((uint64_t)flen, (uint64_t)HEADER_READ_MAX);
-    buf = g_malloc0(MAX(len, (size_t)1));
-    if (len) {
-        ret = strata_node_co_pread(file, 0, len, buf, 0);
-        if (ret < 0) {
-            g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
-                        "Could not read qcow2 header: %s", g_strerror(-ret));
-            return false;
-        }
+    ret = read_header_cluster(file, flen, &buf, &len);
+    if (ret < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO,
+                    "Could not read qcow2 header: %s", g_strerror(-ret));
+        return false;
     }
     if (!strata_qcow2_header_parse(&s->hdr, buf, len, error) ||
         !strata_qcow2_header_check_features(&s->hdr, s->writable, error)) {
@@ -1493,6 +1527,124 @@ static int qcow2_co_block_status(StrataNode *node, bool want_zero,
     }
 }
 
+/* The header's disk size, then the state that follows it; @need: the
+ * L1 entries the new size uses. */
+static int set_size(StrataQcow2State *s, uint64_t size, uint64_t need)
+{
+    uint8_t be[8];
+    int ret;
+
+    strata_qcow2_put_be64(be, size);
+    ret = strata_qcow2_co_write_header_bytes(s, STRATA_QCOW2_HDR_SIZE, be,
+                                             sizeof(be));
+    if (ret == 0) {
+        s->hdr.size = size;
+        s->l1_vm_state_index = (uint32_t)need;
+    }
+    return ret;
+}
+
+/*
+ * Drops the L2 tables of the L1 entries from @keep on: their entries go
+ * to zero on disk first, then the tables are freed (a crash in between
+ * leaks them).  The L1 table keeps its size, as in QEMU.
+ */
+static int shrink_l1(StrataQcow2State *s, uint32_t keep)
+{
+    uint64_t bytes;
+    g_autofree uint8_t *zeroes = NULL;
+    int ret;
+
+    keep = MAX(keep, 1u);
+    if (keep >= s->l1_size) {
+        return 0;
+    }
+    /* Nothing still cached may point into the tables being dropped. */
+    ret = strata_qcow2_cache_co_flush(s->l2_cache);
+    if (ret < 0) {
+        return ret;
+    }
+    bytes = (uint64_t)(s->l1_size - keep) * 8;
+    zeroes = g_malloc0(bytes);
+    ret = strata_qcow2_co_write_meta(s, STRATA_QCOW2_OL_ACTIVE_L1,
+                                     s->l1_table_offset +
+                                     (uint64_t)keep * 8, zeroes, bytes);
+    if (ret < 0) {
+        /* Part of the tail may be zero on disk: forget it in memory too,
+         * so that nothing writes through a table half gone. */
+        memset(s->l1_table + keep, 0, bytes);
+        return ret;
+    }
+    for (uint32_t i = keep; i < s->l1_size; i++) {
+        uint64_t l2 = s->l1_table[i] & STRATA_QCOW2_OFFSET_MASK;
+
+        s->l1_table[i] = 0;
+        if (l2) {
+            strata_qcow2_cache_discard_cluster(s->l2_cache, l2,
+                                               s->cluster_size);
+            strata_qcow2_co_free_clusters(s, l2, s->cluster_size);
+        }
+    }
+    return 0;
+}
+
+/*
+ * Shrinking, as QEMU 7.2 does it: the clusters past the new end are
+ * deallocated (also in an image with internal snapshots, whose tables
+ * are copied first), the L2 tables past it freed, refcount blocks left
+ * empty dropped, then the header gets the new size and the file loses
+ * its unused tail.  A crash before the header write leaves the old size
+ * with its tail deallocated, never a size the metadata does not cover.
+ */
+static int shrink(StrataQcow2State *s, uint64_t offset, uint64_t need,
+                  GError **error)
+{
+    uint64_t start = (offset + s->cluster_size - 1) & ~(s->cluster_size - 1);
+    const char *what = "Failed to discard cropped clusters";
+    int64_t len;
+    int ret = 0;
+
+    if (start < s->hdr.size) {
+        ret = zap_clusters(s, start, s->hdr.size - start, ZAP_DEALLOCATE);
+    }
+    strata_co_mutex_lock(&s->lock);
+    if (ret == 0) {
+        what = "Failed to reduce the number of L2 tables";
+        ret = shrink_l1(s, (uint32_t)need);
+    }
+    if (ret == 0) {
+        what = "Failed to discard unused refblocks";
+        ret = strata_qcow2_cache_co_flush(s->l2_cache);
+    }
+    if (ret == 0) {
+        ret = strata_qcow2_co_shrink_reftable(s);
+    }
+    if (ret == 0) {
+        what = "Failed to update the image size";
+        ret = set_size(s, offset, need);
+    }
+    if (ret == 0) {
+        len = strata_qcow2_co_last_cluster_end(s);
+        if (len > 0 && len < file_of(s)->total_bytes) {
+            g_autoptr(GError) err = NULL;
+            /* Exact, or a file would keep its length; a block device
+             * refuses (ENOTSUP) and simply keeps its size. */
+            int r = strata_node_co_truncate(file_of(s), (uint64_t)len, true,
+                                            &err);
+            if (r < 0 && r != -ENOTSUP) {
+                g_warning("qcow2: Failed to truncate the tail of the "
+                          "image: %s", err->message);
+            }
+        }
+    }
+    strata_co_mutex_unlock(&s->lock);
+    if (ret < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO, "%s: %s", what,
+                    g_strerror(-ret));
+    }
+    return ret;
+}
+
 static int qcow2_co_truncate(StrataNode *node, uint64_t offset, bool exact,
                              GError **error)
 {
@@ -1501,7 +1653,6 @@ static int qcow2_co_truncate(StrataNode *node, uint64_t offset, bool exact,
     uint64_t per_l1 = s->cluster_size << s->l2_bits;
     uint64_t need = offset / per_l1 + (offset % per_l1 != 0);
     StrataNode *b = backing_of(s);
-    uint8_t be[8];
     int ret = check_writable(s);
 
     if (ret < 0) {
@@ -1522,9 +1673,7 @@ static int qcow2_co_truncate(StrataNode *node, uint64_t offset, bool exact,
         return -EINVAL;
     }
     if (offset < old) {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
-                    "qcow2 images cannot be shrunk yet");
-        return -ENOTSUP;
+        return shrink(s, offset, need, error);
     }
     if (offset == old) {
         return 0;
@@ -1546,13 +1695,7 @@ static int qcow2_co_truncate(StrataNode *node, uint64_t offset, bool exact,
         ret = strata_qcow2_cache_co_flush(s->refcount_cache);
     }
     if (ret == 0) {
-        strata_qcow2_put_be64(be, offset);
-        ret = strata_qcow2_co_write_header_bytes(s, STRATA_QCOW2_HDR_SIZE,
-                                                 be, sizeof(be));
-    }
-    if (ret == 0) {
-        s->hdr.size = offset;
-        s->l1_vm_state_index = (uint32_t)need;
+        ret = set_size(s, offset, need);
     }
     strata_co_mutex_unlock(&s->lock);
     if (ret < 0) {
@@ -1638,9 +1781,7 @@ static void reopen_co(void *opaque)
                         g_strerror((int)-flen));
             return;
         }
-        len = (size_t)MIN((uint64_t)flen, (uint64_t)HEADER_READ_MAX);
-        buf = g_malloc0(MAX(len, (size_t)1));
-        ret = len ? strata_node_co_pread(file_of(s), 0, len, buf, 0) : 0;
+        ret = read_header_cluster(file_of(s), flen, &buf, &len);
         if (ret < 0) {
             g_set_error(&r->error, STRATA_ERROR, STRATA_ERROR_IO,
                         "Could not read qcow2 header: %s", g_strerror(-ret));

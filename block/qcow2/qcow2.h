@@ -117,6 +117,20 @@ bool strata_qcow2_co_snapshot_delete(StrataNode *node,
                                      const char *id_or_name, GError **error);
 
 /**
+ * strata_qcow2_co_snapshot_load_tmp:
+ * @node: a read-only qcow2 node
+ * @id: (nullable): the snapshot's ID
+ * @name: (nullable): the snapshot's name; with @id both must match
+ *
+ * Coroutine.  Makes @node read as the snapshot (its L1 table and disk
+ * size) until it is closed, as `qemu-img convert -l` reads one; nothing
+ * is written.  Errors: STRATA_ERROR_NOT_FOUND "Can't find snapshot",
+ * STRATA_ERROR_INVALID_ARGUMENT "Device is not readonly".
+ */
+bool strata_qcow2_co_snapshot_load_tmp(StrataNode *node, const char *id,
+                                       const char *name, GError **error);
+
+/**
  * strata_qcow2_co_vmstate_rw:
  * @pos: byte offset in the VM state area
  *

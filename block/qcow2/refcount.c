@@ -238,11 +238,13 @@ static int ensure_refblock(StrataQcow2State *s, uint64_t cluster)
     }
 
     /* Block first, then the table entry that makes it live. */
+    strata_node_debug_event(file_of(s), "refblock_alloc_write");
     ret = write_sync(s, 0, b << s->cluster_bits, block, s->cluster_size);
     if (ret < 0) {
         return ret;
     }
     strata_qcow2_put_be64(be, b << s->cluster_bits);
+    strata_node_debug_event(file_of(s), "refblock_alloc_hookup");
     ret = write_sync(s, STRATA_QCOW2_OL_REFCOUNT_TABLE,
                      s->refcount_table_offset + rt_index * 8, be, 8);
     if (ret < 0) {
@@ -273,6 +275,7 @@ static int grow_reftable(StrataQcow2State *s, uint64_t min_entries)
     int64_t len;
     int ret;
 
+    strata_node_debug_event(file_of(s), "reftable_grow");
     len = strata_node_co_refresh_length(file_of(s));
     if (len < 0) {
         return (int)len;
@@ -333,6 +336,8 @@ static int grow_reftable(StrataQcow2State *s, uint64_t min_entries)
         ret = strata_qcow2_co_pre_write_overlap_check(s, 0, boff,
                                                       s->cluster_size);
         if (ret == 0) {
+            strata_node_debug_event(file_of(s),
+                                    "refblock_alloc_write_blocks");
             ret = strata_node_co_pwrite(file_of(s), boff, s->cluster_size,
                                         buf, 0);
         }
@@ -356,6 +361,7 @@ static int grow_reftable(StrataQcow2State *s, uint64_t min_entries)
         if (ret < 0) {
             return ret;
         }
+        strata_node_debug_event(file_of(s), "refblock_alloc_write_table");
         ret = write_sync(s, 0, start << s->cluster_bits, tb,
                          table_clusters * s->cluster_size);
         if (ret < 0) {
@@ -365,6 +371,7 @@ static int grow_reftable(StrataQcow2State *s, uint64_t min_entries)
 
     strata_qcow2_put_be64(hdr, start << s->cluster_bits);
     strata_qcow2_put_be32(hdr + 8, (uint32_t)table_clusters);
+    strata_node_debug_event(file_of(s), "refblock_alloc_switch_table");
     ret = strata_qcow2_co_write_header_bytes(s, STRATA_QCOW2_HDR_REFTABLE,
                                              hdr, sizeof(hdr));
     if (ret < 0) {
@@ -552,6 +559,107 @@ void strata_qcow2_co_free_l2_entry(StrataQcow2State *s, uint64_t entry)
     default:
         break;
     }
+}
+
+/* Whether the refcount block at reftable index @index counts nothing
+ * but (when it lies in its own range) itself. */
+static bool refblock_unused(StrataQcow2State *s, uint64_t index,
+                            uint64_t offset, const void *block)
+{
+    uint64_t self = offset >> s->cluster_bits;
+    uint64_t per_block = 1ull << s->refcount_block_bits;
+
+    for (uint64_t k = 0; k < per_block; k++) {
+        if ((index << s->refcount_block_bits) + k == self) {
+            continue;
+        }
+        if (strata_qcow2_refblock_get(block, s->refcount_order, k)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+int strata_qcow2_co_shrink_reftable(StrataQcow2State *s)
+{
+    uint64_t n = s->refcount_table_size;
+    g_autofree uint8_t *table = g_malloc0(n * 8);
+    g_autofree bool *drop = g_new0(bool, MAX(n, 1));
+    bool any = false;
+    int ret;
+
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t off = s->refcount_table[i] & STRATA_QCOW2_REFT_OFFSET_MASK;
+        void *block;
+
+        if (!off) {
+            continue;
+        }
+        ret = check_refblock_offset(s, i, off);
+        if (ret == 0) {
+            ret = strata_qcow2_cache_co_get(s->refcount_cache, off, &block);
+        }
+        if (ret < 0) {
+            return ret;
+        }
+        drop[i] = refblock_unused(s, i, off, block);
+        strata_qcow2_cache_put(s->refcount_cache, &block);
+        if (drop[i]) {
+            any = true;
+        } else {
+            strata_qcow2_put_be64(table + i * 8, s->refcount_table[i]);
+        }
+    }
+    if (!any) {
+        return 0;
+    }
+    /* Kept blocks are on disk before the table that keeps only them. */
+    ret = strata_qcow2_cache_co_flush(s->refcount_cache);
+    if (ret == 0) {
+        ret = write_sync(s, STRATA_QCOW2_OL_REFCOUNT_TABLE,
+                         s->refcount_table_offset, table, n * 8);
+    }
+    if (ret < 0) {
+        return ret;
+    }
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t off = s->refcount_table[i] & STRATA_QCOW2_REFT_OFFSET_MASK;
+
+        if (!drop[i]) {
+            continue;
+        }
+        strata_qcow2_cache_discard_cluster(s->refcount_cache, off,
+                                           s->cluster_size);
+        s->refcount_table[i] = 0;
+        s->rt_used_valid = false;
+        /* A block counted by another block is freed there; one that
+         * counted itself went with its table entry. */
+        if (((off >> s->cluster_bits) >> s->refcount_block_bits) != i) {
+            strata_qcow2_co_free_clusters(s, off, s->cluster_size);
+        }
+    }
+    return 0;
+}
+
+int64_t strata_qcow2_co_last_cluster_end(StrataQcow2State *s)
+{
+    int64_t len = strata_node_co_refresh_length(file_of(s));
+    uint64_t i;
+
+    if (len < 0) {
+        return len;
+    }
+    for (i = strata_qcow2_size_to_clusters(s, (uint64_t)len); i > 0; i--) {
+        uint64_t rc;
+        int ret = strata_qcow2_co_get_refcount(s, i - 1, &rc);
+        if (ret < 0) {
+            return ret;
+        }
+        if (rc) {
+            break;
+        }
+    }
+    return (int64_t)(i << s->cluster_bits);
 }
 
 bool strata_qcow2_refcount_init(StrataQcow2State *s, GError **error)

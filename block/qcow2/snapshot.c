@@ -479,6 +479,7 @@ static int write_active_l1(StrataQcow2State *s, bool flush)
     if (!bytes) {
         return 0;
     }
+    strata_node_debug_event(s->node->file->node, "l1_update");
     return flush ? strata_qcow2_co_write_meta(s, STRATA_QCOW2_OL_ACTIVE_L1,
                                               s->l1_table_offset, buf, bytes)
                  : strata_qcow2_co_pwrite_meta(s, STRATA_QCOW2_OL_ACTIVE_L1,
@@ -703,7 +704,11 @@ static bool create_locked(StrataQcow2State *s,
                                     COPIED_KEEP, &l1_modified);
     }
     if (ret < 0) {
-        /* The counts taken so far leak; nothing points at the copy. */
+        /* The counts taken so far leak; nothing points at the copy.
+         * COPIED flags cleared so far (on disk, or only in memory when
+         * the L1 write failed) follow the refcounts again: a one-off
+         * error must not leave the tree and the table disagreeing. */
+        recompute_active_copied(s);
         set_io_error(error, "Could not update refcounts for the snapshot",
                      ret);
         strata_qcow2_snapshot_free(sn);
@@ -949,4 +954,67 @@ bool strata_qcow2_co_snapshot_delete(StrataNode *node,
 {
     g_return_val_if_fail(id_or_name != NULL, false);
     return snapshot_op(node, OP_DELETE, id_or_name, NULL, error);
+}
+
+bool strata_qcow2_co_snapshot_load_tmp(StrataNode *node, const char *id,
+                                       const char *name, GError **error)
+{
+    StrataQcow2State *s = qcow2_state(node, error);
+    StrataQcow2Snapshot *sn = NULL;
+    uint64_t per_l1, need;
+    uint64_t *l1;
+    int ret;
+
+    g_return_val_if_fail(id != NULL || name != NULL, false);
+    if (!s) {
+        return false;
+    }
+    if (s->writable) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Device is not readonly");
+        return false;
+    }
+    strata_co_mutex_lock(&s->lock);
+    for (guint i = 0; i < s->snapshots->len && !sn; i++) {
+        StrataQcow2Snapshot *c = g_ptr_array_index(s->snapshots, i);
+
+        if ((!id || !strcmp(c->id_str, id)) &&
+            (!name || !strcmp(c->name, name))) {
+            sn = c;
+        }
+    }
+    if (!sn) {
+        strata_co_mutex_unlock(&s->lock);
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_FOUND,
+                    "Can't find snapshot");
+        return false;
+    }
+    per_l1 = s->cluster_size << s->l2_bits;
+    need = sn->disk_size / per_l1 + (sn->disk_size % per_l1 != 0);
+    if (strata_qcow2_check_snapshot_l1(s, sn) < 0 || need > sn->l1_size ||
+        sn->disk_size > INT64_MAX) {
+        strata_co_mutex_unlock(&s->lock);
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_CORRUPT,
+                    "Snapshot '%s' has an invalid L1 table or disk size",
+                    sn->id_str);
+        return false;
+    }
+    ret = strata_qcow2_co_read_l1(s, sn->l1_table_offset, sn->l1_size, &l1);
+    if (ret < 0) {
+        strata_co_mutex_unlock(&s->lock);
+        set_io_error(error, "Could not read the snapshot's L1 table", ret);
+        return false;
+    }
+    /* L2 tables are cached by their host offset: the active tree's stay
+     * valid, and the snapshot's are found under their own. */
+    g_free(s->l1_table);
+    s->l1_table = l1;
+    s->l1_size = sn->l1_size;
+    s->l1_table_offset = sn->l1_table_offset;
+    s->hdr.size = sn->disk_size;
+    s->l1_vm_state_index = (uint32_t)need;
+    s->decmp_host = 0;
+    node->total_bytes = (int64_t)sn->disk_size;
+    strata_co_mutex_unlock(&s->lock);
+    return true;
 }

@@ -14,14 +14,21 @@ data, 4 overlays of 5 % each).  Rows:
 Each repetition runs every row once per side, the side that goes first
 alternating, on fresh copies of the files the command writes (on
 /dev/shm; the read-only layers are symlinks to the original chain).  The
-time is the command's wall clock.  Every result is verified with
-`qemu-img compare` against the original top's view (and qemu-img check
-for the written images); a sample that fails verification aborts the run.
+chain is built on disk (under $STRATA_BENCH_TMP, else $TMPDIR) and its
+files are dropped from the page cache (posix_fadvise DONTNEED) before
+every sample, so the read-only layers come from the disk; --warm keeps
+them cached instead.  The time is the command's wall clock; its CPU time
+(user + system, all threads) is reported too, being less sensitive to
+other load on the machine.  Every result is verified with `qemu-img
+compare` against the original top's view (and qemu-img check for the
+written images); a sample that fails verification aborts the run.
 Medians and minima are reported with the ratio qemu/strata (> 1: strata
-is faster).  Stdlib only.
+is faster).  With --cold-read, a row "read" times a plain sequential read
+of the base image (dd, 16 MiB blocks) from a cold cache: about what the
+disk allows for the bulk of what the commands read.  Stdlib only.
 
   bench-img-ops.py --strata-img build/block/strata-img [--reps 5]
-      [--chain DIR] [--mkchain PATH] [--json OUT]
+      [--chain DIR] [--mkchain PATH] [--warm] [--cold-read] [--json OUT]
 """
 
 import argparse
@@ -60,6 +67,32 @@ def run(argv, cwd=None):
     return p.stdout
 
 
+def timed(argv, cwd=None):
+    """Runs @argv; (wall seconds, CPU seconds of the child)."""
+    with tempfile.TemporaryFile(mode="w+") as out:
+        t0 = time.monotonic()
+        p = subprocess.Popen(argv, cwd=cwd, stdout=out,
+                             stderr=subprocess.STDOUT)
+        _, status, ru = os.wait4(p.pid, 0)
+        dt = time.monotonic() - t0
+        p.returncode = os.waitstatus_to_exitcode(status) \
+            if hasattr(os, "waitstatus_to_exitcode") else status >> 8
+        if p.returncode != 0:
+            out.seek(0)
+            raise RuntimeError("%s: exit %d: %s" % (
+                " ".join(argv), p.returncode, out.read()))
+    return dt, ru.ru_utime + ru.ru_stime
+
+
+def drop_cache(chain):
+    for f in LAYERS:
+        fd = os.open(os.path.join(chain, f), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def prepare(chain, work, writes):
     if os.path.exists(work):
         shutil.rmtree(work)
@@ -71,14 +104,18 @@ def prepare(chain, work, writes):
             os.symlink(os.path.join(chain, f), os.path.join(work, f))
 
 
-def sample(tool, row, chain, work, qemu_img):
+def sample(tool, row, chain, work, qemu_img, cold):
+    if row == "read":
+        drop_cache(chain)
+        return timed(["dd", "bs=16M", "status=none", "of=/dev/null"] +
+                     ["if=" + os.path.join(chain, f) for f in LAYERS[:1]])
     writes, args = ROWS[row]
     prepare(chain, work, writes)
+    if cold:
+        drop_cache(chain)
     out = os.path.join(work, "out.qcow2")
     argv = [tool] + [out if a == "OUT" else a for a in args]
-    t0 = time.monotonic()
-    run(argv, cwd=work)
-    dt = time.monotonic() - t0
+    dt = timed(argv, cwd=work)
     # Verify: what the top reads (or the copy) equals the original top.
     result = out if row == "convert" else os.path.join(work, "snap4.qcow2")
     run([qemu_img, "compare", "-f", "qcow2", "-F", "qcow2", result,
@@ -98,44 +135,73 @@ def main():
         os.path.dirname(os.path.abspath(__file__)), "..", "..", "..",
         "shared", "bench", "mkchain"))
     ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--warm", action="store_true",
+                    help="chain on /dev/shm, not dropped from the cache")
+    ap.add_argument("--cold-read", action="store_true",
+                    help="also time a plain cold read of the chain")
     ap.add_argument("--json")
     a = ap.parse_args()
     strata = os.path.abspath(a.strata_img)
     rows = a.rows.split(",")
-    scratch = tempfile.mkdtemp(prefix="bench-img-ops.",
-                               dir="/dev/shm" if os.path.isdir("/dev/shm")
-                               else None)
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    scratch = tempfile.mkdtemp(prefix="bench-img-ops.", dir=shm)
+    disk = None
     try:
         chain = a.chain
         if not chain:
-            chain = os.path.join(scratch, "chain")
-            log("building the chain with %s" % a.mkchain)
+            if a.warm:
+                chain = os.path.join(scratch, "chain")
+            else:
+                disk = tempfile.mkdtemp(
+                    prefix="bench-img-ops-chain.",
+                    dir=os.environ.get("STRATA_BENCH_TMP"))
+                chain = os.path.join(disk, "chain")
+            log("building the chain in %s with %s" % (chain, a.mkchain))
             run([a.mkchain, "-q", "-o", chain])
         work = os.path.join(scratch, "work")
         times = {r: {"qemu": [], "strata": []} for r in rows}
+        cpu = {r: {"qemu": [], "strata": []} for r in rows}
         for rep in range(a.reps):
             order = [("qemu", a.qemu_img), ("strata", strata)]
             if rep % 2:
                 order.reverse()
+            if a.cold_read:
+                dt, _ = sample(None, "read", chain, work, a.qemu_img, True)
+                times.setdefault("read", []).append(dt)
+                log("rep %d read (dd of the base, cold) %.3f s" % (rep, dt))
             for r in rows:
                 for side, tool in order:
-                    dt = sample(tool, r, chain, work, a.qemu_img)
+                    dt, ct = sample(tool, r, chain, work, a.qemu_img,
+                                    not a.warm)
                     times[r][side].append(dt)
-                    log("rep %d %-8s %-6s %.3f s (verified)" % (rep, r, side,
-                                                                dt))
-        print("| operation | qemu-img median (min) | strata-img median (min)"
-              " | qemu/strata |")
-        print("|---|---|---|---|")
+                    cpu[r][side].append(ct)
+                    log("rep %d %-8s %-6s %.3f s, CPU %.3f s (verified)" % (
+                        rep, r, side, dt, ct))
+        print("%s page cache; wall clock median (min), CPU time median" %
+              ("warm" if a.warm else "cold"))
+        print()
+        print("| operation | qemu-img | strata-img | qemu/strata |"
+              " CPU qemu-img | CPU strata-img |")
+        print("|---|---|---|---|---|---|")
         for r in rows:
             q, s = times[r]["qemu"], times[r]["strata"]
-            print("| %s | %.3f s (%.3f) | %.3f s (%.3f) | %.2fx |" % (
-                r, statistics.median(q), min(q), statistics.median(s),
-                min(s), statistics.median(q) / statistics.median(s)))
+            print("| %s | %.3f s (%.3f) | %.3f s (%.3f) | %.2fx | %.3f s |"
+                  " %.3f s |" % (
+                      r, statistics.median(q), min(q), statistics.median(s),
+                      min(s), statistics.median(q) / statistics.median(s),
+                      statistics.median(cpu[r]["qemu"]),
+                      statistics.median(cpu[r]["strata"])))
+        if a.cold_read:
+            rd = times["read"]
+            print("| read (dd of base.qcow2, cold) | %.3f s (%.3f) |"
+                  " | | | |" % (statistics.median(rd), min(rd)))
         if a.json:
             with open(a.json, "w") as f:
-                json.dump(times, f, indent=1)
+                json.dump({"wall": times, "cpu": cpu}, f, indent=1)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        if disk:
+            shutil.rmtree(disk, ignore_errors=True)
 
 
 if __name__ == "__main__":

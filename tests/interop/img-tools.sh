@@ -7,20 +7,8 @@
 #   img-tools.sh PATH/TO/strata-img
 set -uo pipefail
 
-IMG=${1:?usage: img-tools.sh PATH/TO/strata-img}
-IMG=$(realpath "$IMG")
-command -v qemu-img >/dev/null && command -v qemu-io >/dev/null || {
-    echo "SKIP: qemu-img / qemu-io not installed"; exit 77; }
-command -v python3 >/dev/null || { echo "SKIP: no python3"; exit 77; }
-
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/img-tools.XXXXXX")
-trap 'rm -rf "$tmp"' EXIT
-cd "$tmp" || exit 1
-pass=0 fail=0
-ok()  { pass=$((pass + 1)); echo "ok: $*"; }
-bad() { fail=$((fail + 1)); echo "FAIL: $*"; }
-
-qio() { qemu-io "$@" >/dev/null || bad "qemu-io $*"; }
+IMG=$(realpath "${1:?usage: img-tools.sh PATH/TO/strata-img}")
+. "$(dirname "$(realpath "$0")")/img-lib.sh"
 
 # same_output DESC ARGS...: strata-img and qemu-img print the same.
 same_output() {
@@ -46,30 +34,6 @@ same_json() {
     a=$("$IMG" "$@" | python3 -c "$norm"); b=$(qemu-img "$@" | python3 -c "$norm")
     if [ -n "$a" ] && [ "$a" == "$b" ]; then ok "$what"; else
         bad "$what: $a vs $b"; fi
-}
-
-# refuse DESC FILE ARGS...: strata-img fails with a message and FILE
-# (may be -) keeps its checksum.
-refuse() {
-    local what=$1 file=$2; shift 2
-    local before="" after=""
-    [ "$file" != - ] && [ -e "$file" ] && before=$(sha256sum "$file")
-    "$IMG" "$@" >out 2>err
-    local st=$?
-    [ "$file" != - ] && [ -e "$file" ] && after=$(sha256sum "$file")
-    if [ $st -eq 0 ]; then bad "$what: exit status 0"
-    elif ! grep -q '^strata-img: ' err; then bad "$what: no message"
-    elif [ "$before" != "$after" ]; then bad "$what: $file changed"
-    else ok "$what ($(head -n 1 err))"; fi
-}
-
-compare_ok() {
-    if qemu-img compare "$2" "$3" >/dev/null 2>&1; then ok "$1"
-    else bad "$1: $(qemu-img compare "$2" "$3" 2>&1)"; fi
-}
-check_ok() {
-    if qemu-img check "$2" >/dev/null 2>&1; then ok "$1"
-    else bad "$1: $(qemu-img check "$2" 2>&1 | head -3)"; fi
 }
 
 # ---- create ----
@@ -284,5 +248,4 @@ refuse "rebase: missing file" - rebase -b base.qcow2 gone.qcow2
 refuse "rebase: bad -F" top.qcow2 rebase -b base.qcow2 -F vmdkx top.qcow2
 refuse "rebase: nonsense flag" top.qcow2 rebase --frobnicate -b base.qcow2 top.qcow2
 
-echo "$pass passed, $fail failed"
-[ $fail -eq 0 ]
+finish

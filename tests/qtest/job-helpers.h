@@ -72,14 +72,24 @@ static inline void fails(QTestState *s, const char *req, const char *cls,
                   "%s: desc '%s', want '%s'", req, qtest_error_desc(r), desc);
 }
 
-/* The same write through the export "disk" on DIR/nbd.sock (the
- * guest) and into DIR/ref.raw (what the guest must see). */
-static inline void guest_write(QTestState *s, const char *w)
+/* Serves node "top" as the writable NBD export "disk" on nbd.sock in
+ * the scratch dir, as a guest's disk. */
+static inline void export_top(QTestState *s)
 {
-    ck_assert_int_eq(sh(s, "qemu-io -f raw -c '%s' "
-                           "'nbd+unix:///disk?socket=nbd.sock' >/dev/null "
-                           "&& qemu-io -f raw -c '%s' ref.raw >/dev/null",
-                        w, w), 0);
+    ok(s, "{\"execute\": \"nbd-server-start\", \"arguments\": {\"addr\": "
+          "{\"type\": \"unix\", \"data\": {\"path\": \"nbd.sock\"}}}}");
+    ok(s, "{\"execute\": \"block-export-add\", \"arguments\": {\"type\": "
+          "\"nbd\", \"id\": \"e\", \"node-name\": \"top\", \"name\": "
+          "\"disk\", \"writable\": true}}");
+}
+
+/* Runs the qemu-io command @cmd through the export "disk" and on the
+ * reference image ref.raw alike; 0 when both succeed. */
+static inline int guest_io(QTestState *s, const char *cmd)
+{
+    return sh(s, "qemu-io -f raw -c '%s' 'nbd+unix:///disk?socket=nbd.sock' "
+                 ">/dev/null && qemu-io -f raw -c '%s' ref.raw >/dev/null",
+              cmd, cmd);
 }
 
 static inline JsonObject *data_of(JsonNode *ev)

@@ -18,6 +18,7 @@
 #include "strata.h"
 #include "block-private.h"
 #include "qcow2/qcow2.h"
+#include "../unit/test-util.h"
 
 #define N_DISKS     16
 #define N_WRITES    4800
@@ -238,17 +239,9 @@ END_TEST
 
 int main(void)
 {
-    Suite *suite = suite_create("causal-cut");
-    TCase *tc = tcase_create("transaction");
-    SRunner *sr;
-    int failed;
+    const StrataTestCase tests[] = {
+        { "/causal-cut/causal-cut", test_causal_cut },
+    };
 
-    tcase_set_timeout(tc, 120);
-    tcase_add_test(tc, test_causal_cut);
-    suite_add_tcase(suite, tc);
-    sr = srunner_create(suite);
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? 1 : 0;
+    return strata_test_main("causal-cut", tests, NULL, NULL);
 }

@@ -462,18 +462,11 @@ static void guest_writes_during(const char *job_json, const char *job_id,
     ok(s, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
           "\"qcow2\", \"node-name\": \"top\", \"file\": {\"driver\": "
           "\"file\", \"filename\": \"top.qcow2\"}}}");
-    ok(s, "{\"execute\": \"nbd-server-start\", \"arguments\": {\"addr\": "
-          "{\"type\": \"unix\", \"data\": {\"path\": \"nbd.sock\"}}}}");
-    ok(s, "{\"execute\": \"block-export-add\", \"arguments\": {\"type\": "
-          "\"nbd\", \"id\": \"e\", \"node-name\": \"top\", \"name\": "
-          "\"disk\", \"writable\": true}}");
+    export_top(s);
     ok(s, start);
     reach_status(s, job_id, "running");
     for (unsigned i = 0; i < G_N_ELEMENTS(writes); i++) {
-        ck_assert_int_eq(sh(s, "qemu-io -f raw -c '%s' "
-                               "'nbd+unix:///disk?socket=nbd.sock' "
-                               ">/dev/null && qemu-io -f raw -c '%s' ref.raw "
-                               ">/dev/null", writes[i], writes[i]), 0);
+        ck_assert_int_eq(guest_io(s, writes[i]), 0);
     }
     {
         JsonNode *keep = NULL;
@@ -583,11 +576,7 @@ START_TEST(test_commit_writable_base)
     ok(s, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
           "\"qcow2\", \"node-name\": \"top\", \"backing\": \"mid\", "
           "\"file\": {\"driver\": \"file\", \"filename\": \"top.qcow2\"}}}");
-    ok(s, "{\"execute\": \"nbd-server-start\", \"arguments\": {\"addr\": "
-          "{\"type\": \"unix\", \"data\": {\"path\": \"nbd.sock\"}}}}");
-    ok(s, "{\"execute\": \"block-export-add\", \"arguments\": {\"type\": "
-          "\"nbd\", \"id\": \"e\", \"node-name\": \"top\", \"name\": "
-          "\"disk\", \"writable\": true}}");
+    export_top(s);
     ok(s, "{\"execute\": \"block-commit\", \"arguments\": {\"job-id\": "
           "\"c\", \"device\": \"top\", \"top-node\": \"mid\", \"base-node\": "
           "\"base\", \"speed\": 65536, \"backing-file\": \"base.qcow2\"}}");

@@ -78,12 +78,12 @@ START_TEST(test_storage_migration)
           "\"mig\", \"device\": \"s1\", \"target\": \"remote\", \"sync\": "
           "\"full\", \"speed\": 4194304}}");
     reach_status(s, "mig", "running");
-    guest_write(s, "write -P 0x33 1M 1M");
-    guest_write(s, "write -P 0x34 13M 64k");
+    ck_assert_int_eq(guest_io(s, "write -P 0x33 1M 1M"), 0);
+    ck_assert_int_eq(guest_io(s, "write -P 0x34 13M 64k"), 0);
     ok(s, "{\"execute\": \"block-job-set-speed\", \"arguments\": "
           "{\"device\": \"mig\", \"speed\": 0}}");
     reach_status(s, "mig", "ready");
-    guest_write(s, "write -P 0x35 9M 512k");
+    ck_assert_int_eq(guest_io(s, "write -P 0x35 9M 512k"), 0);
     ok(s, "{\"execute\": \"block-job-complete\", \"arguments\": "
           "{\"device\": \"mig\"}}");
     reach_status(s, "mig", "null");
@@ -98,7 +98,7 @@ START_TEST(test_storage_migration)
         json_node_unref(r);
     }
     /* after the pivot the guest writes to the remote disk */
-    guest_write(s, "write -P 0x36 15M 1M");
+    ck_assert_int_eq(guest_io(s, "write -P 0x36 15M 1M"), 0);
     ok(s, "{\"execute\": \"quit\"}");
     ck_assert_int_eq(qtest_wait_exit(s, 10000), 0);
     ok(d, "{\"execute\": \"quit\"}");

@@ -104,7 +104,7 @@ START_TEST(test_active_commit_complete)
     ok(s, "{\"execute\": \"block-commit\", \"arguments\": {\"job-id\": "
           "\"ac\", \"device\": \"top\", \"speed\": 65536}}");
     reach_status(s, "ac", "running");
-    guest_write(s, "write -P 0x51 10M 1M");
+    ck_assert_int_eq(guest_io(s, "write -P 0x51 10M 1M"), 0);
     /* not READY before complete is accepted */
     fails(s, "{\"execute\": \"block-job-complete\", \"arguments\": "
              "{\"device\": \"ac\"}}", "GenericError",
@@ -113,13 +113,13 @@ START_TEST(test_active_commit_complete)
     ok(s, "{\"execute\": \"block-job-set-speed\", \"arguments\": "
           "{\"device\": \"ac\", \"speed\": 0}}");
     reach_ready(s, "ac", "commit");
-    guest_write(s, "write -P 0x52 11M 512k");
+    ck_assert_int_eq(guest_io(s, "write -P 0x52 11M 512k"), 0);
     ok(s, "{\"execute\": \"block-job-complete\", \"arguments\": "
           "{\"device\": \"ac\"}}");
     finish_events(s, "ac", "commit");
     ck_assert_str_eq(export_node(s, &keep), "base");
     json_node_unref(keep);
-    guest_write(s, "write -P 0x53 14M 1M");
+    ck_assert_int_eq(guest_io(s, "write -P 0x53 14M 1M"), 0);
     ck_assert_int_eq(sh(s, "qemu-img compare -q -f raw -F raw ref.raw "
                            "'nbd+unix:///disk?socket=nbd.sock'"), 0);
     ok(s, "{\"execute\": \"blockdev-del\", \"arguments\": {\"node-name\": "
@@ -150,14 +150,14 @@ START_TEST(test_active_commit_cancel_ready)
     ok(s, "{\"execute\": \"block-commit\", \"arguments\": {\"job-id\": "
           "\"ac\", \"device\": \"top\"}}");
     reach_ready(s, "ac", "commit");
-    guest_write(s, "write -P 0x52 11M 512k");
+    ck_assert_int_eq(guest_io(s, "write -P 0x52 11M 512k"), 0);
     ok(s, "{\"execute\": \"block-job-cancel\", \"arguments\": "
           "{\"device\": \"ac\"}}");
     finish_events(s, "ac", "commit");
     ck_assert_int_eq(sh(s, "cp ref.raw at-cancel.raw"), 0);
     ck_assert_str_eq(export_node(s, &keep), "top");
     json_node_unref(keep);
-    guest_write(s, "write -P 0x61 12M 1M");
+    ck_assert_int_eq(guest_io(s, "write -P 0x61 12M 1M"), 0);
     ck_assert_int_eq(sh(s, "qemu-img compare -q -f raw -F raw ref.raw "
                            "'nbd+unix:///disk?socket=nbd.sock'"), 0);
     ok(s, "{\"execute\": \"quit\"}");
@@ -211,9 +211,9 @@ START_TEST(test_blockdev_mirror_guest_writes)
           "\"m\", \"device\": \"s1\", \"target\": \"t\", \"sync\": "
           "\"full\", \"speed\": 65536}}");
     reach_status(s, "m", "running");
-    guest_write(s, "write -P 0x33 1M 1M");
-    guest_write(s, "write -P 0x34 12M 2M");
-    guest_write(s, "write -P 0x35 5M 4k");
+    ck_assert_int_eq(guest_io(s, "write -P 0x33 1M 1M"), 0);
+    ck_assert_int_eq(guest_io(s, "write -P 0x34 12M 2M"), 0);
+    ck_assert_int_eq(guest_io(s, "write -P 0x35 5M 4k"), 0);
     {
         JsonObject *j = block_job(s, &keep);
         ck_assert_str_eq(json_object_get_string_member(j, "type"), "mirror");
@@ -223,13 +223,13 @@ START_TEST(test_blockdev_mirror_guest_writes)
     ok(s, "{\"execute\": \"block-job-set-speed\", \"arguments\": "
           "{\"device\": \"m\", \"speed\": 0}}");
     reach_ready(s, "m", "mirror");
-    guest_write(s, "write -P 0x36 7M 1M");
+    ck_assert_int_eq(guest_io(s, "write -P 0x36 7M 1M"), 0);
     ok(s, "{\"execute\": \"block-job-complete\", \"arguments\": "
           "{\"device\": \"m\"}}");
     finish_events(s, "m", "mirror");
     ck_assert_str_eq(export_node(s, &keep), "t");
     json_node_unref(keep);
-    guest_write(s, "write -P 0x37 15M 1M");
+    ck_assert_int_eq(guest_io(s, "write -P 0x37 15M 1M"), 0);
     ok(s, "{\"execute\": \"quit\"}");
     ck_assert_int_eq(qtest_wait_exit(s, 10000), 0);
     ck_assert_int_eq(sh(s, "qemu-img compare -q -F raw t.qcow2 ref.raw"), 0);
@@ -255,7 +255,7 @@ START_TEST(test_drive_mirror_write_blocking)
           "\"format\": \"qcow2\", \"node-name\": \"new\", \"sync\": "
           "\"full\", \"copy-mode\": \"write-blocking\"}}");
     reach_ready(s, "m", "mirror");
-    guest_write(s, "write -P 0x44 2M 1M");
+    ck_assert_int_eq(guest_io(s, "write -P 0x44 2M 1M"), 0);
     ok(s, "{\"execute\": \"block-job-complete\", \"arguments\": "
           "{\"device\": \"m\"}}");
     finish_events(s, "m", "mirror");

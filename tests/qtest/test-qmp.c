@@ -12,6 +12,7 @@
 #include <glib.h>
 
 #include "libqtest.h"
+#include "../unit/test-util.h"
 
 #define VERSION_RET "{\"qemu\": {\"major\": 7, \"minor\": 2, \"micro\": 0}, " \
                     "\"package\": \"strata " STRATA_VERSION "\"}"
@@ -749,14 +750,6 @@ START_TEST(test_stratad_cmdline_forms)
 }
 END_TEST
 
-static void add(Suite *s, const char *name, const TTest *t, int timeout)
-{
-    TCase *tc = tcase_create(name);
-    tcase_set_timeout(tc, timeout);
-    _tcase_add_test(tc, t, 0, 0, 0, 1);
-    suite_add_tcase(s, tc);
-}
-
 /* strata extra: the loop's engine, and why it fell back. */
 START_TEST(test_x_strata_query_loop)
 {
@@ -797,32 +790,34 @@ END_TEST
 
 int main(void)
 {
-    Suite *s = suite_create("qmp");
-    SRunner *sr;
-    int failed;
-
     signal(SIGPIPE, SIG_IGN);
-    add(s, "/qmp/greeting", test_greeting, 30);
-    add(s, "/qmp/x-strata/query-loop", test_x_strata_query_loop, 30);
-    add(s, "/qmp/negotiation", test_negotiation, 30);
-    add(s, "/qmp/oob", test_oob, 30);
-    add(s, "/qmp/errors/bad-input", test_bad_input, 30);
-    add(s, "/qmp/errors/parser-edges", test_parser_edges, 30);
-    add(s, "/qmp/errors/node-rules", test_node_rules, 30);
-    add(s, "/qmp/blockdev/file-raw", test_blockdev_file_raw, 30);
-    add(s, "/qmp/errors/qsd-crashers", test_qsd_crashers, 30);
-    add(s, "/qmp/introspection", test_query_commands_and_schema, 30);
-    add(s, "/qmp/quit", test_quit, 30);
-    add(s, "/qmp/sigterm", test_sigterm, 30);
-    add(s, "/qmp/hostile/big-message", test_hostile_big_message, 120);
-    add(s, "/qmp/hostile/deep-nesting", test_hostile_deep_nesting, 60);
-    add(s, "/qmp/hostile/half-message", test_hostile_half_message, 30);
-    add(s, "/qmp/hostile/many-clients", test_hostile_many_clients, 60);
-    add(s, "/qmp/stratad/bad-args", test_stratad_bad_args, 30);
-    add(s, "/qmp/stratad/cmdline-forms", test_stratad_cmdline_forms, 30);
-    sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? 1 : 0;
+    const StrataTestCase tests[] = {
+        { "/qmp/greeting", test_greeting, .timeout = 30 },
+        { "/qmp/x-strata/query-loop",
+          test_x_strata_query_loop, .timeout = 30 },
+        { "/qmp/negotiation", test_negotiation, .timeout = 30 },
+        { "/qmp/oob", test_oob, .timeout = 30 },
+        { "/qmp/errors/bad-input", test_bad_input, .timeout = 30 },
+        { "/qmp/errors/parser-edges", test_parser_edges, .timeout = 30 },
+        { "/qmp/errors/node-rules", test_node_rules, .timeout = 30 },
+        { "/qmp/blockdev/file-raw", test_blockdev_file_raw, .timeout = 30 },
+        { "/qmp/errors/qsd-crashers", test_qsd_crashers, .timeout = 30 },
+        { "/qmp/introspection",
+          test_query_commands_and_schema, .timeout = 30 },
+        { "/qmp/quit", test_quit, .timeout = 30 },
+        { "/qmp/sigterm", test_sigterm, .timeout = 30 },
+        { "/qmp/hostile/big-message",
+          test_hostile_big_message, .timeout = 120 },
+        { "/qmp/hostile/deep-nesting",
+          test_hostile_deep_nesting, .timeout = 60 },
+        { "/qmp/hostile/half-message",
+          test_hostile_half_message, .timeout = 30 },
+        { "/qmp/hostile/many-clients",
+          test_hostile_many_clients, .timeout = 60 },
+        { "/qmp/stratad/bad-args", test_stratad_bad_args, .timeout = 30 },
+        { "/qmp/stratad/cmdline-forms",
+          test_stratad_cmdline_forms, .timeout = 30 },
+    };
+
+    return strata_test_main("qmp", tests, NULL, NULL);
 }

@@ -6,6 +6,7 @@
 #include <glib.h>
 
 #include "libqtest.h"
+#include "../unit/test-util.h"
 
 #define GE(id_, desc_) \
     "{\"id\": " id_ ", \"error\": {\"class\": \"GenericError\", " \
@@ -336,28 +337,15 @@ START_TEST(test_locks_follow)
 }
 END_TEST
 
-static void add(Suite *s, const char *name, const TTest *t)
-{
-    TCase *tc = tcase_create(name);
-    tcase_set_timeout(tc, 120);
-    _tcase_add_test(tc, t, 0, 0, 0, 1);
-    suite_add_tcase(s, tc);
-}
-
 int main(void)
 {
-    Suite *s = suite_create("reopen");
-    SRunner *sr;
-    int failed;
+    const StrataTestCase tests[] = {
+        { "/reopen/backing-rules", test_backing_rules },
+        { "/reopen/transcript-20", test_transcript_20 },
+        { "/reopen/errors", test_errors },
+        { "/reopen/writer-and-rollback", test_writer_and_rollback },
+        { "/reopen/locks-follow", test_locks_follow },
+    };
 
-    add(s, "/reopen/backing-rules", test_backing_rules);
-    add(s, "/reopen/transcript-20", test_transcript_20);
-    add(s, "/reopen/errors", test_errors);
-    add(s, "/reopen/writer-and-rollback", test_writer_and_rollback);
-    add(s, "/reopen/locks-follow", test_locks_follow);
-    sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? 1 : 0;
+    return strata_test_main("reopen", tests, NULL, NULL);
 }

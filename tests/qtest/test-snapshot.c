@@ -4,66 +4,14 @@
  * transactions failing at each action position (graph, exports, image
  * files and directory unchanged), internal snapshots, change-backing-file
  * and x-strata-blockdev-revert; images checked with qemu-img and qemu-io. */
-#include <check.h>
-#include <stdarg.h>
-#include <stdio.h>
-#include <string.h>
-#include <unistd.h>
-#include <glib.h>
 #include <glib/gstdio.h>
 
-#include "libqtest.h"
-
-static int sh(QTestState *s, const char *fmt, ...) G_GNUC_PRINTF(2, 3);
-static int sh(QTestState *s, const char *fmt, ...)
-{
-    va_list ap;
-    g_autofree char *cmd = NULL;
-    g_autofree char *full = NULL;
-    g_autofree char *out = NULL;
-    g_autofree char *err = NULL;
-    int status = -1;
-
-    va_start(ap, fmt);
-    cmd = g_strdup_vprintf(fmt, ap);
-    va_end(ap);
-    full = g_strdup_printf("cd '%s' && %s", qtest_dir(s), cmd);
-    {
-        char *argv[] = { "/bin/sh", "-c", full, NULL };
-        g_spawn_sync(NULL, argv, NULL, 0, NULL, NULL, &out, &err, &status,
-                     NULL);
-    }
-    if (!g_spawn_check_wait_status(status, NULL)) {
-        fprintf(stderr, "command failed: %s\n%s%s", cmd, out ? out : "",
-                err ? err : "");
-        return 1;
-    }
-    return 0;
-}
-
-/* stdout of a shell command in the scratch dir.  (transfer full) */
-static char *sh_out(QTestState *s, const char *cmd)
-{
-    g_autofree char *full = g_strdup_printf("cd '%s' && %s", qtest_dir(s),
-                                            cmd);
-    char *argv[] = { "/bin/sh", "-c", full, NULL };
-    char *out = NULL;
-
-    g_spawn_sync(NULL, argv, NULL, 0, NULL, NULL, &out, NULL, NULL, NULL);
-    return out ? out : g_strdup("");
-}
+#include "snapshot-helpers.h"
+#include "../unit/test-util.h"
 
 static gint cmp_str(gconstpointer a, gconstpointer b)
 {
     return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
-static bool have_qemu_tools(void)
-{
-    g_autofree char *a = g_find_program_in_path("qemu-img");
-    g_autofree char *b = g_find_program_in_path("qemu-io");
-
-    return a && b;
 }
 
 static JsonNode *qmpf(QTestState *s, const char *fmt, ...) G_GNUC_PRINTF(2, 3);
@@ -114,25 +62,12 @@ static void export(QTestState *s, const char *node, const char *name)
           "\"%s\", \"writable\": true}}", name, node, name);
 }
 
-/* qemu-io commands against an export: 0 when all succeed (a failed
- * pattern read makes qemu-io print "Pattern verification failed"). */
-static int nbd_io(QTestState *s, const char *exp, const char *cmd)
-{
-    g_autofree char *c = g_strdup_printf(
-        "qemu-io -f raw -c '%s' 'nbd+unix:///%s?socket=nbd.sock' 2>&1",
-        cmd, exp);
-    g_autofree char *out = sh_out(s, c);
-
-    return strstr(out, "fail") || strstr(out, "error") ? 1 : 0;
-}
-
 static int img_io(QTestState *s, const char *img, const char *cmd)
 {
-    g_autofree char *c = g_strdup_printf("qemu-io -r -U -c '%s' '%s' 2>&1",
-                                         cmd, img);
-    g_autofree char *out = sh_out(s, c);
+    g_autofree char *out = sh_out(s, "qemu-io -r -U -c '%s' '%s' 2>&1", cmd,
+                                  img);
 
-    return strstr(out, "fail") || strstr(out, "error") ? 1 : 0;
+    return qemu_io_good(img, out) ? 0 : 1;
 }
 
 static void quit(QTestState *s)
@@ -245,14 +180,14 @@ START_TEST(test_sync_guest_writes)
     add_qcow2(s, "base", "base.qcow2");
     nbd_start(s);
     export(s, "base", "disk");
-    ck_assert_int_eq(nbd_io(s, "disk", "write -P 0x22 1M 1M"), 0);
+    ck_assert(nbd_io(s, "disk", "-c 'write -P 0x22 1M 1M'"));
     OK(s, "{\"execute\": \"blockdev-snapshot-sync\", \"arguments\": "
           "{\"node-name\": \"base\", \"snapshot-file\": \"ov.qcow2\", "
           "\"snapshot-node-name\": \"ov\", \"format\": \"qcow2\"}}");
     /* Written after the reply: in the overlay only. */
-    ck_assert_int_eq(nbd_io(s, "disk", "write -P 0x33 2M 1M"), 0);
-    ck_assert_int_eq(nbd_io(s, "disk", "read -P 0x22 1M 1M"), 0);
-    ck_assert_int_eq(nbd_io(s, "disk", "read -P 0x33 2M 1M"), 0);
+    ck_assert(nbd_io(s, "disk", "-c 'write -P 0x33 2M 1M'"));
+    ck_assert(nbd_io(s, "disk", "-c 'read -P 0x22 1M 1M'"));
+    ck_assert(nbd_io(s, "disk", "-c 'read -P 0x33 2M 1M'"));
     graph = graph_state(s);
     ck_assert_str_eq(graph, "base:1:-\nexport disk:ov\nov:0:base.qcow2\n");
 
@@ -262,7 +197,7 @@ START_TEST(test_sync_guest_writes)
     OK(s, "{\"execute\": \"blockdev-snapshot-sync\", \"arguments\": "
           "{\"node-name\": \"ov\", \"snapshot-file\": \"sub/ov2.qcow2\", "
           "\"snapshot-node-name\": \"ov2\"}}");
-    ck_assert_int_eq(nbd_io(s, "disk", "write -P 0x44 3M 1M"), 0);
+    ck_assert(nbd_io(s, "disk", "-c 'write -P 0x44 3M 1M'"));
     quit(s);
 
     ck_assert(img_clean(s, "base.qcow2"));
@@ -403,7 +338,7 @@ START_TEST(test_blockdev_snapshot)
     add_qcow2(s, "b", "b.qcow2");
     nbd_start(s);
     export(s, "b", "d");
-    ck_assert_int_eq(nbd_io(s, "d", "write -P 0x51 0 1M"), 0);
+    ck_assert(nbd_io(s, "d", "-c 'write -P 0x51 0 1M'"));
     OK(s, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
           "\"qcow2\", \"node-name\": \"o\", \"backing\": null, \"file\": "
           "{\"driver\": \"file\", \"filename\": \"o.qcow2\"}}}");
@@ -421,8 +356,8 @@ START_TEST(test_blockdev_snapshot)
           "\"cy\"}}");
     OK(s, "{\"execute\": \"blockdev-snapshot\", \"arguments\": {\"node\": "
           "\"b\", \"overlay\": \"o\"}}");
-    ck_assert_int_eq(nbd_io(s, "d", "write -P 0x52 1M 1M"), 0);
-    ck_assert_int_eq(nbd_io(s, "d", "read -P 0x51 0 1M"), 0);
+    ck_assert(nbd_io(s, "d", "-c 'write -P 0x52 1M 1M'"));
+    ck_assert(nbd_io(s, "d", "-c 'read -P 0x51 0 1M'"));
     FAILS(s, "Node 'b' is busy: node is used as backing hd of 'o'",
           "{\"execute\": \"blockdev-snapshot\", \"arguments\": {\"node\": "
           "\"b\", \"overlay\": \"o\"}}");
@@ -532,7 +467,7 @@ START_TEST(test_transaction_rollback)
           SNAP("a", "a1.qcow2", "a1") "], \"properties\": "
           "{\"completion-mode\": \"grouped\"}}}");
     /* The guest still writes to the old layers. */
-    ck_assert_int_eq(nbd_io(s, "a", "write -P 0x61 0 64k"), 0);
+    ck_assert(nbd_io(s, "a", "-c 'write -P 0x61 0 64k'"));
     /* And a good transaction works: all three at once. */
     OK(s, "{\"execute\": \"transaction\", \"arguments\": {\"actions\": "
           "[%s, %s, %s, {\"type\": \"blockdev-snapshot-internal-sync\", "
@@ -574,10 +509,10 @@ START_TEST(test_internal)
           "\"filename\": \"p.raw\"}}}");
     nbd_start(s);
     export(s, "d", "d");
-    ck_assert_int_eq(nbd_io(s, "d", "write -P 0x71 0 1M"), 0);
+    ck_assert(nbd_io(s, "d", "-c 'write -P 0x71 0 1M'"));
     OK(s, "{\"execute\": \"blockdev-snapshot-internal-sync\", \"arguments\": "
           "{\"device\": \"d\", \"name\": \"s1\"}}");
-    ck_assert_int_eq(nbd_io(s, "d", "write -P 0x72 0 1M"), 0);
+    ck_assert(nbd_io(s, "d", "-c 'write -P 0x72 0 1M'"));
     OK(s, "{\"execute\": \"blockdev-snapshot-internal-sync\", \"arguments\": "
           "{\"device\": \"d\", \"name\": \"s2\"}}");
     FAILS(s, "Snapshot with name 's1' already exists on device 'd'",
@@ -695,15 +630,15 @@ START_TEST(test_revert)
     add_qcow2(s, "base", "base.qcow2");
     nbd_start(s);
     export(s, "base", "d");
-    ck_assert_int_eq(nbd_io(s, "d", "write -P 0x81 0 1M"), 0);
+    ck_assert(nbd_io(s, "d", "-c 'write -P 0x81 0 1M'"));
     OK(s, "{\"execute\": \"blockdev-snapshot-sync\", \"arguments\": "
           "{\"node-name\": \"base\", \"snapshot-file\": \"s1.qcow2\", "
           "\"snapshot-node-name\": \"s1\"}}");
-    ck_assert_int_eq(nbd_io(s, "d", "write -P 0x82 1M 1M"), 0);
+    ck_assert(nbd_io(s, "d", "-c 'write -P 0x82 1M 1M'"));
     OK(s, "{\"execute\": \"blockdev-snapshot-sync\", \"arguments\": "
           "{\"node-name\": \"s1\", \"snapshot-file\": \"s2.qcow2\", "
           "\"snapshot-node-name\": \"s2\"}}");
-    ck_assert_int_eq(nbd_io(s, "d", "write -P 0x83 2M 1M"), 0);
+    ck_assert(nbd_io(s, "d", "-c 'write -P 0x83 2M 1M'"));
     FAILS(s, "New overlay node-name already in use",
           "{\"execute\": \"x-strata-blockdev-revert\", \"arguments\": {\"node\": "
           "\"base\", \"overlay-file\": \"r.qcow2\", \"overlay-node-name\": "
@@ -713,9 +648,9 @@ START_TEST(test_revert)
     OK(s, "{\"execute\": \"x-strata-blockdev-revert\", \"arguments\": {\"node\": "
           "\"s1\", \"overlay-file\": \"r.qcow2\", \"overlay-node-name\": "
           "\"r\"}}");
-    ck_assert_int_eq(nbd_io(s, "d", "read -P 0x82 1M 1M"), 0);
-    ck_assert_int_eq(nbd_io(s, "d", "read -P 0 2M 1M"), 0);
-    ck_assert_int_eq(nbd_io(s, "d", "write -P 0x84 3M 1M"), 0);
+    ck_assert(nbd_io(s, "d", "-c 'read -P 0x82 1M 1M'"));
+    ck_assert(nbd_io(s, "d", "-c 'read -P 0 2M 1M'"));
+    ck_assert(nbd_io(s, "d", "-c 'write -P 0x84 3M 1M'"));
     {
         g_autofree char *g = graph_state(s);
         ck_assert_str_eq(g, "base:1:-\nexport d:r\nr:0:s1.qcow2\n"
@@ -726,8 +661,8 @@ START_TEST(test_revert)
     OK(s, "{\"execute\": \"x-strata-blockdev-revert\", \"arguments\": {\"node\": "
           "\"base\", \"overlay-file\": \"r2.qcow2\", \"overlay-node-name\": "
           "\"r2\", \"delete-discarded\": true}}");
-    ck_assert_int_eq(nbd_io(s, "d", "read -P 0x81 0 1M"), 0);
-    ck_assert_int_eq(nbd_io(s, "d", "read -P 0 1M 1M"), 0);
+    ck_assert(nbd_io(s, "d", "-c 'read -P 0x81 0 1M'"));
+    ck_assert(nbd_io(s, "d", "-c 'read -P 0 1M 1M'"));
     ck_assert_int_ne(sh(s, "test -e r.qcow2"), 0);
     ck_assert_int_ne(sh(s, "test -e s1.qcow2"), 0);
     ck_assert_int_eq(sh(s, "test -e s2.qcow2"), 0);
@@ -741,27 +676,19 @@ END_TEST
 
 int main(void)
 {
-    Suite *suite = suite_create("snapshot");
-    TCase *tc = tcase_create("snapshot");
-    SRunner *sr;
-    int failed;
-
     if (!have_qemu_tools()) {
         return 77;
     }
-    tcase_set_timeout(tc, 120);
-    tcase_add_test(tc, test_sync_guest_writes);
-    tcase_add_test(tc, test_sync_errors);
-    tcase_add_test(tc, test_sync_lone);
-    tcase_add_test(tc, test_blockdev_snapshot);
-    tcase_add_test(tc, test_transaction_rollback);
-    tcase_add_test(tc, test_internal);
-    tcase_add_test(tc, test_change_backing_file);
-    tcase_add_test(tc, test_revert);
-    suite_add_tcase(suite, tc);
-    sr = srunner_create(suite);
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? 1 : 0;
+    const StrataTestCase tests[] = {
+        { "/snapshot/sync-guest-writes", test_sync_guest_writes },
+        { "/snapshot/sync-errors", test_sync_errors },
+        { "/snapshot/sync-lone", test_sync_lone },
+        { "/snapshot/blockdev-snapshot", test_blockdev_snapshot },
+        { "/snapshot/transaction-rollback", test_transaction_rollback },
+        { "/snapshot/internal", test_internal },
+        { "/snapshot/change-backing-file", test_change_backing_file },
+        { "/snapshot/revert", test_revert },
+    };
+
+    return strata_test_main("snapshot", tests, NULL, NULL);
 }

@@ -11,6 +11,7 @@
 
 #include "libqtest.h"
 #include "job-helpers.h"
+#include "../unit/test-util.h"
 
 typedef struct {
     int status;         /* exit status, or -1 when killed by a signal */
@@ -391,23 +392,15 @@ END_TEST
 
 int main(void)
 {
-    Suite *su = suite_create("strata-qmp");
-    TCase *tc = tcase_create("wait");
-    SRunner *sr;
-    int failed;
+    const StrataTestCase tests[] = {
+        { "/strata-qmp/wait-stream", test_wait_stream },
+        { "/strata-qmp/wait-ready-and-pivot", test_wait_ready_and_pivot },
+        { "/strata-qmp/wait-cancelled", test_wait_cancelled },
+        { "/strata-qmp/wait-interrupt-cancels", test_wait_interrupt_cancels },
+        { "/strata-qmp/wait-create-job", test_wait_create_job },
+        { "/strata-qmp/wait-errors", test_wait_errors },
+        { "/strata-qmp/node-stats", test_node_stats },
+    };
 
-    tcase_set_timeout(tc, 120);
-    tcase_add_test(tc, test_wait_stream);
-    tcase_add_test(tc, test_wait_ready_and_pivot);
-    tcase_add_test(tc, test_wait_cancelled);
-    tcase_add_test(tc, test_wait_interrupt_cancels);
-    tcase_add_test(tc, test_wait_create_job);
-    tcase_add_test(tc, test_wait_errors);
-    tcase_add_test(tc, test_node_stats);
-    suite_add_tcase(su, tc);
-    sr = srunner_create(su);
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return strata_test_main("strata-qmp", tests, NULL, NULL);
 }

@@ -12,6 +12,7 @@
 #include <glib/gstdio.h>
 
 #include "libqtest.h"
+#include "../unit/test-util.h"
 
 static bool have_qemu_io(void)
 {
@@ -380,28 +381,17 @@ START_TEST(test_shutdown_quit)
 }
 END_TEST
 
-static void add(Suite *s, const char *name, const TTest *t, int timeout)
-{
-    TCase *tc = tcase_create(name);
-    tcase_set_timeout(tc, timeout);
-    _tcase_add_test(tc, t, 0, 0, 0, 1);
-    suite_add_tcase(s, tc);
-}
-
 int main(void)
 {
-    Suite *s = suite_create("stratad");
-    SRunner *sr;
-    int failed;
-
     signal(SIGPIPE, SIG_IGN);
-    add(s, "/stratad/events/hard-export-del", test_hard_del_event, 60);
-    add(s, "/stratad/cmdline/nbd-server-export", test_cmdline_nbd, 60);
-    add(s, "/stratad/shutdown/sigterm", test_shutdown_sigterm, 60);
-    add(s, "/stratad/shutdown/quit", test_shutdown_quit, 60);
-    sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? 1 : 0;
+    const StrataTestCase tests[] = {
+        { "/stratad/events/hard-export-del",
+          test_hard_del_event, .timeout = 60 },
+        { "/stratad/cmdline/nbd-server-export",
+          test_cmdline_nbd, .timeout = 60 },
+        { "/stratad/shutdown/sigterm", test_shutdown_sigterm, .timeout = 60 },
+        { "/stratad/shutdown/quit", test_shutdown_quit, .timeout = 60 },
+    };
+
+    return strata_test_main("stratad", tests, NULL, NULL);
 }

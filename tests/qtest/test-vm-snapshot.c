@@ -3,38 +3,8 @@
  * NBD are checkpointed, changed and loaded back live; every failure ends
  * the job with QEMU's text in query-jobs and leaves no snapshot behind;
  * the images are checked with qemu-img afterwards. */
-#include "job-helpers.h"
-
-static char *sh_out(QTestState *s, const char *fmt, ...) G_GNUC_PRINTF(2, 3);
-static char *sh_out(QTestState *s, const char *fmt, ...)
-{
-    va_list ap;
-    g_autofree char *cmd = NULL;
-    g_autofree char *full = NULL;
-    char *out = NULL;
-
-    va_start(ap, fmt);
-    cmd = g_strdup_vprintf(fmt, ap);
-    va_end(ap);
-    full = g_strdup_printf("cd '%s' && %s 2>&1", qtest_dir(s), cmd);
-    {
-        char *argv[] = { "/bin/sh", "-c", full, NULL };
-        g_spawn_sync(NULL, argv, NULL, 0, NULL, NULL, &out, NULL, NULL,
-                     NULL);
-    }
-    return out ? out : g_strdup("");
-}
-
-/* qemu-io over the export @exp: true when every command succeeded. */
-static bool nbd_io(QTestState *s, const char *exp, const char *cmd)
-{
-    g_autofree char *out = sh_out(
-        s, "qemu-io -f raw -c '%s' 'nbd+unix:///%s?socket=nbd.sock'", cmd,
-        exp);
-
-    return !strstr(out, "fail") && !strstr(out, "error") &&
-           !strstr(out, "can't");
-}
+#include "snapshot-helpers.h"
+#include "../unit/test-util.h"
 
 static void setup(QTestState *s)
 {
@@ -132,7 +102,8 @@ static void run_job(QTestState *s, const char *cmd, const char *type,
  * header). */
 static int snapshot_count(QTestState *s, const char *img)
 {
-    g_autofree char *out = sh_out(s, "qemu-img snapshot -U -l %s", img);
+    g_autofree char *out = sh_out(s, "qemu-img snapshot -U -l %s 2>&1",
+                                  img);
     int lines = 0;
 
     for (const char *p = out; *p; p++) {
@@ -150,8 +121,8 @@ START_TEST(test_save_load_delete)
     }
     s = qtest_start(NULL, true);
     setup(s);
-    ck_assert(nbd_io(s, "d0", "write -P 0xa1 0 1M"));
-    ck_assert(nbd_io(s, "d1", "write -P 0xb1 1M 1M"));
+    ck_assert(nbd_io(s, "d0", "-c 'write -P 0xa1 0 1M'"));
+    ck_assert(nbd_io(s, "d1", "-c 'write -P 0xb1 1M 1M'"));
 
     run_job(s, "snapshot-save", "snapshot-save",
             "\"tag\": \"cp1\", \"vmstate\": \"d0\", "
@@ -160,30 +131,30 @@ START_TEST(test_save_load_delete)
     ck_assert_int_eq(snapshot_count(s, "d1.qcow2"), 1);
 
     /* The guest moves on after the checkpoint... */
-    ck_assert(nbd_io(s, "d0", "write -P 0xa2 0 2M"));
-    ck_assert(nbd_io(s, "d1", "write -P 0xb2 0 2M"));
+    ck_assert(nbd_io(s, "d0", "-c 'write -P 0xa2 0 2M'"));
+    ck_assert(nbd_io(s, "d1", "-c 'write -P 0xb2 0 2M'"));
     /* ...and is taken back to it live: the exports stay connected to the
      * same nodes and see the checkpoint's data. */
     run_job(s, "snapshot-load", "snapshot-load",
             "\"tag\": \"cp1\", \"vmstate\": \"d0\", "
             "\"devices\": [\"d0\", \"d1\"]", NULL);
-    ck_assert(nbd_io(s, "d0", "read -P 0xa1 0 1M"));
-    ck_assert(nbd_io(s, "d0", "read -P 0 1M 1M"));
-    ck_assert(nbd_io(s, "d1", "read -P 0 0 1M"));
-    ck_assert(nbd_io(s, "d1", "read -P 0xb1 1M 1M"));
+    ck_assert(nbd_io(s, "d0", "-c 'read -P 0xa1 0 1M'"));
+    ck_assert(nbd_io(s, "d0", "-c 'read -P 0 1M 1M'"));
+    ck_assert(nbd_io(s, "d1", "-c 'read -P 0 0 1M'"));
+    ck_assert(nbd_io(s, "d1", "-c 'read -P 0xb1 1M 1M'"));
     /* Loading does not consume the snapshot: writes, load again. */
-    ck_assert(nbd_io(s, "d0", "write -P 0xa3 0 1M"));
+    ck_assert(nbd_io(s, "d0", "-c 'write -P 0xa3 0 1M'"));
     run_job(s, "snapshot-load", "snapshot-load",
             "\"tag\": \"cp1\", \"vmstate\": \"d0\", \"devices\": [\"d0\"]",
             NULL);
-    ck_assert(nbd_io(s, "d0", "read -P 0xa1 0 1M"));
+    ck_assert(nbd_io(s, "d0", "-c 'read -P 0xa1 0 1M'"));
 
     /* A snapshot's ID names it too, as QEMU's lookup allows. */
     run_job(s, "snapshot-delete", "snapshot-delete",
             "\"tag\": \"1\", \"devices\": [\"d0\", \"d1\"]", NULL);
     ck_assert_int_eq(snapshot_count(s, "d0.qcow2"), 0);
     ck_assert_int_eq(snapshot_count(s, "d1.qcow2"), 0);
-    ck_assert(nbd_io(s, "d0", "read -P 0xa1 0 1M"));
+    ck_assert(nbd_io(s, "d0", "-c 'read -P 0xa1 0 1M'"));
 
     quit_and_check(s);
 }
@@ -259,21 +230,13 @@ END_TEST
 
 int main(void)
 {
-    Suite *suite = suite_create("vm-snapshot");
-    TCase *tc = tcase_create("jobs");
-    SRunner *sr;
-    int failed;
-
     if (!have_qemu_tools()) {
         return 77;
     }
-    tcase_set_timeout(tc, 120);
-    tcase_add_test(tc, test_save_load_delete);
-    tcase_add_test(tc, test_errors);
-    suite_add_tcase(suite, tc);
-    sr = srunner_create(suite);
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? 1 : 0;
+    const StrataTestCase tests[] = {
+        { "/vm-snapshot/save-load-delete", test_save_load_delete },
+        { "/vm-snapshot/errors", test_errors },
+    };
+
+    return strata_test_main("vm-snapshot", tests, NULL, NULL);
 }

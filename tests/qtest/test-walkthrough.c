@@ -10,7 +10,8 @@
  * gone, qemu-img checks every result: clean images, the backing chain
  * the case leaves, the same guest-visible content as the original chain
  * plus the later write, and the committed data in the base. */
-#include "job-helpers.h"
+#include "snapshot-helpers.h"
+#include "../unit/test-util.h"
 
 #define REGION (512 * 1024)
 
@@ -35,47 +36,13 @@ static const Case cases[] = {
     { "f6", "stream", 4, -1, "Active" },
 };
 
-static char *out_of(QTestState *s, const char *fmt, ...) G_GNUC_PRINTF(2, 3);
-static char *out_of(QTestState *s, const char *fmt, ...)
-{
-    va_list ap;
-    g_autofree char *cmd = NULL;
-    g_autofree char *full = NULL;
-    char *out = NULL;
-
-    va_start(ap, fmt);
-    cmd = g_strdup_vprintf(fmt, ap);
-    va_end(ap);
-    full = g_strdup_printf("cd '%s' && %s 2>&1", qtest_dir(s), cmd);
-    {
-        char *argv[] = { "/bin/sh", "-c", full, NULL };
-        g_spawn_sync(NULL, argv, NULL, 0, NULL, NULL, &out, NULL, NULL,
-                     NULL);
-    }
-    return out ? out : g_strdup("");
-}
-
-/* qemu-io commands over the export @exp; true when all succeeded. */
-static bool guest(QTestState *s, const char *exp, const char *cmds)
-{
-    g_autofree char *out = out_of(
-        s, "qemu-io -f raw %s 'nbd+unix:///%s?socket=nbd.sock'", cmds, exp);
-    bool good = !strstr(out, "fail") && !strstr(out, "error") &&
-                !strstr(out, "can't");
-
-    if (!good) {
-        fprintf(stderr, "guest on %s: %s\n", exp, out);
-    }
-    return good;
-}
-
 /* What layer @l writes: its region and the shared first 64 KiB. */
 static bool layer_writes(QTestState *s, const char *exp, int l)
 {
     g_autofree char *c = g_strdup_printf(
         "-c 'write -P %d %d 512k' -c 'write -P %d 0 64k'", 0x10 + l,
         l * REGION, 0x10 + l);
-    return guest(s, exp, c);
+    return nbd_io(s, exp, c);
 }
 
 static void snapshot(QTestState *s, int l)
@@ -126,7 +93,7 @@ static void build_chain(QTestState *s)
                            "bg.log"), 0);
     /* The live view of the guest: every layer's region, Active's shared
      * part, the concurrent writes. */
-    ck_assert(guest(s, "vda", "-c 'read -P 20 0 64k' -c 'read -P 16 64k "
+    ck_assert(nbd_io(s, "vda", "-c 'read -P 20 0 64k' -c 'read -P 16 64k "
                               "448k' -c 'read -P 17 512k 512k' -c 'read -P "
                               "18 1M 512k' -c 'read -P 19 1536k 512k' -c "
                               "'read -P 20 2M 512k' -c 'read -P 102 3M 256k'"
@@ -142,7 +109,7 @@ static void build_chain(QTestState *s)
                            "expect.qcow2 && qemu-io -c 'write -P 85 2560k "
                            "256k' expect.qcow2 >/dev/null"), 0);
     {
-        g_autofree char *chain = out_of(
+        g_autofree char *chain = sh_out(
             s, "qemu-img info --backing-chain Active.qcow2 | grep '^image:'"
                " | tr '\\n' ' '");
         ck_assert_str_eq(chain, "image: Active.qcow2 image: Snap-3.qcow2 "
@@ -208,7 +175,7 @@ static void run_case(QTestState *s, const Case *c)
                   c->name, json_object_get_string_member(data_of(ev),
                                                          "error"));
     /* The guest goes on: still the same data, and it can write. */
-    ck_assert(guest(s, c->name, "-c 'read -P 20 0 64k' -c 'read -P 17 512k "
+    ck_assert(nbd_io(s, c->name, "-c 'read -P 20 0 64k' -c 'read -P 17 512k "
                                 "512k' -c 'write -P 85 2560k 256k' -c 'read "
                                 "-P 85 2560k 256k'"));
 }
@@ -216,7 +183,7 @@ static void run_case(QTestState *s, const Case *c)
 /* With the daemon gone: case @c's images as qemu-img sees them. */
 static void check_case(QTestState *s, const Case *c)
 {
-    g_autofree char *chain = out_of(
+    g_autofree char *chain = sh_out(
         s, "cd %s && qemu-img info --backing-chain Active.qcow2 | "
            "grep '^image:' | sed 's/^image: //; s/.qcow2$//' | "
            "tr '\\n' ' '", c->name);
@@ -239,9 +206,9 @@ static void check_case(QTestState *s, const Case *c)
          * the layers committed into it. */
         g_autofree char *base = g_strdup_printf(
             "%s/%s.qcow2", c->name, layers[c->base]);
-        g_autofree char *out = out_of(
-            s, "qemu-io -r -c 'read -P %d 0 64k' -c 'read -P %d %d 512k' %s",
-            0x10 + c->top, 0x10 + c->top, c->top * REGION, base);
+        g_autofree char *out = sh_out(
+            s, "qemu-io -r -c 'read -P %d 0 64k' -c 'read -P %d %d 512k' %s "
+               "2>&1", 0x10 + c->top, 0x10 + c->top, c->top * REGION, base);
         ck_assert_msg(!strstr(out, "fail"), "%s: base lacks the top's data:"
                       " %s", c->name, out);
     }
@@ -279,20 +246,12 @@ END_TEST
 
 int main(void)
 {
-    Suite *suite = suite_create("walkthrough");
-    TCase *tc = tcase_create("seeds");
-    SRunner *sr;
-    int failed;
-
     if (!have_qemu_tools()) {
         return 77;
     }
-    tcase_set_timeout(tc, 120);
-    tcase_add_test(tc, test_walkthrough);
-    suite_add_tcase(suite, tc);
-    sr = srunner_create(suite);
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? 1 : 0;
+    const StrataTestCase tests[] = {
+        { "/walkthrough/walkthrough", test_walkthrough },
+    };
+
+    return strata_test_main("walkthrough", tests, NULL, NULL);
 }

@@ -4,26 +4,8 @@
 #include <string.h>
 
 #include "block-private.h"
+#define STRATA_TEST_CONTEXT
 #include "test-util.h"
-
-static StrataContext *ctx;
-static char *dir;
-
-static void setup(void)
-{
-    g_autoptr(GError) err = NULL;
-    ctx = strata_context_new(NULL, NULL, &err);
-    ck_assert_msg(ctx, "%s", err ? err->message : "");
-    dir = strata_test_tmpdir();
-}
-
-static void teardown(void)
-{
-    if (ctx) {
-        strata_context_free(ctx);
-    }
-    strata_test_rmdir(dir);
-}
 
 static StrataBackend *open_raw(const char *path, bool writable)
 {
@@ -190,14 +172,13 @@ END_TEST
 
 int main(void)
 {
-    Suite *s = suite_create("backend");
-    strata_test_add(s, "/backend/aio/not-in-submit", test_aio_not_in_submit,
-                    setup, teardown);
-    strata_test_add(s, "/backend/aio/depth", test_aio_depth, setup,
-                    teardown);
-    strata_test_add(s, "/backend/range-and-perm", test_range_and_perm, setup,
-                    teardown);
-    strata_test_add(s, "/backend/context-free", test_context_free_ejects,
-                    setup, teardown);
-    return strata_test_run(s);
+    const StrataTestCase tests[] = {
+        { "/backend/aio/not-in-submit", test_aio_not_in_submit },
+        { "/backend/aio/depth", test_aio_depth },
+        { "/backend/range-and-perm", test_range_and_perm },
+        { "/backend/context-free", test_context_free_ejects },
+    };
+
+    return strata_test_main("backend", tests, strata_test_context_setup,
+                            strata_test_context_teardown);
 }

@@ -3,6 +3,7 @@
 #include <glib.h>
 
 #include "bitmap-private.h"
+#include "test-util.h"
 
 #define KiB 1024ull
 #define MiB (1024 * KiB)
@@ -329,31 +330,19 @@ START_TEST(test_walk_large)
 }
 END_TEST
 
-static void
-add_test(Suite *s, const char *name, const TTest *test)
+int main(void)
 {
-    TCase *tc = tcase_create(name);
-    tcase_add_test(tc, test);
-    suite_add_tcase(s, tc);
-}
+    const StrataTestCase tests[] = {
+        { "/bitmap/new/invalid", test_new_invalid },
+        { "/bitmap/set/granules", test_set_granules },
+        { "/bitmap/reset/partial", test_reset_partial },
+        { "/bitmap/tail-granule", test_tail_granule },
+        { "/bitmap/overflow", test_overflow },
+        { "/bitmap/next-dirty-area", test_next_dirty_area },
+        { "/bitmap/resize", test_resize },
+        { "/bitmap/model", test_model },
+        { "/bitmap/walk/1tib", test_walk_large },
+    };
 
-int
-main(void)
-{
-    Suite *s = suite_create("bitmap");
-    add_test(s, "/bitmap/new/invalid", test_new_invalid);
-    add_test(s, "/bitmap/set/granules", test_set_granules);
-    add_test(s, "/bitmap/reset/partial", test_reset_partial);
-    add_test(s, "/bitmap/tail-granule", test_tail_granule);
-    add_test(s, "/bitmap/overflow", test_overflow);
-    add_test(s, "/bitmap/next-dirty-area", test_next_dirty_area);
-    add_test(s, "/bitmap/resize", test_resize);
-    add_test(s, "/bitmap/model", test_model);
-    add_test(s, "/bitmap/walk/1tib", test_walk_large);
-
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed == 0 ? 0 : 1;
+    return strata_test_main("bitmap", tests, NULL, NULL);
 }

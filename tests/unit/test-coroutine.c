@@ -10,6 +10,8 @@
 #include <unistd.h>
 
 #include "coroutine-private.h"
+#define STRATA_TEST_TRACE
+#include "test-util.h"
 
 #if defined(__SANITIZE_ADDRESS__)
 #define TEST_ASAN 1
@@ -18,33 +20,6 @@
 #define TEST_ASAN 1
 #endif
 #endif
-
-/* A log of events as a string, to check orderings in one assert. */
-static GString *trace;
-
-static void trace_add(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
-static void trace_add(const char *fmt, ...)
-{
-    va_list ap;
-
-    if (trace->len) {
-        g_string_append_c(trace, ' ');
-    }
-    va_start(ap, fmt);
-    g_string_append_vprintf(trace, fmt, ap);
-    va_end(ap);
-}
-
-static void trace_setup(void)
-{
-    trace = g_string_new(NULL);
-}
-
-static void trace_teardown(void)
-{
-    g_string_free(trace, TRUE);
-    trace = NULL;
-}
 
 /* Runs @fn in a child and returns its wait status. */
 static int run_in_child(void (*fn)(void))
@@ -597,47 +572,32 @@ START_TEST(test_misuse_outside)
 }
 END_TEST
 
-static void add_test(Suite *s, const char *name, const TTest *test,
-                     bool traced)
-{
-    TCase *tc = tcase_create(name);
-
-    if (traced) {
-        tcase_add_checked_fixture(tc, trace_setup, trace_teardown);
-    }
-    tcase_add_test(tc, test);
-    suite_add_tcase(s, tc);
-}
-
+/* Tests that log an ordering run inside the trace fixture; the rest are
+ * bare. */
 int main(void)
 {
-    Suite *s = suite_create("coroutine");
-    SRunner *sr;
-    int failed;
-
-    add_test(s, "/coroutine/enter-yield", test_enter_yield, false);
-    add_test(s, "/coroutine/nesting", test_nesting, true);
-    add_test(s, "/coroutine/pool/reuse", test_pool_reuse, false);
-    add_test(s, "/coroutine/pool/threads", test_pool_threads, false);
-    add_test(s, "/coroutine/wake/deferred", test_wake_deferred, true);
-    add_test(s, "/coroutine/wake/on-end", test_wake_on_end, true);
-    add_test(s, "/coroutine/wake/plain", test_wake_plain, true);
-    add_test(s, "/coroutine/queue/order", test_queue_order, true);
-    add_test(s, "/coroutine/queue/restart-from-coroutine",
-             test_queue_restart_from_coroutine, true);
-    add_test(s, "/coroutine/queue/wait-mutex", test_queue_wait_mutex, true);
-    add_test(s, "/coroutine/mutex/fair", test_mutex_fair, true);
+    const StrataTestCase tests[] = {
+        { "/coroutine/enter-yield", test_enter_yield, .bare = true },
+        { "/coroutine/nesting", test_nesting },
+        { "/coroutine/pool/reuse", test_pool_reuse, .bare = true },
+        { "/coroutine/pool/threads", test_pool_threads, .bare = true },
+        { "/coroutine/wake/deferred", test_wake_deferred },
+        { "/coroutine/wake/on-end", test_wake_on_end },
+        { "/coroutine/wake/plain", test_wake_plain },
+        { "/coroutine/queue/order", test_queue_order },
+        { "/coroutine/queue/restart-from-coroutine",
+          test_queue_restart_from_coroutine },
+        { "/coroutine/queue/wait-mutex", test_queue_wait_mutex },
+        { "/coroutine/mutex/fair", test_mutex_fair },
 #if defined(__x86_64__) && !defined(STRATA_COROUTINE_PORTABLE)
-    add_test(s, "/coroutine/fpu-state", test_fpu_state, false);
+        { "/coroutine/fpu-state", test_fpu_state, .bare = true },
 #endif
-    add_test(s, "/coroutine/stack/large", test_stack_large, false);
-    add_test(s, "/coroutine/stack/guard", test_stack_guard, false);
-    add_test(s, "/coroutine/misuse/dies", test_misuse_dies, true);
-    add_test(s, "/coroutine/misuse/outside", test_misuse_outside, false);
+        { "/coroutine/stack/large", test_stack_large, .bare = true },
+        { "/coroutine/stack/guard", test_stack_guard, .bare = true },
+        { "/coroutine/misuse/dies", test_misuse_dies },
+        { "/coroutine/misuse/outside", test_misuse_outside, .bare = true },
+    };
 
-    sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return strata_test_main("coroutine", tests, strata_test_trace_setup,
+                            strata_test_trace_teardown);
 }

@@ -3,6 +3,7 @@
 #include <gio/gio.h>
 
 #include "strata-util.h"
+#include "test-util.h"
 
 START_TEST(test_quark)
 {
@@ -54,25 +55,13 @@ START_TEST(test_other_domains)
 }
 END_TEST
 
-static void
-add_test(Suite *s, const char *name, const TTest *test)
+int main(void)
 {
-    TCase *tc = tcase_create(name);
-    tcase_add_test(tc, test);
-    suite_add_tcase(s, tc);
-}
+    const StrataTestCase tests[] = {
+        { "/error/quark", test_quark },
+        { "/error/class/strata", test_classes },
+        { "/error/class/other-domains", test_other_domains },
+    };
 
-int
-main(void)
-{
-    Suite *s = suite_create("error");
-    add_test(s, "/error/quark", test_quark);
-    add_test(s, "/error/class/strata", test_classes);
-    add_test(s, "/error/class/other-domains", test_other_domains);
-
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed == 0 ? 0 : 1;
+    return strata_test_main("error", tests, NULL, NULL);
 }

@@ -8,27 +8,8 @@
 #include <sys/wait.h>
 
 #include "driver.h"
+#define STRATA_TEST_CONTEXT
 #include "test-util.h"
-
-static StrataContext *ctx;
-static char *dir;
-
-static void setup(void)
-{
-    g_autoptr(GError) err = NULL;
-
-    ctx = strata_context_new(NULL, NULL, &err);
-    ck_assert_msg(ctx, "%s", err ? err->message : "");
-    dir = strata_test_tmpdir();
-}
-
-static void teardown(void)
-{
-    if (ctx) {
-        strata_context_free(ctx);
-    }
-    strata_test_rmdir(dir);
-}
 
 static StrataNode *add(StrataContext *c, const char *spec, GError **err)
 {
@@ -69,6 +50,15 @@ static void read_plain(const char *path, void *buf, size_t len, off_t off)
 
     ck_assert_int_ge(fd, 0);
     ck_assert_int_eq(pread(fd, buf, len, off), (ssize_t)len);
+    close(fd);
+}
+
+static void drop_cache(const char *path, off_t off, off_t len)
+{
+    int fd = open(path, O_RDONLY);
+
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(posix_fadvise(fd, off, len, POSIX_FADV_DONTNEED), 0);
     close(fd);
 }
 
@@ -339,6 +329,23 @@ static void check_rw(const char *aio)
     memset(back, 0, 200000);
     ck_assert_int_eq(node_read(n, 12345, 200000, back), 0);
     ck_assert_int_eq(memcmp(buf, back, 200000), 0);
+    /* Not cached, then half cached: buffered reads that miss the page
+     * cache take another path than hits. */
+    drop_cache(path, 0, 0);
+    memset(back, 0, 200000);
+    ck_assert_int_eq(node_read(n, 12345, 200000, back), 0);
+    ck_assert_int_eq(memcmp(buf, back, 200000), 0);
+    drop_cache(path, 65536, 0);
+    memset(back, 0, 200000);
+    ck_assert_int_eq(node_read(n, 12345, 200000, back), 0);
+    ck_assert_int_eq(memcmp(buf, back, 200000), 0);
+    /* Small reads take the page cache inline when they can. */
+    drop_cache(path, 0, 0);
+    for (int i = 0; i < 2; i++) {
+        memset(back, 0, 8192);
+        ck_assert_int_eq(node_read(n, 100000, 8192, back), 0);
+        ck_assert_int_eq(memcmp(buf + 100000 - 12345, back, 8192), 0);
+    }
 }
 
 START_TEST(test_rw_default)
@@ -396,6 +403,55 @@ START_TEST(test_direct_unaligned)
     ck_assert_uint_eq(back[5], 0xab);
     ck_assert_uint_eq(back[4], pat(4));
     ck_assert_uint_eq(back[6], pat(6));
+}
+END_TEST
+
+/* Appends under O_DIRECT reserve space ahead (so that they run as
+ * overwrites, in parallel); the node still ends where the data ends, a
+ * resize drops the reservation, and closing gives it back. */
+START_TEST(test_direct_append_reserves)
+{
+    g_autofree char *path = strata_test_make_file(dir, "r.img", 65536, true);
+    g_autoptr(GError) err = NULL;
+    g_autofree char *spec = g_strdup_printf(
+        "driver=file,node-name=f,filename=%s,cache.direct=on", path);
+    StrataNode *n = add(ctx, spec, &err);
+    unsigned char *buf = NULL, *back = NULL;
+    const uint64_t cs = 65536;
+
+    if (!n && err && strstr(err->message, "Invalid argument")) {
+        return; /* no O_DIRECT on this file system */
+    }
+    ck_assert_msg(n, "%s", err ? err->message : "");
+    ck_assert_int_eq(posix_memalign((void **)&buf, 4096, cs), 0);
+    ck_assert_int_eq(posix_memalign((void **)&back, 4096, cs), 0);
+    for (uint64_t i = 1; i <= 4; i++) {
+        memset(buf, (int)(0x40 + i), cs);
+        ck_assert_int_eq(node_write(n, i * cs, cs, buf), 0);
+    }
+    ck_assert_int_gt(stat_path(path).st_size, 5 * cs);
+    ck_assert_int_eq(strata_node_get_length(n), 5 * cs);
+    /* Not exact and within the data: nothing to do, whatever lies past
+     * the data on disk. */
+    ck_assert_int_eq(node_truncate(n, 4 * cs, false, NULL), 0);
+    ck_assert_int_gt(stat_path(path).st_size, 5 * cs);
+    /* Growing: the size is exactly what was asked, then appends reserve
+     * again. */
+    ck_assert_int_eq(node_truncate(n, 6 * cs, false, NULL), 0);
+    ck_assert_int_eq(stat_path(path).st_size, 6 * cs);
+    memset(buf, 0x50, cs);
+    ck_assert_int_eq(node_write(n, 6 * cs, cs, buf), 0);
+    ck_assert_int_gt(stat_path(path).st_size, 7 * cs);
+    ck_assert(strata_context_del_node(ctx, "f", NULL));
+    ck_assert_int_eq(stat_path(path).st_size, 7 * cs);
+    read_plain(path, back, cs, (off_t)(4 * cs));
+    memset(buf, 0x44, cs);
+    ck_assert_int_eq(memcmp(back, buf, cs), 0);
+    read_plain(path, back, cs, (off_t)(6 * cs));
+    memset(buf, 0x50, cs);
+    ck_assert_int_eq(memcmp(back, buf, cs), 0);
+    free(buf);
+    free(back);
 }
 END_TEST
 
@@ -770,49 +826,33 @@ END_TEST
 
 int main(void)
 {
-    Suite *s = suite_create("file");
+    const StrataTestCase tests[] = {
+        { "/file/open/missing", test_open_missing },
+        { "/file/open/bad-options", test_open_bad_options },
+        { "/file/open/accepted-options", test_open_accepted_options },
+        { "/file/open/native-needs-direct", test_open_native_needs_direct },
+        { "/file/open/io-uring", test_open_io_uring },
+        { "/file/open/directory", test_open_directory },
+        { "/file/rw/default", test_rw_default },
+        { "/file/rw/threads", test_rw_threads },
+        { "/file/rw/short-read", test_short_read_zero_fills },
+        { "/file/direct/unaligned", test_direct_unaligned },
+        { "/file/flush/no-flush", test_flush },
+        { "/file/query", test_length_and_query },
+        { "/file/zeroes/grow", test_zeroes_grow },
+        { "/file/zeroes/unmap", test_zeroes_unmap_punches },
+        { "/file/discard", test_discard },
+        { "/file/block-status/sparse", test_block_status_sparse },
+        { "/file/truncate", test_truncate },
+        { "/file/direct-append-reserves", test_direct_append_reserves },
+        { "/file/truncate/read-only", test_truncate_read_only },
+        { "/file/lock/second-context", test_lock_second_context },
+        { "/file/lock/off", test_lock_off },
+        { "/file/lock/bytes", test_lock_bytes_match_qemu },
+        { "/file/lock/qemu-io-holds", test_lock_qemu_io_holds },
+        { "/file/lock/qemu-refused", test_lock_qemu_refused },
+    };
 
-    strata_test_add(s, "/file/open/missing", test_open_missing, setup,
-                    teardown);
-    strata_test_add(s, "/file/open/bad-options", test_open_bad_options,
-                    setup, teardown);
-    strata_test_add(s, "/file/open/accepted-options",
-                    test_open_accepted_options, setup, teardown);
-    strata_test_add(s, "/file/open/native-needs-direct",
-                    test_open_native_needs_direct, setup, teardown);
-    strata_test_add(s, "/file/open/io-uring", test_open_io_uring, setup,
-                    teardown);
-    strata_test_add(s, "/file/open/directory", test_open_directory, setup,
-                    teardown);
-    strata_test_add(s, "/file/rw/default", test_rw_default, setup,
-                    teardown);
-    strata_test_add(s, "/file/rw/threads", test_rw_threads, setup,
-                    teardown);
-    strata_test_add(s, "/file/rw/short-read", test_short_read_zero_fills,
-                    setup, teardown);
-    strata_test_add(s, "/file/direct/unaligned", test_direct_unaligned,
-                    setup, teardown);
-    strata_test_add(s, "/file/flush/no-flush", test_flush, setup, teardown);
-    strata_test_add(s, "/file/query", test_length_and_query, setup,
-                    teardown);
-    strata_test_add(s, "/file/zeroes/grow", test_zeroes_grow, setup,
-                    teardown);
-    strata_test_add(s, "/file/zeroes/unmap", test_zeroes_unmap_punches,
-                    setup, teardown);
-    strata_test_add(s, "/file/discard", test_discard, setup, teardown);
-    strata_test_add(s, "/file/block-status/sparse", test_block_status_sparse,
-                    setup, teardown);
-    strata_test_add(s, "/file/truncate", test_truncate, setup, teardown);
-    strata_test_add(s, "/file/truncate/read-only", test_truncate_read_only,
-                    setup, teardown);
-    strata_test_add(s, "/file/lock/second-context", test_lock_second_context,
-                    setup, teardown);
-    strata_test_add(s, "/file/lock/off", test_lock_off, setup, teardown);
-    strata_test_add(s, "/file/lock/bytes", test_lock_bytes_match_qemu, setup,
-                    teardown);
-    strata_test_add(s, "/file/lock/qemu-io-holds", test_lock_qemu_io_holds,
-                    setup, teardown);
-    strata_test_add(s, "/file/lock/qemu-refused", test_lock_qemu_refused,
-                    setup, teardown);
-    return strata_test_run(s);
+    return strata_test_main("file", tests, strata_test_context_setup,
+                            strata_test_context_teardown);
 }

@@ -11,41 +11,12 @@
 
 #include "block-private.h"
 #include "qcow2/qcow2.h"
+#define STRATA_TEST_CONTEXT
 #include "test-util.h"
-
-static StrataContext *ctx;
-static char *tmpdir;
-
-static void setup(void)
-{
-    g_autoptr(GError) err = NULL;
-    ctx = strata_context_new(NULL, NULL, &err);
-    ck_assert_msg(ctx, "context: %s", err ? err->message : "?");
-    tmpdir = g_dir_make_tmp("strata-graph-XXXXXX", NULL);
-    ck_assert(tmpdir);
-}
-
-static void teardown(void)
-{
-    strata_context_free(ctx);
-    g_autoptr(GDir) d = g_dir_open(tmpdir, 0, NULL);
-    const char *n;
-    while (d && (n = g_dir_read_name(d))) {
-        g_autofree char *p = g_build_filename(tmpdir, n, NULL);
-        g_unlink(p);
-    }
-    g_rmdir(tmpdir);
-    g_free(tmpdir);
-}
 
 static char *make_file(const char *name, size_t size)
 {
-    char *path = g_build_filename(tmpdir, name, NULL);
-    int fd = open(path, O_CREAT | O_RDWR | O_TRUNC, 0600);
-    ck_assert_int_ge(fd, 0);
-    ck_assert_int_eq(ftruncate(fd, size), 0);
-    close(fd);
-    return path;
+    return strata_test_make_file(dir, name, size, false);
 }
 
 static StrataNode *add(const char *spec, GError **err)
@@ -488,7 +459,7 @@ static char *make_qcow2(const char *name)
 {
     g_autoptr(GError) err = NULL;
     g_autoptr(JsonObject) o = parse_obj("{\"size\": 1048576}");
-    char *path = g_build_filename(tmpdir, name, NULL);
+    char *path = g_build_filename(dir, name, NULL);
 
     ck_assert_msg(strata_qcow2_create(ctx, path, o, &err), "%s",
                   err ? err->message : "");
@@ -702,32 +673,25 @@ END_TEST
 
 int main(void)
 {
-    Suite *s = suite_create("graph");
-    strata_test_add(s, "/graph/names", test_names, setup, teardown);
-    strata_test_add(s, "/graph/options/errors", test_option_errors, setup,
-                    teardown);
-    strata_test_add(s, "/graph/children/nested", test_nested_children, setup,
-                    teardown);
-    strata_test_add(s, "/graph/del/in-use", test_in_use, setup, teardown);
-    strata_test_add(s, "/graph/perm/conflict", test_permissions, setup,
-                    teardown);
-    strata_test_add(s, "/graph/perm/propagate", test_perm_propagates, setup,
-                    teardown);
-    strata_test_add(s, "/graph/children/cycle", test_cycle_refused, setup,
-                    teardown);
-    strata_test_add(s, "/graph/drain", test_drain, setup, teardown);
-    strata_test_add(s, "/graph/close/flushes", test_close_flushes, setup,
-                    teardown);
-    strata_test_add(s, "/graph/reopen/file-modes", test_reopen_file_modes,
-                    setup, teardown);
-    strata_test_add(s, "/graph/reopen/all-or-none", test_reopen_all_or_none,
-                    setup, teardown);
-    strata_test_add(s, "/graph/reopen/backing", test_reopen_backing, setup,
-                    teardown);
-    strata_test_add(s, "/graph/overlay/append", test_append_overlay, setup,
-                    teardown);
-    strata_test_add(s, "/graph/drain/set", test_drain_set, setup, teardown);
-    strata_test_add(s, "/graph/options/untouched-ro-switch",
-                    test_options_untouched_and_ro_switch, setup, teardown);
-    return strata_test_run(s);
+    const StrataTestCase tests[] = {
+        { "/graph/names", test_names },
+        { "/graph/options/errors", test_option_errors },
+        { "/graph/children/nested", test_nested_children },
+        { "/graph/del/in-use", test_in_use },
+        { "/graph/perm/conflict", test_permissions },
+        { "/graph/perm/propagate", test_perm_propagates },
+        { "/graph/children/cycle", test_cycle_refused },
+        { "/graph/drain", test_drain },
+        { "/graph/close/flushes", test_close_flushes },
+        { "/graph/reopen/file-modes", test_reopen_file_modes },
+        { "/graph/reopen/all-or-none", test_reopen_all_or_none },
+        { "/graph/reopen/backing", test_reopen_backing },
+        { "/graph/overlay/append", test_append_overlay },
+        { "/graph/drain/set", test_drain_set },
+        { "/graph/options/untouched-ro-switch",
+          test_options_untouched_and_ro_switch },
+    };
+
+    return strata_test_main("graph", tests, strata_test_context_setup,
+                            strata_test_context_teardown);
 }

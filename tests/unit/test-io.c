@@ -6,24 +6,8 @@
 #include <sys/stat.h>
 
 #include "block-private.h"
+#define STRATA_TEST_CONTEXT
 #include "test-util.h"
-
-static StrataContext *ctx;
-static char *dir;
-
-static void setup(void)
-{
-    g_autoptr(GError) err = NULL;
-    ctx = strata_context_new(NULL, NULL, &err);
-    ck_assert_msg(ctx, "%s", err ? err->message : "");
-    dir = strata_test_tmpdir();
-}
-
-static void teardown(void)
-{
-    strata_context_free(ctx);
-    strata_test_rmdir(dir);
-}
 
 static StrataNode *open_file(const char *path, const char *extra)
 {
@@ -326,20 +310,17 @@ END_TEST
 
 int main(void)
 {
-    Suite *s = suite_create("io");
-    strata_test_add(s, "/io/align/direct", test_unaligned_direct, setup,
-                    teardown);
-    strata_test_add(s, "/io/align/rmw-serialised", test_rmw_serialised,
-                    setup, teardown);
-    strata_test_add(s, "/io/eof", test_eof, setup, teardown);
-    strata_test_add(s, "/io/zeroes/write", test_write_zeroes, setup,
-                    teardown);
-    strata_test_add(s, "/io/zeroes/detect-unmap", test_detect_zeroes_unmap,
-                    setup, teardown);
-    strata_test_add(s, "/io/read-only", test_read_only, setup, teardown);
-    strata_test_add(s, "/io/errors/propagate", test_errors_propagate, setup,
-                    teardown);
-    strata_test_add(s, "/io/block-status/sparse", test_block_status, setup,
-                    teardown);
-    return strata_test_run(s);
+    const StrataTestCase tests[] = {
+        { "/io/align/direct", test_unaligned_direct },
+        { "/io/align/rmw-serialised", test_rmw_serialised },
+        { "/io/eof", test_eof },
+        { "/io/zeroes/write", test_write_zeroes },
+        { "/io/zeroes/detect-unmap", test_detect_zeroes_unmap },
+        { "/io/read-only", test_read_only },
+        { "/io/errors/propagate", test_errors_propagate },
+        { "/io/block-status/sparse", test_block_status },
+    };
+
+    return strata_test_main("io", tests, strata_test_context_setup,
+                            strata_test_context_teardown);
 }

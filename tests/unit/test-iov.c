@@ -4,6 +4,7 @@
 #include <glib.h>
 
 #include "iov-private.h"
+#include "test-util.h"
 
 START_TEST(test_init_buf)
 {
@@ -277,31 +278,19 @@ START_TEST(test_iov_is_zero)
 }
 END_TEST
 
-static void
-add_test(Suite *s, const char *name, const TTest *test)
+int main(void)
 {
-    TCase *tc = tcase_create(name);
-    tcase_add_test(tc, test);
-    suite_add_tcase(s, tc);
-}
+    const StrataTestCase tests[] = {
+        { "/iov/init-buf", test_init_buf },
+        { "/iov/add/grow", test_add_grow },
+        { "/iov/add/wrapped", test_add_to_wrapped },
+        { "/iov/copy", test_copy },
+        { "/iov/concat", test_concat },
+        { "/iov/aligned", test_aligned },
+        { "/iov/is-zero", test_iov_is_zero },
+        { "/iov/buffer-is-zero/exact", test_buffer_is_zero },
+        { "/iov/buffer-is-zero/speed", test_buffer_is_zero_speed },
+    };
 
-int
-main(void)
-{
-    Suite *s = suite_create("iov");
-    add_test(s, "/iov/init-buf", test_init_buf);
-    add_test(s, "/iov/add/grow", test_add_grow);
-    add_test(s, "/iov/add/wrapped", test_add_to_wrapped);
-    add_test(s, "/iov/copy", test_copy);
-    add_test(s, "/iov/concat", test_concat);
-    add_test(s, "/iov/aligned", test_aligned);
-    add_test(s, "/iov/is-zero", test_iov_is_zero);
-    add_test(s, "/iov/buffer-is-zero/exact", test_buffer_is_zero);
-    add_test(s, "/iov/buffer-is-zero/speed", test_buffer_is_zero_speed);
-
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed == 0 ? 0 : 1;
+    return strata_test_main("iov", tests, NULL, NULL);
 }

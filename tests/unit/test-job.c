@@ -3,6 +3,7 @@
 #include <glib.h>
 
 #include "../../block/job-private.h"
+#include "test-util.h"
 
 START_TEST(test_transitions)
 {
@@ -85,18 +86,11 @@ END_TEST
 
 int main(void)
 {
-    Suite *s = suite_create("job");
-    TCase *tc = tcase_create("job");
-    SRunner *sr;
-    int failed;
+    const StrataTestCase tests[] = {
+        { "/job/transitions", test_transitions },
+        { "/job/verbs", test_verbs },
+        { "/job/ids-and-policies", test_ids_and_policies },
+    };
 
-    tcase_add_test(tc, test_transitions);
-    tcase_add_test(tc, test_verbs);
-    tcase_add_test(tc, test_ids_and_policies);
-    suite_add_tcase(s, tc);
-    sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? 1 : 0;
+    return strata_test_main("job", tests, NULL, NULL);
 }

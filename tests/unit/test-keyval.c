@@ -6,6 +6,7 @@
 
 #include "strata-util.h"
 #include "keyval-private.h"
+#include "test-util.h"
 
 /* Parses @text and returns it as compact JSON, or NULL on error. */
 static char *
@@ -262,32 +263,20 @@ START_TEST(test_garbage)
 }
 END_TEST
 
-static void
-add_test(Suite *s, const char *name, const TTest *test)
+int main(void)
 {
-    TCase *tc = tcase_create(name);
-    tcase_add_test(tc, test);
-    suite_add_tcase(s, tc);
-}
+    const StrataTestCase tests[] = {
+        { "/keyval/basic", test_basic },
+        { "/keyval/comma-escape", test_comma_escape },
+        { "/keyval/arrays", test_arrays },
+        { "/keyval/bad-keys", test_bad_keys },
+        { "/keyval/long-keys", test_long_keys },
+        { "/keyval/conflicts", test_conflicts },
+        { "/keyval/implied", test_implied },
+        { "/keyval/utf8", test_utf8 },
+        { "/keyval/json", test_json },
+        { "/keyval/garbage", test_garbage },
+    };
 
-int
-main(void)
-{
-    Suite *s = suite_create("keyval");
-    add_test(s, "/keyval/basic", test_basic);
-    add_test(s, "/keyval/comma-escape", test_comma_escape);
-    add_test(s, "/keyval/arrays", test_arrays);
-    add_test(s, "/keyval/bad-keys", test_bad_keys);
-    add_test(s, "/keyval/long-keys", test_long_keys);
-    add_test(s, "/keyval/conflicts", test_conflicts);
-    add_test(s, "/keyval/implied", test_implied);
-    add_test(s, "/keyval/utf8", test_utf8);
-    add_test(s, "/keyval/json", test_json);
-    add_test(s, "/keyval/garbage", test_garbage);
-
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed == 0 ? 0 : 1;
+    return strata_test_main("keyval", tests, NULL, NULL);
 }

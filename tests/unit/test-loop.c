@@ -11,32 +11,13 @@
 
 #include "coroutine-private.h"
 #include "loop-private.h"
-
-static GString *trace;
-
-static void trace_add(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
-static void trace_add(const char *fmt, ...)
-{
-    va_list ap;
-
-    if (trace->len) {
-        g_string_append_c(trace, ' ');
-    }
-    va_start(ap, fmt);
-    g_string_append_vprintf(trace, fmt, ap);
-    va_end(ap);
-}
+#define STRATA_TEST_TRACE
+#include "test-util.h"
 
 static void setup(void)
 {
-    trace = g_string_new(NULL);
+    strata_test_trace_setup();
     g_unsetenv("STRATA_IO_URING_DISABLE");
-}
-
-static void teardown(void)
-{
-    g_string_free(trace, TRUE);
-    trace = NULL;
 }
 
 /* Engine of a looped test: 0 = io_uring, 1 = threads. */
@@ -959,54 +940,31 @@ START_TEST(test_misuse)
 }
 END_TEST
 
-static void add_test(Suite *s, const char *name, const TTest *test)
-{
-    TCase *tc = tcase_create(name);
-
-    tcase_add_checked_fixture(tc, setup, teardown);
-    tcase_add_test(tc, test);
-    suite_add_tcase(s, tc);
-}
-
-/* Runs @test once per engine: io_uring, then threads. */
-static void add_engines(Suite *s, const char *name, const TTest *test)
-{
-    TCase *tc = tcase_create(name);
-
-    tcase_add_checked_fixture(tc, setup, teardown);
-    tcase_add_loop_test(tc, test, 0, 2);
-    suite_add_tcase(s, tc);
-}
-
+/* .loops = 2: once per engine, io_uring then threads (engine_of()). */
 int main(void)
 {
-    Suite *s = suite_create("loop");
-    SRunner *sr;
-    int failed;
+    const StrataTestCase tests[] = {
+        { "/loop/bh/order", test_bh_order },
+        { "/loop/bh/reschedule", test_bh_reschedule },
+        { "/loop/bh/call-soon", test_call_soon },
+        { "/loop/co/yield-now", test_yield_now },
+        { "/loop/timer/order", test_timer_order },
+        { "/loop/timer/co-sleep", test_co_sleep },
+        { "/loop/io/read-write", test_io_rw, .loops = 2 },
+        { "/loop/io/errors", test_io_errors, .loops = 2 },
+        { "/loop/io/engine-per-call", test_io_engine_per_call },
+        { "/loop/io/batching", test_io_batching },
+        { "/loop/io/ring-full", test_io_ring_full },
+        { "/loop/thread/run-in-thread", test_run_in_thread, .loops = 2 },
+        { "/loop/fallback/env", test_fallback_env },
+        { "/loop/context/two", test_two_contexts, .loops = 2 },
+        { "/loop/context/gmainloop", test_gmainloop, .loops = 2 },
+        { "/loop/context/thread-default", test_thread_default_context },
+        { "/loop/run-co", test_run_co },
+        { "/loop/nested-iteration", test_nested_iteration, .loops = 2 },
+        { "/loop/misuse", test_misuse },
+    };
 
-    add_test(s, "/loop/bh/order", test_bh_order);
-    add_test(s, "/loop/bh/reschedule", test_bh_reschedule);
-    add_test(s, "/loop/bh/call-soon", test_call_soon);
-    add_test(s, "/loop/co/yield-now", test_yield_now);
-    add_test(s, "/loop/timer/order", test_timer_order);
-    add_test(s, "/loop/timer/co-sleep", test_co_sleep);
-    add_engines(s, "/loop/io/read-write", test_io_rw);
-    add_engines(s, "/loop/io/errors", test_io_errors);
-    add_test(s, "/loop/io/engine-per-call", test_io_engine_per_call);
-    add_test(s, "/loop/io/batching", test_io_batching);
-    add_test(s, "/loop/io/ring-full", test_io_ring_full);
-    add_engines(s, "/loop/thread/run-in-thread", test_run_in_thread);
-    add_test(s, "/loop/fallback/env", test_fallback_env);
-    add_engines(s, "/loop/context/two", test_two_contexts);
-    add_engines(s, "/loop/context/gmainloop", test_gmainloop);
-    add_test(s, "/loop/context/thread-default", test_thread_default_context);
-    add_test(s, "/loop/run-co", test_run_co);
-    add_engines(s, "/loop/nested-iteration", test_nested_iteration);
-    add_test(s, "/loop/misuse", test_misuse);
-
-    sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return strata_test_main("loop", tests, setup,
+                            strata_test_trace_teardown);
 }

@@ -4,22 +4,8 @@
 #include <string.h>
 
 #include "driver.h"
+#define STRATA_TEST_CONTEXT
 #include "test-util.h"
-
-static StrataContext *ctx;
-
-static void setup(void)
-{
-    g_autoptr(GError) err = NULL;
-
-    ctx = strata_context_new(NULL, NULL, &err);
-    ck_assert_msg(ctx, "%s", err ? err->message : "");
-}
-
-static void teardown(void)
-{
-    strata_context_free(ctx);
-}
 
 static StrataNode *add(const char *spec)
 {
@@ -234,17 +220,16 @@ END_TEST
 
 int main(void)
 {
-    Suite *s = suite_create("null");
+    const StrataTestCase tests[] = {
+        { "/null/defaults", test_defaults },
+        { "/null/size/errors", test_size_errors },
+        { "/null/size/values", test_sizes },
+        { "/null/read-zeroes", test_read_zeroes },
+        { "/null/latency", test_latency },
+        { "/null/block-status", test_block_status },
+        { "/null/filename", test_filename },
+    };
 
-    strata_test_add(s, "/null/defaults", test_defaults, setup, teardown);
-    strata_test_add(s, "/null/size/errors", test_size_errors, setup,
-                    teardown);
-    strata_test_add(s, "/null/size/values", test_sizes, setup, teardown);
-    strata_test_add(s, "/null/read-zeroes", test_read_zeroes, setup,
-                    teardown);
-    strata_test_add(s, "/null/latency", test_latency, setup, teardown);
-    strata_test_add(s, "/null/block-status", test_block_status, setup,
-                    teardown);
-    strata_test_add(s, "/null/filename", test_filename, setup, teardown);
-    return strata_test_run(s);
+    return strata_test_main("null", tests, strata_test_context_setup,
+                            strata_test_context_teardown);
 }

@@ -927,7 +927,9 @@ static void wait_reqs(IoReq *r, int n)
 START_TEST(test_read_free_race)
 {
     g_autofree char *path = create("race.qcow2", "\"size\": 1048576");
-    StrataNode *n = must_open(path, NULL);
+    /* On the ring, so that the read of cached data still waits. */
+    StrataNode *n = must_open(path, strata_loop_has_io_uring(ctx->loop)
+                                        ? "file.aio=io_uring" : NULL);
     StrataQcow2State *s = n->opaque;
     g_autofree uint8_t *b = g_malloc(65536);
     IoReq r[3];
@@ -1094,7 +1096,8 @@ static void expect_consistent(StrataNode *n)
 
 typedef struct {
     StrataNode *node;
-    int op;                 /* 0 create, 1 apply, 2 delete, 3 full */
+    int op;                 /* 0 create, 1 apply, 2 delete, 3 full,
+                             * 4 load_tmp */
     const char *id, *name;
     StrataQcow2SnapshotInfo *info;
     GError *err;
@@ -1114,6 +1117,10 @@ static void snap_co(void *opaque)
         break;
     case 2:
         r->ok = strata_qcow2_co_snapshot_delete(r->node, r->name, &r->err);
+        break;
+    case 4:
+        r->ok = strata_qcow2_co_snapshot_load_tmp(r->node, r->id, r->name,
+                                                  &r->err);
         break;
     default:
         r->ok = strata_qcow2_co_snapshot_create_full(r->node, r->info,
@@ -1177,6 +1184,42 @@ static int vmstate(StrataNode *n, uint64_t pos, uint8_t *buf, uint64_t len,
     strata_loop_run_co(ctx->loop, vm_co, &v);
     return v.ret;
 }
+
+START_TEST(test_snapshot_load_tmp)
+{
+    g_autofree char *path = create("lt.qcow2", "\"size\": 2097152");
+    g_autofree char *before = NULL, *after = NULL;
+    StrataNode *n = must_open(path, NULL);
+    g_autofree char *m = NULL;
+    gsize len;
+
+    ck_assert_int_eq(do_io(n, 0, 1 << 20, 0x11), 0);
+    must_snap(n, 0, NULL, "one");
+    ck_assert_int_eq(do_io(n, 0, 4096, 0x22), 0);
+    ck_assert_int_eq(do_io(n, 1 << 20, 4096, 0x33), 0);
+    /* Only a read-only node may be switched. */
+    m = snap(n, 4, NULL, "one");
+    ck_assert_str_eq(m, "Device is not readonly");
+    g_clear_pointer(&m, g_free);
+    close_node(n);
+    ck_assert(g_file_get_contents(path, &before, &len, NULL));
+
+    n = must_open(path, "read-only=on");
+    m = snap(n, 4, "1", "two");             /* both must match */
+    ck_assert_str_eq(m, "Can't find snapshot");
+    g_clear_pointer(&m, g_free);
+    m = snap(n, 4, "one", NULL);            /* a name is no ID */
+    ck_assert_str_eq(m, "Can't find snapshot");
+    g_clear_pointer(&m, g_free);
+    expect(n, 0, 4096, 0x22);               /* still the active state */
+    must_snap(n, 4, "1", "one");
+    expect(n, 0, 1 << 20, 0x11);
+    expect(n, 1 << 20, 4096, 0);
+    close_node(n);
+    ck_assert(g_file_get_contents(path, &after, &len, NULL));
+    ck_assert(memcmp(before, after, len) == 0);
+}
+END_TEST
 
 START_TEST(test_snapshot_ops)
 {
@@ -1411,6 +1454,8 @@ int main(void)
                     teardown);
     strata_test_add(s, "/qcow2/snapshot/ops", test_snapshot_ops, setup,
                     teardown);
+    strata_test_add(s, "/qcow2/snapshot/load-tmp", test_snapshot_load_tmp,
+                    setup, teardown);
     strata_test_add(s, "/qcow2/snapshot/resize-vmstate",
                     test_snapshot_resize_vmstate, setup, teardown);
     strata_test_add(s, "/qcow2/snapshot/errors", test_snapshot_errors, setup,

@@ -3,6 +3,7 @@
 #include <glib.h>
 
 #include "ratelimit-private.h"
+#include "test-util.h"
 
 #define MS (1000 * 1000ll)
 #define T0 (1000 * 1000 * MS)  /* an arbitrary monotonic "now" */
@@ -152,29 +153,17 @@ START_TEST(test_extremes)
 }
 END_TEST
 
-static void
-add_test(Suite *s, const char *name, const TTest *test)
+int main(void)
 {
-    TCase *tc = tcase_create(name);
-    tcase_add_test(tc, test);
-    suite_add_tcase(s, tc);
-}
+    const StrataTestCase tests[] = {
+        { "/ratelimit/unlimited", test_unlimited },
+        { "/ratelimit/slice/fill", test_within_slice },
+        { "/ratelimit/large/first", test_large_request },
+        { "/ratelimit/large/waits", test_large_request_waits_empty },
+        { "/ratelimit/average", test_average_rate },
+        { "/ratelimit/idle", test_idle_no_hoarding },
+        { "/ratelimit/extremes", test_extremes },
+    };
 
-int
-main(void)
-{
-    Suite *s = suite_create("ratelimit");
-    add_test(s, "/ratelimit/unlimited", test_unlimited);
-    add_test(s, "/ratelimit/slice/fill", test_within_slice);
-    add_test(s, "/ratelimit/large/first", test_large_request);
-    add_test(s, "/ratelimit/large/waits", test_large_request_waits_empty);
-    add_test(s, "/ratelimit/average", test_average_rate);
-    add_test(s, "/ratelimit/idle", test_idle_no_hoarding);
-    add_test(s, "/ratelimit/extremes", test_extremes);
-
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed == 0 ? 0 : 1;
+    return strata_test_main("ratelimit", tests, NULL, NULL);
 }

@@ -5,25 +5,8 @@
 #include <sys/stat.h>
 
 #include "driver.h"
+#define STRATA_TEST_CONTEXT
 #include "test-util.h"
-
-static StrataContext *ctx;
-static char *dir;
-
-static void setup(void)
-{
-    g_autoptr(GError) err = NULL;
-
-    ctx = strata_context_new(NULL, NULL, &err);
-    ck_assert_msg(ctx, "%s", err ? err->message : "");
-    dir = strata_test_tmpdir();
-}
-
-static void teardown(void)
-{
-    strata_context_free(ctx);
-    strata_test_rmdir(dir);
-}
 
 static unsigned char pat(size_t i)
 {
@@ -322,23 +305,18 @@ END_TEST
 
 int main(void)
 {
-    Suite *s = suite_create("raw");
+    const StrataTestCase tests[] = {
+        { "/raw/passthrough", test_passthrough },
+        { "/raw/window", test_window },
+        { "/raw/window/offset-only", test_offset_only },
+        { "/raw/window/errors", test_window_errors },
+        { "/raw/missing-child", test_missing_child },
+        { "/raw/block-status", test_block_status_window },
+        { "/raw/zeroes-discard", test_zeroes_discard_shifted },
+        { "/raw/truncate", test_truncate },
+        { "/raw/read-only", test_read_only_child },
+    };
 
-    strata_test_add(s, "/raw/passthrough", test_passthrough, setup,
-                    teardown);
-    strata_test_add(s, "/raw/window", test_window, setup, teardown);
-    strata_test_add(s, "/raw/window/offset-only", test_offset_only, setup,
-                    teardown);
-    strata_test_add(s, "/raw/window/errors", test_window_errors, setup,
-                    teardown);
-    strata_test_add(s, "/raw/missing-child", test_missing_child, setup,
-                    teardown);
-    strata_test_add(s, "/raw/block-status", test_block_status_window, setup,
-                    teardown);
-    strata_test_add(s, "/raw/zeroes-discard", test_zeroes_discard_shifted,
-                    setup, teardown);
-    strata_test_add(s, "/raw/truncate", test_truncate, setup, teardown);
-    strata_test_add(s, "/raw/read-only", test_read_only_child, setup,
-                    teardown);
-    return strata_test_run(s);
+    return strata_test_main("raw", tests, strata_test_context_setup,
+                            strata_test_context_teardown);
 }

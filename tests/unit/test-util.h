@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <glib.h>
 #include <glib/gstdio.h>
+#include <stdbool.h>
 #include <unistd.h>
 
 /* One TCase per test, named by its path ("/io/align/read"), so a
@@ -33,6 +34,44 @@ static inline int strata_test_run(Suite *s)
     srunner_free(sr);
     return failed ? 1 : 0;
 }
+
+/* One row of a program's test table. Check's test handles are not
+ * constant expressions, so tables live inside main(). */
+typedef struct StrataTestCase {
+    const char *path;
+    const TTest *fn;
+    /* Liveness bound in seconds; 0 keeps the usual 120. */
+    int timeout;
+    /* > 0: run once per _i in [0, loops) (e.g. once per I/O engine). */
+    int loops;
+    /* Runs without the program's fixture. */
+    bool bare;
+} StrataTestCase;
+
+/* Builds suite @name from @tests (one TCase each, inside @setup and
+ * @teardown when given), runs it and returns the exit status. */
+static inline int strata_test_main_n(const char *name,
+                                     const StrataTestCase *tests, size_t n,
+                                     void (*setup)(void),
+                                     void (*teardown)(void))
+{
+    Suite *s = suite_create(name);
+    for (size_t i = 0; i < n; i++) {
+        const StrataTestCase *t = &tests[i];
+        TCase *tc = tcase_create(t->path);
+        if (!t->bare && (setup || teardown)) {
+            tcase_add_checked_fixture(tc, setup, teardown);
+        }
+        tcase_set_timeout(tc, t->timeout ? t->timeout : 120);
+        _tcase_add_test(tc, t->fn, 0, 0, 0, t->loops ? t->loops : 1);
+        suite_add_tcase(s, tc);
+    }
+    return strata_test_run(s);
+}
+
+#define strata_test_main(name, tests, setup, teardown) \
+    strata_test_main_n((name), (tests), G_N_ELEMENTS(tests), (setup), \
+                       (teardown))
 
 static inline char *strata_test_tmpdir(void)
 {
@@ -77,5 +116,69 @@ static inline char *strata_test_make_file(const char *dir, const char *name,
     close(fd);
     return path;
 }
+
+
+#ifdef STRATA_TEST_CONTEXT
+#include "strata-block.h"
+
+/* The fixture of the block-layer tests, opted into by defining
+ * STRATA_TEST_CONTEXT before this header: a fresh context @ctx and
+ * scratch directory @dir per test. A test may free @ctx itself and set
+ * it to NULL. */
+static StrataContext *ctx;
+static char *dir;
+
+static void strata_test_context_setup(void)
+{
+    g_autoptr(GError) err = NULL;
+
+    ctx = strata_context_new(NULL, NULL, &err);
+    ck_assert_msg(ctx, "%s", err ? err->message : "");
+    dir = strata_test_tmpdir();
+}
+
+static void strata_test_context_teardown(void)
+{
+    if (ctx) {
+        strata_context_free(ctx);
+        ctx = NULL;
+    }
+    strata_test_rmdir(dir);
+    dir = NULL;
+}
+#endif
+
+
+#ifdef STRATA_TEST_TRACE
+#include <stdarg.h>
+
+/* Opted into by defining STRATA_TEST_TRACE: a log of events as one
+ * string @trace, so an ordering is checked in one assert. */
+static GString *trace;
+
+static void trace_add(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
+static void trace_add(const char *fmt, ...)
+{
+    va_list ap;
+
+    if (trace->len) {
+        g_string_append_c(trace, ' ');
+    }
+    va_start(ap, fmt);
+    g_string_append_vprintf(trace, fmt, ap);
+    va_end(ap);
+}
+
+static void strata_test_trace_setup(void)
+{
+    trace = g_string_new(NULL);
+}
+
+static void strata_test_trace_teardown(void)
+{
+    g_string_free(trace, TRUE);
+    trace = NULL;
+}
+#endif
 
 #endif

@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""One live job, timed, for profiling: a quick loop beside shared/bench.
+
+Copies a chain made by shared/bench's mkchain (base, snap1..snap4) into a
+scratch dir, starts stratad (or qemu-storage-daemon with --qsd), opens
+every layer with cache.direct=on, holds the top with a writable NBD
+export, runs one job and prints its time, the daemon's CPU seconds and
+peak RSS.  The result is checked with qemu-img compare against a
+flattened copy of the pristine chain.  With --perf, the daemon runs
+under `perf record -g` (perf.data in the scratch dir, kept).
+
+  bench-job.py --chain DIR --job stream|stream-base|commit [--reps N]
+               [--stratad build/qmp/stratad | --qsd] [--perf] [--speed B]
+"""
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+JOBS = {
+    'stream': {'cmd': 'block-stream',
+               'args': {'device': 'snap4'}, 'ref': 'top'},
+    'stream-base': {'cmd': 'block-stream',
+                    'args': {'device': 'snap4', 'base-node': 'base',
+                             'backing-file': 'base.qcow2'}, 'ref': 'top'},
+    'commit': {'cmd': 'block-commit',
+               'args': {'device': 'snap4', 'top-node': 'snap3',
+                        'base-node': 'snap1',
+                        'backing-file': 'snap1.qcow2'}, 'ref': 'top'},
+}
+LAYERS = ['base', 'snap1', 'snap2', 'snap3', 'snap4']
+
+
+class Qmp:
+    def __init__(self, path):
+        deadline = time.time() + 10
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX)
+                self.sock.connect(path)
+                break
+            except OSError:
+                self.sock.close()
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.01)
+        self.f = self.sock.makefile('rwb', buffering=0)
+        self.events = []
+        self.read()
+        self.cmd('qmp_capabilities')
+
+    def read(self):
+        return json.loads(self.f.readline())
+
+    def cmd(self, name, **args):
+        self.f.write(json.dumps({'execute': name,
+                                 'arguments': args}).encode() + b'\n')
+        while True:
+            m = self.read()
+            if 'event' in m:
+                self.events.append(m)
+                continue
+            if 'error' in m:
+                raise RuntimeError('%s: %s' % (name, m['error']))
+            return m['return']
+
+    def wait_event(self, name):
+        while True:
+            for i, e in enumerate(self.events):
+                if e['event'] == name:
+                    return self.events.pop(i)
+            self.events.append(self.read())
+
+
+def proc_stat(pid):
+    with open('/proc/%d/stat' % pid) as f:
+        parts = f.read().rsplit(')', 1)[1].split()
+    tick = os.sysconf('SC_CLK_TCK')
+    cpu = (int(parts[11]) + int(parts[12])) / tick
+    hwm = 0
+    with open('/proc/%d/status' % pid) as f:
+        for line in f:
+            if line.startswith('VmHWM:'):
+                hwm = int(line.split()[1])
+    return cpu, hwm
+
+
+def run_once(a, tmp, ref):
+    work = os.path.join(tmp, 'work')
+    shutil.rmtree(work, ignore_errors=True)
+    os.mkdir(work)
+    for n in LAYERS:
+        subprocess.check_call(['cp', '--sparse=always',
+                               os.path.join(a.chain, n + '.qcow2'), work])
+        fd = os.open(os.path.join(work, n + '.qcow2'), os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    sock = os.path.join(work, 'qmp.sock')
+    if a.qsd:
+        argv = ['qemu-storage-daemon', '--chardev',
+                'socket,path=%s,server=on,wait=off,id=m0' % sock,
+                '--monitor', 'chardev=m0']
+    else:
+        argv = [a.stratad, '--qmp', sock]
+    if a.perf:
+        argv = ['perf', 'record', '-g', '-o',
+                os.path.join(tmp, 'perf.data'), '--'] + argv
+    proc = subprocess.Popen(argv, cwd=work, stdout=subprocess.DEVNULL)
+    q = Qmp(sock)
+    pid = proc.pid
+    if a.perf:
+        time.sleep(0.3)
+        pid = int(subprocess.check_output(['pgrep', '-P', str(proc.pid)]))
+    prev = None
+    for n in LAYERS:
+        q.cmd('blockdev-add', **{
+            'driver': 'qcow2', 'node-name': n, 'backing': prev,
+            'cache': {'direct': True},
+            'file': {'driver': 'file', 'aio': 'io_uring',
+                     'cache': {'direct': True},
+                     'filename': os.path.join(work, n + '.qcow2')}})
+        prev = n
+    q.cmd('nbd-server-start', addr={'type': 'unix', 'data': {
+        'path': os.path.join(work, 'nbd.sock')}})
+    q.cmd('block-export-add', type='nbd', id='e0', **{'node-name': 'snap4'},
+          writable=True)
+    job = JOBS[a.job]
+    args = dict(job['args'])
+    if a.speed:
+        args['speed'] = a.speed
+    cpu0, _ = proc_stat(pid)
+    t0 = time.perf_counter()
+    q.cmd(job['cmd'], **{'job-id': 'j'}, **args)
+    ev = q.wait_event('BLOCK_JOB_COMPLETED')
+    t = time.perf_counter() - t0
+    cpu1, hwm = proc_stat(pid)
+    if 'error' in ev['data']:
+        raise RuntimeError(ev['data']['error'])
+    q.cmd('quit')
+    proc.wait()
+    r = subprocess.run(['qemu-img', 'compare', '-q', ref,
+                        os.path.join(work, 'snap4.qcow2')])
+    return t, cpu1 - cpu0, hwm, r.returncode == 0
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--chain', required=True)
+    p.add_argument('--job', choices=sorted(JOBS), default='stream')
+    p.add_argument('--reps', type=int, default=1)
+    p.add_argument('--stratad', default='build/qmp/stratad')
+    p.add_argument('--qsd', action='store_true')
+    p.add_argument('--perf', action='store_true')
+    p.add_argument('--speed', type=int, default=0)
+    a = p.parse_args()
+    a.stratad = os.path.abspath(a.stratad)
+    a.chain = os.path.abspath(a.chain)
+    tmp = tempfile.mkdtemp(prefix='bench-job.')
+    ref = os.path.join(a.chain, 'ref-top.qcow2')
+    if not os.path.exists(ref):
+        subprocess.check_call(['qemu-img', 'convert', '-O', 'qcow2',
+                               os.path.join(a.chain, 'snap4.qcow2'), ref])
+    ok_all = True
+    for _ in range(a.reps):
+        t, cpu, hwm, ok = run_once(a, tmp, ref)
+        ok_all = ok_all and ok
+        print('%s %s: %.3f s  cpu %.2f s  peak RSS %.1f MiB  %s' % (
+            'qsd' if a.qsd else 'strata', a.job, t, cpu, hwm / 1024,
+            'verified' if ok else 'MISMATCH'), flush=True)
+    if a.perf:
+        print('perf data:', os.path.join(tmp, 'perf.data'))
+    else:
+        shutil.rmtree(tmp)
+    return 0 if ok_all else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
