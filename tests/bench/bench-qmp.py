@@ -52,6 +52,8 @@ class Daemon:
                 if time.perf_counter() > deadline:
                     raise RuntimeError('%s did not start' % side)
                 time.sleep(0.0002)
+        # A daemon that never answers fails the run instead of hanging it.
+        self.sock.settimeout(30)
         self.f = self.sock.makefile('rwb', buffering=0)
         self.rfile = self.sock.makefile('rb')
         self.rfile.readline()                   # greeting
