@@ -230,6 +230,8 @@ typedef struct StrataJobCopyOps {
      * with *@is_read saying which side failed. */
     int (*co_copy)(StrataJob *job, uint64_t offset, uint64_t bytes,
                    void *buf, bool *is_read);
+    /* Copies in flight at most; 0: the default (16). */
+    unsigned max_tasks;
 } StrataJobCopyOps;
 
 /**

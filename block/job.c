@@ -986,9 +986,11 @@ struct CopyLoop {
  * each time, or (once glibc raises its threshold) heap that outlives
  * the job.  Page alignment suits O_DIRECT on every node below.
  */
-/* Copies in flight at most, whatever their size: each is a coroutine
- * whose stack, like the slots it fills, stays in the daemon's peak
- * memory. Sixteen small copies already keep the disk busy. */
+/* Copies in flight at most, whatever their size, unless the job asks
+ * for another number: each is a coroutine whose stack, like the slots it
+ * fills, stays in the daemon's peak memory.  Sixteen keep the disk busy
+ * for a stream, whose reads and writes compete for it; a commit's small
+ * extents want more (see commit.c). */
 #define COPY_MAX_TASKS 16
 
 static void copy_arena_init(CopyLoop *cl, unsigned max_in_flight)
@@ -1075,6 +1077,7 @@ int strata_job_co_copy_loop(StrataJob *job, const StrataJobCopyOps *ops,
                             unsigned max_in_flight)
 {
     CopyLoop cl = { .job = job, .ops = ops, .chunk = chunk };
+    unsigned max_tasks = ops->max_tasks ? ops->max_tasks : COPY_MAX_TASKS;
     uint64_t offset = 0;
     int error = 0;
     bool stop = false;
@@ -1169,7 +1172,7 @@ int strata_job_co_copy_loop(StrataJob *job, const StrataJobCopyOps *ops,
             g_free(t);
             break;
         }
-        while ((cl.in_flight >= COPY_MAX_TASKS ||
+        while ((cl.in_flight >= max_tasks ||
                 !(t->buf = copy_buf_get(&cl, t))) &&
                !cl.nomem && cl.in_flight > 0) {
             copy_wait_one(&cl);
