@@ -66,8 +66,8 @@ JsonNode *strata_json_parse_text(const char *text, GError **error);
  * strata_json_write:
  *
  * Appends @node to @out as QEMU's monitor writes JSON: ", " and ": "
- * separators, members in insertion order, non-ASCII as upper-case
- * \uXXXX escapes.
+ * separators, members in insertion order, non-ASCII as a backslash-u
+ * escape with four upper-case hex digits.
  */
 void strata_json_write(GString *out, JsonNode *node);
 

@@ -218,7 +218,7 @@ static int entry_write(StrataQcow2Cache *c, CacheEntry *e)
 
 int strata_qcow2_cache_co_write(StrataQcow2Cache *c)
 {
-    g_autofree CacheEntry **todo = NULL;
+    g_autofree CacheEntry **dirty = NULL;
     unsigned n = 0;
     int first_err = 0;
 
@@ -227,22 +227,22 @@ int strata_qcow2_cache_co_write(StrataQcow2Cache *c)
     }
     /* Pinned while the writes yield: the clean interval and eviction
      * leave them alone. */
-    todo = g_new(CacheEntry *, c->nb_dirty);
+    dirty = g_new(CacheEntry *, c->nb_dirty);
     for (GList *l = c->lru.head; l && n < c->nb_dirty; l = l->next) {
         CacheEntry *e = l->data;
         if (e->dirty) {
             e->ref++;
-            todo[n++] = e;
+            dirty[n++] = e;
         }
     }
     for (unsigned i = 0; i < n; i++) {
-        int ret = entry_write(c, todo[i]);
+        int ret = entry_write(c, dirty[i]);
         if (ret < 0 && !first_err) {
             first_err = ret;
         }
     }
     for (unsigned i = 0; i < n; i++) {
-        todo[i]->ref--;
+        dirty[i]->ref--;
     }
     return first_err;
 }
