@@ -145,14 +145,7 @@ static void commit_clean(StrataJob *job)
 {
     CommitJob *c = (CommitJob *)job;
 
-    for (guint i = 0; c->made_writable && i < c->made_writable->len; i++) {
-        StrataNode *n = c->made_writable->pdata[i];
-        g_autoptr(GError) err = NULL;
-        if (!strata_node_set_read_only(n, true, &err)) {
-            g_warning("commit: could not make '%s' read-only again: %s",
-                      n->node_name, err->message);
-        }
-    }
+    strata_job_restore_read_only(c->made_writable);
 }
 
 static void commit_free(StrataJob *job)
@@ -163,20 +156,6 @@ static void commit_free(StrataJob *job)
     if (c->made_writable) {
         g_ptr_array_unref(c->made_writable);
     }
-}
-
-/* Reopens @node read-write for the job if it is read-only, remembering
- * it so the job's end puts it back. */
-static bool make_writable(GPtrArray *made, StrataNode *node, GError **error)
-{
-    if (!node->read_only) {
-        return true;
-    }
-    if (!strata_node_set_read_only(node, false, error)) {
-        return false;
-    }
-    g_ptr_array_add(made, node);
-    return true;
 }
 
 static const StrataJobDriver commit_driver = {
@@ -354,24 +333,18 @@ bool strata_commit_start(StrataContext *ctx, JsonObject *args,
     }
     /* The base is written, and the overlays of top get a new backing
      * string: both must be writable while the job runs. */
-    made = g_ptr_array_new_with_free_func(
-        (GDestroyNotify)strata_node_unref);
+    made = strata_job_writable_list_new();
     {
         g_autoptr(GPtrArray) edges = overlay_edges(top);
-        bool ok = make_writable(made, base, error);
+        bool ok = strata_job_make_writable(made, base, error);
         for (guint i = 0; ok && i < edges->len; i++) {
-            ok = make_writable(made, ((StrataChild *)edges->pdata[i])->parent,
-                               error);
+            ok = strata_job_make_writable(
+                made, ((StrataChild *)edges->pdata[i])->parent, error);
         }
         if (!ok) {
-            for (guint i = 0; i < made->len; i++) {
-                strata_node_set_read_only(made->pdata[i], true, NULL);
-            }
+            strata_job_restore_read_only(made);
             g_ptr_array_unref(made);
             return false;
-        }
-        for (guint i = 0; i < made->len; i++) {
-            strata_node_ref(made->pdata[i]);
         }
     }
 
@@ -385,9 +358,7 @@ bool strata_commit_start(StrataContext *ctx, JsonObject *args,
                                                     true),
         error);
     if (!job) {
-        for (guint i = 0; i < made->len; i++) {
-            strata_node_set_read_only(made->pdata[i], true, NULL);
-        }
+        strata_job_restore_read_only(made);
         g_ptr_array_unref(made);
         return false;
     }

@@ -169,6 +169,23 @@ StrataJob *strata_job_new(StrataContext *ctx, const StrataJobDriver *drv,
 void strata_job_add_node(StrataJob *job, StrataNode *node);
 bool strata_job_uses_node(StrataJob *job, StrataNode *node);
 
+/*
+ * Nodes a job reopens read-write for its time (the base of a commit, a
+ * stream into an intermediate layer), as QEMU does, and puts back when
+ * it ends.  @made holds a reference on each node it lists.
+ *
+ * strata_job_make_writable: reopens @node read-write unless it is
+ * already, and lists it in @made.
+ * strata_job_restore_read_only: reopens every node listed read-only
+ * again (a failure is logged: the job's result stands) and empties
+ * @made.
+ */
+bool strata_job_make_writable(GPtrArray *made, StrataNode *node,
+                              GError **error);
+void strata_job_restore_read_only(GPtrArray *made);
+/* A list for strata_job_make_writable. (transfer full) */
+GPtrArray *strata_job_writable_list_new(void);
+
 /**
  * strata_job_insert_filter:
  * @drv_name: "copy-on-read" (stream) or "commit_top" (commit)

@@ -1200,3 +1200,45 @@ int strata_job_co_copy_loop(StrataJob *job, const StrataJobCopyOps *ops,
     }
     return error;
 }
+
+/* ------------------------------------------------------------------ */
+/* Nodes made writable for a job                                       */
+/* ------------------------------------------------------------------ */
+
+GPtrArray *strata_job_writable_list_new(void)
+{
+    return g_ptr_array_new_with_free_func(
+        (GDestroyNotify)strata_node_unref);
+}
+
+bool strata_job_make_writable(GPtrArray *made, StrataNode *node,
+                              GError **error)
+{
+    g_return_val_if_fail(made != NULL && node != NULL, false);
+
+    if (!node->read_only) {
+        return true;
+    }
+    if (!strata_node_set_read_only(node, false, error)) {
+        return false;
+    }
+    strata_node_ref(node);
+    g_ptr_array_add(made, node);
+    return true;
+}
+
+void strata_job_restore_read_only(GPtrArray *made)
+{
+    for (guint i = 0; made && i < made->len; i++) {
+        StrataNode *n = made->pdata[i];
+        g_autoptr(GError) err = NULL;
+
+        if (!strata_node_set_read_only(n, true, &err)) {
+            g_warning("could not make '%s' read-only again after the "
+                      "job: %s", n->node_name, err->message);
+        }
+    }
+    if (made) {
+        g_ptr_array_set_size(made, 0);
+    }
+}

@@ -67,7 +67,9 @@ struct MirrorJob {
     bool is_commit;
     bool write_blocking;
     bool target_owned;          /* drive-mirror opened it: a ref */
-    bool base_made_writable;
+    /* An active commit's base, reopened read-write for the job; after
+     * the pivot it is the active layer and stays writable. */
+    GPtrArray *made_writable;
     bool pivoted;
     bool should_complete;
     bool idle;                  /* asleep in READY, nothing dirty */
@@ -696,12 +698,8 @@ static void mirror_clean(StrataJob *job)
     notifier_remove(m);
     /* Without a pivot the base stays under the active layer: read-only
      * again, as it was. */
-    if (m->base_made_writable && !m->pivoted) {
-        g_autoptr(GError) err = NULL;
-        if (!strata_node_set_read_only(m->target, true, &err)) {
-            g_warning("commit: could not make '%s' read-only again: %s",
-                      m->target->node_name, err->message);
-        }
+    if (!m->pivoted) {
+        strata_job_restore_read_only(m->made_writable);
     }
 }
 
@@ -712,6 +710,9 @@ static void mirror_free(StrataJob *job)
     notifier_remove(m);
     if (m->dirty) {
         strata_bitmap_free(m->dirty);
+    }
+    if (m->made_writable) {
+        g_ptr_array_unref(m->made_writable);
     }
     g_slist_free_full(m->free_bufs, free);
     if (m->attach_backing) {
@@ -810,7 +811,8 @@ typedef struct MirrorSetup {
     StrataNode *source, *target, *to_replace, *base, *attach_backing;
     MirrorSync sync;
     StrataOnError on_source_error, on_target_error;
-    bool write_blocking, target_owned, base_made_writable, is_commit;
+    bool write_blocking, target_owned, is_commit;
+    GPtrArray *made_writable;   /* handed to the job, or NULL */
     uint64_t granularity, buf_size;
 } MirrorSetup;
 
@@ -840,7 +842,8 @@ static bool mirror_start_job(StrataContext *ctx, JsonObject *args,
     m->is_commit = s->is_commit;
     m->write_blocking = s->write_blocking;
     m->target_owned = s->target_owned;
-    m->base_made_writable = s->base_made_writable;
+    m->made_writable = s->made_writable ? g_ptr_array_ref(s->made_writable)
+                                        : NULL;
     m->on_source_error = s->on_source_error;
     m->on_target_error = s->on_target_error;
     m->granularity = s->granularity;
@@ -1238,19 +1241,15 @@ bool strata_active_commit_start(StrataContext *ctx, JsonObject *args,
         .buf_size = MIRROR_DEFAULT_BUF_SIZE,
         .granularity = 64 * 1024,
     };
-    StrataNode *base_data = base;
+    g_autoptr(GPtrArray) made = strata_job_writable_list_new();
 
-    if (base->read_only) {
-        if (!strata_node_set_read_only(base, false, error)) {
-            return false;
-        }
-        s.base_made_writable = true;
+    if (!strata_job_make_writable(made, base, error)) {
+        return false;
     }
-    (void)base_data;
+    s.made_writable = made;
     if (!mirror_start_job(ctx, args, &s, error)) {
-        if (s.base_made_writable) {
-            strata_node_set_read_only(base, true, NULL);
-        }
+        /* Still ours when the job was not made. */
+        strata_job_restore_read_only(made);
         return false;
     }
     return true;

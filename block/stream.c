@@ -27,9 +27,9 @@ typedef struct StreamJob {
     StrataNode *base;        /* nullable: stream the whole chain */
     char *backing_file;      /* what to write; NULL: derived from base */
     bool backing_file_given;
-    /* The top was read-only (an intermediate layer): reopened read-write
-     * for the job and read-only again when it ends, as QEMU does. */
-    bool made_writable;
+    /* The top, when it was read-only (an intermediate layer): reopened
+     * read-write for the job and read-only again when it ends. */
+    GPtrArray *made_writable;
 } StreamJob;
 
 static int stream_co_classify(StrataJob *job, uint64_t offset,
@@ -179,18 +179,14 @@ static void stream_free(StrataJob *job)
     StreamJob *s = (StreamJob *)job;
 
     g_free(s->backing_file);
+    if (s->made_writable) {
+        g_ptr_array_unref(s->made_writable);
+    }
 }
 
 static void stream_clean(StrataJob *job)
 {
-    StreamJob *s = (StreamJob *)job;
-    g_autoptr(GError) err = NULL;
-
-    if (s->made_writable && !strata_node_set_read_only(s->top, true, &err)) {
-        g_warning("stream: could not make '%s' read-only again: %s",
-                  s->top->node_name, err->message);
-    }
-    s->made_writable = false;
+    strata_job_restore_read_only(((StreamJob *)job)->made_writable);
 }
 
 static const StrataJobDriver stream_driver = {
@@ -339,12 +335,10 @@ bool strata_stream_start(StrataContext *ctx, JsonObject *args,
     }
     /* Streaming into an intermediate (read-only) layer: it is written
      * for the job's time only. */
-    if (top->read_only) {
-        if (!strata_node_set_read_only(top, false, error)) {
-            strata_job_early_fail(job);
-            return false;
-        }
-        s->made_writable = true;
+    s->made_writable = strata_job_writable_list_new();
+    if (!strata_job_make_writable(s->made_writable, top, error)) {
+        strata_job_early_fail(job);
+        return false;
     }
     if (!strata_job_insert_filter(job, "copy-on-read", top, filter_name,
                                   false, error)) {
