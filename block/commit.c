@@ -316,7 +316,7 @@ bool strata_commit_start(StrataContext *ctx, JsonObject *args,
         if (!strata_job_busy_check(ctx, base, error)) {
             return false;
         }
-        if (filter_name && !strata_node_name_check(filter_name, error)) {
+        if (!strata_job_check_filter_name(ctx, filter_name, error)) {
             return false;
         }
         return strata_active_commit_start(ctx, args, top, base, on_error,
@@ -325,7 +325,7 @@ bool strata_commit_start(StrataContext *ctx, JsonObject *args,
     if (!strata_job_busy_check(ctx, base, error)) {
         return false;
     }
-    if (filter_name && !strata_node_name_check(filter_name, error)) {
+    if (!strata_job_check_filter_name(ctx, filter_name, error)) {
         return false;
     }
     if (!check_base_users(top, base, error)) {

@@ -169,6 +169,11 @@ StrataJob *strata_job_new(StrataContext *ctx, const StrataJobDriver *drv,
 void strata_job_add_node(StrataJob *job, StrataNode *node);
 bool strata_job_uses_node(StrataJob *job, StrataNode *node);
 
+/* The name a job's filter node is to take (NULL: an automatic one) is
+ * valid and free; QEMU's messages otherwise. */
+bool strata_job_check_filter_name(StrataContext *ctx, const char *name,
+                                  GError **error);
+
 /*
  * Nodes a job reopens read-write for its time (the base of a commit, a
  * stream into an intermediate layer), as QEMU does, and puts back when

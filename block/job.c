@@ -1242,3 +1242,20 @@ void strata_job_restore_read_only(GPtrArray *made)
         g_ptr_array_set_size(made, 0);
     }
 }
+
+bool strata_job_check_filter_name(StrataContext *ctx, const char *name,
+                                  GError **error)
+{
+    if (!name) {
+        return true;
+    }
+    if (!strata_node_name_check(name, error)) {
+        return false;
+    }
+    if (strata_context_lookup(ctx, name)) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_EXISTS,
+                    "Duplicate nodes with node-name='%s'", name);
+        return false;
+    }
+    return true;
+}

@@ -913,25 +913,6 @@ static bool parse_common(JsonObject *args, MirrorSetup *s, GError **error)
     return true;
 }
 
-/* The name the mirror_top filter would take must be free and valid. */
-static bool check_filter_name(StrataContext *ctx, JsonObject *args,
-                              GError **error)
-{
-    const char *name = opt_str(args, "filter-node-name");
-
-    if (!name) {
-        return true;
-    }
-    if (!strata_node_name_check(name, error)) {
-        return false;
-    }
-    if (strata_context_lookup(ctx, name)) {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_EXISTS,
-                    "Duplicate nodes with node-name='%s'", name);
-        return false;
-    }
-    return true;
-}
 
 /* @replaces must be what the source shows through filters (QEMU's
  * check_to_replace_node): replacing anything else would change the
@@ -1037,7 +1018,8 @@ static bool check_target(StrataContext *ctx, MirrorSetup *s, JsonObject *args,
         !check_replaces(ctx, s, replaces, error)) {
         return false;
     }
-    if (!check_filter_name(ctx, args, error)) {
+    if (!strata_job_check_filter_name(
+            ctx, opt_str(args, "filter-node-name"), error)) {
         return false;
     }
     if (!s->granularity) {
@@ -1164,7 +1146,8 @@ bool strata_drive_mirror_start(StrataContext *ctx, JsonObject *args,
             return false;
         }
     }
-    if (!check_filter_name(ctx, args, error)) {
+    if (!strata_job_check_filter_name(
+            ctx, opt_str(args, "filter-node-name"), error)) {
         return false;
     }
     if (!mode || strcmp(mode, "existing") != 0) {

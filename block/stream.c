@@ -306,12 +306,7 @@ bool strata_stream_start(StrataContext *ctx, JsonObject *args,
                     "chain");
         return false;
     }
-    if (filter_name && !strata_node_name_check(filter_name, error)) {
-        return false;
-    }
-    if (filter_name && strata_context_find_node(ctx, filter_name)) {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_EXISTS,
-                    "Duplicate nodes with node-name='%s'", filter_name);
+    if (!strata_job_check_filter_name(ctx, filter_name, error)) {
         return false;
     }
     job = strata_job_new(

@@ -390,6 +390,62 @@ START_TEST(test_wait_errors)
 }
 END_TEST
 
+/* A job's filter-node-name that is malformed or taken: QEMU's errors,
+ * no job, and the chain untouched (commit, stream, active commit). */
+START_TEST(test_filter_name_errors)
+{
+    static const char *const cmds[] = {
+        "block-commit\", \"arguments\": {\"job-id\": \"j\", "
+        "\"device\": \"top\", \"top-node\": \"%s\"",
+        "block-stream\", \"arguments\": {\"job-id\": \"j\", "
+        "\"device\": \"top\"",
+        "block-commit\", \"arguments\": {\"job-id\": \"j\", "
+        "\"device\": \"top\"",
+    };
+    QTestState *s;
+    g_autofree char *mid = NULL;
+
+    if (!have_qemu_tools()) {
+        return;
+    }
+    s = start_chain();
+    {
+        g_autoptr(JsonNode) r = qtest_qmp(
+            s, "{\"execute\": \"query-named-block-nodes\"}");
+        JsonArray *a = json_object_get_array_member(
+            json_node_get_object(r), "return");
+        for (guint i = 0; i < json_array_get_length(a); i++) {
+            JsonObject *o = json_array_get_object_element(a, i);
+            if (g_str_has_suffix(json_object_get_string_member(o, "file"),
+                                 "mid.qcow2") &&
+                !strcmp(json_object_get_string_member(o, "drv"), "qcow2")) {
+                mid = g_strdup(json_object_get_string_member(o,
+                                                              "node-name"));
+            }
+        }
+    }
+    ck_assert(mid);
+    for (guint i = 0; i < G_N_ELEMENTS(cmds); i++) {
+        g_autofree char *head = g_strdup_printf(cmds[i], mid);
+        g_autofree char *dup = g_strdup_printf(
+            "{\"execute\": \"%s, \"filter-node-name\": \"top\"}}", head);
+        g_autofree char *bad = g_strdup_printf(
+            "{\"execute\": \"%s, \"filter-node-name\": \"1bad\"}}", head);
+
+        fails(s, dup, "GenericError",
+              "Duplicate nodes with node-name='top'");
+        fails(s, bad, "GenericError", NULL);
+        ck_assert(!job_listed(s, "j"));
+    }
+    ck_assert_int_eq(sh(s, "qemu-img info -U top.qcow2 | "
+                           "grep -q 'backing file: mid.qcow2' && "
+                           "qemu-img info -U mid.qcow2 | "
+                           "grep -q 'backing file: base.qcow2' && "
+                           "qemu-img check -q base.qcow2"), 0);
+    qtest_end(s);
+}
+END_TEST
+
 int main(void)
 {
     const StrataTestCase tests[] = {
@@ -400,6 +456,7 @@ int main(void)
         { "/strata-qmp/wait-create-job", test_wait_create_job },
         { "/strata-qmp/wait-errors", test_wait_errors },
         { "/strata-qmp/node-stats", test_node_stats },
+        { "/strata-qmp/filter-name-errors", test_filter_name_errors },
     };
 
     return strata_test_main("strata-qmp", tests, NULL, NULL);
