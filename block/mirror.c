@@ -657,6 +657,9 @@ static bool mirror_prepare(StrataJob *job, GError **error)
 
     strata_drain_set_add(set, m->source);
     strata_drain_set_add(set, m->target);
+    if (job->filter) {
+        strata_drain_set_add(set, job->filter);
+    }
     if (m->attach_backing) {
         strata_drain_set_add(set, m->attach_backing);
     }
@@ -858,6 +861,16 @@ static bool mirror_start_job(StrataContext *ctx, JsonObject *args,
     strata_job_add_node(job, s->target);
     if (m->to_replace != s->source) {
         strata_job_add_node(job, m->to_replace);
+    }
+    /* Every user of the source reaches it through the filter until the
+     * job ends; a pivot moves the filter's own edge to the target. */
+    if (!strata_job_insert_filter(job, "mirror_top", s->source,
+                                  opt_str(args, "filter-node-name"),
+                                  s->source->read_only, error)) {
+        /* The caller still owns what it handed over. */
+        m->target_owned = false;
+        strata_job_early_fail(job);
+        return false;
     }
     strata_job_start(job);
     return true;
