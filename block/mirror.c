@@ -29,6 +29,10 @@
 #define MIRROR_DEFAULT_BUF_SIZE (16 * 1024 * 1024)
 #define MIRROR_MAX_CHUNK (1024 * 1024)
 #define MIRROR_MAX_IN_FLIGHT 16
+/* An active commit copies the overlays' scattered clusters, mostly one
+ * granule per copy: latency-bound, like an intermediate commit, which
+ * keeps as many in flight. */
+#define MIRROR_COMMIT_MAX_IN_FLIGHT 32
 #define MIRROR_IDLE_NS (100 * 1000 * 1000LL)
 /* Rates are measured over windows this long. */
 #define MIRROR_WINDOW_NS (250 * 1000 * 1000LL)
@@ -817,6 +821,7 @@ typedef struct MirrorSetup {
     bool write_blocking, target_owned, is_commit;
     GPtrArray *made_writable;   /* handed to the job, or NULL */
     uint64_t granularity, buf_size;
+    unsigned max_in_flight;     /* 0: MIRROR_MAX_IN_FLIGHT */
 } MirrorSetup;
 
 static bool mirror_start_job(StrataContext *ctx, JsonObject *args,
@@ -852,7 +857,8 @@ static bool mirror_start_job(StrataContext *ctx, JsonObject *args,
     m->granularity = s->granularity;
     m->chunk = MAX(m->granularity, MIN(MIRROR_MAX_CHUNK, s->buf_size));
     m->buf_size = MAX(s->buf_size, m->chunk);
-    m->max_in_flight = MIRROR_MAX_IN_FLIGHT;
+    m->max_in_flight = s->max_in_flight ? s->max_in_flight
+                                        : MIRROR_MAX_IN_FLIGHT;
     if (s->attach_backing) {
         strata_node_ref(s->attach_backing);
         m->attach_backing = s->attach_backing;
@@ -1236,6 +1242,7 @@ bool strata_active_commit_start(StrataContext *ctx, JsonObject *args,
         .is_commit = true,
         .buf_size = MIRROR_DEFAULT_BUF_SIZE,
         .granularity = 64 * 1024,
+        .max_in_flight = MIRROR_COMMIT_MAX_IN_FLIGHT,
     };
     g_autoptr(GPtrArray) made = strata_job_writable_list_new();
 
