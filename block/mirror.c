@@ -12,7 +12,10 @@
  * to the target before they complete (write-blocking): the dirty count
  * can then only fall.  The pivot runs drained at finalize: the last
  * dirty ranges are copied, then every parent of the source moves to the
- * target.
+ * target.  While the job lives its users reach the source through a
+ * mirror_top filter node (job-filters.c), as in QEMU; the pivot moves
+ * the filter's own edge, and dropping the filter hands its users to
+ * whichever node lies below it then.
  */
 #include <errno.h>
 #include <fcntl.h>

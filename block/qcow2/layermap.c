@@ -549,9 +549,17 @@ void strata_qcow2_layermap_slice_changed(StrataQcow2State *s,
                                          const void *slice)
 {
     uint64_t table = slice_offset & ~(s->cluster_size - 1);
+    bool above = false;
     uint64_t r;
 
     if (!s->node) {
+        return;
+    }
+    /* The active layer (every guest write) has nobody to tell. */
+    for (GList *l = s->node->parents; l && !above; l = l->next) {
+        above = ((StrataChild *)l->data)->parent_kind == STRATA_PARENT_NODE;
+    }
+    if (!above) {
         return;
     }
     for (r = 0; r < s->l1_size; r++) {
