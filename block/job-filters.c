@@ -25,11 +25,30 @@ static bool job_filter_open(StrataNode *node, JsonObject *options,
     return true;
 }
 
+/* QEMU answers a filter's image info from the node it filters: the
+ * cluster size and the allocated size are the filtered image's. */
+static void job_filter_query_image(StrataNode *node, JsonObject *image)
+{
+    StrataNode *child = node->file->node;
+    g_autoptr(JsonObject) ci = json_object_new();
+
+    if (child->drv->query_image) {
+        child->drv->query_image(child, ci);
+    }
+    if (json_object_has_member(ci, "cluster-size")) {
+        json_object_set_int_member(image, "cluster-size",
+            json_object_get_int_member(ci, "cluster-size"));
+    }
+    strata_driver_copy_actual_size(child, image);
+    json_object_set_boolean_member(image, "dirty-flag", false);
+}
+
 const StrataDriver strata_driver_copy_on_read = {
     .name = "copy-on-read",
     .is_filter = true,
     .options = job_filter_options,
     .open = job_filter_open,
+    .query_image = job_filter_query_image,
 };
 
 const StrataDriver strata_driver_commit_top = {
@@ -37,6 +56,7 @@ const StrataDriver strata_driver_commit_top = {
     .is_filter = true,
     .options = job_filter_options,
     .open = job_filter_open,
+    .query_image = job_filter_query_image,
 };
 
 const StrataDriver strata_driver_mirror_top = {
@@ -44,4 +64,5 @@ const StrataDriver strata_driver_mirror_top = {
     .is_filter = true,
     .options = job_filter_options,
     .open = job_filter_open,
+    .query_image = job_filter_query_image,
 };

@@ -1960,6 +1960,8 @@ static void qcow2_query_image(StrataNode *node, JsonObject *image)
 
     json_object_set_int_member(image, "cluster-size",
                                (gint64)s->cluster_size);
+    strata_driver_copy_actual_size(node->file ? node->file->node : NULL,
+                                   image);
     json_object_set_boolean_member(image, "dirty-flag",
                                    !!(h->incompatible_features &
                                       STRATA_QCOW2_INCOMPAT_DIRTY));

@@ -60,6 +60,40 @@ static void filter_is(QTestState *s, const char *want)
     }
 }
 
+/* QEMU answers a filter's image info from the image it filters: the same
+ * file, cluster size and allocated size as @source's entry, its own
+ * format name, and a clean dirty flag. */
+static void filter_image_is_sources(QTestState *s, const char *source)
+{
+    g_autoptr(JsonNode) r = qtest_qmp(
+        s, "{\"execute\": \"query-named-block-nodes\", \"arguments\": "
+           "{\"flat\": true}}");
+    JsonArray *a = json_node_get_array(json_object_get_member(
+        json_node_get_object(r), "return"));
+    JsonObject *fi = NULL, *si = NULL;
+
+    for (guint i = 0; i < json_array_get_length(a); i++) {
+        JsonObject *n = json_array_get_object_element(a, i);
+        if (!strcmp(json_object_get_string_member(n, "drv"), "mirror_top")) {
+            fi = json_object_get_object_member(n, "image");
+        } else if (!strcmp(json_object_get_string_member(n, "node-name"),
+                           source)) {
+            si = json_object_get_object_member(n, "image");
+        }
+    }
+    ck_assert(fi && si);
+    ck_assert_str_eq(json_object_get_string_member(fi, "format"),
+                     "mirror_top");
+    ck_assert_str_eq(json_object_get_string_member(fi, "filename"),
+                     json_object_get_string_member(si, "filename"));
+    ck_assert(json_object_has_member(si, "actual-size"));
+    ck_assert_int_eq(json_object_get_int_member(fi, "cluster-size"),
+                     json_object_get_int_member(si, "cluster-size"));
+    ck_assert_int_eq(json_object_get_int_member(fi, "actual-size"),
+                     json_object_get_int_member(si, "actual-size"));
+    ck_assert(!json_object_get_boolean_member(fi, "dirty-flag"));
+}
+
 static void filter_gone(QTestState *s)
 {
     g_autofree char *name = node_of_driver(s, "mirror_top");
@@ -101,6 +135,7 @@ START_TEST(test_active_commit_filter)
           "\"ac\", \"device\": \"s1\", \"filter-node-name\": \"acf\", "
           "\"speed\": 65536}}");
     filter_is(s, "acf");
+    filter_image_is_sources(s, "s1");
     ck_assert_int_eq(guest_io(s, "write -P 0x51 10M 256k"), 0);
     ok(s, "{\"execute\": \"block-job-set-speed\", \"arguments\": "
           "{\"device\": \"ac\", \"speed\": 0}}");
