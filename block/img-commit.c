@@ -84,6 +84,20 @@ static int commit_worker(void *opaque)
     return strata_img_copy_finish(&j->c, ret);
 }
 
+/* Adds the directory of @path to @dirs unless it is there: a chain
+ * usually lives in one directory, to be searched once. */
+static void add_dir(GPtrArray *dirs, const char *path)
+{
+    g_autofree char *dir = g_path_get_dirname(path);
+
+    for (guint i = 0; i < dirs->len; i++) {
+        if (!strcmp(dirs->pdata[i], dir)) {
+            return;
+        }
+    }
+    g_ptr_array_add(dirs, g_steal_pointer(&dir));
+}
+
 static bool id_in(GArray *ids, const StrataImgFileId *id)
 {
     for (guint i = 0; i < ids->len; i++) {
@@ -172,8 +186,7 @@ int strata_img_commit(int argc, char **argv)
         { "image-opts", no_argument, NULL, OPTION_IMAGE_OPTS },
         { NULL, 0, NULL, 0 },
     };
-    StrataImgOpenOpts oo = { .force_share = true };
-    StrataImgOpenOpts base_oo = { .writable = true };
+    StrataImgOpenOpts oo = { 0 };
     const char *base_name = NULL, *filename;
     bool drop = false, quiet = false, progress = false, force = false;
     g_autoptr(GPtrArray) dirs = g_ptr_array_new_with_free_func(g_free);
@@ -224,7 +237,7 @@ int strata_img_commit(int argc, char **argv)
             }
             break;
         case 't':
-            if (!strata_img_cache_option(optarg, &base_oo, false)) {
+            if (!strata_img_cache_option(optarg, &oo, false)) {
                 return 1;
             }
             break;
@@ -285,7 +298,7 @@ int strata_img_commit(int argc, char **argv)
             continue;
         }
         g_array_append_val(chain_ids, id);
-        g_ptr_array_add(dirs, g_path_get_dirname(path));
+        add_dir(dirs, path);
         if (n != j.top && !base) {
             g_array_append_val(protected_ids, id);
             g_ptr_array_add(protected, (gpointer)path);
@@ -309,16 +322,20 @@ int strata_img_commit(int argc, char **argv)
         }
     }
 
-    {
-        StrataNode *bf = base->file ? base->file->node : NULL;
-        const char *bpath = bf && bf->filename ? bf->filename
-                                               : base->filename;
-
-        base_oo.fmt = strata_node_get_driver_name(base);
-        j.base = strata_img_open(t.ctx, bpath, &base_oo);
-        if (!j.base) {
-            goto out;
-        }
+    /* The base is written through the chain's own node, reopened
+     * read-write as QEMU reopens it: a second open of the base and
+     * everything under it would read their metadata again. */
+    if (!strata_node_set_read_only(base, false, &err)) {
+        strata_img_error("Could not reopen '%s' read-write: %s",
+                         base->filename ? base->filename : base_name,
+                         err->message);
+        goto out;
+    }
+    j.base = strata_backend_new(t.ctx, strata_node_get_name(base), true,
+                                &err);
+    if (!j.base) {
+        strata_img_error("Could not open the base: %s", err->message);
+        goto out;
     }
     j.base_in_chain = base;
     len = strata_backend_get_length(j.chain);
