@@ -327,7 +327,8 @@ int strata_img_commit(int argc, char **argv)
      * everything under it would read their metadata again. */
     if (!strata_node_set_read_only(base, false, &err)) {
         strata_img_error("Could not reopen '%s' read-write: %s",
-                         base->filename ? base->filename : base_name,
+                         base->filename ? base->filename
+                                        : strata_node_get_name(base),
                          err->message);
         goto out;
     }
