@@ -187,6 +187,7 @@ int strata_img_commit(int argc, char **argv)
         { NULL, 0, NULL, 0 },
     };
     StrataImgOpenOpts oo = { 0 };
+    StrataImgOpenOpts base_oo = { .writable = true };
     const char *base_name = NULL, *filename;
     bool drop = false, quiet = false, progress = false, force = false;
     g_autoptr(GPtrArray) dirs = g_ptr_array_new_with_free_func(g_free);
@@ -214,6 +215,7 @@ int strata_img_commit(int argc, char **argv)
             break;
         case 'b':
             base_name = optarg;
+            oo.force_share = true;
             drop = true;
             break;
         case 'd':
@@ -240,6 +242,7 @@ int strata_img_commit(int argc, char **argv)
             if (!strata_img_cache_option(optarg, &oo, false)) {
                 return 1;
             }
+            strata_img_cache_option(optarg, &base_oo, false);
             break;
         case OPTION_FORCE:
             force = true;
@@ -322,21 +325,37 @@ int strata_img_commit(int argc, char **argv)
         }
     }
 
-    /* The base is written through the chain's own node, reopened
-     * read-write as QEMU reopens it: a second open of the base and
-     * everything under it would read their metadata again. */
-    if (!strata_node_set_read_only(base, false, &err)) {
-        strata_img_error("Could not reopen '%s' read-write: %s",
-                         base->filename ? base->filename
-                                        : strata_node_get_name(base),
-                         err->message);
-        goto out;
-    }
-    j.base = strata_backend_new(t.ctx, strata_node_get_name(base), true,
-                                &err);
-    if (!j.base) {
-        strata_img_error("Could not open the base: %s", err->message);
-        goto out;
+    if (base_name) {
+        /* A base further down is opened on its own: a write through
+         * the chain's node would reset the top's layer map, which the
+         * reads of the layers in between go through, on every write. */
+        StrataNode *bf = base->file ? base->file->node : NULL;
+        const char *bpath = bf && bf->filename ? bf->filename
+                                               : base->filename;
+
+        base_oo.fmt = strata_node_get_driver_name(base);
+        j.base = strata_img_open(t.ctx, bpath, &base_oo);
+        if (!j.base) {
+            goto out;
+        }
+    } else {
+        /* The backing file is written through the chain's own node,
+         * reopened read-write as QEMU reopens it: a second open of it
+         * and everything under it would read their metadata again.
+         * Only the top is read, never through its layer map. */
+        if (!strata_node_set_read_only(base, false, &err)) {
+            strata_img_error("Could not reopen '%s' read-write: %s",
+                             base->filename ? base->filename
+                                            : strata_node_get_name(base),
+                             err->message);
+            goto out;
+        }
+        j.base = strata_backend_new(t.ctx, strata_node_get_name(base), true,
+                                    &err);
+        if (!j.base) {
+            strata_img_error("Could not open the base: %s", err->message);
+            goto out;
+        }
     }
     j.base_in_chain = base;
     len = strata_backend_get_length(j.chain);
