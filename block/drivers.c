@@ -13,6 +13,7 @@ const StrataDriver *const strata_driver_table[] = {
     &strata_driver_nbd,
     &strata_driver_copy_on_read,
     &strata_driver_commit_top,
+    &strata_driver_mirror_top,
     NULL,
 };
 
