@@ -37,6 +37,144 @@ static bool job_filter_open(StrataNode *node, JsonObject *options,
 /* The copy shared by the filter and the stream job                    */
 /* ------------------------------------------------------------------ */
 
+/* Reads of one copy in flight at once, at most. */
+#define COR_MAX_PARTS 16
+
+/* The parts of a read of the backing chain, each from the layer that
+ * holds it, all in flight together. */
+typedef struct CorReadGroup {
+    unsigned pending;
+    int ret;
+    StrataCoQueue wait;
+} CorReadGroup;
+
+typedef struct CorReadPart {
+    CorReadGroup *g;
+    StrataNode *layer;
+    uint64_t offset, bytes;
+    char *buf;
+} CorReadPart;
+
+static void cor_read_part_co(void *opaque)
+{
+    CorReadPart *p = opaque;
+    CorReadGroup *g = p->g;
+    int ret = strata_node_co_pread(p->layer, p->offset, p->bytes, p->buf, 0);
+
+    if (ret < 0 && g->ret == 0) {
+        g->ret = ret;
+    }
+    g_free(p);
+    g->pending--;
+    strata_co_queue_next(&g->wait);
+}
+
+static void cor_read_part_start(CorReadGroup *g, CorReadPart *p)
+{
+    while (g->pending >= COR_MAX_PARTS) {
+        strata_co_queue_wait(&g->wait, NULL);
+    }
+    g->pending++;
+    strata_coroutine_enter(strata_coroutine_new(cor_read_part_co, p));
+}
+
+/* The layer, from @n down, that decides [@offset, @offset + *@bytes),
+ * and for how long (*@bytes shortened); *@layer NULL: the range reads as
+ * zeroes.  *@map: where the data lies in the layer's file, when
+ * *@has_map.  Filters in the chain are layers of their own, so a debug
+ * node above an image still sees the read. */
+static int cor_co_find_layer(StrataNode *n, uint64_t offset, uint64_t *bytes,
+                             StrataNode **layer, uint64_t *map,
+                             bool *has_map)
+{
+    uint64_t want = *bytes;
+
+    *layer = NULL;
+    *has_map = false;
+    while (n) {
+        uint64_t p = 0;
+        StrataNode *file = NULL;
+        int ret = strata_node_co_block_status(n, false, offset, want, &p,
+                                              map, &file);
+        if (ret < 0) {
+            return ret;
+        }
+        if (p == 0) {
+            /* Past this layer's end: zeroes, as the layer above reads. */
+            break;
+        }
+        if (ret & STRATA_BLOCK_ALLOCATED) {
+            *bytes = p;
+            if (ret & STRATA_BLOCK_DATA) {
+                *layer = n;
+                *has_map = (ret & STRATA_BLOCK_OFFSET_VALID) && file;
+            }
+            return 0;
+        }
+        want = MIN(want, p);
+        n = n->backing ? n->backing->node
+                       : (n->drv->is_filter && n->file ? n->file->node
+                                                       : NULL);
+    }
+    *bytes = want;
+    return 0;
+}
+
+/* Reads what @backing (a top's backing node) shows of the range: each
+ * extent from the layer holding it, all at once, where a plain read
+ * through @backing would read them one after the other (a stream's
+ * ranges mix a base's large extents with the overlays' clusters).
+ * Neighbouring extents of one layer that lie side by side in its file
+ * are read as one. */
+static int cor_co_read_layers(StrataNode *backing, uint64_t offset,
+                              uint64_t bytes, char *buf)
+{
+    CorReadGroup g = { 0, 0, { NULL, NULL } };
+    CorReadPart *cur = NULL;
+    uint64_t cur_map = 0, pos = offset, end = offset + bytes;
+    bool cur_has_map = false;
+    int ret = 0;
+
+    strata_co_queue_init(&g.wait);
+    while (pos < end && g.ret == 0) {
+        uint64_t n = end - pos, map = 0;
+        StrataNode *layer;
+        bool has_map;
+
+        ret = cor_co_find_layer(backing, pos, &n, &layer, &map, &has_map);
+        if (ret < 0) {
+            break;
+        }
+        if (!layer) {
+            memset(buf + (pos - offset), 0, n);
+        } else if (cur && cur->layer == layer && cur_has_map && has_map &&
+                   cur->offset + cur->bytes == pos &&
+                   cur_map + cur->bytes == map) {
+            cur->bytes += n;
+        } else {
+            if (cur) {
+                cor_read_part_start(&g, cur);
+            }
+            cur = g_new(CorReadPart, 1);
+            *cur = (CorReadPart){ &g, layer, pos, n, buf + (pos - offset) };
+            cur_map = map;
+            cur_has_map = has_map;
+        }
+        pos += n;
+    }
+    if (cur) {
+        if (ret == 0 && g.ret == 0) {
+            cor_read_part_start(&g, cur);
+        } else {
+            g_free(cur);
+        }
+    }
+    while (g.pending > 0) {
+        strata_co_queue_wait(&g.wait, NULL);
+    }
+    return ret < 0 ? ret : g.ret;
+}
+
 int strata_cor_co_read_backing(StrataNode *top, uint64_t offset,
                                uint64_t bytes, void *buf)
 {
@@ -59,7 +197,7 @@ int strata_cor_co_read_backing(StrataNode *top, uint64_t offset,
     if (n < bytes) {
         memset((char *)buf + n, 0, bytes - n);
     }
-    return n ? strata_node_co_pread(backing, offset, n, buf, 0) : 0;
+    return n ? cor_co_read_layers(backing, offset, n, buf) : 0;
 }
 
 int strata_cor_co_copy(StrataNode *top, StrataNode *base, uint64_t offset,
