@@ -94,8 +94,16 @@ static int cor_co_find_layer(StrataNode *n, uint64_t offset, uint64_t *bytes,
     while (n) {
         uint64_t p = 0;
         StrataNode *file = NULL;
-        int ret = strata_node_co_block_status(n, false, offset, want, &p,
-                                              map, &file);
+        int ret;
+
+        if (n->total_bytes < 0) {
+            int64_t len = strata_node_co_refresh_length(n);
+            if (len < 0) {
+                return (int)len;
+            }
+        }
+        ret = strata_node_co_block_status(n, false, offset, want, &p, map,
+                                          &file);
         if (ret < 0) {
             return ret;
         }
