@@ -65,6 +65,7 @@ static int stream_co_copy(StrataJob *job, uint64_t offset, uint64_t bytes,
 static const StrataJobCopyOps stream_copy_ops = {
     .co_classify = stream_co_classify,
     .co_copy = stream_co_copy,
+    .max_tasks = 32,
 };
 
 static int stream_co_run(StrataJob *job, GError **error)
