@@ -17,9 +17,12 @@
 #include "driver.h"
 
 /* QEMU's chunk (a range that fails is one BLOCK_JOB_ERROR, as in QEMU),
- * and buffer space for six (3 MiB), shared by up to 16 smaller copies,
+ * and buffer space for six (3 MiB), shared by up to 32 smaller copies,
  * where QEMU copies one chunk at a time: with the file preallocated
- * ahead of the writes, reads and writes then overlap. */
+ * ahead of the writes, reads and writes then overlap.  A whole-chain
+ * stream is bounded by the buffer space, a stream with a base (the
+ * overlays' 64 KiB clusters) by the number of copies; more space would
+ * put the peak RSS above QSD's (docs/performance.md). */
 #define STREAM_CHUNK (512 * 1024)
 #define STREAM_IN_FLIGHT 6
 
