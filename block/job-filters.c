@@ -1,9 +1,13 @@
 /* strata — the filters QEMU puts above the nodes a job works on, so that
  * they show in the graph while it runs: "copy-on-read" above the top of
- * a block-stream, "commit_top" above the top of an intermediate commit.
+ * a block-stream, "commit_top" above the top of an intermediate commit,
+ * "mirror_top" above the source of a mirror or an active commit.
  *
- * commit_top passes every request through to its file child (the I/O
- * path forwards what a filter leaves NULL).  copy-on-read, as QEMU's,
+ * commit_top and mirror_top pass every request through to their file
+ * child (the I/O path forwards what a filter leaves NULL); the mirror
+ * follows guest writes with a write notifier on its source, which also
+ * sees writes that do not come through the filter.  copy-on-read, as
+ * QEMU's,
  * writes what a guest reads from the backing chain into the node below
  * it, so that the data is there the next time (and a stream finds it
  * done); with "bottom", only what the layers down to that node hold is
@@ -31,6 +35,24 @@ static bool job_filter_open(StrataNode *node, JsonObject *options,
 {
     node->limits = node->file->node->limits;
     return true;
+}
+
+/* QEMU answers a filter's image info from the node it filters: the
+ * cluster size and the allocated size are the filtered image's. */
+static void job_filter_query_image(StrataNode *node, JsonObject *image)
+{
+    StrataNode *child = node->file->node;
+    g_autoptr(JsonObject) ci = json_object_new();
+
+    if (child->drv->query_image) {
+        child->drv->query_image(child, ci);
+    }
+    if (json_object_has_member(ci, "cluster-size")) {
+        json_object_set_int_member(image, "cluster-size",
+            json_object_get_int_member(ci, "cluster-size"));
+    }
+    strata_driver_copy_actual_size(child, image);
+    json_object_set_boolean_member(image, "dirty-flag", false);
 }
 
 /* ------------------------------------------------------------------ */
@@ -495,6 +517,7 @@ const StrataDriver strata_driver_copy_on_read = {
     .close = cor_close,
     .co_preadv = cor_co_preadv,
     .child_perm = cor_child_perm,
+    .query_image = job_filter_query_image,
 };
 
 const StrataDriver strata_driver_commit_top = {
@@ -502,4 +525,13 @@ const StrataDriver strata_driver_commit_top = {
     .is_filter = true,
     .options = job_filter_options,
     .open = job_filter_open,
+    .query_image = job_filter_query_image,
+};
+
+const StrataDriver strata_driver_mirror_top = {
+    .name = "mirror_top",
+    .is_filter = true,
+    .options = job_filter_options,
+    .open = job_filter_open,
+    .query_image = job_filter_query_image,
 };

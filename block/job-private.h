@@ -193,7 +193,8 @@ GPtrArray *strata_job_writable_list_new(void);
 
 /**
  * strata_job_insert_filter:
- * @drv_name: "copy-on-read" (stream) or "commit_top" (commit)
+ * @drv_name: "copy-on-read" (stream), "commit_top" (commit) or
+ *   "mirror_top" (mirror, active commit)
  * @name: (nullable): filter-node-name; NULL: a generated name
  *
  * Puts a filter node above @node for the job's lifetime, as QEMU does:

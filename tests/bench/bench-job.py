@@ -13,9 +13,14 @@ complete tracepoints, and the job's requests are summed up: count,
 MiB and sizes per opcode, and the average number in flight (counts that
 do not depend on how busy the machine is; needs perf and root).
 
-  bench-job.py --chain DIR --job stream|stream-base|commit [--reps N]
-               [--stratad build/qmp/stratad | --qsd] [--perf | --iotrace]
-               [--speed B]
+  bench-job.py --chain DIR --job stream|stream-base|commit|active-commit
+               [--reps N] [--stratad build/qmp/stratad | --qsd]
+               [--perf | --perf-stat | --iotrace] [--stats] [--speed B]
+
+active-commit completes on BLOCK_JOB_READY and is checked on base.
+--perf-stat: the daemon's instruction count over its whole life (perf
+stat -e instructions; load-independent, unlike the time).  --stats:
+x-strata-query-node-stats of every layer after the job (stratad).
 """
 import collections
 import argparse
@@ -39,6 +44,9 @@ JOBS = {
                'args': {'device': 'snap4', 'top-node': 'snap3',
                         'base-node': 'snap1',
                         'backing-file': 'snap1.qcow2'}, 'ref': 'top'},
+    'active-commit': {'cmd': 'block-commit',
+                      'args': {'device': 'snap4', 'base-node': 'base'},
+                      'ref': 'top', 'complete': True, 'result': 'base'},
 }
 LAYERS = ['base', 'snap1', 'snap2', 'snap3', 'snap4']
 
@@ -118,6 +126,10 @@ def run_once(a, tmp, ref):
     if a.perf:
         argv = ['perf', 'record', '-g', '-o',
                 os.path.join(tmp, 'perf.data'), '--'] + argv
+    elif a.perf_stat:
+        argv = ['perf', 'stat', '-x', ',', '-e', 'instructions:u,'
+                'instructions:k', '-o', os.path.join(tmp, 'perf-stat.txt'),
+                '--'] + argv
     elif a.iotrace:
         argv = ['perf', 'record', '-q', '-k', 'CLOCK_MONOTONIC',
                 '-e', 'io_uring:io_uring_submit_req',
@@ -126,7 +138,7 @@ def run_once(a, tmp, ref):
     proc = subprocess.Popen(argv, cwd=work, stdout=subprocess.DEVNULL)
     q = Qmp(sock)
     pid = proc.pid
-    if a.perf or a.iotrace:
+    if a.perf or a.perf_stat or a.iotrace:
         time.sleep(0.3)
         pid = int(subprocess.check_output(['pgrep', '-P', str(proc.pid)]))
     prev = None
@@ -150,16 +162,30 @@ def run_once(a, tmp, ref):
     m0 = time.monotonic()
     t0 = time.perf_counter()
     q.cmd(job['cmd'], **{'job-id': 'j'}, **args)
+    if job.get('complete'):
+        q.wait_event('BLOCK_JOB_READY')
+        q.cmd('block-job-complete', device='j')
     ev = q.wait_event('BLOCK_JOB_COMPLETED')
     t = time.perf_counter() - t0
     m1 = time.monotonic()
     cpu1, hwm = proc_stat(pid)
     if 'error' in ev['data']:
         raise RuntimeError(ev['data']['error'])
+    if a.stats and not a.qsd:
+        for n in q.cmd('x-strata-query-node-stats'):
+            if n.get('driver') == 'qcow2':
+                print('  %s: %s' % (n['node-name'], json.dumps(n['stats'])))
     q.cmd('quit')
     proc.wait()
+    if a.perf_stat:
+        with open(os.path.join(tmp, 'perf-stat.txt')) as f:
+            for line in f:
+                if 'instructions' in line:
+                    f2 = line.split(',')
+                    print('  %s %s' % (f2[2], f2[0]))
     r = subprocess.run(['qemu-img', 'compare', '-q', ref,
-                        os.path.join(work, 'snap4.qcow2')])
+                        os.path.join(work, job.get('result', 'snap4') +
+                                     '.qcow2')])
     if a.iotrace:
         io_summary(os.path.join(tmp, 'io.data'), m0, m1)
     return t, cpu1 - cpu0, hwm, r.returncode == 0
@@ -216,6 +242,8 @@ def main():
     p.add_argument('--stratad', default='build/qmp/stratad')
     p.add_argument('--qsd', action='store_true')
     p.add_argument('--perf', action='store_true')
+    p.add_argument('--perf-stat', action='store_true')
+    p.add_argument('--stats', action='store_true')
     p.add_argument('--iotrace', action='store_true')
     p.add_argument('--speed', type=int, default=0)
     a = p.parse_args()

@@ -237,6 +237,25 @@ qemu-img create -q -f qcow2 -b sn3.qcow2 -F qcow2 w7/sn4.qcow2
     || bad "commit refused with only an overlay above"
 compare_ok "commit: the overlay above still reads the same" ref.raw w7/sn4.qcow2
 
+# The base is written through the chain's own node, reopened read-write:
+# a cache mode given with -t reaches it, the top reads through after.
+mkchain w9
+"$IMG" commit -q -t unsafe w9/sn3.qcow2 && ok "commit -t unsafe ran" || bad "commit -t unsafe failed"
+compare_ok "commit -t unsafe: sn2 reads as sn3 did" ref.raw w9/sn2.qcow2
+compare_ok "commit -t unsafe: the emptied top reads the same" ref.raw w9/sn3.qcow2
+check_ok "commit -t unsafe: sn2 clean" w9/sn2.qcow2
+# A base that cannot be reopened for writing (immutable, where the file
+# system has the flag): a clear error, nothing changed.
+mkchain w10
+if chattr +i w10/sn1.qcow2 2>/dev/null; then
+    refuse "commit: base not writable" w10/sn2.qcow2 commit w10/sn2.qcow2
+    grep -q "read-write" err && ok "commit: the error names the reopen" || bad "commit: unclear error: $(cat err)"
+    chattr -i w10/sn1.qcow2
+    compare_ok "commit: base not writable: sn1 unchanged" ref/sn1.qcow2 w10/sn1.qcow2
+else
+    echo "skip: no immutable flag on this file system"
+fi
+
 refuse "commit: no backing file" base.qcow2 commit base.qcow2
 refuse "commit: missing file" - commit gone.qcow2
 refuse "commit: -b not in the chain" top.qcow2 commit -b raw.img top.qcow2
