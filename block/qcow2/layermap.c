@@ -22,12 +22,14 @@
  * clusters that slice maps, in place, in every map that holds them.
  *
  * Region r of a map covers the clusters one L2 table covers (L1 index
- * r), with one 16-bit answer per cluster.  A region is built by walking
- * the chain's L2 tables for it, or, when the backing image has the same
- * region in its own map, from the backing's L2 table and that region:
- * the open of each layer of a chain does the latter for every region of
- * a small image, so the top of a freshly opened chain has a complete map
- * and no intermediate layer keeps one.
+ * r), with one 16-bit answer per cluster.  A region is built when a read
+ * of the backing first needs it, not at open: a chain opened only to
+ * read the top's own clusters (commit) or to be queried never reads the
+ * L2 tables below, and an intermediate layer nobody reads through keeps
+ * no map.  The region is built by walking the chain's L2 tables for it,
+ * or, when the backing image has the same region in its own map, from
+ * the backing's L2 table and that region; either way once, after which
+ * every read of it is one lookup whatever the depth.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -43,10 +45,6 @@
 
 /* Memory for regions a map keeps; older regions are dropped first. */
 #define MAP_BUDGET (4u << 20)
-/* Open builds the whole map when it has at most this many regions and
- * the L2 tables it reads stay within EAGER_MAX_READS. */
-#define EAGER_MAX_REGIONS 64
-#define EAGER_MAX_READS 4096
 
 struct StrataQcow2LayerMap {
     StrataQcow2State *s;
@@ -441,36 +439,6 @@ static const uint16_t *region_get(StrataQcow2LayerMap *m, uint64_t r)
     g_queue_push_tail(&m->built, GSIZE_TO_POINTER(r + 1));
     strata_co_mutex_unlock(&m->build_lock);
     return v;
-}
-
-void strata_qcow2_layermap_co_prepare(StrataQcow2State *s)
-{
-    StrataQcow2LayerMap *m = map_get(s);
-    StrataQcow2State *bs;
-    StrataQcow2LayerMap *bm;
-    bool composable;
-
-    if (!m || m->nb_regions > EAGER_MAX_REGIONS) {
-        return;
-    }
-    bs = ((StrataNode *)g_ptr_array_index(m->layers, 0))->opaque;
-    bm = bs->layer_map;
-    composable = bm && bm->chain_gen == bs->node->chain_gen &&
-                 g_queue_get_length(&bm->built) == bm->nb_regions;
-    if (!composable &&
-        m->nb_regions * m->layers->len > EAGER_MAX_READS) {
-        return;
-    }
-    for (uint64_t r = 0; r < m->nb_regions; r++) {
-        if (!region_get(m, r)) {
-            return;
-        }
-    }
-    /* The backing's map served its purpose: only the top of a chain
-     * keeps one (another reader of the backing rebuilds what it needs). */
-    if (composable) {
-        strata_qcow2_layermap_free(bs);
-    }
 }
 
 /* ------------------------------------------------------------------ */
