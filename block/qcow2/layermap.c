@@ -22,14 +22,21 @@
  * clusters that slice maps, in place, in every map that holds them.
  *
  * Region r of a map covers the clusters one L2 table covers (L1 index
- * r), with one 16-bit answer per cluster.  A region is built when a read
- * of the backing first needs it, not at open: a chain opened only to
- * read the top's own clusters (commit) or to be queried never reads the
- * L2 tables below, and an intermediate layer nobody reads through keeps
- * no map.  The region is built by walking the chain's L2 tables for it,
- * or, when the backing image has the same region in its own map, from
- * the backing's L2 table and that region; either way once, after which
- * every read of it is one lookup whatever the depth.
+ * r), with one 16-bit answer per cluster.  A region is built by walking
+ * the chain's L2 tables for it, or, when the backing image has the same
+ * region in its own map, from the backing's L2 table and that region;
+ * either way once, after which every read of it is one lookup whatever
+ * the depth.
+ *
+ * When is a trade between open and the first reads.  Over a short chain
+ * a region is built when a read of the backing first needs it: a chain
+ * opened only to read the top's own clusters (commit) or to be queried
+ * never reads the L2 tables below, and an intermediate layer keeps no
+ * map.  Over a deep chain (EAGER_MIN_LAYERS) the walk would make the
+ * first read of each region wait for one table read per layer, one
+ * after the other, so there each layer's open builds the whole map of
+ * a small image from its backing's (one table per region), and only
+ * the top of a freshly opened chain keeps one.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -45,6 +52,12 @@
 
 /* Memory for regions a map keeps; older regions are dropped first. */
 #define MAP_BUDGET (4u << 20)
+/* Open builds the whole map when there are at least EAGER_MIN_LAYERS
+ * layers below, at most EAGER_MAX_REGIONS regions, and the L2 tables it
+ * reads stay within EAGER_MAX_READS. */
+#define EAGER_MIN_LAYERS 16
+#define EAGER_MAX_REGIONS 64
+#define EAGER_MAX_READS 4096
 
 struct StrataQcow2LayerMap {
     StrataQcow2State *s;
@@ -439,6 +452,53 @@ static const uint16_t *region_get(StrataQcow2LayerMap *m, uint64_t r)
     g_queue_push_tail(&m->built, GSIZE_TO_POINTER(r + 1));
     strata_co_mutex_unlock(&m->build_lock);
     return v;
+}
+
+/* Whether at least @n mappable layers lie below @s. */
+static bool layers_below_at_least(StrataQcow2State *s, unsigned n)
+{
+    StrataNode *b = backing_node(s);
+    unsigned depth = 0;
+
+    while (b && depth < n && mappable(s, b)) {
+        depth++;
+        b = backing_node(b->opaque);
+    }
+    return depth >= n;
+}
+
+void strata_qcow2_layermap_co_prepare(StrataQcow2State *s)
+{
+    StrataQcow2LayerMap *m;
+    StrataQcow2State *bs;
+    StrataQcow2LayerMap *bm;
+    bool composable;
+
+    if (!eligible(s) || !layers_below_at_least(s, EAGER_MIN_LAYERS)) {
+        return;
+    }
+    m = map_get(s);
+    if (!m || m->nb_regions > EAGER_MAX_REGIONS) {
+        return;
+    }
+    bs = ((StrataNode *)g_ptr_array_index(m->layers, 0))->opaque;
+    bm = bs->layer_map;
+    composable = bm && bm->chain_gen == bs->node->chain_gen &&
+                 g_queue_get_length(&bm->built) == bm->nb_regions;
+    if (!composable &&
+        m->nb_regions * m->layers->len > EAGER_MAX_READS) {
+        return;
+    }
+    for (uint64_t r = 0; r < m->nb_regions; r++) {
+        if (!region_get(m, r)) {
+            return;
+        }
+    }
+    /* The backing's map served its purpose: only the top of a chain
+     * keeps one (another reader of the backing rebuilds what it needs). */
+    if (composable) {
+        strata_qcow2_layermap_free(bs);
+    }
 }
 
 /* ------------------------------------------------------------------ */

@@ -493,6 +493,10 @@ void strata_qcow2_layermap_notify_change(StrataQcow2State *s);
 void strata_qcow2_layermap_slice_changed(StrataQcow2State *s,
                                          uint64_t slice_offset,
                                          const void *slice);
+/* Coroutine, at the end of open: builds @s's whole map when the chain
+ * below is deep and the map cheap (a small image; the backing's own map
+ * to build from). */
+void strata_qcow2_layermap_co_prepare(StrataQcow2State *s);
 void strata_qcow2_layermap_free(StrataQcow2State *s);
 
 typedef struct StrataQcow2LayerMapStats {

@@ -439,6 +439,11 @@ static bool file_is_sparse(StrataNode *file)
     return actual >= 0 && actual < file->total_bytes / 2;
 }
 
+static void prepare_co(void *opaque)
+{
+    strata_qcow2_layermap_co_prepare(opaque);
+}
+
 static bool qcow2_open(StrataNode *node, JsonObject *options,
                        GError **error)
 {
@@ -485,6 +490,7 @@ static bool qcow2_open(StrataNode *node, JsonObject *options,
         }
     }
     s->sparse_file = file_is_sparse(node->file->node);
+    strata_loop_run_co(node->ctx->loop, prepare_co, s);
     return true;
 }
 
