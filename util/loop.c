@@ -640,9 +640,9 @@ static bool loop_use_ring(StrataLoop *loop, StrataAioMode engine)
     return loop->has_ring && engine != STRATA_AIO_THREADS;
 }
 
-ssize_t strata_loop_co_preadv(StrataLoop *loop, StrataAioMode engine, int fd,
-                              const struct iovec *iov, int iovcnt,
-                              uint64_t offset)
+static ssize_t loop_co_readv(StrataLoop *loop, StrataAioMode engine, int fd,
+                             const struct iovec *iov, int iovcnt,
+                             uint64_t offset, unsigned sqe_flags)
 {
     g_return_val_if_fail(loop != NULL, -EINVAL);
     g_return_val_if_fail(strata_in_coroutine(), -EINVAL);
@@ -652,6 +652,10 @@ ssize_t strata_loop_co_preadv(StrataLoop *loop, StrataAioMode engine, int fd,
         struct io_uring_sqe *sqe = loop_co_get_sqe(loop);
 
         io_uring_prep_readv(sqe, fd, iov, (unsigned)iovcnt, offset);
+        sqe->flags |= sqe_flags;
+        if (sqe_flags & IOSQE_ASYNC) {
+            loop->stats.offloads++;
+        }
         return loop_co_wait_sqe(loop, sqe, &req);
     } else {
         ThreadJob job = { .type = JOB_PREADV, .fd = fd, .iov = iov,
@@ -659,6 +663,24 @@ ssize_t strata_loop_co_preadv(StrataLoop *loop, StrataAioMode engine, int fd,
 
         return loop_co_run_job(loop, &job);
     }
+}
+
+ssize_t strata_loop_co_preadv(StrataLoop *loop, StrataAioMode engine, int fd,
+                              const struct iovec *iov, int iovcnt,
+                              uint64_t offset)
+{
+    return loop_co_readv(loop, engine, fd, iov, iovcnt, offset, 0);
+}
+
+/* IOSQE_ASYNC skips the inline attempt in io_uring_enter: the kernel's
+ * worker threads do the read (and its copy out of the page cache) while
+ * this thread goes on submitting and completing other requests. */
+ssize_t strata_loop_co_preadv_offload(StrataLoop *loop, StrataAioMode engine,
+                                      int fd, const struct iovec *iov,
+                                      int iovcnt, uint64_t offset)
+{
+    return loop_co_readv(loop, engine, fd, iov, iovcnt, offset,
+                         IOSQE_ASYNC);
 }
 
 ssize_t strata_loop_co_pwritev(StrataLoop *loop, StrataAioMode engine,

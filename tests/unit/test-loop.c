@@ -330,9 +330,10 @@ typedef struct {
     int fd;
     bool done;
     /* results, checked by the test in plain code */
-    ssize_t wrote, read_back, short_read;
+    ssize_t wrote, read_back, short_read, offloaded;
     int sync, alloc, punch;
     char buf[8192];
+    char obuf[8192];
     char hole[4096];
 } RwArg;
 
@@ -344,6 +345,9 @@ static void rw_body(void *opaque)
         { first, sizeof(first) }, { second, sizeof(second) },
     };
     struct iovec riov = { a->buf, sizeof(a->buf) };
+    struct iovec oiov[2] = {
+        { a->obuf, 1000 }, { a->obuf + 1000, sizeof(a->obuf) - 1000 },
+    };
     struct iovec hiov = { a->hole, sizeof(a->hole) };
     char tail[100];
     struct iovec tiov = { tail, sizeof(tail) };
@@ -355,6 +359,9 @@ static void rw_body(void *opaque)
     a->sync = strata_loop_co_fdatasync(a->loop, a->engine, a->fd);
     a->read_back = strata_loop_co_preadv(a->loop, a->engine, a->fd, &riov,
                                          1, 4096);
+    /* The same bytes through the kernel's workers (ring) or the pool. */
+    a->offloaded = strata_loop_co_preadv_offload(a->loop, a->engine, a->fd,
+                                                 oiov, 2, 4096);
     /* Past the end: a short read, returned as is. */
     a->short_read = strata_loop_co_preadv(a->loop, a->engine, a->fd, &tiov,
                                           1, 4096 + 8192 - 40);
@@ -396,6 +403,8 @@ START_TEST(test_io_rw)
     for (int i = 0; i < 8192; i++) {
         ck_assert_int_eq(a->buf[i], i < 3000 ? 'a' : 'b');
     }
+    ck_assert_int_eq(a->offloaded, 8192);
+    ck_assert(memcmp(a->obuf, a->buf, sizeof(a->buf)) == 0);
     ck_assert_int_eq(a->short_read, 40);
     ck_assert_int_eq(a->alloc, 0);
     ck_assert_int_eq(fstat(tf.fd, &st), 0);
@@ -429,7 +438,7 @@ typedef struct {
     StrataLoop *loop;
     StrataAioMode engine;
     int rdonly_fd;
-    ssize_t bad_read, bad_write, bad_sync, bad_alloc, ro_write;
+    ssize_t bad_read, bad_offload, bad_write, bad_sync, bad_alloc, ro_write;
 } ErrArg;
 
 static void err_body(void *opaque)
@@ -439,6 +448,8 @@ static void err_body(void *opaque)
     struct iovec iov = { buf, sizeof(buf) };
 
     a->bad_read = strata_loop_co_preadv(a->loop, a->engine, 1000, &iov, 1, 0);
+    a->bad_offload = strata_loop_co_preadv_offload(a->loop, a->engine, 1000,
+                                                   &iov, 1, 0);
     a->bad_write = strata_loop_co_pwritev(a->loop, a->engine, 1000, &iov, 1,
                                           0);
     a->bad_sync = strata_loop_co_fdatasync(a->loop, a->engine, 1000);
@@ -467,6 +478,7 @@ START_TEST(test_io_errors)
 
     strata_loop_run_co(loop, err_body, &a);
     ck_assert_int_eq(a.bad_read, -EBADF);
+    ck_assert_int_eq(a.bad_offload, -EBADF);
     ck_assert_int_eq(a.bad_write, -EBADF);
     ck_assert_int_eq(a.bad_sync, -EBADF);
     ck_assert_int_eq(a.bad_alloc, -EBADF);
