@@ -36,6 +36,12 @@
  * left it idle for tens of microseconds at depth 32), while each
  * submission still carries several requests. */
 #define LOOP_REAP_BATCH 8
+/* STRATA_LOOP_REAP_BATCH overrides it (1 .. LOOP_REAP_BATCH_MAX) for
+ * measuring: each submission of several sequential reads is merged by
+ * the kernel into one larger request (8 x 64 KiB -> 512 KiB), while one
+ * read per io_uring_enter, as QEMU submits, is merged or not by the I/O
+ * scheduler depending on how busy the device is. */
+#define LOOP_REAP_BATCH_MAX 64
 
 struct StrataBH {
     StrataLoop *loop;
@@ -115,6 +121,7 @@ struct StrataLoop {
     ThreadJob *done;            /* finished jobs, newest first */
 
     unsigned inflight;
+    unsigned reap_batch;        /* CQEs handled between submissions */
     StrataLoopStats stats;
 };
 
@@ -475,7 +482,7 @@ static int loop_co_wait_sqe(StrataLoop *loop, struct io_uring_sqe *sqe,
 
 static void loop_reap_ring(StrataLoop *loop)
 {
-    UringReq *batch[LOOP_REAP_BATCH];
+    UringReq *batch[LOOP_REAP_BATCH_MAX];
 
     for (;;) {
         struct io_uring_cqe *cqe;
@@ -487,7 +494,7 @@ static void loop_reap_ring(StrataLoop *loop)
             req->result = cqe->res;
             req->done = true;
             batch[n++] = req;
-            if (n == LOOP_REAP_BATCH) {
+            if (n == loop->reap_batch) {
                 break;
             }
         }
@@ -870,6 +877,18 @@ static bool loop_disabled_by_env(void)
     return env && *env && strcmp(env, "0") != 0;
 }
 
+static unsigned loop_reap_batch_from_env(void)
+{
+    const char *env = g_getenv("STRATA_LOOP_REAP_BATCH");
+    guint64 v;
+
+    if (env && g_ascii_string_to_unsigned(env, 10, 1, LOOP_REAP_BATCH_MAX,
+                                          &v, NULL)) {
+        return (unsigned)v;
+    }
+    return LOOP_REAP_BATCH;
+}
+
 static bool loop_init_ring(StrataLoop *loop, StrataAioMode mode,
                            GError **error)
 {
@@ -922,6 +941,7 @@ StrataLoop *strata_loop_new(GMainContext *context, StrataAioMode mode,
 
     loop = g_new0(StrataLoop, 1);
     loop->event_fd = -1;
+    loop->reap_batch = loop_reap_batch_from_env();
     g_mutex_init(&loop->done_lock);
 
     if (!loop_init_ring(loop, mode, error)) {

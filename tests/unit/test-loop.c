@@ -596,6 +596,65 @@ START_TEST(test_io_batching)
 END_TEST
 
 /* More requests than the ring has entries: the SQ fills and is flushed. */
+static void twice_reader(void *opaque)
+{
+    BatchArg *a = opaque;
+    struct iovec iov = { a->buf, sizeof(a->buf) };
+    uint64_t off = (uint64_t)a->index * 4096;
+
+    a->ret = strata_loop_co_preadv(a->loop, STRATA_AIO_AUTO, a->fd, &iov, 1,
+                                   off);
+    if (a->ret == 4096) {
+        a->ret = strata_loop_co_preadv(a->loop, STRATA_AIO_AUTO, a->fd, &iov,
+                                       1, off);
+    }
+    (*a->finished)++;
+}
+
+/* With STRATA_LOOP_REAP_BATCH=1 every completion's follow-up request is
+ * submitted on its own, before the next completion is handled. */
+START_TEST(test_io_reap_batch_env)
+{
+    GMainContext *ctx;
+    StrataLoop *loop;
+    TempFile tf;
+    BatchArg *args;
+    StrataLoopStats stats;
+    int finished = 0;
+    char block[4096];
+
+    g_setenv("STRATA_LOOP_REAP_BATCH", "1", TRUE);
+    loop = loop_new_for(0, &ctx);
+    g_unsetenv("STRATA_LOOP_REAP_BATCH");
+    if (!loop) {
+        return;
+    }
+    temp_file_open(&tf);
+    memset(block, 'r', sizeof(block));
+    for (int i = 0; i < 32; i++) {
+        ck_assert_int_eq(pwrite(tf.fd, block, sizeof(block), i * 4096),
+                         4096);
+    }
+    args = g_new0(BatchArg, 32);
+    for (int i = 0; i < 32; i++) {
+        args[i] = (BatchArg){ loop, tf.fd, i, 0, &finished, { 0 } };
+        strata_coroutine_enter(strata_coroutine_new(twice_reader, &args[i]));
+    }
+    while (finished < 32) {
+        strata_loop_iterate(loop, true);
+    }
+    strata_loop_get_stats(loop, &stats);
+    ck_assert_uint_eq(stats.sqes, 64);
+    ck_assert_uint_eq(stats.submits, 1 + 32);
+    for (int i = 0; i < 32; i++) {
+        ck_assert_int_eq(args[i].ret, 4096);
+    }
+    g_free(args);
+    temp_file_close(&tf);
+    loop_done(loop, ctx);
+}
+END_TEST
+
 START_TEST(test_io_ring_full)
 {
     GMainContext *ctx;
@@ -966,6 +1025,7 @@ int main(void)
         { "/loop/io/errors", test_io_errors, .loops = 2 },
         { "/loop/io/engine-per-call", test_io_engine_per_call },
         { "/loop/io/batching", test_io_batching },
+        { "/loop/io/reap-batch-env", test_io_reap_batch_env },
         { "/loop/io/ring-full", test_io_ring_full },
         { "/loop/thread/run-in-thread", test_run_in_thread, .loops = 2 },
         { "/loop/fallback/env", test_fallback_env },
