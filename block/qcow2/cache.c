@@ -149,6 +149,11 @@ int strata_qcow2_cache_co_set_dependency(StrataQcow2Cache *c,
     return 0;
 }
 
+void strata_qcow2_cache_drop_dependency(StrataQcow2Cache *c)
+{
+    c->depends = NULL;
+}
+
 bool strata_qcow2_cache_is_dirty(const StrataQcow2Cache *c)
 {
     return c->nb_dirty > 0;

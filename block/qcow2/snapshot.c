@@ -252,62 +252,123 @@ static int flush_all(StrataQcow2State *s)
     return ret < 0 ? ret : ret2;
 }
 
-/*
- * Writes s->snapshots as a new table in new clusters and switches the
- * header to it (nb_snapshots + offset in one write), then frees the old
- * table.  A crash leaves the old or the new table, with leaks at worst.
- */
-static int write_table(StrataQcow2State *s)
+/* Makes whatever was pending before an operation stable, in its order,
+ * and leaves no dependency behind: each cache's _co_flush settles its
+ * own.  Costs no fdatasync when nothing was written since the last. */
+static int settle_all(StrataQcow2State *s)
 {
-    uint64_t len = 0, new_off = 0;
+    int ret = strata_qcow2_cache_co_flush(s->l2_cache);
+
+    return ret < 0 ? ret : strata_qcow2_cache_co_flush(s->refcount_cache);
+}
+
+/*
+ * One barrier for the changes an operation made since settle_all(),
+ * when they need no order among themselves: none makes a reference
+ * reachable that a count on disk could miss, so any subset of them
+ * surviving a crash leaks clusters at worst.  The dependencies their
+ * allocations and frees recorded would cost an fdatasync each; they go.
+ */
+static int flush_unordered(StrataQcow2State *s)
+{
+    strata_qcow2_cache_drop_dependency(s->l2_cache);
+    strata_qcow2_cache_drop_dependency(s->refcount_cache);
+    return flush_all(s);
+}
+
+/* A table staged by stage_table(), not yet named by the header. */
+typedef struct {
+    uint64_t off;       /* 0: no snapshot left, no table */
+    uint64_t len;
+} StagedTable;
+
+/*
+ * Writes s->snapshots as a new table in new clusters, unflushed: the
+ * caller makes it stable (with whatever else the switch needs) and then
+ * calls switch_table().  Only the table's bytes are written, as QEMU
+ * does; the rest of its last cluster is never read.
+ */
+static int stage_table(StrataQcow2State *s, StagedTable *t)
+{
+    g_autofree uint8_t *buf = build_table(s, &t->len);
+    int64_t off;
+    int ret;
+
+    t->off = 0;
+    if (t->len > MAX_SNAPSHOTS_TABLE) {
+        return -EFBIG;
+    }
+    if (!s->snapshots->len) {
+        return 0;
+    }
+    off = strata_qcow2_co_alloc_clusters(s, t->len);
+    if (off < 0) {
+        return (int)off;
+    }
+    ret = strata_qcow2_co_pwrite_meta(s, 0, (uint64_t)off, buf, t->len);
+    if (ret < 0) {
+        strata_qcow2_co_free_clusters(s, (uint64_t)off, t->len);
+        return ret;
+    }
+    t->off = (uint64_t)off;
+    return 0;
+}
+
+/* Gives back the clusters of a table that never became current. */
+static void drop_staged_table(StrataQcow2State *s, const StagedTable *t)
+{
+    if (t->off) {
+        strata_qcow2_co_free_clusters(s, t->off, t->len);
+    }
+}
+
+/*
+ * Switches the header to the staged table (nb_snapshots + offset in one
+ * synchronous write), then frees the old table.  The staged table and
+ * everything it needs must be stable already.  A crash leaves the old
+ * or the new table, with leaks at worst.
+ */
+static int switch_table(StrataQcow2State *s, const StagedTable *t)
+{
     uint64_t old_off = s->hdr.snapshots_offset;
     uint64_t old_size = s->snapshots_size;
     bool had = s->hdr.nb_snapshots > 0;
-    g_autofree uint8_t *buf = build_table(s, &len);
     uint8_t hdr[12];
     int ret;
 
-    if (len > MAX_SNAPSHOTS_TABLE) {
-        return -EFBIG;
-    }
-    if (s->snapshots->len) {
-        uint64_t alloc = (len + s->cluster_size - 1) & ~(s->cluster_size - 1);
-        g_autofree uint8_t *cl = g_malloc0(alloc);
-        int64_t off = strata_qcow2_co_alloc_clusters(s, alloc);
-        if (off < 0) {
-            return (int)off;
-        }
-        new_off = (uint64_t)off;
-        memcpy(cl, buf, len);
-        /* The table, its clusters' refcounts and whatever the caller
-         * left in the caches are stable before the header points at
-         * the table: one flush for all. */
-        ret = strata_qcow2_co_pwrite_meta(s, 0, new_off, cl, alloc);
-        if (ret == 0) {
-            ret = flush_all(s);
-        }
-        if (ret < 0) {
-            strata_qcow2_co_free_clusters(s, new_off, alloc);
-            return ret;
-        }
-    }
     strata_qcow2_put_be32(hdr, s->snapshots->len);
-    strata_qcow2_put_be64(hdr + 4, new_off);
+    strata_qcow2_put_be64(hdr + 4, t->off);
     ret = strata_qcow2_co_write_header_bytes(s, HDR_SNAPSHOTS, hdr,
                                              sizeof(hdr));
     if (ret < 0) {
-        if (new_off) {
-            strata_qcow2_co_free_clusters(s, new_off, len);
-        }
         return ret;
     }
     s->hdr.nb_snapshots = s->snapshots->len;
-    s->hdr.snapshots_offset = new_off;
-    s->snapshots_size = len;
+    s->hdr.snapshots_offset = t->off;
+    s->snapshots_size = t->len;
     if (had && old_off) {
         strata_qcow2_co_free_clusters(s, old_off, MAX(old_size, 1));
     }
     return 0;
+}
+
+/* The table of s->snapshots made current: staged, made stable with
+ * its clusters' counts, switched. */
+static int write_table(StrataQcow2State *s)
+{
+    StagedTable t;
+    int ret = stage_table(s, &t);
+
+    if (ret == 0) {
+        ret = flush_all(s);
+    }
+    if (ret == 0) {
+        ret = switch_table(s, &t);
+    }
+    if (ret < 0) {
+        drop_staged_table(s, &t);
+    }
+    return ret;
 }
 
 /* ------------------------------------------------------------------ */
@@ -487,22 +548,31 @@ static int write_active_l1(StrataQcow2State *s, bool flush)
                                                bytes);
 }
 
-/* After decrements are on disk: COPIED set again where the active tree
- * owns a cluster alone now. */
+/*
+ * After a switch (header or active L1) that dropped references, and
+ * the decrements that followed it: COPIED set again where the active
+ * tree owns a cluster alone now, in one barrier with those decrements.
+ * A flag is set only where the count in memory is 1, so nothing but the
+ * active tree references that cluster any more (the switch before is
+ * stable): a crash that keeps the flag and loses the decrement leaves a
+ * leak that qemu-img check -r leaks repairs, flag included, and never a
+ * shared cluster written in place.
+ */
 static int recompute_active_copied(StrataQcow2State *s)
 {
     bool l1_modified;
-    int ret = strata_qcow2_cache_co_flush(s->refcount_cache);
+    int ret;
 
-    if (ret == 0) {
-        ret = update_tree_refcounts(s, s->l1_table, s->l1_size, 0,
-                                    COPIED_EXACT, &l1_modified);
-    }
-    if (ret == 0) {
-        ret = strata_qcow2_cache_co_flush(s->l2_cache);
-    }
+    /* The decrements recorded that their counts follow the L2 changes;
+     * the switch already made that so. */
+    strata_qcow2_cache_drop_dependency(s->refcount_cache);
+    ret = update_tree_refcounts(s, s->l1_table, s->l1_size, 0,
+                                COPIED_EXACT, &l1_modified);
     if (ret == 0 && l1_modified) {
-        ret = write_active_l1(s, true);
+        ret = write_active_l1(s, false);
+    }
+    if (ret == 0) {
+        ret = flush_unordered(s);
     }
     return ret;
 }
@@ -595,7 +665,12 @@ static bool create_locked(StrataQcow2State *s,
 {
     StrataQcow2Snapshot *sn;
     g_autofree char *id = NULL;
+    g_autofree uint8_t *l1_copy = NULL;
+    uint64_t l1_bytes = 0;
+    StagedTable table = { 0 };
+    const char *what;
     bool l1_modified;
+    int64_t off;
     int ret;
 
     if (info->id && *info->id) {
@@ -635,7 +710,9 @@ static bool create_locked(StrataQcow2State *s,
         return false;
     }
 
-    ret = flush_all(s);
+    /* What was pending keeps its own order; from here on the caches
+     * hold this snapshot's changes only. */
+    ret = settle_all(s);
     if (ret < 0) {
         set_io_error(error, "Could not flush qcow2 metadata", ret);
         return false;
@@ -658,11 +735,27 @@ static bool create_locked(StrataQcow2State *s,
         sn->date_nsec = (uint32_t)((now % G_USEC_PER_SEC) * 1000);
     }
 
-    /* 1. A copy of the active L1, verbatim. */
+    /*
+     * Everything up to the header switch is one batch behind one flush:
+     * the L1 copy, one more count along the active tree with COPIED off
+     * in it, the new table.  None of it is reachable before the header
+     * names the table, so whatever part of it a crash keeps, the image
+     * is the old one with leaks: counts that rose for a snapshot that
+     * does not exist, and COPIED either off on a cluster counted once
+     * (a needless copy on the next write) or still on where the extra
+     * count is the leak (the cluster really is the active tree's
+     * alone).  `qemu-img check -r leaks` repairs both.  What the header
+     * switch needs (counts up, COPIED off, table and copy written) is
+     * stable before it.
+     */
     if (sn->l1_size) {
-        uint64_t bytes = (uint64_t)sn->l1_size * 8;
-        g_autofree uint8_t *buf = g_malloc0(bytes);
-        int64_t off = strata_qcow2_co_alloc_clusters(s, bytes);
+        /* Verbatim, flags included, before they go from the active L1. */
+        l1_bytes = (uint64_t)sn->l1_size * 8;
+        l1_copy = g_malloc0(l1_bytes);
+        for (uint32_t i = 0; i < sn->l1_size; i++) {
+            strata_qcow2_put_be64(l1_copy + (uint64_t)i * 8, s->l1_table[i]);
+        }
+        off = strata_qcow2_co_alloc_clusters(s, l1_bytes);
         if (off < 0) {
             set_io_error(error, "Could not allocate the snapshot L1",
                          (int)off);
@@ -670,60 +763,54 @@ static bool create_locked(StrataQcow2State *s,
             return false;
         }
         sn->l1_table_offset = (uint64_t)off;
-        for (uint32_t i = 0; i < sn->l1_size; i++) {
-            strata_qcow2_put_be64(buf + (uint64_t)i * 8, s->l1_table[i]);
-        }
-        /* Nothing points at the copy yet: the flush below makes it
-         * stable along with the COPIED changes. */
-        ret = strata_qcow2_co_pwrite_meta(s, 0, (uint64_t)off, buf, bytes);
+    }
+    ret = update_tree_refcounts(s, s->l1_table, s->l1_size, 1, COPIED_CLEAR,
+                                &l1_modified);
+    if (ret < 0) {
+        what = "Could not update refcounts for the snapshot";
+        goto fail;
+    }
+    /* Written before the entry exists: the overlap check would take
+     * the copy for the snapshot's own L1. */
+    if (l1_bytes) {
+        ret = strata_qcow2_co_pwrite_meta(s, 0, sn->l1_table_offset,
+                                          l1_copy, l1_bytes);
         if (ret < 0) {
-            set_io_error(error, "Could not write the snapshot L1", ret);
-            strata_qcow2_co_free_clusters(s, (uint64_t)off, bytes);
-            strata_qcow2_snapshot_free(sn);
-            return false;
+            what = "Could not write the snapshot L1";
+            goto fail;
         }
     }
-
-    /* 2. COPIED off in the active tree, on disk, before any count
-     * rises: a crash in between then leaves clusters with refcount 1
-     * and no COPIED (a needless copy on the next write, repaired by
-     * `check -r all`) rather than COPIED on a shared cluster (an
-     * in-place write into the snapshot). */
-    ret = update_tree_refcounts(s, s->l1_table, s->l1_size, 0, COPIED_CLEAR,
-                                &l1_modified);
+    g_ptr_array_add(s->snapshots, sn);
+    ret = stage_table(s, &table);
     if (ret == 0 && l1_modified) {
         ret = write_active_l1(s, false);
     }
     if (ret == 0) {
-        ret = flush_all(s);
+        ret = flush_unordered(s);
     }
-    /* 3. One more reference along the active tree; write_table's flush
-     * makes the counts stable before the header names the snapshot. */
     if (ret == 0) {
-        ret = update_tree_refcounts(s, s->l1_table, s->l1_size, 1,
-                                    COPIED_KEEP, &l1_modified);
+        ret = switch_table(s, &table);
     }
     if (ret < 0) {
-        /* The counts taken so far leak; nothing points at the copy.
-         * COPIED flags cleared so far (on disk, or only in memory when
-         * the L1 write failed) follow the refcounts again: a one-off
-         * error must not leave the tree and the table disagreeing. */
-        recompute_active_copied(s);
-        set_io_error(error, "Could not update refcounts for the snapshot",
-                     ret);
-        strata_qcow2_snapshot_free(sn);
-        return false;
-    }
-
-    /* 4, 5. The new table, then the header switch. */
-    g_ptr_array_add(s->snapshots, sn);
-    ret = write_table(s);
-    if (ret < 0) {
-        g_ptr_array_remove_index(s->snapshots, s->snapshots->len - 1);
-        set_io_error(error, "Could not write the snapshot table", ret);
-        return false;
+        g_ptr_array_steal_index(s->snapshots, s->snapshots->len - 1);
+        drop_staged_table(s, &table);
+        what = "Could not write the snapshot table";
+        goto fail;
     }
     return true;
+
+fail:
+    /* The counts taken so far leak; nothing points at the copy.
+     * COPIED flags cleared so far (on disk, or only in memory) follow
+     * the refcounts again, set only where no count rose: a one-off
+     * error must not leave the tree and the table disagreeing. */
+    if (l1_bytes) {
+        strata_qcow2_co_free_clusters(s, sn->l1_table_offset, l1_bytes);
+    }
+    recompute_active_copied(s);
+    set_io_error(error, what, ret);
+    strata_qcow2_snapshot_free(sn);
+    return false;
 }
 
 static bool apply_locked(StrataQcow2State *s, StrataQcow2Snapshot *sn,
@@ -836,7 +923,7 @@ static bool delete_locked(StrataQcow2State *s, guint index, GError **error)
                     "Snapshot '%s' has an invalid L1 table", sn->id_str);
         return false;
     }
-    ret = flush_all(s);
+    ret = settle_all(s);
     if (ret == 0) {
         ret = strata_qcow2_co_read_l1(s, sn->l1_table_offset, sn->l1_size,
                                       &sn_l1);
