@@ -397,6 +397,7 @@ int strata_qcow2_co_update_refcount(StrataQcow2State *s, uint64_t offset,
     uint64_t first, last;
     void *block = NULL;
     uint64_t block_offset = 0;
+    bool block_dirty = false;
     int ret = 0;
 
     if (length == 0) {
@@ -444,6 +445,10 @@ int strata_qcow2_co_update_refcount(StrataQcow2State *s, uint64_t offset,
             goto out;
         }
         if (rb_offset != block_offset) {
+            if (block_dirty) {
+                strata_qcow2_cache_mark_dirty(s->refcount_cache, block);
+                block_dirty = false;
+            }
             strata_qcow2_cache_put(s->refcount_cache, &block);
             ret = check_refblock_offset(s, rt_index, rb_offset);
             if (ret < 0) {
@@ -467,7 +472,9 @@ int strata_qcow2_co_update_refcount(StrataQcow2State *s, uint64_t offset,
         }
         rc += addend;
         strata_qcow2_refblock_set(block, s->refcount_order, rb_index, rc);
-        strata_qcow2_cache_mark_dirty(s->refcount_cache, block);
+        /* Marked when the walk leaves the block: it stays pinned until
+         * then, so nothing writes or drops it meanwhile. */
+        block_dirty = true;
         if (rc == 0) {
             if (c < s->free_cluster_index) {
                 s->free_cluster_index = c;
@@ -478,6 +485,9 @@ int strata_qcow2_co_update_refcount(StrataQcow2State *s, uint64_t offset,
         }
     }
 out:
+    if (block_dirty) {
+        strata_qcow2_cache_mark_dirty(s->refcount_cache, block);
+    }
     strata_qcow2_cache_put(s->refcount_cache, &block);
     return ret;
 }

@@ -400,22 +400,97 @@ static bool copied_changes(CopiedMode mode, uint64_t *entry, uint64_t rc)
     return true;
 }
 
+/* Contiguous host clusters whose counts change together: one
+ * strata_qcow2_co_update_refcount() for a run instead of one per
+ * cluster (a preallocated image is one long run). */
+typedef struct {
+    uint64_t start, len;
+} CountRun;
+
+static int run_flush(StrataQcow2State *s, CountRun *run, int addend)
+{
+    int ret = 0;
+
+    if (run->len) {
+        ret = strata_qcow2_co_update_refcount(s, run->start, run->len,
+                                              addend);
+        run->len = 0;
+    }
+    return ret;
+}
+
+static int run_add(StrataQcow2State *s, CountRun *run, uint64_t host,
+                   uint64_t len, int addend)
+{
+    int ret = 0;
+
+    if (run->len && run->start + run->len == host) {
+        run->len += len;
+        return 0;
+    }
+    ret = run_flush(s, run, addend);
+    run->start = host;
+    run->len = len;
+    return ret;
+}
+
+/* Refcount reads along a walk: the refblock last looked up, peeked in
+ * the cache (not pinned), so a read costs no lookup while the walk
+ * stays in one block.  Valid until the walk yields: forget() before
+ * anything that may. */
+typedef struct {
+    uint64_t rb_offset;
+    const void *block;
+} CountPeek;
+
+static void peek_forget(CountPeek *p)
+{
+    p->block = NULL;
+}
+
+static int peek_refcount(StrataQcow2State *s, CountPeek *p, uint64_t host,
+                         uint64_t *rc)
+{
+    uint64_t cluster = host >> s->cluster_bits;
+    uint64_t rt_index = cluster >> s->refcount_block_bits;
+    uint64_t rb = rt_index < s->refcount_table_size
+        ? s->refcount_table[rt_index] & STRATA_QCOW2_REFT_OFFSET_MASK : 0;
+
+    if (rb && !(p->block && p->rb_offset == rb)) {
+        /* Validated when it was loaded, as every cached refblock. */
+        p->block = strata_qcow2_cache_peek(s->refcount_cache, rb);
+        p->rb_offset = rb;
+    }
+    if (rb && p->block) {
+        *rc = strata_qcow2_refblock_get(
+            p->block, s->refcount_order,
+            cluster & ((1ull << s->refcount_block_bits) - 1));
+        return 0;
+    }
+    peek_forget(p);
+    return strata_qcow2_co_get_refcount(s, cluster, rc);
+}
+
 /*
  * Adds @addend to every L2 table @l1 names and to every cluster those
  * tables name, then (COPIED_EXACT) makes the COPIED flags of the L2
  * entries and of @l1's entries agree with the new refcounts.  L2 tables
  * change through the cache; @l1 only in memory (*@l1_modified says
- * whether the caller must write it).
+ * whether the caller must write it).  Without COPIED_EXACT no count is
+ * read, and data clusters are counted in contiguous runs.
  */
 static int update_tree_refcounts(StrataQcow2State *s, uint64_t *l1,
                                  uint32_t l1_size, int addend,
                                  CopiedMode mode, bool *l1_modified)
 {
     uint64_t cs = s->cluster_size;
+    bool exact = mode == COPIED_EXACT;
+    CountRun run = { 0 };
+    CountPeek peek = { 0 };
     int ret;
 
     *l1_modified = false;
-    if (mode == COPIED_EXACT) {
+    if (exact) {
         /* Flags set (or cleared) for the new counts must not reach the
          * disk before them. */
         ret = strata_qcow2_cache_co_set_dependency(s->l2_cache,
@@ -426,7 +501,7 @@ static int update_tree_refcounts(StrataQcow2State *s, uint64_t *l1,
     }
     for (uint32_t i = 0; i < l1_size; i++) {
         uint64_t l2 = l1[i] & STRATA_QCOW2_OFFSET_MASK;
-        uint64_t rc;
+        uint64_t rc = 2;
 
         if (!l2) {
             continue;
@@ -442,6 +517,7 @@ static int update_tree_refcounts(StrataQcow2State *s, uint64_t *l1,
             uint64_t *slice;
             bool dirty = false;
 
+            peek_forget(&peek);
             ret = strata_qcow2_cache_co_get(s->l2_cache, l2 + sl,
                                             (void **)&slice);
             if (ret < 0) {
@@ -457,9 +533,13 @@ static int update_tree_refcounts(StrataQcow2State *s, uint64_t *l1,
                     uint64_t nb = ((e >> s->csize_shift) & s->csize_mask) + 1;
                     uint64_t end = (off & ~511ull) + nb * 512;
                     if (addend) {
-                        ret = strata_qcow2_co_update_refcount(s, off,
-                                                              end - off,
-                                                              addend);
+                        /* Never a run: compressed data shares clusters. */
+                        ret = run_flush(s, &run, addend);
+                        if (ret == 0) {
+                            ret = strata_qcow2_co_update_refcount(
+                                s, off, end - off, addend);
+                        }
+                        peek_forget(&peek);
                         if (ret < 0) {
                             goto fail;
                         }
@@ -478,15 +558,17 @@ static int update_tree_refcounts(StrataQcow2State *s, uint64_t *l1,
                         ret = -EIO;
                         goto fail;
                     }
-                    if (addend) {
+                    if (addend && !exact) {
+                        ret = run_add(s, &run, host, cs, addend);
+                        peek_forget(&peek);
+                    } else if (addend) {
                         ret = strata_qcow2_co_update_refcount(s, host, cs,
                                                               addend);
-                        if (ret < 0) {
-                            goto fail;
-                        }
+                        peek_forget(&peek);
                     }
-                    ret = strata_qcow2_co_get_refcount(s, host >>
-                                                       s->cluster_bits, &rc);
+                    if (ret == 0 && exact) {
+                        ret = peek_refcount(s, &peek, host, &rc);
+                    }
                     if (ret < 0) {
                         goto fail;
                     }
@@ -512,20 +594,26 @@ fail:
             return ret;
         }
         if (addend) {
-            ret = strata_qcow2_co_update_refcount(s, l2, cs, addend);
+            ret = run_add(s, &run, l2, cs, addend);
+            if (ret == 0 && exact) {
+                ret = run_flush(s, &run, addend);
+            }
+            peek_forget(&peek);
             if (ret < 0) {
                 return ret;
             }
         }
-        ret = strata_qcow2_co_get_refcount(s, l2 >> s->cluster_bits, &rc);
-        if (ret < 0) {
-            return ret;
+        if (exact) {
+            ret = peek_refcount(s, &peek, l2, &rc);
+            if (ret < 0) {
+                return ret;
+            }
         }
         if (copied_changes(mode, &l1[i], rc)) {
             *l1_modified = true;
         }
     }
-    return 0;
+    return run_flush(s, &run, addend);
 }
 
 /* Writes the whole active L1 from s->l1_table, flushed if @flush. */
