@@ -318,6 +318,7 @@ static bool open_backing(StrataQcow2State *s, JsonObject *options,
     const char *fmt;
     GStatBuf st;
     unsigned depth = 0;
+    bool is_nbd;
     StrataNode *child;
     g_autoptr(GError) local = NULL;
 
@@ -356,14 +357,31 @@ static bool open_backing(StrataQcow2State *s, JsonObject *options,
         return false;
     }
 
-    fmt = s->hdr.backing_format ? s->hdr.backing_format
-                                : probe_format(path);
+    /* A backing string may name a remote image (a thin overlay over a
+     * base on shared storage), as QEMU opens one. */
+    fopts = strata_nbd_uri_options(path, &is_nbd, error);
+    if (is_nbd && !fopts) {
+        g_prefix_error(error, "Could not open backing file '%s': ", path);
+        return false;
+    }
+    fmt = s->hdr.backing_format;
+    if (!fmt && is_nbd &&
+        !strata_probe_protocol_format(node->ctx, fopts, &fmt, error)) {
+        json_object_unref(fopts);
+        g_prefix_error(error, "Could not open backing file '%s': ", path);
+        return false;
+    }
+    if (!fmt) {
+        fmt = probe_format(path);
+    }
+    if (!fopts) {
+        fopts = json_object_new();
+        json_object_set_string_member(fopts, "driver", "file");
+        json_object_set_string_member(fopts, "filename", path);
+    }
     bopts = json_object_new();
     json_object_set_string_member(bopts, "driver", fmt);
     json_object_set_boolean_member(bopts, "read-only", true);
-    fopts = json_object_new();
-    json_object_set_string_member(fopts, "driver", "file");
-    json_object_set_string_member(fopts, "filename", path);
     json_object_set_object_member(bopts, "file", fopts);
     {
         JsonNode *cache = json_object_get_member(options, "cache");

@@ -247,5 +247,10 @@ refuse "rebase: raw image" raw.img rebase -u -b base.qcow2 -F qcow2 raw.img
 refuse "rebase: missing file" - rebase -b base.qcow2 gone.qcow2
 refuse "rebase: bad -F" top.qcow2 rebase -b base.qcow2 -F vmdkx top.qcow2
 refuse "rebase: nonsense flag" top.qcow2 rebase --frobnicate -b base.qcow2 top.qcow2
+# qemu-img 7.2 refuses a new backing file without its format, both ways.
+refuse "rebase: no -F (safe)" top.qcow2 rebase -b base.qcow2 top.qcow2
+refuse "rebase -u: no -F" top.qcow2 rebase -u -b base.qcow2 top.qcow2
+grep -q "backing format must be specified" err &&
+    ok "rebase: no -F worded as qemu-img" || bad "rebase: no -F: $(cat err)"
 
 finish
