@@ -6,9 +6,12 @@
  * snapshot's) adds one to each L2 table it names and one to every data
  * cluster those tables name.  The walks below keep that, and keep the
  * on-disk invariant of refcount.c (never fewer counts than references)
- * plus an exact COPIED flag in the active tree at every instant:
- * clearing COPIED only after the increments that justify it are on
- * disk, setting it only after the decrements are.
+ * plus a COPIED flag in the active tree that never claims a cluster
+ * another tree references: the header switch that makes a snapshot
+ * reachable follows the COPIED changes and the increments onto the
+ * disk, and a flag is set again only after the switch that dropped the
+ * other reference.  Between switches the flag may disagree with a count
+ * that a crash would leave leaked (see create_locked()).
  */
 #include <errno.h>
 #include <stdlib.h>
