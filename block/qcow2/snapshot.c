@@ -647,9 +647,11 @@ static int write_active_l1(StrataQcow2State *s, bool flush)
  * active tree references that cluster any more (the switch before is
  * stable): a crash that keeps the flag and loses the decrement leaves a
  * leak that qemu-img check -r leaks repairs, flag included, and never a
- * shared cluster written in place.
+ * shared cluster written in place.  @write_l1: the active L1 on disk may
+ * differ from s->l1_table (a write of it failed), so it is written
+ * whether or not a flag changes now.
  */
-static int recompute_active_copied(StrataQcow2State *s)
+static int recompute_active_copied(StrataQcow2State *s, bool write_l1)
 {
     bool l1_modified;
     int ret;
@@ -659,7 +661,7 @@ static int recompute_active_copied(StrataQcow2State *s)
     strata_qcow2_cache_drop_dependency(s->refcount_cache);
     ret = update_tree_refcounts(s, s->l1_table, s->l1_size, 0,
                                 COPIED_EXACT, &l1_modified);
-    if (ret == 0 && l1_modified) {
+    if (ret == 0 && (l1_modified || write_l1)) {
         ret = write_active_l1(s, false);
     }
     if (ret == 0) {
@@ -898,7 +900,10 @@ fail:
     if (l1_bytes) {
         strata_qcow2_co_free_clusters(s, sn->l1_table_offset, l1_bytes);
     }
-    recompute_active_copied(s);
+    /* The flags cleared in s->l1_table may not have reached the disk:
+     * the next create would see nothing to clear and leave them on
+     * under its snapshot. */
+    recompute_active_copied(s, l1_modified);
     set_io_error(error, what, ret);
     strata_qcow2_snapshot_free(sn);
     return false;
@@ -992,7 +997,7 @@ static bool apply_locked(StrataQcow2State *s, StrataQcow2Snapshot *sn,
                                 &l1_modified);
     g_free(old_l1);
     if (ret == 0) {
-        ret = recompute_active_copied(s);
+        ret = recompute_active_copied(s, false);
     }
     if (ret < 0) {
         set_io_error(error, "Could not update refcounts after the switch",
@@ -1041,7 +1046,7 @@ static bool delete_locked(StrataQcow2State *s, guint index, GError **error)
     }
     strata_qcow2_snapshot_free(sn);
     if (ret == 0) {
-        ret = recompute_active_copied(s);
+        ret = recompute_active_copied(s, false);
     }
     if (ret < 0) {
         set_io_error(error, "Could not update refcounts", ret);
