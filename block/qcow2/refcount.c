@@ -421,14 +421,17 @@ int strata_qcow2_co_update_refcount(StrataQcow2State *s, uint64_t offset,
         uint64_t rb_index = c & ((1ull << s->refcount_block_bits) - 1);
         uint64_t rb_offset, rc;
 
-        if (addend > 0) {
+        if (addend > 0 && !(block && rt_index < s->refcount_table_size &&
+                            (s->refcount_table[rt_index] &
+                             STRATA_QCOW2_REFT_OFFSET_MASK) == block_offset)) {
+            /* Not in the block in hand: it may have to be created. */
             while ((ret = ensure_refblock(s, c)) == 1) {
                 /* created; the table entry exists now */
             }
             if (ret < 0) {
                 goto out;
             }
-        } else if (rt_index >= s->refcount_table_size) {
+        } else if (addend <= 0 && rt_index >= s->refcount_table_size) {
             strata_qcow2_co_signal_corruption(s,
                 "Freeing cluster %#" G_GINT64_MODIFIER "x that no refcount "
                 "block covers", c << s->cluster_bits);
