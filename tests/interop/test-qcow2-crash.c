@@ -12,7 +12,7 @@
  * must leave it clean, and every byte written before the last
  * completed flush and not touched since must read back.
  *
- * Snapshot create and delete are also cut at each of their write
+ * Snapshot create, delete and apply are also cut at each of their write
  * boundaries in turn (strata_debug_arm_power_cut), on an image whose
  * every cluster is allocated.
  *
@@ -692,9 +692,16 @@ static void prep_co(void *opaque)
             && strata_node_co_flush(r->node) == 0;
 }
 
+/* What is cut: a create of "new", the delete of "keep", a revert to
+ * "keep". */
+typedef enum { SNAP_CREATE, SNAP_DELETE, SNAP_APPLY } SnapKind;
+
+static const char *const snap_kind_names[] = { "create", "delete",
+                                               "apply" };
+
 typedef struct {
     StrataNode *node;
-    bool create;            /* else the delete of "keep" */
+    SnapKind kind;
     bool ok;
 } SnapReq;
 
@@ -703,9 +710,17 @@ static void snap_co(void *opaque)
     SnapReq *r = opaque;
     g_autoptr(GError) err = NULL;
 
-    r->ok = r->create
-        ? strata_qcow2_co_snapshot_create(r->node, NULL, "new", &err)
-        : strata_qcow2_co_snapshot_delete(r->node, "keep", &err);
+    switch (r->kind) {
+    case SNAP_CREATE:
+        r->ok = strata_qcow2_co_snapshot_create(r->node, NULL, "new", &err);
+        break;
+    case SNAP_DELETE:
+        r->ok = strata_qcow2_co_snapshot_delete(r->node, "keep", &err);
+        break;
+    case SNAP_APPLY:
+        r->ok = strata_qcow2_co_snapshot_apply(r->node, "keep", &err);
+        break;
+    }
 }
 
 /* Whether @file (in dir) holds exactly @len bytes equal to @want. */
@@ -724,12 +739,13 @@ static bool file_equals(const char *file, const uint8_t *want, size_t len)
  * power failing as its write-kind request number @k arrives (0 is the
  * first), then judges the image: no corruption for qemu-img check
  * (leaks and copied_only() allowed), clean after `qemu-img check -r
- * leaks`, the active disk intact, every snapshot listed holding its
- * data, "keep" listed unless deleted, and a finished operation durable
- * (the power then fails after its reply).  Returns whether the cut came
+ * leaks`, the active disk intact (after a revert: either disk, whole),
+ * every snapshot listed holding its data, "keep" listed unless deleted,
+ * and a finished operation durable (the power then fails after its
+ * reply).  Returns whether the cut came
  * before the operation finished.
  */
-static bool cut_snapshot_op(int cluster_bits, bool create, uint64_t k,
+static bool cut_snapshot_op(int cluster_bits, SnapKind kind, uint64_t k,
                             guint32 seed, const uint8_t *a,
                             const uint8_t *act)
 {
@@ -739,10 +755,10 @@ static bool cut_snapshot_op(int cluster_bits, bool create, uint64_t k,
         "driver=qcow2,file.driver=blkdebug,file.x-volatile-cache=on,"
         "file.x-seed=%u,file.image.driver=file,"
         "file.image.filename=%s/top.qcow2", seed, dir);
-    const char *what = create ? "create" : "delete";
-    SnapReq r = { .create = create };
+    const char *what = snap_kind_names[kind];
+    SnapReq r = { .kind = kind };
     StrataNode *dbg;
-    bool cut, has_keep, has_new;
+    bool cut, has_keep, has_new, reverted;
     int rc;
 
     ck_assert_int_eq(sh(NULL, "cp base.qcow2 top.qcow2"), 0);
@@ -772,15 +788,22 @@ static bool cut_snapshot_op(int cluster_bits, bool create, uint64_t k,
     ck_assert_int_eq(sh(&out, "qemu-img info --output=json top.qcow2"), 0);
     has_keep = strstr(out, "\"name\": \"keep\"") != NULL;
     has_new = strstr(out, "\"name\": \"new\"") != NULL;
-    ck_assert_msg(create ? has_keep && (cut || has_new)
-                         : !has_new && (cut || !has_keep),
+    ck_assert_msg(kind == SNAP_DELETE ? !has_new && (cut || !has_keep)
+                                      : has_keep && (kind == SNAP_CREATE
+                                                     ? cut || has_new
+                                                     : !has_new),
                   "%s cut at write %" G_GUINT64_FORMAT " (finished: %d): "
                   "snapshots keep %d new %d", what, k, !cut, has_keep,
                   has_new);
     ck_assert_int_eq(sh(NULL, "qemu-img convert -f qcow2 -O raw top.qcow2 "
                         "d.raw"), 0);
-    ck_assert_msg(file_equals("d.raw", act, SNAP_SIZE), "%s cut at write %"
-                  G_GUINT64_FORMAT ": the active disk changed", what, k);
+    /* A revert switches the whole disk at once, or not yet. */
+    reverted = kind == SNAP_APPLY && file_equals("d.raw", a, SNAP_SIZE);
+    ck_assert_msg(reverted || ((cut || kind != SNAP_APPLY) &&
+                               file_equals("d.raw", act, SNAP_SIZE)),
+                  "%s cut at write %" G_GUINT64_FORMAT " (finished: %d): "
+                  "the active disk is neither before nor after", what, k,
+                  !cut);
     if (has_keep) {
         ck_assert_int_eq(sh(NULL, "qemu-img convert -f qcow2 -l "
                             "snapshot.name=keep -O raw top.qcow2 d.raw"), 0);
@@ -797,7 +820,7 @@ static bool cut_snapshot_op(int cluster_bits, bool create, uint64_t k,
     return cut;
 }
 
-static void snapshot_boundaries(int cluster_bits, bool create)
+static void snapshot_boundaries(int cluster_bits, SnapKind kind)
 {
     g_autoptr(GError) err = NULL;
     g_autoptr(JsonObject) o = json_object_new();
@@ -832,7 +855,7 @@ static void snapshot_boundaries(int cluster_bits, bool create)
         bool cut = true;
 
         for (int i = 0; i < snap_seeds && cut; i++) {
-            cut = cut_snapshot_op(cluster_bits, create, k,
+            cut = cut_snapshot_op(cluster_bits, kind, k,
                                   (guint32)(base_seed + k * 7919 + i), a,
                                   act);
         }
@@ -840,20 +863,20 @@ static void snapshot_boundaries(int cluster_bits, bool create)
             break;
         }
     }
-    /* A create writes at least its L1 copy, table, refcounts, L2
-     * tables and header: if these were not cut, nothing was. */
+    /* Each writes at least a refcount block, an L2 table, a table or
+     * an L1 and flushes: if these were not cut, nothing was. */
     ck_assert_uint_gt(k, 5);
 }
 
 START_TEST(test_snapshot_create_boundaries)
 {
-    snapshot_boundaries(_i ? 16 : 12, true);
+    snapshot_boundaries(_i ? 16 : 12, SNAP_CREATE);
 }
 END_TEST
 
-START_TEST(test_snapshot_delete_boundaries)
+START_TEST(test_snapshot_delete_apply_boundaries)
 {
-    snapshot_boundaries(12, false);
+    snapshot_boundaries(12, _i ? SNAP_APPLY : SNAP_DELETE);
 }
 END_TEST
 
@@ -1027,12 +1050,13 @@ int main(int argc, char **argv)
     suite_add_tcase(s, tc);
 
     /* Every cut point of one create (4 KiB clusters: one L2 table per
-     * 2 MiB; 64 KiB: L2 slices) and one delete. */
+     * 2 MiB; 64 KiB: L2 slices), one delete and one revert. */
     tc = tcase_create("/qcow2/crash/snapshot-boundaries");
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_set_timeout(tc, 120);
+
     tcase_add_loop_test(tc, test_snapshot_create_boundaries, 0, 2);
-    tcase_add_test(tc, test_snapshot_delete_boundaries);
+    tcase_add_loop_test(tc, test_snapshot_delete_apply_boundaries, 0, 2);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("/qcow2/crash/sigkill");
