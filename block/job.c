@@ -189,6 +189,11 @@ StrataJob *strata_job_find(StrataContext *ctx, const char *id)
 
 bool strata_job_uses_node(StrataJob *job, StrataNode *node)
 {
+    /* Its filter too, without a reference that would keep it listed
+     * after the job dropped it. */
+    if (node && node == job->filter) {
+        return true;
+    }
     for (guint i = 0; i < job->nodes->len; i++) {
         if (job->nodes->pdata[i] == node) {
             return true;

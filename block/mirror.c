@@ -12,7 +12,10 @@
  * to the target before they complete (write-blocking): the dirty count
  * can then only fall.  The pivot runs drained at finalize: the last
  * dirty ranges are copied, then every parent of the source moves to the
- * target.
+ * target.  While the job lives its users reach the source through a
+ * mirror_top filter node (job-filters.c), as in QEMU; the pivot moves
+ * the filter's own edge, and dropping the filter hands its users to
+ * whichever node lies below it then.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -29,6 +32,10 @@
 #define MIRROR_DEFAULT_BUF_SIZE (16 * 1024 * 1024)
 #define MIRROR_MAX_CHUNK (1024 * 1024)
 #define MIRROR_MAX_IN_FLIGHT 16
+/* An active commit copies the overlays' scattered clusters, mostly one
+ * granule per copy: latency-bound, like an intermediate commit, which
+ * keeps as many in flight. */
+#define MIRROR_COMMIT_MAX_IN_FLIGHT 32
 #define MIRROR_IDLE_NS (100 * 1000 * 1000LL)
 /* Rates are measured over windows this long. */
 #define MIRROR_WINDOW_NS (250 * 1000 * 1000LL)
@@ -657,6 +664,9 @@ static bool mirror_prepare(StrataJob *job, GError **error)
 
     strata_drain_set_add(set, m->source);
     strata_drain_set_add(set, m->target);
+    if (job->filter) {
+        strata_drain_set_add(set, job->filter);
+    }
     if (m->attach_backing) {
         strata_drain_set_add(set, m->attach_backing);
     }
@@ -814,6 +824,7 @@ typedef struct MirrorSetup {
     bool write_blocking, target_owned, is_commit;
     GPtrArray *made_writable;   /* handed to the job, or NULL */
     uint64_t granularity, buf_size;
+    unsigned max_in_flight;     /* 0: MIRROR_MAX_IN_FLIGHT */
 } MirrorSetup;
 
 static bool mirror_start_job(StrataContext *ctx, JsonObject *args,
@@ -849,7 +860,8 @@ static bool mirror_start_job(StrataContext *ctx, JsonObject *args,
     m->granularity = s->granularity;
     m->chunk = MAX(m->granularity, MIN(MIRROR_MAX_CHUNK, s->buf_size));
     m->buf_size = MAX(s->buf_size, m->chunk);
-    m->max_in_flight = MIRROR_MAX_IN_FLIGHT;
+    m->max_in_flight = s->max_in_flight ? s->max_in_flight
+                                        : MIRROR_MAX_IN_FLIGHT;
     if (s->attach_backing) {
         strata_node_ref(s->attach_backing);
         m->attach_backing = s->attach_backing;
@@ -858,6 +870,16 @@ static bool mirror_start_job(StrataContext *ctx, JsonObject *args,
     strata_job_add_node(job, s->target);
     if (m->to_replace != s->source) {
         strata_job_add_node(job, m->to_replace);
+    }
+    /* Every user of the source reaches it through the filter until the
+     * job ends; a pivot moves the filter's own edge to the target. */
+    if (!strata_job_insert_filter(job, "mirror_top", s->source,
+                                  opt_str(args, "filter-node-name"),
+                                  s->source->read_only, error)) {
+        /* The caller still owns what it handed over. */
+        m->target_owned = false;
+        strata_job_early_fail(job);
+        return false;
     }
     strata_job_start(job);
     return true;
@@ -1223,6 +1245,7 @@ bool strata_active_commit_start(StrataContext *ctx, JsonObject *args,
         .is_commit = true,
         .buf_size = MIRROR_DEFAULT_BUF_SIZE,
         .granularity = 64 * 1024,
+        .max_in_flight = MIRROR_COMMIT_MAX_IN_FLIGHT,
     };
     g_autoptr(GPtrArray) made = strata_job_writable_list_new();
 
