@@ -431,6 +431,11 @@ void strata_qcow2_cache_mark_dirty(StrataQcow2Cache *c, void *table);
  * flush; 0 or -errno. */
 int strata_qcow2_cache_co_set_dependency(StrataQcow2Cache *c,
                                          StrataQcow2Cache *dep);
+/* Forgets @c's dependency.  Only for a caller whose dirty entries in
+ * both caches need no order among themselves: none of them makes a
+ * reference reachable before a later write that follows a flush of
+ * everything (the snapshot table switch in the header). */
+void strata_qcow2_cache_drop_dependency(StrataQcow2Cache *c);
 /* Writes every dirty entry (dependency first) without flushing the file. */
 int strata_qcow2_cache_co_write(StrataQcow2Cache *c);
 /* As _co_write, then flushes the file. */
@@ -487,6 +492,12 @@ int strata_qcow2_co_read_backing(StrataQcow2State *s, uint64_t offset,
 /* Which guest clusters @s maps (or their length) changed: the maps of
  * every node above @s forget what they know.  Not a coroutine. */
 void strata_qcow2_layermap_notify_change(StrataQcow2State *s);
+/* The L2 slice at host offset @slice_offset, whose content is @slice,
+ * changed: the maps above @s correct what it maps in place (or forget
+ * everything when the slice is not one of the active tables). */
+void strata_qcow2_layermap_slice_changed(StrataQcow2State *s,
+                                         uint64_t slice_offset,
+                                         const void *slice);
 /* Coroutine, at the end of open: builds @s's whole map when that is
  * cheap (a small image; the backing's own map to build from). */
 void strata_qcow2_layermap_co_prepare(StrataQcow2State *s);
