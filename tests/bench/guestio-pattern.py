@@ -29,7 +29,7 @@ Example (an image from shared/bench, or any fully written qcow2):
 import argparse
 import bisect
 import collections
-import math
+import importlib.util
 import os
 import re
 import statistics
@@ -41,19 +41,19 @@ MODES = {  # block size, sequential, request count for a 1 GiB image
     "rr4k": (4096, False, 65536),
     "sr64k": (65536, True, 16384),
 }
-GOLDEN = (math.sqrt(5) - 1) / 2
 RUN_RE = re.compile(r"Run completed in ([0-9.]+) seconds")
 EVENT_RE = re.compile(r"(\d+\.\d+):\s+(\S+):\s")
 RQ_RE = re.compile(r"(\d+\.\d+):\s+block:(block_rq_issue|block_rq_complete): "
                    r"\S+ (\S+) .*?(\d+) \+ (\d+)")
 
 
-def golden_step(size, block):
-    n = size // block
-    k = max(1, int(round(n * GOLDEN)))
-    while math.gcd(k, n) != 1:
-        k += 1
-    return k * block
+def bench_img():
+    """bench-img.py beside this script, for its golden-ratio stride."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location("bench_img", os.path.join(here, "bench-img.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def virtual_size(path):
@@ -177,7 +177,7 @@ def main():
     size = virtual_size(a.image)
     block, seq, count = MODES[a.mode]
     n = a.count or max(32, int(count * size / float(1 << 30)))
-    step = block if seq else golden_step(size, block)
+    step = block if seq else bench_img().golden_step(size, block)
     flags = ["bench", "-f", "qcow2", "-t", "none", "-i", "io_uring", "-d", "32",
              "-c", str(n), "-s", str(block), "-S", str(step), a.image]
     chain = run(["qemu-img", "info", "--backing-chain", a.image])

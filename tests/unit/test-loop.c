@@ -548,6 +548,25 @@ static void batch_reader(void *opaque)
     (*a->finished)++;
 }
 
+/* Fills 32 blocks of @fd (block i with 'A' + i % 26) and starts @fn in
+ * one coroutine per block; the coroutines queue their reads and yield. */
+static BatchArg *start_block_readers(StrataLoop *loop, int fd,
+                                     StrataCoroutineFunc fn, int *finished)
+{
+    BatchArg *args = g_new0(BatchArg, 32);
+    char block[4096];
+
+    for (int i = 0; i < 32; i++) {
+        memset(block, 'A' + i % 26, sizeof(block));
+        ck_assert_int_eq(pwrite(fd, block, sizeof(block), i * 4096), 4096);
+    }
+    for (int i = 0; i < 32; i++) {
+        args[i] = (BatchArg){ loop, fd, i, 0, finished, { 0 } };
+        strata_coroutine_enter(strata_coroutine_new(fn, &args[i]));
+    }
+    return args;
+}
+
 START_TEST(test_io_batching)
 {
     GMainContext *ctx;
@@ -557,22 +576,12 @@ START_TEST(test_io_batching)
     StrataLoopStats stats;
     int finished = 0;
     bool all = false;
-    char block[4096];
 
     if (!loop) {
         return;
     }
     temp_file_open(&tf);
-    for (int i = 0; i < 32; i++) {
-        memset(block, 'A' + i % 26, sizeof(block));
-        ck_assert_int_eq(pwrite(tf.fd, block, sizeof(block), i * 4096),
-                         4096);
-    }
-    args = g_new0(BatchArg, 32);
-    for (int i = 0; i < 32; i++) {
-        args[i] = (BatchArg){ loop, tf.fd, i, 0, &finished, { 0 } };
-        strata_coroutine_enter(strata_coroutine_new(batch_reader, &args[i]));
-    }
+    args = start_block_readers(loop, tf.fd, batch_reader, &finished);
     strata_loop_get_stats(loop, &stats);
     ck_assert_uint_eq(stats.submits, 0);    /* queued, not yet submitted */
 
@@ -621,7 +630,6 @@ START_TEST(test_io_reap_batch_env)
     BatchArg *args;
     StrataLoopStats stats;
     int finished = 0;
-    char block[4096];
 
     g_setenv("STRATA_LOOP_REAP_BATCH", "1", TRUE);
     loop = loop_new_for(0, &ctx);
@@ -630,16 +638,7 @@ START_TEST(test_io_reap_batch_env)
         return;
     }
     temp_file_open(&tf);
-    memset(block, 'r', sizeof(block));
-    for (int i = 0; i < 32; i++) {
-        ck_assert_int_eq(pwrite(tf.fd, block, sizeof(block), i * 4096),
-                         4096);
-    }
-    args = g_new0(BatchArg, 32);
-    for (int i = 0; i < 32; i++) {
-        args[i] = (BatchArg){ loop, tf.fd, i, 0, &finished, { 0 } };
-        strata_coroutine_enter(strata_coroutine_new(twice_reader, &args[i]));
-    }
+    args = start_block_readers(loop, tf.fd, twice_reader, &finished);
     while (finished < 32) {
         strata_loop_iterate(loop, true);
     }
