@@ -122,7 +122,6 @@ StrataQmpInfoCache *strata_qmp_info_cache_new(void)
 {
     StrataQmpInfoCache *c = g_new0(StrataQmpInfoCache, 1);
 
-    /* The texts go before the entries whose objects key them. */
     c->texts = g_hash_table_new_full(NULL, NULL, NULL, g_free);
     for (int i = 0; i < 2; i++) {
         c->entries[i] = g_hash_table_new_full(NULL, NULL, NULL,
@@ -136,6 +135,7 @@ void strata_qmp_info_cache_free(StrataQmpInfoCache *c)
     if (!c) {
         return;
     }
+    /* The texts go before the entries whose objects key them. */
     g_hash_table_destroy(c->texts);
     for (int i = 0; i < 2; i++) {
         g_hash_table_destroy(c->entries[i]);
