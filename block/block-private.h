@@ -317,6 +317,26 @@ int strata_node_co_change_backing_file(StrataNode *node, const char *backing,
 bool strata_node_record_backing(StrataNode *overlay, StrataNode *base,
                                 const char *backing_file, GError **error);
 
+/**
+ * strata_nbd_uri_options:
+ * @is_nbd: (out): whether @spec was meant as an NBD address at all
+ *
+ * The options of an nbd protocol node for the URI forms qemu-img takes
+ * (nbd://HOST[:PORT]/EXPORT, nbd+tcp://, nbd+unix:///EXPORT?socket=PATH
+ * and the legacy nbd:unix:PATH[:exportname=E], nbd:HOST:PORT[:…]), as an
+ * image name or as a backing string.  NULL with @error for a malformed
+ * one, or NULL with *@is_nbd false for a plain file name.
+ * (transfer full) (nullable)
+ */
+JsonObject *strata_nbd_uri_options(const char *spec, bool *is_nbd,
+                                   GError **error);
+/* Sets *@fmt to "qcow2" or "raw" from the first bytes of the protocol
+ * node @proto describes (opened read-only for the probe, then closed), as
+ * qemu-img probes an image behind any protocol.  Plain code or a
+ * coroutine. */
+bool strata_probe_protocol_format(StrataContext *ctx, JsonObject *proto,
+                                  const char **fmt, GError **error);
+
 /* The backing node (nullable). */
 StrataNode *strata_node_backing(StrataNode *node);
 /* Walks filters down to the node with data (a filter's file child). */

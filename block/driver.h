@@ -52,6 +52,11 @@ bool strata_reopen_check_options(StrataReopenState *rs,
                                  const char *const *mutable_opts,
                                  GError **error);
 
+/* The "actual-size" of @image taken from @child's own image info (the
+ * bytes its file takes on disk), as QEMU sums a format node's or a
+ * filter's children; nothing when @child cannot say. */
+void strata_driver_copy_actual_size(StrataNode *child, JsonObject *image);
+
 struct StrataDriver {
     /* The "driver" value in blockdev-add options ("file", "raw", …). */
     const char *name;

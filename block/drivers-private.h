@@ -12,5 +12,6 @@ extern const StrataDriver strata_driver_qcow2;
 extern const StrataDriver strata_driver_nbd;
 extern const StrataDriver strata_driver_copy_on_read;
 extern const StrataDriver strata_driver_commit_top;
+extern const StrataDriver strata_driver_mirror_top;
 
 #endif

@@ -36,10 +36,12 @@
 #define NBD_MAX_REQS 16
 /* Extents in one block-status chunk. */
 #define NBD_MAX_EXTENTS (1024 * 1024 / 8)
-/* Request buffers a connection keeps for reuse, and the largest kept
- * (at most 16 MiB per connection). */
-#define NBD_BUF_CACHE 8
+/* Request buffers a connection keeps for reuse: one per request in
+ * flight (so a steady stream of large requests never goes back to
+ * mmap), the largest kept, and their total per connection. */
+#define NBD_BUF_CACHE NBD_MAX_REQS
 #define NBD_BUF_CACHE_MAX (2 * 1024 * 1024)
+#define NBD_BUF_CACHE_TOTAL (16 * 1024 * 1024)
 /* Option payloads larger than this are skipped and refused. */
 #define NBD_MAX_OPTION (64 * 1024)
 
@@ -84,6 +86,7 @@ typedef struct NbdClient {
     StrataNbdRBuf rbuf;
     void *bufs[NBD_BUF_CACHE];     /* request buffers for reuse */
     size_t buf_sizes[NBD_BUF_CACHE];
+    size_t buf_total;              /* bytes in bufs[] */
     unsigned buf_next;
     StrataCoMutex send_lock;
     struct NbdRequest *out_head;   /* replies waiting for the sender */
@@ -1216,19 +1219,37 @@ static void *client_buf_get(NbdClient *c, uint32_t len)
         if (c->bufs[i] && c->buf_sizes[i] == sz) {
             buf = c->bufs[i];
             c->bufs[i] = NULL;
+            c->buf_total -= sz;
             return buf;
         }
     }
     return posix_memalign(&buf, 4096, sz) == 0 ? buf : NULL;
 }
 
+static void client_buf_drop(NbdClient *c, int slot)
+{
+    free(c->bufs[slot]);
+    c->bufs[slot] = NULL;
+    c->buf_total -= c->buf_sizes[slot];
+}
+
 static void client_buf_put(NbdClient *c, void *buf, uint32_t len)
 {
+    size_t sz = buf_class(len);
     int slot = -1;
 
-    if (!buf || buf_class(len) > NBD_BUF_CACHE_MAX) {
+    if (!buf || sz > NBD_BUF_CACHE_MAX) {
         free(buf);
         return;
+    }
+    /* Over the byte budget, or out of slots: entries go in turn, so a
+     * size no longer asked for does not stay forever. */
+    for (int n = 0; n < NBD_BUF_CACHE &&
+         c->buf_total + sz > NBD_BUF_CACHE_TOTAL; n++) {
+        int old = c->buf_next++ % NBD_BUF_CACHE;
+        if (c->bufs[old]) {
+            client_buf_drop(c, old);
+        }
     }
     for (int i = 0; i < NBD_BUF_CACHE && slot < 0; i++) {
         if (!c->bufs[i]) {
@@ -1236,13 +1257,12 @@ static void client_buf_put(NbdClient *c, void *buf, uint32_t len)
         }
     }
     if (slot < 0) {
-        /* Full: the oldest entry makes room (a size no longer asked for
-         * does not stay forever). */
         slot = c->buf_next++ % NBD_BUF_CACHE;
-        free(c->bufs[slot]);
+        client_buf_drop(c, slot);
     }
     c->bufs[slot] = buf;
-    c->buf_sizes[slot] = buf_class(len);
+    c->buf_sizes[slot] = sz;
+    c->buf_total += sz;
 }
 
 static void request_free(NbdRequest *r)
@@ -1388,6 +1408,7 @@ static gboolean on_incoming(GSocketService *service, GSocketConnection *conn,
     c->server = server;
     c->conn = g_object_ref(conn);
     c->fd = g_socket_get_fd(g_socket_connection_get_socket(conn));
+    strata_nbd_sock_tune(c->fd);
     strata_co_mutex_init(&c->send_lock);
     c->out_tail = &c->out_head;
     strata_co_queue_init(&c->reqs_wait);

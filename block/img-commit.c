@@ -84,6 +84,20 @@ static int commit_worker(void *opaque)
     return strata_img_copy_finish(&j->c, ret);
 }
 
+/* Adds the directory of @path to @dirs unless it is there: a chain
+ * usually lives in one directory, to be searched once. */
+static void add_dir(GPtrArray *dirs, const char *path)
+{
+    g_autofree char *dir = g_path_get_dirname(path);
+
+    for (guint i = 0; i < dirs->len; i++) {
+        if (!strcmp(dirs->pdata[i], dir)) {
+            return;
+        }
+    }
+    g_ptr_array_add(dirs, g_steal_pointer(&dir));
+}
+
 static bool id_in(GArray *ids, const StrataImgFileId *id)
 {
     for (guint i = 0; i < ids->len; i++) {
@@ -172,7 +186,7 @@ int strata_img_commit(int argc, char **argv)
         { "image-opts", no_argument, NULL, OPTION_IMAGE_OPTS },
         { NULL, 0, NULL, 0 },
     };
-    StrataImgOpenOpts oo = { .force_share = true };
+    StrataImgOpenOpts oo = { 0 };
     StrataImgOpenOpts base_oo = { .writable = true };
     const char *base_name = NULL, *filename;
     bool drop = false, quiet = false, progress = false, force = false;
@@ -201,6 +215,7 @@ int strata_img_commit(int argc, char **argv)
             break;
         case 'b':
             base_name = optarg;
+            oo.force_share = true;
             drop = true;
             break;
         case 'd':
@@ -224,9 +239,10 @@ int strata_img_commit(int argc, char **argv)
             }
             break;
         case 't':
-            if (!strata_img_cache_option(optarg, &base_oo, false)) {
+            if (!strata_img_cache_option(optarg, &oo, false)) {
                 return 1;
             }
+            strata_img_cache_option(optarg, &base_oo, false);
             break;
         case OPTION_FORCE:
             force = true;
@@ -285,7 +301,7 @@ int strata_img_commit(int argc, char **argv)
             continue;
         }
         g_array_append_val(chain_ids, id);
-        g_ptr_array_add(dirs, g_path_get_dirname(path));
+        add_dir(dirs, path);
         if (n != j.top && !base) {
             g_array_append_val(protected_ids, id);
             g_ptr_array_add(protected, (gpointer)path);
@@ -309,7 +325,10 @@ int strata_img_commit(int argc, char **argv)
         }
     }
 
-    {
+    if (base_name) {
+        /* A base further down is opened on its own: a write through
+         * the chain's node would reset the top's layer map, which the
+         * reads of the layers in between go through, on every write. */
         StrataNode *bf = base->file ? base->file->node : NULL;
         const char *bpath = bf && bf->filename ? bf->filename
                                                : base->filename;
@@ -317,6 +336,24 @@ int strata_img_commit(int argc, char **argv)
         base_oo.fmt = strata_node_get_driver_name(base);
         j.base = strata_img_open(t.ctx, bpath, &base_oo);
         if (!j.base) {
+            goto out;
+        }
+    } else {
+        /* The backing file is written through the chain's own node,
+         * reopened read-write as QEMU reopens it: a second open of it
+         * and everything under it would read their metadata again.
+         * Only the top is read, never through its layer map. */
+        if (!strata_node_set_read_only(base, false, &err)) {
+            strata_img_error("Could not reopen '%s' read-write: %s",
+                             base->filename ? base->filename
+                                            : strata_node_get_name(base),
+                             err->message);
+            goto out;
+        }
+        j.base = strata_backend_new(t.ctx, strata_node_get_name(base), true,
+                                    &err);
+        if (!j.base) {
+            strata_img_error("Could not open the base: %s", err->message);
             goto out;
         }
     }

@@ -305,9 +305,6 @@ int strata_img_rebase(int argc, char **argv)
         return 1;
     }
     oo.fmt = "qcow2";
-    if (*backing && !backing_fmt) {
-        backing_fmt = strata_img_probe_format(path);
-    }
 
     if (!strata_img_tool_init(&t)) {
         goto out;
@@ -324,6 +321,14 @@ int strata_img_rebase(int argc, char **argv)
         if (!j.new_base) {
             goto out;
         }
+    }
+    /* As qemu-img 7.2: a format guessed from the file's first bytes is
+     * how a raw image turns into a qcow2 one.  It refuses after doing the
+     * work; nothing is touched here. */
+    if (*backing && !backing_fmt) {
+        strata_img_error("Could not change the backing file to '%s': "
+                         "backing format must be specified", backing);
+        goto out;
     }
     if (!unsafe) {
         int64_t len = strata_backend_get_length(j.top);

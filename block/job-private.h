@@ -193,7 +193,8 @@ GPtrArray *strata_job_writable_list_new(void);
 
 /**
  * strata_job_insert_filter:
- * @drv_name: "copy-on-read" (stream) or "commit_top" (commit)
+ * @drv_name: "copy-on-read" (stream), "commit_top" (commit) or
+ *   "mirror_top" (mirror, active commit)
  * @name: (nullable): filter-node-name; NULL: a generated name
  *
  * Puts a filter node above @node for the job's lifetime, as QEMU does:
@@ -204,6 +205,33 @@ GPtrArray *strata_job_writable_list_new(void);
 bool strata_job_insert_filter(StrataJob *job, const char *drv_name,
                               StrataNode *node, const char *name,
                               bool read_only, GError **error);
+
+/* ---- the copy-on-read filter (job-filters.c) ---- */
+
+/* Reads @bytes at @offset of @top's backing chain into @buf (zeroes past
+ * the backing file's end, or without one).  Coroutine. */
+int strata_cor_co_read_backing(StrataNode *top, uint64_t offset,
+                               uint64_t bytes, void *buf);
+
+/**
+ * strata_cor_co_copy:
+ * @base: (nullable): copy only what a layer between @top and @base
+ *   (exclusive) holds; NULL: whatever @top does not hold
+ * @buf: @bytes long
+ * @fill: also read into @buf what is not copied (a guest read)
+ * @is_read: (out): on failure, whether the read or the write failed
+ *
+ * Copy-on-read of one range, in a serialising request on @top: a guest
+ * write to the range either lands first (the range is then allocated in
+ * @top and stays) or waits until the copy is written, so stale backing
+ * data never covers it.  Coroutine; 0 or -errno.
+ */
+int strata_cor_co_copy(StrataNode *top, StrataNode *base, uint64_t offset,
+                       uint64_t bytes, void *buf, bool fill, bool *is_read);
+
+/* Makes the copy-on-read node @filter copy only what the layers down to
+ * @bottom (nullable: the whole chain) hold, as its "bottom" option. */
+void strata_cor_filter_set_bottom(StrataNode *filter, StrataNode *bottom);
 
 /* Goes RUNNING and enters the coroutine (it runs until it first
  * yields). */
@@ -317,8 +345,13 @@ bool strata_commit_start(StrataContext *ctx, JsonObject *args,
 bool strata_create_job_start(StrataContext *ctx, JsonObject *args,
                              GError **error);
 
-/* Helpers shared by stream and commit (job.c). */
-bool strata_job_parse_on_error(const char *text, StrataOnError *out);
+/* Helpers for the jobs' start functions (job.c). */
+/* A string member of a command's arguments, NULL when absent. */
+const char *strata_job_arg_str(JsonObject *args, const char *name);
+/* The error policy in member @name of @args (report when absent); a value
+ * QEMU does not know is refused, naming the parameter. */
+bool strata_job_parse_on_error(JsonObject *args, const char *name,
+                               StrataOnError *out, GError **error);
 
 #ifdef __cplusplus
 }

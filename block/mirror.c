@@ -12,7 +12,10 @@
  * to the target before they complete (write-blocking): the dirty count
  * can then only fall.  The pivot runs drained at finalize: the last
  * dirty ranges are copied, then every parent of the source moves to the
- * target.
+ * target.  While the job lives its users reach the source through a
+ * mirror_top filter node (job-filters.c), as in QEMU; the pivot moves
+ * the filter's own edge, and dropping the filter hands its users to
+ * whichever node lies below it then.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -29,6 +32,10 @@
 #define MIRROR_DEFAULT_BUF_SIZE (16 * 1024 * 1024)
 #define MIRROR_MAX_CHUNK (1024 * 1024)
 #define MIRROR_MAX_IN_FLIGHT 16
+/* An active commit copies the overlays' scattered clusters, mostly one
+ * granule per copy: latency-bound, like an intermediate commit, which
+ * keeps as many in flight. */
+#define MIRROR_COMMIT_MAX_IN_FLIGHT 32
 #define MIRROR_IDLE_NS (100 * 1000 * 1000LL)
 /* Rates are measured over windows this long. */
 #define MIRROR_WINDOW_NS (250 * 1000 * 1000LL)
@@ -657,6 +664,9 @@ static bool mirror_prepare(StrataJob *job, GError **error)
 
     strata_drain_set_add(set, m->source);
     strata_drain_set_add(set, m->target);
+    if (job->filter) {
+        strata_drain_set_add(set, job->filter);
+    }
     if (m->attach_backing) {
         strata_drain_set_add(set, m->attach_backing);
     }
@@ -782,11 +792,6 @@ static const StrataJobDriver active_commit_driver = {
 /* Starting                                                            */
 /* ------------------------------------------------------------------ */
 
-static const char *opt_str(JsonObject *args, const char *name)
-{
-    return json_object_get_string_member_with_default(args, name, NULL);
-}
-
 static int64_t opt_int(JsonObject *args, const char *name, int64_t def)
 {
     return json_object_get_int_member_with_default(args, name, def);
@@ -814,12 +819,13 @@ typedef struct MirrorSetup {
     bool write_blocking, target_owned, is_commit;
     GPtrArray *made_writable;   /* handed to the job, or NULL */
     uint64_t granularity, buf_size;
+    unsigned max_in_flight;     /* 0: MIRROR_MAX_IN_FLIGHT */
 } MirrorSetup;
 
 static bool mirror_start_job(StrataContext *ctx, JsonObject *args,
                              MirrorSetup *s, GError **error)
 {
-    const char *id = opt_str(args, "job-id");
+    const char *id = strata_job_arg_str(args, "job-id");
     MirrorJob *m;
     StrataJob *job;
 
@@ -849,7 +855,8 @@ static bool mirror_start_job(StrataContext *ctx, JsonObject *args,
     m->granularity = s->granularity;
     m->chunk = MAX(m->granularity, MIN(MIRROR_MAX_CHUNK, s->buf_size));
     m->buf_size = MAX(s->buf_size, m->chunk);
-    m->max_in_flight = MIRROR_MAX_IN_FLIGHT;
+    m->max_in_flight = s->max_in_flight ? s->max_in_flight
+                                        : MIRROR_MAX_IN_FLIGHT;
     if (s->attach_backing) {
         strata_node_ref(s->attach_backing);
         m->attach_backing = s->attach_backing;
@@ -859,23 +866,31 @@ static bool mirror_start_job(StrataContext *ctx, JsonObject *args,
     if (m->to_replace != s->source) {
         strata_job_add_node(job, m->to_replace);
     }
+    /* Every user of the source reaches it through the filter until the
+     * job ends; a pivot moves the filter's own edge to the target. */
+    if (!strata_job_insert_filter(job, "mirror_top", s->source,
+                                  strata_job_arg_str(args, "filter-node-name"),
+                                  s->source->read_only, error)) {
+        /* The caller still owns what it handed over. */
+        m->target_owned = false;
+        strata_job_early_fail(job);
+        return false;
+    }
     strata_job_start(job);
     return true;
 }
 
 static bool parse_common(JsonObject *args, MirrorSetup *s, GError **error)
 {
-    const char *sync = opt_str(args, "sync");
-    const char *copy_mode = opt_str(args, "copy-mode");
+    const char *sync = strata_job_arg_str(args, "sync");
+    const char *copy_mode = strata_job_arg_str(args, "copy-mode");
     int64_t gran = opt_int(args, "granularity", 0);
     int64_t buf_size = opt_int(args, "buf-size", 0);
 
-    if (!strata_job_parse_on_error(opt_str(args, "on-source-error"),
-                                   &s->on_source_error) ||
-        !strata_job_parse_on_error(opt_str(args, "on-target-error"),
-                                   &s->on_target_error)) {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
-                    "Invalid parameter 'on-error'");
+    if (!strata_job_parse_on_error(args, "on-source-error",
+                                   &s->on_source_error, error) ||
+        !strata_job_parse_on_error(args, "on-target-error",
+                                   &s->on_target_error, error)) {
         return false;
     }
     if (json_object_has_member(args, "granularity")) {
@@ -984,7 +999,7 @@ static StrataNode *lookup_source(StrataContext *ctx, const char *device,
 static bool check_target(StrataContext *ctx, MirrorSetup *s, JsonObject *args,
                          GError **error)
 {
-    const char *replaces = opt_str(args, "replaces");
+    const char *replaces = strata_job_arg_str(args, "replaces");
 
     if (s->target == s->source) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
@@ -1019,7 +1034,7 @@ static bool check_target(StrataContext *ctx, MirrorSetup *s, JsonObject *args,
         return false;
     }
     if (!strata_job_check_filter_name(
-            ctx, opt_str(args, "filter-node-name"), error)) {
+            ctx, strata_job_arg_str(args, "filter-node-name"), error)) {
         return false;
     }
     if (!s->granularity) {
@@ -1032,9 +1047,9 @@ bool strata_blockdev_mirror_start(StrataContext *ctx, JsonObject *args,
                                   GError **error)
 {
     MirrorSetup s = { .drv = &mirror_driver };
-    const char *target = opt_str(args, "target");
+    const char *target = strata_job_arg_str(args, "target");
 
-    s.source = lookup_source(ctx, opt_str(args, "device"), error);
+    s.source = lookup_source(ctx, strata_job_arg_str(args, "device"), error);
     if (!s.source) {
         return false;
     }
@@ -1094,16 +1109,16 @@ bool strata_drive_mirror_start(StrataContext *ctx, JsonObject *args,
                                GError **error)
 {
     MirrorSetup s = { .drv = &mirror_driver };
-    const char *file = opt_str(args, "target");
-    const char *mode = opt_str(args, "mode");
-    const char *format = opt_str(args, "format");
-    const char *node_name = opt_str(args, "node-name");
+    const char *file = strata_job_arg_str(args, "target");
+    const char *mode = strata_job_arg_str(args, "mode");
+    const char *format = strata_job_arg_str(args, "format");
+    const char *node_name = strata_job_arg_str(args, "node-name");
     g_autoptr(JsonObject) opts = NULL;
     StrataNode *data, *backing;
     int64_t len;
     bool ok;
 
-    s.source = lookup_source(ctx, opt_str(args, "device"), error);
+    s.source = lookup_source(ctx, strata_job_arg_str(args, "device"), error);
     if (!s.source) {
         return false;
     }
@@ -1135,19 +1150,19 @@ bool strata_drive_mirror_start(StrataContext *ctx, JsonObject *args,
         return false;
     }
     /* Checked before a file is created, as QEMU does. */
-    if (opt_str(args, "replaces")) {
+    if (strata_job_arg_str(args, "replaces")) {
         if (!node_name) {
             g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
                         "a node-name must be provided when replacing a "
                         "named node of the graph");
             return false;
         }
-        if (!check_replaces(ctx, &s, opt_str(args, "replaces"), error)) {
+        if (!check_replaces(ctx, &s, strata_job_arg_str(args, "replaces"), error)) {
             return false;
         }
     }
     if (!strata_job_check_filter_name(
-            ctx, opt_str(args, "filter-node-name"), error)) {
+            ctx, strata_job_arg_str(args, "filter-node-name"), error)) {
         return false;
     }
     if (!mode || strcmp(mode, "existing") != 0) {
@@ -1223,6 +1238,7 @@ bool strata_active_commit_start(StrataContext *ctx, JsonObject *args,
         .is_commit = true,
         .buf_size = MIRROR_DEFAULT_BUF_SIZE,
         .granularity = 64 * 1024,
+        .max_in_flight = MIRROR_COMMIT_MAX_IN_FLIGHT,
     };
     g_autoptr(GPtrArray) made = strata_job_writable_list_new();
 

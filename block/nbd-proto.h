@@ -228,4 +228,8 @@ int strata_nbd_co_writev_full(StrataNbdSock *sk, const struct iovec *iov,
                               int niov);
 int strata_nbd_co_write_full(StrataNbdSock *sk, const void *buf, size_t len);
 
+/* Sets a connected socket up for large transfers (a send buffer of a few
+ * MiB, as far as net.core.wmem_max allows); failures are harmless. */
+void strata_nbd_sock_tune(int fd);
+
 #endif

@@ -279,6 +279,7 @@ static int nbd_co_connect(NbdState *s)
     if (s->fd < 0) {
         return -errno;
     }
+    strata_nbd_sock_tune(s->fd);
     if (connect(s->fd, (struct sockaddr *)&ss, len) == 0) {
         return 0;
     }

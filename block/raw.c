@@ -243,13 +243,7 @@ static void raw_query_image(StrataNode *node, JsonObject *image)
     }
     json_object_set_string_member(image, "format", "raw");
     if (file && file->drv->query_image) {
-        g_autoptr(JsonObject) fimg = json_object_new();
-
-        file->drv->query_image(file, fimg);
-        if (json_object_has_member(fimg, "actual-size")) {
-            json_object_set_int_member(image, "actual-size",
-                json_object_get_int_member(fimg, "actual-size"));
-        }
+        strata_driver_copy_actual_size(file, image);
         json_object_set_boolean_member(image, "dirty-flag", false);
     }
     /* Else QEMU's get_info, which raw forwards to its file, fails (an

@@ -373,169 +373,6 @@ static void apply_defaults(JsonObject *node, const StrataImgOpenOpts *o,
     g_list_free(members);
 }
 
-/* ---- NBD URIs, as qemu-img takes them ---- */
-
-/*
- * nbd://HOST[:PORT]/EXPORT, nbd+tcp://… and nbd+unix:///EXPORT?socket=PATH
- * (and the older nbd:unix:PATH[:exportname=E], nbd:HOST:PORT[:…]) as
- * the options of an nbd protocol node.  Returns NULL with @error for a
- * malformed one; *@is_nbd says whether @spec was meant as NBD at all.
- */
-static JsonObject *nbd_uri_options(const char *spec, bool *is_nbd,
-                                   GError **error)
-{
-    g_autoptr(JsonObject) opts = NULL;
-    JsonObject *server;
-    g_autoptr(GUri) uri = NULL;
-    const char *scheme;
-    const char *path;
-    g_autofree char *export_name = NULL;
-
-    *is_nbd = g_str_has_prefix(spec, "nbd:") ||
-              g_str_has_prefix(spec, "nbd+tcp:") ||
-              g_str_has_prefix(spec, "nbd+unix:") ||
-              g_str_has_prefix(spec, "nbds");
-    if (!*is_nbd) {
-        return NULL;
-    }
-    if (g_str_has_prefix(spec, "nbds")) {
-        /* TLS, which QEMU 7.2 has no URI for either. */
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
-                    "Unknown protocol '%.*s'", (int)strcspn(spec, ":"),
-                    spec);
-        return NULL;
-    }
-    opts = json_object_new();
-    server = json_object_new();
-    json_object_set_string_member(opts, "driver", "nbd");
-    json_object_set_object_member(opts, "server", server);
-
-    if (g_str_has_prefix(spec, "nbd:") && !g_str_has_prefix(spec, "nbd://")) {
-        /* The legacy form: fields split at ':'. */
-        g_auto(GStrv) f = g_strsplit(spec + 4, ":", -1);
-        guint n = g_strv_length(f);
-        guint used;
-
-        if (n >= 2 && !strcmp(f[0], "unix")) {
-            json_object_set_string_member(server, "type", "unix");
-            json_object_set_string_member(server, "path", f[1]);
-            used = 2;
-        } else if (n >= 2 && f[0][0]) {
-            json_object_set_string_member(server, "type", "inet");
-            json_object_set_string_member(server, "host", f[0]);
-            json_object_set_string_member(server, "port", f[1]);
-            used = 2;
-        } else {
-            goto bad;
-        }
-        if (n == used + 1 && g_str_has_prefix(f[used], "exportname=")) {
-            json_object_set_string_member(opts, "export",
-                                          f[used] + strlen("exportname="));
-        } else if (n != used) {
-            goto bad;
-        }
-        return g_steal_pointer(&opts);
-    }
-
-    uri = g_uri_parse(spec, G_URI_FLAGS_ENCODED_QUERY, NULL);
-    if (!uri) {
-        goto bad;
-    }
-    scheme = g_uri_get_scheme(uri);
-    path = g_uri_get_path(uri);
-    if (path[0] == '/') {
-        path++;
-    }
-    export_name = g_uri_unescape_string(path, NULL);
-    if (!export_name) {
-        goto bad;
-    }
-    if (export_name[0]) {
-        json_object_set_string_member(opts, "export", export_name);
-    }
-    if (!strcmp(scheme, "nbd+unix")) {
-        const char *query = g_uri_get_query(uri);
-        g_autofree char *sock = NULL;
-
-        /* Exactly one parameter, socket=PATH, and no host. */
-        if ((g_uri_get_host(uri) && g_uri_get_host(uri)[0]) ||
-            g_uri_get_port(uri) != -1 || !query ||
-            !g_str_has_prefix(query, "socket=") || strchr(query, '&')) {
-            goto bad;
-        }
-        sock = g_uri_unescape_string(query + strlen("socket="), NULL);
-        if (!sock || !sock[0]) {
-            goto bad;
-        }
-        json_object_set_string_member(server, "type", "unix");
-        json_object_set_string_member(server, "path", sock);
-    } else if (!strcmp(scheme, "nbd") || !strcmp(scheme, "nbd+tcp")) {
-        const char *host = g_uri_get_host(uri);
-        int port = g_uri_get_port(uri);
-
-        if (!host || !host[0] || g_uri_get_query(uri)) {
-            goto bad;
-        }
-        json_object_set_string_member(server, "type", "inet");
-        json_object_set_string_member(server, "host", host);
-        if (port != -1) {
-            g_autofree char *p = g_strdup_printf("%d", port);
-            json_object_set_string_member(server, "port", p);
-        }
-    } else {
-        goto bad;       /* nbds (TLS) and anything else */
-    }
-    return g_steal_pointer(&opts);
-
-bad:
-    g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
-                "No valid URL specified");
-    return NULL;
-}
-
-typedef struct {
-    StrataNode *node;
-    uint8_t magic[4];
-    int ret;
-} NbdProbe;
-
-static void nbd_probe_entry(void *opaque)
-{
-    NbdProbe *p = opaque;
-
-    p->ret = strata_node_co_pread(p->node, 0, sizeof(p->magic), p->magic, 0);
-}
-
-/* qemu-img probes the format of any protocol: read the start of the
- * export through a plain node of its own. */
-static bool nbd_probe_format(StrataContext *ctx, JsonObject *proto,
-                             const char **fmt, GError **error)
-{
-    g_autoptr(JsonObject) opts = json_object_new();
-    NbdProbe p = { 0 };
-    GList *members = json_object_get_members(proto);
-
-    for (GList *l = members; l; l = l->next) {
-        json_object_set_member(opts, l->data, json_node_copy(
-            json_object_get_member(proto, l->data)));
-    }
-    g_list_free(members);
-    json_object_set_boolean_member(opts, "read-only", true);
-    p.node = strata_node_open(ctx, opts, false, false, error);
-    if (!p.node) {
-        return false;
-    }
-    if (strata_node_refresh_length(p.node) >= (int64_t)sizeof(p.magic)) {
-        strata_loop_run_co(ctx->loop, nbd_probe_entry, &p);
-    } else {
-        p.ret = -EINVAL;
-    }
-    strata_node_unref(p.node);
-    *fmt = p.ret == 0 && memcmp(p.magic, "QFI\xfb", 4) == 0 ? "qcow2"
-                                                             : "raw";
-    return true;
-}
-
 StrataBackend *strata_img_open(StrataContext *ctx, const char *spec,
                                const StrataImgOpenOpts *o)
 {
@@ -554,11 +391,11 @@ StrataBackend *strata_img_open(StrataContext *ctx, const char *spec,
         }
     } else {
         bool is_nbd;
-        JsonObject *file = nbd_uri_options(spec, &is_nbd, &err);
+        JsonObject *file = strata_nbd_uri_options(spec, &is_nbd, &err);
         const char *fmt = o->fmt;
 
         if (is_nbd && (!file || (!fmt &&
-                                 !nbd_probe_format(ctx, file, &fmt, &err)))) {
+                                 !strata_probe_protocol_format(ctx, file, &fmt, &err)))) {
             if (file) {
                 json_object_unref(file);
             }

@@ -1,12 +1,14 @@
 /* strata — block-stream: copy what lies above the base into the top,
  * then make the base the top's backing file.
  *
- * The copy is a copy-on-read done by the job: for each range the top
- * does not hold yet, a serialising request on the top covers the read
- * from the backing chain and the write into the top, so a guest write
- * to the same range either lands first (the job then sees the range
- * allocated and skips it) or waits until the job's write is done (and
- * then overwrites it).  Stale backing data never covers a guest write.
+ * The copy is a copy-on-read done by the job (strata_cor_co_copy): for
+ * each range the top does not hold yet, a serialising request on the
+ * top covers the read from the backing chain and the write into the
+ * top, so a guest write to the same range either lands first (the job
+ * then sees the range allocated and skips it) or waits until the job's
+ * write is done (and then overwrites it).  The copy-on-read filter above
+ * the top does the same for what the guest reads meanwhile, so the job
+ * finds those ranges done.
  */
 #include <errno.h>
 #include <string.h>
@@ -15,9 +17,12 @@
 #include "driver.h"
 
 /* QEMU's chunk (a range that fails is one BLOCK_JOB_ERROR, as in QEMU),
- * and buffer space for six (3 MiB), shared by up to 16 smaller copies,
+ * and buffer space for six (3 MiB), shared by up to 32 smaller copies,
  * where QEMU copies one chunk at a time: with the file preallocated
- * ahead of the writes, reads and writes then overlap. */
+ * ahead of the writes, reads and writes then overlap.  A whole-chain
+ * stream is bounded by the buffer space, a stream with a base (the
+ * overlays' 64 KiB clusters) by the number of copies; more space would
+ * put the peak RSS above QSD's (docs/performance.md). */
 #define STREAM_CHUNK (512 * 1024)
 #define STREAM_IN_FLIGHT 6
 
@@ -51,78 +56,19 @@ static int stream_co_classify(StrataJob *job, uint64_t offset,
     return 0;
 }
 
-/* Reads the backing chain's view of a range; past the backing file's
- * end the top reads zeroes. */
-static int stream_co_read_backing(StreamJob *s, uint64_t offset,
-                                  uint64_t bytes, void *buf)
-{
-    StrataNode *backing = strata_node_backing(s->top);
-    int64_t blen;
-    uint64_t n;
-
-    if (!backing) {
-        memset(buf, 0, bytes);
-        return 0;
-    }
-    blen = strata_node_co_refresh_length(backing);
-    if (blen < 0) {
-        return (int)blen;
-    }
-    n = (uint64_t)blen > offset ? MIN(bytes, (uint64_t)blen - offset) : 0;
-    if (n < bytes) {
-        memset((char *)buf + n, 0, bytes - n);
-    }
-    return n ? strata_node_co_pread(backing, offset, n, buf, 0) : 0;
-}
-
+/* The ranges were classified already: whatever the top still lacks in
+ * them is copied (a guest write may have filled part meanwhile). */
 static int stream_co_copy(StrataJob *job, uint64_t offset, uint64_t bytes,
                           void *buf, bool *is_read)
 {
-    StreamJob *s = (StreamJob *)job;
-    StrataNode *top = s->top;
-    StrataTrackedReq req;
-    uint64_t pos = offset, end = offset + bytes;
-    int ret = 0;
-
-    strata_node_inc_in_flight(top);
-    strata_tracked_request_init(&req, top, offset, bytes, true, true);
-    strata_co_wait_serialising(&req);
-    /* Inside the serialised section, a guest write that came first is
-     * visible as allocated data of the top. */
-    while (pos < end && ret == 0) {
-        uint64_t pnum = 0;
-        ret = strata_node_co_block_status(top, false, pos, end - pos, &pnum,
-                                          NULL, NULL);
-        if (ret < 0) {
-            *is_read = true;
-            break;
-        }
-        if (pnum == 0) {
-            break;
-        }
-        if (!(ret & STRATA_BLOCK_ALLOCATED)) {
-            ret = stream_co_read_backing(s, pos, pnum, buf);
-            if (ret < 0) {
-                *is_read = true;
-                break;
-            }
-            ret = strata_node_co_pwrite(top, pos, pnum, buf, 0);
-            if (ret < 0) {
-                *is_read = false;
-                break;
-            }
-        }
-        ret = 0;
-        pos += pnum;
-    }
-    strata_tracked_request_end(&req);
-    strata_node_dec_in_flight(top);
-    return ret;
+    return strata_cor_co_copy(((StreamJob *)job)->top, NULL, offset, bytes,
+                              buf, false, is_read);
 }
 
 static const StrataJobCopyOps stream_copy_ops = {
     .co_classify = stream_co_classify,
     .co_copy = stream_co_copy,
+    .max_tasks = 32,
 };
 
 static int stream_co_run(StrataJob *job, GError **error)
@@ -199,20 +145,15 @@ static const StrataJobDriver stream_driver = {
     .free = stream_free,
 };
 
-static const char *opt_str(JsonObject *args, const char *name)
-{
-    return json_object_get_string_member_with_default(args, name, NULL);
-}
-
 bool strata_stream_start(StrataContext *ctx, JsonObject *args,
                          GError **error)
 {
-    const char *device = opt_str(args, "device");
-    const char *base_name = opt_str(args, "base");
-    const char *base_node = opt_str(args, "base-node");
-    const char *bottom_name = opt_str(args, "bottom");
-    const char *backing_file = opt_str(args, "backing-file");
-    const char *filter_name = opt_str(args, "filter-node-name");
+    const char *device = strata_job_arg_str(args, "device");
+    const char *base_name = strata_job_arg_str(args, "base");
+    const char *base_node = strata_job_arg_str(args, "base-node");
+    const char *bottom_name = strata_job_arg_str(args, "bottom");
+    const char *backing_file = strata_job_arg_str(args, "backing-file");
+    const char *filter_name = strata_job_arg_str(args, "filter-node-name");
     StrataOnError on_error;
     StrataNode *top, *base = NULL;
     StreamJob *s;
@@ -236,10 +177,7 @@ bool strata_stream_start(StrataContext *ctx, JsonObject *args,
                     "same time");
         return false;
     }
-    if (!strata_job_parse_on_error(opt_str(args, "on-error"), &on_error)) {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
-                    "Parameter 'on-error' does not accept value '%s'",
-                    opt_str(args, "on-error"));
+    if (!strata_job_parse_on_error(args, "on-error", &on_error, error)) {
         return false;
     }
     top = device ? strata_context_lookup(ctx, device) : NULL;
@@ -310,7 +248,7 @@ bool strata_stream_start(StrataContext *ctx, JsonObject *args,
         return false;
     }
     job = strata_job_new(
-        ctx, &stream_driver, opt_str(args, "job-id") ? opt_str(args, "job-id")
+        ctx, &stream_driver, strata_job_arg_str(args, "job-id") ? strata_job_arg_str(args, "job-id")
                                                      : "",
         json_object_get_int_member_with_default(args, "speed", 0), on_error,
         json_object_get_boolean_member_with_default(args, "auto-finalize",
@@ -340,6 +278,15 @@ bool strata_stream_start(StrataContext *ctx, JsonObject *args,
         stream_clean(job);
         strata_job_early_fail(job);
         return false;
+    }
+    /* Guest reads through the filter copy what the stream would, and
+     * nothing from the base or below, as QEMU's "bottom". */
+    if (base) {
+        StrataNode *bottom = top;
+        while (strata_node_backing(bottom) != base) {
+            bottom = strata_node_backing(bottom);
+        }
+        strata_cor_filter_set_bottom(job->filter, bottom);
     }
     strata_job_start(job);
     return true;

@@ -423,7 +423,7 @@ void strata_qcow2_cache_mark_dirty(StrataQcow2Cache *c, void *table)
     if (c == c->s->l2_cache) {
         /* What this image maps changed: chains above it must look
          * again. */
-        strata_qcow2_layermap_notify_change(c->s);
+        strata_qcow2_layermap_slice_changed(c->s, e->offset, table);
     }
 }
 

@@ -16,6 +16,11 @@
  * A build that yields (it reads L2 tables) and sees either happen
  * meanwhile throws its result away; the read then takes the slow path.
  *
+ * A change to one L2 slice of a layer below (every allocating write of
+ * a commit into its base) does not cost the maps above it everything:
+ * strata_qcow2_layermap_slice_changed() corrects the answers of the
+ * clusters that slice maps, in place, in every map that holds them.
+ *
  * Region r of a map covers the clusters one L2 table covers (L1 index
  * r), with one 16-bit answer per cluster.  A region is built by walking
  * the chain's L2 tables for it, or, when the backing image has the same
@@ -53,6 +58,8 @@ struct StrataQcow2LayerMap {
     GQueue built;               /* region index + 1, oldest first */
     unsigned max_built;
     StrataCoMutex build_lock;
+    uint64_t building;          /* region index + 1 being built; 0: none */
+    uint64_t edits;             /* moves when that region is edited */
     StrataQcow2LayerMapStats stats;
 };
 
@@ -259,24 +266,31 @@ static void apply_limit(StrataQcow2State *x, StrataNode *b, uint64_t base,
     }
 }
 
+/* The answer layer @idx's L2 entry @e (host order) gives: MAP_NONE
+ * when it leaves the cluster to the layers below. */
+static uint16_t entry_answer(uint64_t e, uint16_t idx)
+{
+    if (!e) {
+        return MAP_NONE;
+    }
+    switch (strata_qcow2_l2_entry_type(e)) {
+    case STRATA_QCOW2_CLUSTER_UNALLOCATED:
+        return MAP_NONE;
+    case STRATA_QCOW2_CLUSTER_ZERO_PLAIN:
+    case STRATA_QCOW2_CLUSTER_ZERO_ALLOC:
+        return MAP_ZERO;
+    default:
+        return idx;
+    }
+}
+
 /* Resolves the open clusters of @v that layer @idx's entries hold. */
 static void take_entries(uint16_t *v, const uint64_t *l2, uint64_t n,
                          uint16_t idx)
 {
     for (uint64_t k = 0; k < n; k++) {
-        if (v[k] != MAP_NONE || !l2[k]) {
-            continue;
-        }
-        switch (strata_qcow2_l2_entry_type(l2[k])) {
-        case STRATA_QCOW2_CLUSTER_UNALLOCATED:
-            break;
-        case STRATA_QCOW2_CLUSTER_ZERO_PLAIN:
-        case STRATA_QCOW2_CLUSTER_ZERO_ALLOC:
-            v[k] = MAP_ZERO;
-            break;
-        default:
-            v[k] = idx;
-            break;
+        if (v[k] == MAP_NONE) {
+            v[k] = entry_answer(l2[k], idx);
         }
     }
 }
@@ -375,7 +389,7 @@ static int build_walk(StrataQcow2LayerMap *m, uint64_t r, uint16_t *v,
 static const uint16_t *region_get(StrataQcow2LayerMap *m, uint64_t r)
 {
     StrataQcow2State *s = m->s;
-    uint64_t gen;
+    uint64_t gen, edits;
     uint16_t *v;
     uint64_t *l2;
     void *p = NULL;
@@ -404,13 +418,16 @@ static const uint16_t *region_get(StrataQcow2LayerMap *m, uint64_t r)
     }
     l2 = p;
     v = g_new(uint16_t, s->l2_size);
+    m->building = r + 1;
+    edits = m->edits;
     ret = build_composed(m, r, v, l2);
     if (ret == 0) {
         ret = build_walk(m, r, v, l2);
     }
+    m->building = 0;
     free(l2);
     if (ret < 0 || m->chain_gen != gen ||
-        s->node->chain_gen != gen) {
+        s->node->chain_gen != gen || m->edits != edits) {
         /* Something below changed while the tables were read. */
         g_free(v);
         strata_co_mutex_unlock(&m->build_lock);
@@ -453,6 +470,116 @@ void strata_qcow2_layermap_co_prepare(StrataQcow2State *s)
      * keeps one (another reader of the backing rebuilds what it needs). */
     if (composable) {
         strata_qcow2_layermap_free(bs);
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Keeping maps current                                                */
+/* ------------------------------------------------------------------ */
+
+/*
+ * Layer @idx of @m changed what it maps for the @n clusters of region
+ * @r from @k0 on; @be holds its entries for them now (big-endian).
+ * Answers naming a layer above @idx stay; one naming @idx or a layer
+ * below is what @idx says now, or (left to the layers below) the layer
+ * it was when that was below; answers of zeroes or of a walk may have
+ * come from above @idx as well as from below, so they become a walk
+ * (correct whatever the chain holds, just not the quickest).
+ */
+static void map_edit(StrataQcow2LayerMap *m, uint16_t idx, uint64_t r,
+                     uint64_t k0, const uint64_t *be, uint64_t n)
+{
+    uint16_t *v;
+
+    if (m->building == r + 1) {
+        m->edits++;
+    }
+    if (r >= m->nb_regions || !(v = m->regions[r])) {
+        return;
+    }
+    for (uint64_t k = 0; k < n && k0 + k < m->s->l2_size; k++) {
+        uint16_t a = v[k0 + k], now;
+
+        if (a != MAP_ZERO && a != MAP_WALK && a < idx) {
+            continue;
+        }
+        now = entry_answer(GUINT64_FROM_BE(be[k]), idx);
+        if (a == MAP_ZERO || a == MAP_WALK) {
+            v[k0 + k] = MAP_WALK;
+        } else if (now != MAP_NONE) {
+            v[k0 + k] = now;
+        } else if (a == idx) {
+            v[k0 + k] = MAP_WALK;
+        }
+    }
+}
+
+/* Edits the maps of @node and of every node above it that read @layer
+ * as a mapped layer. */
+static void edit_above(StrataNode *node, StrataNode *layer, uint64_t r,
+                       uint64_t k0, const uint64_t *be, uint64_t n,
+                       unsigned depth)
+{
+    if (depth > 4096) {
+        return;
+    }
+    if (node->drv == &strata_driver_qcow2 && node->opaque) {
+        StrataQcow2LayerMap *m = ((StrataQcow2State *)node->opaque)
+                                     ->layer_map;
+        if (m && m->chain_gen == node->chain_gen) {
+            for (guint i = 0; i < m->layers->len; i++) {
+                bool opaque = m->last_opaque && i + 1 == m->layers->len;
+                if (g_ptr_array_index(m->layers, i) == layer && !opaque) {
+                    map_edit(m, (uint16_t)(i + 1), r, k0, be, n);
+                    break;
+                }
+            }
+        }
+    }
+    for (GList *l = node->parents; l; l = l->next) {
+        StrataChild *c = l->data;
+        if (c->parent_kind == STRATA_PARENT_NODE) {
+            edit_above(c->parent, layer, r, k0, be, n, depth + 1);
+        }
+    }
+}
+
+void strata_qcow2_layermap_slice_changed(StrataQcow2State *s,
+                                         uint64_t slice_offset,
+                                         const void *slice)
+{
+    uint64_t table = slice_offset & ~(s->cluster_size - 1);
+    bool above = false;
+    uint64_t r;
+
+    if (!s->node) {
+        return;
+    }
+    /* The active layer (every guest write) has nobody to tell. */
+    for (GList *l = s->node->parents; l && !above; l = l->next) {
+        above = ((StrataChild *)l->data)->parent_kind == STRATA_PARENT_NODE;
+    }
+    if (!above) {
+        return;
+    }
+    for (r = 0; r < s->l1_size; r++) {
+        if ((s->l1_table[r] & STRATA_QCOW2_OFFSET_MASK) == table) {
+            break;
+        }
+    }
+    if (r == s->l1_size || (s->hdr.incompatible_features &
+                            STRATA_QCOW2_INCOMPAT_EXTL2)) {
+        /* Not (yet) a table of the active L1, or entries the maps do
+         * not read: everyone above forgets. */
+        strata_qcow2_layermap_notify_change(s);
+        return;
+    }
+    for (GList *l = s->node->parents; l; l = l->next) {
+        StrataChild *c = l->data;
+        if (c->parent_kind == STRATA_PARENT_NODE) {
+            edit_above(c->parent, s->node, r, (slice_offset - table) / 8,
+                       slice, s->l2_slice_size / 8, 0);
+        }
     }
 }
 

@@ -488,6 +488,12 @@ int strata_qcow2_co_read_backing(StrataQcow2State *s, uint64_t offset,
 /* Which guest clusters @s maps (or their length) changed: the maps of
  * every node above @s forget what they know.  Not a coroutine. */
 void strata_qcow2_layermap_notify_change(StrataQcow2State *s);
+/* The L2 slice at host offset @slice_offset, whose content is @slice,
+ * changed: the maps above @s correct what it maps in place (or forget
+ * everything when the slice is not one of the active tables). */
+void strata_qcow2_layermap_slice_changed(StrataQcow2State *s,
+                                         uint64_t slice_offset,
+                                         const void *slice);
 /* Coroutine, at the end of open: builds @s's whole map when that is
  * cheap (a small image; the backing's own map to build from). */
 void strata_qcow2_layermap_co_prepare(StrataQcow2State *s);

@@ -7,14 +7,26 @@ every layer with cache.direct=on, holds the top with a writable NBD
 export, runs one job and prints its time, the daemon's CPU seconds and
 peak RSS.  The result is checked with qemu-img compare against a
 flattened copy of the pristine chain.  With --perf, the daemon runs
-under `perf record -g` (perf.data in the scratch dir, kept).
+under `perf record -g` (perf.data in the scratch dir, kept).  With
+--iotrace, it runs under `perf record` of the io_uring submit and
+complete tracepoints, and the job's requests are summed up: count,
+MiB and sizes per opcode, and the average number in flight (counts that
+do not depend on how busy the machine is; needs perf and root).
 
-  bench-job.py --chain DIR --job stream|stream-base|commit [--reps N]
-               [--stratad build/qmp/stratad | --qsd] [--perf] [--speed B]
+  bench-job.py --chain DIR --job stream|stream-base|commit|active-commit
+               [--reps N] [--stratad build/qmp/stratad | --qsd]
+               [--perf | --perf-stat | --iotrace] [--stats] [--speed B]
+
+active-commit completes on BLOCK_JOB_READY and is checked on base.
+--perf-stat: the daemon's instruction count over its whole life (perf
+stat -e instructions; load-independent, unlike the time).  --stats:
+x-strata-query-node-stats of every layer after the job (stratad).
 """
+import collections
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -32,6 +44,9 @@ JOBS = {
                'args': {'device': 'snap4', 'top-node': 'snap3',
                         'base-node': 'snap1',
                         'backing-file': 'snap1.qcow2'}, 'ref': 'top'},
+    'active-commit': {'cmd': 'block-commit',
+                      'args': {'device': 'snap4', 'base-node': 'base'},
+                      'ref': 'top', 'complete': True, 'result': 'base'},
 }
 LAYERS = ['base', 'snap1', 'snap2', 'snap3', 'snap4']
 
@@ -111,10 +126,19 @@ def run_once(a, tmp, ref):
     if a.perf:
         argv = ['perf', 'record', '-g', '-o',
                 os.path.join(tmp, 'perf.data'), '--'] + argv
+    elif a.perf_stat:
+        argv = ['perf', 'stat', '-x', ',', '-e', 'instructions:u,'
+                'instructions:k', '-o', os.path.join(tmp, 'perf-stat.txt'),
+                '--'] + argv
+    elif a.iotrace:
+        argv = ['perf', 'record', '-q', '-k', 'CLOCK_MONOTONIC',
+                '-e', 'io_uring:io_uring_submit_req',
+                '-e', 'io_uring:io_uring_complete',
+                '-o', os.path.join(tmp, 'io.data'), '--'] + argv
     proc = subprocess.Popen(argv, cwd=work, stdout=subprocess.DEVNULL)
     q = Qmp(sock)
     pid = proc.pid
-    if a.perf:
+    if a.perf or a.perf_stat or a.iotrace:
         time.sleep(0.3)
         pid = int(subprocess.check_output(['pgrep', '-P', str(proc.pid)]))
     prev = None
@@ -135,18 +159,79 @@ def run_once(a, tmp, ref):
     if a.speed:
         args['speed'] = a.speed
     cpu0, _ = proc_stat(pid)
+    m0 = time.monotonic()
     t0 = time.perf_counter()
     q.cmd(job['cmd'], **{'job-id': 'j'}, **args)
+    if job.get('complete'):
+        q.wait_event('BLOCK_JOB_READY')
+        q.cmd('block-job-complete', device='j')
     ev = q.wait_event('BLOCK_JOB_COMPLETED')
     t = time.perf_counter() - t0
+    m1 = time.monotonic()
     cpu1, hwm = proc_stat(pid)
     if 'error' in ev['data']:
         raise RuntimeError(ev['data']['error'])
+    if a.stats and not a.qsd:
+        for n in q.cmd('x-strata-query-node-stats'):
+            if n.get('driver') == 'qcow2':
+                print('  %s: %s' % (n['node-name'], json.dumps(n['stats'])))
     q.cmd('quit')
     proc.wait()
+    if a.perf_stat:
+        with open(os.path.join(tmp, 'perf-stat.txt')) as f:
+            for line in f:
+                if 'instructions' in line:
+                    f2 = line.split(',')
+                    print('  %s %s' % (f2[2], f2[0]))
     r = subprocess.run(['qemu-img', 'compare', '-q', ref,
-                        os.path.join(work, 'snap4.qcow2')])
+                        os.path.join(work, job.get('result', 'snap4') +
+                                     '.qcow2')])
+    if a.iotrace:
+        io_summary(os.path.join(tmp, 'io.data'), m0, m1)
     return t, cpu1 - cpu0, hwm, r.returncode == 0
+
+
+IO_EVENT = re.compile(r'(\d+\.\d+):\s+io_uring:io_uring_(submit_req|complete):'
+                      r'.*?req (0x[0-9a-f]+).*?(?:opcode (\w+)|result (-?\d+))')
+
+
+def io_summary(data, m0, m1):
+    """Requests the daemon sent between job start @m0 and its end @m1
+    (CLOCK_MONOTONIC seconds): per opcode, and how many were in flight."""
+    out = subprocess.run(['perf', 'script', '-i', data], capture_output=True,
+                         text=True).stdout
+    pending = {}
+    count, size = collections.Counter(), collections.Counter()
+    hist = collections.defaultdict(collections.Counter)
+    inflight, last, area = 0, m0, 0.0
+    for line in out.splitlines():
+        m = IO_EVENT.search(line)
+        if not m:
+            continue
+        t = float(m.group(1))
+        if m.group(2) == 'submit_req':
+            if m0 <= t <= m1:
+                area += inflight * (t - last)
+                last = t
+                inflight += 1
+                pending[m.group(3)] = m.group(4)
+            continue
+        op = pending.pop(m.group(3), None)
+        if op is None:
+            continue
+        area += inflight * (t - last)
+        last = t
+        inflight -= 1
+        res = max(int(m.group(5)), 0)
+        count[op] += 1
+        size[op] += res
+        hist[op][1 << max(res - 1, 0).bit_length() if res else 0] += 1
+    for op in sorted(count):
+        print('  %-9s %6d requests  %8.1f MiB  sizes: %s' % (
+            op, count[op], size[op] / 2**20, ' '.join(
+                '%dK:%d' % (k // 1024, v) for k, v in sorted(hist[op].items()))))
+    if last > m0:
+        print('  requests in flight on average: %.1f' % (area / (last - m0)))
 
 
 def main():
@@ -157,6 +242,9 @@ def main():
     p.add_argument('--stratad', default='build/qmp/stratad')
     p.add_argument('--qsd', action='store_true')
     p.add_argument('--perf', action='store_true')
+    p.add_argument('--perf-stat', action='store_true')
+    p.add_argument('--stats', action='store_true')
+    p.add_argument('--iotrace', action='store_true')
     p.add_argument('--speed', type=int, default=0)
     a = p.parse_args()
     a.stratad = os.path.abspath(a.stratad)

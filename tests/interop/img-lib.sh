@@ -43,6 +43,23 @@ refuse() {
     else ok "$what ($(head -n 1 err))"; fi
 }
 
+# alloc_map FILE: what qemu-img map says is allocated where in the guest
+# view, without host offsets (which depend on the order of concurrent
+# allocating writes), adjacent entries of one kind merged.
+alloc_map() {
+    qemu-img map --output=json "$1" | python3 -c '
+import json, sys
+out = []
+for e in json.load(sys.stdin):
+    k = (e["depth"], e["present"], e["zero"], e["data"])
+    if out and out[-1][0] == k and out[-1][1] + out[-1][2] == e["start"]:
+        out[-1][2] += e["length"]
+    else:
+        out.append([k, e["start"], e["length"]])
+for k, st, ln in out:
+    print(st, ln, *k)'
+}
+
 check_ok() {
     if qemu-img check "$2" >/dev/null 2>&1; then ok "$1"
     else bad "$1: $(qemu-img check "$2" 2>&1 | head -3)"; fi

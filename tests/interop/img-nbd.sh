@@ -69,11 +69,48 @@ same "compare differs" compare "$U" other.raw
     s.qcow2 disk.raw
 qemu-img convert -O qcow2 "$T" q.qcow2
 same "convert keeps holes (map of result)" map --output=json s.qcow2
-[ "$(qemu-img map --output=json s.qcow2)" == \
-  "$(qemu-img map --output=json q.qcow2)" ] &&
+[ "$(alloc_map s.qcow2)" == "$(alloc_map q.qcow2)" ] &&
     ok "convert allocates as qemu-img" || bad "convert allocation"
 "$IMG" convert -O raw "$F" f.raw && cmp -s f.raw disk.raw &&
     ok "convert of a probed qcow2 export" || bad "convert probed"
+
+# A thin overlay whose backing file is a remote image: the header names
+# the export, and info, map and convert read through it as qemu-img does.
+qemu-img create -q -f qcow2 -b "$U" -F raw thin.qcow2
+qio -c 'write -P 0x55 2M 64k' thin.qcow2
+same "info --backing-chain, NBD backing" info --backing-chain thin.qcow2
+same "map, NBD backing" map --output=json thin.qcow2
+"$IMG" convert -O raw thin.qcow2 t.raw &&
+    qemu-img convert -O raw thin.qcow2 tq.raw && cmp -s t.raw tq.raw &&
+    ok "convert through an NBD backing: same bytes" ||
+    bad "convert through an NBD backing"
+# With no backing format in the header, the export is probed (the qcow2
+# bytes served raw must open as qcow2); the extension's magic is zeroed,
+# which ends the list there.
+qemu-img create -q -f qcow2 -b "$F" -F qcow2 nofmt.qcow2
+python3 - nofmt.qcow2 <<'PY'
+import struct, sys
+f = open(sys.argv[1], "r+b"); h = f.read(4096)
+off = struct.unpack(">I", h[100:104])[0]
+while True:
+    magic, ln = struct.unpack(">II", h[off:off + 8])
+    if magic in (0, 0xE2792ACA):
+        break
+    off += 8 + (ln + 7) // 8 * 8
+assert magic == 0xE2792ACA
+f.seek(off); f.write(b"\0\0\0\0")
+PY
+qemu-img info nofmt.qcow2 | grep -q "backing file format" &&
+    bad "nofmt.qcow2 still records a backing format"
+same "info --backing-chain, NBD backing probed" info --backing-chain nofmt.qcow2
+"$IMG" compare nofmt.qcow2 disk.raw >/dev/null &&
+    ok "compare through a probed NBD backing" ||
+    bad "compare through a probed NBD backing"
+qemu-img create -q -f qcow2 -u -b "nbd+unix:///x?sock=1" -F raw bad.qcow2 64M
+"$IMG" info --backing-chain bad.qcow2 >/dev/null 2>err.s
+[ $? -eq 1 ] && grep -q "nbd+unix:///x?sock=1.*No valid URL specified" err.s &&
+    ok "bad URI as a backing string: named, status 1" ||
+    bad "bad URI as a backing string: $(cat err.s)"
 
 same "unknown export" info "nbd+unix:///nope?socket=$PWD/s.sock"
 same "empty export name" info "nbd+unix://?socket=$PWD/s.sock"

@@ -127,7 +127,7 @@ cmp_status "compare: wrong format" 2 -F qcow2 top.qcow2 raw.img
 compare_ok "convert qcow2: equal" top.qcow2 cv1.qcow2
 qemu-img convert -O qcow2 top.qcow2 qcv1.qcow2
 same_output "convert qcow2: same map as qemu-img's" map --output=json cv1.qcow2
-[ "$(qemu-img map --output=json cv1.qcow2)" == "$(qemu-img map --output=json qcv1.qcow2)" ] \
+[ "$(alloc_map cv1.qcow2)" == "$(alloc_map qcv1.qcow2)" ] \
     && ok "convert: holes and zeroes skipped as qemu-img skips them" || bad "convert: allocation differs"
 STRATA_IMG_PROGRESS=force "$IMG" convert -p -O raw top.qcow2 cv2.raw >progress && compare_ok "convert raw -p: equal" top.qcow2 cv2.raw
 grep -q '(100.00/100%)' progress && ok "convert -p: progress" || bad "convert -p: no progress"
@@ -198,7 +198,7 @@ mkchain w2; mkchain q2
 compare_ok "workflow 2: sn3 reads as before" ref.raw w2/sn3.qcow2
 compare_ok "workflow 2: as qemu-img's" q2/sn3.qcow2 w2/sn3.qcow2
 check_ok "workflow 2: sn3 clean" w2/sn3.qcow2
-[ "$(qemu-img map --output=json w2/sn3.qcow2)" == "$(qemu-img map --output=json q2/sn3.qcow2)" ] \
+[ "$(alloc_map w2/sn3.qcow2)" == "$(alloc_map q2/sn3.qcow2)" ] \
     && ok "workflow 2: copies the clusters qemu-img copies" || bad "workflow 2: allocation differs from qemu-img's"
 
 # rebase -b "" flattens; -p draws progress.
@@ -237,6 +237,25 @@ qemu-img create -q -f qcow2 -b sn3.qcow2 -F qcow2 w7/sn4.qcow2
     || bad "commit refused with only an overlay above"
 compare_ok "commit: the overlay above still reads the same" ref.raw w7/sn4.qcow2
 
+# The base is written through the chain's own node, reopened read-write:
+# a cache mode given with -t reaches it, the top reads through after.
+mkchain w9
+"$IMG" commit -q -t unsafe w9/sn3.qcow2 && ok "commit -t unsafe ran" || bad "commit -t unsafe failed"
+compare_ok "commit -t unsafe: sn2 reads as sn3 did" ref.raw w9/sn2.qcow2
+compare_ok "commit -t unsafe: the emptied top reads the same" ref.raw w9/sn3.qcow2
+check_ok "commit -t unsafe: sn2 clean" w9/sn2.qcow2
+# A base that cannot be reopened for writing (immutable, where the file
+# system has the flag): a clear error, nothing changed.
+mkchain w10
+if chattr +i w10/sn1.qcow2 2>/dev/null; then
+    refuse "commit: base not writable" w10/sn2.qcow2 commit w10/sn2.qcow2
+    grep -q "read-write" err && ok "commit: the error names the reopen" || bad "commit: unclear error: $(cat err)"
+    chattr -i w10/sn1.qcow2
+    compare_ok "commit: base not writable: sn1 unchanged" ref/sn1.qcow2 w10/sn1.qcow2
+else
+    echo "skip: no immutable flag on this file system"
+fi
+
 refuse "commit: no backing file" base.qcow2 commit base.qcow2
 refuse "commit: missing file" - commit gone.qcow2
 refuse "commit: -b not in the chain" top.qcow2 commit -b raw.img top.qcow2
@@ -247,5 +266,10 @@ refuse "rebase: raw image" raw.img rebase -u -b base.qcow2 -F qcow2 raw.img
 refuse "rebase: missing file" - rebase -b base.qcow2 gone.qcow2
 refuse "rebase: bad -F" top.qcow2 rebase -b base.qcow2 -F vmdkx top.qcow2
 refuse "rebase: nonsense flag" top.qcow2 rebase --frobnicate -b base.qcow2 top.qcow2
+# qemu-img 7.2 refuses a new backing file without its format, both ways.
+refuse "rebase: no -F (safe)" top.qcow2 rebase -b base.qcow2 top.qcow2
+refuse "rebase -u: no -F" top.qcow2 rebase -u -b base.qcow2 top.qcow2
+grep -q "backing format must be specified" err &&
+    ok "rebase: no -F worded as qemu-img" || bad "rebase: no -F: $(cat err)"
 
 finish

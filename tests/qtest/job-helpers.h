@@ -132,6 +132,24 @@ static inline JsonNode *want_event(QTestState *s, const char *name)
     return ev;
 }
 
+/* The name of the node whose driver is @drv in query-named-block-nodes,
+ * or NULL. */
+static inline char *node_of_driver(QTestState *s, const char *drv)
+{
+    g_autoptr(JsonNode) r = qtest_qmp(
+        s, "{\"execute\": \"query-named-block-nodes\"}");
+    JsonArray *a = json_node_get_array(json_object_get_member(
+        json_node_get_object(r), "return"));
+
+    for (guint i = 0; i < json_array_get_length(a); i++) {
+        JsonObject *n = json_array_get_object_element(a, i);
+        if (!strcmp(json_object_get_string_member(n, "drv"), drv)) {
+            return g_strdup(json_object_get_string_member(n, "node-name"));
+        }
+    }
+    return NULL;
+}
+
 /* The one job of query-block-jobs. */
 static inline JsonObject *block_job(QTestState *s, JsonNode **keep)
 {

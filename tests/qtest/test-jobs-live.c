@@ -313,24 +313,6 @@ START_TEST(test_commit_guest_writes_nbd)
 }
 END_TEST
 
-/* The name of the node whose driver is @drv in query-named-block-nodes,
- * or NULL. */
-static char *node_of_driver(QTestState *s, const char *drv)
-{
-    g_autoptr(JsonNode) r = qtest_qmp(
-        s, "{\"execute\": \"query-named-block-nodes\"}");
-    JsonArray *a = json_node_get_array(json_object_get_member(
-        json_node_get_object(r), "return"));
-
-    for (guint i = 0; i < json_array_get_length(a); i++) {
-        JsonObject *n = json_array_get_object_element(a, i);
-        if (!strcmp(json_object_get_string_member(n, "drv"), drv)) {
-            return g_strdup(json_object_get_string_member(n, "node-name"));
-        }
-    }
-    return NULL;
-}
-
 /* As QEMU: a copy-on-read filter above the streamed node and a
  * commit_top filter above the committed top while the job lives, named
  * by filter-node-name or auto-named; guest I/O goes through them, and

@@ -1,7 +1,9 @@
 /* Tests of the NBD client driver: against strata's own server in the
  * same process, against qemu-nbd, and against fake servers that break
  * the protocol or vanish. */
+#include <inttypes.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 
 #include "../interop/nbd-harness.h"
@@ -807,6 +809,192 @@ START_TEST(test_fake_replies)
 }
 END_TEST
 
+/* ---- a correct server whose replies arrive in pieces ---- */
+
+/* What the split server's export holds: a byte per 512-byte sector, so
+ * data landing at the wrong offset shows. */
+static uint8_t split_byte(uint64_t off)
+{
+    return (uint8_t)((off / 512) * 13 + 1);
+}
+
+typedef struct {
+    int listen_fd;
+    int max_batch;      /* most requests it had read at once */
+    int replies;
+} SplitFake;
+
+/* Sends @len bytes in uneven pieces (1, 5, 17, ... bytes) with short
+ * pauses, so the client sees headers and payloads cut anywhere. */
+static bool send_pieces(int fd, const uint8_t *p, size_t len)
+{
+    static const size_t sizes[] = { 1, 5, 17, 300, 4093, 3, 70001, 11 };
+    unsigned k = 0;
+
+    while (len) {
+        size_t n = MIN(len, sizes[k % G_N_ELEMENTS(sizes)]);
+        if (!raw_write(fd, p, n)) {
+            return false;
+        }
+        p += n;
+        len -= n;
+        if (++k % 3 == 0) {
+            g_usleep(50);
+        }
+    }
+    return true;
+}
+
+/* A READ's reply: its second half first, then the first half with the
+ * DONE flag (one chunk when short). */
+static uint8_t *split_reply(const uint8_t *req, size_t *out_len)
+{
+    uint64_t cookie = r64(req + 8), off = r64(req + 16);
+    uint32_t len = r32(req + 24);
+    uint32_t half = len >= 1024 ? len / 2 / 512 * 512 : 0;
+    uint8_t *b = g_malloc(len + 2 * 28), *q = b;
+    struct { uint64_t at; uint32_t n; uint16_t flags; } parts[2] = {
+        { off + half, len - half, half ? 0 : STRATA_NBD_REPLY_FLAG_DONE },
+        { off, half, STRATA_NBD_REPLY_FLAG_DONE },
+    };
+
+    for (int i = 0; i < 2 && parts[i].n; i++) {
+        w32(q, STRATA_NBD_STRUCTURED_REPLY_MAGIC);
+        w16(q + 4, parts[i].flags);
+        w16(q + 6, STRATA_NBD_REPLY_TYPE_OFFSET_DATA);
+        w64(q + 8, cookie);
+        w32(q + 16, 8 + parts[i].n);
+        w64(q + 20, parts[i].at);
+        q += 28;
+        for (uint32_t j = 0; j < parts[i].n; j++) {
+            *q++ = split_byte(parts[i].at + j);
+        }
+    }
+    *out_len = q - b;
+    return b;
+}
+
+/* Serves READs until the client hangs up: reads whatever requests have
+ * arrived (up to 8), answers them last first, each in pieces. */
+static char *split_server(void *opaque)
+{
+    SplitFake *f = opaque;
+    int fd = accept(f->listen_fd, NULL, NULL);
+    uint8_t reqs[8][STRATA_NBD_REQUEST_SIZE];
+
+    SCHECK(fd >= 0);
+    SCHECK(fake_handshake(fd, FAKE_HANGUP));
+    for (;;) {
+        struct pollfd pfd = { fd, POLLIN, 0 };
+        int n = 0;
+
+        if (!raw_read(fd, reqs[n], STRATA_NBD_REQUEST_SIZE)) {
+            break;
+        }
+        n++;
+        while (n < 8 && poll(&pfd, 1, 20) == 1 &&
+               raw_read(fd, reqs[n], STRATA_NBD_REQUEST_SIZE)) {
+            n++;
+        }
+        f->max_batch = MAX(f->max_batch, n);
+        for (int i = n - 1; i >= 0; i--) {
+            size_t len;
+            g_autofree uint8_t *rep = NULL;
+
+            if (r16(reqs[i] + 6) == STRATA_NBD_CMD_DISC) {
+                close(fd);
+                return NULL;
+            }
+            SCHECK(r16(reqs[i] + 6) == STRATA_NBD_CMD_READ);
+            rep = split_reply(reqs[i], &len);
+            SCHECK(send_pieces(fd, rep, len));
+            f->replies++;
+        }
+    }
+    close(fd);
+    return NULL;
+}
+
+static gpointer split_thread(gpointer opaque)
+{
+    return split_server(opaque);
+}
+
+typedef struct {
+    StrataNode *node;
+    uint64_t offset;
+    uint32_t len;
+    uint8_t *buf;
+    int ret;
+    int *left;
+} SplitOp;
+
+static void split_op_entry(void *opaque)
+{
+    SplitOp *o = opaque;
+
+    o->ret = strata_node_co_pread(o->node, o->offset, o->len, o->buf, 0);
+    (*o->left)--;
+}
+
+/* Replies cut at every possible place, out of order, chunks of one
+ * reply out of order, a whole-export read and many small ones in flight
+ * at once (more than the connection's slots): every byte must land
+ * where it belongs. */
+START_TEST(test_split_replies)
+{
+    g_autofree char *path = g_build_filename(dir, "split.sock", NULL);
+    struct sockaddr_un sun = { .sun_family = AF_UNIX };
+    SplitFake f = { socket(AF_UNIX, SOCK_STREAM, 0), 0, 0 };
+    g_autoptr(GError) err = NULL;
+    enum { NOPS = 41 };
+    SplitOp ops[NOPS];
+    int left = NOPS;
+    StrataNode *c;
+    GThread *t;
+    char *res;
+
+    g_strlcpy(sun.sun_path, path, sizeof(sun.sun_path));
+    ck_assert_int_eq(bind(f.listen_fd, (struct sockaddr *)&sun, sizeof(sun)),
+                     0);
+    ck_assert_int_eq(listen(f.listen_fd, 1), 0);
+    t = g_thread_new("split", split_thread, &f);
+    c = open_client(path, "x", ",read-only=on", &err);
+    ck_assert_msg(c, "%s", err ? err->message : "");
+    for (int i = 0; i < NOPS; i++) {
+        /* The last one reads the whole export. */
+        uint64_t off = i == NOPS - 1 ? 0 : (uint64_t)i * 24576 + i % 3 * 512;
+        uint32_t len = i == NOPS - 1 ? SIZE : 512 * (1 + i * 7 % 64);
+
+        ops[i] = (SplitOp){ c, off, len, g_malloc0(len), -1, &left };
+        strata_coroutine_enter(strata_coroutine_new(split_op_entry, &ops[i]));
+    }
+    while (left) {
+        strata_loop_iterate(ctx->loop, true);
+    }
+    for (int i = 0; i < NOPS; i++) {
+        g_autofree uint8_t *want = g_malloc(ops[i].len);
+
+        for (uint32_t j = 0; j < ops[i].len; j++) {
+            want[j] = split_byte(ops[i].offset + j);
+        }
+        ck_assert_int_eq(ops[i].ret, 0);
+        ck_assert_msg(memcmp(ops[i].buf, want, ops[i].len) == 0,
+                      "read %d (%u bytes at %" PRIu64 ") differs", i,
+                      ops[i].len, ops[i].offset);
+        g_free(ops[i].buf);
+    }
+    ck_assert(strata_context_del_node(ctx, "c", NULL));
+    res = g_thread_join(t);
+    close(f.listen_fd);
+    g_unlink(path);
+    ck_assert_msg(res == NULL, "%s", res);
+    ck_assert_int_eq(f.replies, NOPS);
+    /* Requests were in flight together, not one after another. */
+    ck_assert_int_gt(f.max_batch, 1);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("nbd-client");
@@ -833,5 +1021,7 @@ int main(void)
                     teardown);
     strata_test_add(s, "/nbd-client/fake/replies", test_fake_replies, setup,
                     teardown);
+    strata_test_add(s, "/nbd-client/fake/split-replies", test_split_replies,
+                    setup, teardown);
     return strata_test_run(s);
 }

@@ -491,6 +491,83 @@ START_TEST(test_write_read)
 }
 END_TEST
 
+/* Large requests, many in flight: eight 1 MiB writes sent back to back,
+ * then 24 reads (1 MiB, 2 MiB across the writes' boundaries, 4 KiB)
+ * before any reply is read, so the server runs out of request slots,
+ * keeps and drops buffers of two sizes, and its replies (24 MiB) queue
+ * in the socket; every reply is matched by cookie and checked. */
+#define BIG_SIZE (8 * 1024 * 1024)
+#define MIB (1024 * 1024)
+
+static uint8_t big_byte(uint64_t off)
+{
+    return (uint8_t)(0x40 + off / MIB);
+}
+
+static char *sc_big_pipelined(void *opaque)
+{
+    uint64_t size, cookie;
+    uint16_t tf;
+    uint32_t err;
+    int fd = raw_open("big", false, false, &size, &tf);
+    g_autofree uint8_t *buf = g_malloc(2 * MIB);
+    g_autofree uint8_t *want = g_malloc(2 * MIB);
+    struct { uint64_t off; uint32_t len; bool seen; } rd[24];
+
+    SCHECK(fd >= 0 && size == BIG_SIZE);
+    for (int i = 0; i < 8; i++) {
+        memset(buf, big_byte((uint64_t)i * MIB), MIB);
+        SCHECK(raw_send_req(fd, 0, STRATA_NBD_CMD_WRITE, 100 + i,
+                            (uint64_t)i * MIB, MIB, buf));
+    }
+    for (int i = 0; i < 8; i++) {
+        SCHECK(raw_recv_simple(fd, &err, &cookie, NULL, 0));
+        SCHECK(err == 0 && cookie >= 100 && cookie < 108);
+    }
+    for (int i = 0; i < 24; i++) {
+        uint64_t off = i < 8 ? (uint64_t)i * MIB
+                     : i < 16 ? (uint64_t)(i - 8) * 768 * 1024
+                     : (uint64_t)(i - 16) % 7 * MIB + MIB - 2048;
+        uint32_t len = i < 8 ? MIB : i < 16 ? 2 * MIB : 4096;
+
+        rd[i].off = off;
+        rd[i].len = len;
+        rd[i].seen = false;
+        SCHECK(raw_send_req(fd, 0, STRATA_NBD_CMD_READ, i, off, len, NULL));
+    }
+    for (int n = 0; n < 24; n++) {
+        uint8_t h[16];
+
+        SCHECK(raw_read(fd, h, 16) &&
+               r32(h) == STRATA_NBD_SIMPLE_REPLY_MAGIC && r32(h + 4) == 0);
+        cookie = r64(h + 8);
+        SCHECK(cookie < 24 && !rd[cookie].seen);
+        rd[cookie].seen = true;
+        SCHECK(raw_read(fd, buf, rd[cookie].len));
+        for (uint32_t j = 0; j < rd[cookie].len; j++) {
+            want[j] = big_byte(rd[cookie].off + j);
+        }
+        SCHECK(memcmp(buf, want, rd[cookie].len) == 0);
+    }
+    SCHECK(raw_send_req(fd, 0, STRATA_NBD_CMD_DISC, 200, 0, 0, NULL));
+    SCHECK(raw_is_closed(fd));
+    close(fd);
+    return NULL;
+}
+
+START_TEST(test_big_pipelined)
+{
+    g_autofree char *path = make_raw("big.raw", BIG_SIZE, 0, 0);
+    char *res;
+
+    add_node("driver=raw,node-name=big,file.driver=file,file.filename=%s",
+             path);
+    add_export("type=nbd,id=big,node-name=big,name=big,writable=on");
+    res = run_scenario(sc_big_pipelined, NULL);
+    ck_assert_msg(!res, "%s", res);
+}
+END_TEST
+
 static char *sc_errors(void *opaque)
 {
     bool writable = *(bool *)opaque;
@@ -937,6 +1014,8 @@ int main(void)
 {
     Suite *s = suite_create("nbd");
 
+    strata_test_add(s, "/nbd/io/big-pipelined", test_big_pipelined, setup,
+                    teardown);
     strata_test_add(s, "/nbd/server/start-stop", test_server_start_stop,
                     setup, teardown);
     strata_test_add(s, "/nbd/server/legacy-addr-errors",
