@@ -432,6 +432,11 @@ void strata_qcow2_cache_mark_dirty(StrataQcow2Cache *c, void *table);
  * flush; 0 or -errno. */
 int strata_qcow2_cache_co_set_dependency(StrataQcow2Cache *c,
                                          StrataQcow2Cache *dep);
+/* Forgets @c's dependency.  Only for a caller whose dirty entries in
+ * both caches need no order among themselves: none of them makes a
+ * reference reachable before a later write that follows a flush of
+ * everything (the snapshot table switch in the header). */
+void strata_qcow2_cache_drop_dependency(StrataQcow2Cache *c);
 /* Writes every dirty entry (dependency first) without flushing the file. */
 int strata_qcow2_cache_co_write(StrataQcow2Cache *c);
 /* As _co_write, then flushes the file. */

@@ -396,6 +396,7 @@ int strata_qcow2_co_update_refcount(StrataQcow2State *s, uint64_t offset,
     uint64_t first, last;
     void *block = NULL;
     uint64_t block_offset = 0;
+    bool block_dirty = false;
     int ret = 0;
 
     if (length == 0) {
@@ -419,14 +420,17 @@ int strata_qcow2_co_update_refcount(StrataQcow2State *s, uint64_t offset,
         uint64_t rb_index = c & ((1ull << s->refcount_block_bits) - 1);
         uint64_t rb_offset, rc;
 
-        if (addend > 0) {
+        if (addend > 0 && !(block && rt_index < s->refcount_table_size &&
+                            (s->refcount_table[rt_index] &
+                             STRATA_QCOW2_REFT_OFFSET_MASK) == block_offset)) {
+            /* Not in the block in hand: it may have to be created. */
             while ((ret = ensure_refblock(s, c)) == 1) {
                 /* created; the table entry exists now */
             }
             if (ret < 0) {
                 goto out;
             }
-        } else if (rt_index >= s->refcount_table_size) {
+        } else if (addend <= 0 && rt_index >= s->refcount_table_size) {
             strata_qcow2_co_signal_corruption(s,
                 "Freeing cluster %#" G_GINT64_MODIFIER "x that no refcount "
                 "block covers", c << s->cluster_bits);
@@ -443,6 +447,10 @@ int strata_qcow2_co_update_refcount(StrataQcow2State *s, uint64_t offset,
             goto out;
         }
         if (rb_offset != block_offset) {
+            if (block_dirty) {
+                strata_qcow2_cache_mark_dirty(s->refcount_cache, block);
+                block_dirty = false;
+            }
             strata_qcow2_cache_put(s->refcount_cache, &block);
             ret = check_refblock_offset(s, rt_index, rb_offset);
             if (ret < 0) {
@@ -466,7 +474,9 @@ int strata_qcow2_co_update_refcount(StrataQcow2State *s, uint64_t offset,
         }
         rc += addend;
         strata_qcow2_refblock_set(block, s->refcount_order, rb_index, rc);
-        strata_qcow2_cache_mark_dirty(s->refcount_cache, block);
+        /* Marked when the walk leaves the block: it stays pinned until
+         * then, so nothing writes or drops it meanwhile. */
+        block_dirty = true;
         if (rc == 0) {
             if (c < s->free_cluster_index) {
                 s->free_cluster_index = c;
@@ -477,6 +487,9 @@ int strata_qcow2_co_update_refcount(StrataQcow2State *s, uint64_t offset,
         }
     }
 out:
+    if (block_dirty) {
+        strata_qcow2_cache_mark_dirty(s->refcount_cache, block);
+    }
     strata_qcow2_cache_put(s->refcount_cache, &block);
     return ret;
 }
