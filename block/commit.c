@@ -196,31 +196,23 @@ static bool check_base_users(StrataNode *top, StrataNode *base,
     return true;
 }
 
-static const char *opt_str(JsonObject *args, const char *name)
-{
-    return json_object_get_string_member_with_default(args, name, NULL);
-}
-
 bool strata_commit_start(StrataContext *ctx, JsonObject *args,
                          GError **error)
 {
-    const char *device = opt_str(args, "device");
-    const char *top_node = opt_str(args, "top-node");
-    const char *top_name = opt_str(args, "top");
-    const char *base_node = opt_str(args, "base-node");
-    const char *base_name = opt_str(args, "base");
-    const char *backing_file = opt_str(args, "backing-file");
-    const char *filter_name = opt_str(args, "filter-node-name");
+    const char *device = strata_job_arg_str(args, "device");
+    const char *top_node = strata_job_arg_str(args, "top-node");
+    const char *top_name = strata_job_arg_str(args, "top");
+    const char *base_node = strata_job_arg_str(args, "base-node");
+    const char *base_name = strata_job_arg_str(args, "base");
+    const char *backing_file = strata_job_arg_str(args, "backing-file");
+    const char *filter_name = strata_job_arg_str(args, "filter-node-name");
     StrataOnError on_error;
     StrataNode *bs, *top, *base;
     GPtrArray *made;
     CommitJob *c;
     StrataJob *job;
 
-    if (!strata_job_parse_on_error(opt_str(args, "on-error"), &on_error)) {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
-                    "Parameter 'on-error' does not accept value '%s'",
-                    opt_str(args, "on-error"));
+    if (!strata_job_parse_on_error(args, "on-error", &on_error, error)) {
         return false;
     }
     /* The device lookup comes first: libvirt probes with it. */
@@ -349,7 +341,7 @@ bool strata_commit_start(StrataContext *ctx, JsonObject *args,
     }
 
     job = strata_job_new(
-        ctx, &commit_driver, opt_str(args, "job-id") ? opt_str(args, "job-id")
+        ctx, &commit_driver, strata_job_arg_str(args, "job-id") ? strata_job_arg_str(args, "job-id")
                                                      : "",
         json_object_get_int_member_with_default(args, "speed", 0), on_error,
         json_object_get_boolean_member_with_default(args, "auto-finalize",

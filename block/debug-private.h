@@ -35,6 +35,24 @@ typedef enum {
 bool strata_debug_power_cut(StrataNode *node, StrataPowerCutMode mode,
                             GError **error);
 
+/**
+ * strata_debug_arm_power_cut:
+ * @node: a blkdebug node
+ * @writes: write-kind requests (write, write-zeroes, discard, flush)
+ *          still let through
+ *
+ * Arms a power cut that fires by itself: as the write-kind request
+ * after @writes more arrives, the power fails as with
+ * strata_debug_power_cut(@mode), and that request fails with -EIO like
+ * every one after it.  Stepping @writes from 0 cuts an operation at
+ * each of its write boundaries in turn.
+ */
+void strata_debug_arm_power_cut(StrataNode *node, uint64_t writes,
+                                StrataPowerCutMode mode);
+
+/* Whether @node has lost power (an armed cut fired, or a cut was made). */
+bool strata_debug_powered_off(StrataNode *node);
+
 /* Bytes of write data the volatile cache of @node holds right now. */
 uint64_t strata_debug_cached_bytes(StrataNode *node);
 

@@ -95,7 +95,14 @@ typedef struct DebugState {
     StrataCoMutex writeback_lock;
     GRand *rand;
     bool powered_off;
+    /* strata_debug_arm_power_cut(): the cut waits for this many more
+     * write-kind requests, then fires as the next one arrives. */
+    bool cut_armed;
+    uint64_t cut_writes_left;
+    StrataPowerCutMode cut_mode;
 } DebugState;
+
+static void cut_power(StrataNode *node, StrataPowerCutMode mode);
 
 static const StrataOptDesc debug_options[] = {
     { "image", STRATA_OPT_CHILD, true, NULL },
@@ -456,6 +463,14 @@ static int rule_check(StrataNode *node, IoType type, uint64_t offset,
 
     if (s->powered_off) {
         return -EIO;
+    }
+    if (s->cut_armed && type != IO_READ && type != IO_BLOCK_STATUS) {
+        if (s->cut_writes_left == 0) {
+            s->cut_armed = false;
+            cut_power(node, s->cut_mode);
+            return -EIO;
+        }
+        s->cut_writes_left--;
     }
     for (unsigned i = 0; i < s->nrules; i++) {
         DebugRule *rule = &s->rules[i];
@@ -1064,13 +1079,16 @@ static int persist_random_subset(StrataNode *node, GPtrArray *entries)
     return 0;
 }
 
-static void power_cut_co(void *opaque)
+/* Coroutine.  The power fails: held writes are dropped or partly
+ * written as @mode says, and the node is off from now on.  A failure to
+ * write the survivors is a test setup problem: -errno. */
+static int cut_power_ret(StrataNode *node, StrataPowerCutMode mode)
 {
-    PowerCut *pc = opaque;
-    DebugState *s = pc->node->opaque;
+    DebugState *s = node->opaque;
     g_autoptr(GPtrArray) entries =
         g_ptr_array_new_with_free_func(entry_unref_cb);
     CacheEntry *e;
+    int ret = 0;
 
     /* Let a write-back in progress finish: its sectors were on their
      * way to the medium. */
@@ -1080,11 +1098,28 @@ static void power_cut_co(void *opaque)
         g_ptr_array_add(entries, e);
     }
     s->cached_bytes = 0;
-    pc->ret = 0;
-    if (pc->mode == STRATA_POWER_CUT_RANDOM_SUBSET && entries->len > 0) {
-        pc->ret = persist_random_subset(pc->node, entries);
+    if (mode == STRATA_POWER_CUT_RANDOM_SUBSET && entries->len > 0) {
+        ret = persist_random_subset(node, entries);
     }
     strata_co_mutex_unlock(&s->writeback_lock);
+    return ret;
+}
+
+static void cut_power(StrataNode *node, StrataPowerCutMode mode)
+{
+    int ret = cut_power_ret(node, mode);
+
+    if (ret < 0) {
+        g_warning("blkdebug: could not write what survived the power cut: "
+                  "%s", g_strerror(-ret));
+    }
+}
+
+static void power_cut_co(void *opaque)
+{
+    PowerCut *pc = opaque;
+
+    pc->ret = cut_power_ret(pc->node, pc->mode);
 }
 
 bool strata_debug_power_cut(StrataNode *node, StrataPowerCutMode mode,
@@ -1145,3 +1180,23 @@ const StrataDriver strata_driver_blkdebug = {
     .reopen_prepare = debug_reopen_prepare,
     .debug_event = debug_debug_event,
 };
+
+void strata_debug_arm_power_cut(StrataNode *node, uint64_t writes,
+                                StrataPowerCutMode mode)
+{
+    DebugState *s;
+
+    g_return_if_fail(node != NULL &&
+                     node->drv == &strata_driver_blkdebug);
+    s = node->opaque;
+    s->cut_armed = true;
+    s->cut_writes_left = writes;
+    s->cut_mode = mode;
+}
+
+bool strata_debug_powered_off(StrataNode *node)
+{
+    g_return_val_if_fail(node != NULL &&
+                         node->drv == &strata_driver_blkdebug, false);
+    return ((DebugState *)node->opaque)->powered_off;
+}

@@ -345,8 +345,13 @@ bool strata_commit_start(StrataContext *ctx, JsonObject *args,
 bool strata_create_job_start(StrataContext *ctx, JsonObject *args,
                              GError **error);
 
-/* Helpers shared by stream and commit (job.c). */
-bool strata_job_parse_on_error(const char *text, StrataOnError *out);
+/* Helpers for the jobs' start functions (job.c). */
+/* A string member of a command's arguments, NULL when absent. */
+const char *strata_job_arg_str(JsonObject *args, const char *name);
+/* The error policy in member @name of @args (report when absent); a value
+ * QEMU does not know is refused, naming the parameter. */
+bool strata_job_parse_on_error(JsonObject *args, const char *name,
+                               StrataOnError *out, GError **error);
 
 #ifdef __cplusplus
 }

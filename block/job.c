@@ -930,14 +930,21 @@ JsonArray *strata_job_query_jobs_detailed(StrataContext *ctx)
 }
 
 /* ------------------------------------------------------------------ */
-/* Helpers for stream and commit                                       */
+/* Helpers for the block jobs' start functions                         */
 /* ------------------------------------------------------------------ */
 
-bool strata_job_parse_on_error(const char *text, StrataOnError *out)
+const char *strata_job_arg_str(JsonObject *args, const char *name)
+{
+    return json_object_get_string_member_with_default(args, name, NULL);
+}
+
+bool strata_job_parse_on_error(JsonObject *args, const char *name,
+                               StrataOnError *out, GError **error)
 {
     static const char *const names[] = {
         "report", "ignore", "enospc", "stop", "auto",
     };
+    const char *text = strata_job_arg_str(args, name);
 
     *out = STRATA_ON_ERROR_REPORT;
     if (!text) {
@@ -949,6 +956,8 @@ bool strata_job_parse_on_error(const char *text, StrataOnError *out)
             return true;
         }
     }
+    g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                "Parameter '%s' does not accept value '%s'", name, text);
     return false;
 }
 

@@ -792,11 +792,6 @@ static const StrataJobDriver active_commit_driver = {
 /* Starting                                                            */
 /* ------------------------------------------------------------------ */
 
-static const char *opt_str(JsonObject *args, const char *name)
-{
-    return json_object_get_string_member_with_default(args, name, NULL);
-}
-
 static int64_t opt_int(JsonObject *args, const char *name, int64_t def)
 {
     return json_object_get_int_member_with_default(args, name, def);
@@ -830,7 +825,7 @@ typedef struct MirrorSetup {
 static bool mirror_start_job(StrataContext *ctx, JsonObject *args,
                              MirrorSetup *s, GError **error)
 {
-    const char *id = opt_str(args, "job-id");
+    const char *id = strata_job_arg_str(args, "job-id");
     MirrorJob *m;
     StrataJob *job;
 
@@ -874,7 +869,7 @@ static bool mirror_start_job(StrataContext *ctx, JsonObject *args,
     /* Every user of the source reaches it through the filter until the
      * job ends; a pivot moves the filter's own edge to the target. */
     if (!strata_job_insert_filter(job, "mirror_top", s->source,
-                                  opt_str(args, "filter-node-name"),
+                                  strata_job_arg_str(args, "filter-node-name"),
                                   s->source->read_only, error)) {
         /* The caller still owns what it handed over. */
         m->target_owned = false;
@@ -887,17 +882,15 @@ static bool mirror_start_job(StrataContext *ctx, JsonObject *args,
 
 static bool parse_common(JsonObject *args, MirrorSetup *s, GError **error)
 {
-    const char *sync = opt_str(args, "sync");
-    const char *copy_mode = opt_str(args, "copy-mode");
+    const char *sync = strata_job_arg_str(args, "sync");
+    const char *copy_mode = strata_job_arg_str(args, "copy-mode");
     int64_t gran = opt_int(args, "granularity", 0);
     int64_t buf_size = opt_int(args, "buf-size", 0);
 
-    if (!strata_job_parse_on_error(opt_str(args, "on-source-error"),
-                                   &s->on_source_error) ||
-        !strata_job_parse_on_error(opt_str(args, "on-target-error"),
-                                   &s->on_target_error)) {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
-                    "Invalid parameter 'on-error'");
+    if (!strata_job_parse_on_error(args, "on-source-error",
+                                   &s->on_source_error, error) ||
+        !strata_job_parse_on_error(args, "on-target-error",
+                                   &s->on_target_error, error)) {
         return false;
     }
     if (json_object_has_member(args, "granularity")) {
@@ -1006,7 +999,7 @@ static StrataNode *lookup_source(StrataContext *ctx, const char *device,
 static bool check_target(StrataContext *ctx, MirrorSetup *s, JsonObject *args,
                          GError **error)
 {
-    const char *replaces = opt_str(args, "replaces");
+    const char *replaces = strata_job_arg_str(args, "replaces");
 
     if (s->target == s->source) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
@@ -1041,7 +1034,7 @@ static bool check_target(StrataContext *ctx, MirrorSetup *s, JsonObject *args,
         return false;
     }
     if (!strata_job_check_filter_name(
-            ctx, opt_str(args, "filter-node-name"), error)) {
+            ctx, strata_job_arg_str(args, "filter-node-name"), error)) {
         return false;
     }
     if (!s->granularity) {
@@ -1054,9 +1047,9 @@ bool strata_blockdev_mirror_start(StrataContext *ctx, JsonObject *args,
                                   GError **error)
 {
     MirrorSetup s = { .drv = &mirror_driver };
-    const char *target = opt_str(args, "target");
+    const char *target = strata_job_arg_str(args, "target");
 
-    s.source = lookup_source(ctx, opt_str(args, "device"), error);
+    s.source = lookup_source(ctx, strata_job_arg_str(args, "device"), error);
     if (!s.source) {
         return false;
     }
@@ -1116,16 +1109,16 @@ bool strata_drive_mirror_start(StrataContext *ctx, JsonObject *args,
                                GError **error)
 {
     MirrorSetup s = { .drv = &mirror_driver };
-    const char *file = opt_str(args, "target");
-    const char *mode = opt_str(args, "mode");
-    const char *format = opt_str(args, "format");
-    const char *node_name = opt_str(args, "node-name");
+    const char *file = strata_job_arg_str(args, "target");
+    const char *mode = strata_job_arg_str(args, "mode");
+    const char *format = strata_job_arg_str(args, "format");
+    const char *node_name = strata_job_arg_str(args, "node-name");
     g_autoptr(JsonObject) opts = NULL;
     StrataNode *data, *backing;
     int64_t len;
     bool ok;
 
-    s.source = lookup_source(ctx, opt_str(args, "device"), error);
+    s.source = lookup_source(ctx, strata_job_arg_str(args, "device"), error);
     if (!s.source) {
         return false;
     }
@@ -1157,19 +1150,19 @@ bool strata_drive_mirror_start(StrataContext *ctx, JsonObject *args,
         return false;
     }
     /* Checked before a file is created, as QEMU does. */
-    if (opt_str(args, "replaces")) {
+    if (strata_job_arg_str(args, "replaces")) {
         if (!node_name) {
             g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
                         "a node-name must be provided when replacing a "
                         "named node of the graph");
             return false;
         }
-        if (!check_replaces(ctx, &s, opt_str(args, "replaces"), error)) {
+        if (!check_replaces(ctx, &s, strata_job_arg_str(args, "replaces"), error)) {
             return false;
         }
     }
     if (!strata_job_check_filter_name(
-            ctx, opt_str(args, "filter-node-name"), error)) {
+            ctx, strata_job_arg_str(args, "filter-node-name"), error)) {
         return false;
     }
     if (!mode || strcmp(mode, "existing") != 0) {

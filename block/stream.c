@@ -145,20 +145,15 @@ static const StrataJobDriver stream_driver = {
     .free = stream_free,
 };
 
-static const char *opt_str(JsonObject *args, const char *name)
-{
-    return json_object_get_string_member_with_default(args, name, NULL);
-}
-
 bool strata_stream_start(StrataContext *ctx, JsonObject *args,
                          GError **error)
 {
-    const char *device = opt_str(args, "device");
-    const char *base_name = opt_str(args, "base");
-    const char *base_node = opt_str(args, "base-node");
-    const char *bottom_name = opt_str(args, "bottom");
-    const char *backing_file = opt_str(args, "backing-file");
-    const char *filter_name = opt_str(args, "filter-node-name");
+    const char *device = strata_job_arg_str(args, "device");
+    const char *base_name = strata_job_arg_str(args, "base");
+    const char *base_node = strata_job_arg_str(args, "base-node");
+    const char *bottom_name = strata_job_arg_str(args, "bottom");
+    const char *backing_file = strata_job_arg_str(args, "backing-file");
+    const char *filter_name = strata_job_arg_str(args, "filter-node-name");
     StrataOnError on_error;
     StrataNode *top, *base = NULL;
     StreamJob *s;
@@ -182,10 +177,7 @@ bool strata_stream_start(StrataContext *ctx, JsonObject *args,
                     "same time");
         return false;
     }
-    if (!strata_job_parse_on_error(opt_str(args, "on-error"), &on_error)) {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
-                    "Parameter 'on-error' does not accept value '%s'",
-                    opt_str(args, "on-error"));
+    if (!strata_job_parse_on_error(args, "on-error", &on_error, error)) {
         return false;
     }
     top = device ? strata_context_lookup(ctx, device) : NULL;
@@ -256,7 +248,7 @@ bool strata_stream_start(StrataContext *ctx, JsonObject *args,
         return false;
     }
     job = strata_job_new(
-        ctx, &stream_driver, opt_str(args, "job-id") ? opt_str(args, "job-id")
+        ctx, &stream_driver, strata_job_arg_str(args, "job-id") ? strata_job_arg_str(args, "job-id")
                                                      : "",
         json_object_get_int_member_with_default(args, "speed", 0), on_error,
         json_object_get_boolean_member_with_default(args, "auto-finalize",

@@ -85,11 +85,72 @@ bool strata_qmp_blockdev_reopen(StrataMonitor *mon, JsonObject *args,
 
 /* ---- query-named-block-nodes ---- */
 
-static JsonObject *image_info(StrataNode *node, bool flat)
+/*
+ * What the query answers for a node is built with json-glib once and
+ * then reused, together with its text, for as long as every input it was
+ * built from is the same: an entry holds those inputs as a key, compared
+ * byte for byte on each query.  The driver's own members (which may
+ * follow the image file: its allocated size, a dirty flag) are asked for
+ * on every query and are part of the key; a backing image enters the key
+ * as the object its own entry holds, checked first.
+ */
+typedef struct {
+    GString *key;
+    JsonObject *image;      /* sealed */
+    JsonObject *info;       /* sealed; its text is in the cache's texts */
+    int depth;              /* backing_file_depth */
+    uint64_t checked;       /* the query that last found it current */
+} InfoEntry;
+
+struct StrataQmpInfoCache {
+    GHashTable *entries[2]; /* StrataNode * → InfoEntry *, by flat */
+    GHashTable *texts;      /* JsonObject * (an entry's info) → char * */
+    uint64_t query;
+};
+
+static void info_entry_free(void *p)
+{
+    InfoEntry *e = p;
+
+    g_string_free(e->key, TRUE);
+    json_object_unref(e->image);
+    json_object_unref(e->info);
+    g_free(e);
+}
+
+StrataQmpInfoCache *strata_qmp_info_cache_new(void)
+{
+    StrataQmpInfoCache *c = g_new0(StrataQmpInfoCache, 1);
+
+    c->texts = g_hash_table_new_full(NULL, NULL, NULL, g_free);
+    for (int i = 0; i < 2; i++) {
+        c->entries[i] = g_hash_table_new_full(NULL, NULL, NULL,
+                                              info_entry_free);
+    }
+    return c;
+}
+
+void strata_qmp_info_cache_free(StrataQmpInfoCache *c)
+{
+    if (!c) {
+        return;
+    }
+    /* The texts go before the entries whose objects key them. */
+    g_hash_table_destroy(c->texts);
+    for (int i = 0; i < 2; i++) {
+        g_hash_table_destroy(c->entries[i]);
+    }
+    g_free(c);
+}
+
+GHashTable *strata_qmp_info_cache_texts(StrataQmpInfoCache *c)
+{
+    return c ? c->texts : NULL;
+}
+
+static JsonObject *image_info(StrataNode *node, JsonObject *backing_image)
 {
     JsonObject *image = json_object_new();
-    StrataNode *backing = strata_node_backing(node);
-
     int64_t len = strata_node_get_length(node);
 
     /* Every ImageInfo has these; a driver adds its own members. */
@@ -100,30 +161,25 @@ static JsonObject *image_info(StrataNode *node, bool flat)
     if (node->drv->query_image) {
         node->drv->query_image(node, image);
     }
-    if (!flat && backing) {
+    if (backing_image) {
         json_object_set_object_member(image, "backing-image",
-                                      image_info(backing, false));
+                                      json_object_ref(backing_image));
     }
     return image;
 }
 
-static JsonObject *node_info(StrataNode *node, bool flat)
+static JsonObject *node_info(StrataNode *node, JsonObject *image, int depth)
 {
     JsonObject *o = json_object_new();
     JsonObject *cache = json_object_new();
     StrataNode *backing = strata_node_backing(node);
-    int depth = 0;
 
-    /* QEMU reports depth 0 for every node of a flat query. */
-    for (StrataNode *b = backing; b && !flat; b = strata_node_backing(b)) {
-        depth++;
-    }
     /* Member order as QSD 7.2 writes it. */
     json_object_set_int_member(o, "iops_rd", 0);
     json_object_set_string_member(o, "detect_zeroes",
                                   node->detect_zeroes ? node->detect_zeroes
                                                       : "off");
-    json_object_set_object_member(o, "image", image_info(node, flat));
+    json_object_set_object_member(o, "image", json_object_ref(image));
     json_object_set_int_member(o, "iops_wr", 0);
     json_object_set_boolean_member(o, "ro", node->read_only);
     json_object_set_string_member(o, "node-name", node->node_name);
@@ -149,19 +205,120 @@ static JsonObject *node_info(StrataNode *node, bool flat)
     return o;
 }
 
+/* Strings end in their NUL (none holds one), NULL is a byte of its own:
+ * two keys are equal only if every input is. */
+static void key_str(GString *key, const char *str)
+{
+    if (str) {
+        g_string_append_c(key, 's');
+        g_string_append_len(key, str, (gssize)strlen(str) + 1);
+    } else {
+        g_string_append_c(key, 'n');
+    }
+}
+
+static void key_bytes(GString *key, const void *p, size_t len)
+{
+    g_string_append_len(key, p, (gssize)len);
+}
+
+static InfoEntry *info_entry(StrataQmpInfoCache *c, StrataNode *node,
+                             bool flat)
+{
+    InfoEntry *e = g_hash_table_lookup(c->entries[flat], node);
+    StrataNode *backing = strata_node_backing(node);
+    InfoEntry *be = NULL;
+    GString *key;
+    uint8_t flags[3] = { node->read_only, node->cache_direct,
+                         node->cache_no_flush };
+    int64_t len = strata_node_get_length(node);
+
+    if (e && e->checked == c->query) {
+        return e;
+    }
+    /* QEMU reports depth 0 and no backing image in a flat query. */
+    if (!flat && backing) {
+        be = info_entry(c, backing, false);
+    }
+    key = g_string_sized_new(e ? e->key->len : 256);
+    key_str(key, node->node_name);
+    key_str(key, node->drv->name);
+    key_str(key, node->filename);
+    key_str(key, node->detect_zeroes);
+    key_bytes(key, flags, sizeof(flags));
+    key_bytes(key, &len, sizeof(len));
+    key_str(key, backing ? (backing->filename ? backing->filename : "")
+                         : NULL);
+    key_bytes(key, be ? (void *)&be->image : (void *)&(JsonObject *){ NULL },
+              sizeof(JsonObject *));
+    if (node->drv->query_image) {
+        g_autoptr(JsonObject) own = json_object_new();
+        g_autoptr(JsonNode) n = json_node_alloc();
+
+        node->drv->query_image(node, own);
+        json_node_init_object(n, own);
+        strata_json_write(key, n);
+    }
+
+    if (e && e->key->len == key->len &&
+        memcmp(e->key->str, key->str, key->len) == 0) {
+        g_string_free(key, TRUE);
+        e->checked = c->query;
+        return e;
+    }
+    if (e) {
+        g_hash_table_remove(c->texts, e->info);
+        g_hash_table_remove(c->entries[flat], node);
+    }
+    e = g_new0(InfoEntry, 1);
+    e->key = key;
+    e->depth = be ? be->depth + 1 : 0;
+    e->image = image_info(node, be ? be->image : NULL);
+    e->info = node_info(node, e->image, e->depth);
+    /* Sealed: nobody can change them under their text. */
+    json_object_seal(e->info);
+    {
+        g_autoptr(JsonNode) n = json_node_alloc();
+        json_node_init_object(n, e->info);
+        g_hash_table_insert(c->texts, e->info, strata_json_to_string(n));
+    }
+    e->checked = c->query;
+    g_hash_table_insert(c->entries[flat], node, e);
+    return e;
+}
+
+/* Drops the entries of nodes that are gone (or were not asked for). */
+static void info_cache_prune(StrataQmpInfoCache *c, bool flat)
+{
+    GHashTableIter it;
+    InfoEntry *e;
+
+    g_hash_table_iter_init(&it, c->entries[flat]);
+    while (g_hash_table_iter_next(&it, NULL, (void **)&e)) {
+        if (e->checked != c->query) {
+            g_hash_table_remove(c->texts, e->info);
+            g_hash_table_iter_remove(&it);
+        }
+    }
+}
+
 bool strata_qmp_query_named_block_nodes(StrataMonitor *mon,
                                         JsonObject *args, JsonNode **ret,
                                         GError **error)
 {
     StrataContext *ctx = strata_monitor_get_context(mon);
+    StrataQmpInfoCache *c = strata_monitor_info_cache(mon);
     bool flat = json_object_get_boolean_member_with_default(args, "flat",
                                                             FALSE);
-    JsonArray *arr = json_array_new();
+    JsonArray *arr = json_array_sized_new(g_list_length(ctx->all_nodes));
 
+    c->query++;
     /* all_nodes is newest first, the order QEMU lists them in. */
     for (GList *l = ctx->all_nodes; l; l = l->next) {
-        json_array_add_object_element(arr, node_info(l->data, flat));
+        InfoEntry *e = info_entry(c, l->data, flat);
+        json_array_add_object_element(arr, json_object_ref(e->info));
     }
+    info_cache_prune(c, flat);
     *ret = array_node(arr);
     return true;
 }

@@ -74,6 +74,12 @@ void strata_json_write(GString *out, JsonNode *node);
 /* Returns: (transfer full): @node as QEMU writes it. */
 char *strata_json_to_string(JsonNode *node);
 
+/* As strata_json_to_string(), but an object found in @texts (JsonObject *
+ * → its text as written here) is copied from there instead of written
+ * member by member.  Whoever fills @texts keeps each text true: only
+ * sealed objects belong in it. */
+char *strata_json_to_string_with(JsonNode *node, GHashTable *texts);
+
 /* Returns: (transfer full): @node pretty-printed (4-space indent). */
 char *strata_json_to_pretty_string(JsonNode *node);
 

@@ -790,13 +790,32 @@ JsonNode *strata_json_parse_text(const char *text, GError **error)
 /* Writer                                                              */
 /* ------------------------------------------------------------------ */
 
+/* Whether @c leaves as it is. */
+static inline bool plain_char(unsigned char c)
+{
+    return c >= 0x20 && c < 0x7F && c != '"' && c != '\\';
+}
+
 static void write_string(GString *out, const char *s)
 {
     const char *p = s;
 
     g_string_append_c(out, '"');
     while (*p) {
-        unsigned char c = (unsigned char)*p;
+        const char *run = p;
+        unsigned char c;
+
+        /* Most strings are plain through and through: one copy. */
+        while (plain_char((unsigned char)*p)) {
+            p++;
+        }
+        if (p > run) {
+            g_string_append_len(out, run, p - run);
+        }
+        c = (unsigned char)*p;
+        if (!c) {
+            break;
+        }
         if (c < 0x80) {
             switch (c) {
             case '"': g_string_append(out, "\\\""); break;
@@ -836,7 +855,25 @@ static void write_string(GString *out, const char *s)
     g_string_append_c(out, '"');
 }
 
-static void write_node(GString *out, JsonNode *node, int indent)
+/* As printf's %" G_GINT64_FORMAT " would, without its cost. */
+static void write_int(GString *out, gint64 v)
+{
+    char buf[24];
+    char *end = buf + sizeof(buf), *p = end;
+    guint64 u = v < 0 ? -(guint64)v : (guint64)v;
+
+    do {
+        *--p = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0) {
+        *--p = '-';
+    }
+    g_string_append_len(out, p, end - p);
+}
+
+static void write_node(GString *out, JsonNode *node, int indent,
+                       GHashTable *texts)
 {
     bool pretty = indent >= 0;
 
@@ -850,7 +887,13 @@ static void write_node(GString *out, JsonNode *node, int indent)
         const char *name;
         JsonNode *member;
         bool first = true;
+        const char *text;
 
+        if (texts && !pretty &&
+            (text = g_hash_table_lookup(texts, json_node_get_object(node)))) {
+            g_string_append(out, text);
+            break;
+        }
         json_object_iter_init_ordered(&it, json_node_get_object(node));
         g_string_append_c(out, '{');
         while (json_object_iter_next_ordered(&it, &name, &member)) {
@@ -863,7 +906,7 @@ static void write_node(GString *out, JsonNode *node, int indent)
             first = false;
             write_string(out, name);
             g_string_append(out, ": ");
-            write_node(out, member, pretty ? indent + 4 : -1);
+            write_node(out, member, pretty ? indent + 4 : -1, texts);
         }
         if (pretty && !first) {
             g_string_append_printf(out, "\n%*s", indent, "");
@@ -884,7 +927,7 @@ static void write_node(GString *out, JsonNode *node, int indent)
                 g_string_append_printf(out, "\n%*s", indent + 4, "");
             }
             write_node(out, json_array_get_element(arr, i),
-                       pretty ? indent + 4 : -1);
+                       pretty ? indent + 4 : -1, texts);
         }
         if (pretty && n) {
             g_string_append_printf(out, "\n%*s", indent, "");
@@ -898,8 +941,7 @@ static void write_node(GString *out, JsonNode *node, int indent)
     case JSON_NODE_VALUE:
         switch (json_node_get_value_type(node)) {
         case G_TYPE_INT64:
-            g_string_append_printf(out, "%" G_GINT64_FORMAT,
-                                   json_node_get_int(node));
+            write_int(out, json_node_get_int(node));
             break;
         case G_TYPE_DOUBLE: {
             char buf[G_ASCII_DTOSTR_BUF_SIZE];
@@ -931,19 +973,24 @@ static void write_node(GString *out, JsonNode *node, int indent)
 void strata_json_write(GString *out, JsonNode *node)
 {
     g_return_if_fail(out != NULL);
-    write_node(out, node, -1);
+    write_node(out, node, -1, NULL);
 }
 
 char *strata_json_to_string(JsonNode *node)
 {
+    return strata_json_to_string_with(node, NULL);
+}
+
+char *strata_json_to_string_with(JsonNode *node, GHashTable *texts)
+{
     GString *out = g_string_new(NULL);
-    write_node(out, node, -1);
+    write_node(out, node, -1, texts);
     return g_string_free(out, FALSE);
 }
 
 char *strata_json_to_pretty_string(JsonNode *node)
 {
     GString *out = g_string_new(NULL);
-    write_node(out, node, 0);
+    write_node(out, node, 0, NULL);
     return g_string_free(out, FALSE);
 }

@@ -29,6 +29,7 @@ struct StrataMonitor {
     bool quiesced;
     StrataQmpSession self;  /* the in-process session */
     GString *self_out;
+    StrataQmpInfoCache *info_cache;
 };
 
 static bool cmd_query_version(StrataMonitor *mon, JsonObject *args,
@@ -179,7 +180,8 @@ static void send_node(StrataQmpSession *s, JsonObject *obj)
     g_autofree char *line = NULL;
 
     json_node_init_object(n, obj);
-    line = strata_json_to_string(n);
+    line = strata_json_to_string_with(
+        n, s->mon ? strata_qmp_info_cache_texts(s->mon->info_cache) : NULL);
     s->send(s, line, s->send_opaque);
 }
 
@@ -469,6 +471,7 @@ StrataMonitor *strata_monitor_new(StrataContext *ctx)
     mon->ctx = ctx;
     mon->schema = schema;
     mon->self_out = g_string_new(NULL);
+    mon->info_cache = strata_qmp_info_cache_new();
     strata_qmp_session_init(&mon->self, mon, true, self_send, mon);
     strata_qmp_export_events_connect(mon);
     return mon;
@@ -486,8 +489,14 @@ void strata_monitor_free(StrataMonitor *mon)
         mon->event_destroy(mon->event_opaque);
     }
     g_string_free(mon->self_out, TRUE);
+    strata_qmp_info_cache_free(mon->info_cache);
     strata_qmp_schema_free(mon->schema);
     g_free(mon);
+}
+
+StrataQmpInfoCache *strata_monitor_info_cache(StrataMonitor *mon)
+{
+    return mon->info_cache;
 }
 
 StrataContext *strata_monitor_get_context(StrataMonitor *mon)

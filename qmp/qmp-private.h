@@ -110,6 +110,17 @@ void strata_monitor_detach_context(StrataMonitor *mon);
 
 /* ---- cmd-block.c ---- */
 
+/* What query-named-block-nodes built for each node, kept by the monitor
+ * and reused while nothing it was built from has changed. */
+typedef struct StrataQmpInfoCache StrataQmpInfoCache;
+StrataQmpInfoCache *strata_qmp_info_cache_new(void);
+void strata_qmp_info_cache_free(StrataQmpInfoCache *c);
+/* Returns: (transfer none) (nullable): the texts of the sealed objects
+ * it holds, for strata_json_to_string_with(). */
+GHashTable *strata_qmp_info_cache_texts(StrataQmpInfoCache *c);
+/* Returns: (transfer none): @mon's. */
+StrataQmpInfoCache *strata_monitor_info_cache(StrataMonitor *mon);
+
 bool strata_qmp_blockdev_add(StrataMonitor *mon, JsonObject *args,
                              JsonNode **ret, GError **error);
 bool strata_qmp_blockdev_del(StrataMonitor *mon, JsonObject *args,

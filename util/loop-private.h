@@ -116,6 +116,13 @@ void strata_loop_co_sleep_ns(StrataLoop *loop, int64_t ns);
 ssize_t strata_loop_co_preadv(StrataLoop *loop, StrataAioMode engine, int fd,
                               const struct iovec *iov, int iovcnt,
                               uint64_t offset);
+/* As strata_loop_co_preadv, but on the ring the read is handed to the
+ * kernel's worker threads at once instead of being tried inline during
+ * submission: for large buffered reads, whose copy out of the page cache
+ * then runs on another CPU beside the loop's own work. */
+ssize_t strata_loop_co_preadv_offload(StrataLoop *loop, StrataAioMode engine,
+                                      int fd, const struct iovec *iov,
+                                      int iovcnt, uint64_t offset);
 ssize_t strata_loop_co_pwritev(StrataLoop *loop, StrataAioMode engine,
                                int fd, const struct iovec *iov, int iovcnt,
                                uint64_t offset);
@@ -143,6 +150,7 @@ typedef struct StrataLoopStats {
     uint64_t sqes;      /* SQEs handed to the kernel */
     uint64_t completions;
     uint64_t thread_jobs;
+    uint64_t offloads;  /* of sqes, reads sent to the kernel's workers */
 } StrataLoopStats;
 
 void strata_loop_get_stats(StrataLoop *loop, StrataLoopStats *stats);

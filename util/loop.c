@@ -36,6 +36,12 @@
  * left it idle for tens of microseconds at depth 32), while each
  * submission still carries several requests. */
 #define LOOP_REAP_BATCH 8
+/* STRATA_LOOP_REAP_BATCH overrides it (1 .. LOOP_REAP_BATCH_MAX) for
+ * measuring: each submission of several sequential reads is merged by
+ * the kernel into one larger request (8 x 64 KiB -> 512 KiB), while one
+ * read per io_uring_enter, as QEMU submits, is merged or not by the I/O
+ * scheduler depending on how busy the device is. */
+#define LOOP_REAP_BATCH_MAX 64
 
 struct StrataBH {
     StrataLoop *loop;
@@ -115,6 +121,7 @@ struct StrataLoop {
     ThreadJob *done;            /* finished jobs, newest first */
 
     unsigned inflight;
+    unsigned reap_batch;        /* CQEs handled between submissions */
     StrataLoopStats stats;
 };
 
@@ -475,7 +482,7 @@ static int loop_co_wait_sqe(StrataLoop *loop, struct io_uring_sqe *sqe,
 
 static void loop_reap_ring(StrataLoop *loop)
 {
-    UringReq *batch[LOOP_REAP_BATCH];
+    UringReq *batch[LOOP_REAP_BATCH_MAX];
 
     for (;;) {
         struct io_uring_cqe *cqe;
@@ -487,7 +494,7 @@ static void loop_reap_ring(StrataLoop *loop)
             req->result = cqe->res;
             req->done = true;
             batch[n++] = req;
-            if (n == LOOP_REAP_BATCH) {
+            if (n == loop->reap_batch) {
                 break;
             }
         }
@@ -640,9 +647,9 @@ static bool loop_use_ring(StrataLoop *loop, StrataAioMode engine)
     return loop->has_ring && engine != STRATA_AIO_THREADS;
 }
 
-ssize_t strata_loop_co_preadv(StrataLoop *loop, StrataAioMode engine, int fd,
-                              const struct iovec *iov, int iovcnt,
-                              uint64_t offset)
+static ssize_t loop_co_readv(StrataLoop *loop, StrataAioMode engine, int fd,
+                             const struct iovec *iov, int iovcnt,
+                             uint64_t offset, unsigned sqe_flags)
 {
     g_return_val_if_fail(loop != NULL, -EINVAL);
     g_return_val_if_fail(strata_in_coroutine(), -EINVAL);
@@ -652,6 +659,10 @@ ssize_t strata_loop_co_preadv(StrataLoop *loop, StrataAioMode engine, int fd,
         struct io_uring_sqe *sqe = loop_co_get_sqe(loop);
 
         io_uring_prep_readv(sqe, fd, iov, (unsigned)iovcnt, offset);
+        sqe->flags |= sqe_flags;
+        if (sqe_flags & IOSQE_ASYNC) {
+            loop->stats.offloads++;
+        }
         return loop_co_wait_sqe(loop, sqe, &req);
     } else {
         ThreadJob job = { .type = JOB_PREADV, .fd = fd, .iov = iov,
@@ -659,6 +670,24 @@ ssize_t strata_loop_co_preadv(StrataLoop *loop, StrataAioMode engine, int fd,
 
         return loop_co_run_job(loop, &job);
     }
+}
+
+ssize_t strata_loop_co_preadv(StrataLoop *loop, StrataAioMode engine, int fd,
+                              const struct iovec *iov, int iovcnt,
+                              uint64_t offset)
+{
+    return loop_co_readv(loop, engine, fd, iov, iovcnt, offset, 0);
+}
+
+/* IOSQE_ASYNC skips the inline attempt in io_uring_enter: the kernel's
+ * worker threads do the read (and its copy out of the page cache) while
+ * this thread goes on submitting and completing other requests. */
+ssize_t strata_loop_co_preadv_offload(StrataLoop *loop, StrataAioMode engine,
+                                      int fd, const struct iovec *iov,
+                                      int iovcnt, uint64_t offset)
+{
+    return loop_co_readv(loop, engine, fd, iov, iovcnt, offset,
+                         IOSQE_ASYNC);
 }
 
 ssize_t strata_loop_co_pwritev(StrataLoop *loop, StrataAioMode engine,
@@ -848,6 +877,18 @@ static bool loop_disabled_by_env(void)
     return env && *env && strcmp(env, "0") != 0;
 }
 
+static unsigned loop_reap_batch_from_env(void)
+{
+    const char *env = g_getenv("STRATA_LOOP_REAP_BATCH");
+    guint64 v;
+
+    if (env && g_ascii_string_to_unsigned(env, 10, 1, LOOP_REAP_BATCH_MAX,
+                                          &v, NULL)) {
+        return (unsigned)v;
+    }
+    return LOOP_REAP_BATCH;
+}
+
 static bool loop_init_ring(StrataLoop *loop, StrataAioMode mode,
                            GError **error)
 {
@@ -900,6 +941,7 @@ StrataLoop *strata_loop_new(GMainContext *context, StrataAioMode mode,
 
     loop = g_new0(StrataLoop, 1);
     loop->event_fd = -1;
+    loop->reap_batch = loop_reap_batch_from_env();
     g_mutex_init(&loop->done_lock);
 
     if (!loop_init_ring(loop, mode, error)) {

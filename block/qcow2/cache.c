@@ -149,6 +149,11 @@ int strata_qcow2_cache_co_set_dependency(StrataQcow2Cache *c,
     return 0;
 }
 
+void strata_qcow2_cache_drop_dependency(StrataQcow2Cache *c)
+{
+    c->depends = NULL;
+}
+
 bool strata_qcow2_cache_is_dirty(const StrataQcow2Cache *c)
 {
     return c->nb_dirty > 0;
@@ -171,6 +176,67 @@ static void set_dirty(StrataQcow2Cache *c, CacheEntry *e, bool dirty)
     }
 }
 
+/* The most entries one request writes (a bound on its iovec). */
+#define MAX_RUN 256
+
+/* Writes @n dirty entries whose tables are contiguous on disk, @run[0]
+ * first, with one request: a tree's L2 slices or refblocks written
+ * together cost one system call, not one each.  The caller settled the
+ * dependency and keeps the entries pinned. */
+static int run_write(StrataQcow2Cache *c, CacheEntry **run, unsigned n)
+{
+    uint64_t offset = run[0]->offset;
+    uint64_t bytes = (uint64_t)n * c->entry_size;
+    StrataIOVec qiov;
+    int ret;
+
+    ret = strata_qcow2_co_pre_write_overlap_check(
+        c->s, c == c->s->refcount_cache
+                  ? STRATA_QCOW2_OL_REFCOUNT_BLOCK
+                  : STRATA_QCOW2_OL_ACTIVE_L2 | STRATA_QCOW2_OL_INACTIVE_L2,
+        offset, bytes);
+    if (ret < 0) {
+        return ret;
+    }
+    strata_iov_init(&qiov, (int)n);
+    for (unsigned i = 0; i < n; i++) {
+        /* Clean before the write yields: a change made meanwhile marks
+         * it dirty again and is written next time. */
+        set_dirty(c, run[i], false);
+        strata_iov_add(&qiov, run[i]->table, c->entry_size);
+    }
+    strata_node_debug_event(file_node(c), c == c->s->refcount_cache
+                                              ? "refblock_update_part"
+                                              : "l2_update");
+    ret = strata_node_co_pwritev(file_node(c), offset, bytes, &qiov, 0, 0);
+    strata_iov_cleanup(&qiov);
+    if (ret < 0) {
+        for (unsigned i = 0; i < n; i++) {
+            set_dirty(c, run[i], true);
+        }
+    }
+    return ret;
+}
+
+/* Writes what @c depends on and flushes the file, once: 0 when there
+ * was nothing to settle, 1 when it yielded for it, or -errno. */
+static int settle_dependency(StrataQcow2Cache *c)
+{
+    StrataQcow2Cache *dep = c->depends;
+    int ret;
+
+    if (!dep) {
+        return 0;
+    }
+    c->depends = NULL;
+    ret = strata_qcow2_cache_co_flush(dep);
+    if (ret < 0) {
+        c->depends = dep;
+        return ret;
+    }
+    return 1;
+}
+
 static int entry_write(StrataQcow2Cache *c, CacheEntry *e)
 {
     uint64_t offset = e->offset;
@@ -179,41 +245,25 @@ static int entry_write(StrataQcow2Cache *c, CacheEntry *e)
     if (!e->dirty) {
         return 0;
     }
-    if (c->depends) {
-        StrataQcow2Cache *dep = c->depends;
-        c->depends = NULL;
-        ret = strata_qcow2_cache_co_flush(dep);
-        if (ret < 0) {
-            c->depends = dep;
-            return ret;
-        }
-        if (!e->dirty || e->offset != offset) {
-            return 0;   /* written by someone else meanwhile */
-        }
-    }
-    ret = strata_qcow2_co_pre_write_overlap_check(
-        c->s, c == c->s->refcount_cache
-                  ? STRATA_QCOW2_OL_REFCOUNT_BLOCK
-                  : STRATA_QCOW2_OL_ACTIVE_L2 | STRATA_QCOW2_OL_INACTIVE_L2,
-        e->offset, c->entry_size);
+    ret = settle_dependency(c);
     if (ret < 0) {
         return ret;
     }
-    /* Clean before the write yields: a change made meanwhile marks it
-     * dirty again and is written next time. */
-    set_dirty(c, e, false);
+    if (!e->dirty || e->offset != offset) {
+        return 0;   /* written by someone else meanwhile */
+    }
     e->ref++;
-    strata_node_debug_event(file_node(c), c == c->s->refcount_cache
-                                              ? "refblock_update_part"
-                                              : "l2_update");
-    ret = strata_node_co_pwrite(file_node(c), e->offset, c->entry_size,
-                                e->table, 0);
+    ret = run_write(c, &e, 1);
     e->ref--;
-    if (ret < 0) {
-        set_dirty(c, e, true);
-        return ret;
-    }
-    return 0;
+    return ret;
+}
+
+static int cmp_entry_offset(const void *a, const void *b)
+{
+    const CacheEntry *x = *(CacheEntry *const *)a;
+    const CacheEntry *y = *(CacheEntry *const *)b;
+
+    return x->offset < y->offset ? -1 : x->offset > y->offset;
 }
 
 int strata_qcow2_cache_co_write(StrataQcow2Cache *c)
@@ -235,11 +285,35 @@ int strata_qcow2_cache_co_write(StrataQcow2Cache *c)
             dirty[n++] = e;
         }
     }
-    for (unsigned i = 0; i < n; i++) {
-        int ret = entry_write(c, dirty[i]);
+    qsort(dirty, n, sizeof(*dirty), cmp_entry_offset);
+    for (unsigned i = 0; i < n;) {
+        unsigned len = 1;
+        int ret;
+
+        if (!dirty[i]->dirty) {
+            i++;    /* written by someone else meanwhile */
+            continue;
+        }
+        /* Settled before every run: one may be set while a write
+         * yields.  The entries are looked at again afterwards. */
+        ret = settle_dependency(c);
+        if (ret != 0) {
+            if (ret < 0) {
+                first_err = ret;
+                break;
+            }
+            continue;
+        }
+        while (i + len < n && len < MAX_RUN && dirty[i + len]->dirty &&
+               dirty[i + len]->offset ==
+                   dirty[i]->offset + (uint64_t)len * c->entry_size) {
+            len++;
+        }
+        ret = run_write(c, dirty + i, len);
         if (ret < 0 && !first_err) {
             first_err = ret;
         }
+        i += len;
     }
     for (unsigned i = 0; i < n; i++) {
         dirty[i]->ref--;

@@ -758,9 +758,7 @@ static int rebuild_refcounts(Check *c)
                 s->cluster_size);
         }
     }
-    g_free(s->refcount_table);
-    s->refcount_table = g_steal_pointer(&t.entries);
-    s->refcount_table_size = t.size;
+    strata_qcow2_refcount_table_set(s, g_steal_pointer(&t.entries), t.size);
     s->refcount_table_offset = table_cl << s->cluster_bits;
     s->hdr.refcount_table_offset = s->refcount_table_offset;
     s->hdr.refcount_table_clusters = (uint32_t)table_clusters;

@@ -253,7 +253,8 @@ typedef struct StrataQcow2State {
     uint64_t refcount_max;
     uint64_t refcount_table_offset;
     uint64_t refcount_table_size; /* entries */
-    uint64_t *refcount_table;   /* host byte order */
+    uint64_t *refcount_table;   /* host byte order; see refcount_table_set */
+    size_t refcount_table_map;  /* bytes mapped for it; 0: none */
     /* Entries up to the last non-zero one (the overlap check walks only
      * those); 0 with !rt_used_valid: recompute.  Whoever changes the
      * table clears rt_used_valid. */
@@ -431,6 +432,11 @@ void strata_qcow2_cache_mark_dirty(StrataQcow2Cache *c, void *table);
  * flush; 0 or -errno. */
 int strata_qcow2_cache_co_set_dependency(StrataQcow2Cache *c,
                                          StrataQcow2Cache *dep);
+/* Forgets @c's dependency.  Only for a caller whose dirty entries in
+ * both caches need no order among themselves: none of them makes a
+ * reference reachable before a later write that follows a flush of
+ * everything (the snapshot table switch in the header). */
+void strata_qcow2_cache_drop_dependency(StrataQcow2Cache *c);
 /* Writes every dirty entry (dependency first) without flushing the file. */
 int strata_qcow2_cache_co_write(StrataQcow2Cache *c);
 /* As _co_write, then flushes the file. */
@@ -538,6 +544,11 @@ void strata_qcow2_co_free_clusters(StrataQcow2State *s, uint64_t offset,
 /* Drops the references of one L2 entry's host storage. */
 void strata_qcow2_co_free_l2_entry(StrataQcow2State *s, uint64_t entry);
 bool strata_qcow2_refcount_init(StrataQcow2State *s, GError **error);
+/* Makes @entries (@n of them, host order; taken and freed) the refcount
+ * table, in place of the one there was. */
+void strata_qcow2_refcount_table_set(StrataQcow2State *s, uint64_t *entries,
+                                     uint64_t n);
+void strata_qcow2_refcount_table_free(StrataQcow2State *s);
 /* Coroutine, s->lock held.  Drops the refcount blocks that count
  * nothing but themselves from the table (after a shrink). */
 int strata_qcow2_co_shrink_reftable(StrataQcow2State *s);

@@ -108,6 +108,7 @@ static bool open_co_body(StrataQcow2State *s, JsonObject *options,
     StrataNode *file = file_of(s);
     StrataQcow2CacheSizes sizes;
     g_autofree uint8_t *buf = NULL;
+    uint64_t *rt;
     int64_t flen;
     size_t len;
     int ret;
@@ -176,9 +177,10 @@ static bool open_co_body(StrataQcow2State *s, JsonObject *options,
     if (!read_table(s, s->l1_table_offset, s->l1_size, &s->l1_table,
                     error) ||
         !read_table(s, s->refcount_table_offset, s->refcount_table_size,
-                    &s->refcount_table, error)) {
+                    &rt, error)) {
         return false;
     }
+    strata_qcow2_refcount_table_set(s, rt, s->refcount_table_size);
 
     if (strata_qcow2_co_read_snapshots(s, error) < 0) {
         return false;
@@ -417,7 +419,7 @@ static void qcow2_state_free(StrataQcow2State *s)
     strata_qcow2_cache_free(s->refcount_cache);
     s->l2_cache = s->refcount_cache = NULL;
     g_clear_pointer(&s->l1_table, g_free);
-    g_clear_pointer(&s->refcount_table, g_free);
+    strata_qcow2_refcount_table_free(s);
     g_clear_pointer(&s->cmp_buf, g_free);
     g_clear_pointer(&s->decmp_buf, g_free);
     g_clear_pointer(&s->snapshots, g_ptr_array_unref);

@@ -10,6 +10,8 @@
  */
 #include <errno.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "qcow2-private.h"
 
@@ -378,10 +380,7 @@ static int grow_reftable(StrataQcow2State *s, uint64_t min_entries)
         return ret;
     }
 
-    g_free(s->refcount_table);
-    s->refcount_table = g_steal_pointer(&table);
-    s->refcount_table_size = new_entries;
-    s->rt_used_valid = false;
+    strata_qcow2_refcount_table_set(s, g_steal_pointer(&table), new_entries);
     s->refcount_table_offset = start << s->cluster_bits;
     s->hdr.refcount_table_offset = s->refcount_table_offset;
     s->hdr.refcount_table_clusters = (uint32_t)table_clusters;
@@ -397,6 +396,7 @@ int strata_qcow2_co_update_refcount(StrataQcow2State *s, uint64_t offset,
     uint64_t first, last;
     void *block = NULL;
     uint64_t block_offset = 0;
+    bool block_dirty = false;
     int ret = 0;
 
     if (length == 0) {
@@ -420,14 +420,17 @@ int strata_qcow2_co_update_refcount(StrataQcow2State *s, uint64_t offset,
         uint64_t rb_index = c & ((1ull << s->refcount_block_bits) - 1);
         uint64_t rb_offset, rc;
 
-        if (addend > 0) {
+        if (addend > 0 && !(block && rt_index < s->refcount_table_size &&
+                            (s->refcount_table[rt_index] &
+                             STRATA_QCOW2_REFT_OFFSET_MASK) == block_offset)) {
+            /* Not in the block in hand: it may have to be created. */
             while ((ret = ensure_refblock(s, c)) == 1) {
                 /* created; the table entry exists now */
             }
             if (ret < 0) {
                 goto out;
             }
-        } else if (rt_index >= s->refcount_table_size) {
+        } else if (addend <= 0 && rt_index >= s->refcount_table_size) {
             strata_qcow2_co_signal_corruption(s,
                 "Freeing cluster %#" G_GINT64_MODIFIER "x that no refcount "
                 "block covers", c << s->cluster_bits);
@@ -444,6 +447,10 @@ int strata_qcow2_co_update_refcount(StrataQcow2State *s, uint64_t offset,
             goto out;
         }
         if (rb_offset != block_offset) {
+            if (block_dirty) {
+                strata_qcow2_cache_mark_dirty(s->refcount_cache, block);
+                block_dirty = false;
+            }
             strata_qcow2_cache_put(s->refcount_cache, &block);
             ret = check_refblock_offset(s, rt_index, rb_offset);
             if (ret < 0) {
@@ -467,7 +474,9 @@ int strata_qcow2_co_update_refcount(StrataQcow2State *s, uint64_t offset,
         }
         rc += addend;
         strata_qcow2_refblock_set(block, s->refcount_order, rb_index, rc);
-        strata_qcow2_cache_mark_dirty(s->refcount_cache, block);
+        /* Marked when the walk leaves the block: it stays pinned until
+         * then, so nothing writes or drops it meanwhile. */
+        block_dirty = true;
         if (rc == 0) {
             if (c < s->free_cluster_index) {
                 s->free_cluster_index = c;
@@ -478,6 +487,9 @@ int strata_qcow2_co_update_refcount(StrataQcow2State *s, uint64_t offset,
         }
     }
 out:
+    if (block_dirty) {
+        strata_qcow2_cache_mark_dirty(s->refcount_cache, block);
+    }
     strata_qcow2_cache_put(s->refcount_cache, &block);
     return ret;
 }
@@ -660,6 +672,54 @@ int64_t strata_qcow2_co_last_cluster_end(StrataQcow2State *s)
         }
     }
     return (int64_t)(i << s->cluster_bits);
+}
+
+/*
+ * A refcount table is mostly zeros: one cluster of it (8192 entries at
+ * 64 KiB clusters) covers 32 TiB of host file at 16-bit refcounts, and a
+ * small image uses its first entries only.  It lives in an anonymous
+ * mapping of which only the pages holding a non-zero entry are written:
+ * the others stay unbacked and read as zeros, so an open image costs a
+ * page of memory for its table, not a cluster.  An entry set later (a new
+ * refcount block) backs its page then.
+ */
+void strata_qcow2_refcount_table_set(StrataQcow2State *s, uint64_t *entries,
+                                     uint64_t n)
+{
+    g_autofree uint64_t *src = entries;
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t per_page = page / sizeof(uint64_t);
+    size_t bytes = (MAX(n, 1) * sizeof(uint64_t) + page - 1) / page * page;
+    uint64_t *t = mmap(NULL, bytes, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+    if (t == MAP_FAILED) {
+        /* As g_malloc() does when memory runs out. */
+        g_error("%s: failed to map %zu bytes", G_STRLOC, bytes);
+    }
+    for (uint64_t i = 0; i < n; i += per_page) {
+        uint64_t cnt = MIN(per_page, n - i);
+        for (uint64_t j = 0; j < cnt; j++) {
+            if (src[i + j]) {
+                memcpy(t + i, src + i, cnt * sizeof(uint64_t));
+                break;
+            }
+        }
+    }
+    strata_qcow2_refcount_table_free(s);
+    s->refcount_table = t;
+    s->refcount_table_map = bytes;
+    s->refcount_table_size = n;
+    s->rt_used_valid = false;
+}
+
+void strata_qcow2_refcount_table_free(StrataQcow2State *s)
+{
+    if (s->refcount_table) {
+        munmap(s->refcount_table, s->refcount_table_map);
+    }
+    s->refcount_table = NULL;
+    s->refcount_table_map = 0;
 }
 
 bool strata_qcow2_refcount_init(StrataQcow2State *s, GError **error)

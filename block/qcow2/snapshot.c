@@ -6,9 +6,12 @@
  * snapshot's) adds one to each L2 table it names and one to every data
  * cluster those tables name.  The walks below keep that, and keep the
  * on-disk invariant of refcount.c (never fewer counts than references)
- * plus an exact COPIED flag in the active tree at every instant:
- * clearing COPIED only after the increments that justify it are on
- * disk, setting it only after the decrements are.
+ * plus a COPIED flag in the active tree that never claims a cluster
+ * another tree references: the header switch that makes a snapshot
+ * reachable follows the COPIED changes and the increments onto the
+ * disk, and a flag is set again only after the switch that dropped the
+ * other reference.  Between switches the flag may disagree with a count
+ * that a crash would leave leaked (see create_locked()).
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -252,62 +255,123 @@ static int flush_all(StrataQcow2State *s)
     return ret < 0 ? ret : ret2;
 }
 
-/*
- * Writes s->snapshots as a new table in new clusters and switches the
- * header to it (nb_snapshots + offset in one write), then frees the old
- * table.  A crash leaves the old or the new table, with leaks at worst.
- */
-static int write_table(StrataQcow2State *s)
+/* Makes whatever was pending before an operation stable, in its order,
+ * and leaves no dependency behind: each cache's _co_flush settles its
+ * own.  Costs no fdatasync when nothing was written since the last. */
+static int settle_all(StrataQcow2State *s)
 {
-    uint64_t len = 0, new_off = 0;
+    int ret = strata_qcow2_cache_co_flush(s->l2_cache);
+
+    return ret < 0 ? ret : strata_qcow2_cache_co_flush(s->refcount_cache);
+}
+
+/*
+ * One barrier for the changes an operation made since settle_all(),
+ * when they need no order among themselves: none makes a reference
+ * reachable that a count on disk could miss, so any subset of them
+ * surviving a crash leaks clusters at worst.  The dependencies their
+ * allocations and frees recorded would cost an fdatasync each; they go.
+ */
+static int flush_unordered(StrataQcow2State *s)
+{
+    strata_qcow2_cache_drop_dependency(s->l2_cache);
+    strata_qcow2_cache_drop_dependency(s->refcount_cache);
+    return flush_all(s);
+}
+
+/* A table staged by stage_table(), not yet named by the header. */
+typedef struct {
+    uint64_t off;       /* 0: no snapshot left, no table */
+    uint64_t len;
+} StagedTable;
+
+/*
+ * Writes s->snapshots as a new table in new clusters, unflushed: the
+ * caller makes it stable (with whatever else the switch needs) and then
+ * calls switch_table().  Only the table's bytes are written, as QEMU
+ * does; the rest of its last cluster is never read.
+ */
+static int stage_table(StrataQcow2State *s, StagedTable *t)
+{
+    g_autofree uint8_t *buf = build_table(s, &t->len);
+    int64_t off;
+    int ret;
+
+    t->off = 0;
+    if (t->len > MAX_SNAPSHOTS_TABLE) {
+        return -EFBIG;
+    }
+    if (!s->snapshots->len) {
+        return 0;
+    }
+    off = strata_qcow2_co_alloc_clusters(s, t->len);
+    if (off < 0) {
+        return (int)off;
+    }
+    ret = strata_qcow2_co_pwrite_meta(s, 0, (uint64_t)off, buf, t->len);
+    if (ret < 0) {
+        strata_qcow2_co_free_clusters(s, (uint64_t)off, t->len);
+        return ret;
+    }
+    t->off = (uint64_t)off;
+    return 0;
+}
+
+/* Gives back the clusters of a table that never became current. */
+static void drop_staged_table(StrataQcow2State *s, const StagedTable *t)
+{
+    if (t->off) {
+        strata_qcow2_co_free_clusters(s, t->off, t->len);
+    }
+}
+
+/*
+ * Switches the header to the staged table (nb_snapshots + offset in one
+ * synchronous write), then frees the old table.  The staged table and
+ * everything it needs must be stable already.  A crash leaves the old
+ * or the new table, with leaks at worst.
+ */
+static int switch_table(StrataQcow2State *s, const StagedTable *t)
+{
     uint64_t old_off = s->hdr.snapshots_offset;
     uint64_t old_size = s->snapshots_size;
     bool had = s->hdr.nb_snapshots > 0;
-    g_autofree uint8_t *buf = build_table(s, &len);
     uint8_t hdr[12];
     int ret;
 
-    if (len > MAX_SNAPSHOTS_TABLE) {
-        return -EFBIG;
-    }
-    if (s->snapshots->len) {
-        uint64_t alloc = (len + s->cluster_size - 1) & ~(s->cluster_size - 1);
-        g_autofree uint8_t *cl = g_malloc0(alloc);
-        int64_t off = strata_qcow2_co_alloc_clusters(s, alloc);
-        if (off < 0) {
-            return (int)off;
-        }
-        new_off = (uint64_t)off;
-        memcpy(cl, buf, len);
-        /* The table, its clusters' refcounts and whatever the caller
-         * left in the caches are stable before the header points at
-         * the table: one flush for all. */
-        ret = strata_qcow2_co_pwrite_meta(s, 0, new_off, cl, alloc);
-        if (ret == 0) {
-            ret = flush_all(s);
-        }
-        if (ret < 0) {
-            strata_qcow2_co_free_clusters(s, new_off, alloc);
-            return ret;
-        }
-    }
     strata_qcow2_put_be32(hdr, s->snapshots->len);
-    strata_qcow2_put_be64(hdr + 4, new_off);
+    strata_qcow2_put_be64(hdr + 4, t->off);
     ret = strata_qcow2_co_write_header_bytes(s, HDR_SNAPSHOTS, hdr,
                                              sizeof(hdr));
     if (ret < 0) {
-        if (new_off) {
-            strata_qcow2_co_free_clusters(s, new_off, len);
-        }
         return ret;
     }
     s->hdr.nb_snapshots = s->snapshots->len;
-    s->hdr.snapshots_offset = new_off;
-    s->snapshots_size = len;
+    s->hdr.snapshots_offset = t->off;
+    s->snapshots_size = t->len;
     if (had && old_off) {
         strata_qcow2_co_free_clusters(s, old_off, MAX(old_size, 1));
     }
     return 0;
+}
+
+/* The table of s->snapshots made current: staged, made stable with
+ * its clusters' counts, switched. */
+static int write_table(StrataQcow2State *s)
+{
+    StagedTable t;
+    int ret = stage_table(s, &t);
+
+    if (ret == 0) {
+        ret = flush_all(s);
+    }
+    if (ret == 0) {
+        ret = switch_table(s, &t);
+    }
+    if (ret < 0) {
+        drop_staged_table(s, &t);
+    }
+    return ret;
 }
 
 /* ------------------------------------------------------------------ */
@@ -339,22 +403,97 @@ static bool copied_changes(CopiedMode mode, uint64_t *entry, uint64_t rc)
     return true;
 }
 
+/* Contiguous host clusters whose counts change together: one
+ * strata_qcow2_co_update_refcount() for a run instead of one per
+ * cluster (a preallocated image is one long run). */
+typedef struct {
+    uint64_t start, len;
+} CountRun;
+
+static int run_flush(StrataQcow2State *s, CountRun *run, int addend)
+{
+    int ret = 0;
+
+    if (run->len) {
+        ret = strata_qcow2_co_update_refcount(s, run->start, run->len,
+                                              addend);
+        run->len = 0;
+    }
+    return ret;
+}
+
+static int run_add(StrataQcow2State *s, CountRun *run, uint64_t host,
+                   uint64_t len, int addend)
+{
+    int ret = 0;
+
+    if (run->len && run->start + run->len == host) {
+        run->len += len;
+        return 0;
+    }
+    ret = run_flush(s, run, addend);
+    run->start = host;
+    run->len = len;
+    return ret;
+}
+
+/* Refcount reads along a walk: the refblock last looked up, peeked in
+ * the cache (not pinned), so a read costs no lookup while the walk
+ * stays in one block.  Valid until the walk yields: forget() before
+ * anything that may. */
+typedef struct {
+    uint64_t rb_offset;
+    const void *block;
+} CountPeek;
+
+static void peek_forget(CountPeek *p)
+{
+    p->block = NULL;
+}
+
+static int peek_refcount(StrataQcow2State *s, CountPeek *p, uint64_t host,
+                         uint64_t *rc)
+{
+    uint64_t cluster = host >> s->cluster_bits;
+    uint64_t rt_index = cluster >> s->refcount_block_bits;
+    uint64_t rb = rt_index < s->refcount_table_size
+        ? s->refcount_table[rt_index] & STRATA_QCOW2_REFT_OFFSET_MASK : 0;
+
+    if (rb && !(p->block && p->rb_offset == rb)) {
+        /* Validated when it was loaded, as every cached refblock. */
+        p->block = strata_qcow2_cache_peek(s->refcount_cache, rb);
+        p->rb_offset = rb;
+    }
+    if (rb && p->block) {
+        *rc = strata_qcow2_refblock_get(
+            p->block, s->refcount_order,
+            cluster & ((1ull << s->refcount_block_bits) - 1));
+        return 0;
+    }
+    peek_forget(p);
+    return strata_qcow2_co_get_refcount(s, cluster, rc);
+}
+
 /*
  * Adds @addend to every L2 table @l1 names and to every cluster those
  * tables name, then (COPIED_EXACT) makes the COPIED flags of the L2
  * entries and of @l1's entries agree with the new refcounts.  L2 tables
  * change through the cache; @l1 only in memory (*@l1_modified says
- * whether the caller must write it).
+ * whether the caller must write it).  Without COPIED_EXACT no count is
+ * read, and data clusters are counted in contiguous runs.
  */
 static int update_tree_refcounts(StrataQcow2State *s, uint64_t *l1,
                                  uint32_t l1_size, int addend,
                                  CopiedMode mode, bool *l1_modified)
 {
     uint64_t cs = s->cluster_size;
+    bool exact = mode == COPIED_EXACT;
+    CountRun run = { 0 };
+    CountPeek peek = { 0 };
     int ret;
 
     *l1_modified = false;
-    if (mode == COPIED_EXACT) {
+    if (exact) {
         /* Flags set (or cleared) for the new counts must not reach the
          * disk before them. */
         ret = strata_qcow2_cache_co_set_dependency(s->l2_cache,
@@ -365,7 +504,7 @@ static int update_tree_refcounts(StrataQcow2State *s, uint64_t *l1,
     }
     for (uint32_t i = 0; i < l1_size; i++) {
         uint64_t l2 = l1[i] & STRATA_QCOW2_OFFSET_MASK;
-        uint64_t rc;
+        uint64_t rc = 2;
 
         if (!l2) {
             continue;
@@ -381,6 +520,7 @@ static int update_tree_refcounts(StrataQcow2State *s, uint64_t *l1,
             uint64_t *slice;
             bool dirty = false;
 
+            peek_forget(&peek);
             ret = strata_qcow2_cache_co_get(s->l2_cache, l2 + sl,
                                             (void **)&slice);
             if (ret < 0) {
@@ -396,9 +536,13 @@ static int update_tree_refcounts(StrataQcow2State *s, uint64_t *l1,
                     uint64_t nb = ((e >> s->csize_shift) & s->csize_mask) + 1;
                     uint64_t end = (off & ~511ull) + nb * 512;
                     if (addend) {
-                        ret = strata_qcow2_co_update_refcount(s, off,
-                                                              end - off,
-                                                              addend);
+                        /* Never a run: compressed data shares clusters. */
+                        ret = run_flush(s, &run, addend);
+                        if (ret == 0) {
+                            ret = strata_qcow2_co_update_refcount(
+                                s, off, end - off, addend);
+                        }
+                        peek_forget(&peek);
                         if (ret < 0) {
                             goto fail;
                         }
@@ -417,15 +561,17 @@ static int update_tree_refcounts(StrataQcow2State *s, uint64_t *l1,
                         ret = -EIO;
                         goto fail;
                     }
-                    if (addend) {
+                    if (addend && !exact) {
+                        ret = run_add(s, &run, host, cs, addend);
+                        peek_forget(&peek);
+                    } else if (addend) {
                         ret = strata_qcow2_co_update_refcount(s, host, cs,
                                                               addend);
-                        if (ret < 0) {
-                            goto fail;
-                        }
+                        peek_forget(&peek);
                     }
-                    ret = strata_qcow2_co_get_refcount(s, host >>
-                                                       s->cluster_bits, &rc);
+                    if (ret == 0 && exact) {
+                        ret = peek_refcount(s, &peek, host, &rc);
+                    }
                     if (ret < 0) {
                         goto fail;
                     }
@@ -451,20 +597,26 @@ fail:
             return ret;
         }
         if (addend) {
-            ret = strata_qcow2_co_update_refcount(s, l2, cs, addend);
+            ret = run_add(s, &run, l2, cs, addend);
+            if (ret == 0 && exact) {
+                ret = run_flush(s, &run, addend);
+            }
+            peek_forget(&peek);
             if (ret < 0) {
                 return ret;
             }
         }
-        ret = strata_qcow2_co_get_refcount(s, l2 >> s->cluster_bits, &rc);
-        if (ret < 0) {
-            return ret;
+        if (exact) {
+            ret = peek_refcount(s, &peek, l2, &rc);
+            if (ret < 0) {
+                return ret;
+            }
         }
         if (copied_changes(mode, &l1[i], rc)) {
             *l1_modified = true;
         }
     }
-    return 0;
+    return run_flush(s, &run, addend);
 }
 
 /* Writes the whole active L1 from s->l1_table, flushed if @flush. */
@@ -487,22 +639,33 @@ static int write_active_l1(StrataQcow2State *s, bool flush)
                                                bytes);
 }
 
-/* After decrements are on disk: COPIED set again where the active tree
- * owns a cluster alone now. */
-static int recompute_active_copied(StrataQcow2State *s)
+/*
+ * After a switch (header or active L1) that dropped references, and
+ * the decrements that followed it: COPIED set again where the active
+ * tree owns a cluster alone now, in one barrier with those decrements.
+ * A flag is set only where the count in memory is 1, so nothing but the
+ * active tree references that cluster any more (the switch before is
+ * stable): a crash that keeps the flag and loses the decrement leaves a
+ * leak that qemu-img check -r leaks repairs, flag included, and never a
+ * shared cluster written in place.  @write_l1: the active L1 on disk may
+ * differ from s->l1_table (a write of it failed), so it is written
+ * whether or not a flag changes now.
+ */
+static int recompute_active_copied(StrataQcow2State *s, bool write_l1)
 {
     bool l1_modified;
-    int ret = strata_qcow2_cache_co_flush(s->refcount_cache);
+    int ret;
 
-    if (ret == 0) {
-        ret = update_tree_refcounts(s, s->l1_table, s->l1_size, 0,
-                                    COPIED_EXACT, &l1_modified);
+    /* The decrements recorded that their counts follow the L2 changes;
+     * the switch already made that so. */
+    strata_qcow2_cache_drop_dependency(s->refcount_cache);
+    ret = update_tree_refcounts(s, s->l1_table, s->l1_size, 0,
+                                COPIED_EXACT, &l1_modified);
+    if (ret == 0 && (l1_modified || write_l1)) {
+        ret = write_active_l1(s, false);
     }
     if (ret == 0) {
-        ret = strata_qcow2_cache_co_flush(s->l2_cache);
-    }
-    if (ret == 0 && l1_modified) {
-        ret = write_active_l1(s, true);
+        ret = flush_unordered(s);
     }
     return ret;
 }
@@ -595,7 +758,12 @@ static bool create_locked(StrataQcow2State *s,
 {
     StrataQcow2Snapshot *sn;
     g_autofree char *id = NULL;
+    g_autofree uint8_t *l1_copy = NULL;
+    uint64_t l1_bytes = 0;
+    StagedTable table = { 0 };
+    const char *what;
     bool l1_modified;
+    int64_t off;
     int ret;
 
     if (info->id && *info->id) {
@@ -635,7 +803,9 @@ static bool create_locked(StrataQcow2State *s,
         return false;
     }
 
-    ret = flush_all(s);
+    /* What was pending keeps its own order; from here on the caches
+     * hold this snapshot's changes only. */
+    ret = settle_all(s);
     if (ret < 0) {
         set_io_error(error, "Could not flush qcow2 metadata", ret);
         return false;
@@ -658,11 +828,27 @@ static bool create_locked(StrataQcow2State *s,
         sn->date_nsec = (uint32_t)((now % G_USEC_PER_SEC) * 1000);
     }
 
-    /* 1. A copy of the active L1, verbatim. */
+    /*
+     * Everything up to the header switch is one batch behind one flush:
+     * the L1 copy, one more count along the active tree with COPIED off
+     * in it, the new table.  None of it is reachable before the header
+     * names the table, so whatever part of it a crash keeps, the image
+     * is the old one with leaks: counts that rose for a snapshot that
+     * does not exist, and COPIED either off on a cluster counted once
+     * (a needless copy on the next write) or still on where the extra
+     * count is the leak (the cluster really is the active tree's
+     * alone).  `qemu-img check -r leaks` repairs both.  What the header
+     * switch needs (counts up, COPIED off, table and copy written) is
+     * stable before it.
+     */
     if (sn->l1_size) {
-        uint64_t bytes = (uint64_t)sn->l1_size * 8;
-        g_autofree uint8_t *buf = g_malloc0(bytes);
-        int64_t off = strata_qcow2_co_alloc_clusters(s, bytes);
+        /* Verbatim, flags included, before they go from the active L1. */
+        l1_bytes = (uint64_t)sn->l1_size * 8;
+        l1_copy = g_malloc0(l1_bytes);
+        for (uint32_t i = 0; i < sn->l1_size; i++) {
+            strata_qcow2_put_be64(l1_copy + (uint64_t)i * 8, s->l1_table[i]);
+        }
+        off = strata_qcow2_co_alloc_clusters(s, l1_bytes);
         if (off < 0) {
             set_io_error(error, "Could not allocate the snapshot L1",
                          (int)off);
@@ -670,60 +856,57 @@ static bool create_locked(StrataQcow2State *s,
             return false;
         }
         sn->l1_table_offset = (uint64_t)off;
-        for (uint32_t i = 0; i < sn->l1_size; i++) {
-            strata_qcow2_put_be64(buf + (uint64_t)i * 8, s->l1_table[i]);
-        }
-        /* Nothing points at the copy yet: the flush below makes it
-         * stable along with the COPIED changes. */
-        ret = strata_qcow2_co_pwrite_meta(s, 0, (uint64_t)off, buf, bytes);
+    }
+    ret = update_tree_refcounts(s, s->l1_table, s->l1_size, 1, COPIED_CLEAR,
+                                &l1_modified);
+    if (ret < 0) {
+        what = "Could not update refcounts for the snapshot";
+        goto fail;
+    }
+    /* Written before the entry exists: the overlap check would take
+     * the copy for the snapshot's own L1. */
+    if (l1_bytes) {
+        ret = strata_qcow2_co_pwrite_meta(s, 0, sn->l1_table_offset,
+                                          l1_copy, l1_bytes);
         if (ret < 0) {
-            set_io_error(error, "Could not write the snapshot L1", ret);
-            strata_qcow2_co_free_clusters(s, (uint64_t)off, bytes);
-            strata_qcow2_snapshot_free(sn);
-            return false;
+            what = "Could not write the snapshot L1";
+            goto fail;
         }
     }
-
-    /* 2. COPIED off in the active tree, on disk, before any count
-     * rises: a crash in between then leaves clusters with refcount 1
-     * and no COPIED (a needless copy on the next write, repaired by
-     * `check -r all`) rather than COPIED on a shared cluster (an
-     * in-place write into the snapshot). */
-    ret = update_tree_refcounts(s, s->l1_table, s->l1_size, 0, COPIED_CLEAR,
-                                &l1_modified);
+    g_ptr_array_add(s->snapshots, sn);
+    ret = stage_table(s, &table);
     if (ret == 0 && l1_modified) {
         ret = write_active_l1(s, false);
     }
     if (ret == 0) {
-        ret = flush_all(s);
+        ret = flush_unordered(s);
     }
-    /* 3. One more reference along the active tree; write_table's flush
-     * makes the counts stable before the header names the snapshot. */
     if (ret == 0) {
-        ret = update_tree_refcounts(s, s->l1_table, s->l1_size, 1,
-                                    COPIED_KEEP, &l1_modified);
+        ret = switch_table(s, &table);
     }
     if (ret < 0) {
-        /* The counts taken so far leak; nothing points at the copy.
-         * COPIED flags cleared so far (on disk, or only in memory when
-         * the L1 write failed) follow the refcounts again: a one-off
-         * error must not leave the tree and the table disagreeing. */
-        recompute_active_copied(s);
-        set_io_error(error, "Could not update refcounts for the snapshot",
-                     ret);
-        strata_qcow2_snapshot_free(sn);
-        return false;
-    }
-
-    /* 4, 5. The new table, then the header switch. */
-    g_ptr_array_add(s->snapshots, sn);
-    ret = write_table(s);
-    if (ret < 0) {
-        g_ptr_array_remove_index(s->snapshots, s->snapshots->len - 1);
-        set_io_error(error, "Could not write the snapshot table", ret);
-        return false;
+        g_ptr_array_steal_index(s->snapshots, s->snapshots->len - 1);
+        drop_staged_table(s, &table);
+        what = "Could not write the snapshot table";
+        goto fail;
     }
     return true;
+
+fail:
+    /* The counts taken so far leak; nothing points at the copy.
+     * COPIED flags cleared so far (on disk, or only in memory) follow
+     * the refcounts again, set only where no count rose: a one-off
+     * error must not leave the tree and the table disagreeing. */
+    if (l1_bytes) {
+        strata_qcow2_co_free_clusters(s, sn->l1_table_offset, l1_bytes);
+    }
+    /* The flags cleared in s->l1_table may not have reached the disk:
+     * the next create would see nothing to clear and leave them on
+     * under its snapshot. */
+    recompute_active_copied(s, l1_modified);
+    set_io_error(error, what, ret);
+    strata_qcow2_snapshot_free(sn);
+    return false;
 }
 
 static bool apply_locked(StrataQcow2State *s, StrataQcow2Snapshot *sn,
@@ -814,7 +997,7 @@ static bool apply_locked(StrataQcow2State *s, StrataQcow2Snapshot *sn,
                                 &l1_modified);
     g_free(old_l1);
     if (ret == 0) {
-        ret = recompute_active_copied(s);
+        ret = recompute_active_copied(s, false);
     }
     if (ret < 0) {
         set_io_error(error, "Could not update refcounts after the switch",
@@ -836,7 +1019,7 @@ static bool delete_locked(StrataQcow2State *s, guint index, GError **error)
                     "Snapshot '%s' has an invalid L1 table", sn->id_str);
         return false;
     }
-    ret = flush_all(s);
+    ret = settle_all(s);
     if (ret == 0) {
         ret = strata_qcow2_co_read_l1(s, sn->l1_table_offset, sn->l1_size,
                                       &sn_l1);
@@ -863,7 +1046,7 @@ static bool delete_locked(StrataQcow2State *s, guint index, GError **error)
     }
     strata_qcow2_snapshot_free(sn);
     if (ret == 0) {
-        ret = recompute_active_copied(s);
+        ret = recompute_active_copied(s, false);
     }
     if (ret < 0) {
         set_io_error(error, "Could not update refcounts", ret);

@@ -3,18 +3,24 @@
  * Power cut: qcow2 over blkdebug with a volatile write cache; a writer
  * runs a random workload (allocating and COW writes over a backing
  * file, zero writes, discards, snapshot create/delete, resize, flushes)
- * and the power fails at a random moment, losing every unflushed write
- * or keeping a random subset of its sectors.  SIGKILL: a child process
+ * and the power fails at a random moment (or, for half the seeds, as a
+ * random write request arrives), losing every unflushed write or
+ * keeping a random subset of its sectors.  SIGKILL: a child process
  * runs the same workload on a plain file and is killed at a random
  * time.  Afterwards `qemu-img check` must find no corruption (leaks are
- * allowed, and COPIED off on unshared clusters: see copied_only()),
- * strata's repair must leave it clean, and every byte written
- * before the last completed flush and not touched since must read back.
+ * allowed, and the COPIED mismatches of copied_only()), strata's repair
+ * must leave it clean, and every byte written before the last
+ * completed flush and not touched since must read back.
+ *
+ * Snapshot create, delete and apply are also cut at each of their write
+ * boundaries in turn (strata_debug_arm_power_cut), on an image whose
+ * every cluster is allocated.
  *
  * STRATA_CRASH_SEED replays one case; STRATA_CRASH_CUTS and
- * STRATA_CRASH_KILLS set the number of cases; STRATA_CRASH_KEEP names a
- * directory that receives each crashed image (crash-<seed>.qcow2).  Skips (77) without
- * qemu-img. */
+ * STRATA_CRASH_KILLS set the number of cases, STRATA_CRASH_SNAP_SEEDS
+ * the power cuts per snapshot write boundary; STRATA_CRASH_KEEP names a
+ * directory that receives each crashed image (crash-<seed>.qcow2).
+ * Skips (77) without qemu-img. */
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -35,6 +41,7 @@ static StrataContext *ctx;
 static char *dir;
 static guint32 base_seed;
 static bool fixed_seed;
+static int snap_seeds = 1;      /* power cuts per snapshot write boundary */
 
 /* ---- the workload, identical in the writer and in its replay ---- */
 
@@ -388,22 +395,60 @@ static void read_co(void *opaque)
     r->ret = strata_node_co_pread(r->node, 0, r->len, r->buf, 0);
 }
 
+/* The number after @key in @line ("refcount=" → 2); false if none. */
+static bool field(const char *line, const char *key, int base,
+                  uint64_t *v)
+{
+    const char *p = strstr(line, key);
+
+    if (!p) {
+        return false;
+    }
+    *v = g_ascii_strtoull(p + strlen(key), NULL, base);
+    return true;
+}
+
 /*
- * Whether every error qemu-img check reports is a cluster with refcount
- * 1 whose COPIED flag is off.  A crash while a snapshot is taken (or
- * deleted) can leave that, whatever the write order, since a cluster's
- * refcount and its L2 entry never share a sector; the order makes it
- * the harmless direction (the next write copies needlessly) and never
- * COPIED on a shared cluster.  `check -r all` sets the flag again.
+ * Whether every error qemu-img check reports is a COPIED flag that a
+ * crash inside a snapshot create or delete may leave, and that
+ * `qemu-img check -r leaks` repairs with the leaks: off on a cluster
+ * with refcount 1 (the next write copies needlessly; the cluster's
+ * count and its L2 entry never share a sector, so some order leaves
+ * this), or on where only a leaked count says the cluster is shared
+ * (qemu-img also reports "Leaked cluster N refcount=R reference=1"
+ * for it: one reference, so writing it in place is right).  COPIED on
+ * a cluster that two trees really reference (a snapshot's data about
+ * to be overwritten in place) fails.
  */
-static bool copied_only(const char *out)
+static bool copied_only(const char *out, int cluster_bits)
 {
     g_auto(GStrv) lines = g_strsplit(out, "\n", -1);
 
     for (int i = 0; lines[i]; i++) {
-        if (g_str_has_prefix(lines[i], "ERROR") &&
-            !(g_str_has_prefix(lines[i], "ERROR OFLAG_COPIED") &&
-              g_str_has_suffix(lines[i], " refcount=1"))) {
+        const char *l = lines[i];
+        uint64_t rc, entry;
+        g_autofree char *leak = NULL;
+
+        if (!g_str_has_prefix(l, "ERROR")) {
+            continue;
+        }
+        if (!g_str_has_prefix(l, "ERROR OFLAG_COPIED")) {
+            return false;
+        }
+        if (!field(l, " refcount=", 10, &rc)) {
+            return false;
+        }
+        if (rc == 1) {
+            continue;
+        }
+        if (rc < 2 || !field(l, "_entry=", 16, &entry)) {
+            return false;
+        }
+        leak = g_strdup_printf("Leaked cluster %" G_GUINT64_FORMAT
+                               " refcount=%" G_GUINT64_FORMAT " reference=1",
+                               (uint64_t)((entry & 0x00fffffffffffe00ull) >>
+                                          cluster_bits), rc);
+        if (!strstr(out, leak)) {
             return false;
         }
     }
@@ -437,9 +482,11 @@ static void verify(guint32 seed, const Model *dur, const uint8_t *touched,
            "2>/dev/null", keep, seed, keep);
     }
     rc = sh(&out, "qemu-img check -f qcow2 top.qcow2");
-    ck_assert_msg(rc == 0 || rc == 3 || (rc == 2 && copied_only(out)),
+    ck_assert_msg(rc == 0 || rc == 3 ||
+                  (rc == 2 && copied_only(out,
+                                          setup_for(seed).cluster_bits)),
                   "seed %u (STRATA_CRASH_SEED=%u replays): qemu-img check "
-                  "exit %d after the crash:\n%s", seed, seed, rc, out);
+                  "exit %d after the crash:\n%.3000s", seed, seed, rc, out);
 
     n = strata_context_add_node_keyval(ctx, spec, &err);
     ck_assert_msg(n, "seed %u: reopen: %s", seed, err ? err->message : "");
@@ -479,7 +526,7 @@ static void verify(guint32 seed, const Model *dur, const uint8_t *touched,
 
     rc = sh(&out, "qemu-img check -f qcow2 top.qcow2");
     ck_assert_msg(rc == 0, "seed %u: qemu-img check after strata's repair "
-                  "exit %d:\n%s", seed, rc, out);
+                  "exit %d:\n%.3000s", seed, rc, out);
 }
 
 static guint32 case_seed(int i)
@@ -579,14 +626,29 @@ START_TEST(test_power_cut)
     while (!w.done && w.started < cut_op) {
         strata_loop_iterate(ctx->loop, true);
     }
-    for (int j = 0; j < extra && !w.done; j++) {
-        strata_loop_iterate(ctx->loop, true);
-    }
-    w.cutting = true;
-    ck_assert_msg(strata_debug_power_cut(dbg, s.mode, &err), "%s",
-                  err ? err->message : "");
-    while (!w.done) {
-        strata_loop_iterate(ctx->loop, true);
+    if ((seed / 128) % 2) {
+        /* The power fails as the write after @extra more arrives: inside
+         * an operation (a snapshot's batch of metadata writes, a flush)
+         * rather than where the loop happens to turn. */
+        w.cutting = true;
+        strata_debug_arm_power_cut(dbg, extra, s.mode);
+        while (!w.done) {
+            strata_loop_iterate(ctx->loop, true);
+        }
+        if (!strata_debug_powered_off(dbg)) {
+            ck_assert_msg(strata_debug_power_cut(dbg, s.mode, &err), "%s",
+                          err ? err->message : "");
+        }
+    } else {
+        for (int j = 0; j < extra && !w.done; j++) {
+            strata_loop_iterate(ctx->loop, true);
+        }
+        w.cutting = true;
+        ck_assert_msg(strata_debug_power_cut(dbg, s.mode, &err), "%s",
+                      err ? err->message : "");
+        while (!w.done) {
+            strata_loop_iterate(ctx->loop, true);
+        }
     }
     ck_assert_msg(w.unexpected == 0, "seed %u: op kind %d failed before "
                   "the cut: %s", seed, w.unexpected_kind,
@@ -603,6 +665,218 @@ START_TEST(test_power_cut)
     g_free(w.touched);
     g_array_free(w.sizes, true);
     g_rand_free(r);
+}
+END_TEST
+
+/* ---- every write boundary of one snapshot operation ---- */
+
+#define SNAP_SIZE (4u << 20)
+
+/* The prepared image: all of it written (A), snapshot "keep" of that,
+ * then the first half overwritten (B, copied out of the snapshot's
+ * clusters), flushed.  "keep" reads as A; the active disk as @act. */
+typedef struct {
+    StrataNode *node;
+    const uint8_t *a, *act;
+    bool ok;
+} PrepReq;
+
+static void prep_co(void *opaque)
+{
+    PrepReq *r = opaque;
+    g_autoptr(GError) err = NULL;
+
+    r->ok = strata_node_co_pwrite(r->node, 0, SNAP_SIZE, r->a, 0) == 0 &&
+            strata_qcow2_co_snapshot_create(r->node, NULL, "keep", &err) &&
+            strata_node_co_pwrite(r->node, 0, SNAP_SIZE / 2, r->act, 0) == 0
+            && strata_node_co_flush(r->node) == 0;
+}
+
+/* What is cut: a create of "new", the delete of "keep", a revert to
+ * "keep". */
+typedef enum { SNAP_CREATE, SNAP_DELETE, SNAP_APPLY } SnapKind;
+
+static const char *const snap_kind_names[] = { "create", "delete",
+                                               "apply" };
+
+typedef struct {
+    StrataNode *node;
+    SnapKind kind;
+    bool ok;
+} SnapReq;
+
+static void snap_co(void *opaque)
+{
+    SnapReq *r = opaque;
+    g_autoptr(GError) err = NULL;
+
+    switch (r->kind) {
+    case SNAP_CREATE:
+        r->ok = strata_qcow2_co_snapshot_create(r->node, NULL, "new", &err);
+        break;
+    case SNAP_DELETE:
+        r->ok = strata_qcow2_co_snapshot_delete(r->node, "keep", &err);
+        break;
+    case SNAP_APPLY:
+        r->ok = strata_qcow2_co_snapshot_apply(r->node, "keep", &err);
+        break;
+    }
+}
+
+/* Whether @file (in dir) holds exactly @len bytes equal to @want. */
+static bool file_equals(const char *file, const uint8_t *want, size_t len)
+{
+    g_autofree char *path = g_build_filename(dir, file, NULL);
+    g_autofree char *got = NULL;
+    gsize n = 0;
+
+    return g_file_get_contents(path, &got, &n, NULL) && n == len &&
+           memcmp(got, want, len) == 0;
+}
+
+/*
+ * Runs the operation on a fresh copy of the prepared image with the
+ * power failing as its write-kind request number @k arrives (0 is the
+ * first), then judges the image: no corruption for qemu-img check
+ * (leaks and copied_only() allowed), clean after `qemu-img check -r
+ * leaks`, the active disk intact (after a revert: either disk, whole),
+ * every snapshot listed holding its data, "keep" listed unless deleted,
+ * and a finished operation durable (the power then fails after its
+ * reply).  Returns whether the cut came
+ * before the operation finished.
+ */
+static bool cut_snapshot_op(int cluster_bits, SnapKind kind, uint64_t k,
+                            guint32 seed, const uint8_t *a,
+                            const uint8_t *act)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *out = NULL;
+    g_autofree char *spec = g_strdup_printf(
+        "driver=qcow2,file.driver=blkdebug,file.x-volatile-cache=on,"
+        "file.x-seed=%u,file.image.driver=file,"
+        "file.image.filename=%s/top.qcow2", seed, dir);
+    const char *what = snap_kind_names[kind];
+    SnapReq r = { .kind = kind };
+    StrataNode *dbg;
+    bool cut, has_keep, has_new, reverted;
+    int rc;
+
+    ck_assert_int_eq(sh(NULL, "cp base.qcow2 top.qcow2"), 0);
+    r.node = strata_context_add_node_keyval(ctx, spec, &err);
+    ck_assert_msg(r.node, "%s", err ? err->message : "");
+    dbg = r.node->file->node;
+    strata_debug_arm_power_cut(dbg, k, STRATA_POWER_CUT_RANDOM_SUBSET);
+    strata_loop_run_co(ctx->loop, snap_co, &r);
+    cut = strata_debug_powered_off(dbg);
+    ck_assert_msg(cut || r.ok, "%s failed without a cut", what);
+    if (!cut) {
+        ck_assert(strata_debug_power_cut(dbg, STRATA_POWER_CUT_LOSE_ALL,
+                                         &err));
+    }
+    strata_context_del_node(ctx, r.node->node_name, NULL);
+
+    rc = sh(&out, "qemu-img check -f qcow2 top.qcow2");
+    ck_assert_msg(rc == 0 || rc == 3 ||
+                  (rc == 2 && copied_only(out, cluster_bits)),
+                  "%s cut at write %" G_GUINT64_FORMAT " (x-seed %u): "
+                  "qemu-img check exit %d:\n%.3000s", what, k, seed, rc, out);
+    rc = sh(&out, "cp top.qcow2 fix.qcow2 && "
+            "qemu-img check -q -r leaks -f qcow2 fix.qcow2");
+    ck_assert_msg(rc == 0, "%s cut at write %" G_GUINT64_FORMAT ": check "
+                  "-r leaks exit %d:\n%.3000s", what, k, rc, out);
+
+    ck_assert_int_eq(sh(&out, "qemu-img info --output=json top.qcow2"), 0);
+    has_keep = strstr(out, "\"name\": \"keep\"") != NULL;
+    has_new = strstr(out, "\"name\": \"new\"") != NULL;
+    ck_assert_msg(kind == SNAP_DELETE ? !has_new && (cut || !has_keep)
+                                      : has_keep && (kind == SNAP_CREATE
+                                                     ? cut || has_new
+                                                     : !has_new),
+                  "%s cut at write %" G_GUINT64_FORMAT " (finished: %d): "
+                  "snapshots keep %d new %d", what, k, !cut, has_keep,
+                  has_new);
+    ck_assert_int_eq(sh(NULL, "qemu-img convert -f qcow2 -O raw top.qcow2 "
+                        "d.raw"), 0);
+    /* A revert switches the whole disk at once, or not yet. */
+    reverted = kind == SNAP_APPLY && file_equals("d.raw", a, SNAP_SIZE);
+    ck_assert_msg(reverted || ((cut || kind != SNAP_APPLY) &&
+                               file_equals("d.raw", act, SNAP_SIZE)),
+                  "%s cut at write %" G_GUINT64_FORMAT " (finished: %d): "
+                  "the active disk is neither before nor after", what, k,
+                  !cut);
+    if (has_keep) {
+        ck_assert_int_eq(sh(NULL, "qemu-img convert -f qcow2 -l "
+                            "snapshot.name=keep -O raw top.qcow2 d.raw"), 0);
+        ck_assert_msg(file_equals("d.raw", a, SNAP_SIZE), "%s cut at write %"
+                      G_GUINT64_FORMAT ": snapshot keep changed", what, k);
+    }
+    if (has_new) {
+        ck_assert_int_eq(sh(NULL, "qemu-img convert -f qcow2 -l "
+                            "snapshot.name=new -O raw top.qcow2 d.raw"), 0);
+        ck_assert_msg(file_equals("d.raw", act, SNAP_SIZE), "%s cut at "
+                      "write %" G_GUINT64_FORMAT ": snapshot new is not the "
+                      "disk it was taken of", what, k);
+    }
+    return cut;
+}
+
+static void snapshot_boundaries(int cluster_bits, SnapKind kind)
+{
+    g_autoptr(GError) err = NULL;
+    g_autoptr(JsonObject) o = json_object_new();
+    g_autofree char *img = g_build_filename(dir, "base.qcow2", NULL);
+    g_autofree char *spec = g_strdup_printf(
+        "driver=qcow2,file.driver=file,file.filename=%s", img);
+    g_autofree uint8_t *a = g_malloc(SNAP_SIZE);
+    g_autofree uint8_t *act = g_malloc(SNAP_SIZE);
+    PrepReq p = { .a = a, .act = act };
+    uint64_t k;
+
+    if (!have_qemu_img()) {
+        return;
+    }
+    fill(a, SNAP_SIZE, 1, 0);
+    memcpy(act, a, SNAP_SIZE);
+    fill(act, SNAP_SIZE / 2, 2, 0);
+    json_object_set_int_member(o, "size", SNAP_SIZE);
+    json_object_set_int_member(o, "cluster_size", 1 << cluster_bits);
+    ck_assert_msg(strata_qcow2_create(ctx, img, o, &err), "%s",
+                  err ? err->message : "");
+    p.node = strata_context_add_node_keyval(ctx, spec, &err);
+    ck_assert_msg(p.node, "%s", err ? err->message : "");
+    strata_loop_run_co(ctx->loop, prep_co, &p);
+    ck_assert(p.ok);
+    strata_context_del_node(ctx, p.node->node_name, NULL);
+
+    /* Up to the first k that no longer cuts: the operation finished.
+     * A random subset of the held writes survives (an empty one is the
+     * state of the last flush; each seed picks another subset). */
+    for (k = 0; k < 1000; k++) {
+        bool cut = true;
+
+        for (int i = 0; i < snap_seeds && cut; i++) {
+            cut = cut_snapshot_op(cluster_bits, kind, k,
+                                  (guint32)(base_seed + k * 7919 + i), a,
+                                  act);
+        }
+        if (!cut) {
+            break;
+        }
+    }
+    /* Each writes at least a refcount block, an L2 table, a table or
+     * an L1 and flushes: if these were not cut, nothing was. */
+    ck_assert_uint_gt(k, 5);
+}
+
+START_TEST(test_snapshot_create_boundaries)
+{
+    snapshot_boundaries(_i ? 16 : 12, SNAP_CREATE);
+}
+END_TEST
+
+START_TEST(test_snapshot_delete_apply_boundaries)
+{
+    snapshot_boundaries(12, _i ? SNAP_APPLY : SNAP_DELETE);
 }
 END_TEST
 
@@ -750,6 +1024,8 @@ int main(int argc, char **argv)
     int cuts = env_count("STRATA_CRASH_CUTS", 50);
     int kills = env_count("STRATA_CRASH_KILLS", 10);
 
+    snap_seeds = MAX(env_count("STRATA_CRASH_SNAP_SEEDS", 1), 1);
+
     if (argc == 4 && strcmp(argv[1], "--kill-child") == 0) {
         return kill_child(argv[2], (guint32)strtoul(argv[3], NULL, 10));
     }
@@ -771,6 +1047,16 @@ int main(int argc, char **argv)
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_set_timeout(tc, 60);
     tcase_add_loop_test(tc, test_power_cut, 0, cuts);
+    suite_add_tcase(s, tc);
+
+    /* Every cut point of one create (4 KiB clusters: one L2 table per
+     * 2 MiB; 64 KiB: L2 slices), one delete and one revert. */
+    tc = tcase_create("/qcow2/crash/snapshot-boundaries");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 120);
+
+    tcase_add_loop_test(tc, test_snapshot_create_boundaries, 0, 2);
+    tcase_add_loop_test(tc, test_snapshot_delete_apply_boundaries, 0, 2);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("/qcow2/crash/sigkill");

@@ -127,6 +127,44 @@ START_TEST(test_stream_bytewise)
 }
 END_TEST
 
+/* The writer: runs of plain characters between escapes, every integer's
+ * digits, and objects whose text is given. */
+START_TEST(test_json_writer)
+{
+    g_autoptr(JsonObject) o = json_object_new();
+    g_autoptr(JsonObject) known = json_object_new();
+    g_autoptr(JsonNode) n = json_node_alloc();
+    g_autoptr(GHashTable) texts = g_hash_table_new(NULL, NULL);
+    g_autofree char *plain = NULL, *with = NULL, *pretty = NULL;
+
+    json_object_set_string_member(o, "s",
+                                  "ab\"c\\d\n\x01\x7f" "e\xc3\xa9" "f\xff"
+                                  "g\xf0\x9f\x98\x80" "hij");
+    json_object_set_int_member(o, "z", 0);
+    json_object_set_int_member(o, "m", -1);
+    json_object_set_int_member(o, "lo", G_MININT64);
+    json_object_set_int_member(o, "hi", G_MAXINT64);
+    json_object_set_string_member(o, "", "");
+    json_object_set_int_member(known, "x", 1);
+    json_object_set_object_member(o, "k", json_object_ref(known));
+    json_node_init_object(n, o);
+
+    plain = strata_json_to_string(n);
+    ck_assert_str_eq(plain,
+        "{\"s\": \"ab\\\"c\\\\d\\n\\u0001\\u007Fe\\u00E9f\\uFFFDg"
+        "\\uD83D\\uDE00hij\", \"z\": 0, \"m\": -1, "
+        "\"lo\": -9223372036854775808, \"hi\": 9223372036854775807, "
+        "\"\": \"\", \"k\": {\"x\": 1}}");
+    g_hash_table_insert(texts, known, (char *)"{\"x\": 2}");
+    with = strata_json_to_string_with(n, texts);
+    ck_assert_ptr_nonnull(strstr(with, "\"k\": {\"x\": 2}}"));
+    ck_assert_int_eq(strlen(with), strlen(plain));
+    /* Pretty printing writes every member itself. */
+    pretty = strata_json_to_pretty_string(n);
+    ck_assert_ptr_nonnull(strstr(pretty, "\"x\": 1"));
+}
+END_TEST
+
 START_TEST(test_stream_limits)
 {
     g_autoptr(GPtrArray) out = g_ptr_array_new_with_free_func(g_free);
@@ -444,6 +482,7 @@ int main(void)
     add_sock(s, "/monitor/socket/hangup-while-fed", test_hangup_while_fed);
     add_sock(s, "/monitor/socket/quiesce", test_quiesce);
     add(s, "/json-stream/bytewise", test_stream_bytewise, false);
+    add(s, "/json-stream/writer", test_json_writer, false);
     add(s, "/json-stream/limits", test_stream_limits, false);
     add(s, "/qmp/schema/args", test_schema_args, false);
     add(s, "/qmp/schema/docs", test_docs_match_schema, false);

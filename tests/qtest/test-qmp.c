@@ -445,6 +445,120 @@ START_TEST(test_blockdev_file_raw)
 }
 END_TEST
 
+/* The query-named-block-nodes entry of @name, or NULL. (transfer full) */
+static JsonNode *query_node(QTestState *s, bool flat, const char *name,
+                            char **text)
+{
+    g_autoptr(JsonNode) r = qtest_qmp(s, flat
+        ? "{\"execute\": \"query-named-block-nodes\", \"arguments\": "
+          "{\"flat\": true}}"
+        : "{\"execute\": \"query-named-block-nodes\"}");
+    JsonArray *a;
+
+    ck_assert(r && qtest_is_return(r));
+    if (text) {
+        *text = qtest_to_string(r);
+    }
+    a = json_node_get_array(json_object_get_member(json_node_get_object(r),
+                                                   "return"));
+    for (guint i = 0; i < json_array_get_length(a); i++) {
+        JsonNode *e = json_array_get_element(a, i);
+        if (!strcmp(json_object_get_string_member(json_node_get_object(e),
+                                                  "node-name"), name)) {
+            return json_node_copy(e);
+        }
+    }
+    return NULL;
+}
+
+static gint64 image_int(JsonNode *n, const char *member)
+{
+    JsonObject *img = json_object_get_object_member(json_node_get_object(n),
+                                                    "image");
+    return json_object_get_int_member_with_default(img, member, -1);
+}
+
+/* What the query reuses between calls follows every change: a resize, a
+ * reopen, the image file filling up behind the node's back, a node gone
+ * and another of the same name in its place. */
+START_TEST(test_query_nodes_follow)
+{
+    QTestState *s = qtest_start(NULL, true);
+    g_autofree char *img = g_build_filename(qtest_dir(s), "disk.raw", NULL);
+    g_autofree char *t1 = NULL, *t2 = NULL;
+    g_autofree char *buf = g_malloc(1 << 20);
+    int fd = open(img, O_CREAT | O_RDWR, 0600);
+
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(ftruncate(fd, 16 << 20), 0);
+    expect(s, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+              "\"raw\", \"node-name\": \"r\", \"file\": {\"driver\": "
+              "\"file\", \"node-name\": \"f\", \"filename\": "
+              "\"disk.raw\"}}}", "{\"return\": {}}");
+    for (int flat = 0; flat < 2; flat++) {
+        g_autoptr(JsonNode) n1 = query_node(s, flat, "r", &t1);
+        g_autoptr(JsonNode) n2 = query_node(s, flat, "r", &t2);
+        ck_assert_str_eq(t1, t2);
+        g_clear_pointer(&t1, g_free);
+        g_clear_pointer(&t2, g_free);
+        ck_assert_int_eq(image_int(n1, "virtual-size"), 16 << 20);
+        /* A sparse file: far below what is written next. */
+        ck_assert_int_lt(image_int(n1, "actual-size"), 1 << 20);
+    }
+
+    /* Data written to the file by someone else: its allocated size. */
+    memset(buf, 0x5a, 1 << 20);
+    ck_assert_int_eq(pwrite(fd, buf, 1 << 20, 0), 1 << 20);
+    ck_assert_int_eq(fsync(fd), 0);
+    close(fd);
+    for (int flat = 0; flat < 2; flat++) {
+        g_autoptr(JsonNode) r = query_node(s, flat, "r", NULL);
+        g_autoptr(JsonNode) f = query_node(s, flat, "f", NULL);
+        ck_assert_int_ge(image_int(r, "actual-size"), 1 << 20);
+        ck_assert_int_ge(image_int(f, "actual-size"), 1 << 20);
+    }
+
+    expect(s, "{\"execute\": \"block_resize\", \"arguments\": "
+              "{\"node-name\": \"r\", \"size\": 33554432}}",
+           "{\"return\": {}}");
+    for (int flat = 0; flat < 2; flat++) {
+        g_autoptr(JsonNode) r = query_node(s, flat, "r", NULL);
+        g_autoptr(JsonNode) f = query_node(s, flat, "f", NULL);
+        ck_assert_int_eq(image_int(r, "virtual-size"), 32 << 20);
+        ck_assert_int_eq(image_int(f, "virtual-size"), 32 << 20);
+        ck_assert(!json_object_get_boolean_member(json_node_get_object(r),
+                                                  "ro"));
+    }
+
+    expect(s, "{\"execute\": \"blockdev-reopen\", \"arguments\": "
+              "{\"options\": [{\"driver\": \"raw\", \"node-name\": \"r\", "
+              "\"file\": \"f\", \"read-only\": true}]}}", "{\"return\": {}}");
+    for (int flat = 0; flat < 2; flat++) {
+        g_autoptr(JsonNode) r = query_node(s, flat, "r", NULL);
+        ck_assert(json_object_get_boolean_member(json_node_get_object(r),
+                                                 "ro"));
+    }
+
+    /* Gone, then another node of the same name. */
+    expect(s, "{\"execute\": \"blockdev-del\", \"arguments\": "
+              "{\"node-name\": \"r\"}}", "{\"return\": {}}");
+    {
+        g_autoptr(JsonNode) r = query_node(s, false, "r", NULL);
+        ck_assert_ptr_null(r);
+    }
+    expect(s, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
+              "\"null-co\", \"node-name\": \"r\", \"size\": 4096}}",
+           "{\"return\": {}}");
+    for (int flat = 0; flat < 2; flat++) {
+        g_autoptr(JsonNode) r = query_node(s, flat, "r", NULL);
+        ck_assert_str_eq(json_object_get_string_member(
+            json_node_get_object(r), "drv"), "null-co");
+        ck_assert_int_eq(image_int(r, "virtual-size"), 4096);
+    }
+    qtest_end(s);
+}
+END_TEST
+
 /* Transcripts 24 and 25: inputs that abort QSD 7.2 get errors here. */
 START_TEST(test_qsd_crashers)
 {
@@ -801,6 +915,8 @@ int main(void)
         { "/qmp/errors/parser-edges", test_parser_edges, .timeout = 30 },
         { "/qmp/errors/node-rules", test_node_rules, .timeout = 30 },
         { "/qmp/blockdev/file-raw", test_blockdev_file_raw, .timeout = 30 },
+        { "/qmp/query-nodes/follow", test_query_nodes_follow,
+          .timeout = 30 },
         { "/qmp/errors/qsd-crashers", test_qsd_crashers, .timeout = 30 },
         { "/qmp/introspection",
           test_query_commands_and_schema, .timeout = 30 },

@@ -427,6 +427,39 @@ START_TEST(test_volatile_power_cut_loses_unflushed)
 }
 END_TEST
 
+START_TEST(test_volatile_armed_cut)
+{
+    g_autofree char *path = strata_test_make_file(dir, "w.img", 65536, true);
+    StrataBackend *b = open_dbg(path, NULL, volatile_opts);
+    StrataNode *dbg = strata_context_find_node(ctx, "dbg");
+    unsigned char a[4096], c[4096], back[4096];
+
+    memset(a, 0xaa, sizeof(a));
+    memset(c, 0xcc, sizeof(c));
+    /* Three write-kind requests pass (write, flush, write), reads do
+     * not count; the power fails as the fourth arrives. */
+    strata_debug_arm_power_cut(dbg, 3, STRATA_POWER_CUT_LOSE_ALL);
+    ck_assert_int_eq(strata_backend_pwrite(b, 0, a, sizeof(a), 0), 0);
+    ck_assert_int_eq(strata_backend_pread(b, 0, back, sizeof(back)), 0);
+    ck_assert_int_eq(strata_backend_flush(b), 0);
+    ck_assert_int_eq(strata_backend_pwrite(b, 4096, c, sizeof(c), 0), 0);
+    ck_assert_uint_eq(strata_debug_cached_bytes(dbg), 4096);
+    ck_assert(!strata_debug_powered_off(dbg));
+    /* The fourth fails, and what was held is lost. */
+    ck_assert_int_eq(strata_backend_pwrite(b, 8192, c, sizeof(c), 0), -EIO);
+    ck_assert(strata_debug_powered_off(dbg));
+    ck_assert_int_eq(strata_backend_pread(b, 0, back, sizeof(back)), -EIO);
+    strata_backend_unref(b);
+
+    read_plain(path, back, sizeof(back), 0);
+    ck_assert_int_eq(memcmp(back, a, sizeof(a)), 0);
+    read_plain(path, back, 1, 4096);
+    ck_assert_uint_eq(back[0], pat(4096));
+    read_plain(path, back, 1, 8192);
+    ck_assert_uint_eq(back[0], pat(8192));
+}
+END_TEST
+
 START_TEST(test_volatile_fua_survives)
 {
     g_autofree char *path = strata_test_make_file(dir, "u.img", 65536, true);
@@ -655,6 +688,8 @@ int main(void)
     strata_test_add(s, "/debug/volatile/power-cut",
                     test_volatile_power_cut_loses_unflushed, setup,
                     teardown);
+    strata_test_add(s, "/debug/volatile/armed-cut", test_volatile_armed_cut,
+                    setup, teardown);
     strata_test_add(s, "/debug/volatile/fua", test_volatile_fua_survives,
                     setup, teardown);
     strata_test_add(s, "/debug/volatile/zeroes",

@@ -360,6 +360,47 @@ START_TEST(test_rw_threads)
 }
 END_TEST
 
+START_TEST(test_rw_io_uring)
+{
+    if (strcmp(strata_context_aio_engine(ctx), "io_uring") != 0) {
+        return;
+    }
+    check_rw("io_uring");
+}
+END_TEST
+
+START_TEST(test_read_offload)
+{
+    g_autofree char *path = NULL;
+    g_autofree unsigned char *buf = g_malloc(131072);
+    g_autofree unsigned char *want = g_malloc(131072);
+    StrataLoopStats before, after;
+    StrataNode *n;
+
+    if (strcmp(strata_context_aio_engine(ctx), "io_uring") != 0) {
+        return;
+    }
+    /* Large buffered reads go to the kernel's workers, small ones are
+     * tried inline; both return the file's bytes. */
+    for (size_t i = 0; i < 131072; i++) {
+        want[i] = pat(65536 + i);
+    }
+    path = strata_test_make_file(dir, "big.img", 1 << 20, true);
+    n = open_file(path, "aio=io_uring");
+    strata_loop_get_stats(ctx->loop, &before);
+    ck_assert_int_eq(node_read(n, 65536, 131072, buf), 0);
+    strata_loop_get_stats(ctx->loop, &after);
+    ck_assert_uint_gt(after.offloads, before.offloads);
+    ck_assert(memcmp(buf, want, 131072) == 0);
+
+    strata_loop_get_stats(ctx->loop, &before);
+    ck_assert_int_eq(node_read(n, 65536, 4096, buf), 0);
+    strata_loop_get_stats(ctx->loop, &after);
+    ck_assert_uint_eq(after.offloads, before.offloads);
+    ck_assert(memcmp(buf, want, 4096) == 0);
+}
+END_TEST
+
 START_TEST(test_short_read_zero_fills)
 {
     g_autofree char *path = strata_test_make_file(dir, "s.img", 65536, true);
@@ -835,6 +876,8 @@ int main(void)
         { "/file/open/directory", test_open_directory },
         { "/file/rw/default", test_rw_default },
         { "/file/rw/threads", test_rw_threads },
+        { "/file/rw/io_uring", test_rw_io_uring },
+        { "/file/rw/read-offload", test_read_offload },
         { "/file/rw/short-read", test_short_read_zero_fills },
         { "/file/direct/unaligned", test_direct_unaligned },
         { "/file/flush/no-flush", test_flush },

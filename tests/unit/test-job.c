@@ -76,11 +76,22 @@ START_TEST(test_ids_and_policies)
     ck_assert(!strata_job_id_check("", NULL));
     ck_assert(!strata_job_id_check("bad id!", NULL));
     ck_assert(!strata_job_id_check("1job", NULL));
-    ck_assert(strata_job_parse_on_error("enospc", &p));
-    ck_assert_int_eq(p, STRATA_ON_ERROR_ENOSPC);
-    ck_assert(strata_job_parse_on_error(NULL, &p));
-    ck_assert_int_eq(p, STRATA_ON_ERROR_REPORT);
-    ck_assert(!strata_job_parse_on_error("explode", &p));
+    {
+        g_autoptr(JsonObject) args = json_object_new();
+        g_autoptr(GError) err = NULL;
+
+        json_object_set_string_member(args, "on-error", "enospc");
+        json_object_set_string_member(args, "on-target-error", "explode");
+        ck_assert(strata_job_parse_on_error(args, "on-error", &p, NULL));
+        ck_assert_int_eq(p, STRATA_ON_ERROR_ENOSPC);
+        ck_assert(strata_job_parse_on_error(args, "on-source-error", &p,
+                                            NULL));
+        ck_assert_int_eq(p, STRATA_ON_ERROR_REPORT);
+        ck_assert(!strata_job_parse_on_error(args, "on-target-error", &p,
+                                             &err));
+        ck_assert_str_eq(err->message, "Parameter 'on-target-error' does "
+                                       "not accept value 'explode'");
+    }
 }
 END_TEST
 

@@ -330,9 +330,10 @@ typedef struct {
     int fd;
     bool done;
     /* results, checked by the test in plain code */
-    ssize_t wrote, read_back, short_read;
+    ssize_t wrote, read_back, short_read, offloaded;
     int sync, alloc, punch;
     char buf[8192];
+    char obuf[8192];
     char hole[4096];
 } RwArg;
 
@@ -344,6 +345,9 @@ static void rw_body(void *opaque)
         { first, sizeof(first) }, { second, sizeof(second) },
     };
     struct iovec riov = { a->buf, sizeof(a->buf) };
+    struct iovec oiov[2] = {
+        { a->obuf, 1000 }, { a->obuf + 1000, sizeof(a->obuf) - 1000 },
+    };
     struct iovec hiov = { a->hole, sizeof(a->hole) };
     char tail[100];
     struct iovec tiov = { tail, sizeof(tail) };
@@ -355,6 +359,9 @@ static void rw_body(void *opaque)
     a->sync = strata_loop_co_fdatasync(a->loop, a->engine, a->fd);
     a->read_back = strata_loop_co_preadv(a->loop, a->engine, a->fd, &riov,
                                          1, 4096);
+    /* The same bytes through the kernel's workers (ring) or the pool. */
+    a->offloaded = strata_loop_co_preadv_offload(a->loop, a->engine, a->fd,
+                                                 oiov, 2, 4096);
     /* Past the end: a short read, returned as is. */
     a->short_read = strata_loop_co_preadv(a->loop, a->engine, a->fd, &tiov,
                                           1, 4096 + 8192 - 40);
@@ -396,6 +403,8 @@ START_TEST(test_io_rw)
     for (int i = 0; i < 8192; i++) {
         ck_assert_int_eq(a->buf[i], i < 3000 ? 'a' : 'b');
     }
+    ck_assert_int_eq(a->offloaded, 8192);
+    ck_assert(memcmp(a->obuf, a->buf, sizeof(a->buf)) == 0);
     ck_assert_int_eq(a->short_read, 40);
     ck_assert_int_eq(a->alloc, 0);
     ck_assert_int_eq(fstat(tf.fd, &st), 0);
@@ -429,7 +438,7 @@ typedef struct {
     StrataLoop *loop;
     StrataAioMode engine;
     int rdonly_fd;
-    ssize_t bad_read, bad_write, bad_sync, bad_alloc, ro_write;
+    ssize_t bad_read, bad_offload, bad_write, bad_sync, bad_alloc, ro_write;
 } ErrArg;
 
 static void err_body(void *opaque)
@@ -439,6 +448,8 @@ static void err_body(void *opaque)
     struct iovec iov = { buf, sizeof(buf) };
 
     a->bad_read = strata_loop_co_preadv(a->loop, a->engine, 1000, &iov, 1, 0);
+    a->bad_offload = strata_loop_co_preadv_offload(a->loop, a->engine, 1000,
+                                                   &iov, 1, 0);
     a->bad_write = strata_loop_co_pwritev(a->loop, a->engine, 1000, &iov, 1,
                                           0);
     a->bad_sync = strata_loop_co_fdatasync(a->loop, a->engine, 1000);
@@ -467,6 +478,7 @@ START_TEST(test_io_errors)
 
     strata_loop_run_co(loop, err_body, &a);
     ck_assert_int_eq(a.bad_read, -EBADF);
+    ck_assert_int_eq(a.bad_offload, -EBADF);
     ck_assert_int_eq(a.bad_write, -EBADF);
     ck_assert_int_eq(a.bad_sync, -EBADF);
     ck_assert_int_eq(a.bad_alloc, -EBADF);
@@ -536,6 +548,25 @@ static void batch_reader(void *opaque)
     (*a->finished)++;
 }
 
+/* Fills 32 blocks of @fd (block i with 'A' + i % 26) and starts @fn in
+ * one coroutine per block; the coroutines queue their reads and yield. */
+static BatchArg *start_block_readers(StrataLoop *loop, int fd,
+                                     StrataCoroutineFunc fn, int *finished)
+{
+    BatchArg *args = g_new0(BatchArg, 32);
+    char block[4096];
+
+    for (int i = 0; i < 32; i++) {
+        memset(block, 'A' + i % 26, sizeof(block));
+        ck_assert_int_eq(pwrite(fd, block, sizeof(block), i * 4096), 4096);
+    }
+    for (int i = 0; i < 32; i++) {
+        args[i] = (BatchArg){ loop, fd, i, 0, finished, { 0 } };
+        strata_coroutine_enter(strata_coroutine_new(fn, &args[i]));
+    }
+    return args;
+}
+
 START_TEST(test_io_batching)
 {
     GMainContext *ctx;
@@ -545,22 +576,12 @@ START_TEST(test_io_batching)
     StrataLoopStats stats;
     int finished = 0;
     bool all = false;
-    char block[4096];
 
     if (!loop) {
         return;
     }
     temp_file_open(&tf);
-    for (int i = 0; i < 32; i++) {
-        memset(block, 'A' + i % 26, sizeof(block));
-        ck_assert_int_eq(pwrite(tf.fd, block, sizeof(block), i * 4096),
-                         4096);
-    }
-    args = g_new0(BatchArg, 32);
-    for (int i = 0; i < 32; i++) {
-        args[i] = (BatchArg){ loop, tf.fd, i, 0, &finished, { 0 } };
-        strata_coroutine_enter(strata_coroutine_new(batch_reader, &args[i]));
-    }
+    args = start_block_readers(loop, tf.fd, batch_reader, &finished);
     strata_loop_get_stats(loop, &stats);
     ck_assert_uint_eq(stats.submits, 0);    /* queued, not yet submitted */
 
@@ -584,6 +605,55 @@ START_TEST(test_io_batching)
 END_TEST
 
 /* More requests than the ring has entries: the SQ fills and is flushed. */
+static void twice_reader(void *opaque)
+{
+    BatchArg *a = opaque;
+    struct iovec iov = { a->buf, sizeof(a->buf) };
+    uint64_t off = (uint64_t)a->index * 4096;
+
+    a->ret = strata_loop_co_preadv(a->loop, STRATA_AIO_AUTO, a->fd, &iov, 1,
+                                   off);
+    if (a->ret == 4096) {
+        a->ret = strata_loop_co_preadv(a->loop, STRATA_AIO_AUTO, a->fd, &iov,
+                                       1, off);
+    }
+    (*a->finished)++;
+}
+
+/* With STRATA_LOOP_REAP_BATCH=1 every completion's follow-up request is
+ * submitted on its own, before the next completion is handled. */
+START_TEST(test_io_reap_batch_env)
+{
+    GMainContext *ctx;
+    StrataLoop *loop;
+    TempFile tf;
+    BatchArg *args;
+    StrataLoopStats stats;
+    int finished = 0;
+
+    g_setenv("STRATA_LOOP_REAP_BATCH", "1", TRUE);
+    loop = loop_new_for(0, &ctx);
+    g_unsetenv("STRATA_LOOP_REAP_BATCH");
+    if (!loop) {
+        return;
+    }
+    temp_file_open(&tf);
+    args = start_block_readers(loop, tf.fd, twice_reader, &finished);
+    while (finished < 32) {
+        strata_loop_iterate(loop, true);
+    }
+    strata_loop_get_stats(loop, &stats);
+    ck_assert_uint_eq(stats.sqes, 64);
+    ck_assert_uint_eq(stats.submits, 1 + 32);
+    for (int i = 0; i < 32; i++) {
+        ck_assert_int_eq(args[i].ret, 4096);
+    }
+    g_free(args);
+    temp_file_close(&tf);
+    loop_done(loop, ctx);
+}
+END_TEST
+
 START_TEST(test_io_ring_full)
 {
     GMainContext *ctx;
@@ -954,6 +1024,7 @@ int main(void)
         { "/loop/io/errors", test_io_errors, .loops = 2 },
         { "/loop/io/engine-per-call", test_io_engine_per_call },
         { "/loop/io/batching", test_io_batching },
+        { "/loop/io/reap-batch-env", test_io_reap_batch_env },
         { "/loop/io/ring-full", test_io_ring_full },
         { "/loop/thread/run-in-thread", test_run_in_thread, .loops = 2 },
         { "/loop/fallback/env", test_fallback_env },

@@ -5,7 +5,9 @@
  * concurrent allocating writes, cache eviction). */
 #include <errno.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "block-private.h"
 #include "qcow2/qcow2-private.h"
@@ -326,6 +328,42 @@ START_TEST(test_refblock_packing)
     memset(block, 0, sizeof(block));
     strata_qcow2_refblock_set(block, 4, 1, 1);
     ck_assert_uint_eq(block[3], 1);
+}
+END_TEST
+
+/* The table keeps every entry, but only pages with a non-zero entry take
+ * memory; a replacement table takes over the same way. */
+START_TEST(test_reftable_sparse)
+{
+    StrataQcow2State s = { 0 };
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    uint64_t per_page = page / 8;
+    uint64_t n = per_page * 5 + 3;
+    uint64_t *src = g_new0(uint64_t, n);
+    g_autofree uint64_t *want = NULL;
+    unsigned char res[6];
+
+    src[0] = 0x10000;
+    src[per_page * 3 + 7] = 0x30000;
+    src[n - 1] = 0x50000;
+    want = g_memdup2(src, n * 8);
+    strata_qcow2_refcount_table_set(&s, src, n);
+    ck_assert_uint_eq(s.refcount_table_size, n);
+    ck_assert_int_eq(mincore(s.refcount_table, n * 8, res), 0);
+    ck_assert(res[0] && !res[1] && !res[2] && res[3] && !res[4] && res[5]);
+    ck_assert(memcmp(s.refcount_table, want, n * 8) == 0);
+
+    src = g_new0(uint64_t, 2);
+    src[1] = 0x70000;
+    strata_qcow2_refcount_table_set(&s, src, 2);
+    ck_assert_uint_eq(s.refcount_table_size, 2);
+    ck_assert_uint_eq(s.refcount_table[0], 0);
+    ck_assert_uint_eq(s.refcount_table[1], 0x70000);
+    strata_qcow2_refcount_table_free(&s);
+    ck_assert_ptr_null(s.refcount_table);
+    strata_qcow2_refcount_table_set(&s, NULL, 0);
+    ck_assert_ptr_nonnull(s.refcount_table);
+    strata_qcow2_refcount_table_free(&s);
 }
 END_TEST
 
@@ -1420,6 +1458,8 @@ int main(void)
     strata_test_add(s, "/qcow2/header/features", test_header_features, NULL,
                     NULL);
     strata_test_add(s, "/qcow2/refcount/packing", test_refblock_packing,
+                    NULL, NULL);
+    strata_test_add(s, "/qcow2/refcount/sparse-table", test_reftable_sparse,
                     NULL, NULL);
     strata_test_add(s, "/qcow2/cache/sizes", test_cache_sizes, NULL, NULL);
     strata_test_add(s, "/qcow2/create/layout", test_create_layout, setup,
