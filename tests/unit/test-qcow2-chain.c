@@ -227,52 +227,6 @@ START_TEST(test_map_open_and_read)
 }
 END_TEST
 
-/* 18 layers: the top has 17 below it, past the depth from which open
- * builds the map (layermap.c's EAGER_MIN_LAYERS, 16). */
-#define DEEP 18
-
-/* A deep chain is mapped as it opens: the first read of each region
- * must not walk every layer's tables.  Layer i writes cluster 3 * i and
- * the clusters c with c % 97 == i. */
-START_TEST(test_map_deep_open)
-{
-    Model m;
-    StrataNode *top;
-    StrataQcow2LayerMapStats st;
-
-    memset(&m, 0, sizeof(m));
-    for (int i = 0; i < DEEP; i++) {
-        g_autofree char *below = i ? g_strdup_printf("l%d.qcow2", i - 1)
-                                   : NULL;
-        StrataNode *n;
-
-        create(i, below);
-        n = open_layer(i, NULL, false);
-        for (unsigned c = 0; c < NCL; c++) {
-            if (c == 3u * (unsigned)i || c % 97 == (unsigned)i) {
-                must_io(n, (uint64_t)c * CS, CS, 0x20 + i);
-                m.v[c] = (uint8_t)(0x20 + i);
-            }
-        }
-        close_node(n);
-    }
-    top = open_layer(DEEP - 1, NULL, true);
-    st = map_stats(top);
-    ck_assert_uint_eq(st.layers, DEEP - 1);
-    /* Every region built at open, from the backing's map. */
-    ck_assert_uint_eq(st.regions_built, 4);
-    ck_assert_uint_eq(st.composed, 4);
-    ck_assert_uint_eq(st.walked, 0);
-    /* The layer below handed its map over. */
-    ck_assert_uint_eq(map_stats(top->backing->node).regions_built, 0);
-    expect_model(top, &m);
-    st = map_stats(top);
-    ck_assert_uint_gt(st.lookups, 0);
-    ck_assert_uint_eq(st.walked + st.composed, 4);
-    close_node(top);
-}
-END_TEST
-
 START_TEST(test_map_lower_writes)
 {
     Model m;
@@ -342,6 +296,40 @@ static void fill_layer(Model *m, int i, unsigned mod, unsigned rem,
     }
     close_node(n);
 }
+
+/* 18 layers: the top has 17 below it, past the depth from which open
+ * builds the map (layermap.c's EAGER_MIN_LAYERS, 16). */
+#define DEEP 18
+
+/* A deep chain is mapped as it opens: the first read of each region
+ * must not walk every layer's tables.  Layer i writes the clusters c
+ * with c % 97 == i. */
+START_TEST(test_map_deep_open)
+{
+    Model m;
+    StrataNode *top;
+    StrataQcow2LayerMapStats st;
+
+    memset(&m, 0, sizeof(m));
+    for (int i = 0; i < DEEP; i++) {
+        fill_layer(&m, i, 97, (unsigned)i, NCL);
+    }
+    top = open_layer(DEEP - 1, NULL, true);
+    st = map_stats(top);
+    ck_assert_uint_eq(st.layers, DEEP - 1);
+    /* Every region built at open, from the backing's map. */
+    ck_assert_uint_eq(st.regions_built, 4);
+    ck_assert_uint_eq(st.composed, 4);
+    ck_assert_uint_eq(st.walked, 0);
+    /* The layer below handed its map over. */
+    ck_assert_uint_eq(map_stats(top->backing->node).regions_built, 0);
+    expect_model(top, &m);
+    st = map_stats(top);
+    ck_assert_uint_gt(st.lookups, 0);
+    ck_assert_uint_eq(st.walked + st.composed, 4);
+    close_node(top);
+}
+END_TEST
 
 /* The writes of a commit into its base, under a map over it: clusters
  * held higher up stay theirs, the others show the new data, and the
