@@ -221,6 +221,39 @@ mkchain w5
 "$IMG" commit -d -q w5/sn3.qcow2 && compare_ok "commit -d: sn3 kept" ref.raw w5/sn3.qcow2
 compare_ok "commit -d: sn2 has sn3's data" ref.raw w5/sn2.qcow2
 
+# commit reads runs of clusters that lie next to each other in a layer's
+# file (apart in the guest) with one request: a top written every other
+# cluster, then a zero cluster, a compressed one, and clusters written
+# backwards (next in the file, before in the guest), over a middle layer
+# with data of its own; plain commit and commit -b against qemu-img's.
+mkruns() {
+    rm -rf "$1"; mkdir -p "$1"
+    ( cd "$1" || exit 1
+      qemu-img create -q -f qcow2 base.qcow2 8M
+      qemu-io -c 'write -P 9 0 8M' base.qcow2 >/dev/null
+      qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 mid.qcow2
+      qemu-io -c 'write -P 7 1M 64k' -c 'write -P 6 3M 192k' mid.qcow2 >/dev/null
+      qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2
+      set --
+      for c in $(seq 0 2 40); do set -- "$@" -c "write -P $((c + 20)) $((c * 64))k 64k"; done
+      set -- "$@" -c 'write -z 2688k 64k' -c 'write -c -P 5 2816k 64k'
+      for c in $(seq 60 -2 44); do set -- "$@" -c "write -P $((c + 20)) $((c * 64))k 64k"; done
+      qemu-io "$@" top.qcow2 >/dev/null )
+}
+mkruns runs; qemu-img convert -O raw runs/top.qcow2 runs.raw
+mkruns wr1; mkruns qr1
+"$IMG" commit -q wr1/top.qcow2 && ok "commit of scattered clusters ran" || bad "commit of scattered clusters failed"
+qemu-img commit -q qr1/top.qcow2
+compare_ok "commit runs: mid reads as top did" runs.raw wr1/mid.qcow2
+compare_ok "commit runs: mid as qemu-img's" qr1/mid.qcow2 wr1/mid.qcow2
+check_ok "commit runs: mid clean" wr1/mid.qcow2
+mkruns wr2; mkruns qr2
+"$IMG" commit -q -b wr2/base.qcow2 wr2/top.qcow2 && ok "commit -b of scattered clusters ran" || bad "commit -b of scattered clusters failed"
+( cd qr2 && qemu-img commit -q -b base.qcow2 top.qcow2 )
+compare_ok "commit -b runs: base reads as top did" runs.raw wr2/base.qcow2
+compare_ok "commit -b runs: base as qemu-img's" qr2/base.qcow2 wr2/base.qcow2
+check_ok "commit -b runs: base clean" wr2/base.qcow2
+
 # The shared-base refusal, through a symlink too; overlays above are fine.
 mkchain w6
 qemu-img create -q -f qcow2 -b sn1.qcow2 -F qcow2 w6/other.qcow2
