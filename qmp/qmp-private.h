@@ -38,9 +38,6 @@ bool strata_qmp_schema_has_command(StrataQmpSchema *schema,
                                    const char *name);
 /* Returns: (transfer none): the command names in schema order. */
 const GPtrArray *strata_qmp_schema_commands(StrataQmpSchema *schema);
-/* Returns: (transfer none) (nullable): the command's one-line doc. */
-const char *strata_qmp_schema_command_doc(StrataQmpSchema *schema,
-                                          const char *name);
 
 /**
  * strata_qmp_schema_check_args:

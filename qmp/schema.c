@@ -1,7 +1,8 @@
 /* strata — the QMP schema: argument checking and introspection.
  *
- * qmp/schema.json is compiled in as text and parsed when a monitor is
- * created.  It is the one description of every command: the dispatcher
+ * qmp/schema.json is compiled in as text (without its "doc" members,
+ * which only docs/qmp.md needs) and parsed when a monitor is created.  It
+ * is the one description of every command: the dispatcher
  * checks arguments against it, query-commands and query-qmp-schema are
  * answered from it, and a test compares it with docs/qmp.md.
  */
@@ -24,7 +25,6 @@ typedef struct {
     char *type;
     bool optional;
     JsonNode *def;          /* nullable */
-    char *doc;
 } Member;
 
 typedef struct {
@@ -38,7 +38,6 @@ typedef struct {
     GPtrArray *alts;        /* alternate: char * type */
     char *elem;             /* array */
     bool checked_by_block;
-    char *doc;
 } SchemaType;
 
 typedef struct {
@@ -46,7 +45,6 @@ typedef struct {
     char *arg_type;
     char *ret_type;
     bool boxed;
-    char *doc;
 } Command;
 
 struct StrataQmpSchema {
@@ -65,7 +63,6 @@ static void member_free(Member *m)
     if (m->def) {
         json_node_unref(m->def);
     }
-    g_free(m->doc);
     g_free(m);
 }
 
@@ -87,7 +84,6 @@ static void type_free(SchemaType *t)
         g_ptr_array_unref(t->alts);
     }
     g_free(t->elem);
-    g_free(t->doc);
     g_free(t);
 }
 
@@ -96,7 +92,6 @@ static void command_free(Command *c)
     g_free(c->name);
     g_free(c->arg_type);
     g_free(c->ret_type);
-    g_free(c->doc);
     g_free(c);
 }
 
@@ -186,8 +181,6 @@ static GPtrArray *parse_members(StrataQmpSchema *s, JsonObject *data,
                 m->def = json_node_copy(json_object_get_member(o,
                                                                "default"));
             }
-            m->doc = g_strdup(json_object_get_string_member_with_default(
-                o, "doc", NULL));
         } else {
             m->type = type_ref(s, val, error);
         }
@@ -212,8 +205,6 @@ static GPtrArray *string_list(JsonArray *arr)
 static bool parse_type(StrataQmpSchema *s, JsonObject *o, GError **error)
 {
     SchemaType *t;
-    const char *doc = json_object_get_string_member_with_default(o, "doc",
-                                                                 NULL);
 
     if (json_object_has_member(o, "builtin")) {
         t = add_type(s, json_object_get_string_member(o, "builtin"),
@@ -265,7 +256,6 @@ static bool parse_type(StrataQmpSchema *s, JsonObject *o, GError **error)
     t->checked_by_block = !g_strcmp0(
         json_object_get_string_member_with_default(o, "checked-by", NULL),
         "block");
-    t->doc = g_strdup(doc);
     return true;
 }
 
@@ -372,8 +362,6 @@ StrataQmpSchema *strata_qmp_schema_new_from_text(const char *text,
         Command *c = g_new0(Command, 1);
         g_ptr_array_add(s->commands, c);
         c->name = g_strdup(json_object_get_string_member(o, "command"));
-        c->doc = g_strdup(json_object_get_string_member_with_default(
-            o, "doc", NULL));
         c->boxed = json_object_get_boolean_member_with_default(o, "boxed",
                                                                FALSE);
         c->arg_type = arg_type(s, c->name, json_object_get_member(o, "data"),
@@ -395,8 +383,6 @@ StrataQmpSchema *strata_qmp_schema_new_from_text(const char *text,
         Command *c = g_new0(Command, 1);
         g_ptr_array_add(s->events, c);
         c->name = g_strdup(json_object_get_string_member(o, "event"));
-        c->doc = g_strdup(json_object_get_string_member_with_default(
-            o, "doc", NULL));
         c->arg_type = arg_type(s, c->name, json_object_get_member(o, "data"),
                                error);
         if (!c->arg_type) {
@@ -422,13 +408,6 @@ bool strata_qmp_schema_has_command(StrataQmpSchema *s, const char *name)
 const GPtrArray *strata_qmp_schema_commands(StrataQmpSchema *s)
 {
     return s->cmd_names;
-}
-
-const char *strata_qmp_schema_command_doc(StrataQmpSchema *s,
-                                          const char *name)
-{
-    Command *c = g_hash_table_lookup(s->cmd_by_name, name);
-    return c ? c->doc : NULL;
 }
 
 /* ------------------------------------------------------------------ */
