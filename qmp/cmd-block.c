@@ -420,12 +420,28 @@ static JsonArray *perm_list(uint64_t perm)
     return arr;
 }
 
+/* The name QEMU shows for @c: the filters a commit or mirror job puts
+ * above a node hold it as their backing (QEMU appends them over the
+ * node), where strata's filters all call their one child "file". */
+static const char *edge_name(StrataChild *c)
+{
+    if (c->parent_kind == STRATA_PARENT_NODE && c->name &&
+        !strcmp(c->name, "file")) {
+        const char *drv = ((StrataNode *)c->parent)->drv->name;
+
+        if (!strcmp(drv, "commit_top") || !strcmp(drv, "mirror_top")) {
+            return "backing";
+        }
+    }
+    return c->name ? c->name : "";
+}
+
 static void add_edge(JsonArray *edges, StrataChild *c, gint64 parent,
                      gint64 child)
 {
     JsonObject *e = json_object_new();
 
-    json_object_set_string_member(e, "name", c->name ? c->name : "");
+    json_object_set_string_member(e, "name", edge_name(c));
     json_object_set_int_member(e, "parent", parent);
     json_object_set_array_member(e, "shared-perm", perm_list(c->shared));
     json_object_set_array_member(e, "perm", perm_list(c->perm));

@@ -94,6 +94,39 @@ static void filter_image_is_sources(QTestState *s, const char *source)
     ck_assert(!json_object_get_boolean_member(fi, "dirty-flag"));
 }
 
+/* x-debug-query-block-graph names the edge from the filter @filter to
+ * @source "backing", as QEMU does for the filters it appends. */
+static void filter_edge_is_backing(QTestState *s, const char *filter,
+                                   const char *source)
+{
+    g_autoptr(JsonNode) r = qtest_qmp(
+        s, "{\"execute\": \"x-debug-query-block-graph\"}");
+    JsonObject *g = json_object_get_object_member(
+        json_node_get_object(r), "return");
+    JsonArray *nodes = json_object_get_array_member(g, "nodes");
+    JsonArray *edges = json_object_get_array_member(g, "edges");
+    gint64 fid = -1, sid = -1;
+    const char *name = NULL;
+
+    for (guint i = 0; i < json_array_get_length(nodes); i++) {
+        JsonObject *n = json_array_get_object_element(nodes, i);
+        const char *nn = json_object_get_string_member(n, "name");
+        if (!strcmp(nn, filter)) {
+            fid = json_object_get_int_member(n, "id");
+        } else if (!strcmp(nn, source)) {
+            sid = json_object_get_int_member(n, "id");
+        }
+    }
+    for (guint i = 0; i < json_array_get_length(edges); i++) {
+        JsonObject *e = json_array_get_object_element(edges, i);
+        if (json_object_get_int_member(e, "parent") == fid &&
+            json_object_get_int_member(e, "child") == sid) {
+            name = json_object_get_string_member(e, "name");
+        }
+    }
+    ck_assert_str_eq(name ? name : "(no edge)", "backing");
+}
+
 static void filter_gone(QTestState *s)
 {
     g_autofree char *name = node_of_driver(s, "mirror_top");
@@ -136,6 +169,7 @@ START_TEST(test_active_commit_filter)
           "\"speed\": 65536}}");
     filter_is(s, "acf");
     filter_image_is_sources(s, "s1");
+    filter_edge_is_backing(s, "acf", "s1");
     ck_assert_int_eq(guest_io(s, "write -P 0x51 10M 256k"), 0);
     ok(s, "{\"execute\": \"block-job-set-speed\", \"arguments\": "
           "{\"device\": \"ac\", \"speed\": 0}}");
