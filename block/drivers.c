@@ -29,18 +29,3 @@ const StrataDriver *strata_driver_find(const char *name)
     }
     return NULL;
 }
-
-void strata_driver_copy_actual_size(StrataNode *child, JsonObject *image)
-{
-    g_autoptr(JsonObject) ci = NULL;
-
-    if (!child || !child->drv->query_image) {
-        return;
-    }
-    ci = json_object_new();
-    child->drv->query_image(child, ci);
-    if (json_object_has_member(ci, "actual-size")) {
-        json_object_set_int_member(image, "actual-size",
-            json_object_get_int_member(ci, "actual-size"));
-    }
-}

@@ -1824,3 +1824,18 @@ bool strata_node_set_read_only(StrataNode *node, bool read_only,
     g_ptr_array_add(sets, json_object_ref(opts));
     return strata_node_reopen_multiple(node->ctx, sets, error);
 }
+
+void strata_driver_copy_actual_size(StrataNode *child, JsonObject *image)
+{
+    g_autoptr(JsonObject) ci = NULL;
+
+    if (!child || !child->drv->query_image) {
+        return;
+    }
+    ci = json_object_new();
+    child->drv->query_image(child, ci);
+    if (json_object_has_member(ci, "actual-size")) {
+        json_object_set_int_member(image, "actual-size",
+            json_object_get_int_member(ci, "actual-size"));
+    }
+}
