@@ -8,7 +8,9 @@
  * opens.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "block-private.h"
 #include "driver.h"
@@ -348,4 +350,22 @@ bool strata_probe_protocol_format(StrataContext *ctx, JsonObject *proto,
     *fmt = p.ret == 0 && memcmp(p.magic, "QFI\xfb", 4) == 0 ? "qcow2"
                                                              : "raw";
     return true;
+}
+
+const char *strata_probe_file_format(const char *filename)
+{
+    unsigned char magic[4];
+    int fd = open(filename, O_RDONLY | O_CLOEXEC);
+    ssize_t n;
+
+    if (fd < 0) {
+        return "raw";
+    }
+    n = pread(fd, magic, sizeof(magic), 0);
+    close(fd);
+    if (n == sizeof(magic) && memcmp(magic, "QFI\xfb", 4) == 0 &&
+        strata_driver_find("qcow2")) {
+        return "qcow2";
+    }
+    return "raw";
 }

@@ -330,6 +330,10 @@ bool strata_node_record_backing(StrataNode *overlay, StrataNode *base,
  */
 JsonObject *strata_nbd_uri_options(const char *spec, bool *is_nbd,
                                    GError **error);
+/* "qcow2" or "raw" from the first bytes of the file @filename, as QEMU
+ * probes an image whose format is not given; "raw" when it cannot be
+ * read (opening it then says why). */
+const char *strata_probe_file_format(const char *filename);
 /* Sets *@fmt to "qcow2" or "raw" from the first bytes of the protocol
  * node @proto describes (opened read-only for the probe, then closed), as
  * qemu-img probes an image behind any protocol.  Plain code or a

@@ -195,7 +195,7 @@ int strata_img_amend(int argc, char **argv)
                          filename, filename, g_strerror(errno));
         return 1;
     }
-    fmt = oo.fmt ? oo.fmt : strata_img_probe_format(filename);
+    fmt = oo.fmt ? oo.fmt : strata_probe_file_format(filename);
     if (strcmp(fmt, "qcow2")) {
         strata_img_error("Format driver '%s' does not support option "
                          "amendment", fmt);

@@ -188,7 +188,7 @@ int strata_img_check(int argc, char **argv)
      * does not, so the bit is lifted for the repair and put back below
      * unless the image comes out clean. */
     if (oo.writable && !oo.image_opts &&
-        !g_strcmp0(oo.fmt ? oo.fmt : strata_img_probe_format(filename),
+        !g_strcmp0(oo.fmt ? oo.fmt : strata_probe_file_format(filename),
                    "qcow2")) {
         uint64_t bits = 0;
 

@@ -232,7 +232,7 @@ static char *find_other_user(GPtrArray *dirs, GArray *chain_ids,
             }
             id = (StrataImgFileId) { st.st_dev, st.st_ino };
             if (id_in(chain_ids, &id) ||
-                g_strcmp0(strata_img_probe_format(path), "qcow2") ||
+                g_strcmp0(strata_probe_file_format(path), "qcow2") ||
                 !strata_img_qcow2_read_backing(path, &backing, NULL) ||
                 !backing || strchr(backing, ':')) {
                 continue;

@@ -166,7 +166,6 @@ static JsonObject *image_info(StrataNode *node)
 {
     g_autoptr(JsonObject) q = json_object_new();
     JsonObject *info = json_object_new();
-    StrataNode *file = node->file ? node->file->node : NULL;
     int64_t len = strata_node_get_length(node);
     static const char *const order[] = {
         "backing-filename-format", "virtual-size", "filename",
@@ -182,12 +181,6 @@ static JsonObject *image_info(StrataNode *node)
     json_object_set_string_member(q, "filename", node->filename
                                                      ? node->filename : "");
     json_object_set_string_member(q, "format", node->drv->name);
-    if (file && file->drv->query_image) {
-        g_autoptr(JsonObject) fq = json_object_new();
-
-        file->drv->query_image(file, fq);
-        copy_member(q, fq, "actual-size");
-    }
     /* raw decides by its file (see raw_query_image). */
     if (!json_object_has_member(q, "dirty-flag") &&
         strcmp(node->drv->name, "raw") != 0) {

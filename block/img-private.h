@@ -55,8 +55,6 @@ typedef int (*StrataImgCoFunc)(void *opaque);
 int strata_img_co_run(StrataImgTool *t, unsigned n, StrataImgCoFunc fn,
                       void *opaque);
 
-/* "qcow2" when @filename starts with qcow2's magic, else "raw". */
-const char *strata_img_probe_format(const char *filename);
 
 /* Whether strata can open and create images of format @fmt. */
 bool strata_img_format_known(const char *fmt);

@@ -298,7 +298,7 @@ int strata_img_rebase(int argc, char **argv)
     }
     /* A file that cannot be read is the open's error to report. */
     if (access(filename, R_OK) == 0 &&
-        g_strcmp0(oo.fmt ? oo.fmt : strata_img_probe_format(filename),
+        g_strcmp0(oo.fmt ? oo.fmt : strata_probe_file_format(filename),
                   "qcow2")) {
         strata_img_error("Could not change the backing file to '%s': "
                          "Operation not supported", backing);

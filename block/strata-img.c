@@ -286,24 +286,6 @@ bool strata_img_parse_aio(const char *aio)
 
 /* qemu-img probes the format when -f is missing; we know two formats,
  * and only qcow2 has a magic number. */
-const char *strata_img_probe_format(const char *filename)
-{
-    unsigned char magic[4];
-    int fd = open(filename, O_RDONLY | O_CLOEXEC);
-    ssize_t n;
-
-    if (fd < 0) {
-        return "raw";
-    }
-    n = pread(fd, magic, sizeof(magic), 0);
-    close(fd);
-    if (n == sizeof(magic) && memcmp(magic, "QFI\xfb", 4) == 0 &&
-        strata_driver_find("qcow2")) {
-        return "qcow2";
-    }
-    return "raw";
-}
-
 /* Sets @key to a boolean unless the user's spec already has it: key=value
  * specs hold strings ("on"/"off"), JSON specs typed values. */
 static void set_default_bool(JsonObject *obj, const char *key, bool value,
@@ -411,7 +393,7 @@ StrataBackend *strata_img_open(StrataContext *ctx, const char *spec,
         options = json_object_new();
         json_object_set_string_member(options, "driver",
                                       fmt ? fmt
-                                          : strata_img_probe_format(spec));
+                                          : strata_probe_file_format(spec));
         json_object_set_object_member(options, "file", file);
     }
     if (o->no_backing && !o->image_opts &&

@@ -295,23 +295,6 @@ static char *backing_path(const char *image, const char *name,
     return g_strdup_printf("%.*s%s", (int)(slash - image + 1), image, name);
 }
 
-/* Guesses a backing file's format from its first bytes when the image
- * does not record it. */
-static const char *probe_format(const char *path)
-{
-    uint8_t magic[4] = { 0 };
-    FILE *f = fopen(path, "rb");
-
-    if (!f) {
-        return "raw";
-    }
-    if (fread(magic, 1, sizeof(magic), f) != sizeof(magic)) {
-        magic[0] = 0;
-    }
-    fclose(f);
-    return strata_qcow2_be32(magic) == STRATA_QCOW2_MAGIC ? "qcow2" : "raw";
-}
-
 static bool open_backing(StrataQcow2State *s, JsonObject *options,
                          GError **error)
 {
@@ -377,7 +360,7 @@ static bool open_backing(StrataQcow2State *s, JsonObject *options,
         return false;
     }
     if (!fmt) {
-        fmt = probe_format(path);
+        fmt = strata_probe_file_format(path);
     }
     if (!fopts) {
         fopts = json_object_new();
