@@ -158,6 +158,25 @@ def run_side(side, exe, workdir, images, opts):
     return out
 
 
+def add_daemon_options(ap):
+    """--build, --stratad, --qsd and --tmp, as every QMP bench takes them."""
+    ap.add_argument('--build', default='build')
+    ap.add_argument('--stratad')
+    ap.add_argument('--qsd', default=os.environ.get('QSD',
+                                                    'qemu-storage-daemon'))
+    ap.add_argument('--tmp', default=os.environ.get('STRATA_BENCH_TMP'))
+
+
+def daemon_exes(opts):
+    """The two daemons' paths from add_daemon_options' options; exits
+    naming them when either is missing."""
+    stratad = opts.stratad or os.path.join(opts.build, 'qmp', 'stratad')
+    exes = {'qsd': shutil.which(opts.qsd), 'strata': os.path.abspath(stratad)}
+    if not exes['qsd'] or not os.access(exes['strata'], os.X_OK):
+        sys.exit('need qemu-storage-daemon and stratad (%s)' % exes)
+    return exes
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--reps', type=int, default=5)
@@ -165,17 +184,10 @@ def main():
                     help='query-version round trips per repetition')
     ap.add_argument('--spawns', type=int, default=10,
                     help='daemon starts per repetition')
-    ap.add_argument('--build', default='build')
-    ap.add_argument('--stratad')
-    ap.add_argument('--qsd', default=os.environ.get('QSD',
-                                                    'qemu-storage-daemon'))
-    ap.add_argument('--tmp', default=os.environ.get('STRATA_BENCH_TMP'))
+    add_daemon_options(ap)
     ap.add_argument('--out', help='write the table (markdown) here too')
     opts = ap.parse_args()
-    stratad = opts.stratad or os.path.join(opts.build, 'qmp', 'stratad')
-    exes = {'qsd': shutil.which(opts.qsd), 'strata': os.path.abspath(stratad)}
-    if not exes['qsd'] or not os.access(exes['strata'], os.X_OK):
-        sys.exit('need qemu-storage-daemon and stratad (%s)' % exes)
+    exes = daemon_exes(opts)
 
     workdir = tempfile.mkdtemp(prefix='bench-qmp-', dir=opts.tmp)
     try:

@@ -153,17 +153,10 @@ def main():
     ap.add_argument('--reps', type=int, default=5)
     ap.add_argument('--rounds', type=int, default=3,
                     help='measurements per daemon (their median is a sample)')
-    ap.add_argument('--build', default='build')
-    ap.add_argument('--stratad')
-    ap.add_argument('--qsd', default=os.environ.get('QSD',
-                                                    'qemu-storage-daemon'))
-    ap.add_argument('--tmp', default=os.environ.get('STRATA_BENCH_TMP'))
+    _bench_qmp.add_daemon_options(ap)
     ap.add_argument('--out', help='write the table (markdown) here too')
     opts = ap.parse_args()
-    stratad = opts.stratad or os.path.join(opts.build, 'qmp', 'stratad')
-    exes = {'qsd': shutil.which(opts.qsd), 'strata': os.path.abspath(stratad)}
-    if not exes['qsd'] or not os.access(exes['strata'], os.X_OK):
-        sys.exit('need qemu-storage-daemon and stratad (%s)' % exes)
+    exes = _bench_qmp.daemon_exes(opts)
 
     workdir = tempfile.mkdtemp(prefix='bench-snapshot-', dir=opts.tmp)
     try:

@@ -151,13 +151,37 @@ static void guest_sees_ref(QTestState *s)
                            "'nbd+unix:///disk?socket=nbd.sock'"), 0);
 }
 
+/* Completes @job (READY): the filter goes, the export moves to @node,
+ * the guest writes once more (@write, a qemu-io command) and reads what
+ * it expects, and after quit the image file @file holds it too. */
+static void complete_onto(QTestState *s, const char *job, const char *node,
+                          const char *file, const char *write)
+{
+    g_autofree char *req = g_strdup_printf(
+        "{\"execute\": \"block-job-complete\", \"arguments\": "
+        "{\"device\": \"%s\"}}", job);
+    JsonNode *keep = NULL;
+
+    ok(s, req);
+    reach_status(s, job, "null");
+    filter_gone(s);
+    ck_assert_str_eq(export_node(s, &keep), node);
+    json_node_unref(keep);
+    ck_assert_int_eq(guest_io(s, write), 0);
+    guest_sees_ref(s);
+    ok(s, "{\"execute\": \"quit\"}");
+    ck_assert_int_eq(qtest_wait_exit(s, 20000), 0);
+    ck_assert_int_eq(sh(s, "qemu-img compare -q -F raw %s ref.raw", file),
+                     0);
+    qtest_end(s);
+}
+
 /* Active commit s1 -> s0 with a named filter: listed while the job runs
  * (READY included), the guest writes through it, gone after complete
  * with the export on s0. */
 START_TEST(test_active_commit_filter)
 {
     QTestState *s;
-    JsonNode *keep = NULL;
 
     if (!have_qemu_tools()) {
         return;
@@ -176,19 +200,7 @@ START_TEST(test_active_commit_filter)
     reach_status(s, "ac", "ready");
     filter_is(s, "acf");
     ck_assert_int_eq(guest_io(s, "write -P 0x52 11M 64k"), 0);
-    ok(s, "{\"execute\": \"block-job-complete\", \"arguments\": "
-          "{\"device\": \"ac\"}}");
-    reach_status(s, "ac", "null");
-    filter_gone(s);
-    ck_assert_str_eq(export_node(s, &keep), "s0");
-    json_node_unref(keep);
-    ck_assert_int_eq(guest_io(s, "write -P 0x53 12M 64k"), 0);
-    guest_sees_ref(s);
-    ok(s, "{\"execute\": \"quit\"}");
-    ck_assert_int_eq(qtest_wait_exit(s, 20000), 0);
-    ck_assert_int_eq(sh(s, "qemu-img compare -q -F raw s0.qcow2 ref.raw"),
-                     0);
-    qtest_end(s);
+    complete_onto(s, "ac", "s0", "s0.qcow2", "write -P 0x53 12M 64k");
 }
 END_TEST
 
@@ -262,18 +274,7 @@ START_TEST(test_mirror_filter_endings)
     reach_status(s, "m", "ready");
     filter_is(s, "mf");
     ck_assert_int_eq(guest_io(s, "write -P 0x63 3M 64k"), 0);
-    ok(s, "{\"execute\": \"block-job-complete\", \"arguments\": "
-          "{\"device\": \"m\"}}");
-    reach_status(s, "m", "null");
-    filter_gone(s);
-    ck_assert_str_eq(export_node(s, &keep), "t");
-    json_node_unref(keep);
-    ck_assert_int_eq(guest_io(s, "write -P 0x64 4M 64k"), 0);
-    guest_sees_ref(s);
-    ok(s, "{\"execute\": \"quit\"}");
-    ck_assert_int_eq(qtest_wait_exit(s, 20000), 0);
-    ck_assert_int_eq(sh(s, "qemu-img compare -q -F raw t.qcow2 ref.raw"), 0);
-    qtest_end(s);
+    complete_onto(s, "m", "t", "t.qcow2", "write -P 0x64 4M 64k");
 }
 END_TEST
 
