@@ -52,10 +52,14 @@ bool strata_reopen_check_options(StrataReopenState *rs,
                                  const char *const *mutable_opts,
                                  GError **error);
 
-/* The "actual-size" of @image taken from @child's own image info (the
- * bytes its file takes on disk), as QEMU sums a format node's or a
- * filter's children; nothing when @child cannot say. */
-void strata_driver_copy_actual_size(StrataNode *child, JsonObject *image);
+/* The bytes @node takes on disk: its driver's get_allocated_size, else
+ * (formats, filters) its file child's, as QEMU answers a format node's
+ * or a filter's allocated size from its children; -ENOTSUP when nothing
+ * below can say (an NBD export). */
+int64_t strata_node_allocated_size(StrataNode *node);
+/* Sets "actual-size" in @image to strata_node_allocated_size(@node) when
+ * it is known. */
+void strata_node_set_actual_size(StrataNode *node, JsonObject *image);
 
 struct StrataDriver {
     /* The "driver" value in blockdev-add options ("file", "raw", …). */
@@ -192,6 +196,10 @@ struct StrataDriver {
 
     /* Loop.  Adds driver-specific members to query output ("image"). */
     void (*query_image)(StrataNode *node, JsonObject *image);
+
+    /* Loop.  Bytes the node's own storage takes (a file's allocated
+     * blocks).  NULL: its file child's, if it has one. */
+    int64_t (*get_allocated_size)(StrataNode *node);
 
     /* Loop.  Adds the driver's counters (caches and the like) to
      * @stats, for x-strata-query-node-stats.  NULL: none. */

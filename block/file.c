@@ -1169,17 +1169,24 @@ static int file_co_truncate(StrataNode *node, uint64_t offset, bool exact,
 static void file_query_image(StrataNode *node, JsonObject *image)
 {
     FileState *s = node->opaque;
-    struct stat st;
     int64_t len = file_length(s);
 
     json_object_set_int_member(image, "virtual-size", MAX(len, 0));
     json_object_set_string_member(image, "filename", node->filename);
     json_object_set_string_member(image, "format", "file");
-    if (fstat(s->fd, &st) == 0) {
-        json_object_set_int_member(image, "actual-size",
-                                   (int64_t)st.st_blocks * 512);
-    }
+    strata_node_set_actual_size(node, image);
     json_object_set_boolean_member(image, "dirty-flag", false);
+}
+
+static int64_t file_get_allocated_size(StrataNode *node)
+{
+    FileState *s = node->opaque;
+    struct stat st;
+
+    if (fstat(s->fd, &st) < 0) {
+        return -errno;
+    }
+    return (int64_t)st.st_blocks * 512;
 }
 
 const StrataDriver strata_driver_file = {
@@ -1202,4 +1209,5 @@ const StrataDriver strata_driver_file = {
     .reopen_commit = file_reopen_commit,
     .reopen_abort = file_reopen_abort,
     .query_image = file_query_image,
+    .get_allocated_size = file_get_allocated_size,
 };

@@ -1825,17 +1825,22 @@ bool strata_node_set_read_only(StrataNode *node, bool read_only,
     return strata_node_reopen_multiple(node->ctx, sets, error);
 }
 
-void strata_driver_copy_actual_size(StrataNode *child, JsonObject *image)
+int64_t strata_node_allocated_size(StrataNode *node)
 {
-    g_autoptr(JsonObject) ci = NULL;
-
-    if (!child || !child->drv->query_image) {
-        return;
+    while (!node->drv->get_allocated_size) {
+        if (!node->file) {
+            return -ENOTSUP;
+        }
+        node = node->file->node;
     }
-    ci = json_object_new();
-    child->drv->query_image(child, ci);
-    if (json_object_has_member(ci, "actual-size")) {
-        json_object_set_int_member(image, "actual-size",
-            json_object_get_int_member(ci, "actual-size"));
+    return node->drv->get_allocated_size(node);
+}
+
+void strata_node_set_actual_size(StrataNode *node, JsonObject *image)
+{
+    int64_t size = strata_node_allocated_size(node);
+
+    if (size >= 0) {
+        json_object_set_int_member(image, "actual-size", size);
     }
 }

@@ -177,6 +177,11 @@ static void null_query_image(StrataNode *node, JsonObject *image)
     json_object_set_int_member(image, "actual-size", 0);
 }
 
+static int64_t null_get_allocated_size(StrataNode *node)
+{
+    return 0;
+}
+
 /* Nothing of this driver's own can change on a reopen. */
 static bool null_reopen_prepare(StrataReopenState *rs, GError **error)
 {
@@ -198,5 +203,6 @@ const StrataDriver strata_driver_null_co = {
     .co_flush = null_co_flush,
     .co_block_status = null_co_block_status,
     .query_image = null_query_image,
+    .get_allocated_size = null_get_allocated_size,
     .reopen_prepare = null_reopen_prepare,
 };

@@ -243,7 +243,7 @@ static void raw_query_image(StrataNode *node, JsonObject *image)
     }
     json_object_set_string_member(image, "format", "raw");
     if (file && file->drv->query_image) {
-        strata_driver_copy_actual_size(file, image);
+        strata_node_set_actual_size(file, image);
         json_object_set_boolean_member(image, "dirty-flag", false);
     }
     /* Else QEMU's get_info, which raw forwards to its file, fails (an

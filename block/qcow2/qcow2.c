@@ -413,14 +413,12 @@ static void qcow2_state_free(StrataQcow2State *s)
  * mark of preallocated metadata over holes. */
 static bool file_is_sparse(StrataNode *file)
 {
-    g_autoptr(JsonObject) img = json_object_new();
     int64_t actual;
 
-    if (!file || !file->drv->query_image || file->total_bytes <= 0) {
+    if (!file || file->total_bytes <= 0) {
         return false;
     }
-    file->drv->query_image(file, img);
-    actual = json_object_get_int_member_with_default(img, "actual-size", -1);
+    actual = strata_node_allocated_size(file);
     return actual >= 0 && actual < file->total_bytes / 2;
 }
 
@@ -1948,8 +1946,7 @@ static void qcow2_query_image(StrataNode *node, JsonObject *image)
 
     json_object_set_int_member(image, "cluster-size",
                                (gint64)s->cluster_size);
-    strata_driver_copy_actual_size(node->file ? node->file->node : NULL,
-                                   image);
+    strata_node_set_actual_size(node, image);
     json_object_set_boolean_member(image, "dirty-flag",
                                    !!(h->incompatible_features &
                                       STRATA_QCOW2_INCOMPAT_DIRTY));
