@@ -69,6 +69,10 @@ struct StrataDriver {
     /* A filter passes data through to its file child unchanged (debug,
      * throttle); block status and flush forward automatically. */
     bool is_filter;
+    /* What QEMU calls a filter's edge to its file child in the block
+     * graph when it is not "file": the job filters QEMU appends above a
+     * node hold it as their "backing".  NULL: the option's name. */
+    const char *filter_edge_name;
     /* A format driver (raw, qcow2): its content lives in a file child. */
     bool is_format;
     /* Whether the node's filename is a protocol filename ("file") or

@@ -421,18 +421,13 @@ static JsonArray *perm_list(uint64_t perm)
     return arr;
 }
 
-/* The name QEMU shows for @c: the filters a commit or mirror job puts
- * above a node hold it as their backing (QEMU appends them over the
- * node), where strata's filters all call their one child "file". */
+/* The name QEMU shows for @c (see StrataDriver.filter_edge_name). */
 static const char *edge_name(StrataChild *c)
 {
-    if (c->parent_kind == STRATA_PARENT_NODE && c->name &&
-        !strcmp(c->name, "file")) {
-        const char *drv = ((StrataNode *)c->parent)->drv->name;
-
-        if (!strcmp(drv, "commit_top") || !strcmp(drv, "mirror_top")) {
-            return "backing";
-        }
+    if (c->parent_kind == STRATA_PARENT_NODE &&
+        c->role == STRATA_CHILD_FILE &&
+        ((StrataNode *)c->parent)->drv->filter_edge_name) {
+        return ((StrataNode *)c->parent)->drv->filter_edge_name;
     }
     return c->name ? c->name : "";
 }
