@@ -762,7 +762,6 @@ static int rebuild_refcounts(Check *c)
     s->refcount_table_offset = table_cl << s->cluster_bits;
     s->hdr.refcount_table_offset = s->refcount_table_offset;
     s->hdr.refcount_table_clusters = (uint32_t)table_clusters;
-    s->rt_used_valid = false;
     s->free_cluster_index = 0;
 out:
     g_free(t.entries);
