@@ -154,6 +154,7 @@ bool strata_stream_start(StrataContext *ctx, JsonObject *args,
     const char *bottom_name = strata_job_arg_str(args, "bottom");
     const char *backing_file = strata_job_arg_str(args, "backing-file");
     const char *filter_name = strata_job_arg_str(args, "filter-node-name");
+    const char *job_id = strata_job_arg_str(args, "job-id");
     StrataOnError on_error;
     StrataNode *top, *base = NULL, *lowest = NULL;
     StreamJob *s;
@@ -248,8 +249,7 @@ bool strata_stream_start(StrataContext *ctx, JsonObject *args,
         return false;
     }
     job = strata_job_new(
-        ctx, &stream_driver, strata_job_arg_str(args, "job-id") ? strata_job_arg_str(args, "job-id")
-                                                     : "",
+        ctx, &stream_driver, job_id ? job_id : "",
         json_object_get_int_member_with_default(args, "speed", 0), on_error,
         json_object_get_boolean_member_with_default(args, "auto-finalize",
                                                     true),
