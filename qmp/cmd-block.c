@@ -228,6 +228,7 @@ static InfoEntry *info_entry(StrataQmpInfoCache *c, StrataNode *node,
     InfoEntry *e = g_hash_table_lookup(c->entries[flat], node);
     StrataNode *backing = strata_node_backing(node);
     InfoEntry *be = NULL;
+    JsonObject *backing_image;
     GString *key;
     uint8_t flags[3] = { node->read_only, node->cache_direct,
                          node->cache_no_flush };
@@ -240,6 +241,7 @@ static InfoEntry *info_entry(StrataQmpInfoCache *c, StrataNode *node,
     if (!flat && backing) {
         be = info_entry(c, backing, false);
     }
+    backing_image = be ? be->image : NULL;
     key = g_string_sized_new(e ? e->key->len : 256);
     key_str(key, node->node_name);
     key_str(key, node->drv->name);
@@ -249,8 +251,7 @@ static InfoEntry *info_entry(StrataQmpInfoCache *c, StrataNode *node,
     key_bytes(key, &len, sizeof(len));
     key_str(key, backing ? (backing->filename ? backing->filename : "")
                          : NULL);
-    key_bytes(key, be ? (void *)&be->image : (void *)&(JsonObject *){ NULL },
-              sizeof(JsonObject *));
+    key_bytes(key, &backing_image, sizeof(backing_image));
     if (node->drv->query_image) {
         g_autoptr(JsonObject) own = json_object_new();
         g_autoptr(JsonNode) n = json_node_alloc();
@@ -273,7 +274,7 @@ static InfoEntry *info_entry(StrataQmpInfoCache *c, StrataNode *node,
     e = g_new0(InfoEntry, 1);
     e->key = key;
     e->depth = be ? be->depth + 1 : 0;
-    e->image = image_info(node, be ? be->image : NULL);
+    e->image = image_info(node, backing_image);
     e->info = node_info(node, e->image, e->depth);
     /* Sealed: nobody can change them under their text. */
     json_object_seal(e->info);

@@ -826,11 +826,8 @@ static void write_string(GString *out, const char *s)
             case '\r': g_string_append(out, "\\r"); break;
             case '\t': g_string_append(out, "\\t"); break;
             default:
-                if (c < 0x20 || c == 0x7F) {
-                    g_string_append_printf(out, "\\u%04X", c);
-                } else {
-                    g_string_append_c(out, (char)c);
-                }
+                /* The other controls and DEL: plain_char() took the rest. */
+                g_string_append_printf(out, "\\u%04X", c);
             }
             p++;
             continue;

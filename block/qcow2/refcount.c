@@ -698,12 +698,10 @@ void strata_qcow2_refcount_table_set(StrataQcow2State *s, uint64_t *entries,
         g_error("%s: failed to map %zu bytes", G_STRLOC, bytes);
     }
     for (uint64_t i = 0; i < n; i += per_page) {
-        uint64_t cnt = MIN(per_page, n - i);
-        for (uint64_t j = 0; j < cnt; j++) {
-            if (src[i + j]) {
-                memcpy(t + i, src + i, cnt * sizeof(uint64_t));
-                break;
-            }
+        size_t len = MIN(per_page, n - i) * sizeof(uint64_t);
+
+        if (!strata_buffer_is_zero(src + i, len)) {
+            memcpy(t + i, src + i, len);
         }
     }
     strata_qcow2_refcount_table_free(s);
