@@ -103,50 +103,37 @@ static void cor_read_part_start(CorReadGroup *g, CorReadPart *p)
 /* The layer, from @n down, that decides [@offset, @offset + *@bytes),
  * and for how long (*@bytes shortened); *@layer NULL: the range reads as
  * zeroes.  *@map: where the data lies in the layer's file, when
- * *@has_map.  Filters in the chain are layers of their own, so a debug
- * node above an image still sees the read. */
+ * *@has_map.  The chain walk counts filters as layers of their own, so
+ * a debug node above an image still sees the read. */
 static int cor_co_find_layer(StrataNode *n, uint64_t offset, uint64_t *bytes,
                              StrataNode **layer, uint64_t *map,
                              bool *has_map)
 {
     uint64_t want = *bytes;
+    StrataNode *file = NULL;
+    int depth = 0;
+    int ret = strata_node_co_block_status_above(n, NULL, false, offset, want,
+                                                bytes, map, &file, &depth);
 
     *layer = NULL;
     *has_map = false;
-    while (n) {
-        uint64_t p = 0;
-        StrataNode *file = NULL;
-        int ret;
-
-        if (n->total_bytes < 0) {
-            int64_t len = strata_node_co_refresh_length(n);
-            if (len < 0) {
-                return (int)len;
-            }
-        }
-        ret = strata_node_co_block_status(n, false, offset, want, &p, map,
-                                          &file);
-        if (ret < 0) {
-            return ret;
-        }
-        if (p == 0) {
-            /* Past this layer's end: zeroes, as the layer above reads. */
-            break;
-        }
-        if (ret & STRATA_BLOCK_ALLOCATED) {
-            *bytes = p;
-            if (ret & STRATA_BLOCK_DATA) {
-                *layer = n;
-                *has_map = (ret & STRATA_BLOCK_OFFSET_VALID) && file;
-            }
-            return 0;
-        }
-        want = MIN(want, p);
-        n = n->backing ? n->backing->node
-                       : (n->drv->is_filter && n->file ? n->file->node
-                                                       : NULL);
+    if (ret < 0) {
+        return ret;
     }
-    *bytes = want;
+    if (*bytes == 0) {
+        /* Past @n's end: zeroes, as the layer above reads. */
+        *bytes = want;
+        return 0;
+    }
+    if ((ret & STRATA_BLOCK_ALLOCATED) && (ret & STRATA_BLOCK_DATA)) {
+        /* Every layer the walk passed has a backing or a filtered
+         * child to go on to. */
+        for (; depth > 0; depth--) {
+            n = n->backing ? n->backing->node : n->file->node;
+        }
+        *layer = n;
+        *has_map = (ret & STRATA_BLOCK_OFFSET_VALID) && file;
+    }
     return 0;
 }
 

@@ -1113,6 +1113,7 @@ bool strata_drive_mirror_start(StrataContext *ctx, JsonObject *args,
     const char *mode = strata_job_arg_str(args, "mode");
     const char *format = strata_job_arg_str(args, "format");
     const char *node_name = strata_job_arg_str(args, "node-name");
+    const char *replaces = strata_job_arg_str(args, "replaces");
     g_autoptr(JsonObject) opts = NULL;
     StrataNode *data, *backing;
     int64_t len;
@@ -1150,14 +1151,14 @@ bool strata_drive_mirror_start(StrataContext *ctx, JsonObject *args,
         return false;
     }
     /* Checked before a file is created, as QEMU does. */
-    if (strata_job_arg_str(args, "replaces")) {
+    if (replaces) {
         if (!node_name) {
             g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
                         "a node-name must be provided when replacing a "
                         "named node of the graph");
             return false;
         }
-        if (!check_replaces(ctx, &s, strata_job_arg_str(args, "replaces"), error)) {
+        if (!check_replaces(ctx, &s, replaces, error)) {
             return false;
         }
     }

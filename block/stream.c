@@ -154,8 +154,9 @@ bool strata_stream_start(StrataContext *ctx, JsonObject *args,
     const char *bottom_name = strata_job_arg_str(args, "bottom");
     const char *backing_file = strata_job_arg_str(args, "backing-file");
     const char *filter_name = strata_job_arg_str(args, "filter-node-name");
+    const char *job_id = strata_job_arg_str(args, "job-id");
     StrataOnError on_error;
-    StrataNode *top, *base = NULL;
+    StrataNode *top, *base = NULL, *lowest = NULL;
     StreamJob *s;
     StrataJob *job;
 
@@ -248,8 +249,7 @@ bool strata_stream_start(StrataContext *ctx, JsonObject *args,
         return false;
     }
     job = strata_job_new(
-        ctx, &stream_driver, strata_job_arg_str(args, "job-id") ? strata_job_arg_str(args, "job-id")
-                                                     : "",
+        ctx, &stream_driver, job_id ? job_id : "",
         json_object_get_int_member_with_default(args, "speed", 0), on_error,
         json_object_get_boolean_member_with_default(args, "auto-finalize",
                                                     true),
@@ -263,8 +263,11 @@ bool strata_stream_start(StrataContext *ctx, JsonObject *args,
     s->top = top;
     s->base = base;
     s->backing_file = g_strdup(backing_file);
+    /* The lowest layer streamed: the filter's "bottom" when there is a
+     * base. */
     for (StrataNode *n = top; n && n != base; n = strata_node_backing(n)) {
         strata_job_add_node(job, n);
+        lowest = n;
     }
     /* Streaming into an intermediate (read-only) layer: it is written
      * for the job's time only. */
@@ -282,11 +285,7 @@ bool strata_stream_start(StrataContext *ctx, JsonObject *args,
     /* Guest reads through the filter copy what the stream would, and
      * nothing from the base or below, as QEMU's "bottom". */
     if (base) {
-        StrataNode *bottom = top;
-        while (strata_node_backing(bottom) != base) {
-            bottom = strata_node_backing(bottom);
-        }
-        strata_cor_filter_set_bottom(job->filter, bottom);
+        strata_cor_filter_set_bottom(job->filter, lowest);
     }
     strata_job_start(job);
     return true;

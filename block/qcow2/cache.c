@@ -324,16 +324,11 @@ int strata_qcow2_cache_co_write(StrataQcow2Cache *c)
 int strata_qcow2_cache_co_flush(StrataQcow2Cache *c)
 {
     int ret = strata_qcow2_cache_co_write(c);
-    int fret;
+    /* Nothing was dirty, yet callers expect the dependency settled. */
+    int fret = settle_dependency(c);
 
-    if (c->depends) {
-        /* Nothing was dirty, yet callers expect the dependency settled. */
-        StrataQcow2Cache *dep = c->depends;
-        c->depends = NULL;
-        fret = strata_qcow2_cache_co_flush(dep);
-        if (fret < 0 && !ret) {
-            ret = fret;
-        }
+    if (fret < 0 && !ret) {
+        ret = fret;
     }
     fret = strata_node_co_flush(file_node(c));
     return ret < 0 ? ret : fret;

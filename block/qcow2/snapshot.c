@@ -241,8 +241,8 @@ static uint8_t *build_table(StrataQcow2State *s, uint64_t *len)
 
 /* Flushes both caches: dependencies then settle, and what follows can
  * order its own writes.  Both caches are written before the one flush
- * (a dependency still flushes in between, from entry_write), so that a
- * barrier costs one fdatasync, not two. */
+ * (a dependency still flushes in between, when the cache that has it
+ * writes), so that a barrier costs one fdatasync, not two. */
 static int flush_all(StrataQcow2State *s)
 {
     int ret = strata_qcow2_cache_co_write(s->l2_cache);
