@@ -199,6 +199,7 @@ static bool check_base_users(StrataNode *top, StrataNode *base,
 bool strata_commit_start(StrataContext *ctx, JsonObject *args,
                          GError **error)
 {
+    const char *job_id = strata_job_arg_str(args, "job-id");
     const char *device = strata_job_arg_str(args, "device");
     const char *top_node = strata_job_arg_str(args, "top-node");
     const char *top_name = strata_job_arg_str(args, "top");
@@ -341,8 +342,7 @@ bool strata_commit_start(StrataContext *ctx, JsonObject *args,
     }
 
     job = strata_job_new(
-        ctx, &commit_driver, strata_job_arg_str(args, "job-id") ? strata_job_arg_str(args, "job-id")
-                                                     : "",
+        ctx, &commit_driver, job_id ? job_id : "",
         json_object_get_int_member_with_default(args, "speed", 0), on_error,
         json_object_get_boolean_member_with_default(args, "auto-finalize",
                                                     true),

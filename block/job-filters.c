@@ -41,17 +41,23 @@ static bool job_filter_open(StrataNode *node, JsonObject *options,
  * cluster size and the allocated size are the filtered image's. */
 static void job_filter_query_image(StrataNode *node, JsonObject *image)
 {
+    static const char *const from_child[] = {
+        "cluster-size", "actual-size",
+    };
     StrataNode *child = node->file->node;
     g_autoptr(JsonObject) ci = json_object_new();
 
     if (child->drv->query_image) {
         child->drv->query_image(child, ci);
     }
-    if (json_object_has_member(ci, "cluster-size")) {
-        json_object_set_int_member(image, "cluster-size",
-            json_object_get_int_member(ci, "cluster-size"));
+    /* Both from the one query of the child (its actual-size is its
+     * file's, already asked for). */
+    for (guint i = 0; i < G_N_ELEMENTS(from_child); i++) {
+        if (json_object_has_member(ci, from_child[i])) {
+            json_object_set_int_member(image, from_child[i],
+                json_object_get_int_member(ci, from_child[i]));
+        }
     }
-    strata_node_set_actual_size(node, image);
     json_object_set_boolean_member(image, "dirty-flag", false);
 }
 
