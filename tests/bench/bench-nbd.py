@@ -4,9 +4,9 @@
 Two suites (both by default; --suites picks):
 
   client  (issue 9)  read a whole export of qemu-nbd into a local raw
-          file: `strata-img convert -f raw -O raw nbd+unix://... out`
-          against `qemu-img convert` of the same; every copy is compared
-          with the source (cmp).
+          file: `strata-img convert -n -f raw -O raw nbd+unix://... out`
+          against `qemu-img convert -n` of the same; every copy is
+          compared with the source (cmp).
   export  (issue 6)  the same client, `qemu-img bench -f raw
           nbd+unix://...`, against stratad's export and against
           qemu-storage-daemon's export of an identical file: 4 KiB random
@@ -14,7 +14,33 @@ Two suites (both by default; --suites picks):
           Both daemons get the same command line (--blockdev file with
           cache.direct=on and aio=io_uring, raw on top, --nbd-server,
           --export writable).  Every sample is checked afterwards with
-          qemu-io reads of the expected pattern through the export.
+          qemu-io reads of the expected pattern through the export.  Two
+          more rows put a null-co node (read-zeroes=on) under the export
+          instead of the file, so that no disk is involved: 4 KiB reads at
+          depth 1 (the round trip through the server, in microseconds per
+          request) and at depth 32 (what the server sustains when only
+          software is in the way).
+
+The client row is about reading through the NBD client, so the copy must
+not be bound by writing it out.  The output therefore lives on /dev/shm
+(as in bench-img-ops.py), is created once, before the first sample, and
+is overwritten in place (`convert -n`) by every sample.  Writing into a
+disk-backed file left both tools waiting for the page cache's writeback;
+creating a fresh file each time made them fault in 1 GiB of new tmpfs
+pages per sample, and on a VM whose balloon reports free pages to the
+host (virtio-balloon free page reporting: the pages of the file deleted
+after the previous sample go back to the host at once) every such fault
+costs the host a page too.  That is where qemu-img's bimodal times came
+from: the same 1 GiB copy into tmpfs pages (copy_folio_from_iter_atomic)
+took 240 to 1,700 perf samples from one run to the next, and the slow
+runs' extra time was all client CPU (0.66 s against 1.65 s).  Before
+every sample the output is refilled with a byte the source does not
+hold (untimed), so `cmp` still proves that every byte was copied.
+
+Besides the wall time each sample records the CPU time of the client
+(its rusage) and of the server (qemu-nbd or the daemon, from
+/proc/PID/stat): on a loaded machine those move much less than the wall
+time.
 
 Method as shared/bench: every row once per side in each repetition, the
 order alternating between repetitions; medians (and minimum) over
@@ -43,6 +69,37 @@ _spec.loader.exec_module(bench_img)
 log, evict, warm = bench_img.log, bench_img.evict, bench_img.warm
 golden_step, parse_size = bench_img.golden_step, bench_img.parse_size
 RUN_RE, MIB = bench_img.RUN_RE, bench_img.MIB
+
+
+def run_timed(argv):
+    """Runs @argv; its output, wall time and CPU time (user + system)."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, universal_newlines=True)
+    out = p.stdout.read()
+    _, status, ru = os.wait4(p.pid, 0)
+    t = time.perf_counter() - t0
+    p.stdout.close()
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise RuntimeError("%s: status %d: %s" % (" ".join(argv), p.returncode,
+                                                  out.strip()[-400:]))
+    return out, t, ru.ru_utime + ru.ru_stime
+
+
+def proc_cpu(pid):
+    """CPU seconds (user + system, all threads) of a running process."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fill(path, size, byte):
+    """Overwrites @path in place (its pages stay allocated)."""
+    block = bytes([byte]) * (8 * MIB)
+    with open(path, "r+b" if os.path.exists(path) else "wb") as f:
+        for off in range(0, size, len(block)):
+            f.write(block[:min(len(block), size - off)])
 
 
 def run(argv, **kw):
@@ -89,6 +146,7 @@ class Row:
         self.suite, self.name, self.work = suite, name, work
         self.__dict__.update(kw)
         self.samples = {"qemu": [], "strata": []}
+        self.cpu = {"qemu": [], "strata": []}     # (client, server) s
         self.failures = []
 
 
@@ -112,6 +170,8 @@ class Bench:
         self.a = a
         self.tmp = tempfile.mkdtemp(prefix="strata-bench-nbd.", dir=a.tmp)
         self.size = a.size
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.shm = tempfile.mkdtemp(prefix="strata-bench-nbd.", dir=shm)
 
     def path(self, name):
         return os.path.join(self.tmp, name)
@@ -126,23 +186,24 @@ class Bench:
                             "-e", "4", "--persistent", "-k", self.nbd_sock,
                             "--pid-file", self.path("qnbd.pid"), self.src],
                            self.nbd_sock, self.path("qnbd.pid"))
+        # Allocated once, overwritten by every sample (see above).
+        self.out = os.path.join(self.shm, "out.raw")
+        fill(self.out, self.size, 0xee)
         return [Row("client", "convert %d MiB from qemu-nbd" %
                     (self.size // MIB), self.size, uri="nbd+unix:///src?socket=%s"
                     % self.nbd_sock)]
 
     def client_sample(self, row, side):
         tool = self.a.qemu_img if side == "qemu" else self.a.strata_img
-        out = self.path("out.raw")
-        if os.path.exists(out):
-            os.unlink(out)
+        fill(self.out, self.size, 0xee)
         warm(self.src)      # the server's side is the same for both
-        t0 = time.perf_counter()
-        run([tool, "convert", "-f", "raw", "-O", "raw", row.uri, out])
-        t = time.perf_counter() - t0
-        if subprocess.call(["cmp", "-s", out, self.src]) != 0:
+        c0 = proc_cpu(self.qnbd.proc.pid)
+        _, t, cpu = run_timed([tool, "convert", "-n", "-f", "raw", "-O", "raw",
+                               row.uri, self.out])
+        srv = proc_cpu(self.qnbd.proc.pid) - c0
+        if subprocess.call(["cmp", "-s", self.out, self.src]) != 0:
             raise RuntimeError("the copy differs from the source")
-        os.unlink(out)
-        return t
+        return t, cpu, srv
 
     # ---- export: qemu-img bench through stratad / QSD ----
 
@@ -163,6 +224,10 @@ class Bench:
                 count=int(self.size // MIB * sc), step=MIB, write=False),
             Row("export", "sw1m qd32", "w", bs=MIB,
                 count=int(self.size // MIB * sc), step=MIB, write=True),
+            Row("export", "rr4k qd1 null", "null", bs=4096,
+                count=int(20000 * sc), step=step, write=False, depth=1),
+            Row("export", "rr4k qd32 null", "null", bs=4096,
+                count=int(n4k // 2 * sc), step=step, write=False),
         ]
         return rows
 
@@ -170,10 +235,14 @@ class Bench:
         sock = self.path("%s.sock" % side)
         pidfile = self.path("%s.pid" % side)
         exe = self.a.qsd if side == "qemu" else self.a.stratad
-        argv = [exe,
-                "--blockdev", "driver=file,node-name=f,filename=%s,"
-                "cache.direct=on,aio=io_uring" % f,
-                "--blockdev", "driver=raw,node-name=d,file=f",
+        if f is None:
+            nodes = ["--blockdev", "driver=null-co,node-name=d,size=%d,"
+                     "read-zeroes=on" % self.size]
+        else:
+            nodes = ["--blockdev", "driver=file,node-name=f,filename=%s,"
+                     "cache.direct=on,aio=io_uring" % f,
+                     "--blockdev", "driver=raw,node-name=d,file=f"]
+        argv = [exe] + nodes + [
                 "--nbd-server", "addr.type=unix,addr.path=%s" % sock,
                 "--export", "type=nbd,id=e,node-name=d,name=disk,"
                 "writable=on",
@@ -181,29 +250,34 @@ class Bench:
         return Server(argv, sock, pidfile), "nbd+unix:///disk?socket=%s" % sock
 
     def export_sample(self, row, side):
-        f = self.rfile if row.work == "r" else self.wfile
+        f = {"r": self.rfile, "w": self.wfile, "null": None}[row.work]
         pattern = 0x5a if side == "qemu" else 0xa5
-        evict(f)
+        if f:
+            evict(f)
         srv, uri = self.daemon(side, f)
         try:
-            argv = [self.a.qemu_img, "bench", "-f", "raw", "-d", "32",
+            argv = [self.a.qemu_img, "bench", "-f", "raw",
+                    "-d", str(getattr(row, "depth", 32)),
                     "-c", str(row.count), "-s", str(row.bs),
                     "-S", str(row.step)]
             if row.write:
                 argv += ["-w", "--pattern=%d" % pattern]
-            out = run(argv + [uri])
+            c0 = proc_cpu(srv.proc.pid)
+            out, _, cpu = run_timed(argv + [uri])
+            srv_cpu = proc_cpu(srv.proc.pid) - c0
             m = RUN_RE.search(out)
             if not m:
                 raise RuntimeError("no run time in: %s" % out[-200:])
             t = float(m.group(1))
             # First, second and last request's blocks hold what was
-            # written (writes) or the file's pattern (reads).
+            # written (writes), the file's pattern (reads) or zeroes.
             offs = sorted({(i * row.step) % self.size
                            for i in (0, 1, row.count - 1)})
-            qio_check(uri, offs, row.bs, pattern if row.write else 0x11)
+            expect = pattern if row.write else 0x11 if f else 0
+            qio_check(uri, offs, row.bs, expect)
         finally:
             srv.stop()
-        return t
+        return t, cpu, srv_cpu
 
     # ---- the run ----
 
@@ -221,10 +295,12 @@ class Bench:
                         fn = self.client_sample if row.suite == "client" \
                             else self.export_sample
                         try:
-                            t = fn(row, side)
+                            t, cpu, srv = fn(row, side)
                             row.samples[side].append(t)
-                            log("rep %d %s %s: %.3f s" % (rep + 1, row.name,
-                                                          side, t))
+                            row.cpu[side].append((cpu, srv))
+                            log("rep %d %s %s: %.3f s (CPU: client %.2f s, "
+                                "server %.2f s)" % (rep + 1, row.name, side,
+                                                    t, cpu, srv))
                         except Exception as e:  # noqa: BLE001
                             row.failures.append("%s rep %d: %s" %
                                                 (side, rep + 1, e))
@@ -234,6 +310,7 @@ class Bench:
                 self.qnbd.stop()
             if not self.a.keep:
                 shutil.rmtree(self.tmp, ignore_errors=True)
+                shutil.rmtree(self.shm, ignore_errors=True)
         return rows
 
 
@@ -250,6 +327,8 @@ def report(rows, reps):
             med = statistics.median(xs)
             if r.suite == "client":
                 return "%.0f MiB/s" % (r.work / MIB / med)
+            if getattr(r, "depth", 32) == 1:
+                return "%.1f µs/req" % (med / r.count * 1e6)
             return "%.1fk ops/s" % (r.count / med / 1e3)
 
         speed = "—"
@@ -258,6 +337,23 @@ def report(rows, reps):
         out.append("| %s | %s | %s | %s | %s | %s |" % (
             r.name, bench_img.fmt_time(q), bench_img.fmt_time(s), rate(q),
             rate(s), speed))
+    out += ["", "CPU time, median over the samples: client / server "
+            "(seconds; per request for the export rows, in µs).", "",
+            "| row | QEMU client | QEMU server | strata client | "
+            "strata server |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        cells = []
+        for side in ("qemu", "strata"):
+            for i in (0, 1):
+                xs = [c[i] for c in r.cpu[side]]
+                if not xs:
+                    cells.append("—")
+                elif r.suite == "client":
+                    cells.append("%.2f" % statistics.median(xs))
+                else:
+                    cells.append("%.1f µs" % (statistics.median(xs) /
+                                              r.count * 1e6))
+        out.append("| %s | %s |" % (r.name, " | ".join(cells)))
     out.append("")
     out.append("%d repetitions, sides alternating; QEMU = qemu-img convert "
                "(client) or qemu-storage-daemon's export (export); speed-up "
