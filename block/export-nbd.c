@@ -74,6 +74,7 @@ typedef struct NbdClient {
     StrataNbdServer *server;
     GSocketConnection *conn;
     int fd;
+    StrataNbdWatch *watch;    /* of fd */
     StrataExport *exp;        /* after GO / EXPORT_NAME; holds a ref */
     uint64_t size;            /* the export's size at negotiation */
     uint16_t tflags;          /* transmission flags sent */
@@ -121,7 +122,8 @@ typedef struct NbdRequest {
 
 static StrataNbdSock client_sock(NbdClient *c)
 {
-    return (StrataNbdSock){ c->fd, c->ctx->loop, &c->closing, &c->rbuf };
+    return (StrataNbdSock){ c->fd, c->ctx->loop, c->watch, &c->closing,
+                            &c->rbuf };
 }
 
 static int co_read_full(NbdClient *c, void *buf, size_t len)
@@ -1361,6 +1363,7 @@ static void client_free_bh(void *opaque)
     if (c->server) {
         c->server->clients = g_list_remove(c->server->clients, c);
     }
+    strata_nbd_watch_free(c->watch);
     g_io_stream_close(G_IO_STREAM(c->conn), NULL, NULL);
     g_object_unref(c->conn);
     g_free(c->meta_export);
@@ -1409,6 +1412,7 @@ static gboolean on_incoming(GSocketService *service, GSocketConnection *conn,
     c->conn = g_object_ref(conn);
     c->fd = g_socket_get_fd(g_socket_connection_get_socket(conn));
     strata_nbd_sock_tune(c->fd);
+    c->watch = strata_nbd_watch_new(c->ctx->loop, c->fd);
     strata_co_mutex_init(&c->send_lock);
     c->out_tail = &c->out_head;
     strata_co_queue_init(&c->reqs_wait);

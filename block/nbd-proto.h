@@ -206,16 +206,25 @@ typedef struct StrataNbdRBuf {
     uint8_t data[16 * 1024];
 } StrataNbdRBuf;
 
+/* Watches one socket for as long as it is open (nbd-sock.c). */
+typedef struct StrataNbdWatch StrataNbdWatch;
+
 typedef struct StrataNbdSock {
     int fd;
     StrataLoop *loop;
+    StrataNbdWatch *watch;  /* nullable: a one-shot source per wait */
     const bool *closing;    /* nullable: reads give -ESHUTDOWN once set */
     StrataNbdRBuf *rbuf;    /* nullable: unbuffered; else everything read
                              * from @fd must go through this socket */
 } StrataNbdSock;
 
-/* Coroutine only: yields until the socket is ready for @cond (or hung
- * up). */
+/* A watch on @fd for the sockets' waits, in @loop's context; freed
+ * before @fd is closed, with nobody waiting on it. */
+StrataNbdWatch *strata_nbd_watch_new(StrataLoop *loop, int fd);
+void strata_nbd_watch_free(StrataNbdWatch *w);
+
+/* Coroutine only: yields until the socket is ready for @cond (G_IO_IN or
+ * G_IO_OUT; at most one waiter for each on a watch) or hung up. */
 void strata_nbd_co_wait_fd(StrataNbdSock *sk, GIOCondition cond);
 /* Coroutine only: exactly @len bytes; 0 or -errno (-ECONNRESET at EOF). */
 int strata_nbd_co_read_full(StrataNbdSock *sk, void *buf, size_t len);

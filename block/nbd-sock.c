@@ -14,16 +14,141 @@ static gboolean fd_ready(int fd, GIOCondition cond, gpointer opaque)
     return G_SOURCE_REMOVE;
 }
 
+/*
+ * A source per wait costs GLib a wake-up of its own context (an eventfd
+ * write) when it is attached and another when it goes, plus an extra
+ * poll to consume them: three system calls and a loop iteration for every
+ * time a socket ran dry.  A watch stays in the poll set for the socket's
+ * whole life and only changes what it asks for when that has to change:
+ * input stays asked for while nobody waits (the next wait is usually
+ * soon) and is dropped only when it comes with nobody to take it;
+ * output, rarely waited for, is dropped once its waiter is woken.
+ */
+struct StrataNbdWatch {
+    GSource source;
+    int fd;
+    gpointer tag;           /* NULL: out of the poll set */
+    GIOCondition events;    /* what the poll set asks for */
+    StrataCoroutine *co_in, *co_out;
+};
+
+static void watch_ask(StrataNbdWatch *w, GIOCondition events)
+{
+    if (!w->tag) {
+        w->tag = g_source_add_unix_fd(&w->source, w->fd, events);
+    } else if (events != w->events) {
+        g_source_modify_unix_fd(&w->source, w->tag, events);
+    }
+    w->events = events;
+}
+
+static gboolean watch_dispatch(GSource *source, GSourceFunc cb, gpointer data)
+{
+    StrataNbdWatch *w = (StrataNbdWatch *)source;
+    GIOCondition rev = w->tag ? g_source_query_unix_fd(source, w->tag) : 0;
+    bool broken = rev & (G_IO_HUP | G_IO_ERR | G_IO_NVAL);
+    StrataCoroutine *in = NULL, *out = NULL;
+    GIOCondition drop = 0;
+
+    if (w->co_in && (rev & G_IO_IN || broken)) {
+        in = w->co_in;
+        w->co_in = NULL;
+    } else if (rev & G_IO_IN) {
+        drop |= G_IO_IN;        /* ready with nobody to read: stop asking */
+    }
+    if (w->co_out && (rev & G_IO_OUT || broken)) {
+        out = w->co_out;
+        w->co_out = NULL;
+        /* Unless its waiter waits again, a writable socket would end
+         * every poll from now on. */
+        drop |= G_IO_OUT;
+    }
+    /* The woken may wait again (and so ask) before these return. */
+    if (in) {
+        strata_coroutine_wake(in);
+    }
+    if (out) {
+        strata_coroutine_wake(out);
+    }
+    if (!w->tag) {
+        return G_SOURCE_CONTINUE;
+    }
+    if (broken && !w->co_in && !w->co_out) {
+        /* A hang-up is reported whatever is asked for: out of the poll
+         * set until somebody waits again (and sees it at once). */
+        g_source_remove_unix_fd(source, w->tag);
+        w->tag = NULL;
+        w->events = 0;
+        return G_SOURCE_CONTINUE;
+    }
+    watch_ask(w, (w->events & ~drop) | (w->co_in ? G_IO_IN : 0) |
+                 (w->co_out ? G_IO_OUT : 0));
+    return G_SOURCE_CONTINUE;
+}
+
+static GSourceFuncs watch_funcs = {
+    .dispatch = watch_dispatch,
+};
+
+StrataNbdWatch *strata_nbd_watch_new(StrataLoop *loop, int fd)
+{
+    StrataNbdWatch *w;
+
+    g_return_val_if_fail(loop != NULL && fd >= 0, NULL);
+    w = (StrataNbdWatch *)g_source_new(&watch_funcs, sizeof(*w));
+    w->fd = fd;
+    /* GLib takes a source that cannot recurse out of the poll set while
+     * it dispatches and puts it back after, waking its context twice. */
+    g_source_set_can_recurse(&w->source, TRUE);
+    g_source_attach(&w->source, strata_loop_get_context(loop));
+    return w;
+}
+
+void strata_nbd_watch_free(StrataNbdWatch *w)
+{
+    if (!w) {
+        return;
+    }
+    /* A coroutine still waiting here would never be woken. */
+    g_warn_if_fail(!w->co_in && !w->co_out);
+    g_source_destroy(&w->source);
+    g_source_unref(&w->source);
+}
+
 void strata_nbd_co_wait_fd(StrataNbdSock *sk, GIOCondition cond)
 {
-    GSource *src = g_unix_fd_source_new(sk->fd, cond | G_IO_HUP | G_IO_ERR);
+    StrataNbdWatch *w = sk->watch;
+    StrataCoroutine *self = strata_coroutine_self();
 
-    g_source_set_callback(src, (GSourceFunc)(void (*)(void))fd_ready,
-                          strata_coroutine_self(), NULL);
-    g_source_attach(src, strata_loop_get_context(sk->loop));
+    if (!w) {
+        GSource *src = g_unix_fd_source_new(sk->fd,
+                                            cond | G_IO_HUP | G_IO_ERR);
+
+        g_source_set_callback(src, (GSourceFunc)(void (*)(void))fd_ready,
+                              self, NULL);
+        g_source_attach(src, strata_loop_get_context(sk->loop));
+        strata_co_yield();
+        g_source_destroy(src);
+        g_source_unref(src);
+        return;
+    }
+    g_return_if_fail(w->fd == sk->fd);
+    if (cond & G_IO_IN) {
+        g_return_if_fail(w->co_in == NULL);
+        w->co_in = self;
+    } else {
+        g_return_if_fail(w->co_out == NULL);
+        w->co_out = self;
+    }
+    watch_ask(w, w->events | (cond & (G_IO_IN | G_IO_OUT)));
     strata_co_yield();
-    g_source_destroy(src);
-    g_source_unref(src);
+    /* Entered by somebody else first: the watch must forget us. */
+    if (w->co_in == self) {
+        w->co_in = NULL;
+    }
+    if (w->co_out == self) {
+        w->co_out = NULL;
+    }
 }
 
 int strata_nbd_co_read_full(StrataNbdSock *sk, void *buf, size_t len)

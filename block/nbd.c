@@ -82,6 +82,7 @@ typedef struct NbdInfo {
 typedef struct NbdState {
     StrataNode *node;
     int fd;
+    StrataNbdWatch *watch;    /* of fd */
     GSocketAddress *addr;
     char *addr_text;          /* for messages: the path or host:port */
     char *export_name;
@@ -133,7 +134,18 @@ static const StrataOptDesc nbd_options[] = {
 
 static StrataNbdSock state_sock(NbdState *s)
 {
-    return (StrataNbdSock){ s->fd, s->node->ctx->loop, NULL, &s->rbuf };
+    return (StrataNbdSock){ s->fd, s->node->ctx->loop, s->watch, NULL,
+                            &s->rbuf };
+}
+
+/* Nobody may be waiting on the socket any more. */
+static void nbd_close_fd(NbdState *s)
+{
+    g_clear_pointer(&s->watch, strata_nbd_watch_free);
+    if (s->fd >= 0) {
+        close(s->fd);
+        s->fd = -1;
+    }
 }
 
 static void nbd_co_wait_fd(NbdState *s, GIOCondition cond)
@@ -280,6 +292,7 @@ static int nbd_co_connect(NbdState *s)
         return -errno;
     }
     strata_nbd_sock_tune(s->fd);
+    s->watch = strata_nbd_watch_new(s->node->ctx->loop, s->fd);
     if (connect(s->fd, (struct sockaddr *)&ss, len) == 0) {
         return 0;
     }
@@ -296,8 +309,7 @@ static int nbd_co_connect(NbdState *s)
     }
     err = -err;
 fail:
-    close(s->fd);
-    s->fd = -1;
+    nbd_close_fd(s);
     return err;
 }
 
@@ -594,8 +606,7 @@ static bool nbd_co_establish(NbdState *s, GError **error)
         s->neg.tflags = 0;
     }
     if (!ok) {
-        close(s->fd);
-        s->fd = -1;
+        nbd_close_fd(s);
     }
     return ok;
 }
@@ -955,10 +966,7 @@ static void nbd_reconnect_entry(void *opaque)
         strata_co_queue_wait(&s->reader_gone, NULL);
     }
     strata_co_mutex_lock(&s->send_lock);
-    if (s->fd >= 0) {
-        close(s->fd);
-        s->fd = -1;
-    }
+    nbd_close_fd(s);
     strata_co_mutex_unlock(&s->send_lock);
 
     while (s->state == NBD_CONNECTING_WAIT ||
@@ -981,8 +989,7 @@ static void nbd_reconnect_entry(void *opaque)
                           s->node->node_name, err->message);
                 warned = true;
             }
-            close(s->fd);
-            s->fd = -1;
+            nbd_close_fd(s);
         }
         if (s->state == NBD_QUIT) {
             break;
@@ -990,9 +997,8 @@ static void nbd_reconnect_entry(void *opaque)
         nbd_co_backoff(s, pause);
         pause = MIN(pause * 2, NBD_RETRY_MAX_NS);
     }
-    if (s->state != NBD_CONNECTED && s->fd >= 0) {
-        close(s->fd);
-        s->fd = -1;
+    if (s->state != NBD_CONNECTED) {
+        nbd_close_fd(s);
     }
     s->reconnect_running = false;
     strata_co_queue_restart_all(&s->reconnect_wait);
@@ -1296,10 +1302,7 @@ static void nbd_close(StrataNode *node)
     while (s->reader_running || s->reconnect_running) {
         strata_loop_iterate(node->ctx->loop, true);
     }
-    if (s->fd >= 0) {
-        close(s->fd);
-        s->fd = -1;
-    }
+    nbd_close_fd(s);
     g_clear_pointer(&s->retry_timer, strata_timer_free);
     g_clear_pointer(&s->delay_timer, strata_timer_free);
     g_clear_object(&s->addr);
