@@ -19,7 +19,10 @@ Two suites (both by default; --suites picks):
           instead of the file, so that no disk is involved: 4 KiB reads at
           depth 1 (the round trip through the server, in microseconds per
           request) and at depth 32 (what the server sustains when only
-          software is in the way).
+          software is in the way).  One row, QEMU's column only, is the
+          bound of the 4 KiB read row: qemu-img bench on the file itself
+          (cache=none, io_uring) at depth 16, the most requests QEMU's NBD
+          client keeps in flight whatever -d says.
 
 The client row is about reading through the NBD client, so the copy must
 not be bound by writing it out.  The output therefore lives on /dev/shm
@@ -224,6 +227,11 @@ class Bench:
                 count=int(self.size // MIB * sc), step=MIB, write=False),
             Row("export", "sw1m qd32", "w", bs=MIB,
                 count=int(self.size // MIB * sc), step=MIB, write=True),
+            # The bound of the rr4k row: the file itself read by qemu-img
+            # at the 16 requests in flight QEMU's NBD client allows
+            # (MAX_NBD_REQUESTS), no NBD in the way.  One side only.
+            Row("export", "rr4k qd16 file, no NBD", "disk", bs=4096,
+                count=int(n4k // 4 * sc), step=step, write=False, depth=16),
             Row("export", "rr4k qd1 null", "null", bs=4096,
                 count=int(20000 * sc), step=step, write=False, depth=1),
             Row("export", "rr4k qd32 null", "null", bs=4096,
@@ -250,10 +258,20 @@ class Bench:
         return Server(argv, sock, pidfile), "nbd+unix:///disk?socket=%s" % sock
 
     def export_sample(self, row, side):
-        f = {"r": self.rfile, "w": self.wfile, "null": None}[row.work]
+        f = {"r": self.rfile, "w": self.wfile, "null": None,
+             "disk": self.rfile}[row.work]
         pattern = 0x5a if side == "qemu" else 0xa5
         if f:
             evict(f)
+        if row.work == "disk":
+            out, _, cpu = run_timed([
+                self.a.qemu_img, "bench", "-f", "raw", "-t", "none",
+                "-i", "io_uring", "-d", str(row.depth), "-c", str(row.count),
+                "-s", str(row.bs), "-S", str(row.step), f])
+            m = RUN_RE.search(out)
+            if not m:
+                raise RuntimeError("no run time in: %s" % out[-200:])
+            return float(m.group(1)), cpu, 0.0
         srv, uri = self.daemon(side, f)
         try:
             argv = [self.a.qemu_img, "bench", "-f", "raw",
@@ -292,6 +310,8 @@ class Bench:
                 order = ["qemu", "strata"] if rep % 2 == 0 else ["strata", "qemu"]
                 for row in rows:
                     for side in order:
+                        if row.work == "disk" and side != "qemu":
+                            continue
                         fn = self.client_sample if row.suite == "client" \
                             else self.export_sample
                         try:
