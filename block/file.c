@@ -106,6 +106,11 @@ typedef struct FileState {
      * see data_end.  alloc_end 0: nothing reserved, the file's size is
      * its length. */
     uint64_t data_end, alloc_end;
+    /* The file was at least this long when prealloc_co last looked (0:
+     * look again): a write ending below it is an overwrite, known
+     * without an fstat per write.  Should the file shrink behind our
+     * back, a write past its new end only misses the reservation. */
+    uint64_t size_seen;
     bool prealloc_off;      /* fallocate failed once: append plainly */
     /* Bumped as each modifying request ends; a flush with nothing
      * modified since the last successful one has nothing to make
@@ -556,6 +561,7 @@ static void prealloc_trim(FileState *s)
                   g_strerror(errno));
     }
     s->alloc_end = 0;
+    s->size_seen = 0;
 }
 
 static void file_close(StrataNode *node)
@@ -730,13 +736,14 @@ static int prealloc_co(StrataNode *node, uint64_t offset, uint64_t bytes)
             return 0;
         }
         size = s->alloc_end;
-    } else if (s->prealloc_off) {
+    } else if (s->prealloc_off || end <= s->size_seen) {
         return 0;
     } else {
         len = file_length(s);
         if (len < 0) {
             return (int)len;
         }
+        s->size_seen = (uint64_t)len;
         if (end <= (uint64_t)len) {
             return 0;
         }
@@ -1148,6 +1155,7 @@ static int file_co_truncate(StrataNode *node, uint64_t offset, bool exact,
     if (job.resized) {
         /* The size is the length again; a reservation starts anew. */
         s->alloc_end = 0;
+        s->size_seen = 0;
     }
     s->write_gen++;
     if (ret == -EFBIG && s->is_blockdev) {
