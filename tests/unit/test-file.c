@@ -53,6 +53,17 @@ static void read_plain(const char *path, void *buf, size_t len, off_t off)
     close(fd);
 }
 
+/* The file's bytes [@off, @off + @len) all hold @byte. */
+static void expect_filled(const char *path, off_t off, size_t len, int byte)
+{
+    g_autofree unsigned char *back = g_malloc(len);
+    g_autofree unsigned char *want = g_malloc(len);
+
+    read_plain(path, back, len, off);
+    memset(want, byte, len);
+    ck_assert_int_eq(memcmp(back, want, len), 0);
+}
+
 static void drop_cache(const char *path, off_t off, off_t len)
 {
     int fd = open(path, O_RDONLY);
@@ -447,6 +458,15 @@ START_TEST(test_direct_unaligned)
 }
 END_TEST
 
+/* Writes @len bytes of @byte at @off through @n (@buf: scratch of @len,
+ * aligned for O_DIRECT). */
+static void write_filled(StrataNode *n, void *buf, uint64_t off,
+                         uint64_t len, int byte)
+{
+    memset(buf, byte, len);
+    ck_assert_int_eq(node_write(n, off, len, buf), 0);
+}
+
 /* Appends under O_DIRECT reserve space ahead (so that they run as
  * overwrites, in parallel); the node still ends where the data ends, a
  * resize drops the reservation, and closing gives it back. */
@@ -457,7 +477,7 @@ START_TEST(test_direct_append_reserves)
     g_autofree char *spec = g_strdup_printf(
         "driver=file,node-name=f,filename=%s,cache.direct=on", path);
     StrataNode *n = add(ctx, spec, &err);
-    unsigned char *buf = NULL, *back = NULL;
+    unsigned char *buf = NULL;
     const uint64_t cs = 65536;
 
     if (!n && err && strstr(err->message, "Invalid argument")) {
@@ -465,7 +485,6 @@ START_TEST(test_direct_append_reserves)
     }
     ck_assert_msg(n, "%s", err ? err->message : "");
     ck_assert_int_eq(posix_memalign((void **)&buf, 4096, cs), 0);
-    ck_assert_int_eq(posix_memalign((void **)&back, 4096, cs), 0);
     for (uint64_t i = 1; i <= 4; i++) {
         memset(buf, (int)(0x40 + i), cs);
         ck_assert_int_eq(node_write(n, i * cs, cs, buf), 0);
@@ -480,19 +499,13 @@ START_TEST(test_direct_append_reserves)
      * again. */
     ck_assert_int_eq(node_truncate(n, 6 * cs, false, NULL), 0);
     ck_assert_int_eq(stat_path(path).st_size, 6 * cs);
-    memset(buf, 0x50, cs);
-    ck_assert_int_eq(node_write(n, 6 * cs, cs, buf), 0);
+    write_filled(n, buf, 6 * cs, cs, 0x50);
     ck_assert_int_gt(stat_path(path).st_size, 7 * cs);
     ck_assert(strata_context_del_node(ctx, "f", NULL));
     ck_assert_int_eq(stat_path(path).st_size, 7 * cs);
-    read_plain(path, back, cs, (off_t)(4 * cs));
-    memset(buf, 0x44, cs);
-    ck_assert_int_eq(memcmp(back, buf, cs), 0);
-    read_plain(path, back, cs, (off_t)(6 * cs));
-    memset(buf, 0x50, cs);
-    ck_assert_int_eq(memcmp(back, buf, cs), 0);
+    expect_filled(path, (off_t)(4 * cs), cs, 0x44);
+    expect_filled(path, (off_t)(6 * cs), cs, 0x50);
     free(buf);
-    free(back);
 }
 END_TEST
 
@@ -508,34 +521,25 @@ START_TEST(test_direct_overwrite_after_shrink)
     g_autofree char *spec = g_strdup_printf(
         "driver=file,node-name=f,filename=%s,cache.direct=on", path);
     StrataNode *n = add(ctx, spec, &err);
-    unsigned char *buf = NULL, *back = NULL;
+    unsigned char *buf = NULL;
 
     if (!n && err && strstr(err->message, "Invalid argument")) {
         return; /* no O_DIRECT on this file system */
     }
     ck_assert_msg(n, "%s", err ? err->message : "");
     ck_assert_int_eq(posix_memalign((void **)&buf, 4096, cs), 0);
-    ck_assert_int_eq(posix_memalign((void **)&back, 4096, cs), 0);
-    memset(buf, 0x61, cs);
-    ck_assert_int_eq(node_write(n, 3 * cs, cs, buf), 0);
+    write_filled(n, buf, 3 * cs, cs, 0x61);
     ck_assert_int_eq(stat_path(path).st_size, 4 * cs);
     ck_assert_int_eq(truncate(path, (off_t)cs), 0);
-    memset(buf, 0x62, cs);
-    ck_assert_int_eq(node_write(n, 2 * cs, cs, buf), 0);
+    write_filled(n, buf, 2 * cs, cs, 0x62);
     ck_assert_int_eq(stat_path(path).st_size, 3 * cs);
-    memset(buf, 0x63, cs);
-    ck_assert_int_eq(node_write(n, 4 * cs, cs, buf), 0);
+    write_filled(n, buf, 4 * cs, cs, 0x63);
     ck_assert_int_gt(stat_path(path).st_size, 5 * cs);
     ck_assert(strata_context_del_node(ctx, "f", NULL));
     ck_assert_int_eq(stat_path(path).st_size, 5 * cs);
-    read_plain(path, back, cs, (off_t)(2 * cs));
-    memset(buf, 0x62, cs);
-    ck_assert_int_eq(memcmp(back, buf, cs), 0);
-    read_plain(path, back, cs, (off_t)(4 * cs));
-    memset(buf, 0x63, cs);
-    ck_assert_int_eq(memcmp(back, buf, cs), 0);
+    expect_filled(path, (off_t)(2 * cs), cs, 0x62);
+    expect_filled(path, (off_t)(4 * cs), cs, 0x63);
     free(buf);
-    free(back);
 }
 END_TEST
 
