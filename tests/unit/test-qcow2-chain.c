@@ -596,6 +596,67 @@ START_TEST(test_cache_clean_interval_option)
 }
 END_TEST
 
+/* The context's default aio reaches the file node of a backing file
+ * opened from the overlay's header (strata-img's -i, as qemu-img's aio
+ * flag reaches every node): a read that only the base answers goes
+ * through the engine asked for, and only through it. */
+static void read_base_via_top(const char *aio, StrataLoopStats *delta)
+{
+    g_autofree uint8_t *buf = g_malloc(CS);
+    StrataLoopStats a, b;
+    StrataNode *n;
+    IoReq r;
+
+    strata_context_set_default_aio(ctx, aio);
+    n = open_layer(1, NULL, true);
+    r = (IoReq){ n, 0, CS, -3, buf, 0 };
+    strata_loop_get_stats(ctx->loop, &a);
+    strata_loop_run_co(ctx->loop, io_co, &r);
+    strata_loop_get_stats(ctx->loop, &b);
+    ck_assert_int_eq(r.ret, 0);
+    ck_assert_int_eq(buf[0], 0x5a);
+    ck_assert_int_eq(buf[CS - 1], 0x5a);
+    close_node(n);
+    delta->sqes = b.sqes - a.sqes;
+    delta->thread_jobs = b.thread_jobs - a.thread_jobs;
+}
+
+START_TEST(test_default_aio_reaches_backing)
+{
+    g_autoptr(GError) err = NULL;
+    StrataLoopStats d;
+    StrataNode *n;
+
+    create(0, NULL);
+    create(1, "l0.qcow2");
+    n = open_layer(0, "null", false);
+    must_io(n, 0, CS, 0x5a);
+    close_node(n);
+
+    read_base_via_top("threads", &d);
+    ck_assert_uint_gt(d.thread_jobs, 0);
+    ck_assert_uint_eq(d.sqes, 0);
+    if (strata_loop_has_io_uring(ctx->loop)) {
+        read_base_via_top("io_uring", &d);
+        ck_assert_uint_gt(d.sqes, 0);
+        ck_assert_uint_eq(d.thread_jobs, 0);
+    }
+    /* native needs O_DIRECT: refused for a buffered open, as an
+     * explicit aio=native is. */
+    strata_context_set_default_aio(ctx, "native");
+    {
+        g_autofree char *path = layer_path(1);
+        g_autofree char *spec = g_strdup_printf(
+            "{\"driver\": \"qcow2\", \"node-name\": \"bad\", "
+            "\"file\": {\"driver\": \"file\", \"filename\": \"%s\"}}",
+            path);
+        ck_assert_ptr_null(strata_context_add_node_keyval(ctx, spec, &err));
+        ck_assert_ptr_nonnull(strstr(err->message, "cache.direct=on"));
+    }
+    strata_context_set_default_aio(ctx, NULL);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("qcow2-chain");
@@ -620,5 +681,7 @@ int main(void)
                     teardown);
     strata_test_add(s, "/qcow2/cache/clean-interval-option",
                     test_cache_clean_interval_option, setup, teardown);
+    strata_test_add(s, "/qcow2/chain/default-aio-reaches-backing",
+                    test_default_aio_reaches_backing, setup, teardown);
     return strata_test_run(s);
 }
