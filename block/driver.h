@@ -78,6 +78,10 @@ struct StrataDriver {
     /* Whether the node's filename is a protocol filename ("file") or
      * taken from its file child (formats and filters). */
     bool has_filename;
+    /* The node's data arrives through a socket that the loop's own
+     * thread receives (nbd): whatever else holds that thread for long
+     * (a buffered write done inline) stalls the transfer. */
+    bool receives_on_loop;
 
     /* The options the driver accepts besides the common ones (driver,
      * node-name, read-only, auto-read-only, force-share, cache.*,

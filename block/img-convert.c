@@ -135,6 +135,24 @@ static int co_next_segment(ConvertJob *j, uint64_t *src_off, int *src_idx,
     return 1;
 }
 
+/* Whether any node under @node (itself included) receives its data on
+ * the loop's thread. */
+static bool receives_on_loop(StrataNode *node)
+{
+    if (!node) {
+        return false;
+    }
+    if (node->drv->receives_on_loop) {
+        return true;
+    }
+    for (GList *l = node->children; l; l = l->next) {
+        if (receives_on_loop(((StrataChild *)l->data)->node)) {
+            return true;
+        }
+    }
+    return false;
+}
+
 static bool is_zero(const uint8_t *p, size_t n)
 {
     return n == 0 || (p[0] == 0 && memcmp(p, p + 1, n - 1) == 0);
@@ -497,6 +515,18 @@ int strata_img_convert(int argc, char **argv)
             goto out;
         }
         dst_oo.fmt = out_fmt;
+    }
+    /* The file driver writes into the page cache inline, on the loop's
+     * thread; with a source read off a socket by that same thread (an
+     * NBD export) every 2 MiB write left the socket undrained for its
+     * whole copy, and the server idle.  Such a target's writes go to
+     * worker threads instead (qemu-img's own default): a GiB from
+     * qemu-nbd into tmpfs took 0.56 s instead of 1.1 s.  Local sources
+     * keep inline writes, faster there (their reads go to threads). */
+    for (int i = 0; i < j.n_src && !dst_oo.aio; i++) {
+        if (receives_on_loop(strata_img_backend_node(j.src[i]))) {
+            dst_oo.aio = "threads";
+        }
     }
     j.dst = strata_img_open(t.ctx, out_name, &dst_oo);
     if (!j.dst) {

@@ -1396,6 +1396,7 @@ const StrataDriver strata_driver_nbd = {
     .name = "nbd",
     .state_size = sizeof(NbdState),
     .has_filename = true,
+    .receives_on_loop = true,
     .options = nbd_options,
     .open = nbd_open,
     .close = nbd_close,

@@ -73,6 +73,18 @@ same "convert keeps holes (map of result)" map --output=json s.qcow2
     ok "convert allocates as qemu-img" || bad "convert allocation"
 "$IMG" convert -O raw "$F" f.raw && cmp -s f.raw disk.raw &&
     ok "convert of a probed qcow2 export" || bad "convert probed"
+# Into an existing file (-n) full of other bytes: the zeroed and the
+# hole ranges must be written as zeroes, the data as data (the target's
+# writes leave the loop's thread when the source is an export).
+python3 -c 'import sys; open(sys.argv[1], "wb").write(b"\xee" * (64 << 20))' \
+    n.raw
+"$IMG" convert -n -O raw "$U" n.raw && cmp -s n.raw disk.raw &&
+    ok "convert -n over other bytes" || bad "convert -n"
+python3 -c 'import sys; open(sys.argv[1], "wb").write(b"\xee" * (64 << 20))' \
+    nq.qcow2.raw
+qemu-img convert -O qcow2 nq.qcow2.raw nq.qcow2
+"$IMG" convert -n -O qcow2 "$T" nq.qcow2 && compare_ok \
+    "convert -n into an existing qcow2" nq.qcow2 disk.raw
 
 # A thin overlay whose backing file is a remote image: the header names
 # the export, and info, map and convert read through it as qemu-img does.
