@@ -167,7 +167,17 @@ struct StrataContext {
     /* The embedder's VM state (snapshot-vm.c); NULL: disk-only. */
     const struct StrataVmstateProvider *vmstate_provider;
     void *vmstate_opaque;
+    /* "aio" of every file node whose options leave it out (NULL: the
+     * driver's default): qemu-img's -i and -n reach the whole tree,
+     * backing files opened from image headers included. */
+    char *default_aio;
 };
+
+/* ---- context.c ---- */
+
+/* Sets (NULL: clears) StrataContext.default_aio; affects nodes opened
+ * afterwards. */
+void strata_context_set_default_aio(StrataContext *ctx, const char *aio);
 
 /* ---- graph.c ---- */
 

@@ -37,6 +37,12 @@ StrataContext *strata_context_new(GMainContext *main_context,
     return ctx;
 }
 
+void strata_context_set_default_aio(StrataContext *ctx, const char *aio)
+{
+    g_free(ctx->default_aio);
+    ctx->default_aio = g_strdup(aio);
+}
+
 void strata_context_free(StrataContext *ctx)
 {
     if (!ctx) {
@@ -71,6 +77,7 @@ void strata_context_free(StrataContext *ctx)
         ctx->backends = g_list_delete_link(ctx->backends, ctx->backends);
     }
     g_hash_table_destroy(ctx->nodes_by_name);
+    g_free(ctx->default_aio);
     strata_loop_free(ctx->loop);
     g_free(ctx);
 }

@@ -466,6 +466,9 @@ static bool file_open(StrataNode *node, JsonObject *options, GError **error)
     s->perm = 0;
     s->shared = STRATA_PERM_ALL;
 
+    if (!aio) {
+        aio = node->ctx->default_aio;
+    }
     if (!filename) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
                     "Parameter 'filename' is missing");

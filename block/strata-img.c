@@ -402,6 +402,11 @@ StrataBackend *strata_img_open(StrataContext *ctx, const char *spec,
         json_object_set_null_member(options, "backing");
     }
     apply_defaults(options, o, strings, true);
+    if (o->aio) {
+        /* The file nodes of backing files opened from the headers too,
+         * as qemu-img's aio flag reaches every node it opens. */
+        strata_context_set_default_aio(ctx, o->aio);
+    }
 
     node = strata_node_open(ctx, options, strings, true, &err);
     if (!node) {

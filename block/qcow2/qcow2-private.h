@@ -453,6 +453,7 @@ bool strata_qcow2_cache_is_dirty(const StrataQcow2Cache *c);
 /* What a cache did and holds, for query commands and tests. */
 typedef struct StrataQcow2CacheStats {
     uint64_t hits, misses;
+    uint64_t read_around;   /* slices loaded beside a missed one */
     unsigned entries;       /* existing now (memory is allocated lazily) */
     unsigned max_entries;
     uint64_t bytes;         /* table memory held now */

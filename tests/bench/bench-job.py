@@ -3,7 +3,7 @@
 
 Copies a chain made by shared/bench's mkchain (base, snap1..snap4) into a
 scratch dir, starts stratad (or qemu-storage-daemon with --qsd), opens
-every layer with cache.direct=on, holds the top with a writable NBD
+every layer with cache.direct=on (off with --writeback), holds the top with a writable NBD
 export, runs one job and prints its time, the daemon's CPU seconds and
 peak RSS.  The result is checked with qemu-img compare against a
 flattened copy of the pristine chain.  With --perf, the daemon runs
@@ -13,11 +13,13 @@ complete tracepoints, and the job's requests are summed up: count,
 MiB and sizes per opcode, and the average number in flight (counts that
 do not depend on how busy the machine is; needs perf and root).
 
-  bench-job.py --chain DIR --job stream|stream-base|commit|active-commit
-               [--reps N] [--stratad build/qmp/stratad | --qsd]
+  bench-job.py --chain DIR
+               --job stream|stream-base|commit|active-commit|mirror
+               [--writeback] [--reps N] [--stratad build/qmp/stratad | --qsd]
                [--perf | --perf-stat | --iotrace] [--stats] [--speed B]
 
-active-commit completes on BLOCK_JOB_READY and is checked on base.
+active-commit and mirror complete on BLOCK_JOB_READY and are checked on
+base and on the new target.qcow2.
 --perf-stat: the daemon's instruction count over its whole life (perf
 stat -e instructions; load-independent, unlike the time).  --stats:
 x-strata-query-node-stats of every layer after the job (stratad).
@@ -47,6 +49,9 @@ JOBS = {
     'active-commit': {'cmd': 'block-commit',
                       'args': {'device': 'snap4', 'base-node': 'base'},
                       'ref': 'top', 'complete': True, 'result': 'base'},
+    'mirror': {'cmd': 'blockdev-mirror',
+               'args': {'device': 'snap4', 'target': 'target', 'sync': 'full'},
+               'ref': 'top', 'complete': True, 'result': 'target'},
 }
 LAYERS = ['base', 'snap1', 'snap2', 'snap3', 'snap4']
 
@@ -116,6 +121,9 @@ def run_once(a, tmp, ref):
         os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
+    if a.job == 'mirror':
+        subprocess.check_call(['qemu-img', 'create', '-q', '-f', 'qcow2',
+                               os.path.join(work, 'target.qcow2'), '1G'])
     sock = os.path.join(work, 'qmp.sock')
     if a.qsd:
         argv = ['qemu-storage-daemon', '--chardev',
@@ -142,12 +150,14 @@ def run_once(a, tmp, ref):
         time.sleep(0.3)
         pid = int(subprocess.check_output(['pgrep', '-P', str(proc.pid)]))
     prev = None
-    for n in LAYERS:
+    direct = not a.writeback
+    for n in LAYERS + (['target'] if a.job == 'mirror' else []):
         q.cmd('blockdev-add', **{
-            'driver': 'qcow2', 'node-name': n, 'backing': prev,
-            'cache': {'direct': True},
+            'driver': 'qcow2', 'node-name': n,
+            'backing': prev if n != 'target' else None,
+            'cache': {'direct': direct},
             'file': {'driver': 'file', 'aio': 'io_uring',
-                     'cache': {'direct': True},
+                     'cache': {'direct': direct},
                      'filename': os.path.join(work, n + '.qcow2')}})
         prev = n
     q.cmd('nbd-server-start', addr={'type': 'unix', 'data': {
@@ -246,6 +256,8 @@ def main():
     p.add_argument('--stats', action='store_true')
     p.add_argument('--iotrace', action='store_true')
     p.add_argument('--speed', type=int, default=0)
+    p.add_argument('--writeback', action='store_true',
+                   help='cache.direct=off on every node')
     a = p.parse_args()
     a.stratad = os.path.abspath(a.stratad)
     a.chain = os.path.abspath(a.chain)

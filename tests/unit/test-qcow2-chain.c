@@ -581,6 +581,84 @@ START_TEST(test_cache_lazy)
 }
 END_TEST
 
+/* A missed L2 slice comes with the uncached slices of its table in one
+ * read while the cache has never-used room, and alone once it has
+ * none; every read sees the right data either way. */
+START_TEST(test_cache_read_around)
+{
+    const uint64_t cs = 65536, table_span = cs / 8 * cs;   /* 512 MiB */
+    g_autoptr(GError) err = NULL;
+    g_autofree char *path = g_build_filename(dir, "ra.qcow2", NULL);
+    g_autoptr(JsonObject) o = json_object_new();
+    g_autofree char *spec = NULL;
+    StrataQcow2CacheStats st;
+    StrataQcow2State *s;
+    StrataNode *n;
+    uint8_t *got = g_malloc(cs);
+    /* Clusters in different slices of tables 0, 1 and 2. */
+    const uint64_t offs[] = { 0, 5 * 512 * cs, table_span + 3 * 512 * cs,
+                              2 * table_span + 7 * 512 * cs };
+
+    json_object_set_int_member(o, "size", 3 * table_span);
+    json_object_set_int_member(o, "cluster_size", cs);
+    ck_assert_msg(strata_qcow2_create(ctx, path, o, &err), "%s",
+                  err ? err->message : "");
+    spec = g_strdup_printf(
+        "{\"driver\": \"qcow2\", \"node-name\": \"ra\", "
+        "\"l2-cache-size\": %" G_GUINT64_FORMAT ", "
+        "\"file\": {\"driver\": \"file\", \"filename\": \"%s\"}}",
+        2 * cs, path);
+    n = strata_context_add_node_keyval(ctx, spec, &err);
+    ck_assert_msg(n, "%s", err ? err->message : "");
+    for (unsigned i = 0; i < G_N_ELEMENTS(offs); i++) {
+        must_io(n, offs[i], cs, 0x21 + (int)i);
+    }
+    close_node(n);
+
+    n = strata_context_add_node_keyval(ctx, spec, &err);
+    ck_assert_msg(n, "%s", err ? err->message : "");
+    s = n->opaque;
+    strata_qcow2_cache_get_stats(s->l2_cache, &st);
+    ck_assert_uint_eq(st.max_entries, 32);      /* 2 tables of 16 slices */
+    ck_assert_uint_eq(st.entries, 0);
+    for (unsigned i = 0; i < G_N_ELEMENTS(offs); i++) {
+        IoReq r = { n, offs[i], cs, -3, got, 0 };
+        strata_loop_run_co(ctx->loop, io_co, &r);
+        ck_assert_int_eq(r.ret, 0);
+        ck_assert_msg(got[0] == 0x21 + i && got[cs - 1] == 0x21 + i,
+                      "cluster %u reads %#x", i, got[0]);
+        strata_qcow2_cache_get_stats(s->l2_cache, &st);
+        if (i == 0) {
+            /* The whole of table 0 in one go. */
+            ck_assert_uint_eq(st.misses, 1);
+            ck_assert_uint_eq(st.read_around, 15);
+            ck_assert_uint_eq(st.entries, 16);
+        } else if (i == 1) {
+            /* Another slice of table 0: already there. */
+            ck_assert_uint_eq(st.misses, 1);
+        } else if (i == 2) {
+            ck_assert_uint_eq(st.misses, 2);
+            ck_assert_uint_eq(st.read_around, 30);
+            ck_assert_uint_eq(st.entries, 32);
+        } else {
+            /* Full: one slice, in place of an old one. */
+            ck_assert_uint_eq(st.misses, 3);
+            ck_assert_uint_eq(st.read_around, 30);
+            ck_assert_uint_eq(st.entries, 32);
+        }
+    }
+    /* Unallocated clusters between them still read as zeroes. */
+    {
+        IoReq r = { n, 9 * 512 * cs, cs, -3, got, 0 };
+        strata_loop_run_co(ctx->loop, io_co, &r);
+        ck_assert_int_eq(r.ret, 0);
+        ck_assert_int_eq(got[0] | got[cs - 1], 0);
+    }
+    close_node(n);
+    g_free(got);
+}
+END_TEST
+
 START_TEST(test_cache_clean_interval_option)
 {
     g_autoptr(GError) err = NULL;
@@ -593,6 +671,67 @@ START_TEST(test_cache_clean_interval_option)
                            "file.driver=file,file.filename=%s", path);
     ck_assert_ptr_null(strata_context_add_node_keyval(ctx, spec, &err));
     ck_assert_ptr_nonnull(strstr(err->message, "clean interval"));
+}
+END_TEST
+
+/* The context's default aio reaches the file node of a backing file
+ * opened from the overlay's header (strata-img's -i, as qemu-img's aio
+ * flag reaches every node): a read that only the base answers goes
+ * through the engine asked for, and only through it. */
+static void read_base_via_top(const char *aio, StrataLoopStats *delta)
+{
+    g_autofree uint8_t *buf = g_malloc(CS);
+    StrataLoopStats a, b;
+    StrataNode *n;
+    IoReq r;
+
+    strata_context_set_default_aio(ctx, aio);
+    n = open_layer(1, NULL, true);
+    r = (IoReq){ n, 0, CS, -3, buf, 0 };
+    strata_loop_get_stats(ctx->loop, &a);
+    strata_loop_run_co(ctx->loop, io_co, &r);
+    strata_loop_get_stats(ctx->loop, &b);
+    ck_assert_int_eq(r.ret, 0);
+    ck_assert_int_eq(buf[0], 0x5a);
+    ck_assert_int_eq(buf[CS - 1], 0x5a);
+    close_node(n);
+    delta->sqes = b.sqes - a.sqes;
+    delta->thread_jobs = b.thread_jobs - a.thread_jobs;
+}
+
+START_TEST(test_default_aio_reaches_backing)
+{
+    g_autoptr(GError) err = NULL;
+    StrataLoopStats d;
+    StrataNode *n;
+
+    create(0, NULL);
+    create(1, "l0.qcow2");
+    n = open_layer(0, "null", false);
+    must_io(n, 0, CS, 0x5a);
+    close_node(n);
+
+    read_base_via_top("threads", &d);
+    ck_assert_uint_gt(d.thread_jobs, 0);
+    ck_assert_uint_eq(d.sqes, 0);
+    if (strata_loop_has_io_uring(ctx->loop)) {
+        read_base_via_top("io_uring", &d);
+        ck_assert_uint_gt(d.sqes, 0);
+        ck_assert_uint_eq(d.thread_jobs, 0);
+    }
+    /* native needs O_DIRECT: refused for a buffered open, as an
+     * explicit aio=native is. */
+    strata_context_set_default_aio(ctx, "native");
+    {
+        g_autofree char *path = layer_path(1);
+        g_autofree char *spec = g_strdup_printf(
+            "{\"driver\": \"qcow2\", \"node-name\": \"bad\", "
+            "\"file\": {\"driver\": \"file\", \"filename\": \"%s\"}}",
+            path);
+        ck_assert_ptr_null(strata_context_add_node_keyval(ctx, spec, &err));
+        ck_assert_ptr_nonnull(strstr(err->message, "cache.direct=on"));
+    }
+    strata_context_set_default_aio(ctx, NULL);
 }
 END_TEST
 
@@ -618,7 +757,11 @@ int main(void)
                     teardown);
     strata_test_add(s, "/qcow2/cache/lazy", test_cache_lazy, setup,
                     teardown);
+    strata_test_add(s, "/qcow2/cache/read-around", test_cache_read_around,
+                    setup, teardown);
     strata_test_add(s, "/qcow2/cache/clean-interval-option",
                     test_cache_clean_interval_option, setup, teardown);
+    strata_test_add(s, "/qcow2/chain/default-aio-reaches-backing",
+                    test_default_aio_reaches_backing, setup, teardown);
     return strata_test_run(s);
 }
