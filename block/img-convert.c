@@ -361,6 +361,19 @@ static bool chain_can_prefetch(StrataNode *top)
     return false;
 }
 
+/* Hands each file of @b its ranges; @b is empty after. */
+static int co_send_batch(PrefetchBatch *b)
+{
+    int ret = 0;
+
+    for (unsigned i = 0; i < b->n && ret == 0; i++) {
+        ret = strata_node_co_prefetch(b->f[i].file, b->f[i].r, b->f[i].n);
+    }
+    b->n = 0;
+    b->data = 0;
+    return ret;
+}
+
 /*
  * Reads ahead of the workers.  A worker's read of data that is not in
  * the page cache waits for the disk, and the kernel's own readahead runs
@@ -374,23 +387,11 @@ static bool chain_can_prefetch(StrataNode *top)
  * It never fails the convert: on any error it stops and leaves the
  * reads to the workers, which report what went wrong.
  */
-static int co_send_batch(PrefetchBatch *b)
-{
-    int ret = 0;
-
-    for (unsigned i = 0; i < b->n && ret == 0; i++) {
-        ret = strata_node_co_prefetch(b->f[i].file, b->f[i].r, b->f[i].n);
-    }
-    b->n = 0;
-    b->data = 0;
-    return ret;
-}
-
 static int prefetch_worker(void *opaque)
 {
     ConvertJob *j = opaque;
     PrefetchBatch b = { 0 };
-    bool can = false;
+    int can_src = -1;       /* the source whose chain takes hints */
     int st;
 
     for (;;) {
@@ -406,14 +407,14 @@ static int prefetch_worker(void *opaque)
             j->pf_src = j->cur_src;
             j->pf_off = j->cur_off;
             j->pf_data = j->claimed_data;
-            can = false;
+            continue;
         }
         top = strata_img_backend_node(j->src[j->pf_src]);
         len = j->src_len[j->pf_src];
-        if (j->pf_off == 0 || !can) {
-            can = chain_can_prefetch(top);
+        if (can_src != j->pf_src && chain_can_prefetch(top)) {
+            can_src = j->pf_src;
         }
-        if (!can || j->pf_off >= len) {
+        if (can_src != j->pf_src || j->pf_off >= len) {
             j->pf_src++;
             j->pf_off = 0;
             continue;
