@@ -77,7 +77,9 @@
  * cached convert take about 1.4 times as long.  On the ring (aio=io_uring)
  * the same reads go to io_uring's own workers (IOSQE_ASYNC) for the same
  * reason: io_uring_enter would otherwise copy every cached byte itself,
- * on the loop's thread, as QEMU's io_uring backend does.
+ * on the loop's thread, as QEMU's io_uring backend does.  The loop caps
+ * how many are with the workers at once and copies the rest itself
+ * (strata_loop_co_preadv_offload), so it does not sit idle behind them.
  */
 #define FILE_POOL_READ_MIN (64 * 1024)
 

@@ -119,7 +119,9 @@ ssize_t strata_loop_co_preadv(StrataLoop *loop, StrataAioMode engine, int fd,
 /* As strata_loop_co_preadv, but on the ring the read is handed to the
  * kernel's worker threads at once instead of being tried inline during
  * submission: for large buffered reads, whose copy out of the page cache
- * then runs on another CPU beside the loop's own work. */
+ * then runs on another CPU beside the loop's own work.  While enough such
+ * reads are with the workers already (16 per further CPU, or
+ * STRATA_LOOP_OFFLOAD_MAX) the read is tried inline instead. */
 ssize_t strata_loop_co_preadv_offload(StrataLoop *loop, StrataAioMode engine,
                                       int fd, const struct iovec *iov,
                                       int iovcnt, uint64_t offset);

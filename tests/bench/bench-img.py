@@ -15,6 +15,11 @@ The O_DIRECT rows are also compared to what the disk can do: fio with
 io_uring, O_DIRECT, queue depth 32 and the same amount of I/O, run the way
 shared/bench's `limit` runs it.
 
+--variant NAME:VAR=VALUE[,VAR=VALUE...] adds a further strata side, run
+with those environment variables (say STRATA_LOOP_OFFLOAD_MAX=0), in the
+same alternation and with its own line per row: a knob is compared A/B in
+one run.
+
 Every sample is verified: exit status 0 and a parsed "Run completed"
 line; after every write sample some of the blocks it wrote are read back
 and must hold its pattern (0xa5 for strata, 0x5a for qemu), and at the end
@@ -49,6 +54,11 @@ GIB = 1024 * MIB
 
 class BenchError(RuntimeError):
     pass
+
+
+def pattern_of(side):
+    """Variants of strata ("strata:NAME") write strata's pattern."""
+    return PATTERN["qemu" if side == "qemu" else "strata"]
 
 
 def log(msg):
@@ -96,7 +106,7 @@ class Row:
         self.step = step or bs
         self.cache = cache
         self.limit = limit        # (fio rw, bs, io bytes) or None
-        self.samples = {"qemu": [], "strata": []}
+        self.samples = {}         # side -> times; filled by Bench.measure
         self.failures = []
         self.limit_samples = []
 
@@ -104,7 +114,7 @@ class Row:
         a = ["bench", "-c", str(self.count), "-d", "32", "-s", str(self.bs),
              "-S", str(self.step), "-i", "io_uring"]
         if self.write:
-            a += ["-w", "--pattern=%d" % PATTERN[side]]
+            a += ["-w", "--pattern=%d" % pattern_of(side)]
         if self.target == "null":
             a += ["--image-opts", "driver=null-co,size=%d" % null_size]
         else:
@@ -143,20 +153,25 @@ class Bench:
     def __init__(self, a):
         self.a = a
         self.tools = {"qemu": shlex.split(a.qemu_img), "strata": shlex.split(a.strata_img)}
+        self.envs = {}
+        for name, env in a.variants:
+            self.tools["strata:" + name] = self.tools["strata"]
+            self.envs["strata:" + name] = dict(os.environ, **env)
+        self.sides = list(self.tools)
         self.qemu_io = shlex.split(a.qemu_io)
         self.tmp = tempfile.mkdtemp(prefix="bench-img.", dir=a.tmp)
         self.path = os.path.join(self.tmp, "disk.raw")
 
-    def run(self, cmd, timeout=600):
+    def run(self, cmd, timeout=600, env=None):
         p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           universal_newlines=True, timeout=timeout)
+                           universal_newlines=True, timeout=timeout, env=env)
         if p.returncode != 0:
             raise BenchError("%s: exit status %d: %s" % (" ".join(cmd), p.returncode,
                                                          p.stderr.strip()[:500]))
         return p
 
     def bench(self, side, args):
-        p = self.run(self.tools[side] + args)
+        p = self.run(self.tools[side] + args, env=self.envs.get(side))
         m = RUN_RE.search(p.stdout)
         s = SEND_RE.search(p.stdout)
         if not m or not s:
@@ -179,7 +194,7 @@ class Bench:
         """Reads back some of the blocks a write sample wrote."""
         count, bs = int(sent.group(1)), int(sent.group(3))
         offset, step = int(sent.group(5)), int(sent.group(6))
-        want = bytes([PATTERN[side]]) * bs
+        want = bytes([pattern_of(side)]) * bs
         # The last `count` requests overwrite any earlier ones at the same
         # place, so check blocks among the last distinct ones written.
         distinct = min(count, self.a.size // step)
@@ -192,7 +207,7 @@ class Bench:
                 off = (offset + i * step) % self.a.size
                 if os.pread(fd, bs, off) != want:
                     raise BenchError("%s %s: block at %d does not hold pattern 0x%02x"
-                                     % (side, row.name, off, PATTERN[side]))
+                                     % (side, row.name, off, pattern_of(side)))
         finally:
             os.close(fd)
 
@@ -245,8 +260,10 @@ class Bench:
     def measure(self, rows):
         if any(r.target == "file" for r in rows):
             self.make_file()
+        for row in rows:
+            row.samples = {side: [] for side in self.sides}
         for rep in range(self.a.reps):
-            order = ("qemu", "strata") if rep % 2 == 0 else ("strata", "qemu")
+            order = self.sides if rep % 2 == 0 else self.sides[::-1]
             log("repetition %d/%d (%s first)" % (rep + 1, self.a.reps, order[0]))
             for row in rows:
                 for side in order:
@@ -285,16 +302,21 @@ def report(rows, reps):
                "| qemu ops/s | strata ops/s | strata/qemu | strata % of disk limit |")
     out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        q, s = r.samples["qemu"], r.samples["strata"]
-        ratio = "—"
-        if q and s and statistics.median(q) > 0:
-            ratio = "%.2f" % (statistics.median(s) / statistics.median(q))
-        lim = "—"
-        if r.limit_samples and s:
-            lim = "%.0f %%" % (100.0 * statistics.median(r.limit_samples) / statistics.median(s))
-        out.append("| %s | %d | %s | %s | %s | %s | %s | %s |" % (
-            r.name, r.count, fmt_time(q), fmt_time(s), fmt_rate(r.count, q),
-            fmt_rate(r.count, s), ratio, lim))
+        q = r.samples.get("qemu", [])
+        # strata, then each variant on a line of its own
+        for side in [k for k in r.samples if k != "qemu"]:
+            s = r.samples[side]
+            name = r.name if side == "strata" else "%s [%s]" % (r.name, side[len("strata:"):])
+            ratio = "—"
+            if q and s and statistics.median(q) > 0:
+                ratio = "%.2f" % (statistics.median(s) / statistics.median(q))
+            lim = "—"
+            if r.limit_samples and s:
+                lim = "%.0f %%" % (100.0 * statistics.median(r.limit_samples) /
+                                   statistics.median(s))
+            out.append("| %s | %d | %s | %s | %s | %s | %s | %s |" % (
+                name, r.count, fmt_time(q), fmt_time(s), fmt_rate(r.count, q),
+                fmt_rate(r.count, s), ratio, lim))
     out.append("")
     out.append("%d repetitions, sides alternating; time = the tool's own \"Run completed\" "
                "(I/O phase); ratio = median over median (< 1: strata faster); disk limit = "
@@ -306,6 +328,19 @@ def report(rows, reps):
         for name, f in fails:
             out.append("- %s: %s" % (name, f))
     return "\n".join(out)
+
+
+def parse_variant(v):
+    name, sep, spec = v.partition(":")
+    env = {}
+    for kv in spec.split(","):
+        k, eq, val = kv.partition("=")
+        if not eq or not k:
+            raise argparse.ArgumentTypeError("bad variant %r: want NAME:VAR=VALUE[,...]" % v)
+        env[k] = val
+    if not sep or not re.match(r"^[\w.-]+$", name) or name in ("qemu", "strata"):
+        raise argparse.ArgumentTypeError("bad variant %r: want NAME:VAR=VALUE[,...]" % v)
+    return name, env
 
 
 def parse_size(s):
@@ -332,6 +367,10 @@ def main(argv=None):
     ap.add_argument("--scale", type=float, default=1.0, help="scale every request count")
     ap.add_argument("--rows", default="", help="only rows whose name contains one of these "
                     "comma-separated words (e.g. null-co,O_DIRECT)")
+    ap.add_argument("--variant", dest="variants", action="append", default=[],
+                    type=parse_variant, metavar="NAME:VAR=VALUE[,...]",
+                    help="also run strata-img with these environment variables, "
+                    "as a side of its own (repeatable)")
     ap.add_argument("--no-limit", dest="limit", action="store_false",
                     help="skip the fio disk-limit runs")
     ap.add_argument("--tmp", default=os.environ.get("STRATA_BENCH_TMP"),

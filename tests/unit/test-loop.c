@@ -654,6 +654,89 @@ START_TEST(test_io_reap_batch_env)
 }
 END_TEST
 
+static void offload_reader(void *opaque)
+{
+    BatchArg *a = opaque;
+    struct iovec iov = { a->buf, sizeof(a->buf) };
+
+    a->ret = strata_loop_co_preadv_offload(a->loop, STRATA_AIO_AUTO, a->fd,
+                                           &iov, 1,
+                                           (uint64_t)a->index * 4096);
+    (*a->finished)++;
+}
+
+/* 32 offloaded reads queued at once on a loop made with
+ * STRATA_LOOP_OFFLOAD_MAX=@env (NULL: unset), then @serial more one after
+ * another.  Returns how many went to the kernel's workers, or -1 when
+ * there is no ring. */
+static int offloads_with_env(const char *env, int serial)
+{
+    GMainContext *ctx;
+    StrataLoop *loop;
+    TempFile tf;
+    BatchArg *args;
+    StrataLoopStats stats;
+    int finished = 0;
+    bool good = true;
+
+    if (env) {
+        g_setenv("STRATA_LOOP_OFFLOAD_MAX", env, TRUE);
+    }
+    loop = loop_new_for(0, &ctx);
+    g_unsetenv("STRATA_LOOP_OFFLOAD_MAX");
+    if (!loop) {
+        return -1;
+    }
+    temp_file_open(&tf);
+    args = start_block_readers(loop, tf.fd, offload_reader, &finished);
+    while (finished < 32) {
+        strata_loop_iterate(loop, true);
+    }
+    for (int i = 0; i < serial; i++) {
+        args[i].index = 31 - i;
+        strata_coroutine_enter(strata_coroutine_new(offload_reader,
+                                                    &args[i]));
+        while (finished < 33 + i) {
+            strata_loop_iterate(loop, true);
+        }
+    }
+    /* Offloaded or inline, every read returns its block. */
+    for (int i = 0; i < 32; i++) {
+        good = good && args[i].ret == 4096 &&
+               args[i].buf[0] == 'A' + args[i].index % 26 &&
+               args[i].buf[4095] == 'A' + args[i].index % 26;
+    }
+    ck_assert(good);
+    strata_loop_get_stats(loop, &stats);
+    ck_assert_uint_eq(stats.sqes, 32 + serial);
+    g_free(args);
+    temp_file_close(&tf);
+    loop_done(loop, ctx);
+    return (int)stats.offloads;
+}
+
+/* Reads offloaded at once are capped; the rest are tried inline, and a
+ * completed offload frees its place. */
+START_TEST(test_io_offload_max_env)
+{
+    int unset = offloads_with_env(NULL, 0);
+
+    if (unset < 0) {
+        return;
+    }
+    /* The default leaves at least 16 per CPU beside the loop's. */
+    ck_assert_int_ge(unset, 16);
+    ck_assert_int_eq(offloads_with_env("2", 0), 2);
+    ck_assert_int_eq(offloads_with_env("2", 5), 2 + 5);
+    ck_assert_int_eq(offloads_with_env("0", 3), 0);
+    ck_assert_int_eq(offloads_with_env("40", 0), 32);
+    /* Garbage and out-of-range values: the default. */
+    ck_assert_int_eq(offloads_with_env("lots", 0), unset);
+    ck_assert_int_eq(offloads_with_env("99999", 0), unset);
+    ck_assert_int_eq(offloads_with_env("-1", 0), unset);
+}
+END_TEST
+
 START_TEST(test_io_ring_full)
 {
     GMainContext *ctx;
@@ -1025,6 +1108,7 @@ int main(void)
         { "/loop/io/engine-per-call", test_io_engine_per_call },
         { "/loop/io/batching", test_io_batching },
         { "/loop/io/reap-batch-env", test_io_reap_batch_env },
+        { "/loop/io/offload-max-env", test_io_offload_max_env },
         { "/loop/io/ring-full", test_io_ring_full },
         { "/loop/thread/run-in-thread", test_run_in_thread, .loops = 2 },
         { "/loop/fallback/env", test_fallback_env },
