@@ -455,6 +455,28 @@ int strata_node_co_pwrite_zeroes(StrataNode *node, uint64_t offset,
 int strata_node_co_pdiscard(StrataNode *node, uint64_t offset,
                             uint64_t bytes);
 int strata_node_co_flush(StrataNode *node);
+
+/* A byte range of a node. */
+typedef struct StrataRange {
+    uint64_t offset, bytes;
+} StrataRange;
+
+/**
+ * strata_node_co_prefetch:
+ * @ranges: (array length=n): what will be read soon, in the order it
+ *   will be read
+ *
+ * A hint: starts bringing @ranges into the cache in front of @node's
+ * storage (a file's page cache, unless it is opened with O_DIRECT) and
+ * returns once those reads are under way, without waiting for them, so
+ * that the reads that follow find the data there.  Filters pass it to
+ * their child; other nodes without such a cache ignore it.
+ *
+ * Returns: 0, or -errno when the hint could not be given (the reads
+ * that follow work all the same).
+ */
+int strata_node_co_prefetch(StrataNode *node, const StrataRange *ranges,
+                            unsigned n);
 /* Resizes; @exact: the node must get exactly @offset bytes. */
 /* Tells @node (a format driver's file child) that the format is about
  * to do what @event names, for fault injection: see the driver field

@@ -135,6 +135,13 @@ struct StrataDriver {
      * The I/O path then flushes the children.  NULL: nothing to do. */
     int (*co_flush)(StrataNode *node);
 
+    /* Coroutine.  Starts reading @ranges (inside the node, in the order
+     * given) into a cache in front of the node's storage and returns
+     * without waiting for the data: see strata_node_co_prefetch.  NULL:
+     * nothing to prefetch into, ignored (filters forward). */
+    int (*co_prefetch)(StrataNode *node, const StrataRange *ranges,
+                       unsigned n);
+
     /*
      * Coroutine.  Status of [@offset, @offset + @bytes): STRATA_BLOCK_*
      * flags and *@pnum (> 0).  Set *@map / *@file with OFFSET_VALID;

@@ -45,14 +45,6 @@ typedef struct Piece {
     uint64_t off, bytes;
 } Piece;
 
-/* Data a single read of the layer's file can fetch as it is: plain
- * clusters (not compressed, not zero) at a known offset. */
-static bool readable_in_file(int st, StrataNode *file)
-{
-    return file && (st & STRATA_BLOCK_DATA) &&
-           (st & STRATA_BLOCK_OFFSET_VALID) && !(st & STRATA_BLOCK_ZERO);
-}
-
 /*
  * Under the cursor lock, after a first extent @p[0] of plain data at
  * @host in @file: claims the extents that follow as long as their data
@@ -87,7 +79,7 @@ static unsigned co_claim_run(CommitJob *j, Piece *p, uint64_t host,
             *claimed += pnum;
             continue;
         }
-        if (!readable_in_file(st, f) || f != file || map != host + run ||
+        if (!strata_img_readable_in_file(st, f) || f != file || map != host + run ||
             run + pnum > CHUNK) {
             break;
         }
@@ -147,7 +139,7 @@ static int commit_worker(void *opaque)
             j->c.cur += pnum;
             claimed = pnum;
             if ((ret & STRATA_BLOCK_ALLOCATED) &&
-                readable_in_file(ret, file)) {
+                strata_img_readable_in_file(ret, file)) {
                 pieces[0] = (Piece){ off, pnum };
                 n = co_claim_run(j, pieces, map, file, &claimed);
             }

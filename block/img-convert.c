@@ -7,7 +7,8 @@
  * all-zero 4 KiB blocks are skipped or zeroed the same way.  With -B the
  * target gets a backing file and only what the source's top layer holds
  * is copied.  -m coroutines work side by side on consecutive ranges; a
- * ticket keeps their writes in order unless -W.
+ * ticket keeps their writes in order unless -W.  One more coroutine
+ * reads ahead of them (see prefetch_worker).
  */
 #include <errno.h>
 #include <getopt.h>
@@ -21,6 +22,14 @@
 
 #define CHUNK (2u << 20)
 #define ZERO_GRAIN 4096u
+
+/* Prefetch: how many data bytes ahead of the workers' cursor the hints
+ * may reach, given in batches of PREFETCH_BATCH; a batch gathers the
+ * ranges of at most PREFETCH_FILES files, PREFETCH_RANGES each. */
+#define PREFETCH_AHEAD (64u << 20)
+#define PREFETCH_BATCH (16u << 20)
+#define PREFETCH_FILES 8
+#define PREFETCH_RANGES 64
 
 enum {
     OPTION_IMAGE_OPTS = 256,
@@ -56,6 +65,14 @@ typedef struct ConvertJob {
     int st;
     StrataImgProgress progress;
     int error;
+    bool finished;           /* the cursor reached the end (or failed) */
+    /* Data bytes the workers have taken off the cursor, and the ones the
+     * prefetcher has walked over; the prefetcher's own position. */
+    uint64_t claimed_data, pf_data;
+    int pf_src;
+    uint64_t pf_off;
+    bool pf_waiting;
+    StrataCoQueue pf_queue;
 } ConvertJob;
 
 typedef enum {
@@ -126,6 +143,13 @@ static int co_next_segment(ConvertJob *j, uint64_t *src_off, int *src_idx,
         *kind = SEG_SKIP;   /* the target's backing file has it */
     } else {
         *kind = j->fresh_target ? SEG_SKIP : SEG_ZERO;
+    }
+    if (*kind == SEG_DATA) {
+        j->claimed_data += pnum;
+        if (j->pf_waiting &&
+            j->pf_data <= j->claimed_data + PREFETCH_AHEAD - PREFETCH_BATCH) {
+            strata_co_queue_restart_all(&j->pf_queue);
+        }
     }
     *src_idx = j->cur_src;
     *src_off = j->cur_off;
@@ -255,6 +279,7 @@ static int convert_worker(void *opaque)
             if (ret < 0 && !j->error) {
                 j->error = ret;
             }
+            j->finished = true;
             break;
         }
         ret = 0;
@@ -288,7 +313,182 @@ static int convert_worker(void *opaque)
     /* Whoever waits for a ticket that will never come must see the
      * error. */
     strata_co_queue_restart_all(&j->write_queue);
+    strata_co_queue_restart_all(&j->pf_queue);
     return ret < 0 ? ret : 0;
+}
+
+/* The ranges of one file a prefetch batch collects, in read order. */
+typedef struct PrefetchFile {
+    StrataNode *file;
+    StrataRange r[PREFETCH_RANGES];
+    unsigned n;
+} PrefetchFile;
+
+typedef struct PrefetchBatch {
+    PrefetchFile f[PREFETCH_FILES];
+    unsigned n;
+    uint64_t data;
+} PrefetchBatch;
+
+/* Adds @bytes at @host of @file to @b; false when @b has no room (the
+ * batch is to be sent first). */
+static bool batch_add(PrefetchBatch *b, StrataNode *file, uint64_t host,
+                      uint64_t bytes)
+{
+    PrefetchFile *f = NULL;
+
+    for (unsigned i = 0; i < b->n && !f; i++) {
+        f = b->f[i].file == file ? &b->f[i] : NULL;
+    }
+    if (!f) {
+        if (b->n == PREFETCH_FILES) {
+            return false;
+        }
+        f = &b->f[b->n++];
+        f->file = file;
+        f->n = 0;
+    }
+    if (f->n && f->r[f->n - 1].offset + f->r[f->n - 1].bytes == host) {
+        f->r[f->n - 1].bytes += bytes;
+    } else if (f->n < PREFETCH_RANGES) {
+        f->r[f->n++] = (StrataRange){ host, bytes };
+    } else {
+        return false;
+    }
+    b->data += bytes;
+    return true;
+}
+
+/* Whether a layer of @top's chain stores its data where a prefetch
+ * hint does something (a file's page cache).  Other chains (a remote
+ * source) would pay the prefetcher's block status queries for nothing. */
+static bool chain_can_prefetch(StrataNode *top)
+{
+    for (StrataNode *n = top; n; n = strata_node_backing(n)) {
+        StrataNode *f;
+
+        n = strata_node_skip_filters(n);
+        if (!n) {
+            break;
+        }
+        f = n->file ? strata_node_skip_filters(n->file->node) : n;
+        if (f && f->drv->co_prefetch) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Hands each file of @b its ranges; @b is empty after. */
+static int co_send_batch(PrefetchBatch *b)
+{
+    int ret = 0;
+
+    for (unsigned i = 0; i < b->n && ret == 0; i++) {
+        ret = strata_node_co_prefetch(b->f[i].file, b->f[i].r, b->f[i].n);
+    }
+    b->n = 0;
+    b->data = 0;
+    return ret;
+}
+
+/*
+ * Reads ahead of the workers.  A worker's read of data that is not in
+ * the page cache waits for the disk, and the kernel's own readahead runs
+ * at most a few MiB ahead of it, one or two requests per file in flight:
+ * the disk then idles whenever the workers fall behind, and it reads
+ * every byte of a layer's file in the window, also the clusters that a
+ * layer above replaces.  Block status says which file holds each extent
+ * and where; this coroutine walks it up to PREFETCH_AHEAD data bytes
+ * ahead of the cursor and hands each file the exact ranges the workers
+ * will read, in their order (adjacent ones merged), as a prefetch hint.
+ * It never fails the convert: on any error it stops and leaves the
+ * reads to the workers, which report what went wrong.
+ */
+static int prefetch_worker(void *opaque)
+{
+    ConvertJob *j = opaque;
+    PrefetchBatch b = { 0 };
+    int can_src = -1;       /* the source whose chain takes hints */
+    int st;
+
+    for (;;) {
+        StrataNode *top, *base, *file = NULL;
+        uint64_t len, pnum = 0, map = 0;
+
+        if (j->error || j->finished || j->pf_src >= j->n_src) {
+            break;
+        }
+        if (j->pf_src < j->cur_src ||
+            (j->pf_src == j->cur_src && j->pf_off < j->cur_off)) {
+            /* Behind the workers: what they took is being read. */
+            j->pf_src = j->cur_src;
+            j->pf_off = j->cur_off;
+            j->pf_data = j->claimed_data;
+            continue;
+        }
+        top = strata_img_backend_node(j->src[j->pf_src]);
+        len = j->src_len[j->pf_src];
+        if (can_src != j->pf_src && chain_can_prefetch(top)) {
+            can_src = j->pf_src;
+        }
+        if (can_src != j->pf_src || j->pf_off >= len) {
+            j->pf_src++;
+            j->pf_off = 0;
+            continue;
+        }
+        base = j->top_only ? strata_node_backing(top) : NULL;
+        st = strata_node_co_block_status_above(top, base,
+                                               strata_img_want_zero(top),
+                                               j->pf_off, len - j->pf_off,
+                                               &pnum, &map, &file, NULL);
+        if (st < 0) {
+            return 0;
+        }
+        pnum = pnum ? pnum : len - j->pf_off;
+        if (strata_img_readable_in_file(st, file) &&
+            !batch_add(&b, file, map, pnum)) {
+            /* Full: the extent goes into the next batch. */
+            pnum = 0;
+        } else {
+            j->pf_off += pnum;
+            j->pf_data += st & STRATA_BLOCK_DATA ? pnum : 0;
+            if (b.data < PREFETCH_BATCH) {
+                continue;
+            }
+        }
+        if (co_send_batch(&b) < 0) {
+            return 0;
+        }
+        while (!j->error && !j->finished &&
+               j->pf_data > j->claimed_data + PREFETCH_AHEAD - PREFETCH_BATCH) {
+            j->pf_waiting = true;
+            strata_co_queue_wait(&j->pf_queue, NULL);
+            j->pf_waiting = false;
+        }
+    }
+    if (!j->error && !j->finished) {
+        co_send_batch(&b);
+    }
+    return 0;
+}
+
+/* The coroutines strata_img_co_run starts: the first prefetches, the
+ * others copy. */
+typedef struct ConvertRun {
+    ConvertJob *job;
+    bool prefetcher_started;
+} ConvertRun;
+
+static int convert_entry(void *opaque)
+{
+    ConvertRun *r = opaque;
+
+    if (!r->prefetcher_started) {
+        r->prefetcher_started = true;
+        return prefetch_worker(r->job);
+    }
+    return convert_worker(r->job);
 }
 
 static void convert_help(void)
@@ -323,6 +523,7 @@ int strata_img_convert(int argc, char **argv)
     g_auto(StrataImgSnapshotSel) snap = { 0 };
     StrataImgTool t = { 0 };
     ConvertJob j = { 0 };
+    ConvertRun run = { .job = &j };
     int ret = 1, c, r;
 
     optind = 1;
@@ -560,7 +761,8 @@ int strata_img_convert(int argc, char **argv)
     strata_co_queue_init(&j.write_queue);
     strata_co_mutex_init(&j.cursor_lock);
     strata_img_progress_init(&j.progress, progress && !quiet);
-    r = strata_img_co_run(&t, (unsigned)coroutines, convert_worker, &j);
+    strata_co_queue_init(&j.pf_queue);
+    r = strata_img_co_run(&t, (unsigned)coroutines + 1, convert_entry, &run);
     if (r == 0) {
         r = strata_img_co_run(&t, 1, strata_img_co_flush, j.dst);
     }

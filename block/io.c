@@ -331,6 +331,51 @@ int strata_node_co_pread(StrataNode *node, uint64_t offset, uint64_t bytes,
 /* Writes                                                              */
 /* ------------------------------------------------------------------ */
 
+int strata_node_co_prefetch(StrataNode *node, const StrataRange *ranges,
+                            unsigned n)
+{
+    const StrataDriver *drv = node->drv;
+    g_autofree StrataRange *clipped = NULL;
+    unsigned m = 0;
+    int ret;
+
+    g_return_val_if_fail(ranges || n == 0, -EINVAL);
+    for (unsigned i = 0; i < n; i++) {
+        if (!range_ok(ranges[i].offset, ranges[i].bytes)) {
+            return -EINVAL;
+        }
+    }
+    if (!drv->co_prefetch) {
+        return filter_child(node)
+            ? strata_node_co_prefetch(filter_child(node), ranges, n)
+            : 0;
+    }
+    /* The driver sees only what lies inside the node. */
+    clipped = g_new(StrataRange, n ? n : 1);
+    for (unsigned i = 0; i < n; i++) {
+        StrataRange r = ranges[i];
+
+        if (node->total_bytes >= 0) {
+            uint64_t len = (uint64_t)node->total_bytes;
+
+            if (r.offset >= len) {
+                continue;
+            }
+            r.bytes = MIN(r.bytes, len - r.offset);
+        }
+        if (r.bytes) {
+            clipped[m++] = r;
+        }
+    }
+    if (m == 0) {
+        return 0;
+    }
+    strata_node_inc_in_flight(node);
+    ret = drv->co_prefetch(node, clipped, m);
+    strata_node_dec_in_flight(node);
+    return ret;
+}
+
 static int driver_flush(StrataNode *node);
 
 static int aligned_pwritev(StrataNode *node, uint64_t offset,

@@ -359,6 +359,27 @@ static void mirror_op_co(void *opaque)
     }
 }
 
+/* Flushes the target before READY; a failure goes through
+ * on-target-error (report ends the job, stop pauses it, ignore tries
+ * again after a pause).  Whether READY may follow. */
+static bool mirror_co_flush_target(MirrorJob *m)
+{
+    StrataJob *job = &m->common;
+    int ret = strata_node_co_flush(m->target);
+
+    if (ret == 0) {
+        return true;
+    }
+    job->on_error = m->on_target_error;
+    if (strata_job_error_action(job, false, -ret) ==
+        STRATA_ERROR_ACTION_REPORT && m->op_ret == 0) {
+        m->op_ret = ret;
+    } else {
+        strata_job_co_sleep_ns(job, MIRROR_IDLE_NS);
+    }
+    return false;
+}
+
 /* Sleeps as a job (a cancel or pause wakes it too) until a copy in
  * flight ends. */
 static void wait_one_op(MirrorJob *m)
@@ -544,6 +565,13 @@ static int mirror_co_run(StrataJob *job, GError **error)
                                            m->in_flight_bytes);
         if (cnt == 0 && m->in_flight == 0) {
             if (job->status == STRATA_JOB_STATUS_RUNNING) {
+                /* What READY promises is on the target's disk, as QEMU
+                 * has it; the pivot then only flushes what came after,
+                 * so the guest is not held for the whole copy's
+                 * write-back while the job completes. */
+                if (!mirror_co_flush_target(m)) {
+                    continue;
+                }
                 m->reached_ready = true;
                 strata_job_transition_to_ready(job);
             }

@@ -477,6 +477,11 @@ static int load_with_neighbours(StrataQcow2Cache *c, CacheEntry *e,
         g_queue_push_head_link(&c->lru, &x->link);
         c->stats.read_around++;
     }
+    if (ret < 0) {
+        /* A bad sector beside the slice must not cost the slice. */
+        ret = strata_node_co_pread(file_node(c), offset, c->entry_size,
+                                   e->table, 0);
+    }
     return ret;
 }
 

@@ -25,10 +25,18 @@ written images); a sample that fails verification aborts the run.
 Medians and minima are reported with the ratio qemu/strata (> 1: strata
 is faster).  With --cold-read, a row "read" times a plain sequential read
 of the base image (dd, 16 MiB blocks) from a cold cache: about what the
-disk allows for the bulk of what the commands read.  Stdlib only.
+disk allows for the bulk of what the commands read.  With --floor, a row
+"floor" times the chain's five files read by five `cat`s side by side
+from a cold cache: every byte of the chain off the disk, each copied
+once, with no image format in between.  --rows picks rows (e.g. --rows
+convert --floor).  --before PATH adds a third side, another strata-img
+(the tree before a change), to the same rotation: an A/B of two builds
+against qemu-img in one run.  Stdlib only.
 
   bench-img-ops.py --strata-img build/block/strata-img [--reps 5]
-      [--chain DIR] [--mkchain PATH] [--warm] [--cold-read] [--json OUT]
+      [--rows convert,commit,commit-b,rebase] [--chain DIR]
+      [--mkchain PATH] [--warm] [--cold-read] [--floor] [--before PATH]
+      [--json OUT]
 """
 
 import argparse
@@ -105,6 +113,11 @@ def prepare(chain, work, writes):
 
 
 def sample(tool, row, chain, work, qemu_img, cold):
+    if row == "floor":
+        drop_cache(chain)
+        return timed(["sh", "-c", "for f in \"$@\"; do cat \"$f\" >/dev/null"
+                      " & done; wait", "sh"] +
+                     [os.path.join(chain, f) for f in LAYERS])
     if row == "read":
         drop_cache(chain)
         return timed(["dd", "bs=16M", "status=none", "of=/dev/null"] +
@@ -139,10 +152,17 @@ def main():
                     help="chain on /dev/shm, not dropped from the cache")
     ap.add_argument("--cold-read", action="store_true",
                     help="also time a plain cold read of the chain")
+    ap.add_argument("--before", help="another strata-img to run as a third"
+                    " side (e.g. the build before a change)")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time five cold cats of the chain side by side")
     ap.add_argument("--json")
     a = ap.parse_args()
     strata = os.path.abspath(a.strata_img)
     rows = a.rows.split(",")
+    for r in rows:
+        if r not in ROWS:
+            ap.error("unknown row %r (rows: %s)" % (r, ",".join(ROWS)))
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
     scratch = tempfile.mkdtemp(prefix="bench-img-ops.", dir=shm)
     disk = None
@@ -159,16 +179,26 @@ def main():
             log("building the chain in %s with %s" % (chain, a.mkchain))
             run([a.mkchain, "-q", "-o", chain])
         work = os.path.join(scratch, "work")
-        times = {r: {"qemu": [], "strata": []} for r in rows}
-        cpu = {r: {"qemu": [], "strata": []} for r in rows}
+        sides = [("qemu", a.qemu_img), ("strata", strata)]
+        if a.before:
+            sides.append(("before", os.path.abspath(a.before)))
+        times = {r: {side: [] for side, _ in sides} for r in rows}
+        cpu = {r: {side: [] for side, _ in sides} for r in rows}
         for rep in range(a.reps):
-            order = [("qemu", a.qemu_img), ("strata", strata)]
+            # Every side goes first as often as the others.
+            k = rep % len(sides)
+            order = sides[k:] + sides[:k]
             if rep % 2:
                 order.reverse()
             if a.cold_read:
                 dt, _ = sample(None, "read", chain, work, a.qemu_img, True)
                 times.setdefault("read", []).append(dt)
                 log("rep %d read (dd of the base, cold) %.3f s" % (rep, dt))
+            if a.floor:
+                dt, _ = sample(None, "floor", chain, work, a.qemu_img, True)
+                times.setdefault("floor", []).append(dt)
+                log("rep %d floor (5 cats of the chain, cold) %.3f s" % (
+                    rep, dt))
             for r in rows:
                 for side, tool in order:
                     dt, ct = sample(tool, r, chain, work, a.qemu_img,
@@ -191,10 +221,25 @@ def main():
                       min(s), statistics.median(q) / statistics.median(s),
                       statistics.median(cpu[r]["qemu"]),
                       statistics.median(cpu[r]["strata"])))
+        if a.before:
+            print()
+            print("| operation | before | qemu/before | CPU before |")
+            print("|---|---|---|---|")
+            for r in rows:
+                q, b = times[r]["qemu"], times[r]["before"]
+                print("| %s | %.3f s (%.3f) | %.2fx | %.3f s |" % (
+                    r, statistics.median(b), min(b),
+                    statistics.median(q) / statistics.median(b),
+                    statistics.median(cpu[r]["before"])))
         if a.cold_read:
             rd = times["read"]
             print("| read (dd of base.qcow2, cold) | %.3f s (%.3f) |"
                   " | | | |" % (statistics.median(rd), min(rd)))
+        if a.floor:
+            fl = times["floor"]
+            print("| floor (5 cats of the chain side by side, cold) |"
+                  " %.3f s (%.3f) | | | | |" % (statistics.median(fl),
+                                               min(fl)))
         if a.json:
             with open(a.json, "w") as f:
                 json.dump({"wall": times, "cpu": cpu}, f, indent=1)

@@ -498,6 +498,7 @@ typedef struct PolicyCase {
     int errnum;
     const char *action;     /* BLOCK_JOB_ERROR's action */
     const char *io_status;  /* while stopped */
+    const char *event;      /* blkdebug event; NULL: the read or write */
 } PolicyCase;
 
 static const PolicyCase policy_cases[] = {
@@ -510,6 +511,9 @@ static const PolicyCase policy_cases[] = {
     { true, "report", 5, "report", NULL },
     { true, "stop", 5, "stop", "failed" },
     { true, "ignore", 5, "ignore", NULL },
+    /* The target's flush before READY. */
+    { false, "report", 5, "report", NULL, "flush_to_disk" },
+    { false, "stop", 5, "stop", "failed", "flush_to_disk" },
 };
 
 static void run_policy_case(const PolicyCase *pc)
@@ -524,7 +528,8 @@ static void run_policy_case(const PolicyCase *pc)
         "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
         "\"blkdebug\", \"node-name\": \"dbg\", \"inject-error\": "
         "[{\"event\": \"%s\", \"errno\": %d, \"once\": true}], "
-        "\"image\": %s}}", pc->source ? "read_aio" : "write_aio",
+        "\"image\": %s}}",
+        pc->event ? pc->event : pc->source ? "read_aio" : "write_aio",
         pc->errnum, pc->source ? "\"s1\"" :
         "{\"driver\": \"qcow2\", \"file\": {\"driver\": \"file\", "
         "\"filename\": \"t.qcow2\"}}");

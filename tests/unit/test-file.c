@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 
@@ -84,7 +85,7 @@ static struct stat stat_path(const char *path)
 /* ---- node calls in a coroutine ---- */
 
 typedef enum { OP_READ, OP_WRITE, OP_ZERO, OP_DISCARD, OP_FLUSH,
-               OP_STATUS, OP_TRUNCATE } Op;
+               OP_STATUS, OP_TRUNCATE, OP_PREFETCH } Op;
 
 typedef struct {
     Op op;
@@ -96,6 +97,8 @@ typedef struct {
     uint64_t pnum, map;
     StrataNode *file;
     GError *error;
+    const StrataRange *ranges;
+    unsigned n;
     int ret;
 } Call;
 
@@ -130,6 +133,9 @@ static void call_co(void *opaque)
     case OP_TRUNCATE:
         c->ret = strata_node_co_truncate(c->node, c->offset, c->exact,
                                          &c->error);
+        break;
+    case OP_PREFETCH:
+        c->ret = strata_node_co_prefetch(c->node, c->ranges, c->n);
         break;
     }
 }
@@ -202,6 +208,49 @@ static int node_truncate(StrataNode *n, uint64_t size, bool exact,
         g_clear_error(&c.error);
     }
     return ret;
+}
+
+static int node_prefetch(StrataNode *n, const StrataRange *ranges,
+                         unsigned count)
+{
+    Call c = { .op = OP_PREFETCH, .node = n, .ranges = ranges, .n = count };
+    return run(&c);
+}
+
+/* How many of the pages of [@off, @off + @len) of @path are in the page
+ * cache. */
+static size_t resident_pages(const char *path, off_t off, size_t len)
+{
+    long page = sysconf(_SC_PAGESIZE);
+    size_t n = len / (size_t)page, count = 0;
+    g_autofree unsigned char *vec = g_malloc(n);
+    int fd = open(path, O_RDONLY);
+    void *map;
+
+    ck_assert_int_ge(fd, 0);
+    map = mmap(NULL, len, PROT_READ, MAP_SHARED, fd, off);
+    ck_assert(map != MAP_FAILED);
+    ck_assert_int_eq(mincore(map, len, vec), 0);
+    for (size_t i = 0; i < n; i++) {
+        count += vec[i] & 1;
+    }
+    munmap(map, len);
+    close(fd);
+    return count;
+}
+
+/* Waits (generously) until [@off, @off + @len) of @path is all cached. */
+static bool wait_resident(const char *path, off_t off, size_t len)
+{
+    size_t want = len / (size_t)sysconf(_SC_PAGESIZE);
+
+    for (int i = 0; i < 3000; i++) {
+        if (resident_pages(path, off, len) == want) {
+            return true;
+        }
+        g_usleep(10000);
+    }
+    return false;
 }
 
 /* ---- open errors ---- */
@@ -643,6 +692,75 @@ START_TEST(test_discard)
 }
 END_TEST
 
+/* A prefetch hint reads the ranges given into the page cache (and only
+ * them), through a filter too; ranges past the end are cut, a range
+ * that does not fit an offset is refused, O_DIRECT ignores the hint. */
+START_TEST(test_prefetch)
+{
+    const size_t mib = 1 << 20;
+    g_autofree char *path = strata_test_make_file(dir, "p.img", 4 * mib,
+                                                  true);
+    g_autofree char *spec = NULL;
+    g_autoptr(GError) err = NULL;
+    const StrataRange want[] = {
+        { 0, mib }, { 3 * mib, 8 * mib },
+    };
+    const StrataRange bad[] = { { 0, mib }, { UINT64_MAX - 10, 20 } };
+    StrataNode *n, *dbg;
+    bool cold;
+    int fd = open(path, O_RDONLY);
+
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(fdatasync(fd), 0);
+    close(fd);
+    drop_cache(path, 0, 0);
+    /* A file system that keeps files in memory has nothing to show. */
+    cold = resident_pages(path, 0, 4 * mib) == 0;
+
+    n = open_file(path, NULL);
+    ck_assert_int_eq(node_prefetch(n, bad, 2), -EINVAL);
+    ck_assert_int_eq(node_prefetch(n, want, 0), 0);
+    ck_assert_int_eq(node_prefetch(n, want, 2), 0);
+    ck_assert(wait_resident(path, 0, mib));
+    ck_assert(wait_resident(path, 3 * mib, mib));
+    if (cold) {
+        ck_assert_uint_eq(resident_pages(path, 2 * mib, mib), 0);
+    }
+
+    /* Through blkdebug, which passes it to the file under it. */
+    drop_cache(path, 0, 0);
+    spec = g_strdup_printf("driver=blkdebug,node-name=dbg,image.driver=file,"
+                           "image.filename=%s", path);
+    dbg = add(ctx, spec, &err);
+    ck_assert_msg(dbg, "%s", err ? err->message : "");
+    ck_assert_int_eq(node_prefetch(dbg, &want[1], 1), 0);
+    ck_assert(wait_resident(path, 3 * mib, mib));
+}
+END_TEST
+
+START_TEST(test_prefetch_direct)
+{
+    g_autofree char *path = strata_test_make_file(dir, "pd.img", 1 << 20,
+                                                  true);
+    g_autoptr(GError) err = NULL;
+    g_autofree char *spec = g_strdup_printf(
+        "driver=file,node-name=f,filename=%s,cache.direct=on", path);
+    const StrataRange r = { 0, 1 << 20 };
+    StrataNode *n = add(ctx, spec, &err);
+    StrataLoopStats before, after;
+
+    if (!n && err && strstr(err->message, "Invalid argument")) {
+        return; /* no O_DIRECT on this file system */
+    }
+    ck_assert_msg(n, "%s", err ? err->message : "");
+    /* Nothing to fill: not even a job for a worker thread. */
+    strata_loop_get_stats(ctx->loop, &before);
+    ck_assert_int_eq(node_prefetch(n, &r, 1), 0);
+    strata_loop_get_stats(ctx->loop, &after);
+    ck_assert_uint_eq(after.thread_jobs, before.thread_jobs);
+}
+END_TEST
+
 START_TEST(test_block_status_sparse)
 {
     g_autofree char *path = strata_test_make_file(dir, "h.img", 4 << 20,
@@ -933,6 +1051,8 @@ int main(void)
         { "/file/zeroes/unmap", test_zeroes_unmap_punches },
         { "/file/discard", test_discard },
         { "/file/block-status/sparse", test_block_status_sparse },
+        { "/file/prefetch", test_prefetch },
+        { "/file/prefetch/direct", test_prefetch_direct },
         { "/file/truncate", test_truncate },
         { "/file/direct-append-reserves", test_direct_append_reserves },
         { "/file/direct-overwrite-after-shrink",

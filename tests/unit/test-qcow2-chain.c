@@ -594,6 +594,7 @@ START_TEST(test_cache_read_around)
     StrataQcow2CacheStats st;
     StrataQcow2State *s;
     StrataNode *n;
+    uint64_t l2;
     uint8_t *got = g_malloc(cs);
     /* Clusters in different slices of tables 0, 1 and 2. */
     const uint64_t offs[] = { 0, 5 * 512 * cs, table_span + 3 * 512 * cs,
@@ -653,6 +654,31 @@ START_TEST(test_cache_read_around)
         strata_loop_run_co(ctx->loop, io_co, &r);
         ck_assert_int_eq(r.ret, 0);
         ck_assert_int_eq(got[0] | got[cs - 1], 0);
+    }
+    l2 = s->l1_table[0] & STRATA_QCOW2_OFFSET_MASK;
+    ck_assert_uint_ne(l2, 0);
+    close_node(n);
+
+    /* A bad sector in slice 8 of table 0: the read-around fails, the
+     * slice asked for is read alone; slice 8's own clusters fail. */
+    g_free(spec);
+    spec = g_strdup_printf(
+        "{\"driver\": \"qcow2\", \"node-name\": \"ra\", "
+        "\"file\": {\"driver\": \"blkdebug\", \"inject-error\": "
+        "[{\"event\": \"read_aio\", \"errno\": 5, "
+        "\"x-offset\": %" G_GUINT64_FORMAT ", \"x-bytes\": 4096}], "
+        "\"image\": {\"driver\": \"file\", \"filename\": \"%s\"}}}",
+        l2 + 8 * 4096, path);
+    n = strata_context_add_node_keyval(ctx, spec, &err);
+    ck_assert_msg(n, "%s", err ? err->message : "");
+    {
+        IoReq r = { n, offs[1], cs, -3, got, 0 };
+        strata_loop_run_co(ctx->loop, io_co, &r);
+        ck_assert_int_eq(r.ret, 0);
+        ck_assert_int_eq(got[0], 0x22);
+        r = (IoReq){ n, 8 * 512 * cs, cs, -3, got, 0 };
+        strata_loop_run_co(ctx->loop, io_co, &r);
+        ck_assert_int_eq(r.ret, -EIO);
     }
     close_node(n);
     g_free(got);
