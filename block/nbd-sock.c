@@ -70,7 +70,9 @@ static gboolean watch_dispatch(GSource *source, GSourceFunc cb, gpointer data)
     if (out) {
         strata_coroutine_wake(out);
     }
-    if (!w->tag) {
+    /* The woken may also have closed the socket and freed the watch
+     * (GLib keeps the memory until this returns). */
+    if (g_source_is_destroyed(source) || !w->tag) {
         return G_SOURCE_CONTINUE;
     }
     if (broken && !w->co_in && !w->co_out) {

@@ -1000,7 +1000,8 @@ END_TEST
 typedef struct {
     StrataNbdSock sk;
     int op;                 /* 0: read 5 bytes, 1: wait for input,
-                             * 2: write @len bytes */
+                             * 2: write @len bytes, 3: wait for input
+                             * then free the watch */
     uint8_t buf[256 * 1024];
     size_t len;
     int ret;
@@ -1019,8 +1020,15 @@ static void sock_op_entry(void *opaque)
         strata_nbd_co_wait_fd(&o->sk, G_IO_IN);
         o->ret = 0;
         break;
-    default:
+    case 2:
         o->ret = strata_nbd_co_write_full(&o->sk, o->buf, o->len);
+        break;
+    default:
+        /* As a connection that fails its handshake does, from within
+         * the watch's own dispatch. */
+        strata_nbd_co_wait_fd(&o->sk, G_IO_IN);
+        g_clear_pointer(&o->sk.watch, strata_nbd_watch_free);
+        o->ret = 0;
         break;
     }
     o->done = true;
@@ -1124,6 +1132,20 @@ START_TEST(test_sock_watch)
 
     strata_nbd_watch_free(o->sk.watch);
     close(sv[0]);
+
+    /* A waiter that frees the watch when woken. */
+    ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv),
+                     0);
+    o->sk = (StrataNbdSock){ sv[0], ctx->loop,
+                             strata_nbd_watch_new(ctx->loop, sv[0]), NULL,
+                             NULL };
+    sock_op_start(o, 3);
+    ck_assert_int_eq(write(sv[1], "x", 1), 1);
+    sock_op_finish(o);
+    ck_assert_ptr_null(o->sk.watch);
+    ck_assert_int_le(busy_iterations(), 2);
+    close(sv[0]);
+    close(sv[1]);
     g_free(o);
 }
 END_TEST
