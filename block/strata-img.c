@@ -302,9 +302,12 @@ static void set_default_bool(JsonObject *obj, const char *key, bool value,
 }
 
 /*
- * qemu-img's flags (-t, -n, -i) are inherited by every node of the tree
- * unless the spec says otherwise; walk the nested node definitions (the
- * objects with a "driver") and fill in what is missing.
+ * qemu-img's -t is inherited by every node of the tree unless the spec
+ * says otherwise (and -U sets force-share on the top); walk the nested
+ * node definitions (the objects with a "driver") and fill in what is
+ * missing.  -n/-i reach the file nodes through the context's default
+ * aio instead (strata_img_open), which also covers the backing files
+ * the headers name.
  */
 static void apply_defaults(JsonObject *node, const StrataImgOpenOpts *o,
                            bool strings, bool top)
@@ -332,15 +335,6 @@ static void apply_defaults(JsonObject *node, const StrataImgOpenOpts *o,
             set_default_bool(c, "no-flush", o->cache_no_flush, strings);
         }
     }
-    if (o->aio && !json_object_has_member(node, "aio")) {
-        const char *drv = json_object_get_string_member_with_default(
-            node, "driver", "");
-
-        if (g_strcmp0(drv, "file") == 0) {
-            json_object_set_string_member(node, "aio", o->aio);
-        }
-    }
-
     for (GList *l = members; l; l = l->next) {
         JsonNode *child = json_object_get_member(node, l->data);
 
@@ -402,13 +396,13 @@ StrataBackend *strata_img_open(StrataContext *ctx, const char *spec,
         json_object_set_null_member(options, "backing");
     }
     apply_defaults(options, o, strings, true);
-    if (o->aio) {
-        /* The file nodes of backing files opened from the headers too,
-         * as qemu-img's aio flag reaches every node it opens. */
-        strata_context_set_default_aio(ctx, o->aio);
-    }
 
+    /* -n/-i for every file node this open makes, backing files opened
+     * from the headers included (as qemu-img's aio flag reaches every
+     * node it opens), and for no other open of the tool. */
+    strata_context_set_default_aio(ctx, o->aio);
     node = strata_node_open(ctx, options, strings, true, &err);
+    strata_context_set_default_aio(ctx, NULL);
     if (!node) {
         strata_img_error("Could not open '%s': %s", spec, err->message);
         return NULL;

@@ -905,30 +905,18 @@ static bool loop_disabled_by_env(void)
     return env && *env && strcmp(env, "0") != 0;
 }
 
-static unsigned loop_reap_batch_from_env(void)
+/* The unsigned in [@min, @max] environment variable @name gives, or
+ * @dflt when it is unset or anything else (the measuring knobs). */
+static unsigned loop_env_unsigned(const char *name, unsigned min,
+                                  unsigned max, unsigned dflt)
 {
-    const char *env = g_getenv("STRATA_LOOP_REAP_BATCH");
+    const char *env = g_getenv(name);
     guint64 v;
 
-    if (env && g_ascii_string_to_unsigned(env, 10, 1, LOOP_REAP_BATCH_MAX,
-                                          &v, NULL)) {
+    if (env && g_ascii_string_to_unsigned(env, 10, min, max, &v, NULL)) {
         return (unsigned)v;
     }
-    return LOOP_REAP_BATCH;
-}
-
-static unsigned loop_offload_max_from_env(void)
-{
-    const char *env = g_getenv("STRATA_LOOP_OFFLOAD_MAX");
-    guint64 v;
-
-    if (env && g_ascii_string_to_unsigned(env, 10, 0, LOOP_OFFLOAD_MAX_LIMIT,
-                                          &v, NULL)) {
-        return (unsigned)v;
-    }
-    /* A single CPU still gets some: the workers' copies then interleave
-     * with the loop's other work rather than delay it. */
-    return LOOP_OFFLOAD_PER_CPU * MAX(g_get_num_processors() - 1, 1u);
+    return dflt;
 }
 
 static bool loop_init_ring(StrataLoop *loop, StrataAioMode mode,
@@ -983,8 +971,14 @@ StrataLoop *strata_loop_new(GMainContext *context, StrataAioMode mode,
 
     loop = g_new0(StrataLoop, 1);
     loop->event_fd = -1;
-    loop->reap_batch = loop_reap_batch_from_env();
-    loop->offload_max = loop_offload_max_from_env();
+    loop->reap_batch = loop_env_unsigned("STRATA_LOOP_REAP_BATCH", 1,
+                                         LOOP_REAP_BATCH_MAX,
+                                         LOOP_REAP_BATCH);
+    /* A single CPU still gets some offloads: the workers' copies then
+     * interleave with the loop's other work rather than delay it. */
+    loop->offload_max = loop_env_unsigned(
+        "STRATA_LOOP_OFFLOAD_MAX", 0, LOOP_OFFLOAD_MAX_LIMIT,
+        LOOP_OFFLOAD_PER_CPU * MAX(g_get_num_processors() - 1, 1u));
     g_mutex_init(&loop->done_lock);
 
     if (!loop_init_ring(loop, mode, error)) {

@@ -123,7 +123,7 @@ class Suite:
         chain = ws.chain()
         src = ws.fio_file()
         dst = os.path.join(ws.sub("job-limit"), "write.dat")
-        for job in [x.strip() for x in args.jobs.split(",") if x.strip()]:
+        for job in k["jobs"].parse_list(args.jobs, k["jobs"].JOBS, "job"):
             nbytes = job_bytes(k, chain, job)
             rows.append(k["Row"]("limit", "moves-" + job,
                                  lambda side, n=nbytes: fio_moves(k, src, dst, n),
@@ -179,7 +179,7 @@ def main():
                                   capture_output=True, text=True,
                                   check=True).stdout.strip()
     rc = k["driver"].run(args, [Suite(k)], sides)
-    jobs = [x.strip() for x in args.jobs.split(",") if x.strip()]
+    jobs = k["jobs"].parse_list(args.jobs, k["jobs"].JOBS, "job")
     print()
     print(summary(os.path.join(args.out, "samples.jsonl"), jobs))
     return rc

@@ -150,6 +150,20 @@ static inline char *node_of_driver(QTestState *s, const char *drv)
     return NULL;
 }
 
+/* The one export of query-block-exports sits on @node. */
+static inline void export_is(QTestState *s, const char *node)
+{
+    JsonNode *r = qtest_qmp(s, "{\"execute\": \"query-block-exports\"}");
+    JsonArray *a = json_node_get_array(json_object_get_member(
+        json_node_get_object(r), "return"));
+
+    ck_assert_int_eq(json_array_get_length(a), 1);
+    ck_assert_str_eq(json_object_get_string_member(
+                         json_array_get_object_element(a, 0), "node-name"),
+                     node);
+    json_node_unref(r);
+}
+
 /* The one job of query-block-jobs. */
 static inline JsonObject *block_job(QTestState *s, JsonNode **keep)
 {

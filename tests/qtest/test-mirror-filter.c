@@ -133,22 +133,19 @@ static void filter_gone(QTestState *s)
     ck_assert_msg(!name, "mirror_top node %s left behind", name);
 }
 
-static const char *export_node(QTestState *s, JsonNode **keep)
-{
-    JsonNode *r = qtest_qmp(s, "{\"execute\": \"query-block-exports\"}");
-    JsonArray *a = json_node_get_array(json_object_get_member(
-        json_node_get_object(r), "return"));
-
-    ck_assert_int_eq(json_array_get_length(a), 1);
-    *keep = r;
-    return json_object_get_string_member(json_array_get_object_element(a, 0),
-                                         "node-name");
-}
-
 static void guest_sees_ref(QTestState *s)
 {
     ck_assert_int_eq(sh(s, "qemu-img compare -q -f raw -F raw ref.raw "
                            "'nbd+unix:///disk?socket=nbd.sock'"), 0);
+}
+
+/* @job ended without a pivot: gone, its filter too, the export still
+ * on s1. */
+static void ended_without_pivot(QTestState *s, const char *job)
+{
+    reach_status(s, job, "null");
+    filter_gone(s);
+    export_is(s, "s1");
 }
 
 /* Completes @job (READY): the filter goes, the export moves to @node,
@@ -160,13 +157,11 @@ static void complete_onto(QTestState *s, const char *job, const char *node,
     g_autofree char *req = g_strdup_printf(
         "{\"execute\": \"block-job-complete\", \"arguments\": "
         "{\"device\": \"%s\"}}", job);
-    JsonNode *keep = NULL;
 
     ok(s, req);
     reach_status(s, job, "null");
     filter_gone(s);
-    ck_assert_str_eq(export_node(s, &keep), node);
-    json_node_unref(keep);
+    export_is(s, node);
     ck_assert_int_eq(guest_io(s, write), 0);
     guest_sees_ref(s);
     ok(s, "{\"execute\": \"quit\"}");
@@ -209,7 +204,6 @@ END_TEST
 START_TEST(test_mirror_filter_endings)
 {
     QTestState *s;
-    JsonNode *keep = NULL;
 
     if (!have_qemu_tools()) {
         return;
@@ -228,10 +222,7 @@ START_TEST(test_mirror_filter_endings)
     ok(s, "{\"execute\": \"block-job-cancel\", \"arguments\": "
           "{\"device\": \"m\"}}");
     json_node_unref(want_event(s, "BLOCK_JOB_CANCELLED"));
-    reach_status(s, "m", "null");
-    filter_gone(s);
-    ck_assert_str_eq(export_node(s, &keep), "s1");
-    json_node_unref(keep);
+    ended_without_pivot(s, "m");
 
     /* Cancelled in READY: no pivot. */
     ok(s, "{\"execute\": \"blockdev-mirror\", \"arguments\": {\"job-id\": "
@@ -243,10 +234,7 @@ START_TEST(test_mirror_filter_endings)
     ok(s, "{\"execute\": \"block-job-cancel\", \"arguments\": "
           "{\"device\": \"m\"}}");
     json_node_unref(want_event(s, "BLOCK_JOB_COMPLETED"));
-    reach_status(s, "m", "null");
-    filter_gone(s);
-    ck_assert_str_eq(export_node(s, &keep), "s1");
-    json_node_unref(keep);
+    ended_without_pivot(s, "m");
 
     /* An error on the target with the report policy ends the job. */
     ok(s, "{\"execute\": \"blockdev-add\", \"arguments\": {\"driver\": "
@@ -261,10 +249,7 @@ START_TEST(test_mirror_filter_endings)
         g_autoptr(JsonNode) c = want_event(s, "BLOCK_JOB_COMPLETED");
         ck_assert(json_object_has_member(data_of(c), "error"));
     }
-    reach_status(s, "m", "null");
-    filter_gone(s);
-    ck_assert_str_eq(export_node(s, &keep), "s1");
-    json_node_unref(keep);
+    ended_without_pivot(s, "m");
 
     /* Completed: the export follows the target; the name is free
      * again for the next job. */

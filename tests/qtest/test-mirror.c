@@ -24,18 +24,6 @@ static void nbd_export(QTestState *s, const char *node)
     ok(s, req);
 }
 
-static const char *export_node(QTestState *s, JsonNode **keep)
-{
-    JsonNode *r = qtest_qmp(s, "{\"execute\": \"query-block-exports\"}");
-    JsonArray *a = json_node_get_array(json_object_get_member(
-        json_node_get_object(r), "return"));
-
-    ck_assert_int_eq(json_array_get_length(a), 1);
-    *keep = r;
-    return json_object_get_string_member(json_array_get_object_element(a, 0),
-                                         "node-name");
-}
-
 /* base <- mid <- top (libvirt style: lower layers read-only), top
  * exported; ref.raw is what the guest sees. */
 static void chain3(QTestState *s)
@@ -94,7 +82,6 @@ static void reach_ready(QTestState *s, const char *id, const char *type)
 START_TEST(test_active_commit_complete)
 {
     QTestState *s = qtest_start(NULL, true);
-    JsonNode *keep = NULL;
 
     if (!have_qemu_tools()) {
         qtest_end(s);
@@ -117,8 +104,7 @@ START_TEST(test_active_commit_complete)
     ok(s, "{\"execute\": \"block-job-complete\", \"arguments\": "
           "{\"device\": \"ac\"}}");
     finish_events(s, "ac", "commit");
-    ck_assert_str_eq(export_node(s, &keep), "base");
-    json_node_unref(keep);
+    export_is(s, "base");
     ck_assert_int_eq(guest_io(s, "write -P 0x53 14M 1M"), 0);
     ck_assert_int_eq(sh(s, "qemu-img compare -q -f raw -F raw ref.raw "
                            "'nbd+unix:///disk?socket=nbd.sock'"), 0);
@@ -140,7 +126,6 @@ END_TEST
 START_TEST(test_active_commit_cancel_ready)
 {
     QTestState *s = qtest_start(NULL, true);
-    JsonNode *keep = NULL;
 
     if (!have_qemu_tools()) {
         qtest_end(s);
@@ -155,8 +140,7 @@ START_TEST(test_active_commit_cancel_ready)
           "{\"device\": \"ac\"}}");
     finish_events(s, "ac", "commit");
     ck_assert_int_eq(sh(s, "cp ref.raw at-cancel.raw"), 0);
-    ck_assert_str_eq(export_node(s, &keep), "top");
-    json_node_unref(keep);
+    export_is(s, "top");
     ck_assert_int_eq(guest_io(s, "write -P 0x61 12M 1M"), 0);
     ck_assert_int_eq(sh(s, "qemu-img compare -q -f raw -F raw ref.raw "
                            "'nbd+unix:///disk?socket=nbd.sock'"), 0);
@@ -227,8 +211,7 @@ START_TEST(test_blockdev_mirror_guest_writes)
     ok(s, "{\"execute\": \"block-job-complete\", \"arguments\": "
           "{\"device\": \"m\"}}");
     finish_events(s, "m", "mirror");
-    ck_assert_str_eq(export_node(s, &keep), "t");
-    json_node_unref(keep);
+    export_is(s, "t");
     ck_assert_int_eq(guest_io(s, "write -P 0x37 15M 1M"), 0);
     ok(s, "{\"execute\": \"quit\"}");
     ck_assert_int_eq(qtest_wait_exit(s, 10000), 0);
@@ -243,7 +226,6 @@ END_TEST
 START_TEST(test_drive_mirror_write_blocking)
 {
     QTestState *s = qtest_start(NULL, true);
-    JsonNode *keep = NULL;
 
     if (!have_qemu_tools()) {
         qtest_end(s);
@@ -259,8 +241,7 @@ START_TEST(test_drive_mirror_write_blocking)
     ok(s, "{\"execute\": \"block-job-complete\", \"arguments\": "
           "{\"device\": \"m\"}}");
     finish_events(s, "m", "mirror");
-    ck_assert_str_eq(export_node(s, &keep), "new");
-    json_node_unref(keep);
+    export_is(s, "new");
     ok(s, "{\"execute\": \"quit\"}");
     ck_assert_int_eq(qtest_wait_exit(s, 10000), 0);
     ck_assert_int_eq(sh(s, "qemu-img compare -q -F raw new.qcow2 ref.raw"),
@@ -561,8 +542,7 @@ static void run_policy_case(const PolicyCase *pc)
     if (!strcmp(pc->action, "report")) {
         g_autoptr(JsonNode) c = want_event(s, "BLOCK_JOB_COMPLETED");
         ck_assert(json_object_has_member(data_of(c), "error"));
-        ck_assert_str_eq(export_node(s, &keep), "s1");
-        json_node_unref(keep);
+        export_is(s, "s1");
         qtest_end(s);
         return;
     }
