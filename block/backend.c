@@ -286,6 +286,22 @@ int strata_backend_co_pwrite_zeroes(StrataBackend *blk, uint64_t offset,
     return request_end(blk, node, ret);
 }
 
+int strata_backend_co_copy_range_to(StrataBackend *blk, uint64_t offset,
+                                    uint64_t bytes, StrataNode *src,
+                                    uint64_t src_offset)
+{
+    int ret = 0;
+
+    g_return_val_if_fail(blk != NULL, -EINVAL);
+    g_return_val_if_fail(src != NULL, -EINVAL);
+    StrataNode *node = request_begin(blk, offset, bytes, true, &ret);
+    if (node) {
+        ret = strata_node_co_copy_range_to(node, offset, bytes, src,
+                                           src_offset);
+    }
+    return request_end(blk, node, ret);
+}
+
 int strata_backend_co_pdiscard(StrataBackend *blk, uint64_t offset,
                                uint64_t bytes)
 {

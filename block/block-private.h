@@ -456,6 +456,26 @@ int strata_node_co_pdiscard(StrataNode *node, uint64_t offset,
                             uint64_t bytes);
 int strata_node_co_flush(StrataNode *node);
 
+/**
+ * strata_node_co_copy_range_to:
+ * @src: a node of the file driver
+ *
+ * Writes [@offset, @offset + @bytes) of @node with the bytes of @src at
+ * @src_offset, moved inside the kernel (copy_file_range) where every
+ * layer between @node and its file can place them there: one copy of
+ * the data instead of a read into a buffer and a write out of it.  The
+ * request takes @node's usual path otherwise (tracked, serialised with
+ * overlapping writes, counted for flushes).  -ENOTSUP when the range
+ * cannot be copied so (a driver or filter in the way that does not map
+ * it, O_DIRECT, different file systems, detect-zeroes, write notifiers,
+ * a range not aligned to what the format allocates): the caller then
+ * reads and writes the range itself; the range may have been written
+ * in part.
+ */
+int strata_node_co_copy_range_to(StrataNode *node, uint64_t offset,
+                                 uint64_t bytes, StrataNode *src,
+                                 uint64_t src_offset);
+
 /* A byte range of a node. */
 typedef struct StrataRange {
     uint64_t offset, bytes;
@@ -560,6 +580,12 @@ StrataBackend *strata_backend_new_full(StrataContext *ctx, StrataNode *node,
 /* Detaches the backend from its node (the context is closing); its I/O
  * fails with -ENOMEDIUM from then on. */
 void strata_backend_eject(StrataBackend *blk);
+
+/* strata_node_co_copy_range_to through the backend (its drains, range
+ * and write permission): the backend's range gets @src's bytes. */
+int strata_backend_co_copy_range_to(StrataBackend *blk, uint64_t offset,
+                                    uint64_t bytes, StrataNode *src,
+                                    uint64_t src_offset);
 
 /* The edge a backend holds (for drains and graph changes). */
 StrataChild *strata_backend_child(StrataBackend *blk);

@@ -126,6 +126,17 @@ struct StrataDriver {
     int (*co_pwrite_zeroes)(StrataNode *node, uint64_t offset,
                             uint64_t bytes, StrataReqFlags flags);
 
+    /* Coroutine.  Write [@offset, @offset + @bytes) with the bytes of
+     * @src (a node of the file driver) at @src_offset, copied inside the
+     * kernel instead of through a buffer of ours (see
+     * strata_node_co_copy_range_to).  -ENOTSUP: this range cannot be
+     * copied so; the caller writes it the usual way, which also covers
+     * whatever part was written.  NULL: as -ENOTSUP (filters too: a
+     * filter that sees the data must not be bypassed). */
+    int (*co_copy_range_to)(StrataNode *node, uint64_t offset,
+                            uint64_t bytes, StrataNode *src,
+                            uint64_t src_offset);
+
     /* Coroutine.  Advisory deallocation; -ENOTSUP is reported as
      * success by the I/O path.  NULL: ignored (filters forward). */
     int (*co_pdiscard)(StrataNode *node, uint64_t offset, uint64_t bytes);

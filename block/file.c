@@ -917,6 +917,88 @@ static int file_co_pwritev(StrataNode *node, uint64_t offset, uint64_t bytes,
     return file_co_rw(node, offset, bytes, qiov, qiov_offset, true);
 }
 
+/* One copy_file_range request, run in the loop's thread pool (the call
+ * blocks for as long as the kernel copies). */
+typedef struct CopyRange {
+    int fd_in, fd_out;
+    uint64_t off_in, off_out, bytes;
+} CopyRange;
+
+static int copy_range_thread(void *opaque)
+{
+    CopyRange *c = opaque;
+    uint64_t done = 0;
+
+    while (done < c->bytes) {
+        loff_t in = (loff_t)(c->off_in + done);
+        loff_t out = (loff_t)(c->off_out + done);
+        ssize_t n = copy_file_range(c->fd_in, &in, c->fd_out, &out,
+                                    MIN(c->bytes - done, 1u << 30), 0);
+
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n < 0) {
+            switch (errno) {
+            case EXDEV:         /* another file system */
+            case EINVAL:        /* a file system without it, odd files */
+            case EOPNOTSUPP:
+            case ENOSYS:
+            case EBADF:
+                return -ENOTSUP;
+            default:
+                return -errno;
+            }
+        }
+        if (n == 0) {
+            /* The source ends: what lies past it reads as zeroes, which
+             * the caller's ordinary write provides. */
+            return -ENOTSUP;
+        }
+        done += (uint64_t)n;
+    }
+    return 0;
+}
+
+/*
+ * The page cache copies from one file straight into the other (on one
+ * file system; a cross-device request or a file system that cannot is
+ * -ENOTSUP).  Not with O_DIRECT on either side: the kernel would move
+ * the data through the page cache all the same, which is not what
+ * cache.direct asks for.
+ */
+static int file_co_copy_range_to(StrataNode *node, uint64_t offset,
+                                 uint64_t bytes, StrataNode *src,
+                                 uint64_t src_offset)
+{
+    FileState *s = node->opaque, *from;
+    CopyRange c;
+    int ret;
+
+    if (src->drv != &strata_driver_file) {
+        return -ENOTSUP;
+    }
+    from = src->opaque;
+    if (s->direct || from->direct || s->is_blockdev || from->is_blockdev) {
+        return -ENOTSUP;
+    }
+    c = (CopyRange){ .fd_in = from->fd, .fd_out = s->fd,
+                     .off_in = src_offset, .off_out = offset,
+                     .bytes = bytes };
+    strata_node_inc_in_flight(src);
+    if (from->read_mode == FILE_READ_INLINE && inline_ok(s, offset, bytes)) {
+        /* Both in memory-like reach: nothing to wait for but the copy. */
+        ret = copy_range_thread(&c);
+    } else {
+        ret = strata_loop_co_run_in_thread(node->ctx->loop,
+                                           copy_range_thread, &c);
+    }
+    strata_node_dec_in_flight(src);
+    /* As file_co_rw: the next flush must cover it, whatever came of it. */
+    s->write_gen++;
+    return ret;
+}
+
 static int file_co_flush(StrataNode *node)
 {
     FileState *s = node->opaque;
@@ -1266,6 +1348,7 @@ const StrataDriver strata_driver_file = {
     .co_preadv = file_co_preadv,
     .co_pwritev = file_co_pwritev,
     .co_pwrite_zeroes = file_co_pwrite_zeroes,
+    .co_copy_range_to = file_co_copy_range_to,
     .co_pdiscard = file_co_pdiscard,
     .co_flush = file_co_flush,
     .co_prefetch = file_co_prefetch,

@@ -34,6 +34,7 @@ typedef struct CommitJob {
     bool want_zero;              /* see strata_img_want_zero() */
     StrataBackend *chain;
     StrataBackend *base;         /* writable */
+    bool no_copy_range;          /* the kernel's copy was refused once */
     StrataImgCopy c;
 } CommitJob;
 
@@ -91,14 +92,31 @@ static unsigned co_claim_run(CommitJob *j, Piece *p, uint64_t host,
     return n;
 }
 
-/* Copies the pieces of one run: one read of @file from @host, then
- * each piece written where it belongs in the base. */
+/* Copies the pieces of one run, each where it belongs in the base: by
+ * the kernel from @file at @host onward (one copy of each byte, no
+ * buffer of ours), or, where it cannot, one read of the run into @buf
+ * and a write per piece. */
 static int co_copy_run(CommitJob *j, const Piece *p, unsigned n,
                        StrataNode *file, uint64_t host, uint8_t *buf)
 {
     uint64_t run = 0;
-    int ret;
+    int ret = -ENOTSUP;
 
+    for (unsigned i = 0; i < n && !j->no_copy_range; i++) {
+        ret = strata_backend_co_copy_range_to(j->base, p[i].off, p[i].bytes,
+                                              file, host + run);
+        if (ret < 0) {
+            break;
+        }
+        run += p[i].bytes;
+    }
+    if (ret != -ENOTSUP) {
+        return ret;
+    }
+    /* Not here, and so (most likely) not for the rest either; the
+     * pieces already copied are written again, with the same bytes. */
+    j->no_copy_range = true;
+    run = 0;
     for (unsigned i = 0; i < n; i++) {
         run += p[i].bytes;
     }
@@ -149,7 +167,7 @@ static int commit_worker(void *opaque)
             break;
         }
         copy = ret & STRATA_BLOCK_ALLOCATED;
-        if (n > 1) {
+        if (n > 0) {
             ret = co_copy_run(j, pieces, n, file, map, buf);
         } else if (copy && (ret & STRATA_BLOCK_ZERO) &&
                    !(ret & STRATA_BLOCK_DATA)) {

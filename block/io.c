@@ -516,6 +516,43 @@ int strata_node_co_pwritev(StrataNode *node, uint64_t offset,
     return ret;
 }
 
+int strata_node_co_copy_range_to(StrataNode *node, uint64_t offset,
+                                 uint64_t bytes, StrataNode *src,
+                                 uint64_t src_offset)
+{
+    uint32_t align = node->limits.request_alignment;
+    StrataTrackedReq req;
+    int ret;
+
+    if (bytes == 0) {
+        return 0;
+    }
+    if (!range_ok(offset, bytes) || !range_ok(src_offset, bytes)) {
+        return -EINVAL;
+    }
+    if (node->read_only) {
+        return -EPERM;
+    }
+    /* What a notifier or zero detection must see is the data, which
+     * this path never holds. */
+    if (!node->drv->co_copy_range_to || node->write_notifiers ||
+        strcmp(node->detect_zeroes, "off") != 0 ||
+        (align > 1 && ((offset | bytes) & (align - 1)))) {
+        return -ENOTSUP;
+    }
+    strata_node_inc_in_flight(node);
+    strata_tracked_request_init(&req, node, offset, bytes, true, false);
+    strata_co_wait_serialising(&req);
+    ret = node->drv->co_copy_range_to(node, offset, bytes, src, src_offset);
+    strata_tracked_request_end(&req);
+    if (ret == 0 && node->total_bytes >= 0 &&
+        offset + bytes > (uint64_t)node->total_bytes) {
+        node->total_bytes = offset + bytes;
+    }
+    strata_node_dec_in_flight(node);
+    return ret;
+}
+
 int strata_node_co_pwrite(StrataNode *node, uint64_t offset, uint64_t bytes,
                           const void *buf, StrataReqFlags flags)
 {

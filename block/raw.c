@@ -165,6 +165,19 @@ static int raw_co_pwrite_zeroes(StrataNode *node, uint64_t offset,
                                         bytes, flags);
 }
 
+static int raw_co_copy_range_to(StrataNode *node, uint64_t offset,
+                                uint64_t bytes, StrataNode *src,
+                                uint64_t src_offset)
+{
+    RawState *s = node->opaque;
+
+    if (raw_out_of_window(s, offset, bytes)) {
+        return -ENOSPC;
+    }
+    return strata_node_co_copy_range_to(node->file->node, s->offset + offset,
+                                        bytes, src, src_offset);
+}
+
 static int raw_co_pdiscard(StrataNode *node, uint64_t offset, uint64_t bytes)
 {
     RawState *s = node->opaque;
@@ -262,6 +275,7 @@ const StrataDriver strata_driver_raw = {
     /* FUA travels down with the write to the file node. */
     .supports_fua = true,
     .co_pwrite_zeroes = raw_co_pwrite_zeroes,
+    .co_copy_range_to = raw_co_copy_range_to,
     .co_pdiscard = raw_co_pdiscard,
     .co_block_status = raw_co_block_status,
     .co_truncate = raw_co_truncate,

@@ -669,37 +669,67 @@ static int cow_read(StrataQcow2State *s, uint64_t start, uint64_t end,
     return ret;
 }
 
-/* Writes guest [offset, offset + n) from @qiov, widened to [gfrom, gto)
+/* Where the data of a guest write comes from: the caller's buffers, or
+ * (copy_range_to) a range of a file node that the kernel copies. */
+typedef struct WriteData {
+    StrataIOVec *qiov;      /* the data, from qiov_offset on */
+    size_t qiov_offset;
+    StrataNode *src;        /* when set: @src's bytes from src_offset on */
+    uint64_t src_offset;
+} WriteData;
+
+/* Puts @n bytes of @d's data at file offset @host, which the overlap
+ * check passed.  s->lock not held. */
+static int put_data(StrataQcow2State *s, const WriteData *d, uint64_t host,
+                    uint64_t n)
+{
+    if (d->src) {
+        return strata_node_co_copy_range_to(file_of(s), host, n, d->src,
+                                            d->src_offset);
+    }
+    return strata_node_co_pwritev(file_of(s), host, n, d->qiov,
+                                  d->qiov_offset, 0);
+}
+
+/* Writes guest [offset, offset + n) from @d, widened to [gfrom, gto)
  * with what the guest reads there now (the copy-on-write of what the
  * request leaves out), at @host, where guest @gfrom is to live.
  * s->lock not held. */
 static int write_padded(StrataQcow2State *s, uint64_t gfrom, uint64_t gto,
-                        uint64_t offset, uint64_t n, StrataIOVec *qiov,
-                        size_t qiov_offset, uint64_t host)
+                        uint64_t offset, uint64_t n, const WriteData *d,
+                        uint64_t host)
 {
     uint64_t head_len = offset - gfrom, tail_len = gto - (offset + n);
+    WriteData padded = { 0 };
     uint8_t *cow = NULL;
     StrataIOVec wv;
     int ret;
 
-    strata_iov_init(&wv, qiov->niov + 2);
+    if (d->src && (head_len || tail_len)) {
+        /* copy_range_to takes whole clusters only. */
+        return -ENOTSUP;
+    }
+    strata_co_mutex_lock(&s->lock);
+    ret = strata_qcow2_co_pre_write_overlap_check(s, 0, host, gto - gfrom);
+    strata_co_mutex_unlock(&s->lock);
+    if (ret < 0) {
+        return ret;
+    }
+    if (!head_len && !tail_len) {
+        return put_data(s, d, host, n);
+    }
+    strata_iov_init(&wv, d->qiov->niov + 2);
     ret = cow_read(s, gfrom, gto, head_len, tail_len, &cow);
     if (head_len) {
         strata_iov_add(&wv, cow, head_len);
     }
-    strata_iov_concat(&wv, qiov, qiov_offset, n);
+    strata_iov_concat(&wv, d->qiov, d->qiov_offset, n);
     if (tail_len) {
         strata_iov_add(&wv, cow + (gto - gfrom) - tail_len, tail_len);
     }
     if (ret == 0) {
-        strata_co_mutex_lock(&s->lock);
-        ret = strata_qcow2_co_pre_write_overlap_check(s, 0, host,
-                                                      gto - gfrom);
-        strata_co_mutex_unlock(&s->lock);
-    }
-    if (ret == 0) {
-        ret = strata_node_co_pwritev(file_of(s), host, gto - gfrom, &wv, 0,
-                                     0);
+        padded.qiov = &wv;
+        ret = put_data(s, &padded, host, gto - gfrom);
     }
     strata_iov_cleanup(&wv);
     free(cow);
@@ -758,7 +788,7 @@ static void alloc_end(StrataQcow2State *s, StrataQcow2Alloc *alloc)
  */
 static int64_t write_subclusters(StrataQcow2State *s, uint64_t offset,
                                  uint64_t n, uint64_t host,
-                                 StrataIOVec *qiov, size_t qiov_offset)
+                                 const WriteData *d)
 {
     uint64_t scs = s->subcluster_size;
     uint64_t start = strata_qcow2_start_of_cluster(s, offset);
@@ -774,8 +804,7 @@ static int64_t write_subclusters(StrataQcow2State *s, uint64_t offset,
     alloc_begin(s, &alloc, start, start + s->cluster_size);
     strata_co_mutex_unlock(&s->lock);
 
-    ret = write_padded(s, gfrom, gto, offset, n, qiov, qiov_offset,
-                       host - (offset - gfrom));
+    ret = write_padded(s, gfrom, gto, offset, n, d, host - (offset - gfrom));
 
     strata_co_mutex_lock(&s->lock);
     if (ret == 0) {
@@ -805,11 +834,10 @@ static int64_t write_subclusters(StrataQcow2State *s, uint64_t offset,
 
 /*
  * Writes what fits of [offset, offset + bytes) in one run of clusters of
- * the same kind; returns the bytes written or -errno.
+ * the same kind, from @d; returns the bytes written or -errno.
  */
-static int64_t write_chunk(StrataQcow2State *s, uint64_t offset,
-                           uint64_t bytes, StrataIOVec *qiov,
-                           size_t qiov_offset)
+static int64_t write_chunk_from(StrataQcow2State *s, uint64_t offset,
+                                uint64_t bytes, const WriteData *d)
 {
     uint64_t cs = s->cluster_size;
     uint64_t n, host, entry, start, end, nb;
@@ -842,14 +870,13 @@ static int64_t write_chunk(StrataQcow2State *s, uint64_t offset,
         if (ret < 0) {
             return ret;
         }
-        ret = strata_node_co_pwritev(file_of(s), host, n, qiov, qiov_offset,
-                                     0);
+        ret = put_data(s, d, host, n);
         return ret < 0 ? ret : (int64_t)n;
     }
     if (s->extended_l2 && (entry & STRATA_QCOW2_OFLAG_COPIED) &&
         (type == STRATA_QCOW2_CLUSTER_ZERO_ALLOC ||
          type == STRATA_QCOW2_CLUSTER_UNALLOCATED_ALLOC)) {
-        return write_subclusters(s, offset, n, host, qiov, qiov_offset);
+        return write_subclusters(s, offset, n, host, d);
     }
 
     /* A new cluster run: [start, end) in guest space. */
@@ -880,8 +907,8 @@ static int64_t write_chunk(StrataQcow2State *s, uint64_t offset,
     alloc_begin(s, &alloc, start, end);
     strata_co_mutex_unlock(&s->lock);
 
-    ret = write_padded(s, start + from0, end - cs + toL, offset, n, qiov,
-                       qiov_offset, (uint64_t)hoff + from0);
+    ret = write_padded(s, start + from0, end - cs + toL, offset, n, d,
+                       (uint64_t)hoff + from0);
 
     strata_co_mutex_lock(&s->lock);
     if (ret < 0) {
@@ -928,6 +955,15 @@ done:
 unlock:
     strata_co_mutex_unlock(&s->lock);
     return ret < 0 ? ret : (int64_t)n;
+}
+
+static int64_t write_chunk(StrataQcow2State *s, uint64_t offset,
+                           uint64_t bytes, StrataIOVec *qiov,
+                           size_t qiov_offset)
+{
+    WriteData d = { .qiov = qiov, .qiov_offset = qiov_offset };
+
+    return write_chunk_from(s, offset, bytes, &d);
 }
 
 /* ------------------------------------------------------------------ */
@@ -1121,6 +1157,36 @@ static int qcow2_co_pwritev(StrataNode *node, uint64_t offset,
         offset += (uint64_t)n;
         qiov_offset += (size_t)n;
         bytes -= (uint64_t)n;
+    }
+    return 0;
+}
+
+/*
+ * Whole clusters only: a partial one needs the copy-on-write of the rest
+ * through a buffer, so the caller writes it the usual way.  The write
+ * path is write_chunk's, with the file's copy instead of a write.
+ */
+static int qcow2_co_copy_range_to(StrataNode *node, uint64_t offset,
+                                  uint64_t bytes, StrataNode *src,
+                                  uint64_t src_offset)
+{
+    StrataQcow2State *s = node->opaque;
+    int ret = check_writable(s);
+
+    if (ret < 0) {
+        return ret;
+    }
+    if ((offset | bytes) & (s->cluster_size - 1)) {
+        return -ENOTSUP;
+    }
+    for (uint64_t done = 0; done < bytes;) {
+        WriteData d = { .src = src, .src_offset = src_offset + done };
+        int64_t n = write_chunk_from(s, offset + done, bytes - done, &d);
+
+        if (n < 0) {
+            return (int)n;
+        }
+        done += (uint64_t)n;
     }
     return 0;
 }
@@ -2020,6 +2086,7 @@ const StrataDriver strata_driver_qcow2 = {
     .co_get_length = qcow2_co_get_length,
     .co_preadv = qcow2_co_preadv,
     .co_pwritev = qcow2_co_pwritev,
+    .co_copy_range_to = qcow2_co_copy_range_to,
     .co_pwrite_zeroes = qcow2_co_pwrite_zeroes,
     .co_pdiscard = qcow2_co_pdiscard,
     .co_flush = qcow2_co_flush,

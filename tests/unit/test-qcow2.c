@@ -1445,6 +1445,175 @@ START_TEST(test_snapshot_errors)
 }
 END_TEST
 
+/* ---- copy offload (copy_file_range) ---- */
+
+typedef struct {
+    StrataNode *node, *src;
+    uint64_t off, len, src_off;
+    int ret;
+} CopyReq;
+
+static void copy_co(void *opaque)
+{
+    CopyReq *r = opaque;
+    r->ret = strata_node_co_copy_range_to(r->node, r->off, r->len, r->src,
+                                          r->src_off);
+}
+
+static int do_copy(StrataNode *n, uint64_t off, uint64_t len, StrataNode *src,
+                   uint64_t src_off)
+{
+    CopyReq r = { n, src, off, len, src_off, 0 };
+    strata_loop_run_co(ctx->loop, copy_co, &r);
+    return r.ret;
+}
+
+typedef struct {
+    StrataBackend *blk;
+    StrataNode *src;
+    uint64_t off, len, src_off;
+    int ret;
+} BlkCopyReq;
+
+static void blk_copy_co(void *opaque)
+{
+    BlkCopyReq *r = opaque;
+    r->ret = strata_backend_co_copy_range_to(r->blk, r->off, r->len, r->src,
+                                             r->src_off);
+}
+
+/* A raw file of @clusters 64 KiB clusters, cluster i filled with 0xa0 + i,
+ * opened as a file node. */
+static StrataNode *source_file(const char *in_dir, const char *name,
+                               unsigned clusters, char **pathp)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *path = g_build_filename(in_dir, name, NULL);
+    g_autofree uint8_t *buf = g_malloc(clusters * 65536u);
+    g_autofree char *spec = NULL;
+    StrataNode *n;
+
+    for (unsigned i = 0; i < clusters; i++) {
+        memset(buf + i * 65536u, 0xa0 + i, 65536);
+    }
+    ck_assert(g_file_set_contents(path, (char *)buf, clusters * 65536u,
+                                  NULL));
+    spec = g_strdup_printf("driver=file,filename=%s", path);
+    n = strata_context_add_node_keyval(ctx, spec, &err);
+    ck_assert_msg(n, "%s", err ? err->message : "");
+    if (pathp) {
+        *pathp = g_steal_pointer(&path);
+    }
+    return n;
+}
+
+START_TEST(test_copy_range)
+{
+    g_autofree char *path = create("c.qcow2", "\"size\": 4194304");
+    StrataNode *src = source_file(dir, "src.raw", 4, NULL);
+    StrataNode *n = must_open(path, NULL);
+
+    /* New clusters: two in one request, from the source's clusters 1-2. */
+    ck_assert_int_eq(do_copy(n, 0x10000, 0x20000, src, 0x10000), 0);
+    expect(n, 0, 0x10000, 0);
+    expect(n, 0x10000, 0x10000, 0xa1);
+    expect(n, 0x20000, 0x10000, 0xa2);
+    /* Into a cluster the image owns: overwritten in place. */
+    ck_assert_int_eq(do_copy(n, 0x20000, 0x10000, src, 0x30000), 0);
+    expect(n, 0x20000, 0x10000, 0xa3);
+    /* A partial cluster needs copy-on-write through a buffer: refused
+     * before anything is written. */
+    ck_assert_int_eq(do_copy(n, 0x31000, 0x1000, src, 0), -ENOTSUP);
+    ck_assert_int_eq(do_copy(n, 0x30000, 0x8000, src, 0), -ENOTSUP);
+    expect(n, 0x30000, 0x10000, 0);
+    /* Past the image's end: a backend refuses it as it does a write. */
+    {
+        g_autoptr(GError) err = NULL;
+        StrataBackend *blk = strata_backend_new(ctx, n->node_name, true,
+                                                &err);
+        BlkCopyReq b = { blk, src, 4194304 - 0x10000, 0x20000, 0, 0 };
+
+        ck_assert_msg(blk, "%s", err ? err->message : "");
+        strata_loop_run_co(ctx->loop, blk_copy_co, &b);
+        ck_assert_int_eq(b.ret, -EIO);
+        b.off = 0;
+        b.len = 0x10000;
+        strata_loop_run_co(ctx->loop, blk_copy_co, &b);
+        ck_assert_int_eq(b.ret, 0);
+        strata_backend_unref(blk);
+    }
+    expect(n, 0, 0x10000, 0xa0);
+    /* The source ends inside the range: what lies past it must read as
+     * zeroes, which only an ordinary write gives; the new cluster is
+     * given back. */
+    ck_assert_int_eq(do_copy(n, 0x50000, 0x20000, src, 0x30000), -ENOTSUP);
+    expect_consistent(n);
+    close_node(n);
+
+    /* What the copies wrote is in the file, as strata reads it back
+     * after a fresh open. */
+    n = must_open(path, NULL);
+    expect(n, 0x10000, 0x10000, 0xa1);
+    expect(n, 0x20000, 0x10000, 0xa3);
+    expect_consistent(n);
+    close_node(n);
+}
+END_TEST
+
+START_TEST(test_copy_range_refused)
+{
+    g_autofree char *path = create("r.qcow2", "\"size\": 4194304");
+    StrataNode *src = source_file(dir, "src.raw", 2, NULL);
+    g_autoptr(GError) err = NULL;
+    struct stat st_dir, st_shm;
+    StrataNode *n;
+
+    /* Read-only: refused as a write is. */
+    n = must_open(path, "read-only=on");
+    ck_assert_int_eq(do_copy(n, 0, 0x10000, src, 0), -EPERM);
+    close_node(n);
+    /* O_DIRECT on the image's file: the kernel's copy would go through
+     * the page cache, so it is not used. */
+    n = must_open(path, "file.cache.direct=on");
+    ck_assert_int_eq(do_copy(n, 0, 0x10000, src, 0), -ENOTSUP);
+    close_node(n);
+    /* detect-zeroes must see the data. */
+    n = must_open(path, "detect-zeroes=on");
+    ck_assert_int_eq(do_copy(n, 0, 0x10000, src, 0), -ENOTSUP);
+    close_node(n);
+    /* A filter that does not map the range is not bypassed. */
+    {
+        g_autofree char *spec = g_strdup_printf(
+            "driver=blkdebug,node-name=dbg,image.driver=qcow2,"
+            "image.file.driver=file,image.file.filename=%s", path);
+        n = strata_context_add_node_keyval(ctx, spec, &err);
+        ck_assert_msg(n, "%s", err ? err->message : "");
+        ck_assert_int_eq(do_copy(n, 0, 0x10000, src, 0), -ENOTSUP);
+        close_node(n);
+    }
+    /* Another file system: copy_file_range says EXDEV; the clusters the
+     * format allocated for it are given back. */
+    if (stat(dir, &st_dir) == 0 && stat("/dev/shm", &st_shm) == 0 &&
+        st_dir.st_dev != st_shm.st_dev && access("/dev/shm", W_OK) == 0) {
+        g_autofree char *shm_dir = g_strdup("/dev/shm/strata-test-XXXXXX");
+        g_autofree char *far_path = NULL;
+        StrataNode *far;
+
+        ck_assert_ptr_nonnull(g_mkdtemp(shm_dir));
+        far = source_file(shm_dir, "far.raw", 2, &far_path);
+        n = must_open(path, NULL);
+        ck_assert_int_eq(do_copy(n, 0, 0x20000, far, 0), -ENOTSUP);
+        expect(n, 0, 0x20000, 0);
+        expect_consistent(n);
+        close_node(n);
+        close_node(far);
+        g_unlink(far_path);
+        g_rmdir(shm_dir);
+    }
+    close_node(src);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("qcow2");
@@ -1500,5 +1669,9 @@ int main(void)
                     test_snapshot_resize_vmstate, setup, teardown);
     strata_test_add(s, "/qcow2/snapshot/errors", test_snapshot_errors, setup,
                     teardown);
+    strata_test_add(s, "/qcow2/copy-range/into-image", test_copy_range,
+                    setup, teardown);
+    strata_test_add(s, "/qcow2/copy-range/refused", test_copy_range_refused,
+                    setup, teardown);
     return strata_test_run(s);
 }
