@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "img-private.h"
+#include "qcow2/qcow2.h"
 
 #define CHUNK (2u << 20)
 
@@ -186,6 +187,28 @@ static int commit_worker(void *opaque)
         strata_img_copy_advance(&j->c, claimed);
     }
     return strata_img_copy_finish(&j->c, ret);
+}
+
+typedef struct EmptyJob {
+    StrataNode *top;
+    GError *err;
+} EmptyJob;
+
+/* The top reads as the base again: emptied in place (its header,
+ * snapshots and extensions kept), then flushed. */
+static int empty_top(void *opaque)
+{
+    EmptyJob *e = opaque;
+    int ret = strata_qcow2_co_make_empty(e->top, &e->err);
+
+    if (ret == 0) {
+        ret = strata_node_co_flush(e->top);
+        if (ret < 0) {
+            g_set_error(&e->err, STRATA_ERROR, STRATA_ERROR_IO,
+                        "Failed to flush: %s", g_strerror(-ret));
+        }
+    }
+    return ret;
 }
 
 /* Adds the directory of @path to @dirs unless it is there: a chain
@@ -486,20 +509,18 @@ int strata_img_commit(int argc, char **argv)
     }
     strata_img_progress_finish(&j.c.progress);
 
-    if (!drop) {
-        g_autofree char *top_file = NULL;
-        StrataNode *tf = j.top->file ? j.top->file->node : NULL;
-        bool is_qcow2 = !strcmp(strata_node_get_driver_name(j.top), "qcow2");
+    if (!drop && !strcmp(strata_node_get_driver_name(j.top), "qcow2")) {
+        EmptyJob e = { j.top, NULL };
 
-        top_file = g_strdup(tf && tf->filename ? tf->filename
-                                               : j.top->filename);
         strata_backend_unref(j.base);
         j.base = NULL;
-        strata_backend_unref(j.chain);
-        j.chain = NULL;
-        if (is_qcow2 && !strata_img_qcow2_recreate_empty(top_file, &err)) {
+        if (!strata_node_set_read_only(j.top, false, &e.err) ||
+            strata_img_co_run(&t, 1, empty_top, &e) < 0) {
             strata_img_error("Image committed, but emptying '%s' failed: %s",
-                             top_file, err->message);
+                             j.top->filename ? j.top->filename
+                                             : strata_node_get_name(j.top),
+                             e.err ? e.err->message : "unknown error");
+            g_clear_error(&e.err);
             goto out;
         }
     }

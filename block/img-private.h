@@ -189,17 +189,6 @@ bool strata_img_qcow2_read_backing(const char *filename, char **backing,
                                    GError **error);
 
 /**
- * strata_img_qcow2_recreate_empty:
- *
- * Writes @filename anew as an empty image with the same size, cluster
- * size, compat level, refcount width, lazy refcounts and backing file:
- * what commit does to the top until the driver can empty an image in
- * place.  Refuses images with internal snapshots or extensions it would
- * lose (bitmaps and unknown ones).
- */
-bool strata_img_qcow2_recreate_empty(const char *filename, GError **error);
-
-/**
  * strata_img_qcow2_read_incompat:
  * @bits: (out): the incompatible feature bits of the closed image
  */

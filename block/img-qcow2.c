@@ -206,45 +206,6 @@ bool strata_img_qcow2_read_backing(const char *filename, char **backing,
     return ok;
 }
 
-bool strata_img_qcow2_recreate_empty(const char *filename, GError **error)
-{
-    StrataQcow2Header h;
-    g_autoptr(JsonObject) opts = json_object_new();
-    size_t cluster_size;
-    bool ok = false;
-
-    if (!load_header(filename, &h, &cluster_size, error)) {
-        goto out;
-    }
-    if (h.nb_snapshots || (h.kept_exts && h.kept_exts->len) ||
-        h.extra_fields || h.autoclear_features) {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_NOT_SUPPORTED,
-                    "Emptying '%s' would lose its internal snapshots or "
-                    "header extensions; use -d to keep it as it is",
-                    filename);
-        goto out;
-    }
-    json_object_set_int_member(opts, "size", (gint64)h.size);
-    json_object_set_int_member(opts, "cluster_size", (gint64)cluster_size);
-    json_object_set_string_member(opts, "compat",
-                                  h.version == 2 ? "0.10" : "1.1");
-    json_object_set_int_member(opts, "refcount_bits",
-                               (gint64)1 << h.refcount_order);
-    json_object_set_boolean_member(opts, "lazy_refcounts",
-                                   !!(h.compatible_features &
-                                      STRATA_QCOW2_COMPAT_LAZY_REFCOUNTS));
-    if (h.backing_file) {
-        json_object_set_string_member(opts, "backing_file", h.backing_file);
-    }
-    if (h.backing_format) {
-        json_object_set_string_member(opts, "backing_fmt", h.backing_format);
-    }
-    ok = strata_qcow2_create(NULL, filename, opts, error);
-out:
-    strata_qcow2_header_cleanup(&h);
-    return ok;
-}
-
 typedef struct IncompatArg {
     uint64_t clear, set;
     uint64_t *old;

@@ -1619,13 +1619,14 @@ static int set_size(StrataQcow2State *s, uint64_t size, uint64_t need)
  * to zero on disk first, then the tables are freed (a crash in between
  * leaks them).  The L1 table keeps its size, as in QEMU.
  */
-static int shrink_l1(StrataQcow2State *s, uint32_t keep)
+/* Zeroes the L1 entries from @keep on and frees the L2 tables they held
+ * (whose entries must all be free by now).  s->lock held. */
+static int drop_l2_tables(StrataQcow2State *s, uint32_t keep)
 {
     uint64_t bytes;
     g_autofree uint8_t *zeroes = NULL;
     int ret;
 
-    keep = MAX(keep, 1u);
     if (keep >= s->l1_size) {
         return 0;
     }
@@ -1658,6 +1659,11 @@ static int shrink_l1(StrataQcow2State *s, uint32_t keep)
     return 0;
 }
 
+static int shrink_l1(StrataQcow2State *s, uint32_t keep)
+{
+    return drop_l2_tables(s, MAX(keep, 1u));
+}
+
 /*
  * Shrinking, as QEMU 7.2 does it: the clusters past the new end are
  * deallocated (also in an image with internal snapshots, whose tables
@@ -1666,12 +1672,30 @@ static int shrink_l1(StrataQcow2State *s, uint32_t keep)
  * its unused tail.  A crash before the header write leaves the old size
  * with its tail deallocated, never a size the metadata does not cover.
  */
+/* Cuts the file after its last used cluster (the metadata no longer
+ * covers what lies beyond).  s->lock held. */
+static void truncate_tail(StrataQcow2State *s)
+{
+    int64_t len = strata_qcow2_co_last_cluster_end(s);
+
+    if (len > 0 && len < file_of(s)->total_bytes) {
+        g_autoptr(GError) err = NULL;
+        /* Exact, or a file would keep its length; a block device
+         * refuses (ENOTSUP) and simply keeps its size. */
+        int r = strata_node_co_truncate(file_of(s), (uint64_t)len, true,
+                                        &err);
+        if (r < 0 && r != -ENOTSUP) {
+            g_warning("qcow2: Failed to truncate the tail of the image: %s",
+                      err->message);
+        }
+    }
+}
+
 static int shrink(StrataQcow2State *s, uint64_t offset, uint64_t need,
                   GError **error)
 {
     uint64_t start = (offset + s->cluster_size - 1) & ~(s->cluster_size - 1);
     const char *what = "Failed to discard cropped clusters";
-    int64_t len;
     int ret = 0;
 
     if (start < s->hdr.size) {
@@ -1694,18 +1718,53 @@ static int shrink(StrataQcow2State *s, uint64_t offset, uint64_t need,
         ret = set_size(s, offset, need);
     }
     if (ret == 0) {
-        len = strata_qcow2_co_last_cluster_end(s);
-        if (len > 0 && len < file_of(s)->total_bytes) {
-            g_autoptr(GError) err = NULL;
-            /* Exact, or a file would keep its length; a block device
-             * refuses (ENOTSUP) and simply keeps its size. */
-            int r = strata_node_co_truncate(file_of(s), (uint64_t)len, true,
-                                            &err);
-            if (r < 0 && r != -ENOTSUP) {
-                g_warning("qcow2: Failed to truncate the tail of the "
-                          "image: %s", err->message);
-            }
-        }
+        truncate_tail(s);
+    }
+    strata_co_mutex_unlock(&s->lock);
+    if (ret < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO, "%s: %s", what,
+                    g_strerror(-ret));
+    }
+    return ret;
+}
+
+int strata_qcow2_co_make_empty(StrataNode *node, GError **error)
+{
+    StrataQcow2State *s;
+    const char *what = "Failed to deallocate the clusters";
+    int ret;
+
+    g_return_val_if_fail(node && node->drv == &strata_driver_qcow2 &&
+                         node->opaque, -EINVAL);
+    s = node->opaque;
+    ret = check_writable(s);
+    if (ret == 0) {
+        /* All the active tree covers: the disk and the VM state after
+         * it.  Each cluster goes as a discard's would, so a crash at any
+         * point leaves an image that reads as some of its clusters gone
+         * and leaks nothing a check would call corrupt. */
+        ret = zap_clusters(s, 0, (uint64_t)s->l1_size
+                                 << (s->l2_bits + s->cluster_bits),
+                           ZAP_DEALLOCATE);
+    }
+    strata_co_mutex_lock(&s->lock);
+    if (ret == 0) {
+        what = "Failed to free the L2 tables";
+        ret = drop_l2_tables(s, 0);
+    }
+    if (ret == 0) {
+        what = "Failed to free unused refcount blocks";
+        ret = strata_qcow2_cache_co_flush(s->l2_cache);
+    }
+    if (ret == 0) {
+        ret = strata_qcow2_co_shrink_reftable(s);
+    }
+    if (ret == 0) {
+        what = "Failed to write the metadata";
+        ret = strata_qcow2_cache_co_flush(s->refcount_cache);
+    }
+    if (ret == 0) {
+        truncate_tail(s);
     }
     strata_co_mutex_unlock(&s->lock);
     if (ret < 0) {

@@ -143,6 +143,22 @@ bool strata_qcow2_co_snapshot_load_tmp(StrataNode *node, const char *id,
 int strata_qcow2_co_vmstate_rw(StrataNode *node, uint64_t pos, void *buf,
                                uint64_t bytes, bool is_write);
 
+/**
+ * strata_qcow2_co_make_empty:
+ *
+ * Coroutine.  Deallocates every cluster of the active tree (the disk and
+ * the VM state area) in place, so that the image reads as its backing
+ * file again, as `qemu-img commit` leaves its top: clusters go as a
+ * discard's would (referenced by the L2 tables no more before their
+ * refcounts drop), then the empty L2 tables and refcount blocks, then
+ * the file's unused tail.  Header, extensions and internal snapshots
+ * stay as they are.  A crash at any point leaves a consistent image,
+ * possibly not yet empty, never a missing header.
+ *
+ * Returns: 0 or -errno (with @error set).
+ */
+int strata_qcow2_co_make_empty(StrataNode *node, GError **error);
+
 /* ------------------------------------------------------------------ */
 /* Check and repair                                                    */
 /* ------------------------------------------------------------------ */

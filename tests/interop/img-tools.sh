@@ -339,6 +339,26 @@ if [ -n "$shm" ] && [ "$(stat -c %d "$shm")" != "$(stat -c %d .)" ]; then
 fi
 [ -n "$shm" ] && rm -rf "$shm"
 
+# The top is emptied in place: an internal snapshot of it survives with
+# its data, and the top keeps no data of its own (qemu-img map: nothing
+# at depth 0), as qemu-img's commit leaves it.
+mkruns wr4; mkruns qr4
+qemu-img snapshot -c before wr4/top.qcow2; qemu-img snapshot -c before qr4/top.qcow2
+"$IMG" commit -q wr4/top.qcow2 && ok "commit of a top with a snapshot ran" || bad "commit of a top with a snapshot failed"
+qemu-img commit -q qr4/top.qcow2
+check_ok "commit, top with a snapshot: top clean" wr4/top.qcow2
+compare_ok "commit, top with a snapshot: mid as qemu-img's" qr4/mid.qcow2 wr4/mid.qcow2
+compare_ok "commit, top with a snapshot: top reads as mid" wr4/mid.qcow2 wr4/top.qcow2
+qemu-img snapshot -l wr4/top.qcow2 | grep -q ' before ' && ok "commit keeps the top's snapshot" || bad "commit lost the top's snapshot"
+qemu-img convert -f qcow2 -l snapshot.name=before -O raw wr4/top.qcow2 wr4/snap.raw
+qemu-img convert -f qcow2 -l snapshot.name=before -O raw qr4/top.qcow2 qr4/snap.raw
+cmp -s wr4/snap.raw qr4/snap.raw && ok "commit keeps the snapshot's data" || bad "the snapshot's data changed"
+if qemu-img map --output=json wr4/top.qcow2 | grep -q '"depth": 0'; then
+    bad "commit left data in the top"
+else
+    ok "commit left the top empty"
+fi
+
 # The shared-base refusal, through a symlink too; overlays above are fine.
 mkchain w6
 qemu-img create -q -f qcow2 -b sn1.qcow2 -F qcow2 w6/other.qcow2

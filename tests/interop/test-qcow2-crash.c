@@ -693,11 +693,11 @@ static void prep_co(void *opaque)
 }
 
 /* What is cut: a create of "new", the delete of "keep", a revert to
- * "keep". */
-typedef enum { SNAP_CREATE, SNAP_DELETE, SNAP_APPLY } SnapKind;
+ * "keep", the emptying of the image (strata-img commit's of its top). */
+typedef enum { SNAP_CREATE, SNAP_DELETE, SNAP_APPLY, SNAP_EMPTY } SnapKind;
 
 static const char *const snap_kind_names[] = { "create", "delete",
-                                               "apply" };
+                                               "apply", "make-empty" };
 
 typedef struct {
     StrataNode *node;
@@ -720,6 +720,10 @@ static void snap_co(void *opaque)
     case SNAP_APPLY:
         r->ok = strata_qcow2_co_snapshot_apply(r->node, "keep", &err);
         break;
+    case SNAP_EMPTY:
+        r->ok = strata_qcow2_co_make_empty(r->node, &err) == 0 &&
+                strata_node_co_flush(r->node) == 0;
+        break;
     }
 }
 
@@ -732,6 +736,30 @@ static bool file_equals(const char *file, const uint8_t *want, size_t len)
 
     return g_file_get_contents(path, &got, &n, NULL) && n == len &&
            memcmp(got, want, len) == 0;
+}
+
+/* Whether each @cluster bytes of @file hold what @want does there or
+ * zeroes (an emptying cut half-way: some clusters gone, the rest as
+ * they were); with @all_zero, zeroes only. */
+static bool file_clusters_kept_or_zero(const char *file, const uint8_t *want,
+                                       size_t len, size_t cluster,
+                                       bool all_zero)
+{
+    g_autofree char *path = g_build_filename(dir, file, NULL);
+    g_autofree char *got = NULL;
+    g_autofree uint8_t *zero = g_malloc0(cluster);
+    gsize n = 0;
+
+    if (!g_file_get_contents(path, &got, &n, NULL) || n != len) {
+        return false;
+    }
+    for (size_t off = 0; off < len; off += cluster) {
+        if (memcmp(got + off, zero, cluster) != 0 &&
+            (all_zero || memcmp(got + off, want + off, cluster) != 0)) {
+            return false;
+        }
+    }
+    return true;
 }
 
 /*
@@ -797,10 +825,21 @@ static bool cut_snapshot_op(int cluster_bits, SnapKind kind, uint64_t k,
                   has_new);
     ck_assert_int_eq(sh(NULL, "qemu-img convert -f qcow2 -O raw top.qcow2 "
                         "d.raw"), 0);
+    if (kind == SNAP_EMPTY) {
+        /* Emptied clusters read as zeroes (no backing file here); the
+         * rest still hold the disk's data; finished: all gone. */
+        ck_assert_msg(file_clusters_kept_or_zero("d.raw", act, SNAP_SIZE,
+                                                 (size_t)1 << cluster_bits,
+                                                 !cut),
+                      "make-empty cut at write %" G_GUINT64_FORMAT
+                      " (finished: %d): a cluster holds neither the disk's "
+                      "data nor zeroes", k, !cut);
+    }
     /* A revert switches the whole disk at once, or not yet. */
     reverted = kind == SNAP_APPLY && file_equals("d.raw", a, SNAP_SIZE);
-    ck_assert_msg(reverted || ((cut || kind != SNAP_APPLY) &&
-                               file_equals("d.raw", act, SNAP_SIZE)),
+    ck_assert_msg(kind == SNAP_EMPTY || reverted ||
+                  ((cut || kind != SNAP_APPLY) &&
+                   file_equals("d.raw", act, SNAP_SIZE)),
                   "%s cut at write %" G_GUINT64_FORMAT " (finished: %d): "
                   "the active disk is neither before nor after", what, k,
                   !cut);
@@ -877,6 +916,13 @@ END_TEST
 START_TEST(test_snapshot_delete_apply_boundaries)
 {
     snapshot_boundaries(12, _i ? SNAP_APPLY : SNAP_DELETE);
+}
+END_TEST
+
+/* Emptying keeps the snapshot and its data whenever it is cut. */
+START_TEST(test_make_empty_boundaries)
+{
+    snapshot_boundaries(_i ? 16 : 12, SNAP_EMPTY);
 }
 END_TEST
 
@@ -1057,6 +1103,7 @@ int main(int argc, char **argv)
 
     tcase_add_loop_test(tc, test_snapshot_create_boundaries, 0, 2);
     tcase_add_loop_test(tc, test_snapshot_delete_apply_boundaries, 0, 2);
+    tcase_add_loop_test(tc, test_make_empty_boundaries, 0, 2);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("/qcow2/crash/sigkill");
