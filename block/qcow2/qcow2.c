@@ -1659,9 +1659,24 @@ static int drop_l2_tables(StrataQcow2State *s, uint32_t keep)
     return 0;
 }
 
-static int shrink_l1(StrataQcow2State *s, uint32_t keep)
+/* After the clusters went: the L2 tables from L1 index @keep on, then
+ * the refcount blocks nothing needs any more, each step once the one
+ * before is on the disk.  s->lock held; *@what says what failed. */
+static int release_tables(StrataQcow2State *s, uint32_t keep,
+                          const char **what)
 {
-    return drop_l2_tables(s, MAX(keep, 1u));
+    int ret;
+
+    *what = "Failed to free the L2 tables";
+    ret = drop_l2_tables(s, keep);
+    if (ret == 0) {
+        *what = "Failed to discard unused refblocks";
+        ret = strata_qcow2_cache_co_flush(s->l2_cache);
+    }
+    if (ret == 0) {
+        ret = strata_qcow2_co_shrink_reftable(s);
+    }
+    return ret;
 }
 
 /*
@@ -1691,6 +1706,23 @@ static void truncate_tail(StrataQcow2State *s)
     }
 }
 
+/* The end of a shrink or an emptying that got to @ret: the file's tail
+ * cut when all went well, s->lock dropped, a failure reported as
+ * @what. */
+static int release_done(StrataQcow2State *s, int ret, const char *what,
+                        GError **error)
+{
+    if (ret == 0) {
+        truncate_tail(s);
+    }
+    strata_co_mutex_unlock(&s->lock);
+    if (ret < 0) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO, "%s: %s", what,
+                    g_strerror(-ret));
+    }
+    return ret;
+}
+
 static int shrink(StrataQcow2State *s, uint64_t offset, uint64_t need,
                   GError **error)
 {
@@ -1703,29 +1735,13 @@ static int shrink(StrataQcow2State *s, uint64_t offset, uint64_t need,
     }
     strata_co_mutex_lock(&s->lock);
     if (ret == 0) {
-        what = "Failed to reduce the number of L2 tables";
-        ret = shrink_l1(s, (uint32_t)need);
-    }
-    if (ret == 0) {
-        what = "Failed to discard unused refblocks";
-        ret = strata_qcow2_cache_co_flush(s->l2_cache);
-    }
-    if (ret == 0) {
-        ret = strata_qcow2_co_shrink_reftable(s);
+        ret = release_tables(s, MAX((uint32_t)need, 1u), &what);
     }
     if (ret == 0) {
         what = "Failed to update the image size";
         ret = set_size(s, offset, need);
     }
-    if (ret == 0) {
-        truncate_tail(s);
-    }
-    strata_co_mutex_unlock(&s->lock);
-    if (ret < 0) {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO, "%s: %s", what,
-                    g_strerror(-ret));
-    }
-    return ret;
+    return release_done(s, ret, what, error);
 }
 
 int strata_qcow2_co_make_empty(StrataNode *node, GError **error)
@@ -1749,29 +1765,15 @@ int strata_qcow2_co_make_empty(StrataNode *node, GError **error)
     }
     strata_co_mutex_lock(&s->lock);
     if (ret == 0) {
-        what = "Failed to free the L2 tables";
-        ret = drop_l2_tables(s, 0);
+        ret = release_tables(s, 0, &what);
     }
     if (ret == 0) {
-        what = "Failed to free unused refcount blocks";
-        ret = strata_qcow2_cache_co_flush(s->l2_cache);
-    }
-    if (ret == 0) {
-        ret = strata_qcow2_co_shrink_reftable(s);
-    }
-    if (ret == 0) {
+        /* The freed refcounts reach the disk before the file loses the
+         * clusters they counted. */
         what = "Failed to write the metadata";
         ret = strata_qcow2_cache_co_flush(s->refcount_cache);
     }
-    if (ret == 0) {
-        truncate_tail(s);
-    }
-    strata_co_mutex_unlock(&s->lock);
-    if (ret < 0) {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_IO, "%s: %s", what,
-                    g_strerror(-ret));
-    }
-    return ret;
+    return release_done(s, ret, what, error);
 }
 
 static int qcow2_co_truncate(StrataNode *node, uint64_t offset, bool exact,

@@ -1447,8 +1447,10 @@ END_TEST
 
 /* ---- copy offload (copy_file_range) ---- */
 
+/* A copy to @node, or through @blk when set. */
 typedef struct {
     StrataNode *node, *src;
+    StrataBackend *blk;
     uint64_t off, len, src_off;
     int ret;
 } CopyReq;
@@ -1456,30 +1458,18 @@ typedef struct {
 static void copy_co(void *opaque)
 {
     CopyReq *r = opaque;
-    r->ret = strata_node_co_copy_range_to(r->node, r->off, r->len, r->src,
-                                          r->src_off);
+    r->ret = r->blk ? strata_backend_co_copy_range_to(r->blk, r->off, r->len,
+                                                      r->src, r->src_off)
+                    : strata_node_co_copy_range_to(r->node, r->off, r->len,
+                                                   r->src, r->src_off);
 }
 
 static int do_copy(StrataNode *n, uint64_t off, uint64_t len, StrataNode *src,
                    uint64_t src_off)
 {
-    CopyReq r = { n, src, off, len, src_off, 0 };
+    CopyReq r = { n, src, NULL, off, len, src_off, 0 };
     strata_loop_run_co(ctx->loop, copy_co, &r);
     return r.ret;
-}
-
-typedef struct {
-    StrataBackend *blk;
-    StrataNode *src;
-    uint64_t off, len, src_off;
-    int ret;
-} BlkCopyReq;
-
-static void blk_copy_co(void *opaque)
-{
-    BlkCopyReq *r = opaque;
-    r->ret = strata_backend_co_copy_range_to(r->blk, r->off, r->len, r->src,
-                                             r->src_off);
 }
 
 /* A raw file of @clusters 64 KiB clusters, cluster i filled with 0xa0 + i,
@@ -1531,14 +1521,14 @@ START_TEST(test_copy_range)
         g_autoptr(GError) err = NULL;
         StrataBackend *blk = strata_backend_new(ctx, n->node_name, true,
                                                 &err);
-        BlkCopyReq b = { blk, src, 4194304 - 0x10000, 0x20000, 0, 0 };
+        CopyReq b = { NULL, src, blk, 4194304 - 0x10000, 0x20000, 0, 0 };
 
         ck_assert_msg(blk, "%s", err ? err->message : "");
-        strata_loop_run_co(ctx->loop, blk_copy_co, &b);
+        strata_loop_run_co(ctx->loop, copy_co, &b);
         ck_assert_int_eq(b.ret, -EIO);
         b.off = 0;
         b.len = 0x10000;
-        strata_loop_run_co(ctx->loop, blk_copy_co, &b);
+        strata_loop_run_co(ctx->loop, copy_co, &b);
         ck_assert_int_eq(b.ret, 0);
         strata_backend_unref(blk);
     }
