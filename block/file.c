@@ -149,18 +149,26 @@ static bool inline_ok(FileState *s, uint64_t offset, uint64_t bytes)
     return !s->inline_after_ns || now_ns() >= s->inline_after_ns;
 }
 
+/* An inline write that began at @t0 is over: a slow one sends the
+ * next writes away for a while. */
+static void inline_done(FileState *s, int64_t t0)
+{
+    int64_t took = now_ns() - t0;
+
+    s->inline_after_ns = took > INLINE_SLOW_NS ? t0 + took +
+                                                 INLINE_BACKOFF_NS : 0;
+}
+
 static ssize_t inline_pwritev(FileState *s, const struct iovec *iov,
                               int niov, uint64_t offset)
 {
-    int64_t t0 = now_ns(), took;
+    int64_t t0 = now_ns();
     ssize_t ret = pwritev(s->fd, iov, niov, (off_t)offset);
 
     if (ret < 0) {
         ret = -errno;
     }
-    took = now_ns() - t0;
-    s->inline_after_ns = took > INLINE_SLOW_NS ? t0 + took +
-                                                 INLINE_BACKOFF_NS : 0;
+    inline_done(s, t0);
     return ret;
 }
 
@@ -987,8 +995,13 @@ static int file_co_copy_range_to(StrataNode *node, uint64_t offset,
                      .bytes = bytes };
     strata_node_inc_in_flight(src);
     if (from->read_mode == FILE_READ_INLINE && inline_ok(s, offset, bytes)) {
-        /* Both in memory-like reach: nothing to wait for but the copy. */
+        /* The source is in memory and the destination takes buffered
+         * writes inline: nothing to wait for but the copy, timed as an
+         * inline write is. */
+        int64_t t0 = now_ns();
+
         ret = copy_range_thread(&c);
+        inline_done(s, t0);
     } else {
         ret = strata_loop_co_run_in_thread(node->ctx->loop,
                                            copy_range_thread, &c);
