@@ -28,6 +28,7 @@
 #include <gio/gunixsocketaddress.h>
 
 #include "block-private.h"
+#include "driver.h"
 #include "export-private.h"
 #include "nbd-proto.h"
 #include "../util/keyval-private.h"
@@ -106,8 +107,9 @@ typedef struct NbdRequest {
     uint32_t len;
     int err;                  /* -errno decided while parsing */
     void *buf;
+    bool hole;                /* a READ answered by a hole chunk */
     /* The reply, queued for the sender (reply_sender_co). */
-    uint8_t rhdr[STRATA_NBD_CHUNK_HEADER_SIZE + 8];
+    uint8_t rhdr[STRATA_NBD_CHUNK_HEADER_SIZE + 12];
     struct iovec riov[2];
     int rniov;
     struct NbdRequest *next_out;
@@ -938,9 +940,9 @@ static void chunk_header(uint8_t *hdr, NbdRequest *r, uint16_t flags,
 /*
  * Lays out the reply to @r, whose result is @ret, in r->rhdr / r->riov:
  * with @chunked (READ and BLOCK_STATUS on a structured connection) one
- * final chunk — the data in one piece (so DF is honoured trivially), an
- * empty one, or an error with its message; else a simple reply, with
- * the data of a successful READ.
+ * final chunk — the data in one piece (so DF is honoured trivially), a
+ * hole for a READ of zeroes (r->hole), an empty one, or an error with
+ * its message; else a simple reply, with the data of a successful READ.
  */
 static void reply_prepare(NbdRequest *r, int ret, bool chunked)
 {
@@ -971,6 +973,12 @@ static void reply_prepare(NbdRequest *r, int ret, bool chunked)
         chunk_header(h, r, STRATA_NBD_REPLY_FLAG_DONE,
                      STRATA_NBD_REPLY_TYPE_NONE, 0);
         r->riov[0].iov_len = STRATA_NBD_CHUNK_HEADER_SIZE;
+    } else if (r->hole) {
+        chunk_header(h, r, STRATA_NBD_REPLY_FLAG_DONE,
+                     STRATA_NBD_REPLY_TYPE_OFFSET_HOLE, 12);
+        nbd_put64(h + 20, r->offset);
+        nbd_put32(h + 28, r->len);
+        r->riov[0].iov_len = STRATA_NBD_CHUNK_HEADER_SIZE + 12;
     } else {
         chunk_header(h, r, STRATA_NBD_REPLY_FLAG_DONE,
                      STRATA_NBD_REPLY_TYPE_OFFSET_DATA, 8 + r->len);
@@ -1057,6 +1065,26 @@ static StrataNode *co_status_node_begin(NbdClient *c)
     return node;
 }
 
+/* Whether a range no layer of @node's chain holds reads as zeroes: the
+ * bottom is an image format with no backing file (QEMU's rule; null-co
+ * without read-zeroes, say, leaves the buffer as it is). */
+static bool bottom_reads_zero(StrataNode *node)
+{
+    StrataNode *n = strata_node_skip_filters(node);
+
+    while (n && strata_node_backing(n)) {
+        n = strata_node_skip_filters(strata_node_backing(n));
+    }
+    return n && n->drv->is_format;
+}
+
+/* Whether status @st (of the whole chain of @node) reads as zeroes. */
+static bool status_reads_zero(StrataNode *node, int st)
+{
+    return (st & STRATA_BLOCK_ZERO) ||
+           (!(st & STRATA_BLOCK_ALLOCATED) && bottom_reads_zero(node));
+}
+
 /* Collects the extents of one context into @ext (pairs of u32 length,
  * u32 flags in host order). */
 static int co_collect_extents(StrataNode *node, NbdRequest *r, bool depth_ctx,
@@ -1083,7 +1111,8 @@ static int co_collect_extents(StrataNode *node, NbdRequest *r, bool depth_ctx,
             flags = (ret & STRATA_BLOCK_ALLOCATED) ? (uint32_t)depth + 1 : 0;
         } else {
             flags = ((ret & STRATA_BLOCK_DATA) ? 0 : STRATA_NBD_STATE_HOLE) |
-                    ((ret & STRATA_BLOCK_ZERO) ? STRATA_NBD_STATE_ZERO : 0);
+                    (status_reads_zero(node, ret) ? STRATA_NBD_STATE_ZERO
+                                                  : 0);
         }
         if (ext->len && g_array_index(ext, uint32_t, ext->len - 1) == flags) {
             /* Same status: extend the last extent (the whole request
@@ -1157,6 +1186,56 @@ static int co_block_status(NbdClient *c, NbdRequest *r)
     return ret;
 }
 
+/* Whether what @node reads as zero is known without I/O: a format that
+ * keeps its map in memory, or null-co.  A raw file answers with lseeks
+ * in a worker thread, which every read would then wait for (QEMU pays
+ * them); its reads send their bytes, zeroes included. */
+static bool zero_status_is_cheap(StrataNode *node)
+{
+    const char *drv;
+
+    node = strata_node_skip_filters(node);
+    drv = node ? strata_node_get_driver_name(node) : "";
+    return !strcmp(drv, "qcow2") || !strcmp(drv, "null-co");
+}
+
+/*
+ * A structured READ without DF (the client takes chunks) of a range the
+ * node reads as zeroes through its whole chain is answered with one
+ * hole chunk, as QEMU's server answers it: no read, 32 bytes on the
+ * wire instead of the zeroes.  Ranges that mix data and zeroes are read
+ * and sent whole.
+ */
+static bool co_read_is_hole(NbdClient *c, NbdRequest *r)
+{
+    uint64_t off = r->offset, end = r->offset + r->len;
+    StrataNode *node;
+    bool hole = true;
+
+    if (!c->structured || (r->flags & STRATA_NBD_CMD_FLAG_DF) ||
+        r->len == 0) {
+        return false;
+    }
+    node = co_status_node_begin(c);
+    if (!node) {
+        return false;
+    }
+    if (!zero_status_is_cheap(node)) {
+        hole = false;
+    }
+    while (hole && off < end) {
+        uint64_t pnum = 0;
+        int st = strata_node_co_block_status_above(node, NULL, false, off,
+                                                   end - off, &pnum, NULL,
+                                                   NULL, NULL);
+
+        hole = st >= 0 && pnum > 0 && status_reads_zero(node, st);
+        off += pnum;
+    }
+    strata_node_dec_in_flight(node);
+    return hole;
+}
+
 /* Does the I/O of @r; 0 or -errno for the reply. */
 static int co_do_request(NbdClient *c, NbdRequest *r)
 {
@@ -1167,8 +1246,10 @@ static int co_do_request(NbdClient *c, NbdRequest *r)
 
     switch (r->type) {
     case STRATA_NBD_CMD_READ:
-        return r->len ? strata_backend_co_pread(blk, r->offset, r->buf,
-                                                r->len) : 0;
+        r->hole = co_read_is_hole(c, r);
+        return r->len && !r->hole
+               ? strata_backend_co_pread(blk, r->offset, r->buf, r->len)
+               : 0;
     case STRATA_NBD_CMD_WRITE:
         return r->len ? strata_backend_co_pwrite(blk, r->offset, r->buf,
                                                  r->len, fua) : 0;

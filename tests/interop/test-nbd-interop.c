@@ -217,7 +217,16 @@ START_TEST(test_qcow2_export)
     st = run_tool(&out, "qemu-io", "-f", "raw", url,
                   "-c", "write -P 0x5c 128k 192k",
                   "-c", "read -P 0x5c 128k 192k",
-                  "-c", "read -P 0 0 128k", NULL);
+                  "-c", "read -P 0 0 128k",
+                  "-c", "read -P 0 320k 64k",
+                  "-c", "read -P 0 512k 3M", NULL);
+    assert_tool_ok(st, out);
+    /* The unallocated ranges came as hole chunks, which QEMU's client
+     * turns into zeroes; a read across data and hole, as data. */
+    g_clear_pointer(&out, g_free);
+    st = run_tool(&out, "qemu-io", "-f", "raw", url,
+                  "-c", "read -P 0 64k 64k", "-c", "read -P 0x5c 256k 64k",
+                  "-c", "read -P 0 320k 4k", NULL);
     assert_tool_ok(st, out);
 
     /* Block status through the format: only what was written is data. */
@@ -228,6 +237,12 @@ START_TEST(test_qcow2_export)
     ck_assert_msg(strstr(out, "\"start\": 131072, \"length\": 196608, "
                               "\"depth\": 0, \"present\": true, "
                               "\"zero\": false, \"data\": true"),
+                  "%s", out);
+    /* What no layer holds reads as zeroes (hole and zero, as QEMU's
+     * server says), not as unknown content. */
+    ck_assert_msg(strstr(out, "\"start\": 0, \"length\": 131072, "
+                              "\"depth\": 0, \"present\": true, "
+                              "\"zero\": true, \"data\": false"),
                   "%s", out);
 
     /* Close everything, then QEMU checks the image. */

@@ -2,6 +2,7 @@
  * (start, stop, add, del, query, events), negotiation, every command,
  * and hostile input. */
 #include "../interop/nbd-harness.h"
+#include "qcow2/qcow2.h"
 
 #define SIZE (1024 * 1024)
 
@@ -777,6 +778,121 @@ START_TEST(test_pipelined_structured)
 }
 END_TEST
 
+/* One structured READ of [@off, @off + @len) with @flags: the single
+ * chunk that answers it must be of @want_type and DONE; a data chunk's
+ * bytes must all be @byte (or, with @byte < 0, any). */
+static bool read_chunk_is(int fd, uint16_t flags, uint64_t off, uint32_t len,
+                          uint16_t want_type, int byte)
+{
+    static uint64_t next_cookie = 1000;
+    uint64_t cookie, want_cookie = next_cookie++;
+    uint16_t cflags, type;
+    uint32_t plen;
+    uint8_t *p = NULL;
+    bool ok = raw_send_req(fd, flags, STRATA_NBD_CMD_READ, want_cookie, off,
+                           len, NULL) &&
+              raw_recv_chunk(fd, &cflags, &type, &cookie, &p, &plen) &&
+              cookie == want_cookie && type == want_type &&
+              (cflags & STRATA_NBD_REPLY_FLAG_DONE) && plen >= 8 &&
+              r64(p) == off;
+
+    if (ok && type == STRATA_NBD_REPLY_TYPE_OFFSET_HOLE) {
+        ok = plen == 12 && r32(p + 8) == len;
+    } else if (ok) {
+        ok = plen == 8 + len;
+        for (uint32_t i = 0; ok && byte >= 0 && i < len; i++) {
+            ok = p[8 + i] == byte;
+        }
+    }
+    g_free(p);
+    return ok;
+}
+
+static char *sc_sparse_reads(void *opaque)
+{
+    uint64_t size, cookie;
+    uint16_t tf;
+    uint32_t err;
+    int fd = raw_open("q", true, false, &size, &tf);
+    g_autofree uint8_t *buf = g_malloc(4096);
+    g_autofree uint8_t *rd = g_malloc(4096);
+
+    SCHECK(fd >= 0);
+    /* Nothing allocated: a hole chunk, no data. */
+    SCHECK(read_chunk_is(fd, 0, 0, 65536, STRATA_NBD_REPLY_TYPE_OFFSET_HOLE,
+                         -1));
+    /* DF asks for the data in one chunk: the zeroes themselves. */
+    SCHECK(read_chunk_is(fd, STRATA_NBD_CMD_FLAG_DF, 0, 65536,
+                         STRATA_NBD_REPLY_TYPE_OFFSET_DATA, 0));
+    memset(buf, 0x3c, 4096);
+    SCHECK(raw_send_req(fd, 0, STRATA_NBD_CMD_WRITE, 2, 69632, 4096, buf));
+    SCHECK(raw_recv_simple(fd, &err, &cookie, NULL, 0));
+    SCHECK(err == 0 && cookie == 2);
+    /* Data: a data chunk; data and zeroes mixed: read and sent whole;
+     * a range next to the data that is still a hole: a hole. */
+    SCHECK(read_chunk_is(fd, 0, 69632, 4096,
+                         STRATA_NBD_REPLY_TYPE_OFFSET_DATA, 0x3c));
+    SCHECK(read_chunk_is(fd, 0, 65536, 131072,
+                         STRATA_NBD_REPLY_TYPE_OFFSET_DATA, -1));
+    SCHECK(read_chunk_is(fd, 0, 131072, 65536,
+                         STRATA_NBD_REPLY_TYPE_OFFSET_HOLE, -1));
+    /* Zeroes written as zeroes read as a hole too. */
+    SCHECK(raw_send_req(fd, 0, STRATA_NBD_CMD_WRITE_ZEROES, 3, 65536, 65536,
+                        NULL));
+    SCHECK(raw_recv_simple(fd, &err, &cookie, NULL, 0));
+    SCHECK(err == 0 && cookie == 3);
+    SCHECK(read_chunk_is(fd, 0, 65536, 65536,
+                         STRATA_NBD_REPLY_TYPE_OFFSET_HOLE, -1));
+    close(fd);
+
+    /* Without structured replies: simple replies carry the zeroes. */
+    fd = raw_open("q", false, false, &size, &tf);
+    SCHECK(fd >= 0);
+    SCHECK(raw_send_req(fd, 0, STRATA_NBD_CMD_READ, 4, 0, 4096, NULL));
+    memset(rd, 0xff, 4096);
+    SCHECK(raw_recv_simple(fd, &err, &cookie, rd, 4096));
+    SCHECK(err == 0 && cookie == 4 && rd[0] == 0 && rd[4095] == 0);
+    close(fd);
+
+    /* null-co reads as zeroes only with read-zeroes=on. */
+    fd = raw_open("zeroes", true, false, &size, &tf);
+    SCHECK(fd >= 0);
+    SCHECK(read_chunk_is(fd, 0, 4096, 4096,
+                         STRATA_NBD_REPLY_TYPE_OFFSET_HOLE, -1));
+    close(fd);
+    fd = raw_open("garbage", true, false, &size, &tf);
+    SCHECK(fd >= 0);
+    SCHECK(read_chunk_is(fd, 0, 4096, 4096,
+                         STRATA_NBD_REPLY_TYPE_OFFSET_DATA, -1));
+    close(fd);
+    return NULL;
+}
+
+/* Structured reads of what reads as zeroes get hole chunks, where the
+ * node knows that without I/O (qcow2, null-co); a raw file's holes are
+ * sent as data (sc_pipelined). */
+START_TEST(test_sparse_reads)
+{
+    g_autoptr(GError) err = NULL;
+    g_autoptr(JsonObject) o = json_object_new();
+    g_autofree char *path = g_build_filename(dir, "sparse.qcow2", NULL);
+    char *res;
+
+    json_object_set_int_member(o, "size", SIZE);
+    ck_assert_msg(strata_qcow2_create(ctx, path, o, &err), "%s",
+                  err ? err->message : "");
+    add_node("driver=qcow2,node-name=q,file.driver=file,file.filename=%s",
+             path);
+    add_export("type=nbd,id=eq,node-name=q,name=q,writable=on");
+    add_node("driver=null-co,node-name=z,size=%d,read-zeroes=on", SIZE);
+    add_export("type=nbd,id=ez,node-name=z,name=zeroes");
+    add_node("driver=null-co,node-name=g,size=%d", SIZE);
+    add_export("type=nbd,id=eg,node-name=g,name=garbage");
+    res = run_scenario(sc_sparse_reads, NULL);
+    ck_assert_msg(!res, "%s", res);
+}
+END_TEST
+
 static char *sc_block_status(void *opaque)
 {
     uint64_t size, cookie;
@@ -1050,6 +1166,8 @@ int main(void)
     strata_test_add(s, "/nbd/io/vanish", test_vanish, setup, teardown);
     strata_test_add(s, "/nbd/io/pipelined-structured",
                     test_pipelined_structured, setup, teardown);
+    strata_test_add(s, "/nbd/io/sparse-reads", test_sparse_reads, setup,
+                    teardown);
     strata_test_add(s, "/nbd/io/block-status", test_block_status, setup,
                     teardown);
     strata_test_add(s, "/nbd/io/blkdebug-eio", test_blkdebug_eio, setup,
