@@ -476,6 +476,11 @@ int strata_node_co_copy_range_to(StrataNode *node, uint64_t offset,
                                  uint64_t bytes, StrataNode *src,
                                  uint64_t src_offset);
 
+/* Whether what is written to @node lands in the page cache: the node at
+ * the bottom of its file children has cache.direct off.  Jobs copy in
+ * smaller pieces then (STRATA_JOB_BUFFERED_CHUNK). */
+bool strata_node_writes_buffered(StrataNode *node);
+
 /* A byte range of a node. */
 typedef struct StrataRange {
     uint64_t offset, bytes;

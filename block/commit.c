@@ -50,15 +50,21 @@ static int commit_co_copy(StrataJob *job, uint64_t offset, uint64_t bytes,
                           void *buf, bool *is_read)
 {
     CommitJob *c = (CommitJob *)job;
-    int ret;
+    uint64_t step = strata_job_copy_step(c->base, bytes);
+    int ret = 0;
 
-    *is_read = true;
-    ret = strata_node_co_pread(c->top, offset, bytes, buf, 0);
-    if (ret < 0) {
-        return ret;
+    /* As stream_co_copy: small steps into a base in the page cache. */
+    for (uint64_t done = 0; done < bytes && ret == 0; done += step) {
+        uint64_t n = MIN(step, bytes - done);
+
+        *is_read = true;
+        ret = strata_node_co_pread(c->top, offset + done, n, buf, 0);
+        if (ret == 0) {
+            *is_read = false;
+            ret = strata_node_co_pwrite(c->base, offset + done, n, buf, 0);
+        }
     }
-    *is_read = false;
-    return strata_node_co_pwrite(c->base, offset, bytes, buf, 0);
+    return ret;
 }
 
 /* A commit copies a layer's extents, often one cluster each, so it is

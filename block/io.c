@@ -516,6 +516,14 @@ int strata_node_co_pwritev(StrataNode *node, uint64_t offset,
     return ret;
 }
 
+bool strata_node_writes_buffered(StrataNode *node)
+{
+    while (node && node->file) {
+        node = node->file->node;
+    }
+    return node && !node->cache_direct;
+}
+
 int strata_node_co_copy_range_to(StrataNode *node, uint64_t offset,
                                  uint64_t bytes, StrataNode *src,
                                  uint64_t src_offset)

@@ -31,14 +31,6 @@
 
 #define MIRROR_DEFAULT_BUF_SIZE (16 * 1024 * 1024)
 #define MIRROR_MAX_CHUNK (1024 * 1024)
-/* Copies into a target in the page cache: 16 copies of 1 MiB in flight
- * are 16 MiB of buffers, more than the CPU's caches hold, so the copy
- * into the page cache read each buffer back from memory: the writer (one
- * thread: the kernel takes buffered writes to a file one at a time) spent
- * twice the CPU per byte, and a writeback mirror of 1 GiB took 1.7-2.1 s
- * against 1.0 s with 64 KiB (256 KiB: 1.5 s; QSD 1.2-1.8 s). O_DIRECT
- * targets keep the large copies, which the disk prefers. */
-#define MIRROR_BUFFERED_CHUNK (64 * 1024)
 #define MIRROR_MAX_IN_FLIGHT 16
 /* An active commit copies the overlays' scattered clusters, mostly one
  * granule per copy: latency-bound, like an intermediate commit, which
@@ -859,16 +851,6 @@ typedef struct MirrorSetup {
 } MirrorSetup;
 
 
-/* Whether what is written to @node lands in the page cache: the node at
- * the bottom of its file children has cache.direct off. */
-static bool target_buffered(StrataNode *node)
-{
-    while (node && node->file) {
-        node = node->file->node;
-    }
-    return node && !node->cache_direct;
-}
-
 static bool mirror_start_job(StrataContext *ctx, JsonObject *args,
                              MirrorSetup *s, GError **error)
 {
@@ -901,8 +883,8 @@ static bool mirror_start_job(StrataContext *ctx, JsonObject *args,
     m->on_target_error = s->on_target_error;
     m->granularity = s->granularity;
     m->chunk = MAX(m->granularity,
-                   MIN(target_buffered(s->target) ? MIRROR_BUFFERED_CHUNK
-                                                  : MIRROR_MAX_CHUNK,
+                   MIN(strata_node_writes_buffered(s->target)
+                           ? STRATA_JOB_BUFFERED_CHUNK : MIRROR_MAX_CHUNK,
                        s->buf_size));
     m->buf_size = MAX(s->buf_size, m->chunk);
     m->max_in_flight = s->max_in_flight ? s->max_in_flight

@@ -57,12 +57,23 @@ static int stream_co_classify(StrataJob *job, uint64_t offset,
 }
 
 /* The ranges were classified already: whatever the top still lacks in
- * them is copied (a guest write may have filled part meanwhile). */
+ * them is copied (a guest write may have filled part meanwhile), in
+ * steps of STRATA_JOB_BUFFERED_CHUNK through the start of @buf when the
+ * top is in the page cache.  The chunk stays QEMU's 512 KiB: it is what
+ * a failure and its BLOCK_JOB_ERROR cover. */
 static int stream_co_copy(StrataJob *job, uint64_t offset, uint64_t bytes,
                           void *buf, bool *is_read)
 {
-    return strata_cor_co_copy(((StreamJob *)job)->top, NULL, offset, bytes,
-                              buf, false, is_read);
+    StrataNode *top = ((StreamJob *)job)->top;
+    uint64_t step = strata_job_copy_step(top, bytes);
+    int ret = 0;
+
+    for (uint64_t done = 0; done < bytes && ret == 0; done += step) {
+        ret = strata_cor_co_copy(top, NULL, offset + done,
+                                 MIN(step, bytes - done), buf, false,
+                                 is_read);
+    }
+    return ret;
 }
 
 static const StrataJobCopyOps stream_copy_ops = {
