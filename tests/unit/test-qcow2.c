@@ -1550,6 +1550,13 @@ START_TEST(test_copy_range)
 }
 END_TEST
 
+static void count_notify(StrataWriteNotifier *n, uint64_t offset,
+                         uint64_t bytes, StrataIOVec *qiov,
+                         size_t qiov_offset, StrataWriteKind kind)
+{
+    (*(int *)n->opaque)++;
+}
+
 START_TEST(test_copy_range_refused)
 {
     g_autofree char *path = create("r.qcow2", "\"size\": 4194304");
@@ -1571,6 +1578,18 @@ START_TEST(test_copy_range_refused)
     n = must_open(path, "detect-zeroes=on");
     ck_assert_int_eq(do_copy(n, 0, 0x10000, src, 0), -ENOTSUP);
     close_node(n);
+    /* So must a write notifier (a mirror's write-blocking mode). */
+    {
+        int calls = 0;
+        StrataWriteNotifier wn = { count_notify, &calls };
+
+        n = must_open(path, NULL);
+        n->write_notifiers = g_list_append(n->write_notifiers, &wn);
+        ck_assert_int_eq(do_copy(n, 0, 0x10000, src, 0), -ENOTSUP);
+        ck_assert_int_eq(calls, 0);
+        n->write_notifiers = g_list_remove(n->write_notifiers, &wn);
+        close_node(n);
+    }
     /* A filter that does not map the range is not bypassed. */
     {
         g_autofree char *spec = g_strdup_printf(
