@@ -481,6 +481,13 @@ int strata_node_co_copy_range_to(StrataNode *node, uint64_t offset,
  * smaller pieces then (STRATA_JOB_BUFFERED_CHUNK). */
 bool strata_node_writes_buffered(StrataNode *node);
 
+/* Whether @status, what strata_node_co_block_status_above() said of
+ * @top's whole chain (no base), means the range reads as zeroes: ZERO,
+ * or held by no layer of a chain that ends in an image format with no
+ * backing file (QEMU's rule; null-co without read-zeroes, say, leaves
+ * the buffer as it is). */
+bool strata_node_status_reads_zero(StrataNode *top, int status);
+
 /* A byte range of a node. */
 typedef struct StrataRange {
     uint64_t offset, bytes;

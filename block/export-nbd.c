@@ -28,7 +28,6 @@
 #include <gio/gunixsocketaddress.h>
 
 #include "block-private.h"
-#include "driver.h"
 #include "export-private.h"
 #include "nbd-proto.h"
 #include "../util/keyval-private.h"
@@ -1065,26 +1064,6 @@ static StrataNode *co_status_node_begin(NbdClient *c)
     return node;
 }
 
-/* Whether a range no layer of @node's chain holds reads as zeroes: the
- * bottom is an image format with no backing file (QEMU's rule; null-co
- * without read-zeroes, say, leaves the buffer as it is). */
-static bool bottom_reads_zero(StrataNode *node)
-{
-    StrataNode *n = strata_node_skip_filters(node);
-
-    while (n && strata_node_backing(n)) {
-        n = strata_node_skip_filters(strata_node_backing(n));
-    }
-    return n && n->drv->is_format;
-}
-
-/* Whether status @st (of the whole chain of @node) reads as zeroes. */
-static bool status_reads_zero(StrataNode *node, int st)
-{
-    return (st & STRATA_BLOCK_ZERO) ||
-           (!(st & STRATA_BLOCK_ALLOCATED) && bottom_reads_zero(node));
-}
-
 /* Collects the extents of one context into @ext (pairs of u32 length,
  * u32 flags in host order). */
 static int co_collect_extents(StrataNode *node, NbdRequest *r, bool depth_ctx,
@@ -1111,8 +1090,8 @@ static int co_collect_extents(StrataNode *node, NbdRequest *r, bool depth_ctx,
             flags = (ret & STRATA_BLOCK_ALLOCATED) ? (uint32_t)depth + 1 : 0;
         } else {
             flags = ((ret & STRATA_BLOCK_DATA) ? 0 : STRATA_NBD_STATE_HOLE) |
-                    (status_reads_zero(node, ret) ? STRATA_NBD_STATE_ZERO
-                                                  : 0);
+                    (strata_node_status_reads_zero(node, ret)
+                     ? STRATA_NBD_STATE_ZERO : 0);
         }
         if (ext->len && g_array_index(ext, uint32_t, ext->len - 1) == flags) {
             /* Same status: extend the last extent (the whole request
@@ -1229,7 +1208,8 @@ static bool co_read_is_hole(NbdClient *c, NbdRequest *r)
                                                    end - off, &pnum, NULL,
                                                    NULL, NULL);
 
-        hole = st >= 0 && pnum > 0 && status_reads_zero(node, st);
+        hole = st >= 0 && pnum > 0 &&
+               strata_node_status_reads_zero(node, st);
         off += pnum;
     }
     strata_node_dec_in_flight(node);

@@ -925,14 +925,14 @@ static int file_co_pwritev(StrataNode *node, uint64_t offset, uint64_t bytes,
     return file_co_rw(node, offset, bytes, qiov, qiov_offset, true);
 }
 
-/* One copy_file_range request, run in the loop's thread pool (the call
- * blocks for as long as the kernel copies). */
+/* One copy_file_range request: in the loop's thread pool (the call
+ * blocks for as long as the kernel copies), or inline from memory. */
 typedef struct CopyRange {
     int fd_in, fd_out;
     uint64_t off_in, off_out, bytes;
 } CopyRange;
 
-static int copy_range_thread(void *opaque)
+static int copy_range_run(void *opaque)
 {
     CopyRange *c = opaque;
     uint64_t done = 0;
@@ -1000,11 +1000,11 @@ static int file_co_copy_range_to(StrataNode *node, uint64_t offset,
          * inline write is. */
         int64_t t0 = now_ns();
 
-        ret = copy_range_thread(&c);
+        ret = copy_range_run(&c);
         inline_done(s, t0);
     } else {
         ret = strata_loop_co_run_in_thread(node->ctx->loop,
-                                           copy_range_thread, &c);
+                                           copy_range_run, &c);
     }
     strata_node_dec_in_flight(src);
     /* As file_co_rw: the next flush must cover it, whatever came of it. */

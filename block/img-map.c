@@ -64,9 +64,10 @@ static int co_map_entry(StrataNode *top, uint64_t offset,
         return -EIO;
     }
     if (!(ret & (STRATA_BLOCK_DATA | STRATA_BLOCK_ZERO))) {
-        /* Nothing in the chain has it: the bottom layer answers, and a
-         * layer without a backing file reads its holes as zeroes. */
-        ret |= STRATA_BLOCK_ZERO;
+        /* Nothing in the chain has it: the bottom layer answers. */
+        if (strata_node_status_reads_zero(top, ret)) {
+            ret |= STRATA_BLOCK_ZERO;
+        }
         depth = MAX(depth - 1, 0);
     }
     *e = (MapEntry) {

@@ -378,6 +378,14 @@ int strata_node_co_prefetch(StrataNode *node, const StrataRange *ranges,
 
 static int driver_flush(StrataNode *node);
 
+/* A write that ended at @end grew a node whose length is known. */
+static void note_written_end(StrataNode *node, uint64_t end)
+{
+    if (node->total_bytes >= 0 && end > (uint64_t)node->total_bytes) {
+        node->total_bytes = end;
+    }
+}
+
 static int aligned_pwritev(StrataNode *node, uint64_t offset,
                            uint64_t bytes, StrataIOVec *qiov,
                            size_t qiov_offset, StrataReqFlags flags)
@@ -416,10 +424,7 @@ static int aligned_pwritev(StrataNode *node, uint64_t offset,
             return ret;
         }
     }
-    if (node->total_bytes >= 0 &&
-        offset + bytes > (uint64_t)node->total_bytes) {
-        node->total_bytes = offset + bytes;
-    }
+    note_written_end(node, offset + bytes);
     return 0;
 }
 
@@ -553,9 +558,8 @@ int strata_node_co_copy_range_to(StrataNode *node, uint64_t offset,
     strata_co_wait_serialising(&req);
     ret = node->drv->co_copy_range_to(node, offset, bytes, src, src_offset);
     strata_tracked_request_end(&req);
-    if (ret == 0 && node->total_bytes >= 0 &&
-        offset + bytes > (uint64_t)node->total_bytes) {
-        node->total_bytes = offset + bytes;
+    if (ret == 0) {
+        note_written_end(node, offset + bytes);
     }
     strata_node_dec_in_flight(node);
     return ret;
@@ -626,10 +630,7 @@ static int write_zeroes_inner(StrataNode *node, uint64_t offset,
         if (ret < 0) {
             return ret;
         }
-        if (node->total_bytes >= 0 &&
-            offset + n > (uint64_t)node->total_bytes) {
-            node->total_bytes = offset + n;
-        }
+        note_written_end(node, offset + n);
         offset += n;
         bytes -= n;
     }
@@ -904,6 +905,22 @@ static StrataNode *next_layer(StrataNode *node)
         return node->backing->node;
     }
     return filter_child(node);
+}
+
+bool strata_node_status_reads_zero(StrataNode *top, int status)
+{
+    StrataNode *n = strata_node_skip_filters(top);
+
+    if (status & STRATA_BLOCK_ZERO) {
+        return true;
+    }
+    if (status & STRATA_BLOCK_ALLOCATED) {
+        return false;
+    }
+    while (n && strata_node_backing(n)) {
+        n = strata_node_skip_filters(strata_node_backing(n));
+    }
+    return n && n->drv->is_format;
 }
 
 int strata_node_co_block_status_above(StrataNode *top, StrataNode *base,

@@ -309,7 +309,7 @@ static inline uint64_t strata_job_copy_step(StrataNode *target,
                                             uint64_t bytes)
 {
     return strata_node_writes_buffered(target)
-           ? MIN(bytes, (uint64_t)STRATA_JOB_BUFFERED_CHUNK) : MAX(bytes, 1);
+           ? MIN(bytes, (uint64_t)STRATA_JOB_BUFFERED_CHUNK) : bytes;
 }
 
 /**

@@ -620,6 +620,21 @@ static void twice_reader(void *opaque)
     (*a->finished)++;
 }
 
+/* A loop made while @var is @value (NULL: unset); the variable is unset
+ * again after. */
+static StrataLoop *loop_new_with_env(const char *var, const char *value,
+                                     GMainContext **ctx)
+{
+    StrataLoop *loop;
+
+    if (value) {
+        g_setenv(var, value, TRUE);
+    }
+    loop = loop_new_for(0, ctx);
+    g_unsetenv(var);
+    return loop;
+}
+
 /* With STRATA_LOOP_REAP_BATCH=1 every completion's follow-up request is
  * submitted on its own, before the next completion is handled. */
 START_TEST(test_io_reap_batch_env)
@@ -631,9 +646,7 @@ START_TEST(test_io_reap_batch_env)
     StrataLoopStats stats;
     int finished = 0;
 
-    g_setenv("STRATA_LOOP_REAP_BATCH", "1", TRUE);
-    loop = loop_new_for(0, &ctx);
-    g_unsetenv("STRATA_LOOP_REAP_BATCH");
+    loop = loop_new_with_env("STRATA_LOOP_REAP_BATCH", "1", &ctx);
     if (!loop) {
         return;
     }
@@ -679,11 +692,7 @@ static int offloads_with_env(const char *env, int serial)
     int finished = 0;
     bool good = true;
 
-    if (env) {
-        g_setenv("STRATA_LOOP_OFFLOAD_MAX", env, TRUE);
-    }
-    loop = loop_new_for(0, &ctx);
-    g_unsetenv("STRATA_LOOP_OFFLOAD_MAX");
+    loop = loop_new_with_env("STRATA_LOOP_OFFLOAD_MAX", env, &ctx);
     if (!loop) {
         return -1;
     }
