@@ -691,6 +691,52 @@ static int put_data(StrataQcow2State *s, const WriteData *d, uint64_t host,
                                   d->qiov_offset, 0);
 }
 
+/* Whether guest [@from, @to) of this layer reads as zeroes, as far as
+ * block status knows without reading data (false when unsure). */
+static bool co_reads_as_zero(StrataQcow2State *s, uint64_t from,
+                             uint64_t to)
+{
+    uint64_t pnum = 0;
+    int st;
+
+    if (from >= to) {
+        return true;
+    }
+    st = strata_node_co_block_status_above(s->node, NULL, false, from,
+                                           to - from, &pnum, NULL, NULL,
+                                           NULL);
+    return st >= 0 && pnum >= to - from &&
+           strata_node_status_reads_zero(s->node, st);
+}
+
+/* When what the copy-on-write would copy reads as zeroes, the file
+ * zeroes [@gfrom, @gto) at @host by allocation (a range of unwritten
+ * extents, no zero bytes through the page cache or to the disk) and
+ * only the guest's data is written: a 4 KiB write into a 64 KiB
+ * cluster of an empty stretch of the chain writes 4 KiB, not 64.
+ * -ENOTSUP: take the plain path (the file cannot zero cheaply, or the
+ * copy is not all zeroes). */
+static int co_write_over_zeroes(StrataQcow2State *s, uint64_t gfrom,
+                                uint64_t gto, uint64_t offset, uint64_t n,
+                                const WriteData *d, uint64_t host)
+{
+    StrataNode *file = file_of(s);
+    uint64_t align = MAX(file->limits.request_alignment, 4096u);
+    int ret;
+
+    if (d->src || ((host | (gto - gfrom)) & (align - 1)) ||
+        !co_reads_as_zero(s, gfrom, offset) ||
+        !co_reads_as_zero(s, offset + n, gto)) {
+        return -ENOTSUP;
+    }
+    ret = strata_node_co_pwrite_zeroes(file, host, gto - gfrom,
+                                       STRATA_REQ_NO_FALLBACK);
+    if (ret < 0) {
+        return ret;
+    }
+    return put_data(s, d, host + (offset - gfrom), n);
+}
+
 /* Writes guest [offset, offset + n) from @d, widened to [gfrom, gto)
  * with what the guest reads there now (the copy-on-write of what the
  * request leaves out), at @host, where guest @gfrom is to live.
@@ -717,6 +763,10 @@ static int write_padded(StrataQcow2State *s, uint64_t gfrom, uint64_t gto,
     }
     if (!head_len && !tail_len) {
         return put_data(s, d, host, n);
+    }
+    ret = co_write_over_zeroes(s, gfrom, gto, offset, n, d, host);
+    if (ret != -ENOTSUP) {
+        return ret;
     }
     strata_iov_init(&wv, d->qiov->niov + 2);
     ret = cow_read(s, gfrom, gto, head_len, tail_len, &cow);

@@ -539,6 +539,69 @@ START_TEST(test_cow_over_chain)
 }
 END_TEST
 
+/* Opens the top layer over a debug filter that fails every write-zeroes
+ * request with EIO (and nothing else). */
+static StrataNode *open_top_no_zeroes(void)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *path = layer_path(DEPTH - 1);
+    g_autofree char *spec = g_strdup_printf(
+        "{\"driver\": \"qcow2\", \"node-name\": \"nz\", "
+        "\"file\": {\"driver\": \"blkdebug\", \"inject-error\": "
+        "[{\"event\": \"none\", \"iotype\": \"write-zeroes\", "
+        "\"errno\": 5}], "
+        "\"image\": {\"driver\": \"file\", \"filename\": \"%s\"}}}",
+        path);
+    StrataNode *n = strata_context_add_node_keyval(ctx, spec, &err);
+
+    ck_assert_msg(n, "%s", err ? err->message : "");
+    return n;
+}
+
+/* A partial write into a cluster that reads as zeroes through the whole
+ * chain zeroes the new cluster in the file and writes only its own
+ * bytes: the file sees a write-zeroes request (which the debug filter
+ * fails here, so the write fails); where the chain holds data the copy
+ * is written as before, with no write-zeroes.  Without the filter, both
+ * read back as guest data plus what was below. */
+START_TEST(test_cow_over_zeroes)
+{
+    Model m;
+    StrataNode *top;
+    g_autofree uint8_t *got = g_malloc(CS);
+    IoReq r;
+
+    build_chain(&m);
+    /* Cluster 1 is empty in every layer; cluster 2 holds layer 0's. */
+    ck_assert_int_eq(m.v[1], 0);
+    ck_assert_int_ne(m.v[2], 0);
+
+    top = open_top_no_zeroes();
+    r = (IoReq){ top, 1 * CS + 1024, 512, 0x7e, NULL, 0 };
+    strata_loop_run_co(ctx->loop, io_co, &r);
+    ck_assert_int_eq(r.ret, -EIO);
+    r = (IoReq){ top, 2 * CS + 1024, 512, 0x7e, NULL, 0 };
+    strata_loop_run_co(ctx->loop, io_co, &r);
+    ck_assert_int_eq(r.ret, 0);
+    close_node(top);
+
+    top = open_layer(DEPTH - 1, NULL, false);
+    must_io(top, 1 * CS + 1024, 512, 0x7d);
+    for (unsigned c = 1; c <= 2; c++) {
+        r = (IoReq){ top, c * CS, CS, -3, got, 0 };
+        strata_loop_run_co(ctx->loop, io_co, &r);
+        ck_assert_int_eq(r.ret, 0);
+        for (unsigned i = 0; i < CS; i++) {
+            int want = i >= 1024 && i < 1536 ? (c == 1 ? 0x7d : 0x7e)
+                                             : m.v[c];
+            ck_assert_msg(got[i] == want, "cluster %u byte %u: %#x, not %#x",
+                          c, i, got[i], want);
+        }
+    }
+    close_node(top);
+}
+END_TEST
+
 START_TEST(test_cache_lazy)
 {
     StrataNode *n;
@@ -780,6 +843,8 @@ int main(void)
     strata_test_add(s, "/qcow2/layermap/short-layer", test_map_short_layer,
                     setup, teardown);
     strata_test_add(s, "/qcow2/cow/over-chain", test_cow_over_chain, setup,
+                    teardown);
+    strata_test_add(s, "/qcow2/cow/over-zeroes", test_cow_over_zeroes, setup,
                     teardown);
     strata_test_add(s, "/qcow2/cache/lazy", test_cache_lazy, setup,
                     teardown);
