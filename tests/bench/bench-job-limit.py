@@ -30,6 +30,10 @@ runs once per round beside them.  The kit is found at --kit (default:
   STRATAD=build/qmp/stratad tests/bench/bench-job-limit.py \\
       [--jobs stream,active-commit,mirror] [--reps 5] [--chain DIR]
 
+--cache writeback: the jobs with cache.direct=off, and the limit row
+through the page cache (the source dropped from it first, the written
+file fsynced at the end, as the jobs flush their target).
+
 Stdlib only.  Prints the kit's report, then the table of medians.
 """
 
@@ -50,11 +54,11 @@ DEFAULT_KIT = os.environ.get("STRATA_BENCH_KIT",
 def kit_modules(kit):
     sys.path.insert(0, os.path.abspath(kit))
     from benchkit import driver, jobs
-    from benchkit.common import (FIO, QEMU_IMG, BenchError, have_tool, qemu_side,
-                                 rm_f, run, strata_side)
+    from benchkit.common import (FIO, QEMU_IMG, BenchError, evict, have_tool,
+                                 qemu_side, rm_f, run, strata_side)
     from benchkit.report import Row
     return dict(driver=driver, jobs=jobs, FIO=FIO, QEMU_IMG=QEMU_IMG,
-                BenchError=BenchError, have_tool=have_tool, qemu_side=qemu_side,
+                BenchError=BenchError, evict=evict, have_tool=have_tool, qemu_side=qemu_side,
                 rm_f=rm_f, run=run, strata_side=strata_side, Row=Row)
 
 
@@ -82,17 +86,24 @@ def job_bytes(k, chain, job):
     raise SystemExit("no byte count for job %r" % job)
 
 
-def fio_moves(k, src, dst, nbytes):
+def fio_moves(k, src, dst, nbytes, buffered):
     """Reads nbytes of src while writing nbytes into a fresh dst (both
-    rounded up to whole 1 MiB requests)."""
+    rounded up to whole 1 MiB requests).  buffered: through the page
+    cache, src dropped from it first (as the kit drops the chain), and
+    dst made stable at the end (the jobs flush their target before
+    they finish)."""
     nbytes = (nbytes + MIB - 1) // MIB * MIB
     k["rm_f"](dst)
-    common = ["--ioengine=io_uring", "--direct=1", "--bs=1M", "--iodepth=16",
-              "--size=%d" % nbytes]
+    common = ["--ioengine=io_uring", "--direct=%d" % (0 if buffered else 1),
+              "--bs=1M", "--iodepth=16", "--size=%d" % nbytes]
+    wr_extra = ["--end_fsync=1"] if buffered else []
+    if buffered:
+        k["evict"]([src])
     try:
         p = k["run"](k["FIO"] + ["--output-format=json",
                                  "--name=rd", "--rw=read", "--filename=%s" % src] + common +
-                     ["--name=wr", "--rw=write", "--filename=%s" % dst] + common)
+                     ["--name=wr", "--rw=write", "--filename=%s" % dst] + common +
+                     wr_extra)
     finally:
         k["rm_f"](dst)
     txt = p.stdout
@@ -125,13 +136,15 @@ class Suite:
         dst = os.path.join(ws.sub("job-limit"), "write.dat")
         for job in k["jobs"].parse_list(args.jobs, k["jobs"].JOBS, "job"):
             nbytes = job_bytes(k, chain, job)
+            buffered = args.cache == "writeback"
             rows.append(k["Row"]("limit", "moves-" + job,
-                                 lambda side, n=nbytes: fio_moves(k, src, dst, n),
+                                 lambda side, n=nbytes, b=buffered:
+                                 fio_moves(k, src, dst, n, b),
                                  needs=None, work_bytes=nbytes))
         return rows
 
 
-def summary(samples_path, jobs):
+def summary(samples_path, jobs, cache):
     vals = {}
     with open(samples_path) as fh:
         for line in fh:
@@ -146,7 +159,7 @@ def summary(samples_path, jobs):
     lines = ["| job | QSD s | strata s | limit s | strata/QSD | strata % of limit |",
              "|---|---:|---:|---:|---:|---:|"]
     for job in jobs:
-        q, s = med(job + "/direct", "qemu"), med(job + "/direct", "strata")
+        q, s = med(job + "/" + cache, "qemu"), med(job + "/" + cache, "strata")
         lim = med("moves-" + job, "limit")
         if None in (q, s, lim):
             lines.append("| %s | incomplete |  |  |  |  |" % job)
@@ -165,8 +178,8 @@ def main():
     k["jobs"].add_args(ap)
     ap.set_defaults(jobs="stream,active-commit,mirror", cache="direct")
     args = ap.parse_args()
-    if args.cache != "direct":
-        raise SystemExit("the disk limit is for cache.direct rows only")
+    if args.cache not in ("direct", "writeback"):
+        raise SystemExit("--cache is direct or writeback (one at a time)")
     if not k["have_tool"](k["FIO"]):
         raise SystemExit("fio is needed for the limit rows")
     sides = [k["qemu_side"]()]
@@ -181,7 +194,7 @@ def main():
     rc = k["driver"].run(args, [Suite(k)], sides)
     jobs = k["jobs"].parse_list(args.jobs, k["jobs"].JOBS, "job")
     print()
-    print(summary(os.path.join(args.out, "samples.jsonl"), jobs))
+    print(summary(os.path.join(args.out, "samples.jsonl"), jobs, args.cache))
     return rc
 
 
