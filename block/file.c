@@ -222,7 +222,11 @@ static ssize_t read_once(FileState *s, StrataLoop *loop,
     case FILE_READ_ENGINE:
         break;
     }
-    if (!s->direct && bytes >= FILE_POOL_READ_MIN) {
+    if (s->direct) {
+        return strata_loop_co_preadv_direct(loop, s->engine, s->fd, iov,
+                                            niov, offset);
+    }
+    if (bytes >= FILE_POOL_READ_MIN) {
         return strata_loop_co_preadv_offload(loop, s->engine, s->fd, iov,
                                              niov, offset);
     }

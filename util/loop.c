@@ -95,7 +95,11 @@ typedef struct {
     StrataCoroutine *co;
     int result;
     bool done;
+    bool device;    /* a read from a device (O_DIRECT): see loop_reap_ring */
 } UringReq;
+
+/* For loop_co_readv's flags: not an IOSQE_ bit, the loop's own. */
+#define LOOP_REQ_DEVICE (1u << 31)
 
 typedef enum {
     JOB_PREADV,
@@ -539,12 +543,26 @@ static void loop_reap_ring(StrataLoop *loop)
         loop->inflight -= n;
         loop->stats.completions += n;
         for (unsigned i = 0; i < n; i++) {
+            bool device = batch[i]->device;
+
             strata_coroutine_enter(batch[i]->co);
+            /* What a read from a device queued next goes to the device
+             * at once: the sooner it is there, the fuller the device's
+             * queue.  65536 random 4 KiB O_DIRECT reads at depth 32 of
+             * a qcow2 image, medians of 7: 0.655 s against 0.717 s when
+             * the batch's 8 went together (fio 0.634 s).  Writes gained
+             * nothing that way (64 KiB sequential ones lost 4 %). */
+            if (device && io_uring_sq_ready(&loop->ring)) {
+                loop_submit(loop);
+            }
         }
         /* The woken coroutines usually queued their next requests: give
-         * them to the device before handling more completions, so its
+         * them to the kernel before handling more completions, so the
          * queue does not run dry while we work (4 KiB O_DIRECT reads at
-         * depth 32: 0.90 s -> 0.77 s for 65536, QEMU's 0.77 s). */
+         * depth 32: 0.90 s -> 0.77 s for 65536, QEMU's 0.77 s).  Page
+         * cache reads, which complete inside the submission, go in
+         * batches: one submission per completion cost 14 % (4 KiB) and
+         * 30 % (64 KiB) of their rate. */
         if (io_uring_sq_ready(&loop->ring)) {
             loop_submit(loop);
         }
@@ -679,7 +697,8 @@ static ssize_t loop_co_readv(StrataLoop *loop, StrataAioMode engine, int fd,
     g_return_val_if_fail(strata_in_coroutine(), -EINVAL);
 
     if (loop_use_ring(loop, engine)) {
-        UringReq req = { strata_coroutine_self(), 0, false };
+        UringReq req = { strata_coroutine_self(), 0, false,
+                         (sqe_flags & LOOP_REQ_DEVICE) != 0 };
         struct io_uring_sqe *sqe = loop_co_get_sqe(loop);
         bool offload = (sqe_flags & IOSQE_ASYNC) &&
                        loop->offloading < loop->offload_max;
@@ -723,6 +742,14 @@ ssize_t strata_loop_co_preadv_offload(StrataLoop *loop, StrataAioMode engine,
                          IOSQE_ASYNC);
 }
 
+ssize_t strata_loop_co_preadv_direct(StrataLoop *loop, StrataAioMode engine,
+                                     int fd, const struct iovec *iov,
+                                     int iovcnt, uint64_t offset)
+{
+    return loop_co_readv(loop, engine, fd, iov, iovcnt, offset,
+                         LOOP_REQ_DEVICE);
+}
+
 ssize_t strata_loop_co_pwritev(StrataLoop *loop, StrataAioMode engine,
                                int fd, const struct iovec *iov, int iovcnt,
                                uint64_t offset)
@@ -731,7 +758,7 @@ ssize_t strata_loop_co_pwritev(StrataLoop *loop, StrataAioMode engine,
     g_return_val_if_fail(strata_in_coroutine(), -EINVAL);
 
     if (loop_use_ring(loop, engine)) {
-        UringReq req = { strata_coroutine_self(), 0, false };
+        UringReq req = { strata_coroutine_self(), 0, false, false };
         struct io_uring_sqe *sqe = loop_co_get_sqe(loop);
 
         io_uring_prep_writev(sqe, fd, iov, (unsigned)iovcnt, offset);
