@@ -509,6 +509,71 @@ typedef struct StrataRange {
  */
 int strata_node_co_prefetch(StrataNode *node, const StrataRange *ranges,
                             unsigned n);
+/* ---- Read-ahead hints for copies of a chain (prefetch.c) ---- */
+
+#define STRATA_PREFETCH_FILES 8
+#define STRATA_PREFETCH_RANGES 64
+
+/* The ranges of one file a batch collects, in read order. */
+typedef struct StrataPrefetchFile {
+    StrataNode *file;
+    StrataRange r[STRATA_PREFETCH_RANGES];
+    unsigned n;
+} StrataPrefetchFile;
+
+/* What a copy will read next, per file; zero-initialised when empty. */
+typedef struct StrataPrefetchBatch {
+    StrataPrefetchFile f[STRATA_PREFETCH_FILES];
+    unsigned n;
+    uint64_t data;      /* bytes in the batch */
+} StrataPrefetchBatch;
+
+/* Whether block status @st with *file @file names data one read of
+ * @file can fetch as it is: plain clusters (not compressed, not zero)
+ * at a known offset. */
+bool strata_status_in_file(int st, StrataNode *file);
+/* Adds @bytes at @host of @file to @b (merged with the file's last
+ * range when adjacent); false when @b has no room: send it first. */
+bool strata_prefetch_batch_add(StrataPrefetchBatch *b, StrataNode *file,
+                               uint64_t host, uint64_t bytes);
+/* Coroutine.  Hands each file of @b its ranges (strata_node_co_prefetch);
+ * @b is empty after.  0 or the first -errno. */
+int strata_prefetch_batch_send(StrataPrefetchBatch *b);
+/* Whether a layer of @top's chain keeps its data where a prefetch hint
+ * does something (a file's page cache, not O_DIRECT): elsewhere a
+ * prefetcher's block status walk would be paid for nothing. */
+bool strata_chain_can_prefetch(StrataNode *top);
+
+/*
+ * A prefetcher reads ahead of a copy loop that walks a chain in guest
+ * order (a job's first pass): the extents the copies will read, found
+ * by block status of @top above @base (those of layers at depth
+ * >= @min_depth only), go to their files as hints, in copy order, up
+ * to 64 MiB of data past what the copies took, 16 MiB at a time.  The
+ * copies then find the data in the page cache instead of waiting for it
+ * chunk by chunk while the kernel's own readahead reads a little way
+ * ahead in each file (including clusters a layer above replaces).
+ * strata_prefetcher_new returns NULL when no file of the chain takes
+ * hints (O_DIRECT, another kind of node).  @wake(@opaque) runs when a
+ * batch has been handed over.
+ */
+typedef struct StrataPrefetcher StrataPrefetcher;
+
+StrataPrefetcher *strata_prefetcher_new(StrataNode *top, StrataNode *base,
+                                        int min_depth,
+                                        void (*wake)(void *opaque),
+                                        void *opaque);
+/* Coroutine.  The loop is about to copy at @cursor of @len, @done data
+ * bytes copied or in flight: starts the next batch when the hints are
+ * less than the window ahead and none is in flight.  @pf may be NULL. */
+void strata_prefetcher_co_step(StrataPrefetcher *pf, uint64_t cursor,
+                               uint64_t len, uint64_t done);
+/* Whether a batch is in flight (a loop waits for it before it ends). */
+bool strata_prefetcher_busy(StrataPrefetcher *pf);
+/* Frees @pf (nullable); a batch in flight ends on its own, waking no
+ * one (a forced cancel does not wait for it). */
+void strata_prefetcher_free(StrataPrefetcher *pf);
+
 /* Resizes; @exact: the node must get exactly @offset bytes. */
 /* Tells @node (a format driver's file child) that the format is about
  * to do what @event names, for fault injection: see the driver field

@@ -67,6 +67,17 @@ static int commit_co_copy(StrataJob *job, uint64_t offset, uint64_t bytes,
     return ret;
 }
 
+/* What the copies read: the layers from the top down to the base. */
+static void commit_prefetch_chain(StrataJob *job, StrataNode **top,
+                                  StrataNode **base, int *min_depth)
+{
+    CommitJob *c = (CommitJob *)job;
+
+    *top = c->top;
+    *base = c->base;
+    *min_depth = 0;
+}
+
 /* A commit copies a layer's extents, often one cluster each, so it is
  * bound by latency: 32 copies in flight take a quarter off its time
  * (1 GiB chain, cache.direct) and keep peak RSS below QSD's. */
@@ -74,6 +85,7 @@ static const StrataJobCopyOps commit_copy_ops = {
     .co_classify = commit_co_classify,
     .co_copy = commit_co_copy,
     .max_tasks = 32,
+    .prefetch_chain = commit_prefetch_chain,
 };
 
 static int commit_co_run(StrataJob *job, GError **error)

@@ -81,7 +81,7 @@ static unsigned co_claim_run(CommitJob *j, Piece *p, uint64_t host,
             *claimed += pnum;
             continue;
         }
-        if (!strata_img_readable_in_file(st, f) || f != file || map != host + run ||
+        if (!strata_status_in_file(st, f) || f != file || map != host + run ||
             run + pnum > CHUNK) {
             break;
         }
@@ -158,7 +158,7 @@ static int commit_worker(void *opaque)
             j->c.cur += pnum;
             claimed = pnum;
             if ((ret & STRATA_BLOCK_ALLOCATED) &&
-                strata_img_readable_in_file(ret, file)) {
+                strata_status_in_file(ret, file)) {
                 pieces[0] = (Piece){ off, pnum };
                 n = co_claim_run(j, pieces, map, file, &claimed);
             }

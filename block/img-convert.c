@@ -24,12 +24,9 @@
 #define ZERO_GRAIN 4096u
 
 /* Prefetch: how many data bytes ahead of the workers' cursor the hints
- * may reach, given in batches of PREFETCH_BATCH; a batch gathers the
- * ranges of at most PREFETCH_FILES files, PREFETCH_RANGES each. */
+ * may reach, given in batches of PREFETCH_BATCH. */
 #define PREFETCH_AHEAD (64u << 20)
 #define PREFETCH_BATCH (16u << 20)
-#define PREFETCH_FILES 8
-#define PREFETCH_RANGES 64
 
 enum {
     OPTION_IMAGE_OPTS = 256,
@@ -317,81 +314,6 @@ static int convert_worker(void *opaque)
     return ret < 0 ? ret : 0;
 }
 
-/* The ranges of one file a prefetch batch collects, in read order. */
-typedef struct PrefetchFile {
-    StrataNode *file;
-    StrataRange r[PREFETCH_RANGES];
-    unsigned n;
-} PrefetchFile;
-
-typedef struct PrefetchBatch {
-    PrefetchFile f[PREFETCH_FILES];
-    unsigned n;
-    uint64_t data;
-} PrefetchBatch;
-
-/* Adds @bytes at @host of @file to @b; false when @b has no room (the
- * batch is to be sent first). */
-static bool batch_add(PrefetchBatch *b, StrataNode *file, uint64_t host,
-                      uint64_t bytes)
-{
-    PrefetchFile *f = NULL;
-
-    for (unsigned i = 0; i < b->n && !f; i++) {
-        f = b->f[i].file == file ? &b->f[i] : NULL;
-    }
-    if (!f) {
-        if (b->n == PREFETCH_FILES) {
-            return false;
-        }
-        f = &b->f[b->n++];
-        f->file = file;
-        f->n = 0;
-    }
-    if (f->n && f->r[f->n - 1].offset + f->r[f->n - 1].bytes == host) {
-        f->r[f->n - 1].bytes += bytes;
-    } else if (f->n < PREFETCH_RANGES) {
-        f->r[f->n++] = (StrataRange){ host, bytes };
-    } else {
-        return false;
-    }
-    b->data += bytes;
-    return true;
-}
-
-/* Whether a layer of @top's chain stores its data where a prefetch
- * hint does something (a file's page cache).  Other chains (a remote
- * source) would pay the prefetcher's block status queries for nothing. */
-static bool chain_can_prefetch(StrataNode *top)
-{
-    for (StrataNode *n = top; n; n = strata_node_backing(n)) {
-        StrataNode *f;
-
-        n = strata_node_skip_filters(n);
-        if (!n) {
-            break;
-        }
-        f = n->file ? strata_node_skip_filters(n->file->node) : n;
-        if (f && f->drv->co_prefetch) {
-            return true;
-        }
-    }
-    return false;
-}
-
-/* Hands each file of @b its ranges; @b is empty after. */
-static int co_send_batch(PrefetchBatch *b)
-{
-    int ret = 0;
-
-    for (unsigned i = 0; i < b->n && ret == 0; i++) {
-        ret = strata_node_co_prefetch(b->f[i].file, b->f[i].r, b->f[i].n);
-    }
-    b->n = 0;
-    b->data = 0;
-    return ret;
-}
-
 /*
  * Reads ahead of the workers.  A worker's read of data that is not in
  * the page cache waits for the disk, and the kernel's own readahead runs
@@ -408,7 +330,7 @@ static int co_send_batch(PrefetchBatch *b)
 static int prefetch_worker(void *opaque)
 {
     ConvertJob *j = opaque;
-    PrefetchBatch b = { 0 };
+    StrataPrefetchBatch b = { 0 };
     int can_src = -1;       /* the source whose chain takes hints */
     int st;
 
@@ -429,7 +351,7 @@ static int prefetch_worker(void *opaque)
         }
         top = strata_img_backend_node(j->src[j->pf_src]);
         len = j->src_len[j->pf_src];
-        if (can_src != j->pf_src && chain_can_prefetch(top)) {
+        if (can_src != j->pf_src && strata_chain_can_prefetch(top)) {
             can_src = j->pf_src;
         }
         if (can_src != j->pf_src || j->pf_off >= len) {
@@ -446,8 +368,8 @@ static int prefetch_worker(void *opaque)
             return 0;
         }
         pnum = pnum ? pnum : len - j->pf_off;
-        if (strata_img_readable_in_file(st, file) &&
-            !batch_add(&b, file, map, pnum)) {
+        if (strata_status_in_file(st, file) &&
+            !strata_prefetch_batch_add(&b, file, map, pnum)) {
             /* Full: the extent goes into the next batch. */
             pnum = 0;
         } else {
@@ -457,7 +379,7 @@ static int prefetch_worker(void *opaque)
                 continue;
             }
         }
-        if (co_send_batch(&b) < 0) {
+        if (strata_prefetch_batch_send(&b) < 0) {
             return 0;
         }
         while (!j->error && !j->finished &&
@@ -468,7 +390,7 @@ static int prefetch_worker(void *opaque)
         }
     }
     if (!j->error && !j->finished) {
-        co_send_batch(&b);
+        strata_prefetch_batch_send(&b);
     }
     return 0;
 }

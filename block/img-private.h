@@ -146,11 +146,6 @@ char *strata_img_size_to_str(uint64_t bytes);
  */
 bool strata_img_want_zero(StrataNode *top);
 
-/* Whether block status @st with *file @file names data one read of
- * @file can fetch as it is: plain clusters (not compressed, not zero)
- * at a known offset. */
-bool strata_img_readable_in_file(int st, StrataNode *file);
-
 /* The node of the format layer under any filter on @blk. */
 StrataNode *strata_img_backend_node(StrataBackend *blk);
 

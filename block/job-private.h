@@ -282,6 +282,10 @@ typedef struct StrataJobCopyOps {
                    void *buf, bool *is_read);
     /* Copies in flight at most; 0: the default (16). */
     unsigned max_tasks;
+    /* Optional: the chain the copies read, for read-ahead hints
+     * (strata_prefetcher_new's @top, @base and @min_depth). */
+    void (*prefetch_chain)(StrataJob *job, StrataNode **top,
+                           StrataNode **base, int *min_depth);
 } StrataJobCopyOps;
 
 /*

@@ -988,6 +988,8 @@ struct CopyLoop {
     size_t slot, nslots;
     uint64_t used;          /* a bit per slot in use */
     bool nomem;
+    StrataPrefetcher *pf;   /* reads ahead of the copies; nullable */
+    uint64_t started;       /* bytes of the copies started */
 };
 
 /*
@@ -1064,6 +1066,14 @@ static void copy_wait_one(CopyLoop *cl)
     strata_co_queue_wait(&cl->wait, NULL);
 }
 
+/* The prefetcher handed a batch over: the loop may wait for it. */
+static void copy_prefetch_wake(void *opaque)
+{
+    CopyLoop *cl = opaque;
+
+    strata_co_queue_restart_all(&cl->wait);
+}
+
 /* Extends a range of @n bytes at @offset that needs copying over the
  * ranges after it that need copying too, up to a chunk: the layers'
  * extents (often a cluster or two) are far smaller than a chunk, and
@@ -1102,6 +1112,14 @@ int strata_job_co_copy_loop(StrataJob *job, const StrataJobCopyOps *ops,
     g_queue_init(&cl.retry);
     copy_arena_init(&cl, max_in_flight);
     strata_job_progress_set_total(job, len);
+    if (ops->prefetch_chain) {
+        StrataNode *top = NULL, *base = NULL;
+        int min_depth = 0;
+
+        ops->prefetch_chain(job, &top, &base, &min_depth);
+        cl.pf = strata_prefetcher_new(top, base, min_depth,
+                                      copy_prefetch_wake, &cl);
+    }
 
     for (;;) {
         CopyTask *t;
@@ -1196,14 +1214,18 @@ int strata_job_co_copy_loop(StrataJob *job, const StrataJobCopyOps *ops,
             error = error ? error : -ENOMEM;
             break;
         }
+        strata_prefetcher_co_step(cl.pf, t->offset, len, cl.started);
+        cl.started += t->bytes;
         cl.in_flight++;
         strata_coroutine_enter(strata_coroutine_new(copy_task_co, t));
     }
 
-    /* Never return with copies still running: they use the job. */
-    while (cl.in_flight > 0) {
+    /* Never return with copies (or hints) still running: they use the
+     * job. */
+    while (cl.in_flight > 0 || strata_prefetcher_busy(cl.pf)) {
         copy_wait_one(&cl);
     }
+    strata_prefetcher_free(cl.pf);
     g_queue_clear_full(&cl.failed, g_free);
     g_queue_clear_full(&cl.retry, g_free);
     if (cl.arena) {

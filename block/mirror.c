@@ -105,6 +105,9 @@ struct MirrorJob {
     uint64_t dirty_rate, copy_rate;     /* bytes/s */
     unsigned stalled_windows;
     StrataErrorAction stop_pending;
+
+    /* Reads ahead of the first pass (NULL: the chain takes no hints). */
+    StrataPrefetcher *pf;
 };
 
 /* ------------------------------------------------------------------ */
@@ -391,8 +394,19 @@ static void wait_one_op(MirrorJob *m)
 
 static void wait_all_ops(MirrorJob *m)
 {
-    while (m->in_flight > 0 && !strata_job_is_cancelled(&m->common)) {
+    while ((m->in_flight > 0 || strata_prefetcher_busy(m->pf)) &&
+           !strata_job_is_cancelled(&m->common)) {
         wait_one_op(m);
+    }
+}
+
+/* The prefetcher handed a batch over: the job may be waiting for it. */
+static void prefetch_wake(void *opaque)
+{
+    MirrorJob *m = opaque;
+
+    if (m->waiting_op) {
+        strata_job_enter(&m->common);
     }
 }
 
@@ -410,6 +424,7 @@ static void abandon_ops(MirrorJob *m)
     m->ops = NULL;
     m->in_flight = 0;
     m->in_flight_bytes = 0;
+    g_clear_pointer(&m->pf, strata_prefetcher_free);
 }
 
 static uint64_t left_to_copy(MirrorJob *m)
@@ -545,6 +560,10 @@ static int mirror_co_run(StrataJob *job, GError **error)
     }
     m->win_start = strata_clock_ns();
     m->win_left = left_to_copy(m);
+    if (m->sync != MIRROR_SYNC_NONE) {
+        m->pf = strata_prefetcher_new(m->source, m->base, 0, prefetch_wake,
+                                      m);
+    }
 
     for (;;) {
         uint64_t cnt, off, bytes, max_bytes;
@@ -614,6 +633,8 @@ static int mirror_co_run(StrataJob *job, GError **error)
             }
             continue;
         }
+        strata_prefetcher_co_step(m->pf, off, (uint64_t)len,
+                                  m->copied_total + m->in_flight_bytes);
         {
             MirrorOp *op = g_new0(MirrorOp, 1);
             op->m = m;
@@ -636,6 +657,7 @@ static int mirror_co_run(StrataJob *job, GError **error)
     if (m->in_flight > 0) {
         abandon_ops(m);
     }
+    g_clear_pointer(&m->pf, strata_prefetcher_free);
     return ret;
 }
 

@@ -712,12 +712,6 @@ bool strata_img_want_zero(StrataNode *top)
     return false;
 }
 
-bool strata_img_readable_in_file(int st, StrataNode *file)
-{
-    return file && (st & STRATA_BLOCK_DATA) &&
-           (st & STRATA_BLOCK_OFFSET_VALID) && !(st & STRATA_BLOCK_ZERO);
-}
-
 StrataNode *strata_img_backend_node(StrataBackend *blk)
 {
     return strata_node_skip_filters(strata_backend_get_node(blk));

@@ -76,10 +76,22 @@ static int stream_co_copy(StrataJob *job, uint64_t offset, uint64_t bytes,
     return ret;
 }
 
+/* What the copies read: the layers between the top and the base. */
+static void stream_prefetch_chain(StrataJob *job, StrataNode **top,
+                                  StrataNode **base, int *min_depth)
+{
+    StreamJob *s = (StreamJob *)job;
+
+    *top = s->top;
+    *base = s->base;
+    *min_depth = 1;
+}
+
 static const StrataJobCopyOps stream_copy_ops = {
     .co_classify = stream_co_classify,
     .co_copy = stream_co_copy,
     .max_tasks = 32,
+    .prefetch_chain = stream_prefetch_chain,
 };
 
 static int stream_co_run(StrataJob *job, GError **error)

@@ -81,15 +81,6 @@ static void expect_filled(const char *path, off_t off, size_t len, int byte)
     ck_assert_int_eq(memcmp(back, want, len), 0);
 }
 
-static void drop_cache(const char *path, off_t off, off_t len)
-{
-    int fd = open(path, O_RDONLY);
-
-    ck_assert_int_ge(fd, 0);
-    ck_assert_int_eq(posix_fadvise(fd, off, len, POSIX_FADV_DONTNEED), 0);
-    close(fd);
-}
-
 static struct stat stat_path(const char *path)
 {
     struct stat st;
@@ -233,42 +224,6 @@ static int node_prefetch(StrataNode *n, const StrataRange *ranges,
     return run(&c);
 }
 
-/* How many of the pages of [@off, @off + @len) of @path are in the page
- * cache. */
-static size_t resident_pages(const char *path, off_t off, size_t len)
-{
-    long page = sysconf(_SC_PAGESIZE);
-    size_t n = len / (size_t)page, count = 0;
-    g_autofree unsigned char *vec = g_malloc(n);
-    int fd = open(path, O_RDONLY);
-    void *map;
-
-    ck_assert_int_ge(fd, 0);
-    map = mmap(NULL, len, PROT_READ, MAP_SHARED, fd, off);
-    ck_assert(map != MAP_FAILED);
-    ck_assert_int_eq(mincore(map, len, vec), 0);
-    for (size_t i = 0; i < n; i++) {
-        count += vec[i] & 1;
-    }
-    munmap(map, len);
-    close(fd);
-    return count;
-}
-
-/* Waits (generously) until [@off, @off + @len) of @path is all cached. */
-static bool wait_resident(const char *path, off_t off, size_t len)
-{
-    size_t want = len / (size_t)sysconf(_SC_PAGESIZE);
-
-    for (int i = 0; i < 3000; i++) {
-        if (resident_pages(path, off, len) == want) {
-            return true;
-        }
-        g_usleep(10000);
-    }
-    return false;
-}
-
 /* ---- open errors ---- */
 
 START_TEST(test_open_missing)
@@ -407,16 +362,16 @@ static void check_rw(const char *aio)
     ck_assert_int_eq(memcmp(buf, back, 200000), 0);
     /* Not cached, then half cached: buffered reads that miss the page
      * cache take another path than hits. */
-    drop_cache(path, 0, 0);
+    strata_test_drop_cache(path, 0, 0);
     memset(back, 0, 200000);
     ck_assert_int_eq(node_read(n, 12345, 200000, back), 0);
     ck_assert_int_eq(memcmp(buf, back, 200000), 0);
-    drop_cache(path, 65536, 0);
+    strata_test_drop_cache(path, 65536, 0);
     memset(back, 0, 200000);
     ck_assert_int_eq(node_read(n, 12345, 200000, back), 0);
     ck_assert_int_eq(memcmp(buf, back, 200000), 0);
     /* Small reads take the page cache inline when they can. */
-    drop_cache(path, 0, 0);
+    strata_test_drop_cache(path, 0, 0);
     for (int i = 0; i < 2; i++) {
         memset(back, 0, 8192);
         ck_assert_int_eq(node_read(n, 100000, 8192, back), 0);
@@ -717,28 +672,28 @@ START_TEST(test_prefetch)
     ck_assert_int_ge(fd, 0);
     ck_assert_int_eq(fdatasync(fd), 0);
     close(fd);
-    drop_cache(path, 0, 0);
+    strata_test_drop_cache(path, 0, 0);
     /* A file system that keeps files in memory has nothing to show. */
-    cold = resident_pages(path, 0, 4 * mib) == 0;
+    cold = strata_test_resident_pages(path, 0, 4 * mib) == 0;
 
     n = open_file(path, NULL);
     ck_assert_int_eq(node_prefetch(n, bad, 2), -EINVAL);
     ck_assert_int_eq(node_prefetch(n, want, 0), 0);
     ck_assert_int_eq(node_prefetch(n, want, 2), 0);
-    ck_assert(wait_resident(path, 0, mib));
-    ck_assert(wait_resident(path, 3 * mib, mib));
+    ck_assert(strata_test_wait_resident(path, 0, mib));
+    ck_assert(strata_test_wait_resident(path, 3 * mib, mib));
     if (cold) {
-        ck_assert_uint_eq(resident_pages(path, 2 * mib, mib), 0);
+        ck_assert_uint_eq(strata_test_resident_pages(path, 2 * mib, mib), 0);
     }
 
     /* Through blkdebug, which passes it to the file under it. */
-    drop_cache(path, 0, 0);
+    strata_test_drop_cache(path, 0, 0);
     spec = g_strdup_printf("driver=blkdebug,node-name=dbg,image.driver=file,"
                            "image.filename=%s", path);
     dbg = add(ctx, spec, &err);
     ck_assert_msg(dbg, "%s", err ? err->message : "");
     ck_assert_int_eq(node_prefetch(dbg, &want[1], 1), 0);
-    ck_assert(wait_resident(path, 3 * mib, mib));
+    ck_assert(strata_test_wait_resident(path, 3 * mib, mib));
 }
 END_TEST
 

@@ -602,6 +602,124 @@ START_TEST(test_cow_over_zeroes)
 }
 END_TEST
 
+/* ---- read-ahead hints for a copy of the chain ---- */
+
+typedef struct {
+    StrataNode *node;
+    uint64_t off;
+    StrataNode *file;
+    uint64_t map;
+    int depth;
+    int ret;
+} Where;
+
+static void where_co(void *opaque)
+{
+    Where *w = opaque;
+    uint64_t pnum = 0;
+
+    w->ret = strata_node_co_block_status_above(w->node, NULL, false, w->off,
+                                               CS, &pnum, &w->map, &w->file,
+                                               &w->depth);
+}
+
+/* Where cluster @c of @n lives: its layer (by depth) and host offset. */
+static Where where(StrataNode *n, unsigned c)
+{
+    Where w = { n, (uint64_t)c * CS, NULL, 0, 0, 0 };
+
+    strata_loop_run_co(ctx->loop, where_co, &w);
+    ck_assert_int_ge(w.ret, 0);
+    ck_assert(strata_status_in_file(w.ret, w.file));
+    return w;
+}
+
+typedef struct {
+    StrataPrefetcher *pf;
+    int wakes;
+} PfRun;
+
+static void pf_wake(void *opaque)
+{
+    ((PfRun *)opaque)->wakes++;
+}
+
+static void pf_co(void *opaque)
+{
+    PfRun *r = opaque;
+
+    strata_prefetcher_co_step(r->pf, 0, SIZE, 0);
+    while (strata_prefetcher_busy(r->pf)) {
+        strata_loop_co_sleep_ns(ctx->loop, 1000 * 1000);
+    }
+}
+
+/* The prefetcher hands each layer's file the exact clusters a copy of
+ * the chain reads from it (min_depth 1: not the top's own), so they are
+ * in the page cache afterwards; a cluster a layer above replaces, and
+ * the top's own clusters, are not read (checked where the files'
+ * pages could be dropped). */
+START_TEST(test_prefetch_chain)
+{
+    Model m;
+    StrataNode *top, *l0;
+    PfRun r = { NULL, 0 };
+    /* From the top: cluster 2 lives in l0 (depth 4), 3 in l1, 4 in l2
+     * (over l0's), 6 in the top itself. */
+    static const unsigned hinted[] = { 2, 3, 4 };
+    bool cold = true;
+
+    build_chain(&m);
+    top = open_layer(DEPTH - 1, NULL, false);
+    l0 = top;
+    for (int i = 0; i < DEPTH - 1; i++) {
+        l0 = strata_node_backing(l0);
+    }
+    for (int i = 0; i < DEPTH; i++) {
+        g_autofree char *path = layer_path(i);
+
+        strata_test_drop_cache(path, 0, 0);
+    }
+    for (unsigned i = 0; i < G_N_ELEMENTS(hinted); i++) {
+        Where w = where(top, hinted[i]);
+        g_autofree char *path = layer_path(DEPTH - 1 - w.depth);
+
+        cold = cold && strata_test_resident_pages(path, (off_t)w.map,
+                                                  CS) == 0;
+    }
+
+    r.pf = strata_prefetcher_new(top, NULL, 1, pf_wake, &r);
+    ck_assert_ptr_nonnull(r.pf);
+    strata_loop_run_co(ctx->loop, pf_co, &r);
+    ck_assert_int_eq(r.wakes, 1);
+
+    for (unsigned i = 0; i < G_N_ELEMENTS(hinted); i++) {
+        Where w = where(top, hinted[i]);
+        g_autofree char *path = layer_path(DEPTH - 1 - w.depth);
+
+        ck_assert_int_eq(w.depth, 4 - (int)i);
+        ck_assert_msg(strata_test_wait_resident(path, (off_t)w.map, CS),
+                      "cluster %u of layer %d not read ahead", hinted[i],
+                      DEPTH - 1 - w.depth);
+    }
+    if (cold) {
+        Where own = where(top, 6);
+        Where under = where(l0, 4);
+        g_autofree char *top_path = layer_path(DEPTH - 1);
+        g_autofree char *l0_path = layer_path(0);
+
+        ck_assert_int_eq(own.depth, 0);
+        ck_assert_uint_eq(strata_test_resident_pages(top_path,
+                                                     (off_t)own.map, CS), 0);
+        ck_assert_uint_eq(strata_test_resident_pages(l0_path,
+                                                     (off_t)under.map, CS),
+                          0);
+    }
+    strata_prefetcher_free(r.pf);
+    close_node(top);
+}
+END_TEST
+
 START_TEST(test_cache_lazy)
 {
     StrataNode *n;
@@ -845,6 +963,8 @@ int main(void)
     strata_test_add(s, "/qcow2/cow/over-chain", test_cow_over_chain, setup,
                     teardown);
     strata_test_add(s, "/qcow2/cow/over-zeroes", test_cow_over_zeroes, setup,
+                    teardown);
+    strata_test_add(s, "/qcow2/chain/prefetch", test_prefetch_chain, setup,
                     teardown);
     strata_test_add(s, "/qcow2/cache/lazy", test_cache_lazy, setup,
                     teardown);

@@ -8,6 +8,7 @@
 #include <glib.h>
 #include <glib/gstdio.h>
 #include <stdbool.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 /* One TCase per test, named by its path ("/io/align/read"), so a
@@ -72,6 +73,58 @@ static inline int strata_test_main_n(const char *name,
 #define strata_test_main(name, tests, setup, teardown) \
     strata_test_main_n((name), (tests), G_N_ELEMENTS(tests), (setup), \
                        (teardown))
+
+/* Writes back and drops [@off, @off + @len) of @path (0: to the end)
+ * from the page cache. */
+static inline void strata_test_drop_cache(const char *path, off_t off,
+                                          off_t len)
+{
+    int fd = open(path, O_RDONLY);
+
+    ck_assert_int_ge(fd, 0);
+    ck_assert_int_eq(fdatasync(fd), 0);
+    ck_assert_int_eq(posix_fadvise(fd, off, len, POSIX_FADV_DONTNEED), 0);
+    close(fd);
+}
+
+/* How many of the pages of [@off, @off + @len) of @path are in the page
+ * cache. */
+static inline size_t strata_test_resident_pages(const char *path, off_t off,
+                                                size_t len)
+{
+    long page = sysconf(_SC_PAGESIZE);
+    size_t n = len / (size_t)page, count = 0;
+    unsigned char *vec = g_malloc(n);
+    int fd = open(path, O_RDONLY);
+    void *map;
+
+    ck_assert_int_ge(fd, 0);
+    map = mmap(NULL, len, PROT_READ, MAP_SHARED, fd, off);
+    ck_assert(map != MAP_FAILED);
+    ck_assert_int_eq(mincore(map, len, vec), 0);
+    for (size_t i = 0; i < n; i++) {
+        count += vec[i] & 1;
+    }
+    munmap(map, len);
+    close(fd);
+    g_free(vec);
+    return count;
+}
+
+/* Waits (generously) until [@off, @off + @len) of @path is all cached. */
+static inline bool strata_test_wait_resident(const char *path, off_t off,
+                                             size_t len)
+{
+    size_t want = len / (size_t)sysconf(_SC_PAGESIZE);
+
+    for (int i = 0; i < 3000; i++) {
+        if (strata_test_resident_pages(path, off, len) == want) {
+            return true;
+        }
+        g_usleep(10000);
+    }
+    return false;
+}
 
 static inline char *strata_test_tmpdir(void)
 {
