@@ -15,6 +15,9 @@ Two suites (both by default; --suites picks):
           cache.direct=on and aio=io_uring, raw on top, --nbd-server,
           --export writable).  Every sample is checked afterwards with
           qemu-io reads of the expected pattern through the export.  Two
+          more rows are the same four through the page cache
+          (cache.direct=off, the file read once before each sample), where
+          the CPU and not the disk bounds them.  Two
           more rows put a null-co node (read-zeroes=on) under the export
           instead of the file, so that no disk is involved: 4 KiB reads at
           depth 1 (the round trip through the server, in microseconds per
@@ -243,6 +246,19 @@ class Bench:
             # (MAX_NBD_REQUESTS), no NBD in the way.  One side only.
             Row("export", "rr4k qd16 file, no NBD", "disk", bs=4096,
                 count=int(n4k // 4 * sc), step=step, write=False, depth=16),
+            # The same four through the page cache (cache.direct=off, the
+            # file read once before each sample): the CPU, not the disk,
+            # bounds these.
+            Row("export", "rr4k qd32 page cache", "r", bs=4096,
+                count=int(n4k // 2 * sc), step=step, write=False, pc=True),
+            Row("export", "rw4k qd32 page cache", "w", bs=4096,
+                count=int(n4k // 4 * sc), step=step, write=True, pc=True),
+            Row("export", "sr1m qd32 page cache", "r", bs=MIB,
+                count=int(self.size // MIB * sc), step=MIB, write=False,
+                pc=True),
+            Row("export", "sw1m qd32 page cache", "w", bs=MIB,
+                count=int(self.size // MIB * sc), step=MIB, write=True,
+                pc=True),
             Row("export", "rr4k qd1 null", "null", bs=4096,
                 count=int(20000 * sc), step=step, write=False, depth=1),
             Row("export", "rr4k qd32 null", "null", bs=4096,
@@ -250,7 +266,7 @@ class Bench:
         ]
         return rows
 
-    def daemon(self, side, f):
+    def daemon(self, side, f, direct=True):
         sock = self.path("%s.sock" % side)
         pidfile = self.path("%s.pid" % side)
         exe = self.a.qsd if side == "qemu" else self.a.stratad
@@ -259,7 +275,8 @@ class Bench:
                      "read-zeroes=on" % self.size]
         else:
             nodes = ["--blockdev", "driver=file,node-name=f,filename=%s,"
-                     "cache.direct=on,aio=io_uring" % f,
+                     "cache.direct=%s,aio=io_uring"
+                     % (f, "on" if direct else "off"),
                      "--blockdev", "driver=raw,node-name=d,file=f"]
         argv = [exe] + nodes + [
                 "--nbd-server", "addr.type=unix,addr.path=%s" % sock,
@@ -272,7 +289,10 @@ class Bench:
         f = {"r": self.rfile, "w": self.wfile, "null": None,
              "disk": self.rfile}[row.work]
         pattern = 0x5a if side == "qemu" else 0xa5
-        if f:
+        pc = getattr(row, "pc", False)
+        if f and pc:
+            warm(f)
+        elif f:
             evict(f)
         if row.work == "disk":
             out, _, cpu = run_timed([
@@ -283,7 +303,7 @@ class Bench:
             if not m:
                 raise RuntimeError("no run time in: %s" % out[-200:])
             return float(m.group(1)), cpu, 0.0
-        srv, uri = self.daemon(side, f)
+        srv, uri = self.daemon(side, f, direct=not pc)
         try:
             argv = [self.a.qemu_img, "bench", "-f", "raw",
                     "-d", str(getattr(row, "depth", 32)),
