@@ -856,7 +856,10 @@ static int file_co_rw(StrataNode *node, uint64_t offset, uint64_t bytes,
         if (niov == 0) {
             return -EINVAL; /* @qiov shorter than @bytes: caller's bug */
         }
-        if (write && inline_ok(s, offset + done, bytes - done)) {
+        if (write && s->direct) {
+            ret = strata_loop_co_pwritev_direct(loop, s->engine, s->fd, iov,
+                                                niov, offset + done);
+        } else if (write && inline_ok(s, offset + done, bytes - done)) {
             ret = inline_pwritev(s, iov, niov, offset + done);
         } else if (write) {
             ret = strata_loop_co_pwritev(loop, s->engine, s->fd, iov, niov,

@@ -128,12 +128,16 @@ ssize_t strata_loop_co_preadv_offload(StrataLoop *loop, StrataAioMode engine,
 ssize_t strata_loop_co_pwritev(StrataLoop *loop, StrataAioMode engine,
                                int fd, const struct iovec *iov, int iovcnt,
                                uint64_t offset);
-/* As strata_loop_co_preadv, for a read from a device (an O_DIRECT
- * file): on the ring, what its coroutine queues when it completes is
- * submitted at once, not with the other completions of the batch. */
+/* As strata_loop_co_preadv and strata_loop_co_pwritev, for I/O of a
+ * device (an O_DIRECT file): on the ring, what the coroutine queues when
+ * it completes is submitted at once, not with the other completions of
+ * the batch. */
 ssize_t strata_loop_co_preadv_direct(StrataLoop *loop, StrataAioMode engine,
                                      int fd, const struct iovec *iov,
                                      int iovcnt, uint64_t offset);
+ssize_t strata_loop_co_pwritev_direct(StrataLoop *loop, StrataAioMode engine,
+                                      int fd, const struct iovec *iov,
+                                      int iovcnt, uint64_t offset);
 int strata_loop_co_fdatasync(StrataLoop *loop, StrataAioMode engine, int fd);
 int strata_loop_co_fallocate(StrataLoop *loop, StrataAioMode engine, int fd,
                              int mode, uint64_t offset, uint64_t len);
