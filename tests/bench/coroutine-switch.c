@@ -18,11 +18,12 @@ static double now_ns(void)
     return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
 }
 
-static void yield_forever(void *opaque)
+/* Counts and yields until the count goes negative. */
+static void yield_loop(void *opaque)
 {
     volatile long *count = opaque;
 
-    for (;;) {
+    while (*count >= 0) {
         (*count)++;
         strata_co_yield();
     }
@@ -55,9 +56,8 @@ int main(int argc, char **argv)
         return 2;
     }
 
-    /* Enter + yield: two switches per round trip.  The coroutine never
-     * ends; its stack is left to process exit. */
-    co = strata_coroutine_new(yield_forever, (void *)&count);
+    /* Enter + yield: two switches per round trip. */
+    co = strata_coroutine_new(yield_loop, (void *)&count);
     strata_coroutine_enter(co);
     t0 = now_ns();
     for (long i = 0; i < n; i++) {
@@ -68,6 +68,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "lost round trips: %ld of %ld\n", count, n + 1);
         return 1;
     }
+    count = -1;
+    strata_coroutine_enter(co);     /* it ends, and its stack is freed */
 
     /* Create + enter + finish, with the stack from the pool. */
     count = 0;
