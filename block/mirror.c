@@ -424,7 +424,6 @@ static void abandon_ops(MirrorJob *m)
     m->ops = NULL;
     m->in_flight = 0;
     m->in_flight_bytes = 0;
-    g_clear_pointer(&m->pf, strata_prefetcher_free);
 }
 
 static uint64_t left_to_copy(MirrorJob *m)
@@ -871,7 +870,6 @@ typedef struct MirrorSetup {
     uint64_t granularity, buf_size;
     unsigned max_in_flight;     /* 0: MIRROR_MAX_IN_FLIGHT */
 } MirrorSetup;
-
 
 static bool mirror_start_job(StrataContext *ctx, JsonObject *args,
                              MirrorSetup *s, GError **error)

@@ -697,25 +697,22 @@ static bool co_reads_as_zero(StrataQcow2State *s, uint64_t from,
                              uint64_t to)
 {
     uint64_t pnum = 0;
-    int st;
+    int st = strata_node_co_block_status_above(s->node, NULL, false, from,
+                                               to - from, &pnum, NULL, NULL,
+                                               NULL);
 
-    if (from >= to) {
-        return true;
-    }
-    st = strata_node_co_block_status_above(s->node, NULL, false, from,
-                                           to - from, &pnum, NULL, NULL,
-                                           NULL);
     return st >= 0 && pnum >= to - from &&
            strata_node_status_reads_zero(s->node, st);
 }
 
-/* When what the copy-on-write would copy reads as zeroes, the file
- * zeroes [@gfrom, @gto) at @host by allocation (a range of unwritten
- * extents, no zero bytes through the page cache or to the disk) and
- * only the guest's data is written: a 4 KiB write into a 64 KiB
- * cluster of an empty stretch of the chain writes 4 KiB, not 64.
- * -ENOTSUP: take the plain path (the file cannot zero cheaply, or the
- * copy is not all zeroes). */
+/* When the new cluster's range reads as zeroes now (one block status
+ * query for all of [@gfrom, @gto), the guest's part included: it is one
+ * cluster, and the query is on every copy-on-write), the file zeroes
+ * [@gfrom, @gto) at @host by allocation (a range of unwritten extents,
+ * no zero bytes through the page cache or to the disk) and only the
+ * guest's data is written: a 4 KiB write into a 64 KiB cluster of an
+ * empty stretch of the chain writes 4 KiB, not 64.  -ENOTSUP: take the
+ * plain path (the file cannot zero cheaply, or the range holds data). */
 static int co_write_over_zeroes(StrataQcow2State *s, uint64_t gfrom,
                                 uint64_t gto, uint64_t offset, uint64_t n,
                                 const WriteData *d, uint64_t host)
@@ -725,8 +722,7 @@ static int co_write_over_zeroes(StrataQcow2State *s, uint64_t gfrom,
     int ret;
 
     if (d->src || ((host | (gto - gfrom)) & (align - 1)) ||
-        !co_reads_as_zero(s, gfrom, offset) ||
-        !co_reads_as_zero(s, offset + n, gto)) {
+        !co_reads_as_zero(s, gfrom, gto)) {
         return -ENOTSUP;
     }
     ret = strata_node_co_pwrite_zeroes(file, host, gto - gfrom,

@@ -254,6 +254,30 @@ def report(rows):
     return "\n".join(lines)
 
 
+def check_args(ap, a):
+    """Refuses bad arguments before any image is written."""
+    if a.reps < 1:
+        ap.error("--reps must be at least 1")
+    if a.size < 64 * MIB or a.size % MIB:
+        ap.error("--size must be a whole number of MiB, at least 64 MiB")
+    if not 0 < a.scale <= 1:
+        ap.error("--scale must be in (0, 1]")
+    for opt, d in (("--chain", a.chain), ("--deep-chain", a.deep_chain)):
+        if d and not os.path.isfile(os.path.join(d, "chain.json")):
+            ap.error("%s %s: no chain.json there (make one with the kit's "
+                     "mkchain)" % (opt, d))
+    try:
+        depths = [int(x) for x in a.depths.split(",") if x]
+    except ValueError:
+        ap.error("--depths takes depths separated by commas, not %r"
+                 % a.depths)
+    if any(d < 1 for d in depths):
+        ap.error("--depths must be positive")
+    for t in (a.strata_img, a.qemu_img, a.qemu_io):
+        if not shutil.which(t):
+            ap.error("%s: not found" % t)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=5)
@@ -271,8 +295,7 @@ def main():
     ap.add_argument("--out", help="also write the table here")
     ap.add_argument("--keep", action="store_true")
     a = ap.parse_args()
-    if a.reps < 1:
-        raise SystemExit("--reps must be at least 1")
+    check_args(ap, a)
     rows = Bench(a).go()
     text = report(rows)
     print(text)
