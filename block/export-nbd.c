@@ -1166,15 +1166,21 @@ static int co_block_status(NbdClient *c, NbdRequest *r)
 }
 
 /* Whether what @node reads as zero is known without I/O: a format that
- * keeps its map in memory, or null-co.  A raw file answers with lseeks
- * in a worker thread, which every read would then wait for (QEMU pays
+ * keeps its map in memory, or null-co, seen through filters and through
+ * raw (whose status is its file's).  A raw file answers with lseeks in
+ * a worker thread, which every read would then wait for (QEMU pays
  * them); its reads send their bytes, zeroes included. */
 static bool zero_status_is_cheap(StrataNode *node)
 {
-    const char *drv;
+    const char *drv = "";
 
-    node = strata_node_skip_filters(node);
-    drv = node ? strata_node_get_driver_name(node) : "";
+    for (node = strata_node_skip_filters(node); node;
+         node = strata_node_skip_filters(node->file->node)) {
+        drv = strata_node_get_driver_name(node);
+        if (strcmp(drv, "raw") || !node->file) {
+            break;
+        }
+    }
     return !strcmp(drv, "qcow2") || !strcmp(drv, "null-co");
 }
 

@@ -343,6 +343,7 @@ bool strata_qmp_x_strata_query_loop(StrataMonitor *mon, JsonObject *args,
     JsonObject *o = json_object_new();
     const char *reason = strata_loop_fallback_reason(ctx->loop);
     StrataLoopStats st;
+    StrataLoopPollStats ps;
     JsonNode *n = json_node_alloc();
 
     strata_loop_get_stats(ctx->loop, &st);
@@ -355,6 +356,11 @@ bool strata_qmp_x_strata_query_loop(StrataMonitor *mon, JsonObject *args,
     json_object_set_int_member(o, "sqes", (gint64)st.sqes);
     json_object_set_int_member(o, "completions", (gint64)st.completions);
     json_object_set_int_member(o, "thread-jobs", (gint64)st.thread_jobs);
+    strata_loop_get_poll_stats(&ps);
+    json_object_set_int_member(o, "poll-max-ns", ps.max_ns);
+    json_object_set_int_member(o, "poll-ns", ps.window_ns);
+    json_object_set_int_member(o, "poll-hits", (gint64)ps.polled);
+    json_object_set_int_member(o, "poll-sleeps", (gint64)ps.slept);
     json_node_take_object(json_node_init(n, JSON_NODE_OBJECT), o);
     *ret = n;
     return true;

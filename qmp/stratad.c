@@ -62,6 +62,7 @@ typedef struct {
     GPtrArray *chardevs;    /* Chardev * */
     GPtrArray *monitors;    /* char *: chardev ids */
     char *pidfile;
+    gint64 poll_max_ns;
     bool daemonize;
     bool verbose;
 } Options;
@@ -80,6 +81,11 @@ static void die(const char *fmt, ...)
     exit(1);
 }
 
+/* How long the loop polls before it sleeps (see
+ * strata_loop_set_poll_max_ns); as QEMU's IOThreads by default. */
+#define STRATAD_POLL_MAX_NS 100000
+#define STRATAD_POLL_LIMIT_NS 1000000
+
 static void usage(void)
 {
     printf("Usage: stratad [options]\n"
@@ -96,10 +102,13 @@ static void usage(void)
            "  --chardev socket,path=PATH,server=on,wait=off,id=ID\n"
            "  --monitor chardev=ID     serve QMP on that chardev\n"
            "  --pidfile PATH           write the process id to PATH\n"
+           "  --poll-max-ns NS         poll up to NS ns before sleeping "
+           "(default %d; 0: off)\n"
            "  --daemonize              run in the background once ready\n"
            "  -v, --trace PATTERN      log debug messages to stderr\n"
            "  -V, --version            print the version\n"
-           "  -h, --help               print this help\n");
+           "  -h, --help               print this help\n",
+           STRATAD_POLL_MAX_NS);
 }
 
 static bool is_on(const char *v)
@@ -236,7 +245,8 @@ static void parse_args(Options *o, int argc, char **argv)
         if (strcmp(name, "--qmp") && strcmp(name, "--blockdev") &&
             strcmp(name, "--nbd-server") && strcmp(name, "--export") &&
             strcmp(name, "--chardev") && strcmp(name, "--monitor") &&
-            strcmp(name, "--pidfile") && strcmp(name, "--trace")) {
+            strcmp(name, "--pidfile") && strcmp(name, "--trace") &&
+            strcmp(name, "--poll-max-ns")) {
             die("unknown option '%s'", name);
         }
         if (!value) {
@@ -263,6 +273,15 @@ static void parse_args(Options *o, int argc, char **argv)
         } else if (!strcmp(name, "--pidfile")) {
             g_free(o->pidfile);
             o->pidfile = g_strdup(value);
+        } else if (!strcmp(name, "--poll-max-ns")) {
+            guint64 ns;
+
+            if (!g_ascii_string_to_unsigned(value, 10, 0, STRATAD_POLL_LIMIT_NS,
+                                            &ns, NULL)) {
+                die("--poll-max-ns: '%s' is not a number of nanoseconds "
+                    "from 0 to %d", value, STRATAD_POLL_LIMIT_NS);
+            }
+            o->poll_max_ns = ns;
         } else {
             o->verbose = true;
         }
@@ -496,6 +515,7 @@ int main(int argc, char **argv)
     static StrataMonitor *mon;
     int daemon_fd = -1;
 
+    o.poll_max_ns = STRATAD_POLL_MAX_NS;
     o.actions = g_ptr_array_new_with_free_func(action_free);
     o.sockets = g_ptr_array_new_with_free_func(g_free);
     o.chardevs = g_ptr_array_new();
@@ -535,6 +555,7 @@ int main(int argc, char **argv)
     }
     mon = strata_monitor_new(ctx);
     d.loop = g_main_loop_new(NULL, FALSE);
+    strata_loop_set_poll_max_ns(ctx->loop, o.poll_max_ns);
     strata_monitor_set_quit_func(mon, on_quit, &d);
     for (guint i = 0; i < o.sockets->len; i++) {
         if (!strata_monitor_listen(mon, o.sockets->pdata[i], &err)) {

@@ -51,6 +51,35 @@ const char *strata_loop_engine_name(StrataLoop *loop);
 const char *strata_loop_fallback_reason(StrataLoop *loop);
 
 /**
+ * strata_loop_set_poll_max_ns:
+ * @max_ns: the longest the loop may poll before it sleeps; 0 turns
+ *   polling off
+ *
+ * Makes the thread that iterates @loop's context check for events
+ * without sleeping for a while before each wait, as QEMU's IOThreads do
+ * (their poll-max-ns).  A vCPU or CPU that sleeps takes tens of
+ * microseconds to wake: a peer that answers a request within that time
+ * (an NBD client, a disk at low depth) then finds the loop still
+ * running.  The polling window adapts per thread: it grows (4 µs, then
+ * doubling, up to @max_ns) while waits end within @max_ns, and drops to
+ * nothing after a wait that outlasted @max_ns, so an idle loop sleeps
+ * at once.  Installs a poll function on the context (the setting is
+ * per process; the last call wins).
+ */
+void strata_loop_set_poll_max_ns(StrataLoop *loop, int64_t max_ns);
+
+/* What the calling thread's polling did so far (the loop thread's,
+ * called from it). */
+typedef struct StrataLoopPollStats {
+    int64_t max_ns;     /* the limit set; 0: off */
+    int64_t window_ns;  /* how long the next wait may poll */
+    uint64_t polled;    /* waits that ended while polling */
+    uint64_t slept;     /* waits that went to sleep */
+} StrataLoopPollStats;
+
+void strata_loop_get_poll_stats(StrataLoopPollStats *stats);
+
+/**
  * strata_loop_iterate:
  * @blocking: whether to wait for an event when nothing is ready
  *

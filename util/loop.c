@@ -1125,6 +1125,89 @@ const char *strata_loop_fallback_reason(StrataLoop *loop)
     return loop->fallback_reason;
 }
 
+/* ------------------------------------------------------------------ */
+/* Adaptive polling                                                    */
+/* ------------------------------------------------------------------ */
+
+#define LOOP_POLL_FIRST_NS 4000
+
+/* GPollFunc carries no user data: the limit is the process's, the
+ * window and the counters the polling thread's. */
+static gint64 loop_poll_max_ns;
+static __thread gint64 loop_poll_ns;
+static __thread guint64 loop_poll_polled, loop_poll_slept;
+
+static gint64 loop_now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * (gint64)1000000000 + ts.tv_nsec;
+}
+
+/*
+ * The context's poll: a wait that may block first asks without sleeping
+ * until the window runs out (or the timeout, when sooner), then sleeps.
+ * What the whole wait took then moves the window: ended inside it, it
+ * was right; ended after it but within the limit, a longer window would
+ * have caught it; outlasted the limit, polling only burns the CPU.
+ */
+static gint loop_poll(GPollFD *fds, guint nfds, gint timeout)
+{
+    gint64 max = loop_poll_max_ns;
+    gint64 window = MIN(loop_poll_ns, max);
+    gint64 start, waited;
+    gint ret;
+
+    if (timeout == 0 || max == 0) {
+        return g_poll(fds, nfds, timeout);
+    }
+    start = loop_now_ns();
+    if (timeout > 0) {
+        window = MIN(window, (gint64)timeout * 1000000);
+    }
+    while (window > 0) {
+        ret = g_poll(fds, nfds, 0);
+        if (ret != 0) {
+            loop_poll_polled++;
+            return ret;
+        }
+        if (loop_now_ns() - start >= window) {
+            break;
+        }
+    }
+    loop_poll_slept++;
+    ret = g_poll(fds, nfds, timeout);
+    waited = loop_now_ns() - start;
+    if (waited > max) {
+        loop_poll_ns = 0;
+    } else if (waited > loop_poll_ns) {
+        loop_poll_ns = loop_poll_ns ? MIN(loop_poll_ns * 2, max)
+                                    : MIN(LOOP_POLL_FIRST_NS, max);
+    }
+    return ret;
+}
+
+void strata_loop_set_poll_max_ns(StrataLoop *loop, int64_t max_ns)
+{
+    g_return_if_fail(loop != NULL && max_ns >= 0);
+
+    loop_poll_max_ns = max_ns;
+    loop_poll_ns = MIN(loop_poll_ns, max_ns);
+    g_main_context_set_poll_func(loop->context,
+                                 max_ns ? loop_poll : g_poll);
+}
+
+void strata_loop_get_poll_stats(StrataLoopPollStats *stats)
+{
+    g_return_if_fail(stats != NULL);
+
+    stats->max_ns = loop_poll_max_ns;
+    stats->window_ns = loop_poll_ns;
+    stats->polled = loop_poll_polled;
+    stats->slept = loop_poll_slept;
+}
+
 bool strata_loop_iterate(StrataLoop *loop, bool blocking)
 {
     g_return_val_if_fail(loop != NULL, false);

@@ -22,8 +22,8 @@ Two suites (both by default; --suites picks):
           instead of the file, so that no disk is involved: 4 KiB reads at
           depth 1 (the round trip through the server, in microseconds per
           request) and at depth 32 (what the server sustains when only
-          software is in the way; QSD answers these reads of zeroes
-          with hole chunks, stratad with 4 KiB of data each).  One row, QEMU's column only, is the
+          software is in the way; both daemons answer these reads of
+          zeroes with hole chunks).  One row, QEMU's column only, is the
           bound of the 4 KiB read row: qemu-img bench on the file itself
           (cache=none, io_uring) at depth 16, the most requests QEMU's NBD
           client keeps in flight whatever -d says.

@@ -809,6 +809,59 @@ START_TEST(test_stratad_bad_args)
     ck_assert(strstr(e2, "--blockdev") && strstr(e2, "nosuch"));
     ck_assert_int_eq(run_stratad("--monitor chardev=nochar", &e3), 1);
     ck_assert(strstr(e3, "nochar"));
+    {
+        const char *bad[] = { "abc", "-1", "1000001", "", "12x", "0x10",
+                              "99999999999999999999" };
+        for (guint i = 0; i < G_N_ELEMENTS(bad); i++) {
+            g_autofree char *args = g_strdup_printf("'--poll-max-ns=%s'",
+                                                    bad[i]);
+            g_autofree char *e = NULL;
+
+            ck_assert_int_eq(run_stratad(args, &e), 1);
+            ck_assert_msg(strstr(e, "--poll-max-ns") &&
+                          strstr(e, "nanoseconds"), "%s: %s", bad[i], e);
+        }
+    }
+}
+END_TEST
+
+/* --poll-max-ns reaches the loop: the default, a value, and off; the
+ * daemon serves either way. */
+START_TEST(test_stratad_poll_max_ns)
+{
+    const struct { const char *args; gint64 max; } cases[] = {
+        { NULL, 100000 },
+        { "--poll-max-ns 5000", 5000 },
+        { "--poll-max-ns=0", 0 },
+    };
+
+    for (guint i = 0; i < G_N_ELEMENTS(cases); i++) {
+        QTestState *s = qtest_start(cases[i].args, true);
+        JsonNode *r;
+        JsonObject *o;
+
+        for (int k = 0; k < 20; k++) {
+            r = qtest_qmp(s, "{\"execute\": \"query-named-block-nodes\"}");
+            ck_assert(qtest_is_return(r));
+        }
+        r = qtest_qmp(s, "{\"execute\": \"x-strata-query-loop\"}");
+        ck_assert_msg(qtest_is_return(r), "%s", qtest_to_string(r));
+        o = json_object_get_object_member(json_node_get_object(r), "return");
+        ck_assert_int_eq(json_object_get_int_member(o, "poll-max-ns"),
+                         cases[i].max);
+        ck_assert_int_le(json_object_get_int_member(o, "poll-ns"),
+                         cases[i].max);
+        /* The commands' waits went through the loop's poll: counted
+         * when it polls, not at all when it is off. */
+        if (cases[i].max) {
+            ck_assert_int_gt(json_object_get_int_member(o, "poll-sleeps") +
+                             json_object_get_int_member(o, "poll-hits"), 0);
+        } else {
+            ck_assert_int_eq(json_object_get_int_member(o, "poll-sleeps"), 0);
+            ck_assert_int_eq(json_object_get_int_member(o, "poll-hits"), 0);
+        }
+        qtest_end(s);
+    }
 }
 END_TEST
 
@@ -931,6 +984,7 @@ int main(void)
         { "/qmp/hostile/many-clients",
           test_hostile_many_clients, .timeout = 60 },
         { "/qmp/stratad/bad-args", test_stratad_bad_args, .timeout = 30 },
+        { "/qmp/stratad/poll-max-ns", test_stratad_poll_max_ns, .timeout = 30 },
         { "/qmp/stratad/cmdline-forms",
           test_stratad_cmdline_forms, .timeout = 30 },
     };

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <glib-unix.h>
 
 #include "coroutine-private.h"
 #include "loop-private.h"
@@ -1102,6 +1103,125 @@ START_TEST(test_misuse)
 }
 END_TEST
 
+/* ---- adaptive polling ---- */
+
+typedef struct {
+    int fd;
+    int n;
+} Ticker;
+
+/* Writes a byte @n times, 50 µs apart: a peer that answers quickly. */
+static gpointer ticker_thread(gpointer opaque)
+{
+    Ticker *t = opaque;
+
+    for (int i = 0; i < t->n; i++) {
+        g_usleep(50);
+        ck_assert_int_eq(write(t->fd, "x", 1), 1);
+    }
+    return NULL;
+}
+
+static gboolean tick_read(gint fd, GIOCondition cond, gpointer opaque)
+{
+    char buf[256];
+    ssize_t n = read(fd, buf, sizeof(buf));
+
+    if (n > 0) {
+        *(int *)opaque += n;
+    }
+    return G_SOURCE_CONTINUE;
+}
+
+/* Runs @n ticks through @ctx, iterating it blocking until all came. */
+static void run_ticks(StrataLoop *loop, int wfd, int n, int *got)
+{
+    Ticker t = { wfd, n };
+    GThread *th = g_thread_new("ticker", ticker_thread, &t);
+    int64_t deadline = strata_clock_ns() + 20 * G_GINT64_CONSTANT(1000000000);
+
+    *got = 0;
+    while (*got < n) {
+        ck_assert_int_lt(strata_clock_ns(), deadline);
+        strata_loop_iterate(loop, true);
+    }
+    g_thread_join(th);
+}
+
+static gboolean flag_timeout(gpointer opaque)
+{
+    *(bool *)opaque = true;
+    return G_SOURCE_REMOVE;
+}
+
+/* With a limit, waits that end soon are caught while the loop polls and
+ * the window grows; one long wait resets it; without a limit nothing
+ * polls.  Counters and window are the thread's (strata_loop_poll_stats). */
+START_TEST(test_poll_adapts)
+{
+    GMainContext *ctx;
+    StrataLoop *loop = loop_new_for(0, &ctx);
+    StrataLoopPollStats st0, st1, st2, st3;
+    int fds[2], got = 0;
+    GSource *src, *ticks;
+    bool fired = false;
+    const int n = 400;
+
+    if (!loop) {
+        return;
+    }
+    ck_assert_int_eq(pipe(fds), 0);
+    ck_assert(g_unix_set_fd_nonblocking(fds[0], TRUE, NULL));
+    ticks = g_unix_fd_source_new(fds[0], G_IO_IN);
+    g_source_set_callback(ticks, (GSourceFunc)(void (*)(void))tick_read, &got,
+                          NULL);
+    g_source_attach(ticks, ctx);
+
+    /* Off by default: every wait sleeps. */
+    strata_loop_get_poll_stats(&st0);
+    ck_assert_int_eq(st0.max_ns, 0);
+    run_ticks(loop, fds[1], 50, &got);
+    strata_loop_get_poll_stats(&st1);
+    ck_assert_int_eq(st1.polled, st0.polled);
+    ck_assert_int_eq(st1.window_ns, 0);
+
+    /* 2 ms: ticks 50 µs apart (however late a loaded machine makes
+     * them) end waits inside the limit, so the window opens and most
+     * waits end while polling. */
+    strata_loop_set_poll_max_ns(loop, 2000000);
+    run_ticks(loop, fds[1], n, &got);
+    strata_loop_get_poll_stats(&st2);
+    ck_assert_int_eq(st2.max_ns, 2000000);
+    ck_assert_msg(st2.polled - st1.polled > n / 4,
+                  "caught %" G_GUINT64_FORMAT " of %d waits while polling",
+                  st2.polled - st1.polled, n);
+    ck_assert_int_le(st2.window_ns, 2000000);
+
+    /* A 20 ms wait outlasts the limit: the window closes. */
+    src = g_timeout_source_new(20);
+    g_source_set_callback(src, flag_timeout, &fired, NULL);
+    g_source_attach(src, ctx);
+    g_source_unref(src);
+    iterate_until(loop, &fired);
+    strata_loop_get_poll_stats(&st3);
+    ck_assert_int_eq(st3.window_ns, 0);
+    ck_assert_int_gt(st3.slept, st2.slept);
+
+    /* Off again: back to plain sleeps. */
+    strata_loop_set_poll_max_ns(loop, 0);
+    run_ticks(loop, fds[1], 50, &got);
+    strata_loop_get_poll_stats(&st0);
+    ck_assert_int_eq(st0.polled, st3.polled);
+    ck_assert_int_eq(st0.max_ns, 0);
+
+    g_source_destroy(ticks);
+    g_source_unref(ticks);
+    close(fds[0]);
+    close(fds[1]);
+    loop_done(loop, ctx);
+}
+END_TEST
+
 /* .loops = 2: once per engine, io_uring then threads (engine_of()). */
 int main(void)
 {
@@ -1127,6 +1247,7 @@ int main(void)
         { "/loop/run-co", test_run_co },
         { "/loop/nested-iteration", test_nested_iteration, .loops = 2 },
         { "/loop/misuse", test_misuse },
+        { "/loop/poll/adapts", test_poll_adapts },
     };
 
     return strata_test_main("loop", tests, setup,

@@ -865,6 +865,26 @@ static char *sc_sparse_reads(void *opaque)
     SCHECK(read_chunk_is(fd, 0, 4096, 4096,
                          STRATA_NBD_REPLY_TYPE_OFFSET_DATA, -1));
     close(fd);
+
+    /* raw passes its file's status through, as QEMU's raw does: raw
+     * over null-co (how stratad and QSD are given a null device) and
+     * raw over the qcow2 node answer as their child would. */
+    fd = raw_open("raw-zeroes", true, false, &size, &tf);
+    SCHECK(fd >= 0);
+    SCHECK(read_chunk_is(fd, 0, 4096, 4096,
+                         STRATA_NBD_REPLY_TYPE_OFFSET_HOLE, -1));
+    close(fd);
+    fd = raw_open("raw-q", true, false, &size, &tf);
+    SCHECK(fd >= 0);
+    memset(buf, 0x5d, 4096);
+    SCHECK(raw_send_req(fd, 0, STRATA_NBD_CMD_WRITE, 5, 196608, 4096, buf));
+    SCHECK(raw_recv_simple(fd, &err, &cookie, NULL, 0));
+    SCHECK(err == 0 && cookie == 5);
+    SCHECK(read_chunk_is(fd, 0, 196608, 4096,
+                         STRATA_NBD_REPLY_TYPE_OFFSET_DATA, 0x5d));
+    SCHECK(read_chunk_is(fd, 0, 262144, 65536,
+                         STRATA_NBD_REPLY_TYPE_OFFSET_HOLE, -1));
+    close(fd);
     return NULL;
 }
 
@@ -888,6 +908,10 @@ START_TEST(test_sparse_reads)
     add_export("type=nbd,id=ez,node-name=z,name=zeroes");
     add_node("driver=null-co,node-name=g,size=%d", SIZE);
     add_export("type=nbd,id=eg,node-name=g,name=garbage");
+    add_node("driver=raw,node-name=rz,file=z");
+    add_export("type=nbd,id=erz,node-name=rz,name=raw-zeroes");
+    add_node("driver=raw,node-name=rq,file=q");
+    add_export("type=nbd,id=erq,node-name=rq,name=raw-q,writable=on");
     res = run_scenario(sc_sparse_reads, NULL);
     ck_assert_msg(!res, "%s", res);
 }
