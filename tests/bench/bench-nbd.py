@@ -14,7 +14,12 @@ Two suites (both by default; --suites picks):
           Both daemons get the same command line (--blockdev file with
           cache.direct=on and aio=io_uring, raw on top, --nbd-server,
           --export writable).  Every sample is checked afterwards with
-          qemu-io reads of the expected pattern through the export.  Two
+          qemu-io reads of the expected pattern through the export.  Each of
+          those four cache.direct=on rows also gets, in every round, the
+          matching row of shared/bench's limit suite: fio (io_uring,
+          O_DIRECT, depth 32) doing the same I/O on the same file, and
+          the report gives each side's time as a percentage of it (the
+          target where the disk, not the CPU, bounds a row).  Two
           more rows are the same four through the page cache
           (cache.direct=off, the file read once before each sample), where
           the CPU and not the disk bounds them.  Two
@@ -60,6 +65,7 @@ listed under FAILURES (exit status 1).  Times are the tools' own
 """
 import argparse
 import importlib.util
+import json
 import os
 import shutil
 import statistics
@@ -154,6 +160,7 @@ class Row:
         self.__dict__.update(kw)
         self.samples = {"qemu": [], "strata": []}
         self.cpu = {"qemu": [], "strata": []}     # (client, server) s
+        self.limit_samples = []                   # fio, same I/O (s)
         self.failures = []
 
 
@@ -233,14 +240,20 @@ class Bench:
         step = golden_step(self.size, 4096)
         sc = self.a.scale
         rows = [
+            # With cache.direct=on the disk may bound these: each also
+            # gets the matching row of shared/bench's limit suite (fio,
+            # io_uring, O_DIRECT, depth 32, the same I/O on the same
+            # file) in the same round.
             Row("export", "rr4k qd32", "r", bs=4096, count=int(n4k // 4 * sc),
-                step=step, write=False),
+                step=step, write=False, limit="randread"),
             Row("export", "rw4k qd32", "w", bs=4096, count=int(n4k // 8 * sc),
-                step=step, write=True),
+                step=step, write=True, limit="randwrite"),
             Row("export", "sr1m qd32", "r", bs=MIB,
-                count=int(self.size // MIB * sc), step=MIB, write=False),
+                count=int(self.size // MIB * sc), step=MIB, write=False,
+                limit="read"),
             Row("export", "sw1m qd32", "w", bs=MIB,
-                count=int(self.size // MIB * sc), step=MIB, write=True),
+                count=int(self.size // MIB * sc), step=MIB, write=True,
+                limit="write"),
             # The bound of the rr4k row: the file itself read by qemu-img
             # at the 16 requests in flight QEMU's NBD client allows
             # (MAX_NBD_REQUESTS), no NBD in the way.  One side only.
@@ -284,6 +297,22 @@ class Bench:
                 "writable=on",
                 "--pidfile", pidfile]
         return Server(argv, sock, pidfile), "nbd+unix:///disk?socket=%s" % sock
+
+    def limit_sample(self, row):
+        """fio on the row's file: the disk's time for the row's I/O."""
+        f = {"r": self.rfile, "w": self.wfile}[row.work]
+        evict(f)
+        out = run([self.a.fio, "--name=limit", "--filename=%s" % f,
+                   "--size=%d" % self.size,
+                   "--io_size=%d" % (row.count * row.bs),
+                   "--rw=%s" % row.limit, "--bs=%d" % row.bs,
+                   "--iodepth=32", "--direct=1", "--ioengine=io_uring",
+                   "--randrepeat=1", "--output-format=json"])
+        data = json.loads(out[out.index("{"):])
+        d = data["jobs"][0]["write" if "write" in row.limit else "read"]
+        if not d.get("runtime"):
+            raise RuntimeError("fio reported no runtime for %s" % row.limit)
+        return d["runtime"] / 1000.0
 
     def export_sample(self, row, side):
         f = {"r": self.rfile, "w": self.wfile, "null": None,
@@ -356,6 +385,16 @@ class Bench:
                             row.failures.append("%s rep %d: %s" %
                                                 (side, rep + 1, e))
                             log("FAILED %s %s: %s" % (row.name, side, e))
+                    if getattr(row, "limit", None) and self.a.fio:
+                        try:
+                            t = self.limit_sample(row)
+                            row.limit_samples.append(t)
+                            log("rep %d %s limit (fio): %.3f s"
+                                % (rep + 1, row.name, t))
+                        except Exception as e:  # noqa: BLE001
+                            row.failures.append("limit rep %d: %s"
+                                                % (rep + 1, e))
+                            log("FAILED %s limit: %s" % (row.name, e))
         finally:
             if getattr(self, "qnbd", None):
                 self.qnbd.stop()
@@ -405,6 +444,22 @@ def report(rows, reps):
                     cells.append("%.1f µs" % (statistics.median(xs) /
                                               r.count * 1e6))
         out.append("| %s | %s |" % (r.name, " | ".join(cells)))
+    lim = [r for r in rows if r.limit_samples and r.samples["strata"]]
+    if lim:
+        out += ["", "Where the disk may bound a row: the matching row of "
+                "shared/bench's limit suite (fio, io_uring, O_DIRECT, depth "
+                "32, the same I/O on the same file, in the same rounds).", "",
+                "| row | fio s, median | QEMU % of limit | strata % of "
+                "limit |", "|---|---:|---:|---:|"]
+        for r in lim:
+            fl = statistics.median(r.limit_samples)
+            cells = []
+            for side in ("qemu", "strata"):
+                xs = r.samples[side]
+                cells.append("%.0f %%" % (100 * fl / statistics.median(xs))
+                             if xs else "—")
+            out.append("| %s | %.3f | %s | %s |" % (r.name, fl, cells[0],
+                                                    cells[1]))
     out.append("")
     out.append("%d repetitions, sides alternating; QEMU = qemu-img convert "
                "(client) or qemu-storage-daemon's export (export); speed-up "
@@ -433,7 +488,12 @@ def main():
     p.add_argument("--tmp", default=os.environ.get("STRATA_BENCH_TMP"))
     p.add_argument("--out", help="also write the table here")
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--fio", default=os.environ.get("FIO", "fio"),
+                   help="fio for the disk-limit rows ('' to skip them)")
     a = p.parse_args()
+    if a.fio and not shutil.which(a.fio):
+        log("no %s: the export rows run without their disk limit" % a.fio)
+        a.fio = ""
     a.suites = a.suites.split(",")
     a.strata_img = a.strata_img or os.path.join(a.build, "block", "strata-img")
     a.stratad = a.stratad or os.path.join(a.build, "qmp", "stratad")
