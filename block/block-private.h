@@ -171,6 +171,9 @@ struct StrataContext {
      * driver's default): qemu-img's -i and -n reach the whole tree,
      * backing files opened from image headers included. */
     char *default_aio;
+    /* How long an NBD handshake of a node opened now may take (0: the
+     * driver's own limit); strata-img's extra connections keep it short. */
+    int64_t nbd_handshake_ns;
 };
 
 /* ---- context.c ---- */

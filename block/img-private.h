@@ -26,6 +26,7 @@ typedef struct StrataImgOpenOpts {
     bool writethrough;     /* every write carries STRATA_REQ_FUA */
     const char *aio;       /* nullable: "threads", "native", "io_uring" */
     bool no_backing;       /* open no backing file (rebase -u, create -u) */
+    bool quiet;            /* a failed open prints nothing */
 } StrataImgOpenOpts;
 
 /* What every subcommand but bench sets up: a private GMainContext pushed

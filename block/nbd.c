@@ -598,7 +598,9 @@ static bool nbd_co_establish(NbdState *s, GError **error)
     }
     memset(&s->neg, 0, sizeof(s->neg));
     timer = strata_timer_new(loop, handshake_timeout, s);
-    strata_timer_mod(timer, strata_clock_ns() + NBD_HANDSHAKE_NS);
+    strata_timer_mod(timer, strata_clock_ns() +
+                            (s->node->ctx->nbd_handshake_ns ?
+                             s->node->ctx->nbd_handshake_ns : NBD_HANDSHAKE_NS));
     ok = nbd_co_handshake(s, error);
     strata_timer_del(timer);
     strata_timer_free(timer);
@@ -1392,11 +1394,20 @@ static bool nbd_open(StrataNode *node, JsonObject *options, GError **error)
     return true;
 }
 
+static bool nbd_can_multi_conn(StrataNode *node)
+{
+    NbdState *s = node->opaque;
+
+    return s->state == NBD_CONNECTED &&
+           (s->info.tflags & STRATA_NBD_FLAG_CAN_MULTI_CONN);
+}
+
 const StrataDriver strata_driver_nbd = {
     .name = "nbd",
     .state_size = sizeof(NbdState),
     .has_filename = true,
     .receives_on_loop = true,
+    .can_multi_conn = nbd_can_multi_conn,
     .options = nbd_options,
     .open = nbd_open,
     .close = nbd_close,

@@ -349,6 +349,14 @@ static void apply_defaults(JsonObject *node, const StrataImgOpenOpts *o,
     g_list_free(members);
 }
 
+static void open_error(const StrataImgOpenOpts *o, const char *spec,
+                       const GError *err)
+{
+    if (!o->quiet) {
+        strata_img_error("Could not open '%s': %s", spec, err->message);
+    }
+}
+
 StrataBackend *strata_img_open(StrataContext *ctx, const char *spec,
                                const StrataImgOpenOpts *o)
 {
@@ -362,7 +370,7 @@ StrataBackend *strata_img_open(StrataContext *ctx, const char *spec,
         strings = !strata_keyval_is_json(spec);
         options = strata_keyval_parse(spec, NULL, &err);
         if (!options) {
-            strata_img_error("Could not open '%s': %s", spec, err->message);
+            open_error(o, spec, err);
             return NULL;
         }
     } else {
@@ -375,7 +383,7 @@ StrataBackend *strata_img_open(StrataContext *ctx, const char *spec,
             if (file) {
                 json_object_unref(file);
             }
-            strata_img_error("Could not open '%s': %s", spec, err->message);
+            open_error(o, spec, err);
             return NULL;
         }
         if (!file) {
@@ -404,14 +412,14 @@ StrataBackend *strata_img_open(StrataContext *ctx, const char *spec,
     node = strata_node_open(ctx, options, strings, true, &err);
     strata_context_set_default_aio(ctx, NULL);
     if (!node) {
-        strata_img_error("Could not open '%s': %s", spec, err->message);
+        open_error(o, spec, err);
         return NULL;
     }
     blk = strata_backend_new(ctx, strata_node_get_name(node), o->writable,
                              &err);
     strata_node_unref(node);
     if (!blk) {
-        strata_img_error("Could not open '%s': %s", spec, err->message);
+        open_error(o, spec, err);
         return NULL;
     }
     return blk;

@@ -124,6 +124,88 @@ qemu-img create -q -f qcow2 -u -b "nbd+unix:///x?sock=1" -F raw bad.qcow2 64M
     ok "bad URI as a backing string: named, status 1" ||
     bad "bad URI as a backing string: $(cat err.s)"
 
+# convert reads an export over several connections where the server
+# allows it (NBD_FLAG_CAN_MULTI_CONN): four with qemu-nbd -e 4; with -e 2
+# the third handshake goes unanswered and convert goes on with two (and
+# does not wait the 30 s a first handshake may take); one where the flag
+# is missing (-e 1).  A proxy in front of each server counts the
+# connections.
+cat > proxy.py <<'PY'
+import socket, sys, threading
+listen, target, count = sys.argv[1:4]
+srv = socket.socket(socket.AF_UNIX)
+srv.bind(listen)
+srv.listen(16)
+n = 0
+def pump(a, b):
+    try:
+        while True:
+            d = a.recv(1 << 20)
+            if not d:
+                break
+            b.sendall(d)
+    except OSError:
+        pass
+    for s in (a, b):
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+while True:
+    c, _ = srv.accept()
+    n += 1
+    with open(count, "w") as f:
+        f.write("%d\n" % n)
+    u = socket.socket(socket.AF_UNIX)
+    u.connect(target)
+    threading.Thread(target=pump, args=(c, u), daemon=True).start()
+    threading.Thread(target=pump, args=(u, c), daemon=True).start()
+PY
+proxy() {   # proxy NAME TARGET: connections so far in NAME.count
+    python3 proxy.py "$PWD/$1.psock" "$2" "$PWD/$1.count" &
+    echo $! > "$PWD/$1.proxy.pid"
+    disown
+    pids+=("$PWD/$1.proxy.pid")
+    for _ in $(seq 100); do [ -S "$PWD/$1.psock" ] && break; sleep 0.05; done
+}
+conns() { cat "$1.count" 2>/dev/null || echo 0; }
+for e in 4 2 1; do
+    serve "m$e" disk.raw raw -k "$PWD/m$e.sock" -r -e "$e"
+    proxy "m$e" "$PWD/m$e.sock"
+done
+# (qemu-nbd takes the last -e: the one given here, not serve's -e 2.)
+for case in "4 4" "2 3" "1 1"; do
+    set -- $case
+    rm -f mc.raw
+    before=$(conns "m$1")
+    start=$(date +%s%N)
+    "$IMG" convert -f raw -O raw "nbd+unix:///m$1?socket=$PWD/m$1.psock" \
+        mc.raw 2>err.s
+    st=$?
+    ms=$(( ($(date +%s%N) - start) / 1000000 ))
+    [ $st -eq 0 ] && [ ! -s err.s ] && cmp -s mc.raw disk.raw &&
+        [ $(( $(conns "m$1") - before )) = "$2" ] && [ "$ms" -lt 10000 ] &&
+        ok "convert from qemu-nbd -e $1: $2 connections, same bytes" ||
+        bad "convert -e $1: status $st, $(( $(conns "m$1") - before ))" \
+            "connections (want $2), ${ms} ms, $(cat err.s)"
+done
+before=$(conns m4)
+qemu-img convert -f raw -O raw "nbd+unix:///m4?socket=$PWD/m4.psock" mq.raw
+[ $(( $(conns m4) - before )) = 1 ] &&
+    ok "the proxy counts qemu-img's one connection" ||
+    bad "proxy count for qemu-img: $(( $(conns m4) - before ))"
+# -l: a snapshot loaded into the first connection is not in the others,
+# so a source read at a snapshot keeps one connection.
+cp disk.qcow2 copy2.qcow2 && qemu-img snapshot -c snap copy2.qcow2
+qio -c 'write -P 0x66 0 1M' copy2.qcow2
+serve snapq copy2.qcow2 raw -k "$PWD/sq.sock" -r -e 4
+proxy snapq "$PWD/sq.sock"
+"$IMG" convert -f qcow2 -l snap -O raw \
+    "nbd+unix:///snapq?socket=$PWD/snapq.psock" ls.raw &&
+    cmp -s ls.raw disk.raw && [ "$(conns snapq)" = 1 ] &&
+    ok "convert -l over NBD: the snapshot's bytes, one connection" ||
+    bad "convert -l over NBD: $(conns snapq) connections"
+
 same "unknown export" info "nbd+unix:///nope?socket=$PWD/s.sock"
 same "empty export name" info "nbd+unix://?socket=$PWD/s.sock"
 same "no server" info "nbd+unix:///exp?socket=$PWD/none.sock"
