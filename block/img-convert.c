@@ -49,7 +49,8 @@ enum {
  * server that advertises the flag but takes fewer clients (qemu-nbd -e
  * 2) leaves the next handshake unanswered, so an extra connection gets
  * CONVERT_CONN_HANDSHAKE_NS to come up, and the first that does not
- * ends the attempts.
+ * ends the attempts.  STRATA_IMG_NBD_CONNECTIONS=N (1-4) asks for fewer,
+ * for measuring.
  */
 #define CONVERT_CONNS 4
 #define CONVERT_CONN_HANDSHAKE_NS (300 * G_GINT64_CONSTANT(1000000))
@@ -314,7 +315,13 @@ static void open_extra_conns(ConvertJob *j, StrataImgTool *t, int i,
 {
     StrataImgOpenOpts oo = *src_oo;
     bool remote = false;
+    const char *env = g_getenv("STRATA_IMG_NBD_CONNECTIONS");
+    guint64 want = CONVERT_CONNS;
 
+    if (env && !g_ascii_string_to_unsigned(env, 10, 1, CONVERT_CONNS, &want,
+                                           NULL)) {
+        want = CONVERT_CONNS;
+    }
     j->n_conns[i] = 1;
     if (!tree_multi_conn(strata_img_backend_node(j->src[i]), &remote) ||
         !remote) {
@@ -322,7 +329,7 @@ static void open_extra_conns(ConvertJob *j, StrataImgTool *t, int i,
     }
     oo.quiet = true;
     t->ctx->nbd_handshake_ns = CONVERT_CONN_HANDSHAKE_NS;
-    for (unsigned k = 1; k < CONVERT_CONNS; k++) {
+    for (unsigned k = 1; k < want; k++) {
         StrataBackend *b = strata_img_open(t->ctx, spec, &oo);
 
         if (!b) {
