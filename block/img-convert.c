@@ -42,9 +42,11 @@ enum {
  * copy in lock step with a server that sends each 2 MiB reply in
  * socket-buffer pieces: while the tool drains one piece the server
  * waits, and the other way round.  With four, the server fills one
- * socket while the tool drains another: 1 GiB from `qemu-nbd -e 4` into
- * tmpfs, 6 alternating runs, medians 0.42 s against 0.53 s with one
- * connection (qemu-img 0.50 s), and a third fewer context switches.
+ * socket while the tool drains another, with a third fewer context
+ * switches; on 2 CPUs, where both copies per byte already keep the CPUs
+ * busy, that is worth little: 1 GiB from `qemu-nbd -e 4` into tmpfs, 12
+ * alternating rounds, medians 0.454 s against 0.471 s with one
+ * connection (qemu-img 0.492 s), for about 10 % more CPU in the server.
  * The extra connections are opened after the first and may fail: a
  * server that advertises the flag but takes fewer clients (qemu-nbd -e
  * 2) leaves the next handshake unanswered, so an extra connection gets
