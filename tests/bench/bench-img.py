@@ -77,6 +77,25 @@ def golden_step(size, block):
     return k * block
 
 
+def fio_limit_args(path, size, io, rw, bs):
+    """fio's arguments for a disk-limit row: the shared kit's limit suite
+    (io_uring, O_DIRECT, depth 32) doing @io bytes of @rw in @bs blocks
+    on @path, @size bytes of it."""
+    return ["--name=limit", "--filename=%s" % path, "--size=%d" % size,
+            "--io_size=%d" % io, "--rw=%s" % rw, "--bs=%d" % bs,
+            "--iodepth=32", "--direct=1", "--ioengine=io_uring",
+            "--randrepeat=1", "--output-format=json"]
+
+
+def fio_seconds(out, rw):
+    """The run time in seconds from fio's JSON output @out."""
+    data = json.loads(out[out.index("{"):])
+    d = data["jobs"][0]["read" if "read" in rw else "write"]
+    if not d.get("runtime"):
+        raise BenchError("fio reported no runtime for %s" % rw)
+    return d["runtime"] / 1000.0
+
+
 def evict(path):
     """Write back and drop this one file's page cache (never a global drop)."""
     fd = os.open(path, os.O_RDONLY)
@@ -225,15 +244,9 @@ class Bench:
     def fio(self, row):
         rw, bs, io = row.limit
         evict(self.path)
-        p = self.run(shlex.split(self.a.fio) + [
-            "--name=limit", "--filename=%s" % self.path, "--size=%d" % self.a.size,
-            "--io_size=%d" % io, "--rw=%s" % rw, "--bs=%d" % bs, "--iodepth=32",
-            "--direct=1", "--ioengine=io_uring", "--randrepeat=1", "--output-format=json"])
-        data = json.loads(p.stdout[p.stdout.index("{"):])
-        d = data["jobs"][0]["read" if "read" in rw else "write"]
-        if not d.get("runtime"):
-            raise BenchError("fio reported no runtime for %s" % rw)
-        return d["runtime"] / 1000.0
+        p = self.run(shlex.split(self.a.fio) +
+                     fio_limit_args(self.path, self.a.size, io, rw, bs))
+        return fio_seconds(p.stdout, rw)
 
     def final_check(self):
         """One full sequential write per side, read back by qemu-io."""

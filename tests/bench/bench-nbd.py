@@ -65,7 +65,6 @@ listed under FAILURES (exit status 1).  Times are the tools' own
 """
 import argparse
 import importlib.util
-import json
 import os
 import shutil
 import statistics
@@ -310,17 +309,9 @@ class Bench:
         """fio on the row's file: the disk's time for the row's I/O."""
         f = {"r": self.rfile, "w": self.wfile}[row.work]
         evict(f)
-        out = run([self.a.fio, "--name=limit", "--filename=%s" % f,
-                   "--size=%d" % self.size,
-                   "--io_size=%d" % (row.count * row.bs),
-                   "--rw=%s" % row.limit, "--bs=%d" % row.bs,
-                   "--iodepth=32", "--direct=1", "--ioengine=io_uring",
-                   "--randrepeat=1", "--output-format=json"])
-        data = json.loads(out[out.index("{"):])
-        d = data["jobs"][0]["write" if "write" in row.limit else "read"]
-        if not d.get("runtime"):
-            raise RuntimeError("fio reported no runtime for %s" % row.limit)
-        return d["runtime"] / 1000.0
+        out = run([self.a.fio] + bench_img.fio_limit_args(
+            f, self.size, row.count * row.bs, row.limit, row.bs))
+        return bench_img.fio_seconds(out, row.limit)
 
     def export_sample(self, row, side):
         f = {"r": self.rfile, "w": self.wfile, "null": None,

@@ -32,21 +32,23 @@ Stdlib only.
 """
 
 import argparse
+import importlib.util
 import json
-import math
 import os
-import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-RUN_RE = re.compile(r"Run completed in ([0-9.]+) seconds")
-GOLDEN = (math.sqrt(5) - 1) / 2
+_spec = importlib.util.spec_from_file_location(
+    "bench_img", os.path.join(HERE, "bench-img.py"))
+bench_img = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_img)
+log, golden_step, RUN_RE = bench_img.log, bench_img.golden_step, \
+    bench_img.RUN_RE
 PATTERN = {"qemu": 0x5A, "strata": 0xA5}
 MIB = 1 << 20
 GIB = 1 << 30
@@ -59,11 +61,6 @@ MODES = {
 }
 
 
-def log(msg):
-    sys.stderr.write("[%s] %s\n" % (time.strftime("%H:%M:%S"), msg))
-    sys.stderr.flush()
-
-
 def run(cmd, timeout=900):
     p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        universal_newlines=True, timeout=timeout)
@@ -73,19 +70,9 @@ def run(cmd, timeout=900):
     return p.stdout
 
 
-def golden_step(size, block):
-    n = size // block
-    k = max(1, int(round(n * GOLDEN)))
-    while math.gcd(k, n) != 1:
-        k += 1
-    return k * block
-
-
 def warm(paths):
     for p in paths:
-        with open(p, "rb") as f:
-            while f.read(8 * MIB):
-                pass
+        bench_img.warm(p)
 
 
 def chain_files(d):
