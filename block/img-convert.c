@@ -61,10 +61,10 @@ typedef struct ConvertJob {
     StrataBackend **src;
     uint64_t *src_len;
     int n_src;
-    /* Per source: how many backends read it (1 + extra connections),
-     * and the extra ones, CONVERT_CONNS - 1 slots each. */
-    unsigned *n_conns;
-    StrataBackend **conns;
+    /* Per source: the backends that read it, [0] being src[i] itself and
+     * the others extra connections (see CONVERT_CONNS), and how many. */
+    StrataBackend *(*readers)[CONVERT_CONNS];
+    unsigned *n_readers;
     StrataBackend *dst;
     uint64_t total;
     bool fresh_target;       /* reads as zeroes before we write */
@@ -284,24 +284,19 @@ static int co_write_data(ConvertJob *j, uint64_t dst_off, const uint8_t *buf,
 static StrataBackend *read_backend(ConvertJob *j, int src_idx,
                                    uint64_t ticket)
 {
-    unsigned k = ticket % j->n_conns[src_idx];
-
-    return k == 0 ? j->src[src_idx]
-                  : j->conns[src_idx * (CONVERT_CONNS - 1) + k - 1];
+    return j->readers[src_idx][ticket % j->n_readers[src_idx]];
 }
 
-/* Whether @node's tree reads from a server over the loop (NBD) and
- * every such server lets the export be read over several connections. */
-static bool tree_multi_conn(StrataNode *node, bool *remote)
+/* Whether every server under @node (NBD nodes: those that receive on
+ * the loop) lets the export be read over several connections. */
+static bool all_multi_conn(StrataNode *node)
 {
-    if (node->drv->receives_on_loop) {
-        if (!node->drv->can_multi_conn || !node->drv->can_multi_conn(node)) {
-            return false;
-        }
-        *remote = true;
+    if (node->drv->receives_on_loop &&
+        !(node->drv->can_multi_conn && node->drv->can_multi_conn(node))) {
+        return false;
     }
     for (GList *l = node->children; l; l = l->next) {
-        if (!tree_multi_conn(((StrataChild *)l->data)->node, remote)) {
+        if (!all_multi_conn(((StrataChild *)l->data)->node)) {
             return false;
         }
     }
@@ -316,7 +311,7 @@ static void open_extra_conns(ConvertJob *j, StrataImgTool *t, int i,
                              const StrataImgOpenOpts *src_oo)
 {
     StrataImgOpenOpts oo = *src_oo;
-    bool remote = false;
+    StrataNode *top = strata_img_backend_node(j->src[i]);
     const char *env = g_getenv("STRATA_IMG_NBD_CONNECTIONS");
     guint64 want = CONVERT_CONNS;
 
@@ -324,9 +319,7 @@ static void open_extra_conns(ConvertJob *j, StrataImgTool *t, int i,
                                            NULL)) {
         want = CONVERT_CONNS;
     }
-    j->n_conns[i] = 1;
-    if (!tree_multi_conn(strata_img_backend_node(j->src[i]), &remote) ||
-        !remote) {
+    if (!receives_on_loop(top) || !all_multi_conn(top)) {
         return;
     }
     oo.quiet = true;
@@ -341,8 +334,7 @@ static void open_extra_conns(ConvertJob *j, StrataImgTool *t, int i,
             strata_backend_unref(b);
             break;
         }
-        j->conns[i * (CONVERT_CONNS - 1) + k - 1] = b;
-        j->n_conns[i]++;
+        j->readers[i][j->n_readers[i]++] = b;
     }
     t->ctx->nbd_handshake_ns = 0;
 }
@@ -696,8 +688,8 @@ int strata_img_convert(int argc, char **argv)
     }
     j.src = g_new0(StrataBackend *, j.n_src);
     j.src_len = g_new0(uint64_t, j.n_src);
-    j.n_conns = g_new0(unsigned, j.n_src);
-    j.conns = g_new0(StrataBackend *, j.n_src * (CONVERT_CONNS - 1));
+    j.readers = g_malloc0_n(j.n_src, sizeof(*j.readers));
+    j.n_readers = g_new0(unsigned, j.n_src);
     for (int i = 0; i < j.n_src; i++) {
         int64_t len;
 
@@ -717,12 +709,12 @@ int strata_img_convert(int argc, char **argv)
         }
         j.src_len[i] = (uint64_t)len;
         j.total += (uint64_t)len;
+        j.readers[i][0] = j.src[i];
+        j.n_readers[i] = 1;
         /* A snapshot loaded into the first open would not be in the
          * others. */
         if (!snap.given) {
             open_extra_conns(&j, &t, i, argv[optind + i], &src_oo);
-        } else {
-            j.n_conns[i] = 1;
         }
     }
 
@@ -801,9 +793,9 @@ out:
     if (j.dst) {
         strata_backend_unref(j.dst);
     }
-    for (int i = 0; j.conns && i < j.n_src * (CONVERT_CONNS - 1); i++) {
-        if (j.conns[i]) {
-            strata_backend_unref(j.conns[i]);
+    for (int i = 0; j.readers && i < j.n_src; i++) {
+        for (unsigned k = 1; k < j.n_readers[i]; k++) {
+            strata_backend_unref(j.readers[i][k]);
         }
     }
     for (int i = 0; j.src && i < j.n_src; i++) {
@@ -811,8 +803,8 @@ out:
             strata_backend_unref(j.src[i]);
         }
     }
-    g_free(j.conns);
-    g_free(j.n_conns);
+    g_free(j.readers);
+    g_free(j.n_readers);
     g_free(j.src);
     g_free(j.src_len);
     strata_img_tool_cleanup(&t);

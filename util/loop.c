@@ -1137,14 +1137,6 @@ static gint64 loop_poll_max_ns;
 static __thread gint64 loop_poll_ns;
 static __thread guint64 loop_poll_polled, loop_poll_slept;
 
-static gint64 loop_now_ns(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * (gint64)1000000000 + ts.tv_nsec;
-}
-
 /*
  * The context's poll: a wait that may block first asks without sleeping
  * until the window runs out (or the timeout, when sooner), then sleeps.
@@ -1162,7 +1154,7 @@ static gint loop_poll(GPollFD *fds, guint nfds, gint timeout)
     if (timeout == 0 || max == 0) {
         return g_poll(fds, nfds, timeout);
     }
-    start = loop_now_ns();
+    start = strata_clock_ns();
     if (timeout > 0) {
         window = MIN(window, (gint64)timeout * 1000000);
     }
@@ -1172,13 +1164,13 @@ static gint loop_poll(GPollFD *fds, guint nfds, gint timeout)
             loop_poll_polled++;
             return ret;
         }
-        if (loop_now_ns() - start >= window) {
+        if (strata_clock_ns() - start >= window) {
             break;
         }
     }
     loop_poll_slept++;
     ret = g_poll(fds, nfds, timeout);
-    waited = loop_now_ns() - start;
+    waited = strata_clock_ns() - start;
     if (waited > max) {
         loop_poll_ns = 0;
     } else if (waited > loop_poll_ns) {
