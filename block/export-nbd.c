@@ -32,8 +32,21 @@
 #include "nbd-proto.h"
 #include "../util/keyval-private.h"
 
-/* Requests in flight per connection before the server stops reading. */
-#define NBD_MAX_REQS 16
+/*
+ * Requests in flight per connection before the server stops reading,
+ * and the payload bytes they may hold between them (a request that
+ * would go past it waits for others to end, unless it is alone).
+ * QEMU's server stops at 16, so a client that keeps 32 in flight has
+ * half of them waiting in the socket while the disk's queue is short:
+ * 4 KiB O_DIRECT reads and writes from fio's nbd engine at depth 32
+ * went from 56-60k/s (reads) and 62-63k/s (writes) with 16 to
+ * 61-68k/s and 74-75k/s with 64, the device's queue from 10 to 16
+ * (see also loop_co_wait_sqe in util/loop.c).  The byte
+ * bound keeps what a client can make the server allocate where 16 of
+ * the largest requests (32 MiB each) would have put it.
+ */
+#define NBD_MAX_REQS STRATA_NBD_SERVER_MAX_REQS
+#define NBD_MAX_REQ_BYTES STRATA_NBD_SERVER_MAX_REQ_BYTES
 /* Extents in one block-status chunk. */
 #define NBD_MAX_EXTENTS (1024 * 1024 / 8)
 /* Request buffers a connection keeps for reuse: one per request in
@@ -94,6 +107,7 @@ typedef struct NbdClient {
     struct NbdRequest **out_tail;
     bool sender_scheduled;
     unsigned nreqs;
+    uint64_t req_bytes;       /* payload bytes of the requests in flight */
     StrataCoQueue reqs_wait;  /* the receiver waits here for a slot */
 } NbdClient;
 
@@ -1358,6 +1372,7 @@ static void request_co(void *opaque)
         co_send_reply(c, r);
     }
     /* A failed send means the client is gone; the receiver notices. */
+    c->req_bytes -= r->buf ? r->len : 0;
     request_free(r);
     c->nreqs--;
     strata_co_queue_next(&c->reqs_wait);
@@ -1403,6 +1418,9 @@ static void co_transmission(NbdClient *c)
         r->err = request_check(c, r);
         if ((r->type == STRATA_NBD_CMD_WRITE ||
              (r->type == STRATA_NBD_CMD_READ && r->err == 0)) && r->len) {
+            while (c->nreqs && c->req_bytes + r->len > NBD_MAX_REQ_BYTES) {
+                strata_co_queue_wait(&c->reqs_wait, NULL);
+            }
             r->buf = client_buf_get(c, r->len);
             if (!r->buf) {
                 g_free(r);
@@ -1415,6 +1433,7 @@ static void co_transmission(NbdClient *c)
             return;
         }
         c->nreqs++;
+        c->req_bytes += r->buf ? r->len : 0;
         strata_coroutine_enter(strata_coroutine_new(request_co, r));
     }
 }

@@ -162,6 +162,11 @@ enum {
 #define STRATA_NBD_MAX_STRING 4096
 #define STRATA_NBD_MAX_BUFFER (32u * 1024 * 1024)
 
+/* The server's requests in flight per connection, and the payload
+ * bytes they may hold between them (see export-nbd.c). */
+#define STRATA_NBD_SERVER_MAX_REQS 64
+#define STRATA_NBD_SERVER_MAX_REQ_BYTES (16 * (uint64_t)STRATA_NBD_MAX_BUFFER)
+
 /* ---- big-endian fields, as every NBD structure is laid out ---- */
 
 static inline void nbd_put16(uint8_t *p, uint16_t v)

@@ -19,7 +19,13 @@ Two suites (both by default; --suites picks):
           matching row of shared/bench's limit suite: fio (io_uring,
           O_DIRECT, depth 32) doing the same I/O on the same file, and
           the report gives each side's time as a percentage of it (the
-          target where the disk, not the CPU, bounds a row).  Two
+          target where the disk, not the CPU, bounds a row).  The two
+          4 KiB rows are run a second time with fio's nbd engine
+          (libnbd) as the client: qemu-img's NBD client keeps at most 16
+          requests in flight whatever -d says, fio keeps all 32 (fio
+          checks every block: the file's pattern for reads; for writes
+          a second, untimed fio run over the same offsets reads back
+          the pattern written).  Four
           more rows are the same four through the page cache
           (cache.direct=off, the file read once before each sample), where
           the CPU and not the disk bounds them.  Two
@@ -261,6 +267,21 @@ class Bench:
             Row("export", "sw1m qd32", "w", bs=MIB,
                 count=int(self.size // MIB * sc), step=MIB, write=True,
                 limit="write"),
+            # The same two 4 KiB rows with a client that keeps all 32
+            # requests in flight: fio's nbd engine (libnbd), one
+            # connection, which checks every block it reads or wrote
+            # (verify=pattern).  qemu-img bench's NBD client keeps at most
+            # 16 and, through either server, makes about the same rate:
+            # these rows show what the servers do when the client allows
+            # more.
+        ] + ([
+            Row("export", "rr4k qd32, fio nbd client", "r", bs=4096,
+                count=int(n4k // 4 * sc), step=step, write=False,
+                limit="randread", client="fio"),
+            Row("export", "rw4k qd32, fio nbd client", "w", bs=4096,
+                count=int(n4k // 8 * sc), step=step, write=True,
+                limit="randwrite", client="fio"),
+        ] if self.a.fio else []) + [
             # The bound of the rr4k row: the file itself read by qemu-img
             # at the 16 requests in flight QEMU's NBD client allows
             # (MAX_NBD_REQUESTS), no NBD in the way.  One side only.
@@ -332,6 +353,11 @@ class Bench:
                 raise RuntimeError("no run time in: %s" % out[-200:])
             return float(m.group(1)), cpu, 0.0
         srv, uri = self.daemon(side, f, direct=not pc)
+        if getattr(row, "client", None) == "fio":
+            try:
+                return self.fio_nbd_sample(row, srv, uri, pattern)
+            finally:
+                srv.stop()
         try:
             argv = [self.a.qemu_img, "bench", "-f", "raw",
                     "-d", str(getattr(row, "depth", 32)),
@@ -355,6 +381,28 @@ class Bench:
         finally:
             srv.stop()
         return t, cpu, srv_cpu
+
+    def fio_nbd_sample(self, row, srv, uri, pattern):
+        """fio's nbd engine as the client: the row's I/O at depth 32,
+        every block checked against the file's pattern (reads) or, by a
+        second, untimed run of fio over the same offsets (verify_only),
+        against the pattern written (writes); fio fails the sample on
+        any mismatch."""
+        rw = "randwrite" if row.write else "randread"
+        argv = [self.a.fio, "--name=nbd", "--ioengine=nbd", "--uri=%s" % uri,
+                "--rw=%s" % rw, "--bs=%d" % row.bs, "--iodepth=32",
+                "--size=%d" % self.size, "--io_size=%d" % (row.count * row.bs),
+                "--randrepeat=1", "--verify=pattern",
+                "--verify_pattern=0x%02x" % (pattern if row.write else 0x11),
+                "--output-format=json"]
+        if row.write:
+            argv.append("--do_verify=0")
+        c0 = proc_cpu(srv.proc.pid)
+        out, _, cpu = run_timed(argv)
+        srv_cpu = proc_cpu(srv.proc.pid) - c0
+        if row.write:
+            run(argv + ["--verify_only"])
+        return bench_img.fio_seconds(out, rw), cpu, srv_cpu
 
     # ---- the run ----
 

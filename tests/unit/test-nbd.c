@@ -646,6 +646,102 @@ static char *sc_errors(void *opaque)
     return NULL;
 }
 
+/*
+ * How many requests the server takes at once on one connection.  Every
+ * read of a null-co node with latency-ns is held HOLD_NS: the client
+ * sends @n reads of @len each, waits a while and hangs up without
+ * reading a reply, while the loop's thread samples the node's requests
+ * in flight.  The server stops reading the socket at its limit, so the
+ * most ever seen is that limit; the requests left in the socket are
+ * still read and run (their replies go nowhere) until none is left.
+ */
+#define HOLD_NS (1500 * 1000 * 1000)
+
+typedef struct {
+    int n;
+    uint32_t len;
+    unsigned most;          /* sampled in the loop's thread */
+    StrataNode *node;
+} HeldArgs;
+
+static char *sc_held(void *opaque)
+{
+    HeldArgs *a = opaque;
+    uint64_t size;
+    uint16_t tf;
+    int fd = raw_open("held", true, false, &size, &tf);
+
+    SCHECK(fd >= 0);
+    for (int i = 0; i < a->n; i++) {
+        /* DF: read, even what reads as zeroes (no hole chunk). */
+        SCHECK(raw_send_req(fd, STRATA_NBD_CMD_FLAG_DF, STRATA_NBD_CMD_READ,
+                            i, (uint64_t)i * a->len % size, a->len, NULL));
+    }
+    /* Long enough for the server to take all it will take, even on a
+     * loaded machine; short of the first reads' end. */
+    g_usleep(HOLD_NS / 1000 / 3);
+    close(fd);
+    return NULL;
+}
+
+static gboolean sample_in_flight(gpointer opaque)
+{
+    HeldArgs *a = opaque;
+
+    a->most = MAX(a->most, a->node->in_flight);
+    return G_SOURCE_CONTINUE;
+}
+
+static unsigned most_in_flight(int n, uint32_t len)
+{
+    HeldArgs a = { .n = n, .len = len };
+    GSource *t = g_timeout_source_new(2);
+    int64_t deadline;
+    char *res;
+
+    /* The export counts its requests in flight on the node it exports
+     * as well: the node under it sees each once. */
+    add_node("driver=raw,node-name=held,file.driver=null-co,"
+             "file.node-name=null,file.size=%" G_GUINT64_FORMAT
+             ",file.latency-ns=%d", (guint64)1 << 30, HOLD_NS);
+    add_export("type=nbd,id=held,node-name=held,name=held");
+    a.node = strata_context_find_node(ctx, "null");
+    ck_assert(a.node != NULL);
+    g_source_set_callback(t, sample_in_flight, &a, NULL);
+    g_source_attach(t, strata_loop_get_context(ctx->loop));
+    res = run_scenario(sc_held, &a);
+    ck_assert_msg(!res, "%s", res);
+    /* Every request read from the socket runs to its end. */
+    deadline = g_get_monotonic_time() + 30 * G_USEC_PER_SEC;
+    while (a.node->in_flight && g_get_monotonic_time() < deadline) {
+        strata_loop_iterate(ctx->loop, true);
+    }
+    ck_assert_uint_eq(a.node->in_flight, 0);
+    g_source_destroy(t);
+    g_source_unref(t);
+    return a.most;
+}
+
+/* Up to STRATA_NBD_SERVER_MAX_REQS requests at once: of 100 small
+ * reads, 64.  QEMU's server takes 16, which leaves a client at depth
+ * 32 with half its requests in the socket. */
+G_STATIC_ASSERT(STRATA_NBD_SERVER_MAX_REQS >= 32);
+
+START_TEST(test_requests_in_flight)
+{
+    ck_assert_uint_eq(most_in_flight(100, 4096), STRATA_NBD_SERVER_MAX_REQS);
+}
+END_TEST
+
+/* Large ones are bounded by the bytes their buffers take: of 20 reads of
+ * the largest size, 16. */
+START_TEST(test_request_bytes_in_flight)
+{
+    ck_assert_uint_eq(most_in_flight(20, STRATA_NBD_MAX_BUFFER),
+                      STRATA_NBD_SERVER_MAX_REQ_BYTES / STRATA_NBD_MAX_BUFFER);
+}
+END_TEST
+
 START_TEST(test_errors_writable)
 {
     bool writable = true;
@@ -1196,5 +1292,9 @@ int main(void)
                     teardown);
     strata_test_add(s, "/nbd/io/blkdebug-eio", test_blkdebug_eio, setup,
                     teardown);
+    strata_test_add(s, "/nbd/io/requests-in-flight", test_requests_in_flight,
+                    setup, teardown);
+    strata_test_add(s, "/nbd/io/request-bytes-in-flight",
+                    test_request_bytes_in_flight, setup, teardown);
     return strata_test_run(s);
 }
