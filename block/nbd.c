@@ -35,8 +35,10 @@
 #include "drivers-private.h"
 #include "nbd-proto.h"
 
-/* Requests in flight on one connection. */
-#define NBD_MAX_REQS 16
+/* Requests in flight on one connection: as many as strata's server
+ * takes at once.  QEMU's server reads 16 and leaves the rest in the
+ * socket until those end, which costs nothing more than waiting here. */
+#define NBD_MAX_REQS STRATA_NBD_SERVER_MAX_REQS
 /* Option replies we read whole; larger ones are skipped or refused. */
 #define NBD_MAX_OPT_REPLY (64 * 1024)
 /* How long the server may take to answer the handshake. */
