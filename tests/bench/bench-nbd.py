@@ -394,7 +394,7 @@ class Bench:
                 "--size=%d" % self.size, "--io_size=%d" % (row.count * row.bs),
                 "--randrepeat=1", "--verify=pattern",
                 "--verify_pattern=0x%02x" % (pattern if row.write else 0x11),
-                "--output-format=json"]
+                "--verify_state_save=0", "--output-format=json"]
         if row.write:
             argv.append("--do_verify=0")
         c0 = proc_cpu(srv.proc.pid)
