@@ -195,6 +195,37 @@ static bool have_tool(const char *name)
 /* A scenario runs on a thread with blocking sockets and returns NULL or
  * a failure message (transfer full); the test thread keeps the loop
  * running meanwhile and asserts on the result. */
+/* The most requests @node had in flight at once, sampled every 2 ms by
+ * the loop's thread between in_flight_watch() and in_flight_unwatch(). */
+typedef struct {
+    StrataNode *node;
+    unsigned most;
+    GSource *timer;
+} InFlightWatch;
+
+static gboolean in_flight_sample(gpointer opaque)
+{
+    InFlightWatch *w = opaque;
+
+    w->most = MAX(w->most, w->node->in_flight);
+    return G_SOURCE_CONTINUE;
+}
+
+static void in_flight_watch(InFlightWatch *w, StrataNode *node)
+{
+    w->node = node;
+    w->most = 0;
+    w->timer = g_timeout_source_new(2);
+    g_source_set_callback(w->timer, in_flight_sample, w, NULL);
+    g_source_attach(w->timer, strata_loop_get_context(ctx->loop));
+}
+
+static void in_flight_unwatch(InFlightWatch *w)
+{
+    g_source_destroy(w->timer);
+    g_clear_pointer(&w->timer, g_source_unref);
+}
+
 typedef char *(*Scenario)(void *opaque);
 
 typedef struct {

@@ -181,14 +181,16 @@ typedef struct {
     int ret;
     int *left;
     uint8_t buf[4096];
+    bool write;
 } ParOp;
 
 static void par_entry(void *opaque)
 {
     ParOp *p = opaque;
+    uint64_t off = (uint64_t)p->idx * 4096;
 
-    p->ret = strata_node_co_pread(p->node, (uint64_t)p->idx * 4096, 4096,
-                                  p->buf, 0);
+    p->ret = p->write ? strata_node_co_pwrite(p->node, off, 4096, p->buf, 0)
+                      : strata_node_co_pread(p->node, off, 4096, p->buf, 0);
     (*p->left)--;
 }
 
@@ -226,61 +228,35 @@ END_TEST
  * held there by null-co's latency while the loop samples how many it
  * holds.  (Writes: reads of null-co are answered with hole chunks,
  * without reaching it.) */
-typedef struct {
-    StrataNode *node;
-    unsigned most;
-} InFlight;
-
-static void par_write_entry(void *opaque)
-{
-    ParOp *p = opaque;
-
-    p->ret = strata_node_co_pwrite(p->node, (uint64_t)p->idx * 4096, 4096,
-                                   p->buf, 0);
-    (*p->left)--;
-}
-
-static gboolean sample_in_flight(gpointer opaque)
-{
-    InFlight *f = opaque;
-
-    f->most = MAX(f->most, f->node->in_flight);
-    return G_SOURCE_CONTINUE;
-}
-
 START_TEST(test_in_flight)
 {
     g_autoptr(GError) err = NULL;
     ParOp ops[40];
     int left = 40;
-    InFlight f = { NULL, 0 };
-    GSource *t = g_timeout_source_new(2);
-    StrataNode *c;
+    InFlightWatch w;
+    StrataNode *null, *c;
 
     add_node("driver=raw,node-name=disk,file.driver=null-co,"
              "file.node-name=null,file.size=%d,file.latency-ns=%d", SIZE,
              300 * 1000 * 1000);
     add_export("type=nbd,id=e0,node-name=disk,name=e0,writable=on");
-    f.node = strata_context_find_node(ctx, "null");
-    ck_assert(f.node != NULL);
+    null = strata_context_find_node(ctx, "null");
+    ck_assert(null != NULL);
     c = open_client(sock_path, "e0", NULL, &err);
     ck_assert_msg(c, "%s", err ? err->message : "");
-    g_source_set_callback(t, sample_in_flight, &f, NULL);
-    g_source_attach(t, strata_loop_get_context(ctx->loop));
+    in_flight_watch(&w, null);
     for (int i = 0; i < 40; i++) {
-        ops[i] = (ParOp){ c, i, -1, &left, { 0 } };
-        strata_coroutine_enter(strata_coroutine_new(par_write_entry,
-                                                    &ops[i]));
+        ops[i] = (ParOp){ c, i, -1, &left, { 0 }, true };
+        strata_coroutine_enter(strata_coroutine_new(par_entry, &ops[i]));
     }
     while (left) {
         strata_loop_iterate(ctx->loop, true);
     }
-    g_source_destroy(t);
-    g_source_unref(t);
+    in_flight_unwatch(&w);
     for (int i = 0; i < 40; i++) {
         ck_assert_int_eq(ops[i].ret, 0);
     }
-    ck_assert_uint_eq(f.most, 40);
+    ck_assert_uint_eq(w.most, 40);
 }
 END_TEST
 

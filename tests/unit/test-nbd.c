@@ -660,8 +660,6 @@ static char *sc_errors(void *opaque)
 typedef struct {
     int n;
     uint32_t len;
-    unsigned most;          /* sampled in the loop's thread */
-    StrataNode *node;
 } HeldArgs;
 
 static char *sc_held(void *opaque)
@@ -684,18 +682,11 @@ static char *sc_held(void *opaque)
     return NULL;
 }
 
-static gboolean sample_in_flight(gpointer opaque)
-{
-    HeldArgs *a = opaque;
-
-    a->most = MAX(a->most, a->node->in_flight);
-    return G_SOURCE_CONTINUE;
-}
-
 static unsigned most_in_flight(int n, uint32_t len)
 {
     HeldArgs a = { .n = n, .len = len };
-    GSource *t = g_timeout_source_new(2);
+    InFlightWatch w;
+    StrataNode *null;
     int64_t deadline;
     char *res;
 
@@ -705,21 +696,19 @@ static unsigned most_in_flight(int n, uint32_t len)
              "file.node-name=null,file.size=%" G_GUINT64_FORMAT
              ",file.latency-ns=%d", (guint64)1 << 30, HOLD_NS);
     add_export("type=nbd,id=held,node-name=held,name=held");
-    a.node = strata_context_find_node(ctx, "null");
-    ck_assert(a.node != NULL);
-    g_source_set_callback(t, sample_in_flight, &a, NULL);
-    g_source_attach(t, strata_loop_get_context(ctx->loop));
+    null = strata_context_find_node(ctx, "null");
+    ck_assert(null != NULL);
+    in_flight_watch(&w, null);
     res = run_scenario(sc_held, &a);
     ck_assert_msg(!res, "%s", res);
     /* Every request read from the socket runs to its end. */
     deadline = g_get_monotonic_time() + 30 * G_USEC_PER_SEC;
-    while (a.node->in_flight && g_get_monotonic_time() < deadline) {
+    while (null->in_flight && g_get_monotonic_time() < deadline) {
         strata_loop_iterate(ctx->loop, true);
     }
-    ck_assert_uint_eq(a.node->in_flight, 0);
-    g_source_destroy(t);
-    g_source_unref(t);
-    return a.most;
+    ck_assert_uint_eq(null->in_flight, 0);
+    in_flight_unwatch(&w);
+    return w.most;
 }
 
 /* Up to STRATA_NBD_SERVER_MAX_REQS requests at once: of 100 small
