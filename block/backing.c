@@ -14,6 +14,7 @@
 
 #include "block-private.h"
 #include "driver.h"
+#include "../util/keyval-private.h"
 
 const char *strata_node_image_filename(StrataNode *node)
 {
@@ -118,6 +119,17 @@ StrataNode *strata_node_find_backing_image(StrataNode *top,
     return NULL;
 }
 
+bool strata_backing_name_writable(const char *name, GError **error)
+{
+    if (name && g_str_has_prefix(name, "json:")) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Refusing to write the pseudo-filename '%s' into an "
+                    "image header", name);
+        return false;
+    }
+    return true;
+}
+
 int strata_node_co_change_backing_file(StrataNode *node, const char *backing,
                                        const char *fmt, GError **error)
 {
@@ -130,10 +142,7 @@ int strata_node_co_change_backing_file(StrataNode *node, const char *backing,
                     node ? node->drv->name : "missing");
         return -ENOTSUP;
     }
-    if (backing && g_str_has_prefix(backing, "json:")) {
-        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
-                    "Refusing to write the pseudo-filename '%s' into an "
-                    "image header", backing);
+    if (!strata_backing_name_writable(backing, error)) {
         return -EINVAL;
     }
     ret = node->drv->co_change_backing_file(node, backing, fmt, error);
@@ -368,4 +377,186 @@ const char *strata_probe_file_format(const char *filename)
         return "qcow2";
     }
     return "raw";
+}
+
+/* ---- json: pseudo-filenames, read (never written) ---- */
+
+static bool merge_option(JsonObject *dst, const char *key, JsonNode *val,
+                         const char *whole, GError **error);
+
+/* @src's members into @dst, dotted keys made nested objects. */
+static bool merge_options(JsonObject *dst, JsonObject *src, GError **error)
+{
+    GList *members = json_object_get_members(src);
+    bool ok = true;
+
+    for (GList *l = members; l && ok; l = l->next) {
+        ok = merge_option(dst, l->data, json_object_get_member(src, l->data),
+                          l->data, error);
+    }
+    g_list_free(members);
+    return ok;
+}
+
+/* Puts @val at the dotted @key of @dst ("file.filename" is
+ * {"file": {"filename": …}}), merging objects given both ways; a key
+ * given twice otherwise is an error naming @whole. */
+static bool merge_option(JsonObject *dst, const char *key, JsonNode *val,
+                         const char *whole, GError **error)
+{
+    const char *dot = strchr(key, '.');
+    g_autofree char *head = g_strndup(key, dot ? (gsize)(dot - key)
+                                               : strlen(key));
+    JsonNode *have = json_object_get_member(dst, head);
+
+    if (!head[0] || (dot && !dot[1])) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Invalid option name '%s'", whole);
+        return false;
+    }
+    if (dot || JSON_NODE_HOLDS_OBJECT(val)) {
+        JsonObject *sub;
+
+        if (!have) {
+            sub = json_object_new();
+            json_object_set_object_member(dst, head, sub);
+        } else if (JSON_NODE_HOLDS_OBJECT(have)) {
+            sub = json_node_get_object(have);
+        } else {
+            goto twice;
+        }
+        return dot ? merge_option(sub, dot + 1, val, whole, error)
+                   : merge_options(sub, json_node_get_object(val), error);
+    }
+    if (have) {
+        goto twice;
+    }
+    json_object_set_member(dst, head, json_node_copy(val));
+    return true;
+
+twice:
+    g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                "Option '%s' is given more than once", whole);
+    return false;
+}
+
+static const char *member_string(JsonObject *o, const char *key)
+{
+    JsonNode *n = o ? json_object_get_member(o, key) : NULL;
+
+    return n && JSON_NODE_HOLDS_VALUE(n) &&
+           json_node_get_value_type(n) == G_TYPE_STRING
+               ? json_node_get_string(n) : NULL;
+}
+
+static JsonObject *member_object(JsonObject *o, const char *key)
+{
+    JsonNode *n = json_object_get_member(o, key);
+
+    return n && JSON_NODE_HOLDS_OBJECT(n) ? json_node_get_object(n) : NULL;
+}
+
+/* A protocol child named by its "filename" alone gets its driver from
+ * the name, as QEMU picks a protocol: an NBD URI or a file. */
+static bool fill_protocol(JsonObject *file, GError **error)
+{
+    const char *name = member_string(file, "filename");
+    g_autoptr(JsonObject) nbd = NULL;
+    bool is_nbd;
+
+    if (json_object_has_member(file, "driver") || !name) {
+        return true;
+    }
+    nbd = strata_nbd_uri_options(name, &is_nbd, error);
+    if (is_nbd && !nbd) {
+        return false;
+    }
+    if (!nbd) {
+        json_object_set_string_member(file, "driver", "file");
+        return true;
+    }
+    json_object_remove_member(file, "filename");
+    return merge_options(file, nbd, error);
+}
+
+const char *strata_json_options_filename(JsonObject *options)
+{
+    JsonObject *file = member_object(options, "file");
+
+    return file ? member_string(file, "filename")
+                : member_string(options, "filename");
+}
+
+JsonObject *strata_json_filename_options(StrataContext *ctx, const char *spec,
+                                         const char *fmt, bool *is_json,
+                                         GError **error)
+{
+    g_autoptr(JsonObject) parsed = NULL;
+    g_autoptr(JsonObject) opts = json_object_new();
+    JsonObject *file;
+    const char *text = spec + strlen("json:");
+
+    *is_json = g_str_has_prefix(spec, "json:");
+    if (!*is_json) {
+        return NULL;
+    }
+    if (!strata_keyval_is_json(text)) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "A json: name must hold a JSON object");
+        return NULL;
+    }
+    parsed = strata_keyval_parse(text, NULL, error);
+    if (!parsed || !merge_options(opts, parsed, error)) {
+        return NULL;
+    }
+    /* A format given outside the name wins over one inside, as QEMU
+     * lets the header's backing format or qemu-img's -f win. */
+    if (fmt) {
+        json_object_set_string_member(opts, "driver", fmt);
+    }
+    if (!json_object_has_member(opts, "driver") &&
+        !json_object_has_member(opts, "file")) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "Must specify either driver or file");
+        return NULL;
+    }
+    /* "filename" on a format layer names the layer's file. */
+    if (!json_object_has_member(opts, "file") &&
+        member_string(opts, "filename") &&
+        (!g_strcmp0(member_string(opts, "driver"), "qcow2") ||
+         !g_strcmp0(member_string(opts, "driver"), "raw"))) {
+        file = json_object_new();
+        json_object_set_member(file, "filename", json_node_copy(
+            json_object_get_member(opts, "filename")));
+        json_object_remove_member(opts, "filename");
+        json_object_set_object_member(opts, "file", file);
+    }
+    file = member_object(opts, "file");
+    if (file && !fill_protocol(file, error)) {
+        return NULL;
+    }
+    if (!json_object_has_member(opts, "driver")) {
+        const char *probed = NULL;
+
+        if (!file || !json_object_has_member(file, "driver")) {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                        "A json: name without a driver must name its "
+                        "file");
+            return NULL;
+        }
+        if (!g_strcmp0(member_string(file, "driver"), "nbd")) {
+            if (!strata_probe_protocol_format(ctx, file, &probed, error)) {
+                return NULL;
+            }
+        } else if (member_string(file, "filename")) {
+            probed = strata_probe_file_format(member_string(file,
+                                                            "filename"));
+        } else {
+            g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                        "A json: name without a driver must name its file");
+            return NULL;
+        }
+        json_object_set_string_member(opts, "driver", probed);
+    }
+    return g_steal_pointer(&opts);
 }

@@ -343,6 +343,32 @@ bool strata_node_record_backing(StrataNode *overlay, StrataNode *base,
  */
 JsonObject *strata_nbd_uri_options(const char *spec, bool *is_nbd,
                                    GError **error);
+/* Whether @name (nullable) may go into an image header as a backing
+ * file name: never a json: pseudo-filename (see backing.c); false with
+ * @error for one. */
+bool strata_backing_name_writable(const char *name, GError **error);
+
+/**
+ * strata_json_filename_options:
+ * @fmt: (nullable): the format given outside the name (qemu-img's -f,
+ *   an overlay's backing format); it wins over a "driver" inside
+ * @is_json: (out): whether @spec is a json: pseudo-filename at all
+ *
+ * The options of the node a "json:{...}" name describes, as QEMU opens
+ * one (it writes such names into headers when a backing node has no
+ * plain name): nested objects or dotted keys ("file.filename"), a file
+ * child's protocol from its name when it gives no driver, and the
+ * format probed when neither @fmt nor the name gives one.  strata reads
+ * these names; it never writes one.  NULL with @error for a malformed
+ * one, or NULL with *@is_json false for any other name.
+ * (transfer full) (nullable)
+ */
+JsonObject *strata_json_filename_options(StrataContext *ctx, const char *spec,
+                                         const char *fmt, bool *is_json,
+                                         GError **error);
+/* The file name a json: name's options open (the file child's, or the
+ * top level's), or NULL. */
+const char *strata_json_options_filename(JsonObject *options);
 /* "qcow2" or "raw" from the first bytes of the file @filename, as QEMU
  * probes an image whose format is not given; "raw" when it cannot be
  * read (opening it then says why). */

@@ -137,6 +137,9 @@ static bool edit_backing(StrataQcow2Header *h, const void *opaque,
     bool has = a->name && *a->name;
 
     (void)filename;
+    if (has && !strata_backing_name_writable(a->name, error)) {
+        return false;
+    }
     if (has && strlen(a->name) > STRATA_QCOW2_MAX_BACKING_NAME) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
                     "Backing file name too long");

@@ -287,6 +287,12 @@ int strata_img_rebase(int argc, char **argv)
         strata_img_error("Invalid format name: '%s'", backing_fmt);
         return 1;
     }
+    /* Before any work: the header could not take the name after it. */
+    if (!strata_backing_name_writable(backing, &err)) {
+        strata_img_error("Could not change the backing file to '%s': %s",
+                         backing, err->message);
+        return 1;
+    }
     if (!*backing) {
         backing_fmt = NULL;
     } else {

@@ -373,6 +373,16 @@ StrataBackend *strata_img_open(StrataContext *ctx, const char *spec,
             open_error(o, spec, err);
             return NULL;
         }
+    } else if (g_str_has_prefix(spec, "json:")) {
+        bool is_json;
+
+        strings = false;
+        options = strata_json_filename_options(ctx, spec, o->fmt, &is_json,
+                                               &err);
+        if (!options) {
+            open_error(o, spec, err);
+            return NULL;
+        }
     } else {
         bool is_nbd;
         JsonObject *file = strata_nbd_uri_options(spec, &is_nbd, &err);

@@ -335,6 +335,9 @@ static bool create_image(StrataContext *ctx, const char *filename,
     l2_off = l1_off + l1_clusters * cluster_size;
     data_off = l2_off + l2_count * cluster_size;
 
+    if (!strata_backing_name_writable(backing, error)) {
+        return false;
+    }
     strata_qcow2_header_init(&h);
     h.version = !strcmp(compat, "0.10") ? 2 : 3;
     h.cluster_bits = cluster_bits;

@@ -306,7 +306,8 @@ static bool open_backing(StrataQcow2State *s, JsonObject *options,
     const char *fmt;
     GStatBuf st;
     unsigned depth = 0;
-    bool is_nbd;
+    bool is_nbd, is_json;
+    const char *stat_path;
     StrataNode *child;
     g_autoptr(GError) local = NULL;
 
@@ -314,10 +315,21 @@ static bool open_backing(StrataQcow2State *s, JsonObject *options,
     if (!path) {
         return false;
     }
+    /* A json: name (QEMU writes one for a backing node with no plain
+     * name) holds the backing node's options; the header's format wins
+     * over the name's, as in QEMU. */
+    bopts = strata_json_filename_options(node->ctx, path,
+                                         s->hdr.backing_format, &is_json,
+                                         error);
+    if (is_json && !bopts) {
+        g_prefix_error(error, "Could not open backing file '%s': ", path);
+        return false;
+    }
+    stat_path = bopts ? strata_json_options_filename(bopts) : path;
 
     /* A chain that comes back to an image being opened would recurse
      * for ever. */
-    if (g_stat(path, &st) == 0) {
+    if (stat_path && g_stat(stat_path, &st) == 0) {
         for (GList *l = node->ctx->all_nodes; l; l = l->next) {
             StrataNode *n = l->data;
             StrataQcow2State *o;
@@ -345,6 +357,9 @@ static bool open_backing(StrataQcow2State *s, JsonObject *options,
         return false;
     }
 
+    if (bopts) {
+        goto open;
+    }
     /* A backing string may name a remote image (a thin overlay over a
      * base on shared storage), as QEMU opens one. */
     fopts = strata_nbd_uri_options(path, &is_nbd, error);
@@ -369,8 +384,9 @@ static bool open_backing(StrataQcow2State *s, JsonObject *options,
     }
     bopts = json_object_new();
     json_object_set_string_member(bopts, "driver", fmt);
-    json_object_set_boolean_member(bopts, "read-only", true);
     json_object_set_object_member(bopts, "file", fopts);
+open:
+    json_object_set_boolean_member(bopts, "read-only", true);
     {
         JsonNode *cache = json_object_get_member(options, "cache");
         if (cache && JSON_NODE_HOLDS_OBJECT(cache)) {

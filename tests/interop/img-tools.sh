@@ -122,6 +122,41 @@ cmp_status "compare: mismatch in the tail" 1 raw.img big.img
 cmp_status "compare: missing file" 2 top.qcow2 gone.qcow2
 cmp_status "compare: wrong format" 2 -F qcow2 top.qcow2 raw.img
 
+# ---- json: names: QEMU writes them into headers, strata reads them ----
+J='json:{"driver":"qcow2","file":{"driver":"file","filename":"'$PWD'/mid.qcow2"}}'
+qemu-img create -q -f qcow2 -b "$J" -F qcow2 jtop.qcow2
+qio -c 'write -P 6 3M 4k' jtop.qcow2
+qemu-img convert -O qcow2 jtop.qcow2 jflat.qcow2
+same_output "info: a json: backing name" info --backing-chain jtop.qcow2
+same_output "map: a json: backing name" map --output=json jtop.qcow2
+cmp_status "compare: through a json: backing name" 0 jtop.qcow2 jflat.qcow2
+for spec in "$J" 'json:{"file.filename":"top.qcow2"}' \
+    'json:{"driver":"qcow2","file.filename":"top.qcow2","backing":null}' \
+    'json:{"driver":"raw","file":{"filename":"raw.img"}}'; do
+    same_output "info $spec" info "$spec"
+    same_output "map $spec" map --output=json "$spec"
+done
+same_output "info -f over a json: name's driver" info -f raw \
+    'json:{"driver":"qcow2","file.filename":"top.qcow2"}'
+"$IMG" convert -O qcow2 "$J" jconv.qcow2 && compare_ok "convert from a json: name" jconv.qcow2 mid.qcow2
+refuse "info: json: not an object" - info 'json:[1]'
+refuse "info: json: cut short" - info 'json:{"driver":"qcow2"'
+refuse "info: json: empty" - info 'json:'
+refuse "info: json: neither driver nor file" - info 'json:{"filename":"top.qcow2"}'
+refuse "info: json: a key twice" - info 'json:{"file.filename":"top.qcow2","file":{"filename":"x"}}'
+refuse "info: json: an empty key part" - info 'json:{"driver":"qcow2","file.":"x"}'
+refuse "info: json: driver not a string" - info 'json:{"driver":5,"file.filename":"top.qcow2"}'
+refuse "info: json: file names no file" - info 'json:{"file":{"driver":"file"}}'
+qemu-img create -q -f qcow2 jloop.qcow2 1M
+qemu-img rebase -u -f qcow2 -b 'json:{"driver":"qcow2","file.filename":"'$PWD'/jloop.qcow2"}' -F qcow2 jloop.qcow2
+refuse "info: a json: backing name that loops" jloop.qcow2 info --backing-chain jloop.qcow2
+refuse "rebase -u: never writes a json: name" top.qcow2 rebase -u -b "$J" -F qcow2 top.qcow2
+refuse "rebase: never writes a json: name" top.qcow2 rebase -b "$J" -F qcow2 top.qcow2
+refuse "create: never writes a json: name" - create -f qcow2 -b "$J" -F qcow2 jnew.qcow2
+[ -e jnew.qcow2 ] && bad "create: left jnew.qcow2 behind" || ok "create: no file left"
+refuse "convert -B: never writes a json: name" - convert -O qcow2 -B "$J" -F qcow2 top.qcow2 jnew2.qcow2
+[ -e jnew2.qcow2 ] && bad "convert -B: left jnew2.qcow2 behind" || ok "convert -B: no file left"
+
 # ---- convert ----
 "$IMG" convert -O qcow2 top.qcow2 cv1.qcow2 && check_ok "convert qcow2: clean" cv1.qcow2
 compare_ok "convert qcow2: equal" top.qcow2 cv1.qcow2
