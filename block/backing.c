@@ -457,13 +457,18 @@ static JsonObject *member_object(JsonObject *o, const char *key)
 }
 
 /* A protocol child named by its "filename" alone gets its driver from
- * the name, as QEMU picks a protocol: an NBD URI or a file. */
+ * the name, as QEMU picks a protocol: an NBD URI or a file; and so on
+ * down the "file" children of the layers it describes. */
 static bool fill_protocol(JsonObject *file, GError **error)
 {
     const char *name = member_string(file, "filename");
+    JsonObject *below = member_object(file, "file");
     g_autoptr(JsonObject) nbd = NULL;
     bool is_nbd;
 
+    if (below && !fill_protocol(below, error)) {
+        return false;
+    }
     if (json_object_has_member(file, "driver") || !name) {
         return true;
     }

@@ -512,9 +512,10 @@ bool strata_node_writes_buffered(StrataNode *node);
 
 /* Whether @status, what strata_node_co_block_status_above() said of
  * @top's whole chain (no base), means the range reads as zeroes: ZERO,
- * or held by no layer of a chain that ends in an image format with no
- * backing file (QEMU's rule; null-co without read-zeroes, say, leaves
- * the buffer as it is). */
+ * or held by no layer of a chain that ends in an image format that
+ * takes backing files (qcow2) but has none (QEMU's rule; null-co
+ * without read-zeroes, with or without raw on top, leaves the buffer as
+ * it is). */
 bool strata_node_status_reads_zero(StrataNode *top, int status);
 
 /* A byte range of a node. */

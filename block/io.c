@@ -917,10 +917,21 @@ bool strata_node_status_reads_zero(StrataNode *top, int status)
     if (status & STRATA_BLOCK_ALLOCATED) {
         return false;
     }
-    while (n && strata_node_backing(n)) {
-        n = strata_node_skip_filters(strata_node_backing(n));
+    for (;;) {
+        while (n && strata_node_backing(n)) {
+            n = strata_node_skip_filters(strata_node_backing(n));
+        }
+        /* raw has no allocation of its own: its status is its file's. */
+        if (!n || !n->drv->is_format || n->drv->co_change_backing_file ||
+            !n->file) {
+            break;
+        }
+        n = strata_node_skip_filters(n->file->node);
     }
-    return n && n->drv->is_format;
+    /* A format that takes backing files (qcow2) reads what no layer
+     * holds as zeroes; anything else is not known to be zero, as QEMU
+     * has it (raw over null-co without read-zeroes: "zero": false). */
+    return n && n->drv->is_format && n->drv->co_change_backing_file;
 }
 
 int strata_node_co_block_status_above(StrataNode *top, StrataNode *base,

@@ -136,6 +136,15 @@ for spec in "$J" 'json:{"file.filename":"top.qcow2"}' \
     same_output "info $spec" info "$spec"
     same_output "map $spec" map --output=json "$spec"
 done
+# What reads as zeroes where no layer holds data: only a format that
+# takes backing files says so (raw over null-co without read-zeroes
+# does not).
+for spec in 'json:{"driver":"null-co","size":1048576}' \
+    'json:{"driver":"raw","file":{"driver":"null-co","size":1048576}}' \
+    'json:{"driver":"raw","file":{"driver":"null-co","size":1048576,"read-zeroes":true}}' \
+    'json:{"driver":"raw","file":{"driver":"qcow2","file.filename":"base.qcow2"}}'; do
+    same_output "map $spec" map --output=json "$spec"
+done
 same_output "info -f over a json: name's driver" info -f raw \
     'json:{"driver":"qcow2","file.filename":"top.qcow2"}'
 "$IMG" convert -O qcow2 "$J" jconv.qcow2 && compare_ok "convert from a json: name" jconv.qcow2 mid.qcow2

@@ -959,6 +959,13 @@ static char *sc_sparse_reads(void *opaque)
     SCHECK(read_chunk_is(fd, 0, 4096, 4096,
                          STRATA_NBD_REPLY_TYPE_OFFSET_HOLE, -1));
     close(fd);
+    /* Without read-zeroes, raw over null-co is not known to be zero
+     * (QEMU sends the data too). */
+    fd = raw_open("raw-garbage", true, false, &size, &tf);
+    SCHECK(fd >= 0);
+    SCHECK(read_chunk_is(fd, 0, 4096, 4096,
+                         STRATA_NBD_REPLY_TYPE_OFFSET_DATA, -1));
+    close(fd);
     fd = raw_open("raw-q", true, false, &size, &tf);
     SCHECK(fd >= 0);
     memset(buf, 0x5d, 4096);
@@ -995,6 +1002,8 @@ START_TEST(test_sparse_reads)
     add_export("type=nbd,id=eg,node-name=g,name=garbage");
     add_node("driver=raw,node-name=rz,file=z");
     add_export("type=nbd,id=erz,node-name=rz,name=raw-zeroes");
+    add_node("driver=raw,node-name=rg,file=g");
+    add_export("type=nbd,id=erg,node-name=rg,name=raw-garbage");
     add_node("driver=raw,node-name=rq,file=q");
     add_export("type=nbd,id=erq,node-name=rq,name=raw-q,writable=on");
     res = run_scenario(sc_sparse_reads, NULL);
