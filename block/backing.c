@@ -497,14 +497,16 @@ JsonObject *strata_json_filename_options(StrataContext *ctx, const char *spec,
                                          GError **error)
 {
     g_autoptr(JsonObject) parsed = NULL;
-    g_autoptr(JsonObject) opts = json_object_new();
+    g_autoptr(JsonObject) opts = NULL;
     JsonObject *file;
-    const char *text = spec + strlen("json:");
+    const char *text;
 
     *is_json = g_str_has_prefix(spec, "json:");
     if (!*is_json) {
         return NULL;
     }
+    text = spec + strlen("json:");
+    opts = json_object_new();
     if (!strata_keyval_is_json(text)) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
                     "A json: name must hold a JSON object");
@@ -524,17 +526,6 @@ JsonObject *strata_json_filename_options(StrataContext *ctx, const char *spec,
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
                     "Must specify either driver or file");
         return NULL;
-    }
-    /* "filename" on a format layer names the layer's file. */
-    if (!json_object_has_member(opts, "file") &&
-        member_string(opts, "filename") &&
-        (!g_strcmp0(member_string(opts, "driver"), "qcow2") ||
-         !g_strcmp0(member_string(opts, "driver"), "raw"))) {
-        file = json_object_new();
-        json_object_set_member(file, "filename", json_node_copy(
-            json_object_get_member(opts, "filename")));
-        json_object_remove_member(opts, "filename");
-        json_object_set_object_member(opts, "file", file);
     }
     file = member_object(opts, "file");
     if (file && !fill_protocol(file, error)) {
