@@ -484,7 +484,7 @@ static bool fill_protocol(JsonObject *file, GError **error)
     return merge_options(file, nbd, error);
 }
 
-const char *strata_json_options_filename(JsonObject *options)
+const char *strata_options_filename(JsonObject *options)
 {
     JsonObject *file = member_object(options, "file");
 
@@ -492,21 +492,31 @@ const char *strata_json_options_filename(JsonObject *options)
                 : member_string(options, "filename");
 }
 
-JsonObject *strata_json_filename_options(StrataContext *ctx, const char *spec,
-                                         const char *fmt, bool *is_json,
-                                         GError **error)
+/* The format of the image behind the protocol options @file, from its
+ * first bytes: over NBD by reading them, from a file by its name. */
+static bool probe_format(StrataContext *ctx, JsonObject *file,
+                         const char **fmt, GError **error)
+{
+    if (!g_strcmp0(member_string(file, "driver"), "nbd")) {
+        return strata_probe_protocol_format(ctx, file, fmt, error);
+    }
+    if (!member_string(file, "filename")) {
+        g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
+                    "A json: name without a driver must name its file");
+        return false;
+    }
+    *fmt = strata_probe_file_format(member_string(file, "filename"));
+    return true;
+}
+
+/* A json: name's options (see strata_image_name_options). */
+static JsonObject *json_name_options(StrataContext *ctx, const char *text,
+                                     const char *fmt, GError **error)
 {
     g_autoptr(JsonObject) parsed = NULL;
-    g_autoptr(JsonObject) opts = NULL;
+    g_autoptr(JsonObject) opts = json_object_new();
     JsonObject *file;
-    const char *text;
 
-    *is_json = g_str_has_prefix(spec, "json:");
-    if (!*is_json) {
-        return NULL;
-    }
-    text = spec + strlen("json:");
-    opts = json_object_new();
     if (!strata_keyval_is_json(text)) {
         g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
                     "A json: name must hold a JSON object");
@@ -532,27 +542,44 @@ JsonObject *strata_json_filename_options(StrataContext *ctx, const char *spec,
         return NULL;
     }
     if (!json_object_has_member(opts, "driver")) {
-        const char *probed = NULL;
-
-        if (!file || !json_object_has_member(file, "driver")) {
+        if (!file) {
             g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
                         "A json: name without a driver must name its "
                         "file");
             return NULL;
         }
-        if (!g_strcmp0(member_string(file, "driver"), "nbd")) {
-            if (!strata_probe_protocol_format(ctx, file, &probed, error)) {
-                return NULL;
-            }
-        } else if (member_string(file, "filename")) {
-            probed = strata_probe_file_format(member_string(file,
-                                                            "filename"));
-        } else {
-            g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
-                        "A json: name without a driver must name its file");
+        if (!probe_format(ctx, file, &fmt, error)) {
             return NULL;
         }
-        json_object_set_string_member(opts, "driver", probed);
+        json_object_set_string_member(opts, "driver", fmt);
     }
     return g_steal_pointer(&opts);
+}
+
+JsonObject *strata_image_name_options(StrataContext *ctx, const char *name,
+                                      const char *fmt, GError **error)
+{
+    JsonObject *opts, *file;
+    bool is_nbd;
+
+    if (g_str_has_prefix(name, "json:")) {
+        return json_name_options(ctx, name + strlen("json:"), fmt, error);
+    }
+    file = strata_nbd_uri_options(name, &is_nbd, error);
+    if (is_nbd && !file) {
+        return NULL;
+    }
+    if (!file) {
+        file = json_object_new();
+        json_object_set_string_member(file, "driver", "file");
+        json_object_set_string_member(file, "filename", name);
+    }
+    if (!fmt && !probe_format(ctx, file, &fmt, error)) {
+        json_object_unref(file);
+        return NULL;
+    }
+    opts = json_object_new();
+    json_object_set_string_member(opts, "driver", fmt);
+    json_object_set_object_member(opts, "file", file);
+    return opts;
 }

@@ -349,26 +349,27 @@ JsonObject *strata_nbd_uri_options(const char *spec, bool *is_nbd,
 bool strata_backing_name_writable(const char *name, GError **error);
 
 /**
- * strata_json_filename_options:
+ * strata_image_name_options:
+ * @name: an image name as qemu-img takes it and a header's backing
+ *   string holds it: a file name, an NBD URI (strata_nbd_uri_options)
+ *   or a json: pseudo-filename
  * @fmt: (nullable): the format given outside the name (qemu-img's -f,
- *   an overlay's backing format); it wins over a "driver" inside
- * @is_json: (out): whether @spec is a json: pseudo-filename at all
+ *   an overlay's backing format); NULL: probed from the first bytes
  *
- * The options of the node a "json:{...}" name describes, as QEMU opens
- * one (it writes such names into headers when a backing node has no
- * plain name): nested objects or dotted keys ("file.filename"), a file
- * child's protocol from its name when it gives no driver, and the
- * format probed when neither @fmt nor the name gives one.  strata reads
- * these names; it never writes one.  NULL with @error for a malformed
- * one, or NULL with *@is_json false for any other name.
- * (transfer full) (nullable)
+ * The options of the node @name opens: @fmt (it wins over a "driver"
+ * inside a json: name, as in QEMU) over the protocol the name gives.
+ * A json: name, which QEMU writes into headers when a backing node has
+ * no plain name, holds the node's options as nested objects or dotted
+ * keys ("file.filename"); a file child that gives only a "filename"
+ * gets its protocol from it, at every level.  strata reads these names
+ * and never writes one (strata_backing_name_writable).  NULL with
+ * @error for a malformed name.  (transfer full)
  */
-JsonObject *strata_json_filename_options(StrataContext *ctx, const char *spec,
-                                         const char *fmt, bool *is_json,
-                                         GError **error);
-/* The file name a json: name's options open (the file child's, or the
- * top level's), or NULL. */
-const char *strata_json_options_filename(JsonObject *options);
+JsonObject *strata_image_name_options(StrataContext *ctx, const char *name,
+                                      const char *fmt, GError **error);
+/* The file name options open (their file child's, or their own), or
+ * NULL (an NBD export). */
+const char *strata_options_filename(JsonObject *options);
 /* "qcow2" or "raw" from the first bytes of the file @filename, as QEMU
  * probes an image whose format is not given; "raw" when it cannot be
  * read (opening it then says why). */
@@ -384,6 +385,10 @@ bool strata_probe_protocol_format(StrataContext *ctx, JsonObject *proto,
 StrataNode *strata_node_backing(StrataNode *node);
 /* Walks filters down to the node with data (a filter's file child). */
 StrataNode *strata_node_skip_filters(StrataNode *node);
+/* The node whose block status @node's is: down through filters and
+ * through formats without allocation of their own (raw, which takes no
+ * backing file and reports its file's status, as QEMU's does). */
+StrataNode *strata_node_status_source(StrataNode *node);
 
 /* A drained section over a fixed set of nodes: strata_drain_set_add()
  * quiesces a node's subtree and ancestors (and waits until nothing is in

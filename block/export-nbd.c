@@ -1186,15 +1186,10 @@ static int co_block_status(NbdClient *c, NbdRequest *r)
  * them); its reads send their bytes, zeroes included. */
 static bool zero_status_is_cheap(StrataNode *node)
 {
-    const char *drv = "";
+    const char *drv;
 
-    for (node = strata_node_skip_filters(node); node;
-         node = strata_node_skip_filters(node->file->node)) {
-        drv = strata_node_get_driver_name(node);
-        if (strcmp(drv, "raw") || !node->file) {
-            break;
-        }
-    }
+    node = strata_node_status_source(node);
+    drv = node ? strata_node_get_driver_name(node) : "";
     return !strcmp(drv, "qcow2") || !strcmp(drv, "null-co");
 }
 

@@ -303,22 +303,34 @@ static bool all_multi_conn(StrataNode *node)
     return true;
 }
 
-/* Opens source @i again, up to CONVERT_CONNS times in all, where its
- * server allows it (see CONVERT_CONNS); quietly stops at the first open
- * that fails. */
-static void open_extra_conns(ConvertJob *j, StrataImgTool *t, int i,
-                             const char *spec,
-                             const StrataImgOpenOpts *src_oo)
+/* How many connections a source that allows several gets: CONVERT_CONNS,
+ * or fewer as STRATA_IMG_NBD_CONNECTIONS asks (a value out of range is
+ * said and ignored). */
+static unsigned conns_wanted(void)
 {
-    StrataImgOpenOpts oo = *src_oo;
-    StrataNode *top = strata_img_backend_node(j->src[i]);
     const char *env = g_getenv("STRATA_IMG_NBD_CONNECTIONS");
     guint64 want = CONVERT_CONNS;
 
     if (env && !g_ascii_string_to_unsigned(env, 10, 1, CONVERT_CONNS, &want,
                                            NULL)) {
+        strata_img_error("STRATA_IMG_NBD_CONNECTIONS: '%s' is not a number "
+                         "from 1 to %d; using %d", env, CONVERT_CONNS,
+                         CONVERT_CONNS);
         want = CONVERT_CONNS;
     }
+    return (unsigned)want;
+}
+
+/* Opens source @i again, up to @want times in all, where its server
+ * allows it (see CONVERT_CONNS); quietly stops at the first open that
+ * fails. */
+static void open_extra_conns(ConvertJob *j, StrataImgTool *t, int i,
+                             const char *spec,
+                             const StrataImgOpenOpts *src_oo, unsigned want)
+{
+    StrataImgOpenOpts oo = *src_oo;
+    StrataNode *top = strata_img_backend_node(j->src[i]);
+
     if (!receives_on_loop(top) || !all_multi_conn(top)) {
         return;
     }
@@ -532,6 +544,7 @@ int strata_img_convert(int argc, char **argv)
     ConvertJob j = { 0 };
     ConvertRun run = { .job = &j };
     int ret = 1, c, r;
+    unsigned conns;
 
     optind = 1;
     while ((c = strata_img_getopt(argc, argv, ":hf:O:B:F:co:l:S:pt:T:qnm:WrU",
@@ -686,6 +699,7 @@ int strata_img_convert(int argc, char **argv)
     if (!strata_img_tool_init(&t)) {
         goto out;
     }
+    conns = snap.given ? 1 : conns_wanted();
     j.src = g_new0(StrataBackend *, j.n_src);
     j.src_len = g_new0(uint64_t, j.n_src);
     j.readers = g_malloc0_n(j.n_src, sizeof(*j.readers));
@@ -712,10 +726,8 @@ int strata_img_convert(int argc, char **argv)
         j.readers[i][0] = j.src[i];
         j.n_readers[i] = 1;
         /* A snapshot loaded into the first open would not be in the
-         * others. */
-        if (!snap.given) {
-            open_extra_conns(&j, &t, i, argv[optind + i], &src_oo);
-        }
+         * others (conns is 1 with -l). */
+        open_extra_conns(&j, &t, i, argv[optind + i], &src_oo, conns);
     }
 
     if (!skip_create) {

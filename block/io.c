@@ -909,7 +909,7 @@ static StrataNode *next_layer(StrataNode *node)
 
 bool strata_node_status_reads_zero(StrataNode *top, int status)
 {
-    StrataNode *n = strata_node_skip_filters(top);
+    StrataNode *n;
 
     if (status & STRATA_BLOCK_ZERO) {
         return true;
@@ -917,16 +917,8 @@ bool strata_node_status_reads_zero(StrataNode *top, int status)
     if (status & STRATA_BLOCK_ALLOCATED) {
         return false;
     }
-    for (;;) {
-        while (n && strata_node_backing(n)) {
-            n = strata_node_skip_filters(strata_node_backing(n));
-        }
-        /* raw has no allocation of its own: its status is its file's. */
-        if (!n || !n->drv->is_format || n->drv->co_change_backing_file ||
-            !n->file) {
-            break;
-        }
-        n = strata_node_skip_filters(n->file->node);
+    for (n = strata_node_status_source(top); n && strata_node_backing(n);
+         n = strata_node_status_source(strata_node_backing(n))) {
     }
     /* A format that takes backing files (qcow2) reads what no layer
      * holds as zeroes; anything else is not known to be zero, as QEMU

@@ -373,40 +373,13 @@ StrataBackend *strata_img_open(StrataContext *ctx, const char *spec,
             open_error(o, spec, err);
             return NULL;
         }
-    } else if (g_str_has_prefix(spec, "json:")) {
-        bool is_json;
-
+    } else {
         strings = false;
-        options = strata_json_filename_options(ctx, spec, o->fmt, &is_json,
-                                               &err);
+        options = strata_image_name_options(ctx, spec, o->fmt, &err);
         if (!options) {
             open_error(o, spec, err);
             return NULL;
         }
-    } else {
-        bool is_nbd;
-        JsonObject *file = strata_nbd_uri_options(spec, &is_nbd, &err);
-        const char *fmt = o->fmt;
-
-        if (is_nbd && (!file || (!fmt &&
-                                 !strata_probe_protocol_format(ctx, file, &fmt, &err)))) {
-            if (file) {
-                json_object_unref(file);
-            }
-            open_error(o, spec, err);
-            return NULL;
-        }
-        if (!file) {
-            file = json_object_new();
-            json_object_set_string_member(file, "driver", "file");
-            json_object_set_string_member(file, "filename", spec);
-        }
-        strings = false;
-        options = json_object_new();
-        json_object_set_string_member(options, "driver",
-                                      fmt ? fmt
-                                          : strata_probe_file_format(spec));
-        json_object_set_object_member(options, "file", file);
     }
     if (o->no_backing && !o->image_opts &&
         g_strcmp0(json_object_get_string_member(options, "driver"),

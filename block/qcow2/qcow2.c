@@ -302,11 +302,8 @@ static bool open_backing(StrataQcow2State *s, JsonObject *options,
     const char *image = file_of(s)->filename;
     g_autofree char *path = NULL;
     g_autoptr(JsonObject) bopts = NULL;
-    JsonObject *fopts;
-    const char *fmt;
     GStatBuf st;
     unsigned depth = 0;
-    bool is_nbd, is_json;
     const char *stat_path;
     StrataNode *child;
     g_autoptr(GError) local = NULL;
@@ -315,17 +312,16 @@ static bool open_backing(StrataQcow2State *s, JsonObject *options,
     if (!path) {
         return false;
     }
-    /* A json: name (QEMU writes one for a backing node with no plain
-     * name) holds the backing node's options; the header's format wins
-     * over the name's, as in QEMU. */
-    bopts = strata_json_filename_options(node->ctx, path,
-                                         s->hdr.backing_format, &is_json,
-                                         error);
-    if (is_json && !bopts) {
+    /* A file name, or a remote image (a thin overlay over a base on
+     * shared storage), or a json: name, as QEMU opens them; the
+     * header's format wins over a json: name's. */
+    bopts = strata_image_name_options(node->ctx, path, s->hdr.backing_format,
+                                      error);
+    if (!bopts) {
         g_prefix_error(error, "Could not open backing file '%s': ", path);
         return false;
     }
-    stat_path = bopts ? strata_json_options_filename(bopts) : path;
+    stat_path = strata_options_filename(bopts);
 
     /* A chain that comes back to an image being opened would recurse
      * for ever. */
@@ -357,35 +353,6 @@ static bool open_backing(StrataQcow2State *s, JsonObject *options,
         return false;
     }
 
-    if (bopts) {
-        goto open;
-    }
-    /* A backing string may name a remote image (a thin overlay over a
-     * base on shared storage), as QEMU opens one. */
-    fopts = strata_nbd_uri_options(path, &is_nbd, error);
-    if (is_nbd && !fopts) {
-        g_prefix_error(error, "Could not open backing file '%s': ", path);
-        return false;
-    }
-    fmt = s->hdr.backing_format;
-    if (!fmt && is_nbd &&
-        !strata_probe_protocol_format(node->ctx, fopts, &fmt, error)) {
-        json_object_unref(fopts);
-        g_prefix_error(error, "Could not open backing file '%s': ", path);
-        return false;
-    }
-    if (!fmt) {
-        fmt = strata_probe_file_format(path);
-    }
-    if (!fopts) {
-        fopts = json_object_new();
-        json_object_set_string_member(fopts, "driver", "file");
-        json_object_set_string_member(fopts, "filename", path);
-    }
-    bopts = json_object_new();
-    json_object_set_string_member(bopts, "driver", fmt);
-    json_object_set_object_member(bopts, "file", fopts);
-open:
     json_object_set_boolean_member(bopts, "read-only", true);
     {
         JsonNode *cache = json_object_get_member(options, "cache");

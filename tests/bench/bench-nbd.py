@@ -414,6 +414,7 @@ class Bench:
             if "export" in self.a.suites:
                 rows += self.export_setup()
             for rep in range(self.a.reps):
+                limits = {}
                 order = ["qemu", "strata"] if rep % 2 == 0 else ["strata", "qemu"]
                 for row in rows:
                     for side in order:
@@ -433,11 +434,15 @@ class Bench:
                                                 (side, rep + 1, e))
                             log("FAILED %s %s: %s" % (row.name, side, e))
                     if getattr(row, "limit", None) and self.a.fio:
+                        # Rows doing the same I/O on the same file (the
+                        # fio-client rows) share one limit per round.
+                        key = (row.work, row.limit, row.count, row.bs)
                         try:
-                            t = self.limit_sample(row)
-                            row.limit_samples.append(t)
-                            log("rep %d %s limit (fio): %.3f s"
-                                % (rep + 1, row.name, t))
+                            if key not in limits:
+                                limits[key] = self.limit_sample(row)
+                                log("rep %d %s limit (fio): %.3f s"
+                                    % (rep + 1, row.name, limits[key]))
+                            row.limit_samples.append(limits[key])
                         except Exception as e:  # noqa: BLE001
                             row.failures.append("limit rep %d: %s"
                                                 % (rep + 1, e))

@@ -13,6 +13,7 @@
 #include <glib.h>
 
 #include "block-private.h"
+#include "fuzz-check.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -23,18 +24,12 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     char *spec = g_malloc(size + 6);
     GError *error = NULL;
     JsonObject *opts;
-    bool is_json = false;
 
     memcpy(spec, "json:", 5);
     memcpy(spec + 5, data, size);
     spec[size + 5] = '\0';
-    opts = strata_json_filename_options(NULL, spec, "raw", &is_json, &error);
-    if (!is_json || (opts == NULL) == (error == NULL)) {
-        __builtin_trap();
-    }
-    if (error != NULL && !g_utf8_validate(error->message, -1, NULL)) {
-        __builtin_trap();
-    }
+    opts = strata_image_name_options(NULL, spec, "raw", &error);
+    fuzz_check_outcome(opts, error);
     if (opts != NULL &&
         g_strcmp0(json_object_get_string_member_with_default(opts, "driver",
                                                              NULL),

@@ -11,6 +11,7 @@
 #include <glib.h>
 
 #include "keyval-private.h"
+#include "fuzz-check.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -29,12 +30,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     GError *error = NULL;
     JsonObject *obj = strata_keyval_parse(text, implied, &error);
-    if ((obj == NULL) == (error == NULL)) {
-        __builtin_trap();   /* exactly one of result and error */
-    }
-    if (error != NULL && !g_utf8_validate(error->message, -1, NULL)) {
-        __builtin_trap();
-    }
+    fuzz_check_outcome(obj, error);
     if (obj != NULL) {
         json_object_unref(obj);
     }
