@@ -492,8 +492,9 @@ const char *strata_options_filename(JsonObject *options)
                 : member_string(options, "filename");
 }
 
-/* The format of the image behind the protocol options @file, from its
- * first bytes: over NBD by reading them, from a file by its name. */
+/* The format of the image behind the protocol options @file (nullable:
+ * none given, an error), from its first bytes: over NBD by reading them,
+ * from a file by its name. */
 static bool probe_format(StrataContext *ctx, JsonObject *file,
                          const char **fmt, GError **error)
 {
@@ -542,12 +543,7 @@ static JsonObject *json_name_options(StrataContext *ctx, const char *text,
         return NULL;
     }
     if (!json_object_has_member(opts, "driver")) {
-        if (!file) {
-            g_set_error(error, STRATA_ERROR, STRATA_ERROR_INVALID_ARGUMENT,
-                        "A json: name without a driver must name its "
-                        "file");
-            return NULL;
-        }
+        /* A "file" that is no object names no file to probe. */
         if (!probe_format(ctx, file, &fmt, error)) {
             return NULL;
         }

@@ -917,8 +917,9 @@ bool strata_node_status_reads_zero(StrataNode *top, int status)
     if (status & STRATA_BLOCK_ALLOCATED) {
         return false;
     }
-    for (n = strata_node_status_source(top); n && strata_node_backing(n);
-         n = strata_node_status_source(strata_node_backing(n))) {
+    n = strata_node_status_source(top);
+    while (n && strata_node_backing(n)) {
+        n = strata_node_status_source(strata_node_backing(n));
     }
     /* A format that takes backing files (qcow2) reads what no layer
      * holds as zeroes; anything else is not known to be zero, as QEMU

@@ -156,6 +156,7 @@ refuse "info: json: a key twice" - info 'json:{"file.filename":"top.qcow2","file
 refuse "info: json: an empty key part" - info 'json:{"driver":"qcow2","file.":"x"}'
 refuse "info: json: driver not a string" - info 'json:{"driver":5,"file.filename":"top.qcow2"}'
 refuse "info: json: file names no file" - info 'json:{"file":{"driver":"file"}}'
+refuse "info: json: file not an object" - info 'json:{"file":"top.qcow2"}'
 refuse "info: json: a format with a filename, no file" - info 'json:{"driver":"qcow2","filename":"top.qcow2"}'
 qemu-img create -q -f qcow2 jloop.qcow2 1M
 qemu-img rebase -u -f qcow2 -b 'json:{"driver":"qcow2","file.filename":"'$PWD'/jloop.qcow2"}' -F qcow2 jloop.qcow2

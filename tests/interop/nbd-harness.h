@@ -192,9 +192,6 @@ static bool have_tool(const char *name)
 
 /* ---- a raw client on its own thread ---- */
 
-/* A scenario runs on a thread with blocking sockets and returns NULL or
- * a failure message (transfer full); the test thread keeps the loop
- * running meanwhile and asserts on the result. */
 /* The most requests @node had in flight at once, sampled every 2 ms by
  * the loop's thread between in_flight_watch() and in_flight_unwatch(). */
 typedef struct {
@@ -226,6 +223,9 @@ static void in_flight_unwatch(InFlightWatch *w)
     g_clear_pointer(&w->timer, g_source_unref);
 }
 
+/* A scenario runs on a thread with blocking sockets and returns NULL or
+ * a failure message (transfer full); the test thread keeps the loop
+ * running meanwhile and asserts on the result. */
 typedef char *(*Scenario)(void *opaque);
 
 typedef struct {
