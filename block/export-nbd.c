@@ -55,6 +55,22 @@
 #define NBD_BUF_CACHE NBD_MAX_REQS
 #define NBD_BUF_CACHE_MAX (2 * 1024 * 1024)
 #define NBD_BUF_CACHE_TOTAL (16 * 1024 * 1024)
+/*
+ * Requests a connection's reader starts before it gives the loop a turn.
+ * A client sends a burst of requests one system call each; the reader
+ * took them as they came until the socket ran dry, so the reads it had
+ * started waited for submission, and every reply for the burst's last
+ * request.  A turn every few requests submits what was started, reaps
+ * what completed and sends those replies while the client is still
+ * sending: the two processes work at once instead of taking turns.
+ * 4 KiB reads at depth 32 from qemu-img bench, 8-12 alternating rounds,
+ * medians: page cache 1.187 s -> 0.794 s (131072 reads; QSD 1.476 s),
+ * null-co 0.512 s -> 0.427 s (QSD 0.651 s); O_DIRECT reads and writes,
+ * bound by the disk, unchanged.  A turn after every request gained
+ * less (null-co 0.502 s); after two, four or eight, within the noise
+ * of each other.
+ */
+#define NBD_REQS_PER_TURN 4
 /* Option payloads larger than this are skipped and refused. */
 #define NBD_MAX_OPTION (64 * 1024)
 
@@ -107,6 +123,7 @@ typedef struct NbdClient {
     struct NbdRequest **out_tail;
     bool sender_scheduled;
     unsigned nreqs;
+    unsigned started_in_turn; /* requests started since the last turn */
     uint64_t req_bytes;       /* payload bytes of the requests in flight */
     StrataCoQueue reqs_wait;  /* the receiver waits here for a slot */
 } NbdClient;
@@ -1430,6 +1447,10 @@ static void co_transmission(NbdClient *c)
         c->nreqs++;
         c->req_bytes += r->buf ? r->len : 0;
         strata_coroutine_enter(strata_coroutine_new(request_co, r));
+        if (++c->started_in_turn == NBD_REQS_PER_TURN) {
+            c->started_in_turn = 0;
+            strata_loop_co_yield_now(c->ctx->loop);
+        }
     }
 }
 
