@@ -361,6 +361,7 @@ bool strata_qmp_x_strata_query_loop(StrataMonitor *mon, JsonObject *args,
     json_object_set_int_member(o, "poll-ns", ps.window_ns);
     json_object_set_int_member(o, "poll-hits", (gint64)ps.polled);
     json_object_set_int_member(o, "poll-sleeps", (gint64)ps.slept);
+    json_object_set_int_member(o, "poll-rests", (gint64)ps.rests);
     json_node_take_object(json_node_init(n, JSON_NODE_OBJECT), o);
     *ret = n;
     return true;

@@ -75,6 +75,8 @@ typedef struct StrataLoopPollStats {
     int64_t window_ns;  /* how long the next wait may poll */
     uint64_t polled;    /* waits that ended while polling */
     uint64_t slept;     /* waits that went to sleep */
+    uint64_t rests;     /* rounds that caught so little that polling
+                         * rested (see loop_poll_tally) */
 } StrataLoopPollStats;
 
 void strata_loop_get_poll_stats(StrataLoopPollStats *stats);

@@ -860,6 +860,8 @@ START_TEST(test_stratad_poll_max_ns)
             ck_assert_int_eq(json_object_get_int_member(o, "poll-sleeps"), 0);
             ck_assert_int_eq(json_object_get_int_member(o, "poll-hits"), 0);
         }
+        /* A few commands are no reason to rest. */
+        ck_assert_int_eq(json_object_get_int_member(o, "poll-rests"), 0);
         qtest_end(s);
     }
 }

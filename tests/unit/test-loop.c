@@ -1222,6 +1222,70 @@ START_TEST(test_poll_adapts)
 }
 END_TEST
 
+/* Through the context's poll function itself: waits that polling never
+ * catches (nothing comes until the timeout) make it rest, resting waits
+ * sleep at once, and after the rest a ready fd is caught while polling
+ * again. */
+START_TEST(test_poll_rests)
+{
+    GMainContext *ctx;
+    StrataLoop *loop = loop_new_for(0, &ctx);
+    StrataLoopPollStats st0, st1, st2, st3;
+    GPollFunc poll_fn;
+    GPollFD pfd;
+    int fds[2], calls;
+
+    if (!loop) {
+        return;
+    }
+    ck_assert_int_eq(pipe(fds), 0);
+    pfd = (GPollFD){ .fd = fds[0], .events = G_IO_IN };
+    strata_loop_set_poll_max_ns(loop, 2000000);
+    poll_fn = g_main_context_get_poll_func(ctx);
+    strata_loop_get_poll_stats(&st0);
+
+    /* Empty waits of 1 ms, inside the 2 ms limit: every window ends
+     * with nothing, and a round of them rests polling. */
+    for (calls = 0; calls < 200; calls++) {
+        ck_assert_int_eq(poll_fn(&pfd, 1, 1), 0);
+        strata_loop_get_poll_stats(&st1);
+        if (st1.rests > st0.rests) {
+            break;
+        }
+    }
+    ck_assert_int_eq(st1.rests, st0.rests + 1);
+    ck_assert_int_eq(st1.polled, st0.polled);
+    ck_assert_int_eq(st1.window_ns, 0);
+
+    /* Resting: a ready fd is found by the sleeping poll, not by
+     * polling, wait after wait (without the rest the window would open
+     * again after the first). */
+    ck_assert_int_eq(write(fds[1], "x", 1), 1);
+    for (calls = 0; calls < 10; calls++) {
+        ck_assert_int_eq(poll_fn(&pfd, 1, 1000), 1);
+    }
+    strata_loop_get_poll_stats(&st2);
+    ck_assert_int_eq(st2.polled, st1.polled);
+    ck_assert_int_eq(st2.slept, st1.slept + 10);
+
+    /* The rest ends: the ready fd is caught while polling again. */
+    for (calls = 0; calls < 2000; calls++) {
+        ck_assert_int_eq(poll_fn(&pfd, 1, 1000), 1);
+        strata_loop_get_poll_stats(&st3);
+        if (st3.polled > st2.polled) {
+            break;
+        }
+    }
+    ck_assert_int_gt(st3.polled, st2.polled);
+    ck_assert_int_eq(st3.rests, st1.rests);
+
+    strata_loop_set_poll_max_ns(loop, 0);
+    close(fds[0]);
+    close(fds[1]);
+    loop_done(loop, ctx);
+}
+END_TEST
+
 /* .loops = 2: once per engine, io_uring then threads (engine_of()). */
 int main(void)
 {
@@ -1248,6 +1312,7 @@ int main(void)
         { "/loop/nested-iteration", test_nested_iteration, .loops = 2 },
         { "/loop/misuse", test_misuse },
         { "/loop/poll/adapts", test_poll_adapts },
+        { "/loop/poll/rests", test_poll_rests },
     };
 
     return strata_test_main("loop", tests, setup,
