@@ -123,7 +123,6 @@ typedef struct NbdClient {
     struct NbdRequest **out_tail;
     bool sender_scheduled;
     unsigned nreqs;
-    unsigned started_in_turn; /* requests started since the last turn */
     uint64_t req_bytes;       /* payload bytes of the requests in flight */
     StrataCoQueue reqs_wait;  /* the receiver waits here for a slot */
 } NbdClient;
@@ -1394,6 +1393,7 @@ static void request_co(void *opaque)
 static void co_transmission(NbdClient *c)
 {
     uint8_t hdr[STRATA_NBD_REQUEST_SIZE];
+    unsigned started = 0;       /* since the loop's last turn */
 
     while (!c->closing) {
         NbdRequest *r;
@@ -1447,8 +1447,8 @@ static void co_transmission(NbdClient *c)
         c->nreqs++;
         c->req_bytes += r->buf ? r->len : 0;
         strata_coroutine_enter(strata_coroutine_new(request_co, r));
-        if (++c->started_in_turn == NBD_REQS_PER_TURN) {
-            c->started_in_turn = 0;
+        if (++started == NBD_REQS_PER_TURN) {
+            started = 0;
             strata_loop_co_yield_now(c->ctx->loop);
         }
     }

@@ -808,10 +808,10 @@ StrataNode *strata_node_skip_filters(StrataNode *node)
 
 StrataNode *strata_node_status_source(StrataNode *node)
 {
-    for (node = strata_node_skip_filters(node);
-         node && node->drv->is_format && !node->drv->co_change_backing_file &&
-         node->file;
-         node = strata_node_skip_filters(node->file->node)) {
+    node = strata_node_skip_filters(node);
+    while (node && node->drv->is_format && !node->drv->co_change_backing_file &&
+           node->file) {
+        node = strata_node_skip_filters(node->file->node);
     }
     return node;
 }

@@ -1154,33 +1154,44 @@ const char *strata_loop_fallback_reason(StrataLoop *loop)
 #define LOOP_POLL_ROUND 32
 #define LOOP_POLL_ROUND_HITS 8
 #define LOOP_POLL_REST 256
-#define LOOP_POLL_REST_MAX 8192
+#define LOOP_POLL_REST_MAX_SHIFT 5      /* up to 256 << 5 = 8192 waits */
+
+/* The round and the rest; all zero is the start (see
+ * strata_loop_set_poll_max_ns). */
+typedef struct {
+    unsigned waits;         /* polled waits in this round */
+    unsigned caught;        /* of them, ended while polling */
+    unsigned left;          /* waits still to rest */
+    unsigned shift;         /* the next rest: LOOP_POLL_REST << shift */
+} LoopPollRound;
 
 /* GPollFunc carries no user data: the limit is the process's, the
- * window and the counters the polling thread's. */
+ * window, the round and the counters the polling thread's. */
 static gint64 loop_poll_max_ns;
 static __thread gint64 loop_poll_ns;
 static __thread guint64 loop_poll_polled, loop_poll_slept, loop_poll_rests;
-static __thread unsigned loop_poll_round, loop_poll_round_hits, loop_poll_rest;
-static __thread unsigned loop_poll_rest_len = LOOP_POLL_REST;
+static __thread LoopPollRound loop_poll_round;
 
-/* Counts one polled wait into the round; a poor round rests polling. */
+/* Counts one polled wait into the round; a poor round rests polling,
+ * each poor round in a row twice as long. */
 static void loop_poll_tally(bool caught)
 {
-    loop_poll_round_hits += caught;
-    if (++loop_poll_round < LOOP_POLL_ROUND) {
+    LoopPollRound *r = &loop_poll_round;
+
+    r->caught += caught;
+    if (++r->waits < LOOP_POLL_ROUND) {
         return;
     }
-    if (loop_poll_round_hits < LOOP_POLL_ROUND_HITS) {
-        loop_poll_rest = loop_poll_rest_len;
-        loop_poll_rest_len = MIN(loop_poll_rest_len * 2, LOOP_POLL_REST_MAX);
+    if (r->caught < LOOP_POLL_ROUND_HITS) {
+        r->left = LOOP_POLL_REST << r->shift;
+        r->shift = MIN(r->shift + 1, LOOP_POLL_REST_MAX_SHIFT);
         loop_poll_ns = 0;
         loop_poll_rests++;
     } else {
-        loop_poll_rest_len = LOOP_POLL_REST;
+        r->shift = 0;
     }
-    loop_poll_round = 0;
-    loop_poll_round_hits = 0;
+    r->waits = 0;
+    r->caught = 0;
 }
 
 /*
@@ -1195,14 +1206,13 @@ static gint loop_poll(GPollFD *fds, guint nfds, gint timeout)
     gint64 max = loop_poll_max_ns;
     gint64 window = MIN(loop_poll_ns, max);
     gint64 start, waited;
-    bool polled;
     gint ret;
 
     if (timeout == 0 || max == 0) {
         return g_poll(fds, nfds, timeout);
     }
-    if (loop_poll_rest) {
-        loop_poll_rest--;
+    if (loop_poll_round.left) {
+        loop_poll_round.left--;
         loop_poll_slept++;
         return g_poll(fds, nfds, timeout);
     }
@@ -1210,7 +1220,6 @@ static gint loop_poll(GPollFD *fds, guint nfds, gint timeout)
     if (timeout > 0) {
         window = MIN(window, (gint64)timeout * 1000000);
     }
-    polled = window > 0;
     while (window > 0) {
         ret = g_poll(fds, nfds, 0);
         if (ret != 0) {
@@ -1231,7 +1240,7 @@ static gint loop_poll(GPollFD *fds, guint nfds, gint timeout)
         loop_poll_ns = loop_poll_ns ? MIN(loop_poll_ns * 2, max)
                                     : MIN(LOOP_POLL_FIRST_NS, max);
     }
-    if (polled) {
+    if (window > 0) {
         loop_poll_tally(false);
     }
     return ret;
@@ -1244,10 +1253,7 @@ void strata_loop_set_poll_max_ns(StrataLoop *loop, int64_t max_ns)
     loop_poll_max_ns = max_ns;
     loop_poll_ns = MIN(loop_poll_ns, max_ns);
     /* A new limit starts afresh: no rest carried over. */
-    loop_poll_rest = 0;
-    loop_poll_rest_len = LOOP_POLL_REST;
-    loop_poll_round = 0;
-    loop_poll_round_hits = 0;
+    loop_poll_round = (LoopPollRound){ 0 };
     g_main_context_set_poll_func(loop->context,
                                  max_ns ? loop_poll : g_poll);
 }
