@@ -39,6 +39,14 @@ Two suites (both by default; --suites picks):
           (cache=none, io_uring) at depth 16, the most requests QEMU's NBD
           client keeps in flight whatever -d says.
 
+Two more rows, one side each, are floors (tests/bench/nbd-floor.c, built
+with the project): `nbd-floor copy`, a client that receives each payload
+straight into a shared mapping of the output and does nothing else, on
+the client row's export; and `nbd-floor serve`, a server that only
+receives, submits to io_uring (O_DIRECT) and gathers the replies, under
+qemu-img bench's rr4k row.  They show what each row leaves to any client
+or server on this machine.
+
 The client row is about reading through the NBD client, so the copy must
 not be bound by writing it out.  The output therefore lives on /dev/shm
 (as in bench-img-ops.py), is created once, before the first sample, and
@@ -163,8 +171,11 @@ class Row:
     def __init__(self, suite, name, work, **kw):
         self.suite, self.name, self.work = suite, name, work
         self.__dict__.update(kw)
-        self.samples = {"qemu": [], "strata": []}
-        self.cpu = {"qemu": [], "strata": []}     # (client, server) s
+        # A row of one side only ("alone": a bound, not a comparison)
+        # is sampled once per round and reported apart.
+        sides = ("alone",) if kw.get("alone") else ("qemu", "strata")
+        self.samples = {side: [] for side in sides}
+        self.cpu = {side: [] for side in sides}   # (client, server) s
         self.limit_samples = []                   # fio, same I/O (s)
         self.failures = []
 
@@ -228,15 +239,30 @@ class Bench:
         # in whichever sample first asked for them.
         for side in ("qemu", "strata"):
             self.client_sample(row, side)
-        return [row]
+        rows = [row]
+        if self.a.floor:
+            # The least any client can do here (tests/bench/nbd-floor.c):
+            # four connections, two 2 MiB reads in flight on each (its
+            # best on this row), each payload received straight into a
+            # shared mapping of the output.
+            rows.append(Row("client", "convert %d MiB, nbd-floor copy "
+                            "(receive into the output's pages, nothing "
+                            "else)" % (self.size // MIB), self.size,
+                            uri=row.uri, alone=True))
+        return rows
 
     def client_sample(self, row, side):
         tool = self.a.qemu_img if side == "qemu" else self.a.strata_img
         fill(self.out, self.size, 0xee)
         warm(self.src)      # the server's side is the same for both
         c0 = proc_cpu(self.qnbd.proc.pid)
-        _, t, cpu = run_timed([tool, "convert", "-n", "-f", "raw", "-O", "raw",
-                               row.uri, self.out])
+        if side == "alone":
+            argv = [self.a.floor, "copy", self.nbd_sock, "src", self.out,
+                    "4", "2"]
+        else:
+            argv = [tool, "convert", "-n", "-f", "raw", "-O", "raw", row.uri,
+                    self.out]
+        _, t, cpu = run_timed(argv)
         srv = proc_cpu(self.qnbd.proc.pid) - c0
         if subprocess.call(["cmp", "-s", self.out, self.src]) != 0:
             raise RuntimeError("the copy differs from the source")
@@ -286,7 +312,17 @@ class Bench:
             # at the 16 requests in flight QEMU's NBD client allows
             # (MAX_NBD_REQUESTS), no NBD in the way.  One side only.
             Row("export", "rr4k qd16 file, no NBD", "disk", bs=4096,
-                count=int(n4k // 4 * sc), step=step, write=False, depth=16),
+                count=int(n4k // 4 * sc), step=step, write=False, depth=16,
+                alone=True),
+        ] + ([
+            # The rr4k row's server floor: qemu-img bench against
+            # nbd-floor serve (tests/bench/nbd-floor.c), which does
+            # nothing but receive, submit to io_uring (O_DIRECT) and
+            # gather the replies: what the row leaves to any server.
+            Row("export", "rr4k qd32, nbd-floor server", "r", bs=4096,
+                count=int(n4k // 4 * sc), step=step, write=False,
+                limit="randread", alone=True, floor=True),
+        ] if self.a.floor else []) + [
             # The same four through the page cache (cache.direct=off, the
             # file read once before each sample): the CPU, not the disk,
             # bounds these.
@@ -352,7 +388,13 @@ class Bench:
             if not m:
                 raise RuntimeError("no run time in: %s" % out[-200:])
             return float(m.group(1)), cpu, 0.0
-        srv, uri = self.daemon(side, f, direct=not pc)
+        if getattr(row, "floor", False):
+            sock = self.path("floor.sock")
+            srv = Server([self.a.floor, "serve", sock, f,
+                          "cached" if pc else "direct"], sock)
+            uri = "nbd+unix:///disk?socket=%s" % sock
+        else:
+            srv, uri = self.daemon(side, f, direct=not pc)
         if getattr(row, "client", None) == "fio":
             try:
                 return self.fio_nbd_sample(row, srv, uri, pattern)
@@ -417,8 +459,8 @@ class Bench:
                 limits = {}
                 order = ["qemu", "strata"] if rep % 2 == 0 else ["strata", "qemu"]
                 for row in rows:
-                    for side in order:
-                        if row.work == "disk" and side != "qemu":
+                    for side in order + ["alone"]:
+                        if side not in row.samples:
                             continue
                         fn = self.client_sample if row.suite == "client" \
                             else self.export_sample
@@ -456,58 +498,80 @@ class Bench:
         return rows
 
 
+def rate(r, xs):
+    if not xs:
+        return "—"
+    med = statistics.median(xs)
+    if r.suite == "client":
+        return "%.0f MiB/s" % (r.work / MIB / med)
+    if getattr(r, "depth", 32) == 1:
+        return "%.1f µs/req" % (med / r.count * 1e6)
+    return "%.1fk ops/s" % (r.count / med / 1e3)
+
+
+def cpu_cells(r, side):
+    """Median client and server CPU: seconds (client rows) or µs per
+    request (export rows)."""
+    cells = []
+    for i in (0, 1):
+        xs = [c[i] for c in r.cpu[side]]
+        if not xs:
+            cells.append("—")
+        elif r.suite == "client":
+            cells.append("%.2f" % statistics.median(xs))
+        else:
+            cells.append("%.1f µs" % (statistics.median(xs) / r.count * 1e6))
+    return cells
+
+
 def report(rows, reps):
+    pairs = [r for r in rows if "alone" not in r.samples]
+    alone = [r for r in rows if "alone" in r.samples]
     out = ["| row | QEMU s, median (min) | strata s, median (min) | "
            "QEMU rate | strata rate | QEMU/strata (speed-up) |",
            "|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
+    for r in pairs:
         q, s = r.samples["qemu"], r.samples["strata"]
-
-        def rate(xs):
-            if not xs:
-                return "—"
-            med = statistics.median(xs)
-            if r.suite == "client":
-                return "%.0f MiB/s" % (r.work / MIB / med)
-            if getattr(r, "depth", 32) == 1:
-                return "%.1f µs/req" % (med / r.count * 1e6)
-            return "%.1fk ops/s" % (r.count / med / 1e3)
-
         speed = "—"
         if q and s:
             speed = "%.2f×" % (statistics.median(q) / statistics.median(s))
         out.append("| %s | %s | %s | %s | %s | %s |" % (
-            r.name, bench_img.fmt_time(q), bench_img.fmt_time(s), rate(q),
-            rate(s), speed))
+            r.name, bench_img.fmt_time(q), bench_img.fmt_time(s), rate(r, q),
+            rate(r, s), speed))
     out += ["", "CPU time, median over the samples: client / server "
             "(seconds; per request for the export rows, in µs).", "",
             "| row | QEMU client | QEMU server | strata client | "
             "strata server |", "|---|---:|---:|---:|---:|"]
-    for r in rows:
-        cells = []
-        for side in ("qemu", "strata"):
-            for i in (0, 1):
-                xs = [c[i] for c in r.cpu[side]]
-                if not xs:
-                    cells.append("—")
-                elif r.suite == "client":
-                    cells.append("%.2f" % statistics.median(xs))
-                else:
-                    cells.append("%.1f µs" % (statistics.median(xs) /
-                                              r.count * 1e6))
+    for r in pairs:
+        cells = cpu_cells(r, "qemu") + cpu_cells(r, "strata")
         out.append("| %s | %s |" % (r.name, " | ".join(cells)))
-    lim = [r for r in rows if r.limit_samples and r.samples["strata"]]
+    if alone:
+        out += ["", "Bounds, one side each, in the same rounds: the file "
+                "without NBD, and nbd-floor (tests/bench/nbd-floor.c), a "
+                "server or client that does nothing but move the bytes; "
+                "each row's CPU as above.", "",
+                "| row | s, median (min) | rate | client CPU | server CPU |",
+                "|---|---:|---:|---:|---:|"]
+        for r in alone:
+            out.append("| %s | %s | %s | %s |" % (
+                r.name, bench_img.fmt_time(r.samples["alone"]),
+                rate(r, r.samples["alone"]),
+                " | ".join(cpu_cells(r, "alone"))))
+    lim = [r for r in rows if r.limit_samples and
+           any(r.samples[side] for side in r.samples)]
     if lim:
         out += ["", "Where the disk may bound a row: the matching row of "
                 "shared/bench's limit suite (fio, io_uring, O_DIRECT, depth "
-                "32, the same I/O on the same file, in the same rounds).", "",
+                "32, the same I/O on the same file, in the same rounds); a "
+                "bound's figure is in QEMU's column.", "",
                 "| row | fio s, median | QEMU % of limit | strata % of "
                 "limit |", "|---|---:|---:|---:|"]
         for r in lim:
             fl = statistics.median(r.limit_samples)
             cells = []
-            for side in ("qemu", "strata"):
-                xs = r.samples[side]
+            for side in ("alone", "strata") if "alone" in r.samples \
+                    else ("qemu", "strata"):
+                xs = r.samples.get(side)
                 cells.append("%.0f %%" % (100 * fl / statistics.median(xs))
                              if xs else "—")
             out.append("| %s | %.3f | %s | %s |" % (r.name, fl, cells[0],
@@ -542,6 +606,8 @@ def main():
     p.add_argument("--keep", action="store_true")
     p.add_argument("--fio", default=os.environ.get("FIO", "fio"),
                    help="fio for the disk-limit rows ('' to skip them)")
+    p.add_argument("--floor", help="tests/bench/nbd-floor, built (default: "
+                   "in --build; '' to skip its rows)")
     a = p.parse_args()
     if a.fio and not shutil.which(a.fio):
         log("no %s: the export rows run without their disk limit" % a.fio)
@@ -549,6 +615,11 @@ def main():
     a.suites = a.suites.split(",")
     a.strata_img = a.strata_img or os.path.join(a.build, "block", "strata-img")
     a.stratad = a.stratad or os.path.join(a.build, "qmp", "stratad")
+    if a.floor is None:
+        a.floor = os.path.join(a.build, "tests", "bench", "nbd-floor")
+    if a.floor and not os.access(a.floor, os.X_OK):
+        log("no %s: no floor rows" % a.floor)
+        a.floor = ""
     rows = Bench(a).go()
     text = report(rows, a.reps)
     print(text)
