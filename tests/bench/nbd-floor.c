@@ -40,24 +40,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#define REQUEST_MAGIC 0x25609513u
-#define SIMPLE_REPLY_MAGIC 0x67446698u
-#define OPT_REPLY_MAGIC 0x3e889045565a9ULL
-#define CMD_READ 0
-#define CMD_WRITE 1
-#define CMD_DISC 2
-#define CMD_FLUSH 3
-#define OPT_EXPORT_NAME 1
-#define OPT_ABORT 2
-#define OPT_INFO 6
-#define OPT_GO 7
-#define REP_ACK 1
-#define REP_INFO 3
-#define REP_ERR_UNSUP 0x80000001u
-#define INFO_EXPORT 0
-#define INFO_BLOCK_SIZE 3
-#define TFLAG_HAS_FLAGS 1
-#define TFLAG_SEND_FLUSH 4
+#include "nbd-proto.h"
 
 #define SERVE_SLOTS 64
 #define SERVE_MAX_REQUEST (1u << 20)   /* advertised as the maximum block */
@@ -97,12 +80,48 @@ static bool write_full(int fd, const void *buf, size_t len)
     return true;
 }
 
-static void put16(char *p, uint16_t v) { v = htons(v); memcpy(p, &v, 2); }
-static void put32(char *p, uint32_t v) { v = htonl(v); memcpy(p, &v, 4); }
-static void put64(char *p, uint64_t v) { v = htobe64(v); memcpy(p, &v, 8); }
-static uint16_t get16(const char *p) { uint16_t v; memcpy(&v, p, 2); return ntohs(v); }
-static uint32_t get32(const char *p) { uint32_t v; memcpy(&v, p, 4); return ntohl(v); }
-static uint64_t get64(const char *p) { uint64_t v; memcpy(&v, p, 8); return be64toh(v); }
+/* Big-endian fields of the protocol's headers. */
+static void put16(char *p, uint16_t v)
+{
+    v = htons(v);
+    memcpy(p, &v, 2);
+}
+
+static void put32(char *p, uint32_t v)
+{
+    v = htonl(v);
+    memcpy(p, &v, 4);
+}
+
+static void put64(char *p, uint64_t v)
+{
+    v = htobe64(v);
+    memcpy(p, &v, 8);
+}
+
+static uint16_t get16(const char *p)
+{
+    uint16_t v;
+
+    memcpy(&v, p, 2);
+    return ntohs(v);
+}
+
+static uint32_t get32(const char *p)
+{
+    uint32_t v;
+
+    memcpy(&v, p, 4);
+    return ntohl(v);
+}
+
+static uint64_t get64(const char *p)
+{
+    uint64_t v;
+
+    memcpy(&v, p, 8);
+    return be64toh(v);
+}
 
 /* ---- serve ---- */
 
@@ -126,7 +145,7 @@ static bool opt_reply(int fd, uint32_t opt, uint32_t type, const char *data,
 {
     char h[20];
 
-    put64(h, OPT_REPLY_MAGIC);
+    put64(h, STRATA_NBD_REP_MAGIC);
     put32(h + 8, opt);
     put32(h + 12, type);
     put32(h + 16, len);
@@ -136,11 +155,13 @@ static bool opt_reply(int fd, uint32_t opt, uint32_t type, const char *data,
 /* Fixed newstyle negotiation: true once the client is in transmission. */
 static bool serve_handshake(Server *s, int fd)
 {
-    const uint16_t tflags = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH;
+    const uint16_t tflags = STRATA_NBD_FLAG_HAS_FLAGS |
+                            STRATA_NBD_FLAG_SEND_FLUSH;
     char hello[18], cflags[4];
 
     memcpy(hello, "NBDMAGICIHAVEOPT", 16);
-    put16(hello + 16, 3);   /* FIXED_NEWSTYLE | NO_ZEROES */
+    put16(hello + 16,
+          STRATA_NBD_FLAG_FIXED_NEWSTYLE | STRATA_NBD_FLAG_NO_ZEROES);
     if (!write_full(fd, hello, 18) || !read_full(fd, cflags, 4)) {
         return false;
     }
@@ -161,40 +182,43 @@ static bool serve_handshake(Server *s, int fd)
             return false;
         }
         switch (opt) {
-        case OPT_EXPORT_NAME: {
-            char r[134] = { 0 };
+        case STRATA_NBD_OPT_EXPORT_NAME: {
+            char r[10 + STRATA_NBD_EXPORT_NAME_PAD] = { 0 };
 
             put64(r, s->size);
             put16(r + 8, tflags);
-            return write_full(fd, r, (get32(cflags) & 2) ? 10 : 134);
+            bool no_zeroes = get32(cflags) & STRATA_NBD_CFLAG_NO_ZEROES;
+
+            return write_full(fd, r, no_zeroes
+                                     ? 10 : 10 + STRATA_NBD_EXPORT_NAME_PAD);
         }
-        case OPT_INFO:
-        case OPT_GO:
-            put16(info, INFO_EXPORT);
+        case STRATA_NBD_OPT_INFO:
+        case STRATA_NBD_OPT_GO:
+            put16(info, STRATA_NBD_INFO_EXPORT);
             put64(info + 2, s->size);
             put16(info + 10, tflags);
-            if (!opt_reply(fd, opt, REP_INFO, info, 12)) {
+            if (!opt_reply(fd, opt, STRATA_NBD_REP_INFO, info, 12)) {
                 return false;
             }
             /* 4 KiB minimum: O_DIRECT takes the client's requests as
              * they come. */
-            put16(info, INFO_BLOCK_SIZE);
+            put16(info, STRATA_NBD_INFO_BLOCK_SIZE);
             put32(info + 2, 4096);
             put32(info + 6, 4096);
             put32(info + 10, SERVE_MAX_REQUEST);
-            if (!opt_reply(fd, opt, REP_INFO, info, 14) ||
-                !opt_reply(fd, opt, REP_ACK, NULL, 0)) {
+            if (!opt_reply(fd, opt, STRATA_NBD_REP_INFO, info, 14) ||
+                !opt_reply(fd, opt, STRATA_NBD_REP_ACK, NULL, 0)) {
                 return false;
             }
-            if (opt == OPT_GO) {
+            if (opt == STRATA_NBD_OPT_GO) {
                 return true;
             }
             break;
-        case OPT_ABORT:
-            opt_reply(fd, opt, REP_ACK, NULL, 0);
+        case STRATA_NBD_OPT_ABORT:
+            opt_reply(fd, opt, STRATA_NBD_REP_ACK, NULL, 0);
             return false;
         default:
-            if (!opt_reply(fd, opt, REP_ERR_UNSUP, NULL, 0)) {
+            if (!opt_reply(fd, opt, STRATA_NBD_REP_ERR_UNSUP, NULL, 0)) {
                 return false;
             }
         }
@@ -232,21 +256,22 @@ static bool send_all(int fd, struct iovec *iov, int niov)
 static bool serve_parse(Server *s, struct io_uring *ring, const char *rx,
                         size_t have, size_t *used, bool *disc)
 {
-    while (have - *used >= 28) {
+    while (have - *used >= STRATA_NBD_REQUEST_SIZE) {
         const char *p = rx + *used;
         uint16_t type = get16(p + 6);
         uint64_t off = get64(p + 16);
         uint32_t len = get32(p + 24);
-        size_t need = 28 + (type == CMD_WRITE ? len : 0);
+        size_t need = STRATA_NBD_REQUEST_SIZE +
+                      (type == STRATA_NBD_CMD_WRITE ? len : 0);
         ServeSlot *slot = NULL;
         struct io_uring_sqe *sqe;
         int k;
 
-        if (get32(p) != REQUEST_MAGIC || len > SERVE_MAX_REQUEST ||
-            type > CMD_FLUSH) {
+        if (get32(p) != STRATA_NBD_REQUEST_MAGIC || len > SERVE_MAX_REQUEST ||
+            type > STRATA_NBD_CMD_FLUSH) {
             return false;
         }
-        if (type == CMD_DISC) {
+        if (type == STRATA_NBD_CMD_DISC) {
             *disc = true;
             *used = have;
             return true;
@@ -267,10 +292,10 @@ static bool serve_parse(Server *s, struct io_uring *ring, const char *rx,
         slot->type = type;
         slot->len = len;
         memcpy(slot->handle, p + 8, 8);
-        if (type == CMD_READ) {
+        if (type == STRATA_NBD_CMD_READ) {
             io_uring_prep_read(sqe, s->file, slot->buf, len, off);
-        } else if (type == CMD_WRITE) {
-            memcpy(slot->buf, p + 28, len);
+        } else if (type == STRATA_NBD_CMD_WRITE) {
+            memcpy(slot->buf, p + STRATA_NBD_REQUEST_SIZE, len);
             io_uring_prep_write(sqe, s->file, slot->buf, len, off);
         } else {
             io_uring_prep_fsync(sqe, s->file, 0);
@@ -303,7 +328,8 @@ static void serve_connection(Server *s, int fd)
 
             if (used == have) {
                 used = have = 0;
-            } else if (SERVE_RX_SIZE - have < SERVE_MAX_REQUEST + 28) {
+            } else if (SERVE_RX_SIZE - have <
+                       SERVE_MAX_REQUEST + STRATA_NBD_REQUEST_SIZE) {
                 memmove(rx, rx + used, have - used);
                 have -= used;
                 used = 0;
@@ -334,13 +360,13 @@ static void serve_connection(Server *s, int fd)
                 continue;
             }
             slot = &s->slots[tag];
-            put32(slot->reply, SIMPLE_REPLY_MAGIC);
+            put32(slot->reply, STRATA_NBD_SIMPLE_REPLY_MAGIC);
             put32(slot->reply + 4,
-                  cqe->res < 0 || (slot->type != CMD_FLUSH &&
+                  cqe->res < 0 || (slot->type != STRATA_NBD_CMD_FLUSH &&
                                    (uint32_t)cqe->res != slot->len) ? 5 : 0);
             memcpy(slot->reply + 8, slot->handle, 8);
             iov[niov++] = (struct iovec){ slot->reply, 16 };
-            if (slot->type == CMD_READ) {
+            if (slot->type == STRATA_NBD_CMD_READ) {
                 iov[niov++] = (struct iovec){ slot->buf, slot->len };
             }
             replied[nreplied++] = tag;
@@ -427,9 +453,9 @@ static int copy_connect(const Copy *c, uint64_t *size)
     int fd = socket(AF_UNIX, SOCK_STREAM, 0);
 
     snprintf(a.sun_path, sizeof(a.sun_path), "%s", c->sock_path);
-    put32(cflags, 3);
+    put32(cflags, STRATA_NBD_CFLAG_FIXED_NEWSTYLE | STRATA_NBD_CFLAG_NO_ZEROES);
     memcpy(opt, "IHAVEOPT", 8);
-    put32(opt + 8, OPT_EXPORT_NAME);
+    put32(opt + 8, STRATA_NBD_OPT_EXPORT_NAME);
     put32(opt + 12, nlen);
     if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof(a)) < 0 ||
         !read_full(fd, hello, 18) || memcmp(hello, "NBDMAGICIHAVEOPT", 16) ||
@@ -449,18 +475,18 @@ static int copy_connect(const Copy *c, uint64_t *size)
 static bool copy_request(Copy *c, int fd, bool *ok)
 {
     uint64_t off = atomic_fetch_add(&c->next, COPY_REQUEST);
-    char r[28];
+    char r[STRATA_NBD_REQUEST_SIZE];
 
     if (off >= c->size) {
         return false;
     }
-    put32(r, REQUEST_MAGIC);
+    put32(r, STRATA_NBD_REQUEST_MAGIC);
     put16(r + 4, 0);
-    put16(r + 6, CMD_READ);
+    put16(r + 6, STRATA_NBD_CMD_READ);
     memcpy(r + 8, &off, 8);
     put64(r + 16, off);
     put32(r + 24, c->size - off < COPY_REQUEST ? c->size - off : COPY_REQUEST);
-    *ok = write_full(fd, r, 28);
+    *ok = write_full(fd, r, STRATA_NBD_REQUEST_SIZE);
     return true;
 }
 
@@ -478,8 +504,8 @@ static void *copy_connection(void *opaque)
         char h[16];
         uint64_t off;
 
-        ok = read_full(fd, h, 16) && get32(h) == SIMPLE_REPLY_MAGIC &&
-             get32(h + 4) == 0;
+        ok = read_full(fd, h, 16) &&
+             get32(h) == STRATA_NBD_SIMPLE_REPLY_MAGIC && get32(h + 4) == 0;
         if (!ok) {
             break;
         }
