@@ -248,7 +248,7 @@ class Bench:
             rows.append(Row("client", "convert %d MiB, nbd-floor copy "
                             "(receive into the output's pages, nothing "
                             "else)" % (self.size // MIB), self.size,
-                            uri=row.uri, alone=True))
+                            alone=True))
         return rows
 
     def client_sample(self, row, side):

@@ -306,6 +306,24 @@ static bool serve_parse(Server *s, struct io_uring *ring, const char *rx,
     return true;
 }
 
+static bool slots_busy(const Server *s)
+{
+    for (int k = 0; k < SERVE_SLOTS; k++) {
+        if (s->slots[k].busy) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Ends the connection once what is in flight completes: no request is
+ * read any more, and the receive still posted completes empty. */
+static void serve_end(int fd, bool *done)
+{
+    *done = true;
+    shutdown(fd, SHUT_RD);
+}
+
 static void serve_connection(Server *s, int fd)
 {
     struct io_uring ring;
@@ -319,13 +337,11 @@ static void serve_connection(Server *s, int fd)
     }
     for (;;) {
         struct iovec iov[2 * SERVE_SLOTS];
-        int niov = 0, replied[SERVE_SLOTS], nreplied = 0, busy = 0;
+        int niov = 0, replied[SERVE_SLOTS], nreplied = 0;
         struct io_uring_cqe *cqe;
         unsigned head, seen = 0;
 
         if (!recv_posted && !done) {
-            struct io_uring_sqe *sqe = io_uring_get_sqe(&ring);
-
             if (used == have) {
                 used = have = 0;
             } else if (SERVE_RX_SIZE - have <
@@ -334,14 +350,17 @@ static void serve_connection(Server *s, int fd)
                 have -= used;
                 used = 0;
             }
-            io_uring_prep_recv(sqe, fd, rx + have, SERVE_RX_SIZE - have, 0);
-            io_uring_sqe_set_data64(sqe, SERVE_RECV_TAG);
-            recv_posted = true;
+            /* A full buffer waits for completions to free slots. */
+            if (have < SERVE_RX_SIZE) {
+                struct io_uring_sqe *sqe = io_uring_get_sqe(&ring);
+
+                io_uring_prep_recv(sqe, fd, rx + have, SERVE_RX_SIZE - have,
+                                   0);
+                io_uring_sqe_set_data64(sqe, SERVE_RECV_TAG);
+                recv_posted = true;
+            }
         }
-        for (int k = 0; k < SERVE_SLOTS; k++) {
-            busy += s->slots[k].busy;
-        }
-        if (done && !busy && !recv_posted) {
+        if (done && !recv_posted && !slots_busy(s)) {
             break;
         }
         io_uring_submit_and_wait(&ring, 1);
@@ -373,7 +392,7 @@ static void serve_connection(Server *s, int fd)
         }
         io_uring_cq_advance(&ring, seen);
         if (niov && !send_all(fd, iov, niov)) {
-            done = true;
+            serve_end(fd, &done);
         }
         for (int i = 0; i < nreplied; i++) {
             s->slots[replied[i]].busy = false;
@@ -381,14 +400,11 @@ static void serve_connection(Server *s, int fd)
         if (!done) {
             bool disc = false;
 
-            if (!serve_parse(s, &ring, rx, have, &used, &disc)) {
-                done = true;
+            if (!serve_parse(s, &ring, rx, have, &used, &disc) || disc) {
+                serve_end(fd, &done);
             }
-            done = done || disc;
         }
     }
-    /* An unanswered receive may still be posted: tearing the ring down
-     * cancels it. */
     io_uring_queue_exit(&ring);
     free(rx);
 }
@@ -411,11 +427,13 @@ static int serve_main(const char *sock_path, const char *file, bool direct)
             return 1;
         }
     }
+    /* Bound under another name and renamed once listening, so that
+     * whoever waits for @sock_path to appear can connect at once. */
     ls = socket(AF_UNIX, SOCK_STREAM, 0);
-    snprintf(a.sun_path, sizeof(a.sun_path), "%s", sock_path);
-    unlink(sock_path);
+    snprintf(a.sun_path, sizeof(a.sun_path), "%s.new", sock_path);
+    unlink(a.sun_path);
     if (ls < 0 || bind(ls, (struct sockaddr *)&a, sizeof(a)) < 0 ||
-        listen(ls, 8) < 0) {
+        listen(ls, 8) < 0 || rename(a.sun_path, sock_path) < 0) {
         perror(sock_path);
         return 1;
     }
