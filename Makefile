@@ -20,7 +20,7 @@ PYTHON     ?= python3
 DEPS := build-essential meson ninja-build pkg-config libglib2.0-dev \
 	libjson-glib-dev liburing-dev check zlib1g-dev libzstd-dev clang \
 	libclang-rt-14-dev qemu-utils qemu-system-common python3 fio binutils \
-	jq
+	jq strace
 
 comma := ,
 SANITIZE_ARGS := -Db_sanitize=address$(comma)undefined -Db_lundef=false -Dwerror=true

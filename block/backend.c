@@ -302,6 +302,31 @@ int strata_backend_co_copy_range_to(StrataBackend *blk, uint64_t offset,
     return request_end(blk, node, ret);
 }
 
+int strata_backend_map_for_write(StrataBackend *blk, uint64_t bytes,
+                                 StrataWriteMap *map)
+{
+    StrataNode *node;
+    void *addr;
+    int ret;
+
+    g_return_val_if_fail(blk != NULL && map != NULL, -EINVAL);
+    *map = (StrataWriteMap){ 0 };
+    if (!blk->root) {
+        return -ENOMEDIUM;
+    }
+    if (!blk->writable) {
+        return -EPERM;
+    }
+    node = blk->root->node;
+    ret = strata_node_map_for_write(node, bytes, &addr);
+    if (ret < 0) {
+        return ret;
+    }
+    strata_node_ref(node);
+    *map = (StrataWriteMap){ .node = node, .data = addr, .bytes = bytes };
+    return 0;
+}
+
 int strata_backend_co_pdiscard(StrataBackend *blk, uint64_t offset,
                                uint64_t bytes)
 {

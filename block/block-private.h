@@ -510,6 +510,53 @@ int strata_node_co_copy_range_to(StrataNode *node, uint64_t offset,
                                  uint64_t bytes, StrataNode *src,
                                  uint64_t src_offset);
 
+/**
+ * strata_node_map_for_write:
+ *
+ * Maps @node's bytes [0, @bytes) into memory at *@addr, shared and
+ * writable: what is stored there (by the kernel receiving into it, say)
+ * is the node's data, with no copy out of a buffer.  Only where every
+ * layer between @node and its file places the bytes there unchanged
+ * (`raw` without offset or size, `file` without O_DIRECT on a regular
+ * file at least @bytes long); -ENOTSUP otherwise, and for a node with
+ * write notifiers or detect-zeroes, which must see the data.  The
+ * mapping bypasses the request path: no tracking, no serialisation, no
+ * drain waits for it.  It is for a tool that holds the node alone for
+ * the mapping's whole life (strata-img convert); the node must not be
+ * resized meanwhile, or a store past its new end faults.
+ * strata_node_unmap() ends it; the next flush covers what was stored.
+ */
+int strata_node_map_for_write(StrataNode *node, uint64_t bytes, void **addr);
+void strata_node_unmap(StrataNode *node, void *addr, uint64_t bytes);
+
+/* A mapping of a backend's node (strata_backend_map_for_write). */
+typedef struct StrataWriteMap {
+    StrataNode *node;       /* NULL: none */
+    uint8_t *data;
+    uint64_t bytes;
+} StrataWriteMap;
+
+/* strata_node_map_for_write() of the backend's node, which the backend
+ * must be allowed to write.  The map holds a reference to the node. */
+int strata_backend_map_for_write(StrataBackend *blk, uint64_t bytes,
+                                 StrataWriteMap *map);
+/* Coroutine.  Makes the pages of [@offset, @offset + @bytes) of @map
+ * present and writable (MADV_POPULATE_WRITE) on a worker thread, so
+ * that stores into them do not fault page by page, and so that a file
+ * system out of space says so here (-ENOSPC, -EFAULT, -ENOMEM) and not
+ * with a fault in whatever stores there later.  The data is unchanged. */
+int strata_write_map_co_populate(StrataWriteMap *map, uint64_t offset,
+                                 uint64_t bytes);
+/* Coroutine.  Frees the whole pages inside [@offset, @offset + @bytes)
+ * of @map's file (MADV_REMOVE, a punched hole: they read as zeroes),
+ * on a worker thread.  The bytes at either end that do not fill a page
+ * are left as they are.  -ENOTSUP where the file system cannot. */
+int strata_write_map_co_punch(StrataWriteMap *map, uint64_t offset,
+                              uint64_t bytes);
+/* Unmaps (what was stored counts for the next flush) and drops the
+ * reference; @map is empty afterwards.  Nothing for an empty map. */
+void strata_write_map_end(StrataWriteMap *map);
+
 /* Whether what is written to @node lands in the page cache: the node at
  * the bottom of its file children has cache.direct off.  Jobs copy in
  * smaller pieces then (STRATA_JOB_BUFFERED_CHUNK). */

@@ -8,6 +8,8 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+#include <sys/mman.h>
 
 #include "block-private.h"
 #include "driver.h"
@@ -563,6 +565,97 @@ int strata_node_co_copy_range_to(StrataNode *node, uint64_t offset,
     }
     strata_node_dec_in_flight(node);
     return ret;
+}
+
+int strata_node_map_for_write(StrataNode *node, uint64_t bytes, void **addr)
+{
+    if (bytes == 0 || !range_ok(0, bytes) || bytes > SIZE_MAX) {
+        return -EINVAL;
+    }
+    if (node->read_only) {
+        return -EPERM;
+    }
+    if (!node->drv->map_for_write || node->write_notifiers ||
+        strcmp(node->detect_zeroes, "off") != 0) {
+        return -ENOTSUP;
+    }
+    return node->drv->map_for_write(node, bytes, addr);
+}
+
+void strata_node_unmap(StrataNode *node, void *addr, uint64_t bytes)
+{
+    g_return_if_fail(node->drv->unmap != NULL);
+    node->drv->unmap(node, addr, bytes);
+}
+
+/* A madvise() over whole pages, for a worker thread. */
+typedef struct MapAdvice {
+    void *addr;
+    size_t len;
+    int advice;
+} MapAdvice;
+
+static int map_advise_job(void *opaque)
+{
+    MapAdvice *a = opaque;
+
+    while (madvise(a->addr, a->len, a->advice) < 0) {
+        if (errno != EINTR && errno != EAGAIN) {
+            return -errno;
+        }
+    }
+    return 0;
+}
+
+/* Runs @advice over the pages of [@offset, @offset + @bytes) of @map:
+ * every page the range touches with @outer, else only the whole ones. */
+static int write_map_co_advise(StrataWriteMap *map, uint64_t offset,
+                               uint64_t bytes, int advice, bool outer)
+{
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    uint64_t start, end;
+    MapAdvice a;
+
+    g_return_val_if_fail(map->node != NULL, -EINVAL);
+    if (offset > map->bytes || bytes > map->bytes - offset) {
+        return -EINVAL;
+    }
+    /* The mapping itself starts on a page and ends on one. */
+    start = outer ? align_down(offset, page) : align_up(offset, page);
+    end = outer ? align_up(offset + bytes, page)
+                : align_down(offset + bytes, page);
+    if (end <= start) {
+        return 0;
+    }
+    a = (MapAdvice){ .addr = map->data + start, .len = end - start,
+                     .advice = advice };
+    return strata_loop_co_run_in_thread(map->node->ctx->loop,
+                                        map_advise_job, &a);
+}
+
+int strata_write_map_co_populate(StrataWriteMap *map, uint64_t offset,
+                                 uint64_t bytes)
+{
+    return write_map_co_advise(map, offset, bytes, MADV_POPULATE_WRITE,
+                               true);
+}
+
+int strata_write_map_co_punch(StrataWriteMap *map, uint64_t offset,
+                              uint64_t bytes)
+{
+    int ret = write_map_co_advise(map, offset, bytes, MADV_REMOVE, false);
+
+    return ret == -EOPNOTSUPP || ret == -EINVAL ? -ENOTSUP : ret;
+}
+
+void strata_write_map_end(StrataWriteMap *map)
+{
+    if (!map->node) {
+        return;
+    }
+    strata_node_unmap(map->node, map->data, map->bytes);
+    strata_node_unref(map->node);
+    *map = (StrataWriteMap){ 0 };
 }
 
 int strata_node_co_pwrite(StrataNode *node, uint64_t offset, uint64_t bytes,

@@ -263,6 +263,22 @@ static void raw_query_image(StrataNode *node, JsonObject *image)
      * nbd file): no dirty flag at all. */
 }
 
+/* Only a window that starts the file: a mapping starts on a page. */
+static int raw_map_for_write(StrataNode *node, uint64_t bytes, void **addr)
+{
+    RawState *s = node->opaque;
+
+    if (s->offset || (s->has_size && s->size < bytes)) {
+        return -ENOTSUP;
+    }
+    return strata_node_map_for_write(node->file->node, bytes, addr);
+}
+
+static void raw_unmap(StrataNode *node, void *addr, uint64_t bytes)
+{
+    strata_node_unmap(node->file->node, addr, bytes);
+}
+
 const StrataDriver strata_driver_raw = {
     .name = "raw",
     .state_size = sizeof(RawState),
@@ -276,6 +292,8 @@ const StrataDriver strata_driver_raw = {
     .supports_fua = true,
     .co_pwrite_zeroes = raw_co_pwrite_zeroes,
     .co_copy_range_to = raw_co_copy_range_to,
+    .map_for_write = raw_map_for_write,
+    .unmap = raw_unmap,
     .co_pdiscard = raw_co_pdiscard,
     .co_block_status = raw_co_block_status,
     .co_truncate = raw_co_truncate,

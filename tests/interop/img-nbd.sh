@@ -219,6 +219,127 @@ proxy snapq "$PWD/sq.sock"
     ok "convert -l over NBD: the snapshot's bytes, one connection" ||
     bad "convert -l over NBD: $(conns snapq) connections"
 
+# ---- convert receiving into the target's pages ----
+# A raw target in the page cache whose pages need not be read in is
+# mapped, and the payloads are received into it (block/img-convert.c,
+# MAP_AHEAD).  Which path a copy took shows in its madvise calls:
+# populates (MADV_POPULATE_WRITE) and punched zero runs (MADV_REMOVE).
+# The source has zero runs inside its data, holes, and a last block of
+# 512 data bytes.
+qemu-img create -q -f raw src.raw 64M
+qio -f raw -c 'write -P 0x11 0 16M' -c 'write -P 0 1M 4k' \
+    -c 'write -P 0 5M 256k' -c 'write -P 0x22 32M 16M' \
+    -c 'write -P 0x33 63M 512' src.raw
+qemu-img create -q -f raw zsrc.raw 128M
+qio -f raw -c 'write -P 0 0 128M' zsrc.raw
+serve mp src.raw raw -k "$PWD/mp.sock" -r -e 4
+serve zp zsrc.raw raw -k "$PWD/zp.sock" -r -e 4
+M="nbd+unix:///mp?socket=$PWD/mp.sock"
+Z="nbd+unix:///zp?socket=$PWD/zp.sock"
+qemu-img convert -f raw -O raw "$M" q-map.raw
+shm=$(mktemp -d /dev/shm/img-nbd.XXXXXX)
+small="$PWD/small"
+cleanup_map() {
+    mountpoint -q "$small" && umount "$small"
+    rm -rf "$shm"
+    cleanup
+}
+trap cleanup_map EXIT
+fill() {    # fill FILE SIZE: SIZE bytes of 0xee
+    python3 -c 'import sys
+open(sys.argv[1], "wb").write(b"\xee" * int(sys.argv[2]))' "$1" "$2"
+}
+# mapped DESC WANT_POPULATES WANT_PUNCHES OUT SRC ARGS...: converts SRC
+# to OUT under strace; the copy must equal SRC's bytes and the madvise
+# calls match (WANT: "0", "+" for some, or "<=N").
+mapped() {
+    local what=$1 wp=$2 wr=$3 out=$4 src=$5; shift 5
+    local pop rem st
+    # (LeakSanitizer cannot run under ptrace; the untraced converts
+    # above take the same paths with it.)
+    ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0" \
+        strace -f -qq -e trace=madvise -o trace.out "$IMG" convert "$@" \
+        -f raw -O raw "$src" "$out" 2>err.s
+    st=$?
+    pop=$(grep -c MADV_POPULATE_WRITE trace.out)
+    rem=$(grep -c MADV_REMOVE trace.out)
+    want() {
+        case $2 in
+        0) [ "$1" -eq 0 ] ;;
+        +) [ "$1" -gt 0 ] ;;
+        "<="*) [ "$1" -le "${2#<=}" ] ;;
+        esac
+    }
+    if [ $st -eq 0 ] && cmp -s "$out" "$(src_file "$src")" &&
+        want "$pop" "$wp" && want "$rem" "$wr"; then
+        ok "$what ($pop populates, $rem punches)"
+    else
+        bad "$what: status $st, $pop populates (want $wp), $rem punches" \
+            "(want $wr), $(cat err.s)"
+    fi
+}
+src_file() { [ "$1" = "$M" ] && echo src.raw || echo zsrc.raw; }
+if ! strace -f -qq -o /dev/null true 2>/dev/null; then
+    bad "strace cannot trace here: the mapped-convert checks need it"
+else
+    mapped "fresh target: received into its pages" + + m1.raw "$M"
+    [ "$(alloc_map m1.raw)" == "$(alloc_map q-map.raw)" ] &&
+        ok "fresh target: holes and zero runs as qemu-img leaves them" ||
+        bad "fresh target allocation: $(alloc_map m1.raw | tr '\n' ' ')" \
+            "vs $(alloc_map q-map.raw | tr '\n' ' ')"
+    fill "$shm/m2.raw" $((64 << 20))
+    mapped "-n onto a file in memory: mapped, zeroes received" + 0 \
+        "$shm/m2.raw" "$M" -n
+    truncate -s 64M "$shm/m3.raw"
+    mapped "-n --target-is-zero in memory: zero runs punched" + + \
+        "$shm/m3.raw" "$M" -n --target-is-zero
+    [ "$(alloc_map "$shm/m3.raw")" == "$(alloc_map q-map.raw)" ] &&
+        ok "--target-is-zero: holes as qemu-img's fresh copy" ||
+        bad "--target-is-zero allocation: $(alloc_map "$shm/m3.raw" |
+            tr '\n' ' ')"
+    if [ "$(stat -f -c %T .)" != tmpfs ]; then
+        fill m4.raw $((64 << 20))
+        mapped "-n onto data on a disk: not mapped (no read-in)" 0 0 \
+            m4.raw "$M" -n
+    fi
+    mapped "-o preallocation=falloc: not mapped" 0 0 m5.raw "$M" \
+        -o preallocation=falloc
+    [ "$(stat -c %b m5.raw)" -ge $(( (64 << 20) / 512 )) ] &&
+        ok "preallocation kept" || bad "preallocation: $(stat -c %b m5.raw)"
+    mapped "-t writethrough: not mapped" 0 0 m6.raw "$M" -t writethrough
+    mapped "-t none: not mapped" 0 0 m7.raw "$M" -t none
+    STRATA_IMG_CONVERT_MAP=0 mapped "STRATA_IMG_CONVERT_MAP=0: not mapped" \
+        0 0 m8.raw "$M"
+    STRATA_IMG_CONVERT_MAP=x mapped "STRATA_IMG_CONVERT_MAP=x: mapped" + + \
+        m9.raw "$M"
+    grep -q "STRATA_IMG_CONVERT_MAP: 'x' is neither 0 nor 1; using 1" err.s &&
+        ok "STRATA_IMG_CONVERT_MAP=x is said" || bad "no word on 'x'"
+    # Data that is all zeroes (a server that reports no holes): the
+    # mapping ends after 8 MiB rather than populate and punch all 128
+    # (64 chunks); what was populated ahead is punched as it comes.  The
+    # copy is one hole (qemu-img's allocates its first 4 KiB).
+    mapped "zeroes as data: the mapping ends early" + "<=40" z1.raw "$Z"
+    [ "$(alloc_map z1.raw)" == "0 134217728 0 True True False" ] &&
+        ok "zeroes as data: the copy is a hole" ||
+        bad "zeroes as data allocation: $(alloc_map z1.raw | tr '\n' ' ')"
+    # Out of space: the populate fails, the copy goes on through buffers
+    # and fails as qemu-img's does, with no fault.
+    mkdir -p "$small"
+    if mount -t tmpfs -o size=8m tmpfs "$small" 2>/dev/null; then
+        "$IMG" convert -f raw -O raw "$M" "$small/o.raw" 2>err.s
+        st=$?
+        qemu-img convert -f raw -O raw "$M" "$small/q.raw" 2>err.q
+        sq=$?
+        [ $st -eq 1 ] && [ $sq -eq 1 ] &&
+            grep -q "No space left on device" err.s &&
+            ok "out of space: status 1 as qemu-img ($(cat err.s))" ||
+            bad "out of space: status $st (qemu-img $sq): $(cat err.s)"
+        umount "$small"
+    else
+        echo "note: cannot mount a small tmpfs here; out-of-space not run"
+    fi
+fi
+
 same "unknown export" info "nbd+unix:///nope?socket=$PWD/s.sock"
 same "empty export name" info "nbd+unix://?socket=$PWD/s.sock"
 same "no server" info "nbd+unix:///exp?socket=$PWD/none.sock"

@@ -1,8 +1,11 @@
 /* Tests of the raw format: plain pass-through, the offset/size window and
- * its errors, block status through the window, and resizing. */
+ * its errors, block status through the window, resizing, and mapping the
+ * file for writes (raw passing it to file). */
 #include <errno.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
+#include <linux/magic.h>
 
 #include "driver.h"
 #define STRATA_TEST_CONTEXT
@@ -303,6 +306,184 @@ START_TEST(test_read_only_child)
 }
 END_TEST
 
+/* ---- strata_backend_map_for_write ---- */
+
+typedef struct {
+    StrataWriteMap *map;
+    int op;     /* 0 populate, 1 punch */
+    uint64_t offset, bytes;
+    int ret;
+} MapCall;
+
+static void map_call_co(void *opaque)
+{
+    MapCall *c = opaque;
+
+    c->ret = c->op == 0
+        ? strata_write_map_co_populate(c->map, c->offset, c->bytes)
+        : strata_write_map_co_punch(c->map, c->offset, c->bytes);
+}
+
+static int map_call(StrataWriteMap *m, int op, uint64_t offset,
+                    uint64_t bytes)
+{
+    MapCall c = { .map = m, .op = op, .offset = offset, .bytes = bytes };
+
+    strata_loop_run_co(ctx->loop, map_call_co, &c);
+    return c.ret;
+}
+
+/* A scratch directory on a file system in memory (tmpfs), or NULL. */
+static char *shm_dir(void)
+{
+    struct statfs fs;
+    char *d;
+
+    if (statfs("/dev/shm", &fs) < 0 || fs.f_type != TMPFS_MAGIC) {
+        return NULL;
+    }
+    d = g_build_filename("/dev/shm", "strata-map-XXXXXX", NULL);
+    ck_assert_ptr_nonnull(g_mkdtemp(d));
+    return d;
+}
+
+static blkcnt_t blocks_of(const char *path)
+{
+    struct stat st;
+
+    ck_assert_int_eq(stat(path, &st), 0);
+    return st.st_blocks;
+}
+
+START_TEST(test_map_for_write)
+{
+    char *shm = shm_dir();
+    g_autofree char *path = NULL;
+    StrataWriteMap m;
+    StrataBackend *b;
+    unsigned char *back = g_malloc(1 << 20);
+    blkcnt_t before;
+
+    ck_assert_msg(shm, "/dev/shm is not a tmpfs on this machine");
+    path = strata_test_make_file(shm, "m.img", 1 << 20, true);
+    open_raw(path, NULL);
+    b = backend(true);
+    before = blocks_of(path);
+    ck_assert_int_eq(strata_backend_map_for_write(b, 1 << 20, &m), 0);
+    ck_assert_ptr_nonnull(m.node);
+    /* The file's own bytes are what the mapping shows. */
+    ck_assert_uint_eq(m.data[12345], pat(12345));
+    ck_assert_int_eq(map_call(&m, 0, 4000, 10000), 0);
+    ck_assert_int_eq(map_call(&m, 0, 0, 2 << 20), -EINVAL);
+    ck_assert_int_eq(map_call(&m, 0, (1 << 20) + 1, 0), -EINVAL);
+    ck_assert_uint_eq(m.data[5000], pat(5000));     /* populated as it was */
+    memset(m.data + 4096, 0xab, 8192);
+    /* Whole pages inside the range only: 65536..131071 of 65000..131172. */
+    ck_assert_int_eq(map_call(&m, 1, 65000, 66172), 0);
+    strata_write_map_end(&m);
+    ck_assert_ptr_null(m.node);
+    strata_write_map_end(&m);       /* an empty map: nothing */
+    ck_assert_int_eq(strata_backend_flush(b), 0);
+
+    read_plain(path, back, 1 << 20, 0);
+    for (size_t i = 0; i < (1 << 20); i++) {
+        unsigned char want = i >= 4096 && i < 12288    ? 0xab
+                             : i >= 65536 && i < 131072 ? 0
+                                                        : pat(i);
+        ck_assert_msg(back[i] == want, "byte %zu: %#x, want %#x", i, back[i],
+                      want);
+    }
+    /* The punched 64 KiB are given back. */
+    ck_assert_int_le(blocks_of(path), before - 65536 / 512);
+    strata_backend_unref(b);
+    g_free(back);
+    strata_test_rmdir(shm);
+}
+END_TEST
+
+/* Every case that must not map, and the reason it gives. */
+START_TEST(test_map_refused)
+{
+    char *shm = shm_dir();
+    g_autofree char *mem = NULL;
+    g_autofree char *disk_data = strata_test_make_file(dir, "d.img", 65536,
+                                                       true);
+    g_autofree char *disk_hole = strata_test_make_file(dir, "h.img", 65536,
+                                                       false);
+    g_autofree char *spec = NULL;
+    g_autoptr(GError) err = NULL;
+    StrataWriteMap m;
+    StrataBackend *b;
+    StrataNode *n;
+    struct statfs fs;
+
+    ck_assert_msg(shm, "/dev/shm is not a tmpfs on this machine");
+    mem = strata_test_make_file(shm, "m.img", 65536, true);
+
+    /* A backend that may not write. */
+    n = open_raw(mem, NULL);
+    b = backend(false);
+    ck_assert_int_eq(strata_backend_map_for_write(b, 65536, &m), -EPERM);
+    ck_assert_ptr_null(m.node);
+    strata_backend_unref(b);
+    /* Past the file's end, and nothing at all. */
+    b = backend(true);
+    ck_assert_int_eq(strata_backend_map_for_write(b, 65537, &m), -EINVAL);
+    ck_assert_int_eq(strata_backend_map_for_write(b, 0, &m), -EINVAL);
+    strata_backend_unref(b);
+    ck_assert(strata_context_del_node(ctx, "disk", NULL));
+
+    /* A window that does not start the file; one shorter than asked. */
+    n = open_raw(mem, "offset=4096");
+    b = backend(true);
+    ck_assert_int_eq(strata_backend_map_for_write(b, 4096, &m), -ENOTSUP);
+    strata_backend_unref(b);
+    ck_assert(strata_context_del_node(ctx, "disk", NULL));
+    n = open_raw(mem, "size=8192");
+    b = backend(true);
+    ck_assert_int_eq(strata_backend_map_for_write(b, 8192, &m), 0);
+    strata_write_map_end(&m);
+    strata_backend_unref(b);
+    ck_assert(strata_context_del_node(ctx, "disk", NULL));
+
+    /* Zero detection must see the data. */
+    n = open_raw(mem, "detect-zeroes=on");
+    b = backend(true);
+    ck_assert_int_eq(strata_backend_map_for_write(b, 65536, &m), -ENOTSUP);
+    strata_backend_unref(b);
+    ck_assert(strata_context_del_node(ctx, "disk", NULL));
+
+    /* On a disk: data would be read in to be populated; a file with no
+     * data yet maps; O_DIRECT never does. */
+    ck_assert_int_eq(statfs(dir, &fs), 0);
+    n = open_raw(disk_data, NULL);
+    b = backend(true);
+    ck_assert_int_eq(strata_backend_map_for_write(b, 65536, &m),
+                     fs.f_type == TMPFS_MAGIC ? 0 : -ENOTSUP);
+    strata_write_map_end(&m);
+    strata_backend_unref(b);
+    ck_assert(strata_context_del_node(ctx, "disk", NULL));
+    n = open_raw(disk_hole, NULL);
+    b = backend(true);
+    ck_assert_int_eq(strata_backend_map_for_write(b, 65536, &m), 0);
+    strata_write_map_end(&m);
+    strata_backend_unref(b);
+    ck_assert(strata_context_del_node(ctx, "disk", NULL));
+    spec = g_strdup_printf("driver=raw,node-name=disk,file.driver=file,"
+                           "file.filename=%s,file.cache.direct=on",
+                           disk_hole);
+    n = strata_context_add_node_keyval(ctx, spec, &err);
+    if (n) {    /* a file system without O_DIRECT refuses the open */
+        b = backend(true);
+        ck_assert_int_eq(strata_backend_map_for_write(b, 65536, &m),
+                         -ENOTSUP);
+        strata_backend_unref(b);
+        ck_assert(strata_context_del_node(ctx, "disk", NULL));
+    }
+    strata_test_rmdir(shm);
+}
+END_TEST
+
 int main(void)
 {
     const StrataTestCase tests[] = {
@@ -315,6 +496,8 @@ int main(void)
         { "/raw/zeroes-discard", test_zeroes_discard_shifted },
         { "/raw/truncate", test_truncate },
         { "/raw/read-only", test_read_only_child },
+        { "/raw/map-for-write", test_map_for_write },
+        { "/raw/map-for-write/refused", test_map_refused },
     };
 
     return strata_test_main("raw", tests, strata_test_context_setup,
