@@ -1035,7 +1035,6 @@ static int file_co_copy_range_to(StrataNode *node, uint64_t offset,
 static int file_map_for_write(StrataNode *node, uint64_t bytes, void **addr)
 {
     FileState *s = node->opaque;
-    long page = sysconf(_SC_PAGESIZE);
     struct statfs fs;
     struct stat st;
     void *p;
@@ -1068,7 +1067,9 @@ static int file_map_for_write(StrataNode *node, uint64_t bytes, void **addr)
     if (p == MAP_FAILED) {
         return errno == ENODEV ? -ENOTSUP : -errno;
     }
-    if (madvise(p, MIN(bytes, (uint64_t)page), MADV_POPULATE_WRITE) < 0) {
+    /* An advice the kernel does not know is refused even over no
+     * bytes; one it knows does nothing there. */
+    if (madvise(p, 0, MADV_POPULATE_WRITE) < 0) {
         int err = errno;
 
         munmap(p, bytes);

@@ -232,10 +232,14 @@ qio -f raw -c 'write -P 0x11 0 16M' -c 'write -P 0 1M 4k' \
     -c 'write -P 0x33 63M 512' src.raw
 qemu-img create -q -f raw zsrc.raw 128M
 qio -f raw -c 'write -P 0 0 128M' zsrc.raw
+qemu-img create -q -f raw hsrc.raw 16M
+qio -f raw -c 'write -P 0x44 8M 4M' hsrc.raw
 serve mp src.raw raw -k "$PWD/mp.sock" -r -e 4
 serve zp zsrc.raw raw -k "$PWD/zp.sock" -r -e 4
+serve hp hsrc.raw raw -k "$PWD/hp.sock" -r -e 4
 M="nbd+unix:///mp?socket=$PWD/mp.sock"
 Z="nbd+unix:///zp?socket=$PWD/zp.sock"
+H="nbd+unix:///hp?socket=$PWD/hp.sock"
 qemu-img convert -f raw -O raw "$M" q-map.raw
 shm=$(mktemp -d /dev/shm/img-nbd.XXXXXX)
 small="$PWD/small"
@@ -278,7 +282,9 @@ mapped() {
             "(want $wr), $(cat err.s)"
     fi
 }
-src_file() { [ "$1" = "$M" ] && echo src.raw || echo zsrc.raw; }
+src_file() {
+    case $1 in "$M") echo src.raw ;; "$Z") echo zsrc.raw ;; *) echo hsrc.raw ;; esac
+}
 if ! strace -f -qq -o /dev/null true 2>/dev/null; then
     bad "strace cannot trace here: the mapped-convert checks need it"
 else
@@ -287,6 +293,12 @@ else
         ok "fresh target: holes and zero runs as qemu-img leaves them" ||
         bad "fresh target allocation: $(alloc_map m1.raw | tr '\n' ' ')" \
             "vs $(alloc_map q-map.raw | tr '\n' ' ')"
+    # Only the data is populated: the holes around it stay holes (the
+    # first block too, which qemu-img's copy allocates).
+    mapped "fresh target, holes around data" + 0 h1.raw "$H"
+    [ "$(alloc_map h1.raw | tr '\n' ' ')" == "0 8388608 0 True True False 8388608 4194304 0 True False True 12582912 4194304 0 True True False " ] &&
+        ok "holes around data stay holes" ||
+        bad "holes around data: $(alloc_map h1.raw | tr '\n' ' ')"
     fill "$shm/m2.raw" $((64 << 20))
     mapped "-n onto a file in memory: mapped, zeroes received" + 0 \
         "$shm/m2.raw" "$M" -n
