@@ -392,19 +392,20 @@ static int populate_worker(void *opaque)
     ConvertJob *j = opaque;
 
     while (map_in_use(j) && !j->error && !j->finished) {
-        uint64_t cur = 0, end = 0, n;
+        bool in_data = j->cur_src < j->n_src && j->st_src == j->cur_src &&
+                       (j->st & STRATA_BLOCK_DATA) && j->cur_off < j->st_end;
+        uint64_t end = 0, n;
 
-        if (j->cur_src < j->n_src && j->st_src == j->cur_src &&
-            (j->st & STRATA_BLOCK_DATA) && j->cur_off < j->st_end) {
+        if (in_data) {
             uint64_t base = dst_base_of(j, j->cur_src);
+            uint64_t cur = base + j->cur_off;   /* only ever grows */
 
-            cur = base + j->cur_off;
             end = base + MIN(j->st_end, j->cur_off + MAP_AHEAD);
+            if (cur > j->pop_hi) {
+                j->pop_lo = j->pop_hi = cur;
+            }
         }
-        if (cur > j->pop_hi || cur < j->pop_lo) {
-            j->pop_lo = j->pop_hi = cur;
-        }
-        if (j->pop_hi >= end) {
+        if (!in_data || j->pop_hi >= end) {
             j->pop_waiting = true;
             strata_co_queue_wait(&j->pop_queue, NULL);
             j->pop_waiting = false;
@@ -419,23 +420,6 @@ static int populate_worker(void *opaque)
         j->pop_hi += n;
     }
     return 0;
-}
-
-/* Whether STRATA_IMG_CONVERT_MAP leaves the mapping on (any value but
- * 0 or 1 is said and ignored). */
-static bool map_wanted(void)
-{
-    const char *env = g_getenv("STRATA_IMG_CONVERT_MAP");
-
-    if (!env || !strcmp(env, "1")) {
-        return true;
-    }
-    if (strcmp(env, "0")) {
-        strata_img_error("STRATA_IMG_CONVERT_MAP: '%s' is neither 0 nor 1; "
-                         "using 1", env);
-        return true;
-    }
-    return false;
 }
 
 /* The backend that reads the chunk of @ticket from source @src_idx. */
@@ -461,22 +445,22 @@ static bool all_multi_conn(StrataNode *node)
     return true;
 }
 
-/* How many connections a source that allows several gets: CONVERT_CONNS,
- * or fewer as STRATA_IMG_NBD_CONNECTIONS asks (a value out of range is
- * said and ignored). */
-static unsigned conns_wanted(void)
+/* The number from @min to @max that the environment variable @name
+ * gives, or @dflt when it is unset; any other value is said on stderr
+ * and ignored (the measuring knobs STRATA_IMG_NBD_CONNECTIONS and
+ * STRATA_IMG_CONVERT_MAP). */
+static unsigned env_knob(const char *name, unsigned min, unsigned max,
+                         unsigned dflt)
 {
-    const char *env = g_getenv("STRATA_IMG_NBD_CONNECTIONS");
-    guint64 want = CONVERT_CONNS;
+    const char *env = g_getenv(name);
+    guint64 v = dflt;
 
-    if (env && !g_ascii_string_to_unsigned(env, 10, 1, CONVERT_CONNS, &want,
-                                           NULL)) {
-        strata_img_error("STRATA_IMG_NBD_CONNECTIONS: '%s' is not a number "
-                         "from 1 to %d; using %d", env, CONVERT_CONNS,
-                         CONVERT_CONNS);
-        want = CONVERT_CONNS;
+    if (env && !g_ascii_string_to_unsigned(env, 10, min, max, &v, NULL)) {
+        strata_img_error("%s: '%s' is not a number from %u to %u; using %u",
+                         name, env, min, max, dflt);
+        v = dflt;
     }
-    return (unsigned)want;
+    return (unsigned)v;
 }
 
 /* Opens source @i again, up to @want times in all, where its server
@@ -874,7 +858,9 @@ int strata_img_convert(int argc, char **argv)
     if (!strata_img_tool_init(&t)) {
         goto out;
     }
-    conns = snap.given ? 1 : conns_wanted();
+    conns = snap.given ? 1
+                       : env_knob("STRATA_IMG_NBD_CONNECTIONS", 1,
+                                  CONVERT_CONNS, CONVERT_CONNS);
     j.src = g_new0(StrataBackend *, j.n_src);
     j.src_len = g_new0(uint64_t, j.n_src);
     j.readers = g_malloc0_n(j.n_src, sizeof(*j.readers));
@@ -970,7 +956,7 @@ int strata_img_convert(int argc, char **argv)
         !strcmp(json_object_get_string_member_with_default(
                     opts, "preallocation", "off"), "off") &&
         !dst_oo.writethrough && !src_oo.cache_direct && j.total > 0 &&
-        map_wanted()) {
+        env_knob("STRATA_IMG_CONVERT_MAP", 0, 1, 1)) {
         strata_backend_map_for_write(j.dst, j.total, &j.map);
     }
     j.fresh_target = !skip_create || target_is_zero;

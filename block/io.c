@@ -600,9 +600,15 @@ static int map_advise_job(void *opaque)
     MapAdvice *a = opaque;
 
     while (madvise(a->addr, a->len, a->advice) < 0) {
-        if (errno != EINTR && errno != EAGAIN) {
-            return -errno;
+        if (errno == EINTR || errno == EAGAIN) {
+            continue;
         }
+        /* A file system that cannot punch holes. */
+        if (a->advice == MADV_REMOVE &&
+            (errno == EOPNOTSUPP || errno == EINVAL)) {
+            return -ENOTSUP;
+        }
+        return -errno;
     }
     return 0;
 }
@@ -643,9 +649,7 @@ int strata_write_map_co_populate(StrataWriteMap *map, uint64_t offset,
 int strata_write_map_co_punch(StrataWriteMap *map, uint64_t offset,
                               uint64_t bytes)
 {
-    int ret = write_map_co_advise(map, offset, bytes, MADV_REMOVE, false);
-
-    return ret == -EOPNOTSUPP || ret == -EINVAL ? -ENOTSUP : ret;
+    return write_map_co_advise(map, offset, bytes, MADV_REMOVE, false);
 }
 
 void strata_write_map_end(StrataWriteMap *map)

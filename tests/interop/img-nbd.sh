@@ -322,10 +322,13 @@ else
     mapped "-t none: not mapped" 0 0 m7.raw "$M" -t none
     STRATA_IMG_CONVERT_MAP=0 mapped "STRATA_IMG_CONVERT_MAP=0: not mapped" \
         0 0 m8.raw "$M"
-    STRATA_IMG_CONVERT_MAP=x mapped "STRATA_IMG_CONVERT_MAP=x: mapped" + + \
-        m9.raw "$M"
-    grep -q "STRATA_IMG_CONVERT_MAP: 'x' is neither 0 nor 1; using 1" err.s &&
-        ok "STRATA_IMG_CONVERT_MAP=x is said" || bad "no word on 'x'"
+    for v in x 2 -1 ""; do
+        STRATA_IMG_CONVERT_MAP=$v mapped \
+            "STRATA_IMG_CONVERT_MAP='$v': mapped" + + m9.raw "$M"
+        grep -q "STRATA_IMG_CONVERT_MAP: '$v' is not a number from 0 to 1; using 1" err.s &&
+            ok "STRATA_IMG_CONVERT_MAP='$v' is said" ||
+            bad "no word on '$v': $(cat err.s)"
+    done
     # Data that is all zeroes (a server that reports no holes): the
     # mapping ends after 8 MiB rather than populate and punch all 128
     # (64 chunks); what was populated ahead is punched as it comes.  The
