@@ -75,13 +75,15 @@ enum {
  * receives (0.59 s).  populate_worker runs MAP_AHEAD bytes ahead of the
  * cursor, never past the data extent the cursor is in (a hole must stay
  * one); a chunk it has not reached when a worker takes it goes through
- * a buffer, as without the mapping.  A populate that fails (a file
- * system out of space) ends the mapping, and the buffered writes
- * report the error.  On a fresh target, zero runs found in received
- * data are punched out again (and so are the zero runs of chunks that
- * went through a buffer over populated pages), so the target stays as
- * sparse as before.  Should they make up more than an eighth of what
- * was received (a server that reports no holes), the mapping ends,
+ * a buffer, as without the mapping, and one it is populating waits for
+ * that populate (co_take_mapped).  A populate that fails (a file system
+ * out of space) ends the mapping, and the buffered writes report the
+ * error.  On a fresh target, zero runs found in received data are
+ * punched out again, so the target stays as sparse as before; every
+ * chunk over populated pages is received into them for that reason
+ * (a buffered chunk would skip its zero runs and leave populated zero
+ * pages behind).  Should zero runs make up more than an eighth of what
+ * was received (a server that reports no holes), populating stops,
  * since populating and punching a zero page costs more than skipping
  * it.  STRATA_IMG_CONVERT_MAP=0 turns it off, for measuring.
  */
@@ -132,9 +134,14 @@ typedef struct ConvertJob {
     StrataWriteMap map;
     bool map_off;               /* stopped using it */
     uint64_t pop_lo, pop_hi;    /* [pop_lo, pop_hi) of it is populated */
-    uint64_t pop_max;           /* nothing past it has been populated */
+    /* The populate under way covers [pop_hi, pop_busy_end) (0: none);
+     * populates are numbered from 1 as they start, pop_gen the last
+     * started, pop_gen_done the last finished, pop_failed_gen the one
+     * that failed (UINT64_MAX: none; no populate follows it). */
+    uint64_t pop_busy_end, pop_gen, pop_gen_done, pop_failed_gen;
     bool pop_waiting;
-    StrataCoQueue pop_queue;
+    StrataCoQueue pop_queue;    /* the populator waits for the cursor */
+    StrataCoQueue pop_done;     /* workers wait for a populate */
     uint64_t map_bytes, map_zero;   /* received into it; zero of that */
 } ConvertJob;
 
@@ -336,12 +343,6 @@ static int co_write_data(ConvertJob *j, uint64_t dst_off, const uint8_t *buf,
         } else if (!j->fresh_target || j->top_only) {
             ret = strata_backend_co_pwrite_zeroes(j->dst, dst_off + i, run,
                                                   STRATA_REQ_MAY_UNMAP);
-        } else if (j->map.node && dst_off + i < j->pop_max) {
-            /* The populator may have given it pages of zeroes (a chunk
-             * taken before it got there, the mapping ended since): they
-             * are given back, as the run would have stayed a hole. */
-            strata_write_map_co_punch(&j->map, dst_off + i, run);
-            ret = 0;
         } else {
             ret = 0;
         }
@@ -394,7 +395,8 @@ static int populate_worker(void *opaque)
     while (map_in_use(j) && !j->error && !j->finished) {
         bool in_data = j->cur_src < j->n_src && j->st_src == j->cur_src &&
                        (j->st & STRATA_BLOCK_DATA) && j->cur_off < j->st_end;
-        uint64_t end = 0, n;
+        uint64_t end = 0, n, gen;
+        int ret;
 
         if (in_data) {
             uint64_t base = dst_base_of(j, j->cur_src);
@@ -412,14 +414,48 @@ static int populate_worker(void *opaque)
             continue;
         }
         n = MIN(MAP_STEP, end - j->pop_hi);
-        j->pop_max = MAX(j->pop_max, j->pop_hi + n);
-        if (strata_write_map_co_populate(&j->map, j->pop_hi, n) < 0) {
+        j->pop_busy_end = j->pop_hi + n;
+        gen = ++j->pop_gen;
+        ret = strata_write_map_co_populate(&j->map, j->pop_hi, n);
+        j->pop_busy_end = 0;
+        j->pop_gen_done = gen;
+        if (ret < 0) {
+            j->pop_failed_gen = gen;
             j->map_off = true;
-            break;
+        } else {
+            j->pop_hi += n;
         }
-        j->pop_hi += n;
+        strata_co_queue_restart_all(&j->pop_done);
     }
     return 0;
+}
+
+/*
+ * Whether the data chunk [@dst_off, @dst_off + @bytes) just taken is
+ * received into the mapping: when its pages are populated, or being
+ * populated (it then waits for that populate and goes by its result).
+ * Every chunk over populated pages is, even once the mapping ended, so
+ * that no populated zero page is left behind by a skipped zero run.  A
+ * chunk the populator has not reached goes through a buffer.
+ */
+static bool co_take_mapped(ConvertJob *j, uint64_t dst_off, uint64_t bytes)
+{
+    uint64_t gen;
+
+    if (!j->map.node) {
+        return false;
+    }
+    if (dst_off >= j->pop_lo && dst_off + bytes <= j->pop_hi) {
+        return true;
+    }
+    if (dst_off < j->pop_hi || dst_off + bytes > j->pop_busy_end) {
+        return false;
+    }
+    gen = j->pop_gen;
+    while (j->pop_gen_done < gen) {
+        strata_co_queue_wait(&j->pop_done, NULL);
+    }
+    return gen < j->pop_failed_gen;
 }
 
 /* The backend that reads the chunk of @ticket from source @src_idx. */
@@ -520,10 +556,7 @@ static int convert_worker(void *opaque)
             break;
         }
         ret = 0;
-        /* Decided as the chunk is taken: populated then, populated
-         * when received (no populate shrinks the run). */
-        mapped = kind == SEG_DATA && map_in_use(j) &&
-                 dst_off >= j->pop_lo && dst_off + bytes <= j->pop_hi;
+        mapped = kind == SEG_DATA && co_take_mapped(j, dst_off, bytes);
         if (kind == SEG_DATA) {
             ret = strata_backend_co_pread(read_backend(j, src_idx, ticket),
                                           src_off,
@@ -967,6 +1000,8 @@ int strata_img_convert(int argc, char **argv)
     strata_img_progress_init(&j.progress, progress && !quiet);
     strata_co_queue_init(&j.pf_queue);
     strata_co_queue_init(&j.pop_queue);
+    strata_co_queue_init(&j.pop_done);
+    j.pop_failed_gen = UINT64_MAX;
     r = strata_img_co_run(&t, (unsigned)coroutines + 1 + !!j.map.node,
                           convert_entry, &run);
     /* Before the flush, which then covers what went through it. */

@@ -225,11 +225,13 @@ proxy snapq "$PWD/sq.sock"
 # MAP_AHEAD).  Which path a copy took shows in its madvise calls:
 # populates (MADV_POPULATE_WRITE) and punched zero runs (MADV_REMOVE).
 # The source has zero runs inside its data, holes, and a last block of
-# 512 data bytes.
+# 512 data bytes.  The run at 36M lies far enough into its extent that
+# its chunk is populated before any worker takes it, whatever the
+# timing: a mapped copy punches at least that one.
 qemu-img create -q -f raw src.raw 64M
-qio -f raw -c 'write -P 0x11 0 16M' -c 'write -P 0 1M 4k' \
-    -c 'write -P 0 5M 256k' -c 'write -P 0x22 32M 16M' \
-    -c 'write -P 0x33 63M 512' src.raw
+qio -f raw -c 'write -P 0x11 0 40M' -c 'write -P 0 1M 4k' \
+    -c 'write -P 0 5M 256k' -c 'write -P 0 36M 64k' \
+    -c 'write -P 0x22 56M 7M' -c 'write -P 0x33 63M 512' src.raw
 qemu-img create -q -f raw zsrc.raw 128M
 qio -f raw -c 'write -P 0 0 128M' zsrc.raw
 qemu-img create -q -f raw hsrc.raw 16M
@@ -288,17 +290,31 @@ src_file() {
 if ! strace -f -qq -o /dev/null true 2>/dev/null; then
     bad "strace cannot trace here: the mapped-convert checks need it"
 else
-    mapped "fresh target: received into its pages" + + m1.raw "$M"
-    [ "$(alloc_map m1.raw)" == "$(alloc_map q-map.raw)" ] &&
+    # Allocation is compared on tmpfs: on ext4 the file system itself
+    # sometimes allocates a few zero blocks beside the last data block of
+    # a copy made through the mapping (12 KiB after a 4 KiB block, in 5
+    # runs of 16; never through buffers), which a map shows as data.
+    if [ "$(stat -f -c %T .)" != tmpfs ]; then
+        mapped "fresh target on a disk: mapped" + + m0.raw "$M"
+    fi
+    mapped "fresh target: received into its pages" + + "$shm/m1.raw" "$M"
+    [ "$(alloc_map "$shm/m1.raw")" == "$(alloc_map q-map.raw)" ] &&
         ok "fresh target: holes and zero runs as qemu-img leaves them" ||
-        bad "fresh target allocation: $(alloc_map m1.raw | tr '\n' ' ')" \
+        bad "fresh target allocation: $(alloc_map "$shm/m1.raw" | tr '\n' ' ')" \
             "vs $(alloc_map q-map.raw | tr '\n' ' ')"
-    # Only the data is populated: the holes around it stay holes (the
-    # first block too, which qemu-img's copy allocates).
-    mapped "fresh target, holes around data" + 0 h1.raw "$H"
-    [ "$(alloc_map h1.raw | tr '\n' ' ')" == "0 8388608 0 True True False 8388608 4194304 0 True False True 12582912 4194304 0 True True False " ] &&
+    # Only the data is populated: the holes around it stay holes.  (The
+    # source's first 4 KiB are zeroes stored as data, as qemu-img create
+    # leaves a raw file; whether they are populated, and so punched, or
+    # go through a buffer depends on who gets there first.)
+    mapped "fresh target, holes around data" + "<=1" "$shm/h1.raw" "$H"
+    popped=$(awk -F', ' '/MADV_POPULATE_WRITE/ { n += $2 } END { print n + 0 }' \
+        trace.out)
+    [ "$popped" -le $(( (4 << 20) + 4096 )) ] &&
+        ok "populated no more than the data ($popped bytes)" ||
+        bad "populated $popped bytes for 4 MiB of data"
+    [ "$(alloc_map "$shm/h1.raw" | tr '\n' ' ')" == "0 8388608 0 True True False 8388608 4194304 0 True False True 12582912 4194304 0 True True False " ] &&
         ok "holes around data stay holes" ||
-        bad "holes around data: $(alloc_map h1.raw | tr '\n' ' ')"
+        bad "holes around data: $(alloc_map "$shm/h1.raw" | tr '\n' ' ')"
     fill "$shm/m2.raw" $((64 << 20))
     mapped "-n onto a file in memory: mapped, zeroes received" + 0 \
         "$shm/m2.raw" "$M" -n
@@ -333,10 +349,10 @@ else
     # mapping ends after 8 MiB rather than populate and punch all 128
     # (64 chunks); what was populated ahead is punched as it comes.  The
     # copy is one hole (qemu-img's allocates its first 4 KiB).
-    mapped "zeroes as data: the mapping ends early" + "<=40" z1.raw "$Z"
-    [ "$(alloc_map z1.raw)" == "0 134217728 0 True True False" ] &&
+    mapped "zeroes as data: the mapping ends early" + "<=40" "$shm/z1.raw" "$Z"
+    [ "$(alloc_map "$shm/z1.raw")" == "0 134217728 0 True True False" ] &&
         ok "zeroes as data: the copy is a hole" ||
-        bad "zeroes as data allocation: $(alloc_map z1.raw | tr '\n' ' ')"
+        bad "zeroes as data allocation: $(alloc_map "$shm/z1.raw" | tr '\n' ' ')"
     # Out of space: the populate fails, the copy goes on through buffers
     # and fails as qemu-img's does, with no fault.
     mkdir -p "$small"
