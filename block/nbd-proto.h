@@ -221,6 +221,10 @@ typedef struct StrataNbdSock {
     const bool *closing;    /* nullable: reads give -ESHUTDOWN once set */
     StrataNbdRBuf *rbuf;    /* nullable: unbuffered; else everything read
                              * from @fd must go through this socket */
+    /* Large reads may be one recv(MSG_WAITALL) on the loop's ring (see
+     * NBD_RING_RECV_MIN): only where every buffer read into outlives a
+     * shutdown() of @fd, since the kernel may still fill it after one. */
+    bool ring_recv;
 } StrataNbdSock;
 
 /* A watch on @fd for the sockets' waits, in @loop's context; freed

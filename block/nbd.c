@@ -105,6 +105,10 @@ typedef struct NbdState {
     StrataCoMutex send_lock;
     StrataNbdRBuf rbuf;           /* of the current connection */
     NbdReq reqs[NBD_MAX_REQS];
+    /* The read whose data the reader is receiving into its buffers: a
+     * recv on the ring may still write there after a shutdown(), so
+     * nbd_conn_lost leaves it to the reader, which ends it on return. */
+    NbdReq *receiving;
     unsigned nreqs;
     StrataCoQueue slot_wait;
 } NbdState;
@@ -137,7 +141,7 @@ static const StrataOptDesc nbd_options[] = {
 static StrataNbdSock state_sock(NbdState *s)
 {
     return (StrataNbdSock){ s->fd, s->node->ctx->loop, s->watch, NULL,
-                            &s->rbuf };
+                            &s->rbuf, true };
 }
 
 /* Nobody may be waiting on the socket any more. */
@@ -168,10 +172,15 @@ static int nbd_co_skip(NbdState *s, uint64_t len)
     return strata_nbd_co_skip(&sk, len);
 }
 
-/* Reads @len bytes into @qiov at @off, piece by piece. */
-static int nbd_co_read_qiov(NbdState *s, StrataIOVec *qiov, size_t off,
-                            size_t len)
+/* Receives @len bytes of @r's data into its buffers at @off, piece by
+ * piece. */
+static int nbd_co_read_payload(NbdState *s, NbdReq *r, size_t off,
+                               size_t len)
 {
+    StrataIOVec *qiov = r->qiov;
+    int ret = 0;
+
+    s->receiving = r;
     for (int i = 0; i < qiov->niov && len; i++) {
         size_t l = qiov->iov[i].iov_len;
         if (off >= l) {
@@ -179,15 +188,15 @@ static int nbd_co_read_qiov(NbdState *s, StrataIOVec *qiov, size_t off,
             continue;
         }
         size_t n = MIN(l - off, len);
-        int ret = nbd_co_read_full(s, (uint8_t *)qiov->iov[i].iov_base + off,
-                                   n);
+        ret = nbd_co_read_full(s, (uint8_t *)qiov->iov[i].iov_base + off, n);
         if (ret < 0) {
-            return ret;
+            break;
         }
         len -= n;
         off = 0;
     }
-    return len ? -EIO : 0;
+    s->receiving = NULL;
+    return ret < 0 ? ret : len ? -EIO : 0;
 }
 
 static int nbd_co_write_full(NbdState *s, const void *buf, size_t len)
@@ -727,7 +736,7 @@ static void nbd_conn_lost(NbdState *s, bool fatal)
     }
     for (int i = 0; i < NBD_MAX_REQS; i++) {
         NbdReq *r = &s->reqs[i];
-        if (r->in_use && !r->done) {
+        if (r->in_use && !r->done && r != s->receiving) {
             r->ret = -EIO;
             r->lost = true;
             nbd_req_complete(r);
@@ -776,8 +785,8 @@ static int nbd_co_chunk(NbdState *s, NbdReq *r, uint16_t type, uint32_t len)
             off - r->offset > r->len - dlen) {
             return -EPROTO;
         }
-        return nbd_co_read_qiov(s, r->qiov,
-                                r->qiov_offset + (off - r->offset), dlen);
+        return nbd_co_read_payload(s, r, r->qiov_offset + (off - r->offset),
+                                   dlen);
     }
     case STRATA_NBD_REPLY_TYPE_OFFSET_HOLE: {
         if (r->type != STRATA_NBD_CMD_READ || len != 12) {
@@ -875,7 +884,7 @@ static void nbd_reader_entry(void *opaque)
                     ret = -EPROTO;
                     break;
                 }
-                ret = nbd_co_read_qiov(s, r->qiov, r->qiov_offset, r->len);
+                ret = nbd_co_read_payload(s, r, r->qiov_offset, r->len);
                 if (ret < 0) {
                     break;
                 }

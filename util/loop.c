@@ -834,6 +834,22 @@ int strata_loop_co_fallocate(StrataLoop *loop, StrataAioMode engine, int fd,
     }
 }
 
+ssize_t strata_loop_co_recv(StrataLoop *loop, int fd, void *buf, size_t len,
+                            int flags)
+{
+    g_return_val_if_fail(loop != NULL, -EINVAL);
+    g_return_val_if_fail(strata_in_coroutine(), -EINVAL);
+
+    if (!loop->has_ring) {
+        return -ENOTSUP;
+    }
+    UringReq req = { strata_coroutine_self(), 0, false, false };
+    struct io_uring_sqe *sqe = loop_co_get_sqe(loop);
+
+    io_uring_prep_recv(sqe, fd, buf, len, flags);
+    return loop_co_wait_sqe(loop, sqe, &req);
+}
+
 int strata_loop_co_run_in_thread(StrataLoop *loop, int (*fn)(void *opaque),
                                  void *opaque)
 {

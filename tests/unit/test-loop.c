@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <glib-unix.h>
@@ -834,6 +835,109 @@ START_TEST(test_run_in_thread)
 }
 END_TEST
 
+/* ---- recv on the ring ---- */
+
+#define RECV_LEN (256 * 1024)
+
+typedef struct {
+    StrataLoop *loop;
+    int fd;
+    uint8_t *buf;
+    size_t len;
+    ssize_t ret;
+    bool done;
+} RecvArg;
+
+static void recv_body(void *opaque)
+{
+    RecvArg *a = opaque;
+
+    a->ret = strata_loop_co_recv(a->loop, a->fd, a->buf, a->len,
+                                 MSG_WAITALL);
+    a->done = true;
+}
+
+/* Sends RECV_LEN bytes (byte i is i % 251) in pieces, with pauses, so
+ * the receiver catches up with it many times. */
+static gpointer recv_writer(gpointer opaque)
+{
+    int fd = GPOINTER_TO_INT(opaque);
+    g_autofree uint8_t *data = g_malloc(RECV_LEN);
+    size_t off = 0;
+
+    for (size_t i = 0; i < RECV_LEN; i++) {
+        data[i] = i % 251;
+    }
+    while (off < RECV_LEN) {
+        size_t n = MIN(RECV_LEN - off, 10000 + off % 7);
+        ssize_t r = send(fd, data + off, n, MSG_NOSIGNAL);
+
+        if (r <= 0) {
+            break;
+        }
+        off += r;
+        g_usleep(500);
+    }
+    return GSIZE_TO_POINTER(off);
+}
+
+static void shut_cb(void *opaque)
+{
+    shutdown(GPOINTER_TO_INT(opaque), SHUT_RDWR);
+}
+
+/* One recv(MSG_WAITALL) gathers what arrives in many pieces; a
+ * shutdown() ends one that waits, with what it had; without a ring the
+ * call says so and touches nothing. */
+START_TEST(test_co_recv)
+{
+    GMainContext *ctx;
+    StrataLoop *loop = loop_new_for(_i, &ctx);
+    g_autofree uint8_t *buf = g_malloc0(RECV_LEN);
+    int sv[2];
+
+    if (!loop) {
+        return;
+    }
+    ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+    RecvArg a = { loop, sv[0], buf, RECV_LEN, 0, false };
+    GThread *w = g_thread_new("writer", recv_writer, GINT_TO_POINTER(sv[1]));
+
+    strata_loop_run_co(loop, recv_body, &a);
+    iterate_until(loop, &a.done);
+    if (_i == 1) {
+        ck_assert_int_eq(a.ret, -ENOTSUP);
+        ck_assert_uint_eq(buf[1], 0);
+        /* Let the writer finish. */
+        ck_assert_int_eq(recv(sv[0], buf, RECV_LEN, MSG_WAITALL), RECV_LEN);
+    } else {
+        ck_assert_int_eq(a.ret, RECV_LEN);
+        for (size_t i = 0; i < RECV_LEN; i++) {
+            ck_assert_uint_eq(buf[i], i % 251);
+        }
+    }
+    ck_assert_uint_eq(GPOINTER_TO_SIZE(g_thread_join(w)), RECV_LEN);
+    if (_i == 0) {
+        StrataTimer *t = strata_timer_new(loop, shut_cb,
+                                          GINT_TO_POINTER(sv[0]));
+
+        ck_assert_int_eq(send(sv[1], "12345", 5, 0), 5);
+        memset(buf, 0, RECV_LEN);
+        a = (RecvArg){ loop, sv[0], buf, 65536, 0, false };
+        strata_timer_mod(t, strata_clock_ns() + 50 * 1000000);
+        strata_loop_run_co(loop, recv_body, &a);
+        iterate_until(loop, &a.done);
+        ck_assert_int_eq(a.ret, 5);
+        ck_assert(memcmp(buf, "12345", 5) == 0);
+        ck_assert_uint_eq(buf[5], 0);
+        strata_timer_free(t);
+    }
+    close(sv[0]);
+    close(sv[1]);
+    loop_done(loop, ctx);
+}
+END_TEST
+
 /* ---- fallback ---- */
 
 START_TEST(test_fallback_env)
@@ -1304,6 +1408,7 @@ int main(void)
         { "/loop/io/offload-max-env", test_io_offload_max_env },
         { "/loop/io/ring-full", test_io_ring_full },
         { "/loop/thread/run-in-thread", test_run_in_thread, .loops = 2 },
+        { "/loop/io/co-recv", test_co_recv, .loops = 2 },
         { "/loop/fallback/env", test_fallback_env },
         { "/loop/context/two", test_two_contexts, .loops = 2 },
         { "/loop/context/gmainloop", test_gmainloop, .loops = 2 },

@@ -665,6 +665,7 @@ typedef enum {
     FAKE_BAD_OFFSET,    /* data outside the request */
     FAKE_HANGUP,        /* reads a request, then closes */
     FAKE_UNKNOWN_COOKIE,
+    FAKE_CUT_PAYLOAD,   /* a quarter of a 1 MiB read's data, a pause, gone */
 } FakeMode;
 
 typedef struct {
@@ -761,6 +762,20 @@ static char *fake_server(void *opaque)
         memset(b + 28, 0, 16);
         raw_write(fd, b, 44);
         break;
+    case FAKE_CUT_PAYLOAD: {
+        /* The client is left waiting in the middle of the data (on the
+         * loop's ring, where it has one) when the server goes. */
+        g_autofree uint8_t *data = g_malloc(SIZE / 4);
+
+        SCHECK(r32(b + 24) == SIZE);
+        w32(b + 16, 8 + SIZE);
+        w64(b + 20, 0);
+        memset(data, 0x5a, SIZE / 4);
+        SCHECK(raw_write(fd, b, 28) && raw_write(fd, data, SIZE / 4));
+        g_usleep(100 * 1000);
+        close(fd);
+        return NULL;
+    }
     default:
         /* Gone mid-request, without a word. */
         close(fd);
@@ -779,6 +794,7 @@ typedef struct {
     int read_ret;
     int read2_ret;
     char *err;
+    uint64_t sqes;      /* the loop's ring requests meanwhile */
 } FakeRun;
 
 static gpointer fake_thread(gpointer opaque)
@@ -793,7 +809,8 @@ static void run_fake(FakeMode mode, FakeRun *fr)
     Fake f = { mode, socket(AF_UNIX, SOCK_STREAM, 0) };
     g_autoptr(GError) err = NULL;
     StrataNode *c;
-    uint8_t buf[4096];
+    uint32_t len = mode == FAKE_CUT_PAYLOAD ? SIZE : 4096;
+    g_autofree uint8_t *buf = g_malloc0(len);
 
     g_strlcpy(sun.sun_path, path, sizeof(sun.sun_path));
     ck_assert_int_eq(bind(f.listen_fd, (struct sockaddr *)&sun, sizeof(sun)),
@@ -803,8 +820,13 @@ static void run_fake(FakeMode mode, FakeRun *fr)
     c = open_client(path, "x", NULL, &err);
     fr->open_ok = c != NULL;
     if (c) {
-        fr->read_ret = run_op(c, OP_READ, 0, 4096, buf, 0, NULL);
-        fr->read2_ret = run_op(c, OP_READ, 0, 4096, buf, 0, NULL);
+        StrataLoopStats st0, st1;
+
+        strata_loop_get_stats(ctx->loop, &st0);
+        fr->read_ret = run_op(c, OP_READ, 0, len, buf, 0, NULL);
+        fr->read2_ret = run_op(c, OP_READ, 0, len, buf, 0, NULL);
+        strata_loop_get_stats(ctx->loop, &st1);
+        fr->sqes = st1.sqes - st0.sqes;
         ck_assert(strata_context_del_node(ctx, "c", NULL));
     } else {
         fr->err = g_strdup(err->message);
@@ -835,6 +857,7 @@ START_TEST(test_fake_replies)
 {
     static const FakeMode modes[] = {
         FAKE_HUGE_CHUNK, FAKE_BAD_OFFSET, FAKE_HANGUP, FAKE_UNKNOWN_COOKIE,
+        FAKE_CUT_PAYLOAD,
     };
 
     for (unsigned i = 0; i < G_N_ELEMENTS(modes); i++) {
@@ -844,6 +867,12 @@ START_TEST(test_fake_replies)
         ck_assert_int_eq(fr.read_ret, -EIO);
         /* The connection is gone for good (until reconnect exists). */
         ck_assert_int_eq(fr.read2_ret, -EIO);
+        /* The cut data was being received on the ring, and the server's
+         * hang-up ended that receive. */
+        if (modes[i] == FAKE_CUT_PAYLOAD &&
+            strata_loop_has_io_uring(ctx->loop)) {
+            ck_assert_uint_gt(fr.sqes, 0);
+        }
     }
 }
 END_TEST
@@ -997,8 +1026,11 @@ START_TEST(test_split_replies)
     ck_assert_int_eq(bind(f.listen_fd, (struct sockaddr *)&sun, sizeof(sun)),
                      0);
     ck_assert_int_eq(listen(f.listen_fd, 1), 0);
+    StrataLoopStats st0, st1;
+
     t = g_thread_new("split", split_thread, &f);
     c = open_client(path, "x", ",read-only=on", &err);
+    strata_loop_get_stats(ctx->loop, &st0);
     ck_assert_msg(c, "%s", err ? err->message : "");
     for (int i = 0; i < NOPS; i++) {
         /* The last one reads the whole export. */
@@ -1010,6 +1042,11 @@ START_TEST(test_split_replies)
     }
     while (left) {
         strata_loop_iterate(ctx->loop, true);
+    }
+    strata_loop_get_stats(ctx->loop, &st1);
+    /* The large reads' data, cut anywhere, was received on the ring. */
+    if (strata_loop_has_io_uring(ctx->loop)) {
+        ck_assert_uint_gt(st1.sqes, st0.sqes);
     }
     for (int i = 0; i < NOPS; i++) {
         g_autofree uint8_t *want = g_malloc(ops[i].len);
