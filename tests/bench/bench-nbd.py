@@ -44,8 +44,9 @@ with the project): `nbd-floor copy`, a client that receives each payload
 straight into a shared mapping of the output and does nothing else, on
 the client row's export; and `nbd-floor serve`, a server that only
 receives, submits to io_uring (O_DIRECT) and gathers the replies, under
-qemu-img bench's rr4k row.  They show what each row leaves to any client
-or server on this machine.
+qemu-img bench's rr4k row, twice: with simple replies, and with the
+structured replies both daemons grant QEMU's client.  They show what
+each row leaves to any client or server on this machine.
 
 The client row is about reading through the NBD client, so the copy must
 not be bound by writing it out.  The output therefore lives on /dev/shm
@@ -322,6 +323,15 @@ class Bench:
             Row("export", "rr4k qd32, nbd-floor server", "r", bs=4096,
                 count=int(n4k // 4 * sc), step=step, write=False,
                 limit="randread", alone=True, floor=True),
+            # The same with structured replies, which QEMU's client asks
+            # for and both daemons grant: each read's reply is then one
+            # OFFSET_DATA chunk, which the client takes in four pieces
+            # rather than a simple reply's three.  The floor of what a
+            # server that speaks as the daemons do can make of the row.
+            Row("export", "rr4k qd32, nbd-floor server, structured replies",
+                "r", bs=4096, count=int(n4k // 4 * sc), step=step,
+                write=False, limit="randread", alone=True, floor=True,
+                structured=True),
         ] if self.a.floor else []) + [
             # The same four through the page cache (cache.direct=off, the
             # file read once before each sample): the CPU, not the disk,
@@ -391,7 +401,9 @@ class Bench:
         if getattr(row, "floor", False):
             sock = self.path("floor.sock")
             srv = Server([self.a.floor, "serve", sock, f,
-                          "cached" if pc else "direct"], sock)
+                          "cached" if pc else "direct"] +
+                         (["structured"] if getattr(row, "structured", False)
+                          else []), sock)
             uri = "nbd+unix:///disk?socket=%s" % sock
         else:
             srv, uri = self.daemon(side, f, direct=not pc)

@@ -1,14 +1,17 @@
 /* The least an NBD server or client can do: the floor under bench-nbd.py's
  * rows, measured in the same rounds as strata and QEMU.
  *
- *   nbd-floor serve SOCKET FILE direct|cached
+ *   nbd-floor serve SOCKET FILE direct|cached [structured]
  *       Serves FILE (any export name) on a UNIX socket until killed: one
  *       thread, one io_uring for the socket's receives and the file's
  *       reads, writes and flushes, and the replies of one pass over the
  *       completions gathered into one sendmsg().  No coroutines, no
  *       graph, no checks beyond what keeps it from overrunning its
  *       buffers: what is left of a 4 KiB read when the server has no cost
- *       of its own is the client's and the disk's.
+ *       of its own is the client's and the disk's.  With "structured" it
+ *       accepts structured replies, as QEMU's and strata's servers do, and
+ *       answers in single chunks (a read: one OFFSET_DATA chunk): QEMU's
+ *       client then reads each reply in four pieces instead of three.
  *
  *   nbd-floor copy SOCKET EXPORT OUTPUT CONNECTIONS DEPTH
  *       Reads the whole export into OUTPUT (an existing file of at least
@@ -18,9 +21,9 @@
  *       the bytes are copied once on this side (socket to page cache) and
  *       nothing else is done: no zero detection, no sparseness.
  *
- * Simple replies only (the server declines structured replies and meta
- * contexts; QEMU's client and this one then do without).  Not a server
- * or client to use: a measuring instrument.
+ * Otherwise simple replies only (the server declines structured replies
+ * and meta contexts; QEMU's client and this one then do without).  Not a
+ * server or client to use: a measuring instrument.
  */
 #include <arpa/inet.h>
 #include <endian.h>
@@ -129,14 +132,17 @@ typedef struct {
     char handle[8];         /* echoed as received */
     uint16_t type;
     uint32_t len;
+    uint64_t off;
     bool busy;
     char *buf;              /* SERVE_MAX_REQUEST, aligned for O_DIRECT */
-    char reply[16];
+    char reply[32];
 } ServeSlot;
 
 typedef struct {
     int file;
     uint64_t size;
+    bool structured_ok;     /* offered */
+    bool structured;        /* taken by the current client */
     ServeSlot slots[SERVE_SLOTS];
 } Server;
 
@@ -212,6 +218,17 @@ static bool serve_handshake(Server *s, int fd)
             }
             if (opt == STRATA_NBD_OPT_GO) {
                 return true;
+            }
+            break;
+        case STRATA_NBD_OPT_STRUCTURED_REPLY:
+            if (s->structured_ok && !len) {
+                s->structured = true;
+                if (!opt_reply(fd, opt, STRATA_NBD_REP_ACK, NULL, 0)) {
+                    return false;
+                }
+            } else if (!opt_reply(fd, opt, STRATA_NBD_REP_ERR_UNSUP, NULL,
+                                  0)) {
+                return false;
             }
             break;
         case STRATA_NBD_OPT_ABORT:
@@ -291,6 +308,7 @@ static bool serve_parse(Server *s, struct io_uring *ring, const char *rx,
         slot->busy = true;
         slot->type = type;
         slot->len = len;
+        slot->off = off;
         memcpy(slot->handle, p + 8, 8);
         if (type == STRATA_NBD_CMD_READ) {
             io_uring_prep_read(sqe, s->file, slot->buf, len, off);
@@ -379,14 +397,41 @@ static void serve_connection(Server *s, int fd)
                 continue;
             }
             slot = &s->slots[tag];
-            put32(slot->reply, STRATA_NBD_SIMPLE_REPLY_MAGIC);
-            put32(slot->reply + 4,
-                  cqe->res < 0 || (slot->type != STRATA_NBD_CMD_FLUSH &&
-                                   (uint32_t)cqe->res != slot->len) ? 5 : 0);
-            memcpy(slot->reply + 8, slot->handle, 8);
-            iov[niov++] = (struct iovec){ slot->reply, 16 };
-            if (slot->type == STRATA_NBD_CMD_READ) {
-                iov[niov++] = (struct iovec){ slot->buf, slot->len };
+            bool failed = cqe->res < 0 ||
+                          (slot->type != STRATA_NBD_CMD_FLUSH &&
+                           (uint32_t)cqe->res != slot->len);
+            if (s->structured) {
+                /* One chunk, DONE: the data (at the request's offset), an
+                 * error with no message, or nothing. */
+                bool data = !failed && slot->type == STRATA_NBD_CMD_READ;
+
+                put32(slot->reply, STRATA_NBD_STRUCTURED_REPLY_MAGIC);
+                put16(slot->reply + 4, STRATA_NBD_REPLY_FLAG_DONE);
+                put16(slot->reply + 6,
+                      failed ? STRATA_NBD_REPLY_TYPE_ERROR
+                             : data ? STRATA_NBD_REPLY_TYPE_OFFSET_DATA
+                                    : STRATA_NBD_REPLY_TYPE_NONE);
+                memcpy(slot->reply + 8, slot->handle, 8);
+                put32(slot->reply + 16, failed ? 6 : data ? 8 + slot->len : 0);
+                if (failed) {
+                    put32(slot->reply + 20, 5);
+                    put16(slot->reply + 24, 0);
+                } else if (data) {
+                    put64(slot->reply + 20, slot->off);
+                }
+                iov[niov++] = (struct iovec){
+                    slot->reply, failed ? 26 : data ? 28 : 20 };
+                if (data) {
+                    iov[niov++] = (struct iovec){ slot->buf, slot->len };
+                }
+            } else {
+                put32(slot->reply, STRATA_NBD_SIMPLE_REPLY_MAGIC);
+                put32(slot->reply + 4, failed ? 5 : 0);
+                memcpy(slot->reply + 8, slot->handle, 8);
+                iov[niov++] = (struct iovec){ slot->reply, 16 };
+                if (slot->type == STRATA_NBD_CMD_READ) {
+                    iov[niov++] = (struct iovec){ slot->buf, slot->len };
+                }
             }
             replied[nreplied++] = tag;
         }
@@ -409,7 +454,8 @@ static void serve_connection(Server *s, int fd)
     free(rx);
 }
 
-static int serve_main(const char *sock_path, const char *file, bool direct)
+static int serve_main(const char *sock_path, const char *file, bool direct,
+                      bool structured)
 {
     static Server s;
     struct sockaddr_un a = { .sun_family = AF_UNIX };
@@ -422,6 +468,7 @@ static int serve_main(const char *sock_path, const char *file, bool direct)
         return 1;
     }
     s.size = st.st_size;
+    s.structured_ok = structured;
     for (int k = 0; k < SERVE_SLOTS; k++) {
         if (posix_memalign((void **)&s.slots[k].buf, 4096, SERVE_MAX_REQUEST)) {
             return 1;
@@ -443,6 +490,7 @@ static int serve_main(const char *sock_path, const char *file, bool direct)
         if (fd < 0) {
             continue;
         }
+        s.structured = false;
         if (serve_handshake(&s, fd)) {
             serve_connection(&s, fd);
         }
@@ -587,9 +635,11 @@ static int copy_main(const char *sock_path, const char *export_name,
 
 int main(int argc, char **argv)
 {
-    if (argc == 5 && !strcmp(argv[1], "serve") &&
+    if ((argc == 5 || (argc == 6 && !strcmp(argv[5], "structured"))) &&
+        !strcmp(argv[1], "serve") &&
         (!strcmp(argv[4], "direct") || !strcmp(argv[4], "cached"))) {
-        return serve_main(argv[2], argv[3], !strcmp(argv[4], "direct"));
+        return serve_main(argv[2], argv[3], !strcmp(argv[4], "direct"),
+                          argc == 6);
     }
     if (argc == 7 && !strcmp(argv[1], "copy")) {
         int conns = atoi(argv[5]), depth = atoi(argv[6]);
@@ -598,7 +648,8 @@ int main(int argc, char **argv)
             return copy_main(argv[2], argv[3], argv[4], conns, depth);
         }
     }
-    fprintf(stderr, "usage: nbd-floor serve SOCKET FILE direct|cached\n"
+    fprintf(stderr, "usage: nbd-floor serve SOCKET FILE direct|cached "
+                    "[structured]\n"
                     "       nbd-floor copy SOCKET EXPORT OUTPUT CONNECTIONS "
                     "DEPTH\n");
     return 2;
