@@ -165,25 +165,6 @@ void strata_nbd_co_wait_fd(StrataNbdSock *sk, GIOCondition cond)
  */
 #define NBD_RING_RECV_MIN (64u * 1024)
 
-static int co_ring_recv(StrataNbdSock *sk, uint8_t **p, size_t *len)
-{
-    ssize_t n = strata_loop_co_recv(sk->loop, sk->fd, *p, *len,
-                                    MSG_WAITALL | MSG_NOSIGNAL);
-
-    if (n > 0) {
-        *p += n;
-        *len -= n;
-        return 0;
-    }
-    if (n == 0) {
-        return -ECONNRESET;
-    }
-    if (n == -EINTR || n == -EAGAIN) {
-        return 0;
-    }
-    return (int)n;
-}
-
 int strata_nbd_co_read_full(StrataNbdSock *sk, void *buf, size_t len)
 {
     StrataNbdRBuf *rb = sk->rbuf;
@@ -202,16 +183,22 @@ int strata_nbd_co_read_full(StrataNbdSock *sk, void *buf, size_t len)
             return -ESHUTDOWN;
         }
         if (sk->ring_recv && len >= NBD_RING_RECV_MIN) {
-            int ret = co_ring_recv(sk, &p, &len);
+            ssize_t n = strata_loop_co_recv(sk->loop, sk->fd, p, len,
+                                            MSG_WAITALL | MSG_NOSIGNAL);
 
-            if (ret != -ENOTSUP && ret != -EINVAL) {
-                if (ret < 0) {
-                    return ret;
-                }
+            if (n > 0) {
+                p += n;
+                len -= n;
                 continue;
             }
-            /* No ring, or one that cannot recv: as below. */
-            sk->ring_recv = false;
+            if (n == 0) {
+                return -ECONNRESET;
+            }
+            /* No ring that can recv, or nothing this time: as below,
+             * which waits for the socket rather than spin. */
+            if (n != -ENOTSUP && n != -EAGAIN && n != -EINTR) {
+                return (int)n;
+            }
         }
         /* Large reads go straight to the caller's buffer. */
         bool fill = rb && len < sizeof(rb->data);

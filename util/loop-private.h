@@ -174,7 +174,7 @@ int strata_loop_co_fallocate(StrataLoop *loop, StrataAioMode engine, int fd,
                              int mode, uint64_t offset, uint64_t len);
 
 /* Coroutine only: recv(@fd, @buf, @len, @flags) on the loop's ring; the
- * bytes received or -errno, -ENOTSUP without a ring.  With MSG_WAITALL
+ * bytes received or -errno, -ENOTSUP without a ring that can recv.  With MSG_WAITALL
  * the kernel gathers the whole of @len (short only at EOF, an error or
  * a shutdown) in one request.  @buf must stay valid until it returns,
  * whatever happens to @fd meanwhile: shutdown(), not close(), ends it. */

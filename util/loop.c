@@ -132,6 +132,7 @@ struct StrataLoop {
     LoopSource *source;
 
     bool has_ring;
+    bool ring_recv;         /* the ring takes IORING_OP_RECV (5.6) */
     struct io_uring ring;
     char *fallback_reason;
 
@@ -840,7 +841,7 @@ ssize_t strata_loop_co_recv(StrataLoop *loop, int fd, void *buf, size_t len,
     g_return_val_if_fail(loop != NULL, -EINVAL);
     g_return_val_if_fail(strata_in_coroutine(), -EINVAL);
 
-    if (!loop->has_ring) {
+    if (!loop->ring_recv) {
         return -ENOTSUP;
     }
     UringReq req = { strata_coroutine_self(), 0, false, false };
@@ -1006,7 +1007,13 @@ static bool loop_init_ring(StrataLoop *loop, StrataAioMode mode,
     } else {
         ret = io_uring_queue_init(LOOP_RING_ENTRIES, &loop->ring, 0);
         if (ret == 0) {
+            struct io_uring_probe *probe = io_uring_get_probe_ring(&loop->ring);
+
             loop->has_ring = true;
+            /* No probe at all: older than the opcode too. */
+            loop->ring_recv = probe &&
+                              io_uring_opcode_supported(probe, IORING_OP_RECV);
+            io_uring_free_probe(probe);
             return true;
         }
         if (ret != -ENOSYS && ret != -EPERM && ret != -EACCES &&

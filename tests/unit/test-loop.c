@@ -845,7 +845,6 @@ typedef struct {
     uint8_t *buf;
     size_t len;
     ssize_t ret;
-    bool done;
 } RecvArg;
 
 static void recv_body(void *opaque)
@@ -854,7 +853,6 @@ static void recv_body(void *opaque)
 
     a->ret = strata_loop_co_recv(a->loop, a->fd, a->buf, a->len,
                                  MSG_WAITALL);
-    a->done = true;
 }
 
 /* Sends RECV_LEN bytes (byte i is i % 251) in pieces, with pauses, so
@@ -900,11 +898,10 @@ START_TEST(test_co_recv)
         return;
     }
     ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
-    RecvArg a = { loop, sv[0], buf, RECV_LEN, 0, false };
+    RecvArg a = { loop, sv[0], buf, RECV_LEN, 0 };
     GThread *w = g_thread_new("writer", recv_writer, GINT_TO_POINTER(sv[1]));
 
     strata_loop_run_co(loop, recv_body, &a);
-    iterate_until(loop, &a.done);
     if (_i == 1) {
         ck_assert_int_eq(a.ret, -ENOTSUP);
         ck_assert_uint_eq(buf[1], 0);
@@ -923,10 +920,9 @@ START_TEST(test_co_recv)
 
         ck_assert_int_eq(send(sv[1], "12345", 5, 0), 5);
         memset(buf, 0, RECV_LEN);
-        a = (RecvArg){ loop, sv[0], buf, 65536, 0, false };
+        a = (RecvArg){ loop, sv[0], buf, 65536, 0 };
         strata_timer_mod(t, strata_clock_ns() + 50 * 1000000);
         strata_loop_run_co(loop, recv_body, &a);
-        iterate_until(loop, &a.done);
         ck_assert_int_eq(a.ret, 5);
         ck_assert(memcmp(buf, "12345", 5) == 0);
         ck_assert_uint_eq(buf[5], 0);

@@ -1009,7 +1009,7 @@ static void split_op_entry(void *opaque)
  * reply out of order, a whole-export read and many small ones in flight
  * at once (more than the connection's slots): every byte must land
  * where it belongs. */
-START_TEST(test_split_replies)
+static void split_replies(void)
 {
     g_autofree char *path = g_build_filename(dir, "split.sock", NULL);
     struct sockaddr_un sun = { .sun_family = AF_UNIX };
@@ -1017,6 +1017,7 @@ START_TEST(test_split_replies)
     g_autoptr(GError) err = NULL;
     enum { NOPS = 41 };
     SplitOp ops[NOPS];
+    StrataLoopStats st0, st1;
     int left = NOPS;
     StrataNode *c;
     GThread *t;
@@ -1026,8 +1027,6 @@ START_TEST(test_split_replies)
     ck_assert_int_eq(bind(f.listen_fd, (struct sockaddr *)&sun, sizeof(sun)),
                      0);
     ck_assert_int_eq(listen(f.listen_fd, 1), 0);
-    StrataLoopStats st0, st1;
-
     t = g_thread_new("split", split_thread, &f);
     c = open_client(path, "x", ",read-only=on", &err);
     strata_loop_get_stats(ctx->loop, &st0);
@@ -1068,6 +1067,27 @@ START_TEST(test_split_replies)
     ck_assert_int_eq(f.replies, NOPS);
     /* Requests were in flight together, not one after another. */
     ck_assert_int_gt(f.max_batch, 1);
+}
+
+START_TEST(test_split_replies)
+{
+    split_replies();
+}
+END_TEST
+
+/* The same on a loop without io_uring: large payloads are received
+ * piece by piece as the socket has them. */
+static void setup_no_ring(void)
+{
+    g_setenv("STRATA_IO_URING_DISABLE", "1", TRUE);
+    harness_setup();
+    g_unsetenv("STRATA_IO_URING_DISABLE");
+}
+
+START_TEST(test_split_replies_no_ring)
+{
+    ck_assert(!strata_loop_has_io_uring(ctx->loop));
+    split_replies();
 }
 END_TEST
 
@@ -1256,6 +1276,8 @@ int main(void)
                     teardown);
     strata_test_add(s, "/nbd-client/fake/split-replies", test_split_replies,
                     setup, teardown);
+    strata_test_add(s, "/nbd-client/fake/split-replies-no-ring",
+                    test_split_replies_no_ring, setup_no_ring, teardown);
     strata_test_add(s, "/nbd-client/sock/watch", test_sock_watch, setup,
                     teardown);
     return strata_test_run(s);
