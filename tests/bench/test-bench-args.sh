@@ -48,6 +48,9 @@ floor_expect() {
 floor_expect "no arguments" 2 "usage: nbd-floor serve"
 floor_expect "unknown mode" 2 "usage:" frob a b c
 floor_expect "serve: cache mode garbage" 2 "usage:" serve s.sock f writeback
+floor_expect "serve: reply mode garbage" 2 "usage:" serve s.sock f direct structure
+floor_expect "serve: one argument too many" 2 "usage:" \
+    serve s.sock f direct structured x
 floor_expect "copy: 0 connections" 2 "usage:" copy s.sock e out 0 2
 floor_expect "copy: 65 connections" 2 "usage:" copy s.sock e out 65 2
 floor_expect "copy: depth not a number" 2 "usage:" copy s.sock e out 4 x
@@ -113,6 +116,50 @@ PY
     echo "ok - nbd-floor: garbage from clients, then a good read"
 else
     echo "not ok - nbd-floor: garbage from clients: $out"; fails=$((fails + 1))
+fi
+kill $floor_pid; wait $floor_pid 2>/dev/null
+
+# With structured replies: a STRUCTURED_REPLY option with a payload is
+# refused and the handshake goes on; one without is granted, and a read
+# is answered with one OFFSET_DATA chunk holding the file's bytes.
+"$floor" serve "$tmp/s.sock" "$tmp/f.raw" cached structured &
+floor_pid=$!
+for _ in $(seq 100); do [ -S "$tmp/s.sock" ] && break; sleep 0.05; done
+if out=$(python3 - "$tmp/s.sock" "$tmp/f.raw" 2>&1 <<'PY'
+import socket, struct, sys
+
+def recv_all(s, n):
+    got = b""
+    while len(got) < n:
+        b = s.recv(n - len(got))
+        assert b, "closed"
+        got += b
+    return got
+
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+s.connect(sys.argv[1])
+assert recv_all(s, 18)[:16] == b"NBDMAGICIHAVEOPT"
+s.sendall(struct.pack(">I", 3))
+for payload, want in ((b"x", 0x80000001), (b"", 1)):
+    s.sendall(b"IHAVEOPT" + struct.pack(">II", 8, len(payload)) + payload)
+    magic, opt, rtype, rlen = struct.unpack(">QIII", recv_all(s, 20))
+    assert (opt, rtype, rlen) == (8, want, 0), (opt, hex(rtype), rlen)
+s.sendall(b"IHAVEOPT" + struct.pack(">II", 1, 4) + b"disk")
+recv_all(s, 10)
+s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, 7, 4096, 4096))
+magic, flags, ctype, handle, clen, off = struct.unpack(
+    ">IHHQIQ", recv_all(s, 28))
+assert (magic, flags, ctype, handle, clen, off) == \
+    (0x668e33ef, 1, 1, 7, 8 + 4096, 4096), (hex(magic), flags, ctype, clen)
+with open(sys.argv[2], "rb") as f:
+    f.seek(4096)
+    assert recv_all(s, 4096) == f.read(4096), "read data"
+PY
+); then
+    echo "ok - nbd-floor: structured replies"
+else
+    echo "not ok - nbd-floor: structured replies: $out"; fails=$((fails + 1))
 fi
 kill $floor_pid; wait $floor_pid 2>/dev/null
 exit $fails
