@@ -306,6 +306,7 @@ int strata_backend_map_for_write(StrataBackend *blk, uint64_t bytes,
                                  StrataWriteMap *map)
 {
     StrataNode *node;
+    bool in_memory;
     void *addr;
     int ret;
 
@@ -318,12 +319,13 @@ int strata_backend_map_for_write(StrataBackend *blk, uint64_t bytes,
         return -EPERM;
     }
     node = blk->root->node;
-    ret = strata_node_map_for_write(node, bytes, &addr);
+    ret = strata_node_map_for_write(node, bytes, &addr, &in_memory);
     if (ret < 0) {
         return ret;
     }
     strata_node_ref(node);
-    *map = (StrataWriteMap){ .node = node, .data = addr, .bytes = bytes };
+    *map = (StrataWriteMap){ .node = node, .data = addr, .bytes = bytes,
+                             .in_memory = in_memory };
     return 0;
 }
 

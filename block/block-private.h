@@ -525,8 +525,12 @@ int strata_node_co_copy_range_to(StrataNode *node, uint64_t offset,
  * the mapping's whole life (strata-img convert); the node must not be
  * resized meanwhile, or a store past its new end faults.
  * strata_node_unmap() ends it; the next flush covers what was stored.
+ * *@in_memory says whether the file lives in memory (tmpfs, ramfs):
+ * its pages are never written back, so the kernel maps them writable
+ * even on a read fault (see strata_write_map_co_populate).
  */
-int strata_node_map_for_write(StrataNode *node, uint64_t bytes, void **addr);
+int strata_node_map_for_write(StrataNode *node, uint64_t bytes, void **addr,
+                              bool *in_memory);
 void strata_node_unmap(StrataNode *node, void *addr, uint64_t bytes);
 
 /* A mapping of a backend's node (strata_backend_map_for_write). */
@@ -534,6 +538,7 @@ typedef struct StrataWriteMap {
     StrataNode *node;       /* NULL: none */
     uint8_t *data;
     uint64_t bytes;
+    bool in_memory;         /* the file lives in memory */
 } StrataWriteMap;
 
 /* strata_node_map_for_write() of the backend's node, which the backend
@@ -541,10 +546,16 @@ typedef struct StrataWriteMap {
 int strata_backend_map_for_write(StrataBackend *blk, uint64_t bytes,
                                  StrataWriteMap *map);
 /* Coroutine.  Makes the pages of [@offset, @offset + @bytes) of @map
- * present and writable (MADV_POPULATE_WRITE) on a worker thread, so
- * that stores into them do not fault page by page, and so that a file
- * system out of space says so here (-ENOSPC, -EFAULT, -ENOMEM) and not
- * with a fault in whatever stores there later.  The data is unchanged. */
+ * present and writable on a worker thread, so that stores into them do
+ * not fault page by page, and so that a file system out of space says
+ * so here (-ENOSPC, -EFAULT, -ENOMEM) and not with a fault in whatever
+ * stores there later.  The data is unchanged.  Pages not yet in memory
+ * are made with write faults (MADV_POPULATE_WRITE).  Those of a file in
+ * memory (map->in_memory) that already are (mincore) are mapped with
+ * read faults (MADV_POPULATE_READ) instead: there a read fault maps
+ * them writable too, and maps their neighbours in the page cache with
+ * them (fault-around), where a write fault maps one page each.  A GiB
+ * of tmpfs pages took 0.27 s of the tool's CPU against 0.32 s. */
 int strata_write_map_co_populate(StrataWriteMap *map, uint64_t offset,
                                  uint64_t bytes);
 /* Coroutine.  Frees the whole pages inside [@offset, @offset + @bytes)

@@ -143,11 +143,13 @@ struct StrataDriver {
                             uint64_t src_offset);
 
     /* Maps the node's bytes [0, @bytes) into memory, shared and
-     * writable, at *@addr (see strata_node_map_for_write).  -ENOTSUP:
-     * they do not lie in one file as they are, or the node must see
-     * every write (O_DIRECT).  NULL: as -ENOTSUP (filters too: a write
+     * writable, at *@addr (see strata_node_map_for_write), and says in
+     * *@in_memory whether the file lives in memory.  -ENOTSUP: they do
+     * not lie in one file as they are, or the node must see every
+     * write (O_DIRECT).  NULL: as -ENOTSUP (filters too: a write
      * through the mapping would bypass them). */
-    int (*map_for_write)(StrataNode *node, uint64_t bytes, void **addr);
+    int (*map_for_write)(StrataNode *node, uint64_t bytes, void **addr,
+                         bool *in_memory);
     /* Ends a mapping of map_for_write; what was written through it
      * counts for the next flush. */
     void (*unmap)(StrataNode *node, void *addr, uint64_t bytes);

@@ -1032,7 +1032,8 @@ static int file_co_copy_range_to(StrataNode *node, uint64_t offset,
  * that were not populated first fault one by one, slower than the
  * copy they save, and a file system out of space would fault them.
  */
-static int file_map_for_write(StrataNode *node, uint64_t bytes, void **addr)
+static int file_map_for_write(StrataNode *node, uint64_t bytes, void **addr,
+                              bool *in_memory)
 {
     FileState *s = node->opaque;
     struct statfs fs;
@@ -1054,7 +1055,8 @@ static int file_map_for_write(StrataNode *node, uint64_t bytes, void **addr)
     if (fstatfs(s->fd, &fs) < 0) {
         return -errno;
     }
-    if (fs.f_type != TMPFS_MAGIC && fs.f_type != RAMFS_MAGIC) {
+    *in_memory = fs.f_type == TMPFS_MAGIC || fs.f_type == RAMFS_MAGIC;
+    if (!*in_memory) {
         off_t data = lseek(s->fd, 0, SEEK_DATA);
 
         /* ENXIO: no data at all; any other error: cannot tell. */

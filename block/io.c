@@ -567,7 +567,8 @@ int strata_node_co_copy_range_to(StrataNode *node, uint64_t offset,
     return ret;
 }
 
-int strata_node_map_for_write(StrataNode *node, uint64_t bytes, void **addr)
+int strata_node_map_for_write(StrataNode *node, uint64_t bytes, void **addr,
+                              bool *in_memory)
 {
     if (bytes == 0 || !range_ok(0, bytes) || bytes > SIZE_MAX) {
         return -EINVAL;
@@ -579,7 +580,8 @@ int strata_node_map_for_write(StrataNode *node, uint64_t bytes, void **addr)
         strcmp(node->detect_zeroes, "off") != 0) {
         return -ENOTSUP;
     }
-    return node->drv->map_for_write(node, bytes, addr);
+    *in_memory = false;
+    return node->drv->map_for_write(node, bytes, addr, in_memory);
 }
 
 void strata_node_unmap(StrataNode *node, void *addr, uint64_t bytes)
@@ -588,29 +590,79 @@ void strata_node_unmap(StrataNode *node, void *addr, uint64_t bytes)
     node->drv->unmap(node, addr, bytes);
 }
 
-/* A madvise() over whole pages, for a worker thread. */
+/* A madvise() over whole pages, for a worker thread.  With
+ * @by_residency, a populate (MADV_POPULATE_WRITE) of a file in memory:
+ * see strata_write_map_co_populate. */
 typedef struct MapAdvice {
-    void *addr;
+    uint8_t *addr;
     size_t len;
     int advice;
+    bool by_residency;
 } MapAdvice;
 
-static int map_advise_job(void *opaque)
-{
-    MapAdvice *a = opaque;
+/* Pages whose residency one mincore() call looks up. */
+#define RESIDENCY_WINDOW 1024
 
-    while (madvise(a->addr, a->len, a->advice) < 0) {
+static int advise(uint8_t *addr, size_t len, int advice)
+{
+    while (madvise(addr, len, advice) < 0) {
         if (errno == EINTR || errno == EAGAIN) {
             continue;
         }
         /* A file system that cannot punch holes. */
-        if (a->advice == MADV_REMOVE &&
+        if (advice == MADV_REMOVE &&
             (errno == EOPNOTSUPP || errno == EINVAL)) {
             return -ENOTSUP;
         }
         return -errno;
     }
     return 0;
+}
+
+/* Populates each run of pages already in memory with read faults and
+ * each run of pages that are not with write faults. */
+static int populate_by_residency(uint8_t *addr, size_t len)
+{
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    unsigned char vec[RESIDENCY_WINDOW];
+
+    while (len > 0) {
+        size_t n = MIN(len / page, (size_t)RESIDENCY_WINDOW);
+        size_t i = 0;
+
+        if (mincore(addr, n * page, vec) < 0) {
+            /* Cannot tell: the way that is right for every page. */
+            memset(vec, 0, n);
+        }
+        while (i < n) {
+            bool in = vec[i] & 1;
+            size_t j = i + 1;
+            int ret;
+
+            while (j < n && (bool)(vec[j] & 1) == in) {
+                j++;
+            }
+            ret = advise(addr + i * page, (j - i) * page,
+                         in ? MADV_POPULATE_READ : MADV_POPULATE_WRITE);
+            if (ret < 0) {
+                return ret;
+            }
+            i = j;
+        }
+        addr += n * page;
+        len -= n * page;
+    }
+    return 0;
+}
+
+static int map_advise_job(void *opaque)
+{
+    MapAdvice *a = opaque;
+
+    if (a->by_residency) {
+        return populate_by_residency(a->addr, a->len);
+    }
+    return advise(a->addr, a->len, a->advice);
 }
 
 /* Runs @advice over the pages of [@offset, @offset + @bytes) of @map:
@@ -634,7 +686,9 @@ static int write_map_co_advise(StrataWriteMap *map, uint64_t offset,
         return 0;
     }
     a = (MapAdvice){ .addr = map->data + start, .len = end - start,
-                     .advice = advice };
+                     .advice = advice,
+                     .by_residency = advice == MADV_POPULATE_WRITE &&
+                                     map->in_memory };
     return strata_loop_co_run_in_thread(map->node->ctx->loop,
                                         map_advise_job, &a);
 }

@@ -264,14 +264,16 @@ static void raw_query_image(StrataNode *node, JsonObject *image)
 }
 
 /* Only a window that starts the file: a mapping starts on a page. */
-static int raw_map_for_write(StrataNode *node, uint64_t bytes, void **addr)
+static int raw_map_for_write(StrataNode *node, uint64_t bytes, void **addr,
+                             bool *in_memory)
 {
     RawState *s = node->opaque;
 
     if (s->offset || (s->has_size && s->size < bytes)) {
         return -ENOTSUP;
     }
-    return strata_node_map_for_write(node->file->node, bytes, addr);
+    return strata_node_map_for_write(node->file->node, bytes, addr,
+                                     in_memory);
 }
 
 static void raw_unmap(StrataNode *node, void *addr, uint64_t bytes)

@@ -3,6 +3,7 @@
  * file for writes (raw passing it to file). */
 #include <errno.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/vfs.h>
 #include <linux/magic.h>
@@ -371,6 +372,7 @@ START_TEST(test_map_for_write)
     before = blocks_of(path);
     ck_assert_int_eq(strata_backend_map_for_write(b, 1 << 20, &m), 0);
     ck_assert_ptr_nonnull(m.node);
+    ck_assert(m.in_memory);
     /* The file's own bytes are what the mapping shows. */
     ck_assert_uint_eq(m.data[12345], pat(12345));
     ck_assert_int_eq(map_call(&m, 0, 4000, 10000), 0);
@@ -402,11 +404,104 @@ START_TEST(test_map_for_write)
 }
 END_TEST
 
+/* This process's minor faults so far, all threads. */
+static long minor_faults(void)
+{
+    struct rusage ru;
+
+    ck_assert_int_eq(getrusage(RUSAGE_SELF, &ru), 0);
+    return ru.ru_minflt;
+}
+
+/* Whether the kernel maps a read fault's neighbours in the page cache
+ * with it: the default (64 KiB); debugfs may say otherwise. */
+static bool fault_around(void)
+{
+    g_autofree char *s = NULL;
+
+    if (!g_file_get_contents("/sys/kernel/debug/fault_around_bytes", &s,
+                             NULL, NULL)) {
+        return true;
+    }
+    return g_ascii_strtoull(s, NULL, 10) >= 4 * 4096;
+}
+
+/*
+ * Populating a mapping of a file in memory: pages already there are
+ * mapped with read faults (fault-around maps many per fault), the
+ * others with write faults; either way every page is then writable
+ * without another fault, a hole's pages are allocated, and no byte
+ * changes.  The file: 4 MiB of data, then a 4 MiB hole.
+ */
+START_TEST(test_map_populate)
+{
+    const uint64_t half = 4 << 20, quarter = 2 << 20;
+    char *shm = shm_dir();
+    g_autofree char *path = NULL;
+    unsigned char *back = g_malloc(2 * half);
+    long f0, f_mixed, f_data, f_hole;
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    StrataWriteMap m;
+    StrataBackend *b;
+
+    ck_assert_msg(shm, "/dev/shm is not a tmpfs on this machine");
+    path = strata_test_make_file(shm, "p.img", half, true);
+    ck_assert_int_eq(truncate(path, 2 * half), 0);
+    open_raw(path, NULL);
+    b = backend(true);
+    ck_assert_int_eq(strata_backend_map_for_write(b, 2 * half, &m), 0);
+    ck_assert(m.in_memory);
+
+    /* Across the end of the data: a run of each kind. */
+    f0 = minor_faults();
+    ck_assert_int_eq(map_call(&m, 0, half - quarter, half), 0);
+    f_mixed = minor_faults() - f0;
+    f0 = minor_faults();
+    ck_assert_int_eq(map_call(&m, 0, 0, quarter), 0);
+    f_data = minor_faults() - f0;
+    f0 = minor_faults();
+    ck_assert_int_eq(map_call(&m, 0, half + quarter, quarter), 0);
+    f_hole = minor_faults() - f0;
+    /* The hole's pages are allocated now: a full file system would have
+     * said so in the populate. */
+    ck_assert_int_ge(blocks_of(path), 2 * half / 512);
+    if (fault_around()) {
+        ck_assert_msg(f_data * 4 < f_hole,
+                      "data pages populated with %ld faults, a hole's "
+                      "with %ld", f_data, f_hole);
+        ck_assert_msg(f_mixed < f_hole + f_hole / 2,
+                      "mixed range: %ld faults, a hole's half: %ld",
+                      f_mixed, f_hole);
+    }
+
+    /* Every page is present and writable: storing faults no more. */
+    f0 = minor_faults();
+    for (size_t i = 0; i < 2 * half; i += page) {
+        m.data[i] = 0xa5;
+    }
+    ck_assert_int_eq(minor_faults() - f0, 0);
+    strata_write_map_end(&m);
+    ck_assert_int_eq(strata_backend_flush(b), 0);
+
+    read_plain(path, back, 2 * half, 0);
+    for (size_t i = 0; i < 2 * half; i++) {
+        unsigned char want = i % page == 0 ? 0xa5 : i < half ? pat(i) : 0;
+
+        ck_assert_msg(back[i] == want, "byte %zu: %#x, want %#x", i, back[i],
+                      want);
+    }
+    strata_backend_unref(b);
+    g_free(back);
+    strata_test_rmdir(shm);
+}
+END_TEST
+
 /* Opens raw over @path with @extra options, maps @bytes through a
  * backend (@writable) and closes it all again: what the map returned,
- * or 1 when the node could not be opened. */
+ * or 1 when the node could not be opened; *@in_memory (if not NULL)
+ * what the map said of the file. */
 static int try_map(const char *path, const char *extra, bool writable,
-                   uint64_t bytes)
+                   uint64_t bytes, bool *in_memory)
 {
     g_autofree char *spec = g_strdup_printf(
         "driver=raw,node-name=disk,file.driver=file,file.filename=%s%s%s",
@@ -422,6 +517,9 @@ static int try_map(const char *path, const char *extra, bool writable,
     ret = strata_backend_map_for_write(b, bytes, &m);
     /* A refusal leaves the map empty. */
     ck_assert(ret == 0 ? m.node != NULL : m.node == NULL);
+    if (in_memory) {
+        *in_memory = m.in_memory;
+    }
     strata_write_map_end(&m);
     strata_backend_unref(b);
     ck_assert(strata_context_del_node(ctx, "disk", NULL));
@@ -438,30 +536,33 @@ START_TEST(test_map_refused)
     g_autofree char *disk_hole = strata_test_make_file(dir, "h.img", 65536,
                                                        false);
     struct statfs fs;
+    bool in_memory;
     int ret;
 
     ck_assert_msg(shm, "/dev/shm is not a tmpfs on this machine");
     mem = strata_test_make_file(shm, "m.img", 65536, true);
 
     /* A backend that may not write. */
-    ck_assert_int_eq(try_map(mem, NULL, false, 65536), -EPERM);
+    ck_assert_int_eq(try_map(mem, NULL, false, 65536, NULL), -EPERM);
     /* Past the file's end, and nothing at all. */
-    ck_assert_int_eq(try_map(mem, NULL, true, 65537), -EINVAL);
-    ck_assert_int_eq(try_map(mem, NULL, true, 0), -EINVAL);
+    ck_assert_int_eq(try_map(mem, NULL, true, 65537, NULL), -EINVAL);
+    ck_assert_int_eq(try_map(mem, NULL, true, 0, NULL), -EINVAL);
     /* A window that does not start the file; one shorter than asked. */
-    ck_assert_int_eq(try_map(mem, "offset=4096", true, 4096), -ENOTSUP);
-    ck_assert_int_eq(try_map(mem, "size=8192", true, 8192), 0);
+    ck_assert_int_eq(try_map(mem, "offset=4096", true, 4096, NULL),
+                     -ENOTSUP);
+    ck_assert_int_eq(try_map(mem, "size=8192", true, 8192, NULL), 0);
     /* Zero detection must see the data. */
-    ck_assert_int_eq(try_map(mem, "detect-zeroes=on", true, 65536),
+    ck_assert_int_eq(try_map(mem, "detect-zeroes=on", true, 65536, NULL),
                      -ENOTSUP);
 
     /* On a disk: data would be read in to be populated; a file with no
      * data yet maps; O_DIRECT never does. */
     ck_assert_int_eq(statfs(dir, &fs), 0);
-    ck_assert_int_eq(try_map(disk_data, NULL, true, 65536),
+    ck_assert_int_eq(try_map(disk_data, NULL, true, 65536, NULL),
                      fs.f_type == TMPFS_MAGIC ? 0 : -ENOTSUP);
-    ck_assert_int_eq(try_map(disk_hole, NULL, true, 65536), 0);
-    ret = try_map(disk_hole, "file.cache.direct=on", true, 65536);
+    ck_assert_int_eq(try_map(disk_hole, NULL, true, 65536, &in_memory), 0);
+    ck_assert(in_memory == (fs.f_type == TMPFS_MAGIC));
+    ret = try_map(disk_hole, "file.cache.direct=on", true, 65536, NULL);
     /* (1: a file system without O_DIRECT refuses the open.) */
     ck_assert_msg(ret == -ENOTSUP || ret == 1, "O_DIRECT mapped: %d", ret);
     strata_test_rmdir(shm);
@@ -482,6 +583,7 @@ int main(void)
         { "/raw/read-only", test_read_only_child },
         { "/raw/map-for-write", test_map_for_write },
         { "/raw/map-for-write/refused", test_map_refused },
+        { "/raw/map-for-write/populate", test_map_populate },
     };
 
     return strata_test_main("raw", tests, strata_test_context_setup,
