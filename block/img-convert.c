@@ -93,6 +93,7 @@ enum {
 #define MAP_AHEAD (32u << 20)
 #define MAP_STEP (4u << 20)
 #define MAP_ZERO_CHECK (8u << 20)
+#define MAP_ZERO_SAMPLE (64u << 10)
 
 typedef struct ConvertJob {
     StrataBackend **src;
@@ -360,23 +361,30 @@ static int co_write_data(ConvertJob *j, uint64_t dst_off, const uint8_t *buf,
 /* A data chunk was received into the target's pages.  On a fresh
  * target its zero runs are punched out again (a hole, as a skipped run
  * would be); on another the zeroes received are what co_write_data()
- * would have written.  A punch that fails leaves zeroes in place, which
- * read the same. */
+ * would have written, and only their share counts (MAP_ZERO_CHECK): it
+ * is estimated from one block in every MAP_ZERO_SAMPLE bytes.  A punch
+ * that fails leaves zeroes in place, which read the same. */
 static void co_finish_mapped(ConvertJob *j, uint64_t dst_off, uint64_t bytes)
 {
     const uint8_t *p = j->map.data + dst_off;
 
-    for (uint64_t i = 0; i < bytes;) {
-        bool zero;
-        uint64_t run = next_run(p, bytes, i, &zero);
-
-        if (zero) {
-            j->map_zero += run;
-            if (j->fresh_target) {
-                strata_write_map_co_punch(&j->map, dst_off + i, run);
+    if (!j->fresh_target) {
+        for (uint64_t i = 0; i < bytes; i += MAP_ZERO_SAMPLE) {
+            if (is_zero(p + i, MIN(ZERO_GRAIN, bytes - i))) {
+                j->map_zero += MIN(MAP_ZERO_SAMPLE, bytes - i);
             }
         }
-        i += run;
+    } else {
+        for (uint64_t i = 0; i < bytes;) {
+            bool zero;
+            uint64_t run = next_run(p, bytes, i, &zero);
+
+            if (zero) {
+                j->map_zero += run;
+                strata_write_map_co_punch(&j->map, dst_off + i, run);
+            }
+            i += run;
+        }
     }
     j->map_bytes += bytes;
     if (j->map_bytes >= MAP_ZERO_CHECK && j->map_zero > j->map_bytes / 8) {

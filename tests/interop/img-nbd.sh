@@ -223,7 +223,9 @@ proxy snapq "$PWD/sq.sock"
 # A raw target in the page cache whose pages need not be read in is
 # mapped, and the payloads are received into it (block/img-convert.c,
 # MAP_AHEAD).  Which path a copy took shows in its madvise calls:
-# populates (MADV_POPULATE_WRITE) and punched zero runs (MADV_REMOVE).
+# populates (MADV_POPULATE_WRITE, or MADV_POPULATE_READ over pages a
+# file in memory already has; the mapping's probe populates no byte and
+# is not counted) and punched zero runs (MADV_REMOVE).
 # The source has zero runs inside its data, holes, and a last block of
 # 512 data bytes.  The run at 36M lies far enough into its extent that
 # its chunk is populated before any worker takes it, whatever the
@@ -255,6 +257,13 @@ fill() {    # fill FILE SIZE: SIZE bytes of 0xee
     python3 -c 'import sys
 open(sys.argv[1], "wb").write(b"\xee" * int(sys.argv[2]))' "$1" "$2"
 }
+# populates READ|WRITE [bytes]: how many MADV_POPULATE_READ or _WRITE
+# calls of at least a byte the last mapped() made, or their bytes.
+populates() {
+    awk -F', ' -v adv="MADV_POPULATE_$1" -v sum="${2:-}" \
+        '$3 ~ adv && $2 > 0 { n++; b += $2 }
+         END { print (sum ? b : n) + 0 }' trace.out
+}
 # mapped DESC WANT_POPULATES WANT_PUNCHES OUT SRC ARGS...: converts SRC
 # to OUT under strace; the copy must equal SRC's bytes and the madvise
 # calls match (WANT: "0", "+" for some, or "<=N").
@@ -267,7 +276,7 @@ mapped() {
         strace -f -qq -e trace=madvise -o trace.out "$IMG" convert "$@" \
         -f raw -O raw "$src" "$out" 2>err.s
     st=$?
-    pop=$(grep -c MADV_POPULATE_WRITE trace.out)
+    pop=$(( $(populates READ) + $(populates WRITE) ))
     rem=$(grep -c MADV_REMOVE trace.out)
     want() {
         case $2 in
@@ -298,6 +307,9 @@ else
         mapped "fresh target on a disk: mapped" + + m0.raw "$M"
     fi
     mapped "fresh target: received into its pages" + + "$shm/m1.raw" "$M"
+    [ "$(populates READ)" -eq 0 ] &&
+        ok "fresh target in memory: no page there to populate by reading" ||
+        bad "fresh target in memory: $(populates READ) read populates"
     [ "$(alloc_map "$shm/m1.raw")" == "$(alloc_map q-map.raw)" ] &&
         ok "fresh target: holes and zero runs as qemu-img leaves them" ||
         bad "fresh target allocation: $(alloc_map "$shm/m1.raw" | tr '\n' ' ')" \
@@ -307,8 +319,7 @@ else
     # leaves a raw file; whether they are populated, and so punched, or
     # go through a buffer depends on who gets there first.)
     mapped "fresh target, holes around data" + "<=1" "$shm/h1.raw" "$H"
-    popped=$(awk -F', ' '/MADV_POPULATE_WRITE/ { n += $2 } END { print n + 0 }' \
-        trace.out)
+    popped=$(( $(populates READ bytes) + $(populates WRITE bytes) ))
     [ "$popped" -le $(( (4 << 20) + 4096 )) ] &&
         ok "populated no more than the data ($popped bytes)" ||
         bad "populated $popped bytes for 4 MiB of data"
@@ -318,6 +329,12 @@ else
     fill "$shm/m2.raw" $((64 << 20))
     mapped "-n onto a file in memory: mapped, zeroes received" + 0 \
         "$shm/m2.raw" "$M" -n
+    # Its pages are all there: populated with read faults, none with
+    # write faults (a fresh target's are all written).
+    [ "$(populates READ)" -gt 0 ] && [ "$(populates WRITE)" -eq 0 ] &&
+        ok "-n onto a file in memory: populated by read faults" ||
+        bad "-n in memory: $(populates READ) read populates," \
+            "$(populates WRITE) write populates"
     truncate -s 64M "$shm/m3.raw"
     mapped "-n --target-is-zero in memory: zero runs punched" + + \
         "$shm/m3.raw" "$M" -n --target-is-zero
@@ -353,6 +370,16 @@ else
     [ "$(alloc_map "$shm/z1.raw")" == "0 134217728 0 True True False" ] &&
         ok "zeroes as data: the copy is a hole" ||
         bad "zeroes as data allocation: $(alloc_map "$shm/z1.raw" | tr '\n' ' ')"
+    # The same onto a file in memory full of other bytes (-n): nothing is
+    # punched there, but the zeroes' share, taken from one block in 64
+    # KiB, ends the mapping as early: 8 MiB counted, 8 chunks of 2 MiB
+    # more taken meanwhile, 32 MiB populated ahead of them.
+    fill "$shm/z2.raw" $((128 << 20))
+    mapped "-n, zeroes as data: mapped" + 0 "$shm/z2.raw" "$Z" -n
+    popped=$(( $(populates READ bytes) + $(populates WRITE bytes) ))
+    [ "$popped" -le $((56 << 20)) ] &&
+        ok "-n, zeroes as data: the mapping ends early ($popped bytes)" ||
+        bad "-n, zeroes as data: populated $popped bytes of 128 MiB"
     # Out of space: the populate fails, the copy goes on through buffers
     # and fails as qemu-img's does, with no fault.
     mkdir -p "$small"
