@@ -590,12 +590,12 @@ void strata_node_unmap(StrataNode *node, void *addr, uint64_t bytes)
     node->drv->unmap(node, addr, bytes);
 }
 
-/* A madvise() over whole pages, for a worker thread.  With
- * @by_residency, a populate (MADV_POPULATE_WRITE) of a file in memory:
- * see strata_write_map_co_populate. */
+/* A madvise() over whole pages of @page bytes, for a worker thread.
+ * With @by_residency, a populate of a file in memory: see
+ * strata_write_map_co_populate. */
 typedef struct MapAdvice {
     uint8_t *addr;
-    size_t len;
+    size_t len, page;
     int advice;
     bool by_residency;
 } MapAdvice;
@@ -621,9 +621,8 @@ static int advise(uint8_t *addr, size_t len, int advice)
 
 /* Populates each run of pages already in memory with read faults and
  * each run of pages that are not with write faults. */
-static int populate_by_residency(uint8_t *addr, size_t len)
+static int populate_by_residency(uint8_t *addr, size_t len, size_t page)
 {
-    size_t page = (size_t)sysconf(_SC_PAGESIZE);
     unsigned char vec[RESIDENCY_WINDOW];
 
     while (len > 0) {
@@ -660,15 +659,17 @@ static int map_advise_job(void *opaque)
     MapAdvice *a = opaque;
 
     if (a->by_residency) {
-        return populate_by_residency(a->addr, a->len);
+        return populate_by_residency(a->addr, a->len, a->page);
     }
     return advise(a->addr, a->len, a->advice);
 }
 
 /* Runs @advice over the pages of [@offset, @offset + @bytes) of @map:
- * every page the range touches with @outer, else only the whole ones. */
+ * every page the range touches with @outer, else only the whole ones
+ * (@by_residency: see MapAdvice). */
 static int write_map_co_advise(StrataWriteMap *map, uint64_t offset,
-                               uint64_t bytes, int advice, bool outer)
+                               uint64_t bytes, int advice, bool outer,
+                               bool by_residency)
 {
     uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
     uint64_t start, end;
@@ -686,9 +687,8 @@ static int write_map_co_advise(StrataWriteMap *map, uint64_t offset,
         return 0;
     }
     a = (MapAdvice){ .addr = map->data + start, .len = end - start,
-                     .advice = advice,
-                     .by_residency = advice == MADV_POPULATE_WRITE &&
-                                     map->in_memory };
+                     .page = page, .advice = advice,
+                     .by_residency = by_residency };
     return strata_loop_co_run_in_thread(map->node->ctx->loop,
                                         map_advise_job, &a);
 }
@@ -697,13 +697,14 @@ int strata_write_map_co_populate(StrataWriteMap *map, uint64_t offset,
                                  uint64_t bytes)
 {
     return write_map_co_advise(map, offset, bytes, MADV_POPULATE_WRITE,
-                               true);
+                               true, map->in_memory);
 }
 
 int strata_write_map_co_punch(StrataWriteMap *map, uint64_t offset,
                               uint64_t bytes)
 {
-    return write_map_co_advise(map, offset, bytes, MADV_REMOVE, false);
+    return write_map_co_advise(map, offset, bytes, MADV_REMOVE, false,
+                               false);
 }
 
 void strata_write_map_end(StrataWriteMap *map)

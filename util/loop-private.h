@@ -174,10 +174,11 @@ int strata_loop_co_fallocate(StrataLoop *loop, StrataAioMode engine, int fd,
                              int mode, uint64_t offset, uint64_t len);
 
 /* Coroutine only: recv(@fd, @buf, @len, @flags) on the loop's ring; the
- * bytes received or -errno, -ENOTSUP without a ring that can recv.  With MSG_WAITALL
- * the kernel gathers the whole of @len (short only at EOF, an error or
- * a shutdown) in one request.  @buf must stay valid until it returns,
- * whatever happens to @fd meanwhile: shutdown(), not close(), ends it. */
+ * bytes received or -errno, -ENOTSUP without a ring that can recv.
+ * With MSG_WAITALL the kernel gathers the whole of @len (short only at
+ * EOF, an error or a shutdown) in one request.  @buf must stay valid
+ * until it returns, whatever happens to @fd meanwhile: shutdown(), not
+ * close(), ends it. */
 ssize_t strata_loop_co_recv(StrataLoop *loop, int fd, void *buf, size_t len,
                             int flags);
 
