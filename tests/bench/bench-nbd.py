@@ -41,8 +41,8 @@ Two suites (both by default; --suites picks):
 
 Two more rows, one side each, are floors (tests/bench/nbd-floor.c, built
 with the project): `nbd-floor copy`, a client that receives each payload
-straight into a shared mapping of the output and does nothing else, on
-the client row's export; and `nbd-floor serve`, a server that only
+64 KiB at a time into a buffer that stays in the CPU's cache and writes
+it out from there, and does nothing else, on the client row's export; and `nbd-floor serve`, a server that only
 receives, submits to io_uring (O_DIRECT) and gathers the replies, under
 qemu-img bench's rr4k row, twice: with simple replies, and with the
 structured replies both daemons grant QEMU's client.  They show what
@@ -244,11 +244,11 @@ class Bench:
         if self.a.floor:
             # The least any client can do here (tests/bench/nbd-floor.c):
             # four connections, two 2 MiB reads in flight on each (its
-            # best on this row), each payload received straight into a
-            # shared mapping of the output.
+            # best on this row), each payload received 64 KiB at a time
+            # into a buffer and written out from there.
             rows.append(Row("client", "convert %d MiB, nbd-floor copy "
-                            "(receive into the output's pages, nothing "
-                            "else)" % (self.size // MIB), self.size,
+                            "(64 KiB pieces received and written, "
+                            "nothing else)" % (self.size // MIB), self.size,
                             alone=True))
         return rows
 

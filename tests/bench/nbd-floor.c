@@ -17,9 +17,13 @@
  *       Reads the whole export into OUTPUT (an existing file of at least
  *       the export's size) over CONNECTIONS connections, DEPTH 2 MiB
  *       reads in flight on each, one thread per connection.  Each reply's
- *       payload is received straight into a shared mapping of OUTPUT, so
- *       the bytes are copied once on this side (socket to page cache) and
- *       nothing else is done: no zero detection, no sparseness.
+ *       payload is received 64 KiB at a time into a buffer of the
+ *       thread's, which stays in the CPU's cache, and written from there
+ *       with pwrite(): nothing else is done, no zero detection, no
+ *       sparseness.  (Received straight into a shared mapping of OUTPUT
+ *       instead, one copy fewer, it cost more: 0.31 s of CPU for a GiB
+ *       into tmpfs against 0.25 s, the mapping's faults and teardown
+ *       more than the copy out of the cache.)
  *
  * Otherwise simple replies only (the server declines structured replies
  * and meta contexts; QEMU's client and this one then do without).  Not a
@@ -36,7 +40,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
@@ -50,6 +53,7 @@
 #define SERVE_RX_SIZE (8u << 20)
 #define SERVE_RECV_TAG UINT64_MAX
 #define COPY_REQUEST (2u << 20)
+#define COPY_STAGE (64u << 10)
 
 static bool read_full(int fd, void *buf, size_t len)
 {
@@ -503,7 +507,7 @@ static int serve_main(const char *sock_path, const char *file, bool direct,
 typedef struct {
     const char *sock_path;
     const char *export_name;
-    char *map;
+    int out;
     uint64_t size;
     int depth;
     atomic_uint_fast64_t next;
@@ -562,6 +566,7 @@ static void *copy_connection(void *opaque)
     uint64_t size;
     int fd = copy_connect(c, &size), inflight = 0;
     bool ok = fd >= 0 && size == c->size;
+    char *stage = malloc(COPY_STAGE);
 
     for (int i = 0; ok && i < c->depth && copy_request(c, fd, &ok); i++) {
         inflight++;
@@ -576,9 +581,17 @@ static void *copy_connection(void *opaque)
             break;
         }
         memcpy(&off, h + 8, 8);
-        ok = off < c->size &&
-             read_full(fd, c->map + off, c->size - off < COPY_REQUEST ?
-                                         c->size - off : COPY_REQUEST);
+        ok = stage && off < c->size;
+        for (uint64_t left = c->size - off < COPY_REQUEST ? c->size - off
+                                                          : COPY_REQUEST;
+             ok && left;) {
+            size_t n = left < COPY_STAGE ? left : COPY_STAGE;
+
+            ok = read_full(fd, stage, n) &&
+                 pwrite(c->out, stage, n, off) == (ssize_t)n;
+            off += n;
+            left -= n;
+        }
         inflight--;
         if (ok && copy_request(c, fd, &ok)) {
             inflight++;
@@ -590,6 +603,7 @@ static void *copy_connection(void *opaque)
     if (fd >= 0) {
         close(fd);
     }
+    free(stage);
     return NULL;
 }
 
@@ -600,7 +614,7 @@ static int copy_main(const char *sock_path, const char *export_name,
                .depth = depth };
     pthread_t threads[64];
     struct stat st;
-    int fd, out;
+    int fd;
 
     fd = copy_connect(&c, &c.size);
     if (fd < 0) {
@@ -608,16 +622,10 @@ static int copy_main(const char *sock_path, const char *export_name,
         return 1;
     }
     close(fd);
-    out = open(output, O_RDWR);
-    if (out < 0 || fstat(out, &st) < 0 || (uint64_t)st.st_size < c.size) {
+    c.out = open(output, O_RDWR);
+    if (c.out < 0 || fstat(c.out, &st) < 0 || (uint64_t)st.st_size < c.size) {
         fprintf(stderr, "nbd-floor: %s: not a file of %llu bytes\n", output,
                 (unsigned long long)c.size);
-        return 1;
-    }
-    c.map = mmap(NULL, c.size, PROT_READ | PROT_WRITE,
-                 MAP_SHARED | MAP_POPULATE, out, 0);
-    if (c.map == MAP_FAILED) {
-        perror("mmap");
         return 1;
     }
     for (int i = 0; i < conns; i++) {
@@ -626,7 +634,7 @@ static int copy_main(const char *sock_path, const char *export_name,
     for (int i = 0; i < conns; i++) {
         pthread_join(threads[i], NULL);
     }
-    if (atomic_load(&c.failed) || munmap(c.map, c.size) < 0 || close(out) < 0) {
+    if (atomic_load(&c.failed) || close(c.out) < 0) {
         fprintf(stderr, "nbd-floor: the copy failed\n");
         return 1;
     }
