@@ -302,31 +302,18 @@ int strata_backend_co_copy_range_to(StrataBackend *blk, uint64_t offset,
     return request_end(blk, node, ret);
 }
 
-int strata_backend_map_for_write(StrataBackend *blk, uint64_t bytes,
-                                 StrataWriteMap *map)
+int strata_backend_co_read_stream(StrataBackend *blk, uint64_t offset,
+                                  uint64_t bytes, StrataReadSink sink,
+                                  void *opaque)
 {
-    StrataNode *node;
-    bool in_memory;
-    void *addr;
-    int ret;
+    int ret = 0;
 
-    g_return_val_if_fail(blk != NULL && map != NULL, -EINVAL);
-    *map = (StrataWriteMap){ 0 };
-    if (!blk->root) {
-        return -ENOMEDIUM;
+    g_return_val_if_fail(blk != NULL && sink != NULL, -EINVAL);
+    StrataNode *node = request_begin(blk, offset, bytes, false, &ret);
+    if (node) {
+        ret = strata_node_co_read_stream(node, offset, bytes, sink, opaque);
     }
-    if (!blk->writable) {
-        return -EPERM;
-    }
-    node = blk->root->node;
-    ret = strata_node_map_for_write(node, bytes, &addr, &in_memory);
-    if (ret < 0) {
-        return ret;
-    }
-    strata_node_ref(node);
-    *map = (StrataWriteMap){ .node = node, .data = addr, .bytes = bytes,
-                             .in_memory = in_memory };
-    return 0;
+    return request_end(blk, node, ret);
 }
 
 int strata_backend_co_pdiscard(StrataBackend *blk, uint64_t offset,

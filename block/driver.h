@@ -142,17 +142,13 @@ struct StrataDriver {
                             uint64_t bytes, StrataNode *src,
                             uint64_t src_offset);
 
-    /* Maps the node's bytes [0, @bytes) into memory, shared and
-     * writable, at *@addr (see strata_node_map_for_write), and says in
-     * *@in_memory whether the file lives in memory.  -ENOTSUP: they do
-     * not lie in one file as they are, or the node must see every
-     * write (O_DIRECT).  NULL: as -ENOTSUP (filters too: a write
-     * through the mapping would bypass them). */
-    int (*map_for_write)(StrataNode *node, uint64_t bytes, void **addr,
-                         bool *in_memory);
-    /* Ends a mapping of map_for_write; what was written through it
-     * counts for the next flush. */
-    void (*unmap)(StrataNode *node, void *addr, uint64_t bytes);
+    /* Coroutine.  Read [@offset, @offset + @bytes) (aligned, inside the
+     * node, no larger than max_transfer) and hand the data to @sink as
+     * it arrives, piece by piece (see strata_node_co_read_stream).
+     * NULL: as -ENOTSUP, but a filter without co_preadv is passed
+     * through, as for reads. */
+    int (*co_read_stream)(StrataNode *node, uint64_t offset, uint64_t bytes,
+                          StrataReadSink sink, void *opaque);
 
     /* Coroutine.  Advisory deallocation; -ENOTSUP is reported as
      * success by the I/O path.  NULL: ignored (filters forward). */

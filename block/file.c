@@ -13,7 +13,6 @@
 #include <time.h>
 #include <unistd.h>
 #include <sys/ioctl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <sys/uio.h>
@@ -1020,77 +1019,6 @@ static int file_co_copy_range_to(StrataNode *node, uint64_t offset,
     return ret;
 }
 
-/*
- * A shared mapping of the file's first @bytes.  Not with O_DIRECT (the
- * mapping is the page cache, which cache.direct asks to bypass), nor
- * for a block device or anything but a regular file, nor past the
- * file's end (a store there would fault).  Nor where the range holds
- * data on a file system that is not in memory: populating such a page
- * reads it from the disk first, which a writer that replaces it does
- * not need (write() does not).  A kernel without
- * MADV_POPULATE_WRITE (before 5.14) gets -ENOTSUP: stores into pages
- * that were not populated first fault one by one, slower than the
- * copy they save, and a file system out of space would fault them.
- */
-static int file_map_for_write(StrataNode *node, uint64_t bytes, void **addr,
-                              bool *in_memory)
-{
-    FileState *s = node->opaque;
-    struct statfs fs;
-    struct stat st;
-    void *p;
-
-    if (s->direct || s->is_blockdev) {
-        return -ENOTSUP;
-    }
-    if (fstat(s->fd, &st) < 0) {
-        return -errno;
-    }
-    if (!S_ISREG(st.st_mode)) {
-        return -ENOTSUP;
-    }
-    if ((uint64_t)st.st_size < bytes) {
-        return -EINVAL;
-    }
-    if (fstatfs(s->fd, &fs) < 0) {
-        return -errno;
-    }
-    *in_memory = fs.f_type == TMPFS_MAGIC || fs.f_type == RAMFS_MAGIC;
-    if (!*in_memory) {
-        off_t data = lseek(s->fd, 0, SEEK_DATA);
-
-        /* ENXIO: no data at all; any other error: cannot tell. */
-        if ((data >= 0 && (uint64_t)data < bytes) ||
-            (data < 0 && errno != ENXIO)) {
-            return -ENOTSUP;
-        }
-    }
-    p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, s->fd, 0);
-    if (p == MAP_FAILED) {
-        return errno == ENODEV ? -ENOTSUP : -errno;
-    }
-    /* An advice the kernel does not know is refused even over no
-     * bytes; one it knows does nothing there. */
-    if (madvise(p, 0, MADV_POPULATE_WRITE) < 0) {
-        int err = errno;
-
-        munmap(p, bytes);
-        return err == EINVAL ? -ENOTSUP : -err;
-    }
-    /* Counted now too: a flush while the mapping lives covers it. */
-    s->write_gen++;
-    *addr = p;
-    return 0;
-}
-
-static void file_unmap(StrataNode *node, void *addr, uint64_t bytes)
-{
-    FileState *s = node->opaque;
-
-    munmap(addr, bytes);
-    s->write_gen++;
-}
-
 static int file_co_flush(StrataNode *node)
 {
     FileState *s = node->opaque;
@@ -1441,8 +1369,6 @@ const StrataDriver strata_driver_file = {
     .co_pwritev = file_co_pwritev,
     .co_pwrite_zeroes = file_co_pwrite_zeroes,
     .co_copy_range_to = file_co_copy_range_to,
-    .map_for_write = file_map_for_write,
-    .unmap = file_unmap,
     .co_pdiscard = file_co_pdiscard,
     .co_flush = file_co_flush,
     .co_prefetch = file_co_prefetch,

@@ -9,7 +9,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-#include <sys/mman.h>
 
 #include "block-private.h"
 #include "driver.h"
@@ -320,6 +319,50 @@ int strata_node_co_preadv(StrataNode *node, uint64_t offset, uint64_t bytes,
     return ret;
 }
 
+int strata_node_co_read_stream(StrataNode *node, uint64_t offset,
+                               uint64_t bytes, StrataReadSink sink,
+                               void *opaque)
+{
+    uint32_t align = node->limits.request_alignment;
+    uint64_t max = node->limits.max_transfer;
+    int64_t total = node->total_bytes;
+    StrataTrackedReq req;
+    int ret = 0;
+
+    if (bytes == 0) {
+        return 0;
+    }
+    if (!range_ok(offset, bytes)) {
+        return -EINVAL;
+    }
+    if (!node->drv->co_read_stream &&
+        (node->drv->co_preadv || !filter_child(node))) {
+        return -ENOTSUP;
+    }
+    if ((align > 1 && ((offset | bytes) & (align - 1))) ||
+        (total >= 0 && offset + bytes > (uint64_t)total)) {
+        return -ENOTSUP;
+    }
+    strata_node_inc_in_flight(node);
+    strata_tracked_request_init(&req, node, offset, bytes, false, false);
+    strata_co_wait_serialising(&req);
+    while (bytes > 0 && ret == 0) {
+        uint64_t n = max && bytes > max ? max : bytes;
+
+        if (node->drv->co_read_stream) {
+            ret = node->drv->co_read_stream(node, offset, n, sink, opaque);
+        } else {
+            ret = strata_node_co_read_stream(filter_child(node), offset, n,
+                                             sink, opaque);
+        }
+        offset += n;
+        bytes -= n;
+    }
+    strata_tracked_request_end(&req);
+    strata_node_dec_in_flight(node);
+    return ret;
+}
+
 int strata_node_co_pread(StrataNode *node, uint64_t offset, uint64_t bytes,
                          void *buf, StrataReqFlags flags)
 {
@@ -565,156 +608,6 @@ int strata_node_co_copy_range_to(StrataNode *node, uint64_t offset,
     }
     strata_node_dec_in_flight(node);
     return ret;
-}
-
-int strata_node_map_for_write(StrataNode *node, uint64_t bytes, void **addr,
-                              bool *in_memory)
-{
-    if (bytes == 0 || !range_ok(0, bytes) || bytes > SIZE_MAX) {
-        return -EINVAL;
-    }
-    if (node->read_only) {
-        return -EPERM;
-    }
-    if (!node->drv->map_for_write || node->write_notifiers ||
-        strcmp(node->detect_zeroes, "off") != 0) {
-        return -ENOTSUP;
-    }
-    *in_memory = false;
-    return node->drv->map_for_write(node, bytes, addr, in_memory);
-}
-
-void strata_node_unmap(StrataNode *node, void *addr, uint64_t bytes)
-{
-    g_return_if_fail(node->drv->unmap != NULL);
-    node->drv->unmap(node, addr, bytes);
-}
-
-/* A madvise() over whole pages of @page bytes, for a worker thread.
- * With @by_residency, a populate of a file in memory: see
- * strata_write_map_co_populate. */
-typedef struct MapAdvice {
-    uint8_t *addr;
-    size_t len, page;
-    int advice;
-    bool by_residency;
-} MapAdvice;
-
-/* Pages whose residency one mincore() call looks up. */
-#define RESIDENCY_WINDOW 1024
-
-static int advise(uint8_t *addr, size_t len, int advice)
-{
-    while (madvise(addr, len, advice) < 0) {
-        if (errno == EINTR || errno == EAGAIN) {
-            continue;
-        }
-        /* A file system that cannot punch holes. */
-        if (advice == MADV_REMOVE &&
-            (errno == EOPNOTSUPP || errno == EINVAL)) {
-            return -ENOTSUP;
-        }
-        return -errno;
-    }
-    return 0;
-}
-
-/* Populates each run of pages already in memory with read faults and
- * each run of pages that are not with write faults. */
-static int populate_by_residency(uint8_t *addr, size_t len, size_t page)
-{
-    unsigned char vec[RESIDENCY_WINDOW];
-
-    while (len > 0) {
-        size_t n = MIN(len / page, (size_t)RESIDENCY_WINDOW);
-        size_t i = 0;
-
-        if (mincore(addr, n * page, vec) < 0) {
-            /* Cannot tell: the way that is right for every page. */
-            memset(vec, 0, n);
-        }
-        while (i < n) {
-            bool in = vec[i] & 1;
-            size_t j = i + 1;
-            int ret;
-
-            while (j < n && (bool)(vec[j] & 1) == in) {
-                j++;
-            }
-            ret = advise(addr + i * page, (j - i) * page,
-                         in ? MADV_POPULATE_READ : MADV_POPULATE_WRITE);
-            if (ret < 0) {
-                return ret;
-            }
-            i = j;
-        }
-        addr += n * page;
-        len -= n * page;
-    }
-    return 0;
-}
-
-static int map_advise_job(void *opaque)
-{
-    MapAdvice *a = opaque;
-
-    if (a->by_residency) {
-        return populate_by_residency(a->addr, a->len, a->page);
-    }
-    return advise(a->addr, a->len, a->advice);
-}
-
-/* Runs @advice over the pages of [@offset, @offset + @bytes) of @map:
- * every page the range touches with @outer, else only the whole ones
- * (@by_residency: see MapAdvice). */
-static int write_map_co_advise(StrataWriteMap *map, uint64_t offset,
-                               uint64_t bytes, int advice, bool outer,
-                               bool by_residency)
-{
-    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
-    uint64_t start, end;
-    MapAdvice a;
-
-    g_return_val_if_fail(map->node != NULL, -EINVAL);
-    if (offset > map->bytes || bytes > map->bytes - offset) {
-        return -EINVAL;
-    }
-    /* The mapping itself starts on a page and ends on one. */
-    start = outer ? align_down(offset, page) : align_up(offset, page);
-    end = outer ? align_up(offset + bytes, page)
-                : align_down(offset + bytes, page);
-    if (end <= start) {
-        return 0;
-    }
-    a = (MapAdvice){ .addr = map->data + start, .len = end - start,
-                     .page = page, .advice = advice,
-                     .by_residency = by_residency };
-    return strata_loop_co_run_in_thread(map->node->ctx->loop,
-                                        map_advise_job, &a);
-}
-
-int strata_write_map_co_populate(StrataWriteMap *map, uint64_t offset,
-                                 uint64_t bytes)
-{
-    return write_map_co_advise(map, offset, bytes, MADV_POPULATE_WRITE,
-                               true, map->in_memory);
-}
-
-int strata_write_map_co_punch(StrataWriteMap *map, uint64_t offset,
-                              uint64_t bytes)
-{
-    return write_map_co_advise(map, offset, bytes, MADV_REMOVE, false,
-                               false);
-}
-
-void strata_write_map_end(StrataWriteMap *map)
-{
-    if (!map->node) {
-        return;
-    }
-    strata_node_unmap(map->node, map->data, map->bytes);
-    strata_node_unref(map->node);
-    *map = (StrataWriteMap){ 0 };
 }
 
 int strata_node_co_pwrite(StrataNode *node, uint64_t offset, uint64_t bytes,

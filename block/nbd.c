@@ -7,7 +7,9 @@
  * in the same process keeps being served.  After that one reader
  * coroutine owns the receiving side: it reads each reply header, finds
  * the request by its cookie and stores the payload straight into that
- * request's buffers, then wakes the request's coroutine.  Senders take
+ * request's buffers (a streamed read's goes through a small staging
+ * buffer to its sink, piece by piece), then wakes the request's
+ * coroutine.  Senders take
  * turns under a send lock, so many requests are in flight at once.
  *
  * The server is not trusted: every length, offset and count it sends is
@@ -46,6 +48,11 @@
 /* Reconnect attempts back off from the first to the last pause. */
 #define NBD_RETRY_MIN_NS (100 * G_GINT64_CONSTANT(1000000))
 #define NBD_RETRY_MAX_NS (2 * G_GINT64_CONSTANT(1000000000))
+/* A streamed read's data is received into a staging buffer of this size,
+ * a piece at a time, and handed on from there (see
+ * strata_node_co_read_stream): small enough to stay in the CPU's cache
+ * between the receive and the sink's copy. */
+#define NBD_STAGE_SIZE (64 * 1024)
 
 typedef enum {
     NBD_CONNECTED,
@@ -66,6 +73,8 @@ typedef struct NbdReq {
     uint32_t len;
     StrataIOVec *qiov;        /* READ */
     size_t qiov_offset;
+    StrataReadSink sink;      /* READ streamed: instead of qiov */
+    void *sink_opaque;
     bool bs_got;              /* BLOCK_STATUS: first extent */
     uint32_t bs_len;
     uint32_t bs_flags;
@@ -109,6 +118,7 @@ typedef struct NbdState {
      * recv on the ring may still write there after a shutdown(), so
      * nbd_conn_lost leaves it to the reader, which ends it on return. */
     NbdReq *receiving;
+    uint8_t *stage;               /* NBD_STAGE_SIZE; for streamed reads */
     unsigned nreqs;
     StrataCoQueue slot_wait;
 } NbdState;
@@ -172,14 +182,51 @@ static int nbd_co_skip(NbdState *s, uint64_t len)
     return strata_nbd_co_skip(&sk, len);
 }
 
-/* Receives @len bytes of @r's data into its buffers at @off, piece by
- * piece. */
+/* Receives @len bytes of a streamed read's data, @off bytes into its
+ * range, through the staging buffer: each piece goes to the sink, until
+ * one fails; what follows is dropped. */
+static int nbd_co_stream_payload(NbdState *s, NbdReq *r, uint64_t off,
+                                 size_t len)
+{
+    int ret = 0;
+
+    if (!s->stage) {
+        s->stage = g_malloc(NBD_STAGE_SIZE);
+    }
+    s->receiving = r;
+    while (len) {
+        size_t n = MIN(len, (size_t)NBD_STAGE_SIZE);
+
+        ret = nbd_co_read_full(s, s->stage, n);
+        if (ret < 0) {
+            break;
+        }
+        if (r->ret == 0) {
+            int sret = r->sink(r->sink_opaque, r->offset + off, s->stage, n);
+
+            if (sret < 0) {
+                r->ret = sret;
+            }
+        }
+        off += n;
+        len -= n;
+    }
+    s->receiving = NULL;
+    return ret;
+}
+
+/* Receives @len bytes of @r's data, @off bytes into its range, into its
+ * buffers (or its sink), piece by piece. */
 static int nbd_co_read_payload(NbdState *s, NbdReq *r, size_t off,
                                size_t len)
 {
     StrataIOVec *qiov = r->qiov;
     int ret = 0;
 
+    if (r->sink) {
+        return nbd_co_stream_payload(s, r, off, len);
+    }
+    off += r->qiov_offset;
     s->receiving = r;
     for (int i = 0; i < qiov->niov && len; i++) {
         size_t l = qiov->iov[i].iov_len;
@@ -785,8 +832,7 @@ static int nbd_co_chunk(NbdState *s, NbdReq *r, uint16_t type, uint32_t len)
             off - r->offset > r->len - dlen) {
             return -EPROTO;
         }
-        return nbd_co_read_payload(s, r, r->qiov_offset + (off - r->offset),
-                                   dlen);
+        return nbd_co_read_payload(s, r, off - r->offset, dlen);
     }
     case STRATA_NBD_REPLY_TYPE_OFFSET_HOLE: {
         if (r->type != STRATA_NBD_CMD_READ || len != 12) {
@@ -802,8 +848,14 @@ static int nbd_co_chunk(NbdState *s, NbdReq *r, uint16_t type, uint32_t len)
             off - r->offset > r->len - hlen) {
             return -EPROTO;
         }
-        strata_iov_memset(r->qiov, r->qiov_offset + (off - r->offset), 0,
-                          hlen);
+        if (!r->sink) {
+            strata_iov_memset(r->qiov, r->qiov_offset + (off - r->offset), 0,
+                              hlen);
+        } else if (r->ret == 0) {
+            /* The sink may yield, as the data's does. */
+            ret = r->sink(r->sink_opaque, off, NULL, hlen);
+            r->ret = ret < 0 ? ret : 0;
+        }
         return 0;
     }
     case STRATA_NBD_REPLY_TYPE_BLOCK_STATUS: {
@@ -884,7 +936,7 @@ static void nbd_reader_entry(void *opaque)
                     ret = -EPROTO;
                     break;
                 }
-                ret = nbd_co_read_payload(s, r, r->qiov_offset, r->len);
+                ret = nbd_co_read_payload(s, r, 0, r->len);
                 if (ret < 0) {
                     break;
                 }
@@ -1137,6 +1189,19 @@ static int nbd_co_preadv(StrataNode *node, uint64_t offset, uint64_t bytes,
     return nbd_co_request(s, &t, 0, qiov, qiov_offset);
 }
 
+/* A read whose data goes to @sink through the staging buffer (see
+ * nbd_co_stream_payload); after a reconnect the pieces come again. */
+static int nbd_co_read_stream(StrataNode *node, uint64_t offset,
+                              uint64_t bytes, StrataReadSink sink,
+                              void *opaque)
+{
+    NbdState *s = node->opaque;
+    NbdReq t = { .type = STRATA_NBD_CMD_READ, .offset = offset,
+                 .len = bytes, .sink = sink, .sink_opaque = opaque };
+
+    return nbd_co_request(s, &t, 0, NULL, 0);
+}
+
 static int nbd_co_flush(StrataNode *node);
 
 /* A server without FUA: the data is made stable by a flush instead. */
@@ -1321,6 +1386,7 @@ static void nbd_close(StrataNode *node)
     g_clear_object(&s->addr);
     g_clear_pointer(&s->addr_text, g_free);
     g_clear_pointer(&s->export_name, g_free);
+    g_clear_pointer(&s->stage, g_free);
 }
 
 static bool nbd_open(StrataNode *node, JsonObject *options, GError **error)
@@ -1424,6 +1490,7 @@ const StrataDriver strata_driver_nbd = {
     .close = nbd_close,
     .co_get_length = nbd_co_get_length,
     .co_preadv = nbd_co_preadv,
+    .co_read_stream = nbd_co_read_stream,
     .co_pwritev = nbd_co_pwritev,
     .supports_fua = true,
     .co_pwrite_zeroes = nbd_co_pwrite_zeroes,

@@ -133,6 +133,20 @@ static int raw_co_preadv(StrataNode *node, uint64_t offset, uint64_t bytes,
                                  qiov, qiov_offset, flags);
 }
 
+/* Streams only with no offset: the sink takes the child's offsets. */
+static int raw_co_read_stream(StrataNode *node, uint64_t offset,
+                              uint64_t bytes, StrataReadSink sink,
+                              void *opaque)
+{
+    RawState *s = node->opaque;
+
+    if (s->offset) {
+        return -ENOTSUP;
+    }
+    return strata_node_co_read_stream(node->file->node, offset, bytes, sink,
+                                      opaque);
+}
+
 /* A request reaching past a fixed size would leak into bytes beyond the
  * window; io.c keeps requests inside the length, this is a second net. */
 static bool raw_out_of_window(RawState *s, uint64_t offset, uint64_t bytes)
@@ -264,23 +278,6 @@ static void raw_query_image(StrataNode *node, JsonObject *image)
 }
 
 /* Only a window that starts the file: a mapping starts on a page. */
-static int raw_map_for_write(StrataNode *node, uint64_t bytes, void **addr,
-                             bool *in_memory)
-{
-    RawState *s = node->opaque;
-
-    if (s->offset || (s->has_size && s->size < bytes)) {
-        return -ENOTSUP;
-    }
-    return strata_node_map_for_write(node->file->node, bytes, addr,
-                                     in_memory);
-}
-
-static void raw_unmap(StrataNode *node, void *addr, uint64_t bytes)
-{
-    strata_node_unmap(node->file->node, addr, bytes);
-}
-
 const StrataDriver strata_driver_raw = {
     .name = "raw",
     .state_size = sizeof(RawState),
@@ -289,13 +286,12 @@ const StrataDriver strata_driver_raw = {
     .open = raw_open,
     .co_get_length = raw_co_get_length,
     .co_preadv = raw_co_preadv,
+    .co_read_stream = raw_co_read_stream,
     .co_pwritev = raw_co_pwritev,
     /* FUA travels down with the write to the file node. */
     .supports_fua = true,
     .co_pwrite_zeroes = raw_co_pwrite_zeroes,
     .co_copy_range_to = raw_co_copy_range_to,
-    .map_for_write = raw_map_for_write,
-    .unmap = raw_unmap,
     .co_pdiscard = raw_co_pdiscard,
     .co_block_status = raw_co_block_status,
     .co_truncate = raw_co_truncate,

@@ -23,7 +23,70 @@ static void teardown(void)
 /* ---- running node I/O from the test ---- */
 
 typedef enum { OP_READ, OP_WRITE, OP_ZERO, OP_DISCARD, OP_FLUSH,
-               OP_STATUS } OpType;
+               OP_STATUS, OP_STREAM } OpType;
+
+/* What a streamed read (strata_node_co_read_stream) handed its sink:
+ * the bytes where they belong, how often each byte came, the pieces. */
+typedef struct {
+    uint64_t offset, bytes;
+    uint8_t *data;          /* @bytes; holes come as zeroes */
+    uint8_t *seen;          /* per byte: the pieces that covered it */
+    unsigned pieces, holes, outside;
+    size_t max_piece;       /* of data: a hole's is the server's */
+    unsigned fail_at;       /* the call (from 1) that fails; 0: none */
+    unsigned calls_after_fail;
+} Collect;
+
+static void collect_init(Collect *col, uint64_t offset, uint64_t bytes)
+{
+    *col = (Collect){ .offset = offset, .bytes = bytes };
+    col->data = g_malloc0(bytes);
+    col->seen = g_malloc0(bytes);
+}
+
+static void collect_cleanup(Collect *col)
+{
+    g_free(col->data);
+    g_free(col->seen);
+}
+
+static int collect_sink(void *opaque, uint64_t offset, const void *buf,
+                        size_t len)
+{
+    Collect *col = opaque;
+
+    if (col->fail_at && col->pieces >= col->fail_at) {
+        col->calls_after_fail++;
+        return 0;
+    }
+    col->pieces++;
+    if (col->fail_at && col->pieces == col->fail_at) {
+        return -ENOSPC;
+    }
+    if (offset < col->offset || len > col->bytes ||
+        offset - col->offset > col->bytes - len) {
+        col->outside++;
+        return 0;
+    }
+    col->max_piece = buf ? MAX(col->max_piece, len) : col->max_piece;
+    col->holes += !buf;
+    for (size_t i = 0; i < len; i++) {
+        col->data[offset - col->offset + i] = buf ? ((const uint8_t *)buf)[i]
+                                                  : 0;
+        col->seen[offset - col->offset + i]++;
+    }
+    return 0;
+}
+
+/* Every byte came exactly once, and nothing outside the range. */
+static void collect_check_once(const Collect *col)
+{
+    ck_assert_uint_eq(col->outside, 0);
+    for (uint64_t i = 0; i < col->bytes; i++) {
+        ck_assert_msg(col->seen[i] == 1, "byte %" PRIu64 " came %u times", i,
+                      col->seen[i]);
+    }
+}
 
 typedef struct {
     StrataNode *node;
@@ -65,6 +128,10 @@ static void op_entry(void *opaque)
                                               op->bytes, &op->pnum, &map,
                                               &file);
         break;
+    case OP_STREAM:
+        op->ret = strata_node_co_read_stream(op->node, op->offset, op->bytes,
+                                             collect_sink, op->buf);
+        break;
     }
 }
 
@@ -100,6 +167,40 @@ static StrataNode *open_client(const char *path, const char *export_name,
     return strata_context_add_node_keyval(ctx, spec, err);
 }
 
+/* Streamed reads of @c, whose first SIZE bytes are @want: the whole disk
+ * and an odd range inside it arrive piece by piece through the staging
+ * buffer (64 KiB at most), each byte once; a sink that fails ends the
+ * read with its error, hears no more, and leaves the connection
+ * serving. */
+static void exercise_stream(StrataNode *c, const uint8_t *want)
+{
+    static const struct { uint64_t off, len; } ranges[] = {
+        { 0, SIZE }, { 12288, 3 * 65536 + 4096 },
+    };
+    g_autofree uint8_t *buf = g_malloc(SIZE);
+    Collect col;
+
+    for (unsigned i = 0; i < G_N_ELEMENTS(ranges); i++) {
+        collect_init(&col, ranges[i].off, ranges[i].len);
+        ck_assert_int_eq(run_op(c, OP_STREAM, ranges[i].off, ranges[i].len,
+                                &col, 0, NULL), 0);
+        collect_check_once(&col);
+        ck_assert(memcmp(col.data, want + ranges[i].off, ranges[i].len) == 0);
+        ck_assert_uint_le(col.max_piece, 65536);
+        /* The disk's first 64 KiB are data, and arrive as such. */
+        ck_assert_uint_gt(col.max_piece, 0);
+        collect_cleanup(&col);
+    }
+
+    collect_init(&col, 0, SIZE);
+    col.fail_at = 2;
+    ck_assert_int_eq(run_op(c, OP_STREAM, 0, SIZE, &col, 0, NULL), -ENOSPC);
+    ck_assert_uint_eq(col.calls_after_fail, 0);
+    collect_cleanup(&col);
+    ck_assert_int_eq(run_op(c, OP_READ, 0, SIZE, buf, 0, NULL), 0);
+    ck_assert(memcmp(buf, want, SIZE) == 0);
+}
+
 /* Reads, writes, zeroes, discards and block status of a sparse disk:
  * what the driver must do against any server. */
 static void exercise(StrataNode *c)
@@ -111,6 +212,7 @@ static void exercise(StrataNode *c)
     ck_assert_int_eq(run_op(c, OP_READ, 0, SIZE, buf, 0, NULL), 0);
     ck_assert(buf_is(buf, 65536, 0x11));
     ck_assert(buf_is(buf + 65536, SIZE - 65536, 0));
+    exercise_stream(c, buf);
 
     st = run_op(c, OP_STATUS, 0, SIZE, NULL, 0, &pnum);
     ck_assert_int_ge(st, 0);
@@ -171,6 +273,65 @@ START_TEST(test_strata_server)
     }
     ck_assert_int_eq(strata_export_client_count(strata_export_find(ctx,
                                                                    "e0")), 0);
+}
+END_TEST
+
+/* Streamed reads pass through raw without an offset to the NBD node
+ * below it; anything else refuses them before the sink hears a byte
+ * (the caller then reads the usual way). */
+START_TEST(test_stream_layers)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *path = make_raw("disk.raw", SIZE, 65536, 0x11);
+    g_autofree char *local = make_raw("local.raw", SIZE, SIZE, 0x22);
+    g_autofree uint8_t *want = g_malloc0(SIZE);
+    StrataNode *c, *n;
+    Collect col;
+
+    memset(want, 0x11, 65536);
+    add_node("driver=raw,node-name=disk,file.driver=file,file.filename=%s",
+             path);
+    add_export("type=nbd,id=e0,node-name=disk,name=e0");
+    c = open_client(sock_path, "e0", ",read-only=on", &err);
+    ck_assert_msg(c, "%s", err ? err->message : "");
+
+    add_node("driver=raw,node-name=whole,file=c,read-only=on");
+    n = strata_context_find_node(ctx, "whole");
+    collect_init(&col, 0, SIZE);
+    ck_assert_int_eq(run_op(n, OP_STREAM, 0, SIZE, &col, 0, NULL), 0);
+    collect_check_once(&col);
+    ck_assert(memcmp(col.data, want, SIZE) == 0);
+    collect_cleanup(&col);
+
+    add_node("driver=raw,node-name=window,file=c,offset=4096,read-only=on");
+    n = strata_context_find_node(ctx, "window");
+    collect_init(&col, 0, 65536);
+    ck_assert_int_eq(run_op(n, OP_STREAM, 0, 65536, &col, 0, NULL), -ENOTSUP);
+    ck_assert_uint_eq(col.pieces, 0);
+    collect_cleanup(&col);
+
+    /* Past the end: the usual read gives zeroes there. */
+    collect_init(&col, SIZE - 4096, 8192);
+    ck_assert_int_eq(run_op(c, OP_STREAM, SIZE - 4096, 8192, &col, 0, NULL),
+                     -ENOTSUP);
+    ck_assert_uint_eq(col.pieces, 0);
+    collect_cleanup(&col);
+
+    /* A local file does not stream, through raw or not. */
+    add_node("driver=raw,node-name=local,file.driver=file,"
+             "file.filename=%s,file.node-name=local-file", local);
+    collect_init(&col, 0, 65536);
+    ck_assert_int_eq(run_op(strata_context_find_node(ctx, "local"),
+                            OP_STREAM, 0, 65536, &col, 0, NULL), -ENOTSUP);
+    ck_assert_int_eq(run_op(strata_context_find_node(ctx, "local-file"),
+                            OP_STREAM, 0, 65536, &col, 0, NULL), -ENOTSUP);
+    ck_assert_uint_eq(col.pieces, 0);
+    collect_cleanup(&col);
+
+    ck_assert(strata_context_del_node(ctx, "local", &err));
+    ck_assert(strata_context_del_node(ctx, "window", &err));
+    ck_assert(strata_context_del_node(ctx, "whole", &err));
+    ck_assert(strata_context_del_node(ctx, "c", &err));
 }
 END_TEST
 
@@ -993,6 +1154,7 @@ typedef struct {
     uint64_t offset;
     uint32_t len;
     uint8_t *buf;
+    Collect *col;       /* streamed instead, into this */
     int ret;
     int *left;
 } SplitOp;
@@ -1001,14 +1163,17 @@ static void split_op_entry(void *opaque)
 {
     SplitOp *o = opaque;
 
-    o->ret = strata_node_co_pread(o->node, o->offset, o->len, o->buf, 0);
+    o->ret = o->col ? strata_node_co_read_stream(o->node, o->offset, o->len,
+                                                 collect_sink, o->col)
+                    : strata_node_co_pread(o->node, o->offset, o->len, o->buf,
+                                           0);
     (*o->left)--;
 }
 
 /* Replies cut at every possible place, out of order, chunks of one
  * reply out of order, a whole-export read and many small ones in flight
- * at once (more than the connection's slots): every byte must land
- * where it belongs. */
+ * at once (more than the connection's slots), every third one streamed:
+ * every byte must land where it belongs, a streamed one's exactly once. */
 static void split_replies(void)
 {
     g_autofree char *path = g_build_filename(dir, "split.sock", NULL);
@@ -1036,7 +1201,11 @@ static void split_replies(void)
         uint64_t off = i == NOPS - 1 ? 0 : (uint64_t)i * 24576 + i % 3 * 512;
         uint32_t len = i == NOPS - 1 ? SIZE : 512 * (1 + i * 7 % 64);
 
-        ops[i] = (SplitOp){ c, off, len, g_malloc0(len), -1, &left };
+        ops[i] = (SplitOp){ c, off, len, g_malloc0(len), NULL, -1, &left };
+        if (i % 3 == 1) {
+            ops[i].col = g_new(Collect, 1);
+            collect_init(ops[i].col, off, len);
+        }
         strata_coroutine_enter(strata_coroutine_new(split_op_entry, &ops[i]));
     }
     while (left) {
@@ -1054,6 +1223,12 @@ static void split_replies(void)
             want[j] = split_byte(ops[i].offset + j);
         }
         ck_assert_int_eq(ops[i].ret, 0);
+        if (ops[i].col) {
+            collect_check_once(ops[i].col);
+            memcpy(ops[i].buf, ops[i].col->data, ops[i].len);
+            collect_cleanup(ops[i].col);
+            g_free(ops[i].col);
+        }
         ck_assert_msg(memcmp(ops[i].buf, want, ops[i].len) == 0,
                       "read %d (%u bytes at %" PRIu64 ") differs", i,
                       ops[i].len, ops[i].offset);
@@ -1254,6 +1429,8 @@ int main(void)
                     teardown);
     strata_test_add(s, "/nbd-client/strata/parallel", test_parallel, setup,
                     teardown);
+    strata_test_add(s, "/nbd-client/stream/layers", test_stream_layers,
+                    setup, teardown);
     strata_test_add(s, "/nbd-client/strata/in-flight", test_in_flight,
                     setup, teardown);
     strata_test_add(s, "/nbd-client/open/errors", test_open_errors, setup,
