@@ -389,7 +389,7 @@ static bool all_multi_conn(StrataNode *node)
 /* The number from @min to @max that the environment variable @name
  * gives, or @dflt when it is unset; any other value is said on stderr
  * and ignored (the measuring knobs STRATA_IMG_NBD_CONNECTIONS and
- * STRATA_IMG_CONVERT_MAP). */
+ * STRATA_IMG_CONVERT_STREAM). */
 static unsigned env_knob(const char *name, unsigned min, unsigned max,
                          unsigned dflt)
 {
