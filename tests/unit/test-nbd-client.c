@@ -951,6 +951,8 @@ static char *fake_server(void *opaque)
 
 typedef struct {
     Fake *fake;
+    bool stream;        /* the first read is streamed, into @col */
+    Collect col;
     bool open_ok;
     int read_ret;
     int read2_ret;
@@ -984,7 +986,12 @@ static void run_fake(FakeMode mode, FakeRun *fr)
         StrataLoopStats st0, st1;
 
         strata_loop_get_stats(ctx->loop, &st0);
-        fr->read_ret = run_op(c, OP_READ, 0, len, buf, 0, NULL);
+        if (fr->stream) {
+            collect_init(&fr->col, 0, len);
+            fr->read_ret = run_op(c, OP_STREAM, 0, len, &fr->col, 0, NULL);
+        } else {
+            fr->read_ret = run_op(c, OP_READ, 0, len, buf, 0, NULL);
+        }
         fr->read2_ret = run_op(c, OP_READ, 0, len, buf, 0, NULL);
         strata_loop_get_stats(ctx->loop, &st1);
         fr->sqes = st1.sqes - st0.sqes;
@@ -1034,6 +1041,25 @@ START_TEST(test_fake_replies)
             strata_loop_has_io_uring(ctx->loop)) {
             ck_assert_uint_gt(fr.sqes, 0);
         }
+    }
+    /* The same, streamed: the read fails as a buffered one does; the
+     * pieces the sink was handed before the cut hold the server's bytes
+     * where they belong, and none lies outside the request. */
+    for (unsigned i = 0; i < G_N_ELEMENTS(modes); i++) {
+        FakeRun fr = { .stream = true };
+        run_fake(modes[i], &fr);
+        ck_assert_msg(fr.open_ok, "mode %u: %s", i, fr.err);
+        ck_assert_int_eq(fr.read_ret, -EIO);
+        ck_assert_int_eq(fr.read2_ret, -EIO);
+        ck_assert_uint_eq(fr.col.outside, 0);
+        /* The quarter sent before the pause: four whole pieces. */
+        ck_assert_uint_eq(fr.col.pieces,
+                          modes[i] == FAKE_CUT_PAYLOAD ? SIZE / 4 / 65536 : 0);
+        for (uint64_t b = 0; b < fr.col.bytes; b++) {
+            ck_assert(fr.col.seen[b] == (b < fr.col.pieces * 65536u));
+            ck_assert(!fr.col.seen[b] || fr.col.data[b] == 0x5a);
+        }
+        collect_cleanup(&fr.col);
     }
 }
 END_TEST
