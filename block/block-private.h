@@ -543,8 +543,10 @@ int strata_node_co_read_stream(StrataNode *node, uint64_t offset,
                                void *opaque);
 
 /* Whether what is written to @node lands in the page cache: the node at
- * the bottom of its file children has cache.direct off.  Jobs copy in
- * smaller pieces then (STRATA_JOB_BUFFERED_CHUNK). */
+ * the bottom of its file children is a file with cache.direct off (an
+ * NBD export or null-co has no page cache of ours).  Jobs copy in
+ * smaller pieces then (STRATA_JOB_BUFFERED_CHUNK), and strata-img
+ * convert streams into it. */
 bool strata_node_writes_buffered(StrataNode *node);
 
 /* Whether @status, what strata_node_co_block_status_above() said of

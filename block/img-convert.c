@@ -214,17 +214,6 @@ static int co_next_segment(ConvertJob *j, uint64_t *src_off, int *src_idx,
     return 1;
 }
 
-/* Whether what is written to @node lands in the page cache of a file
- * (the node at the bottom of its file children is a file without
- * O_DIRECT), where a write of a streamed piece is a copy and no more. */
-static bool writes_to_page_cache(StrataNode *node)
-{
-    while (node->file) {
-        node = node->file->node;
-    }
-    return !strcmp(node->drv->name, "file") && !node->cache_direct;
-}
-
 /* Whether any node under @node (itself included) receives its data on
  * the loop's thread. */
 static bool receives_on_loop(StrataNode *node)
@@ -888,7 +877,8 @@ int strata_img_convert(int argc, char **argv)
         j.compress_cluster = (uint64_t)json_object_get_int_member_with_default(
             q, "cluster-size", 0);
     }
-    if (j.stream && !writes_to_page_cache(strata_img_backend_node(j.dst))) {
+    if (j.stream &&
+        !strata_node_writes_buffered(strata_img_backend_node(j.dst))) {
         j.stream = false;
     }
     j.fresh_target = !skip_create || target_is_zero;

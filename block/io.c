@@ -12,6 +12,7 @@
 
 #include "block-private.h"
 #include "driver.h"
+#include "drivers-private.h"
 
 #define ZERO_CHUNK (1024 * 1024)
 
@@ -571,7 +572,7 @@ bool strata_node_writes_buffered(StrataNode *node)
     while (node && node->file) {
         node = node->file->node;
     }
-    return node && !node->cache_direct;
+    return node && node->drv == &strata_driver_file && !node->cache_direct;
 }
 
 int strata_node_co_copy_range_to(StrataNode *node, uint64_t offset,

@@ -182,52 +182,46 @@ static int nbd_co_skip(NbdState *s, uint64_t len)
     return strata_nbd_co_skip(&sk, len);
 }
 
+/* Hands [@off, @off + @len) of @r's range to its sink (@buf NULL: a
+ * hole), unless an earlier piece failed; the sink's error becomes the
+ * read's. */
+static void nbd_co_sink(NbdReq *r, uint64_t off, const void *buf, size_t len)
+{
+    if (r->ret == 0) {
+        int ret = r->sink(r->sink_opaque, r->offset + off, buf, len);
+
+        if (ret < 0) {
+            r->ret = ret;
+        }
+    }
+}
+
 /* Receives @len bytes of a streamed read's data, @off bytes into its
- * range, through the staging buffer: each piece goes to the sink, until
- * one fails; what follows is dropped. */
+ * range, through the staging buffer, a piece at a time to its sink. */
 static int nbd_co_stream_payload(NbdState *s, NbdReq *r, uint64_t off,
                                  size_t len)
 {
-    int ret = 0;
-
     if (!s->stage) {
         s->stage = g_malloc(NBD_STAGE_SIZE);
     }
-    s->receiving = r;
     while (len) {
         size_t n = MIN(len, (size_t)NBD_STAGE_SIZE);
+        int ret = nbd_co_read_full(s, s->stage, n);
 
-        ret = nbd_co_read_full(s, s->stage, n);
         if (ret < 0) {
-            break;
+            return ret;
         }
-        if (r->ret == 0) {
-            int sret = r->sink(r->sink_opaque, r->offset + off, s->stage, n);
-
-            if (sret < 0) {
-                r->ret = sret;
-            }
-        }
+        nbd_co_sink(r, off, s->stage, n);
         off += n;
         len -= n;
     }
-    s->receiving = NULL;
-    return ret;
+    return 0;
 }
 
-/* Receives @len bytes of @r's data, @off bytes into its range, into its
- * buffers (or its sink), piece by piece. */
-static int nbd_co_read_payload(NbdState *s, NbdReq *r, size_t off,
-                               size_t len)
+/* Reads @len bytes into @qiov at @off, piece by piece. */
+static int nbd_co_read_qiov(NbdState *s, StrataIOVec *qiov, size_t off,
+                            size_t len)
 {
-    StrataIOVec *qiov = r->qiov;
-    int ret = 0;
-
-    if (r->sink) {
-        return nbd_co_stream_payload(s, r, off, len);
-    }
-    off += r->qiov_offset;
-    s->receiving = r;
     for (int i = 0; i < qiov->niov && len; i++) {
         size_t l = qiov->iov[i].iov_len;
         if (off >= l) {
@@ -235,15 +229,29 @@ static int nbd_co_read_payload(NbdState *s, NbdReq *r, size_t off,
             continue;
         }
         size_t n = MIN(l - off, len);
-        ret = nbd_co_read_full(s, (uint8_t *)qiov->iov[i].iov_base + off, n);
+        int ret = nbd_co_read_full(s, (uint8_t *)qiov->iov[i].iov_base + off,
+                                   n);
         if (ret < 0) {
-            break;
+            return ret;
         }
         len -= n;
         off = 0;
     }
+    return len ? -EIO : 0;
+}
+
+/* Receives @len bytes of @r's data, @off bytes into its range, into its
+ * buffers or through its sink. */
+static int nbd_co_read_payload(NbdState *s, NbdReq *r, size_t off,
+                               size_t len)
+{
+    int ret;
+
+    s->receiving = r;
+    ret = r->sink ? nbd_co_stream_payload(s, r, off, len)
+                  : nbd_co_read_qiov(s, r->qiov, r->qiov_offset + off, len);
     s->receiving = NULL;
-    return ret < 0 ? ret : len ? -EIO : 0;
+    return ret;
 }
 
 static int nbd_co_write_full(NbdState *s, const void *buf, size_t len)
@@ -848,13 +856,11 @@ static int nbd_co_chunk(NbdState *s, NbdReq *r, uint16_t type, uint32_t len)
             off - r->offset > r->len - hlen) {
             return -EPROTO;
         }
-        if (!r->sink) {
+        if (r->sink) {
+            nbd_co_sink(r, off - r->offset, NULL, hlen);
+        } else {
             strata_iov_memset(r->qiov, r->qiov_offset + (off - r->offset), 0,
                               hlen);
-        } else if (r->ret == 0) {
-            /* The sink may yield, as the data's does. */
-            ret = r->sink(r->sink_opaque, off, NULL, hlen);
-            r->ret = ret < 0 ? ret : 0;
         }
         return 0;
     }

@@ -277,7 +277,6 @@ static void raw_query_image(StrataNode *node, JsonObject *image)
      * nbd file): no dirty flag at all. */
 }
 
-/* Only a window that starts the file: a mapping starts on a page. */
 const StrataDriver strata_driver_raw = {
     .name = "raw",
     .state_size = sizeof(RawState),

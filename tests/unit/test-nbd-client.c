@@ -328,6 +328,32 @@ START_TEST(test_stream_layers)
     ck_assert_uint_eq(col.pieces, 0);
     collect_cleanup(&col);
 
+    /* What convert streams into, and where jobs copy in small pieces:
+     * a file's page cache, through raw or not; not an export, nor
+     * null-co, nor O_DIRECT. */
+    ck_assert(strata_node_writes_buffered(
+        strata_context_find_node(ctx, "local")));
+    ck_assert(strata_node_writes_buffered(
+        strata_context_find_node(ctx, "local-file")));
+    ck_assert(!strata_node_writes_buffered(c));
+    ck_assert(!strata_node_writes_buffered(
+        strata_context_find_node(ctx, "whole")));
+    add_node("driver=null-co,node-name=nul,size=65536");
+    ck_assert(!strata_node_writes_buffered(
+        strata_context_find_node(ctx, "nul")));
+    {
+        /* (A file system without O_DIRECT, tmpfs, refuses the open.) */
+        g_autofree char *spec = g_strdup_printf(
+            "driver=raw,node-name=direct,file.driver=file,file.filename=%s,"
+            "file.cache.direct=on,read-only=on", local);
+        StrataNode *d = strata_context_add_node_keyval(ctx, spec, NULL);
+
+        if (d) {
+            ck_assert(!strata_node_writes_buffered(d));
+            ck_assert(strata_context_del_node(ctx, "direct", &err));
+        }
+    }
+    ck_assert(strata_context_del_node(ctx, "nul", &err));
     ck_assert(strata_context_del_node(ctx, "local", &err));
     ck_assert(strata_context_del_node(ctx, "window", &err));
     ck_assert(strata_context_del_node(ctx, "whole", &err));
