@@ -304,16 +304,47 @@ int strata_backend_co_copy_range_to(StrataBackend *blk, uint64_t offset,
 
 int strata_backend_co_read_stream(StrataBackend *blk, uint64_t offset,
                                   uint64_t bytes, StrataReadSink sink,
-                                  void *opaque)
+                                  void *opaque, StrataStreamFlags flags)
 {
     int ret = 0;
 
     g_return_val_if_fail(blk != NULL && sink != NULL, -EINVAL);
     StrataNode *node = request_begin(blk, offset, bytes, false, &ret);
     if (node) {
-        ret = strata_node_co_read_stream(node, offset, bytes, sink, opaque);
+        ret = strata_node_co_read_stream(node, offset, bytes, sink, opaque,
+                                         flags);
     }
     return request_end(blk, node, ret);
+}
+
+/* The backend's request lasts until strata_backend_co_direct_write_end:
+ * a drain of its node waits for it. */
+int strata_backend_co_direct_write_begin(StrataBackend *blk, uint64_t offset,
+                                         uint64_t bytes,
+                                         StrataDirectWrite *dw)
+{
+    int ret = 0;
+
+    g_return_val_if_fail(blk != NULL && dw != NULL, -EINVAL);
+    StrataNode *node = request_begin(blk, offset, bytes, true, &ret);
+    if (node) {
+        ret = strata_node_co_direct_write_begin(node, offset, bytes, dw);
+    }
+    if (ret < 0) {
+        return request_end(blk, node, ret);
+    }
+    return 0;
+}
+
+void strata_backend_co_direct_write_end(StrataBackend *blk,
+                                        StrataDirectWrite *dw)
+{
+    StrataNode *node;
+
+    g_return_if_fail(blk != NULL && dw != NULL && dw->node != NULL);
+    node = dw->node;
+    strata_node_co_direct_write_end(dw);
+    request_end(blk, node, 0);
 }
 
 int strata_backend_co_pdiscard(StrataBackend *blk, uint64_t offset,

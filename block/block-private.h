@@ -91,13 +91,24 @@ struct StrataWriteNotifier {
     void *opaque;
 };
 
-/* Coroutine.  Takes [@offset, @offset + @len) of a streamed read
+/* Takes [@offset, @offset + @len) of a streamed read
  * (strata_node_co_read_stream): the bytes at @buf, which stay valid only
  * until it returns, or zeroes when @buf is NULL (a hole the server
  * reported).  0 or -errno; an error is the read's result, and the rest
- * of its data is received and dropped. */
+ * of its data is received and dropped.  A coroutine on the loop thread,
+ * unless the read was given STRATA_STREAM_ANY_THREAD: then plain code
+ * that may also run on a worker thread, for one read's pieces in turn
+ * and for several reads' at once. */
 typedef int (*StrataReadSink)(void *opaque, uint64_t offset,
                               const void *buf, size_t len);
+
+typedef enum {
+    /* The sink may be called on any thread (see StrataReadSink): it
+     * neither yields nor touches the graph, and keeps its own state
+     * safe.  A driver may then receive a large payload on a worker
+     * thread and hand it on from there. */
+    STRATA_STREAM_ANY_THREAD = 1 << 0,
+} StrataStreamFlags;
 
 /* A request in flight on a node, kept so overlapping ones can wait. */
 typedef struct StrataTrackedReq {
@@ -110,6 +121,20 @@ typedef struct StrataTrackedReq {
     StrataCoQueue wait_queue; /* who waits for this request */
     struct StrataTrackedReq *next, *prev;
 } StrataTrackedReq;
+
+/* A range of a node written straight into the file under it, from any
+ * thread (strata_node_co_direct_write_begin).  The file's driver fills
+ * in file to punch (direct_write_target); the rest is the I/O
+ * path's. */
+typedef struct StrataDirectWrite {
+    StrataNode *node;           /* the node asked for */
+    uint64_t offset, bytes;     /* its range */
+    StrataNode *file;           /* the node whose file holds the range */
+    int fd;
+    uint64_t file_offset;       /* where @offset lies in the file */
+    bool punch;                 /* zeroes may deallocate (discard=unmap) */
+    StrataTrackedReq req;
+} StrataDirectWrite;
 
 struct StrataNode {
     int refcnt;
@@ -540,7 +565,44 @@ int strata_node_co_copy_range_to(StrataNode *node, uint64_t offset,
  */
 int strata_node_co_read_stream(StrataNode *node, uint64_t offset,
                                uint64_t bytes, StrataReadSink sink,
-                               void *opaque);
+                               void *opaque, StrataStreamFlags flags);
+
+/**
+ * strata_node_co_direct_write_begin:
+ *
+ * Lets any thread write [@offset, @offset + @bytes) of @node, until
+ * strata_node_co_direct_write_end(), with strata_direct_write() and
+ * strata_direct_write_zeroes(): plain pwrite() and fallocate() calls on
+ * the file under it, where a streamed read's sink running on a worker
+ * thread (STRATA_STREAM_ANY_THREAD) can reach it.  Only where every
+ * layer between @node and the file places the bytes there as they are
+ * (`raw`, its offset added; `file` without O_DIRECT, not a block
+ * device) and none must see the data (write notifiers, detect-zeroes):
+ * -ENOTSUP otherwise, and where the range reaches past the node's end
+ * (a direct write never grows a file); -EPERM on a read-only node.
+ * The range is a write request on @node for the whole time: tracked,
+ * counted in flight (a drain waits for it), and when it ends the file
+ * counts it for the next flush.  The layers in between see nothing.
+ * @dw is the caller's; it is filled in here.
+ */
+int strata_node_co_direct_write_begin(StrataNode *node, uint64_t offset,
+                                      uint64_t bytes, StrataDirectWrite *dw);
+/* Ends @dw's request (whatever was written through it).  Coroutine. */
+void strata_node_co_direct_write_end(StrataDirectWrite *dw);
+/* Any thread.  Writes @len bytes of @buf at @offset of @dw's node,
+ * inside its range: 0 or -errno (-EINVAL outside the range). */
+int strata_direct_write(const StrataDirectWrite *dw, uint64_t offset,
+                        const void *buf, size_t len);
+/* Any thread.  Makes [@offset, @offset + @len) of @dw's range read as
+ * zeroes: a punched hole where the file's node unmaps discards
+ * (discard=unmap) and its file system can, else zeroes written. */
+int strata_direct_write_zeroes(const StrataDirectWrite *dw, uint64_t offset,
+                               size_t len);
+/* For drivers (direct_write_target of raw): what
+ * strata_node_co_direct_write_begin() checks of each layer, then the
+ * layer's own answer.  Loop. */
+int strata_node_direct_write_target(StrataNode *node, uint64_t offset,
+                                    uint64_t bytes, StrataDirectWrite *dw);
 
 /* Whether what is written to @node lands in the page cache: the node at
  * the bottom of its file children is a file with cache.direct off (an
@@ -737,7 +799,15 @@ int strata_backend_co_copy_range_to(StrataBackend *blk, uint64_t offset,
  * range). */
 int strata_backend_co_read_stream(StrataBackend *blk, uint64_t offset,
                                   uint64_t bytes, StrataReadSink sink,
-                                  void *opaque);
+                                  void *opaque, StrataStreamFlags flags);
+/* strata_node_co_direct_write_begin through the backend (its drains,
+ * range and write permission); strata_backend_co_direct_write_end()
+ * ends it. */
+int strata_backend_co_direct_write_begin(StrataBackend *blk, uint64_t offset,
+                                         uint64_t bytes,
+                                         StrataDirectWrite *dw);
+void strata_backend_co_direct_write_end(StrataBackend *blk,
+                                        StrataDirectWrite *dw);
 
 /* The edge a backend holds (for drains and graph changes). */
 StrataChild *strata_backend_child(StrataBackend *blk);

@@ -144,11 +144,27 @@ struct StrataDriver {
 
     /* Coroutine.  Read [@offset, @offset + @bytes) (aligned, inside the
      * node, no larger than max_transfer) and hand the data to @sink as
-     * it arrives, piece by piece (see strata_node_co_read_stream).
-     * NULL: as -ENOTSUP, but a filter without co_preadv is passed
-     * through, as for reads. */
+     * it arrives, piece by piece (see strata_node_co_read_stream); with
+     * STRATA_STREAM_ANY_THREAD in @flags the driver may call @sink on a
+     * worker thread.  NULL: as -ENOTSUP, but a filter without co_preadv
+     * is passed through, as for reads. */
     int (*co_read_stream)(StrataNode *node, uint64_t offset, uint64_t bytes,
-                          StrataReadSink sink, void *opaque);
+                          StrataReadSink sink, void *opaque,
+                          StrataStreamFlags flags);
+
+    /* Loop.  Where [@offset, @offset + @bytes) (inside the node) lies as
+     * it is in a file that any thread may write with pwrite() (see
+     * strata_node_co_direct_write_begin): the file's node fills in
+     * @dw's file, fd, file_offset and punch, a layer above it calls
+     * strata_node_direct_write_target() on its child with its offset
+     * added.  -ENOTSUP where the bytes are not so, or the node must see
+     * each write (O_DIRECT).  NULL: as -ENOTSUP (filters too: a direct
+     * write would bypass them). */
+    int (*direct_write_target)(StrataNode *node, uint64_t offset,
+                               uint64_t bytes, StrataDirectWrite *dw);
+    /* Loop.  On the node that direct_write_target filled in: a direct
+     * write into its file ended; it counts for the next flush. */
+    void (*direct_write_end)(StrataNode *node);
 
     /* Coroutine.  Advisory deallocation; -ENOTSUP is reported as
      * success by the I/O path.  NULL: ignored (filters forward). */

@@ -1131,6 +1131,35 @@ static int file_co_pdiscard(StrataNode *node, uint64_t offset, uint64_t bytes)
     return not_supported(ret);
 }
 
+/*
+ * A range written by other threads with plain pwrite() (see
+ * strata_node_co_direct_write_begin): only through the page cache (with
+ * O_DIRECT every write would have to be aligned and the driver's own),
+ * and only into a regular file, whose holes the zeroes may punch.
+ */
+static int file_direct_write_target(StrataNode *node, uint64_t offset,
+                                    uint64_t bytes, StrataDirectWrite *dw)
+{
+    FileState *s = node->opaque;
+
+    if (s->direct || s->is_blockdev || s->fd < 0) {
+        return -ENOTSUP;
+    }
+    dw->file = node;
+    dw->fd = s->fd;
+    dw->file_offset = offset;
+    dw->punch = discard_unmaps(node);
+    return 0;
+}
+
+static void file_direct_write_end(StrataNode *node)
+{
+    FileState *s = node->opaque;
+
+    /* As file_co_rw: the next flush must cover it, whatever came of it. */
+    s->write_gen++;
+}
+
 /* ---- prefetch ---- */
 
 /*
@@ -1369,6 +1398,8 @@ const StrataDriver strata_driver_file = {
     .co_pwritev = file_co_pwritev,
     .co_pwrite_zeroes = file_co_pwrite_zeroes,
     .co_copy_range_to = file_co_copy_range_to,
+    .direct_write_target = file_direct_write_target,
+    .direct_write_end = file_direct_write_end,
     .co_pdiscard = file_co_pdiscard,
     .co_flush = file_co_flush,
     .co_prefetch = file_co_prefetch,

@@ -1,11 +1,15 @@
 /* strata — the request path: alignment, tracked and serialising
  * requests, zero detection, FUA emulation, block status through chains.
  *
- * Every entry is coroutine-only and returns 0 or -errno.  Drivers see
+ * Every entry is coroutine-only and returns 0 or -errno, but for
+ * strata_direct_write() and _zeroes(), which any thread may call inside
+ * a range the loop's coroutine opened for them.  Drivers see
  * only requests aligned to their limits; the padding for the rest is
  * done here, once, for every driver.
  */
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -322,7 +326,7 @@ int strata_node_co_preadv(StrataNode *node, uint64_t offset, uint64_t bytes,
 
 int strata_node_co_read_stream(StrataNode *node, uint64_t offset,
                                uint64_t bytes, StrataReadSink sink,
-                               void *opaque)
+                               void *opaque, StrataStreamFlags flags)
 {
     uint32_t align = node->limits.request_alignment;
     uint64_t max = node->limits.max_transfer;
@@ -351,10 +355,11 @@ int strata_node_co_read_stream(StrataNode *node, uint64_t offset,
         uint64_t n = max && bytes > max ? max : bytes;
 
         if (node->drv->co_read_stream) {
-            ret = node->drv->co_read_stream(node, offset, n, sink, opaque);
+            ret = node->drv->co_read_stream(node, offset, n, sink, opaque,
+                                            flags);
         } else {
             ret = strata_node_co_read_stream(filter_child(node), offset, n,
-                                             sink, opaque);
+                                             sink, opaque, flags);
         }
         offset += n;
         bytes -= n;
@@ -565,6 +570,142 @@ int strata_node_co_pwritev(StrataNode *node, uint64_t offset,
     }
     strata_node_dec_in_flight(node);
     return ret;
+}
+
+int strata_node_direct_write_target(StrataNode *node, uint64_t offset,
+                                    uint64_t bytes, StrataDirectWrite *dw)
+{
+    int64_t total = node->total_bytes;
+
+    if (node->read_only) {
+        return -EPERM;
+    }
+    /* What a notifier or zero detection must see is the data, which
+     * this path never shows them. */
+    if (!node->drv->direct_write_target || node->write_notifiers ||
+        strcmp(node->detect_zeroes, "off") != 0) {
+        return -ENOTSUP;
+    }
+    if (total < 0 || offset > (uint64_t)total ||
+        bytes > (uint64_t)total - offset) {
+        return -ENOTSUP;
+    }
+    return node->drv->direct_write_target(node, offset, bytes, dw);
+}
+
+int strata_node_co_direct_write_begin(StrataNode *node, uint64_t offset,
+                                      uint64_t bytes, StrataDirectWrite *dw)
+{
+    int ret;
+
+    *dw = (StrataDirectWrite){ .fd = -1 };
+    if (bytes == 0 || !range_ok(offset, bytes)) {
+        return -EINVAL;
+    }
+    ret = strata_node_direct_write_target(node, offset, bytes, dw);
+    if (ret < 0) {
+        *dw = (StrataDirectWrite){ .fd = -1 };
+        return ret;
+    }
+    g_return_val_if_fail(dw->file != NULL && dw->fd >= 0, -EIO);
+    dw->node = node;
+    dw->offset = offset;
+    dw->bytes = bytes;
+    strata_node_ref(dw->file);
+    strata_node_inc_in_flight(node);
+    strata_tracked_request_init(&dw->req, node, offset, bytes, true, false);
+    strata_co_wait_serialising(&dw->req);
+    return 0;
+}
+
+void strata_node_co_direct_write_end(StrataDirectWrite *dw)
+{
+    g_return_if_fail(dw->node != NULL);
+
+    strata_tracked_request_end(&dw->req);
+    /* Whatever came of it: the next flush must cover it. */
+    dw->file->drv->direct_write_end(dw->file);
+    strata_node_dec_in_flight(dw->node);
+    strata_node_unref(dw->file);
+    *dw = (StrataDirectWrite){ .fd = -1 };
+}
+
+/* Whether [@offset, @offset + @len) lies inside @dw's range. */
+static bool direct_range_ok(const StrataDirectWrite *dw, uint64_t offset,
+                            size_t len)
+{
+    return dw->node && offset >= dw->offset &&
+           offset - dw->offset <= dw->bytes &&
+           len <= dw->bytes - (offset - dw->offset);
+}
+
+int strata_direct_write(const StrataDirectWrite *dw, uint64_t offset,
+                        const void *buf, size_t len)
+{
+    const uint8_t *p = buf;
+    uint64_t at;
+
+    if (!direct_range_ok(dw, offset, len) || (len && !buf)) {
+        return -EINVAL;
+    }
+    at = dw->file_offset + (offset - dw->offset);
+    while (len > 0) {
+        ssize_t n = pwrite(dw->fd, p, MIN(len, (size_t)SSIZE_MAX), at);
+
+        if (n < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            return -errno;
+        }
+        if (n == 0) {
+            return -EIO;
+        }
+        p += n;
+        at += (uint64_t)n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+int strata_direct_write_zeroes(const StrataDirectWrite *dw, uint64_t offset,
+                               size_t len)
+{
+    static const uint8_t zeroes[64 * 1024];
+    uint64_t at;
+
+    if (!direct_range_ok(dw, offset, len)) {
+        return -EINVAL;
+    }
+    if (len == 0) {
+        return 0;
+    }
+    at = dw->file_offset + (offset - dw->offset);
+    /* Inside the file (the range lies inside the node): KEEP_SIZE
+     * changes nothing but says so. */
+    if (dw->punch &&
+        fallocate(dw->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                  (off_t)at, (off_t)len) == 0) {
+        return 0;
+    }
+    if (fallocate(dw->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                  (off_t)at, (off_t)len) == 0) {
+        return 0;
+    }
+    if (errno != EOPNOTSUPP && errno != ENOSYS && errno != EINVAL) {
+        return -errno;
+    }
+    while (len > 0) {
+        size_t n = MIN(len, sizeof(zeroes));
+        int ret = strata_direct_write(dw, offset, zeroes, n);
+
+        if (ret < 0) {
+            return ret;
+        }
+        offset += n;
+        len -= n;
+    }
+    return 0;
 }
 
 bool strata_node_writes_buffered(StrataNode *node)

@@ -239,6 +239,10 @@ void strata_nbd_co_wait_fd(StrataNbdSock *sk, GIOCondition cond);
 int strata_nbd_co_read_full(StrataNbdSock *sk, void *buf, size_t len);
 /* Coroutine only: reads and drops @len bytes. */
 int strata_nbd_co_skip(StrataNbdSock *sk, uint64_t len);
+/* A worker thread's: exactly @len bytes off @fd (non-blocking or not),
+ * waiting in poll() while there are none; 0 or -errno (-ECONNRESET at
+ * EOF or once the socket is shut down).  Never on the loop's thread. */
+int strata_nbd_recv_full(int fd, void *buf, size_t len);
 /* Coroutine only: every byte of @iov (at most STRATA_NBD_MAX_IOV
  * elements). */
 #define STRATA_NBD_MAX_IOV 64

@@ -1,6 +1,7 @@
 /* strata — socket I/O from coroutines, shared by the NBD server and
  * client: a would-block yields to the loop until the socket is ready. */
 #include <errno.h>
+#include <poll.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <glib-unix.h>
@@ -217,6 +218,31 @@ int strata_nbd_co_read_full(StrataNbdSock *sk, void *buf, size_t len)
             return -ECONNRESET;
         } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
             strata_nbd_co_wait_fd(sk, G_IO_IN);
+        } else if (errno != EINTR) {
+            return -errno;
+        }
+    }
+    return 0;
+}
+
+int strata_nbd_recv_full(int fd, void *buf, size_t len)
+{
+    uint8_t *p = buf;
+
+    while (len) {
+        ssize_t n = recv(fd, p, len, MSG_WAITALL);
+
+        if (n > 0) {
+            p += n;
+            len -= (size_t)n;
+        } else if (n == 0) {
+            return -ECONNRESET;
+        } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            struct pollfd pfd = { .fd = fd, .events = POLLIN };
+
+            if (poll(&pfd, 1, -1) < 0 && errno != EINTR) {
+                return -errno;
+            }
         } else if (errno != EINTR) {
             return -errno;
         }

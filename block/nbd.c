@@ -8,8 +8,8 @@
  * coroutine owns the receiving side: it reads each reply header, finds
  * the request by its cookie and stores the payload straight into that
  * request's buffers (a streamed read's goes through a small staging
- * buffer to its sink, piece by piece), then wakes the request's
- * coroutine.  Senders take
+ * buffer to its sink, piece by piece, on a worker thread where the sink
+ * allows it), then wakes the request's coroutine.  Senders take
  * turns under a send lock, so many requests are in flight at once.
  *
  * The server is not trusted: every length, offset and count it sends is
@@ -53,6 +53,13 @@
  * strata_node_co_read_stream): small enough to stay in the CPU's cache
  * between the receive and the sink's copy. */
 #define NBD_STAGE_SIZE (64 * 1024)
+/*
+ * A streamed payload of this much or more whose sink may run on any
+ * thread is received on a worker thread, sink calls included, while the
+ * loop's thread goes on with the other connections (see
+ * nbd_co_stream_payload).
+ */
+#define NBD_THREAD_RECV_MIN (256 * 1024)
 
 typedef enum {
     NBD_CONNECTED,
@@ -75,6 +82,7 @@ typedef struct NbdReq {
     size_t qiov_offset;
     StrataReadSink sink;      /* READ streamed: instead of qiov */
     void *sink_opaque;
+    bool sink_any_thread;     /* STRATA_STREAM_ANY_THREAD */
     bool bs_got;              /* BLOCK_STATUS: first extent */
     uint32_t bs_len;
     uint32_t bs_flags;
@@ -184,8 +192,8 @@ static int nbd_co_skip(NbdState *s, uint64_t len)
 
 /* Hands [@off, @off + @len) of @r's range to its sink (@buf NULL: a
  * hole), unless an earlier piece failed; the sink's error becomes the
- * read's. */
-static void nbd_co_sink(NbdReq *r, uint64_t off, const void *buf, size_t len)
+ * read's.  On the thread the sink may run on. */
+static void nbd_sink(NbdReq *r, uint64_t off, const void *buf, size_t len)
 {
     if (r->ret == 0) {
         int ret = r->sink(r->sink_opaque, r->offset + off, buf, len);
@@ -196,24 +204,84 @@ static void nbd_co_sink(NbdReq *r, uint64_t off, const void *buf, size_t len)
     }
 }
 
-/* Receives @len bytes of a streamed read's data, @off bytes into its
- * range, through the staging buffer, a piece at a time to its sink. */
+/* A streamed payload that a worker thread receives (nbd_thread_recv). */
+typedef struct NbdThreadRecv {
+    int fd;
+    uint8_t *stage;
+    NbdReq *r;
+    uint64_t off;
+    size_t len;
+} NbdThreadRecv;
+
+/* Worker thread: receives the payload off the socket through the
+ * staging buffer and hands each piece to the sink, as
+ * nbd_co_stream_payload does on the loop's thread. */
+static int nbd_thread_recv(void *opaque)
+{
+    NbdThreadRecv *t = opaque;
+
+    while (t->len) {
+        size_t n = MIN(t->len, (size_t)NBD_STAGE_SIZE);
+        int ret = strata_nbd_recv_full(t->fd, t->stage, n);
+
+        if (ret < 0) {
+            return ret;
+        }
+        nbd_sink(t->r, t->off, t->stage, n);
+        t->off += n;
+        t->len -= n;
+    }
+    return 0;
+}
+
+/*
+ * Receives @len bytes of a streamed read's data, @off bytes into its
+ * range, through the staging buffer, a piece at a time to its sink.
+ *
+ * With a sink that may run anywhere, a large payload is received on a
+ * worker thread instead: the loop's thread hands over the socket's
+ * receiving side (nothing else reads it until the payload is in: this
+ * reader waits) and goes on receiving other connections' replies and
+ * running the rest of the graph, so that a tool reading an export over
+ * several connections copies on every CPU, as nbd-floor's threads do.
+ * A GiB from qemu-nbd over four connections into tmpfs, 25 rounds in
+ * turn with qemu-img and nbd-floor: 0.312 s against 0.345 s received on
+ * the loop's thread (qemu-img 0.409 s, nbd-floor 0.311 s).  The piece
+ * that begins in the connection's buffer is received here, so that the
+ * pieces keep their places.  The socket stays open meanwhile
+ * (nbd_conn_lost only shuts it down, which ends the worker's wait; it is
+ * closed once the reader is gone), and the staging buffer is the
+ * connection's, used by one payload at a time.
+ */
 static int nbd_co_stream_payload(NbdState *s, NbdReq *r, uint64_t off,
                                  size_t len)
 {
+    size_t here = len;      /* received here, the rest on a worker */
+
+    if (r->sink_any_thread && len >= NBD_THREAD_RECV_MIN) {
+        here = s->rbuf.pos < s->rbuf.end ? MIN(len, (size_t)NBD_STAGE_SIZE)
+                                         : 0;
+    }
     if (!s->stage) {
         s->stage = g_malloc(NBD_STAGE_SIZE);
     }
-    while (len) {
-        size_t n = MIN(len, (size_t)NBD_STAGE_SIZE);
+    while (here) {
+        size_t n = MIN(here, (size_t)NBD_STAGE_SIZE);
         int ret = nbd_co_read_full(s, s->stage, n);
 
         if (ret < 0) {
             return ret;
         }
-        nbd_co_sink(r, off, s->stage, n);
+        nbd_sink(r, off, s->stage, n);
         off += n;
         len -= n;
+        here -= n;
+    }
+    if (len) {
+        NbdThreadRecv t = { s->fd, s->stage, r, off, len };
+
+        return strata_loop_co_run_in_thread(s->node->ctx->loop,
+                                            nbd_thread_recv, &t);
     }
     return 0;
 }
@@ -857,7 +925,7 @@ static int nbd_co_chunk(NbdState *s, NbdReq *r, uint16_t type, uint32_t len)
             return -EPROTO;
         }
         if (r->sink) {
-            nbd_co_sink(r, off - r->offset, NULL, hlen);
+            nbd_sink(r, off - r->offset, NULL, hlen);
         } else {
             strata_iov_memset(r->qiov, r->qiov_offset + (off - r->offset), 0,
                               hlen);
@@ -1199,11 +1267,12 @@ static int nbd_co_preadv(StrataNode *node, uint64_t offset, uint64_t bytes,
  * nbd_co_stream_payload); after a reconnect the pieces come again. */
 static int nbd_co_read_stream(StrataNode *node, uint64_t offset,
                               uint64_t bytes, StrataReadSink sink,
-                              void *opaque)
+                              void *opaque, StrataStreamFlags flags)
 {
     NbdState *s = node->opaque;
     NbdReq t = { .type = STRATA_NBD_CMD_READ, .offset = offset,
-                 .len = bytes, .sink = sink, .sink_opaque = opaque };
+                 .len = bytes, .sink = sink, .sink_opaque = opaque,
+                 .sink_any_thread = flags & STRATA_STREAM_ANY_THREAD };
 
     return nbd_co_request(s, &t, 0, NULL, 0);
 }

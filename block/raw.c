@@ -136,7 +136,7 @@ static int raw_co_preadv(StrataNode *node, uint64_t offset, uint64_t bytes,
 /* Streams only with no offset: the sink takes the child's offsets. */
 static int raw_co_read_stream(StrataNode *node, uint64_t offset,
                               uint64_t bytes, StrataReadSink sink,
-                              void *opaque)
+                              void *opaque, StrataStreamFlags flags)
 {
     RawState *s = node->opaque;
 
@@ -144,7 +144,7 @@ static int raw_co_read_stream(StrataNode *node, uint64_t offset,
         return -ENOTSUP;
     }
     return strata_node_co_read_stream(node->file->node, offset, bytes, sink,
-                                      opaque);
+                                      opaque, flags);
 }
 
 /* A request reaching past a fixed size would leak into bytes beyond the
@@ -152,6 +152,19 @@ static int raw_co_read_stream(StrataNode *node, uint64_t offset,
 static bool raw_out_of_window(RawState *s, uint64_t offset, uint64_t bytes)
 {
     return s->has_size && (offset > s->size || bytes > s->size - offset);
+}
+
+/* The bytes lie in the child as they are, @s->offset further on. */
+static int raw_direct_write_target(StrataNode *node, uint64_t offset,
+                                   uint64_t bytes, StrataDirectWrite *dw)
+{
+    RawState *s = node->opaque;
+
+    if (raw_out_of_window(s, offset, bytes)) {
+        return -ENOTSUP;
+    }
+    return strata_node_direct_write_target(node->file->node,
+                                           s->offset + offset, bytes, dw);
 }
 
 static int raw_co_pwritev(StrataNode *node, uint64_t offset, uint64_t bytes,
@@ -286,6 +299,7 @@ const StrataDriver strata_driver_raw = {
     .co_get_length = raw_co_get_length,
     .co_preadv = raw_co_preadv,
     .co_read_stream = raw_co_read_stream,
+    .direct_write_target = raw_direct_write_target,
     .co_pwritev = raw_co_pwritev,
     /* FUA travels down with the write to the file node. */
     .supports_fua = true,

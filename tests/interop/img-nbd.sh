@@ -222,11 +222,14 @@ proxy snapq "$PWD/sq.sock"
 # ---- convert streaming into the target ----
 # A raw target written through the page cache takes each data chunk as
 # a stream: the NBD driver receives it into a 64 KiB staging buffer and
-# each piece is written from there, inline (block/img-convert.c,
-# convert_sink).  Which path a copy took shows in its writes: streamed,
-# none is larger than 64 KiB; through a chunk buffer, the data goes out
-# in 2 MiB writes.  The source has zero runs inside its data, holes, and
-# a last block of 512 data bytes.
+# each piece is written from there (block/img-convert.c, convert_sink),
+# by default on worker threads that receive the large payloads and
+# write straight into the target's file (convert_direct_sink), with
+# STRATA_IMG_CONVERT_STREAM=1 inline on the loop's thread.  Which path a
+# copy took shows in its writes: streamed, none is larger than 64 KiB,
+# and they come from other threads than the main one or not; through a
+# chunk buffer, the data goes out in 2 MiB writes.  The source has zero
+# runs inside its data, holes, and a last block of 512 data bytes.
 qemu-img create -q -f raw src.raw 64M
 qio -f raw -c 'write -P 0x11 0 40M' -c 'write -P 0 1M 4k' \
     -c 'write -P 0 5M 256k' -c 'write -P 0 36M 64k' \
@@ -263,20 +266,36 @@ largest_write() {
              n = $NF + 0; if (n > m) m = n }
          END { print m + 0 }' trace.out
 }
+# off_main_writes: how many of those writes came from another thread
+# than the process's own (whose id its execve line bears).
+off_main_writes() {
+    awk '/execve\(/ && !main { main = $1 }
+         /pwrite/ && / = [0-9]+$/ && !/"\\0\\0\\0\\0/ && $1 != main { n++ }
+         END { print n + 0 }' trace.out
+}
 # streamed DESC WANT OUT SRC ARGS...: converts SRC to OUT under strace;
 # the copy must equal SRC's bytes, and its writes show the path it took
-# (WANT "stream": some, none over 64 KiB; "buffer": 2 MiB ones; "none").
+# (WANT "threads": some, none over 64 KiB, from worker threads too;
+# "stream": the same, all from the main thread; "buffer": 2 MiB ones;
+# "none").
 streamed() {
     local what=$1 want=$2 out=$3 src=$4; shift 4
     local big st path
     # (LeakSanitizer cannot run under ptrace; the untraced converts
     # above take the same paths with it.)
+    # A file per thread (-ff), so that no call is cut in two by
+    # another's; trace.out gets them all, each line led by its thread.
+    rm -f trace.out trace.[0-9]*
     ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0" \
-        strace -f -qq -e trace=pwrite64,pwritev,pwritev2 -o trace.out \
-        "$IMG" convert "$@" -f raw -O raw "$src" "$out" 2>err.s
+        strace -ff -qq -e trace=execve,pwrite64,pwritev,pwritev2 \
+        -o trace "$IMG" convert "$@" -f raw -O raw "$src" "$out" \
+        2>err.s
     st=$?
+    for f in trace.[0-9]*; do sed "s/^/${f#trace.} /" "$f"; done > trace.out
     big=$(largest_write)
     if [ "$big" -eq 0 ]; then path=none
+    elif [ "$big" -le 65536 ] && [ "$(off_main_writes)" -gt 0 ]; then
+        path=threads
     elif [ "$big" -le 65536 ]; then path=stream
     elif [ "$big" -ge $((2 << 20)) ]; then path=buffer
     else path="writes of up to $big bytes"
@@ -294,32 +313,36 @@ src_file() {
 if ! strace -f -qq -o /dev/null true 2>/dev/null; then
     bad "strace cannot trace here: the streamed-convert checks need it"
 else
-    streamed "fresh target on a disk: streamed" stream m0.raw "$M"
+    streamed "fresh target on a disk: streamed" threads m0.raw "$M"
     [ "$(alloc_map m0.raw)" == "$(alloc_map q-map.raw)" ] &&
         ok "fresh target on a disk: holes and zero runs as qemu-img's" ||
         bad "fresh target allocation: $(alloc_map m0.raw | tr '\n' ' ')" \
             "vs $(alloc_map q-map.raw | tr '\n' ' ')"
-    streamed "fresh target in memory: streamed" stream "$shm/m1.raw" "$M"
+    streamed "fresh target in memory: streamed" threads "$shm/m1.raw" "$M"
     [ "$(alloc_map "$shm/m1.raw")" == "$(alloc_map q-map.raw)" ] &&
         ok "fresh target in memory: holes and zero runs as qemu-img's" ||
         bad "fresh target allocation: $(alloc_map "$shm/m1.raw" | tr '\n' ' ')"
-    streamed "fresh target, holes around data" stream "$shm/h1.raw" "$H"
+    streamed "fresh target, holes around data" threads "$shm/h1.raw" "$H"
     [ "$(alloc_map "$shm/h1.raw" | tr '\n' ' ')" == "0 8388608 0 True True False 8388608 4194304 0 True False True 12582912 4194304 0 True True False " ] &&
         ok "holes around data stay holes" ||
         bad "holes around data: $(alloc_map "$shm/h1.raw" | tr '\n' ' ')"
     fill "$shm/m2.raw" $((64 << 20))
-    streamed "-n onto a file in memory: streamed, zeroes written" stream \
+    streamed "-n onto a file in memory: streamed, zeroes written" threads \
         "$shm/m2.raw" "$M" -n
+    fill "$shm/m2.raw" $((64 << 20))
+    STRATA_IMG_CONVERT_STREAM=1 streamed \
+        "-n onto a file in memory, STRATA_IMG_CONVERT_STREAM=1: streamed on the loop's thread" \
+        stream "$shm/m2.raw" "$M" -n
     fill m4.raw $((64 << 20))
-    streamed "-n onto data on a disk: streamed" stream m4.raw "$M" -n
+    streamed "-n onto data on a disk: streamed" threads m4.raw "$M" -n
     truncate -s 64M "$shm/m3.raw"
-    streamed "-n --target-is-zero: streamed" stream "$shm/m3.raw" "$M" \
+    streamed "-n --target-is-zero: streamed" threads "$shm/m3.raw" "$M" \
         -n --target-is-zero
     [ "$(alloc_map "$shm/m3.raw")" == "$(alloc_map q-map.raw)" ] &&
         ok "--target-is-zero: holes as qemu-img's fresh copy" ||
         bad "--target-is-zero allocation: $(alloc_map "$shm/m3.raw" |
             tr '\n' ' ')"
-    streamed "-o preallocation=falloc: streamed" stream m5.raw "$M" \
+    streamed "-o preallocation=falloc: streamed" threads m5.raw "$M" \
         -o preallocation=falloc
     [ "$(stat -c %b m5.raw)" -ge $(( (64 << 20) / 512 )) ] &&
         ok "preallocation kept" || bad "preallocation: $(stat -c %b m5.raw)"
@@ -333,10 +356,13 @@ else
     fi
     STRATA_IMG_CONVERT_STREAM=0 streamed \
         "STRATA_IMG_CONVERT_STREAM=0: through buffers" buffer m8.raw "$M"
-    for v in x 2 -1 ""; do
+    STRATA_IMG_CONVERT_STREAM=1 streamed \
+        "STRATA_IMG_CONVERT_STREAM=1: streamed on the loop's thread" stream \
+        m8.raw "$M"
+    for v in x 3 -1 ""; do
         STRATA_IMG_CONVERT_STREAM=$v streamed \
-            "STRATA_IMG_CONVERT_STREAM='$v': streamed" stream m9.raw "$M"
-        grep -q "STRATA_IMG_CONVERT_STREAM: '$v' is not a number from 0 to 1; using 1" err.s &&
+            "STRATA_IMG_CONVERT_STREAM='$v': streamed" threads m9.raw "$M"
+        grep -q "STRATA_IMG_CONVERT_STREAM: '$v' is not a number from 0 to 2; using 2" err.s &&
             ok "STRATA_IMG_CONVERT_STREAM='$v' is said" ||
             bad "no word on '$v': $(cat err.s)"
     done

@@ -23,10 +23,12 @@ static void teardown(void)
 /* ---- running node I/O from the test ---- */
 
 typedef enum { OP_READ, OP_WRITE, OP_ZERO, OP_DISCARD, OP_FLUSH,
-               OP_STATUS, OP_STREAM } OpType;
+               OP_STATUS, OP_STREAM, OP_STREAM_ANY } OpType;
 
 /* What a streamed read (strata_node_co_read_stream) handed its sink:
- * the bytes where they belong, how often each byte came, the pieces. */
+ * the bytes where they belong, how often each byte came, the pieces,
+ * and how many came on another thread than the loop's (the read's
+ * STRATA_STREAM_ANY_THREAD lets the driver do that). */
 typedef struct {
     uint64_t offset, bytes;
     uint8_t *data;          /* @bytes; holes come as zeroes */
@@ -35,6 +37,9 @@ typedef struct {
     size_t max_piece;       /* of data: a hole's is the server's */
     unsigned fail_at;       /* the call (from 1) that fails; 0: none */
     unsigned calls_after_fail;
+    GThread *loop_thread;   /* the thread that made it: the loop's */
+    unsigned off_loop;      /* pieces that came on another thread */
+    GMutex lock;
 } Collect;
 
 static void collect_init(Collect *col, uint64_t offset, uint64_t bytes)
@@ -42,24 +47,26 @@ static void collect_init(Collect *col, uint64_t offset, uint64_t bytes)
     *col = (Collect){ .offset = offset, .bytes = bytes };
     col->data = g_malloc0(bytes);
     col->seen = g_malloc0(bytes);
+    col->loop_thread = g_thread_self();
+    g_mutex_init(&col->lock);
 }
 
 static void collect_cleanup(Collect *col)
 {
     g_free(col->data);
     g_free(col->seen);
+    g_mutex_clear(&col->lock);
 }
 
-static int collect_sink(void *opaque, uint64_t offset, const void *buf,
-                        size_t len)
+static int collect_sink_locked(Collect *col, uint64_t offset,
+                               const void *buf, size_t len)
 {
-    Collect *col = opaque;
-
     if (col->fail_at && col->pieces >= col->fail_at) {
         col->calls_after_fail++;
         return 0;
     }
     col->pieces++;
+    col->off_loop += g_thread_self() != col->loop_thread;
     if (col->fail_at && col->pieces == col->fail_at) {
         return -ENOSPC;
     }
@@ -76,6 +83,19 @@ static int collect_sink(void *opaque, uint64_t offset, const void *buf,
         col->seen[offset - col->offset + i]++;
     }
     return 0;
+}
+
+/* On any thread. */
+static int collect_sink(void *opaque, uint64_t offset, const void *buf,
+                        size_t len)
+{
+    Collect *col = opaque;
+    int ret;
+
+    g_mutex_lock(&col->lock);
+    ret = collect_sink_locked(col, offset, buf, len);
+    g_mutex_unlock(&col->lock);
+    return ret;
 }
 
 /* Every byte came exactly once, and nothing outside the range. */
@@ -129,8 +149,12 @@ static void op_entry(void *opaque)
                                               &file);
         break;
     case OP_STREAM:
+    case OP_STREAM_ANY:
         op->ret = strata_node_co_read_stream(op->node, op->offset, op->bytes,
-                                             collect_sink, op->buf);
+                                             collect_sink, op->buf,
+                                             op->type == OP_STREAM_ANY
+                                                 ? STRATA_STREAM_ANY_THREAD
+                                                 : 0);
         break;
     }
 }
@@ -171,34 +195,44 @@ static StrataNode *open_client(const char *path, const char *export_name,
  * and an odd range inside it arrive piece by piece through the staging
  * buffer (64 KiB at most), each byte once; a sink that fails ends the
  * read with its error, hears no more, and leaves the connection
- * serving. */
-static void exercise_stream(StrataNode *c, const uint8_t *want)
+ * serving.  With @type OP_STREAM the sink only ever runs on the loop's
+ * thread; OP_STREAM_ANY lets it run elsewhere, and returns how many
+ * pieces did. */
+static unsigned exercise_stream(StrataNode *c, const uint8_t *want,
+                                OpType type)
 {
     static const struct { uint64_t off, len; } ranges[] = {
         { 0, SIZE }, { 12288, 3 * 65536 + 4096 },
     };
     g_autofree uint8_t *buf = g_malloc(SIZE);
+    unsigned off_loop = 0;
     Collect col;
 
     for (unsigned i = 0; i < G_N_ELEMENTS(ranges); i++) {
         collect_init(&col, ranges[i].off, ranges[i].len);
-        ck_assert_int_eq(run_op(c, OP_STREAM, ranges[i].off, ranges[i].len,
+        ck_assert_int_eq(run_op(c, type, ranges[i].off, ranges[i].len,
                                 &col, 0, NULL), 0);
         collect_check_once(&col);
         ck_assert(memcmp(col.data, want + ranges[i].off, ranges[i].len) == 0);
         ck_assert_uint_le(col.max_piece, 65536);
         /* The disk's first 64 KiB are data, and arrive as such. */
         ck_assert_uint_gt(col.max_piece, 0);
+        if (type == OP_STREAM) {
+            ck_assert_uint_eq(col.off_loop, 0);
+        }
+        off_loop += col.off_loop;
         collect_cleanup(&col);
     }
 
     collect_init(&col, 0, SIZE);
     col.fail_at = 2;
-    ck_assert_int_eq(run_op(c, OP_STREAM, 0, SIZE, &col, 0, NULL), -ENOSPC);
+    ck_assert_int_eq(run_op(c, type, 0, SIZE, &col, 0, NULL), -ENOSPC);
     ck_assert_uint_eq(col.calls_after_fail, 0);
+    off_loop += col.off_loop;
     collect_cleanup(&col);
     ck_assert_int_eq(run_op(c, OP_READ, 0, SIZE, buf, 0, NULL), 0);
     ck_assert(memcmp(buf, want, SIZE) == 0);
+    return off_loop;
 }
 
 /* Reads, writes, zeroes, discards and block status of a sparse disk:
@@ -212,7 +246,8 @@ static void exercise(StrataNode *c)
     ck_assert_int_eq(run_op(c, OP_READ, 0, SIZE, buf, 0, NULL), 0);
     ck_assert(buf_is(buf, 65536, 0x11));
     ck_assert(buf_is(buf + 65536, SIZE - 65536, 0));
-    exercise_stream(c, buf);
+    exercise_stream(c, buf, OP_STREAM);
+    exercise_stream(c, buf, OP_STREAM_ANY);
 
     st = run_op(c, OP_STATUS, 0, SIZE, NULL, 0, &pnum);
     ck_assert_int_ge(st, 0);
@@ -699,7 +734,9 @@ static void spin_ms(int ms)
 
 /* Readers that each read the whole disk in 64 KiB pieces and check it;
  * a streaming one takes each block through a sink that checks every
- * piece (one sent again after a reconnect comes again). */
+ * piece (one sent again after a reconnect comes again), and one that
+ * lets its sink run on any thread reads 256 KiB at a time, which the
+ * driver receives on a worker thread. */
 typedef struct {
     StrataNode *node;
     int first;
@@ -707,6 +744,7 @@ typedef struct {
     bool bad_data;
     int *left;
     bool stream;
+    bool any_thread;    /* streamed, STRATA_STREAM_ANY_THREAD */
     uint64_t got;       /* bytes the sink took for the current block */
 } Reader;
 
@@ -730,16 +768,21 @@ static void reader_entry(void *opaque)
 {
     Reader *rd = opaque;
     g_autofree uint8_t *buf = g_malloc(65536);
+    int step = rd->any_thread ? 4 : 1;
+    int first = rd->first / step * step;
 
-    for (int i = 0; i < SIZE / 65536 && rd->ret == 0; i++) {
-        int blk = (rd->first + i) % (SIZE / 65536);
+    for (int i = 0; i < SIZE / 65536 && rd->ret == 0; i += step) {
+        int blk = (first + i) % (SIZE / 65536);
         uint64_t off = (uint64_t)blk * 65536;
 
-        if (rd->stream) {
+        if (rd->stream || rd->any_thread) {
+            uint64_t len = (uint64_t)step * 65536;
+
             rd->got = 0;
-            rd->ret = strata_node_co_read_stream(rd->node, off, 65536,
-                                                 reader_sink, rd);
-            if (rd->ret == 0 && rd->got < 65536) {
+            rd->ret = strata_node_co_read_stream(
+                rd->node, off, len, reader_sink, rd,
+                rd->any_thread ? STRATA_STREAM_ANY_THREAD : 0);
+            if (rd->ret == 0 && rd->got < len) {
                 rd->bad_data = true;
             }
             continue;
@@ -767,9 +810,48 @@ static char *make_pattern_raw(const char *name)
     return path;
 }
 
+/* Streamed reads whose sink may run anywhere, of a disk that is all
+ * data, from strata's server and from qemu-nbd: the driver receives the
+ * large payloads on worker threads, the sink's pieces come there, each
+ * byte once and right; a sink failing there ends the read with its
+ * error and the connection keeps serving. */
+START_TEST(test_stream_threads)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *path = make_pattern_raw("disk.raw");
+    g_autofree uint8_t *want = g_malloc(SIZE);
+    int fd = open(path, O_RDONLY);
+    StrataNode *c;
+    QemuNbd q;
+
+    ck_assert_int_eq(pread(fd, want, SIZE, 0), SIZE);
+    close(fd);
+    add_node("driver=raw,node-name=disk,file.driver=file,file.filename=%s",
+             path);
+    add_export("type=nbd,id=e0,node-name=disk,name=e0");
+    c = open_client(sock_path, "e0", ",read-only=on", &err);
+    ck_assert_msg(c, "%s", err ? err->message : "");
+    ck_assert_uint_eq(exercise_stream(c, want, OP_STREAM), 0);
+    ck_assert_uint_gt(exercise_stream(c, want, OP_STREAM_ANY), 0);
+    ck_assert(strata_context_del_node(ctx, "c", &err));
+
+    if (!have_tool("qemu-nbd")) {
+        return;
+    }
+    qemu_nbd_start(&q, path, "raw", "disk", true);
+    c = open_client(q.sock, "disk", ",read-only=on,open-timeout=10", &err);
+    ck_assert_msg(c, "%s", err ? err->message : "");
+    ck_assert_uint_eq(exercise_stream(c, want, OP_STREAM), 0);
+    ck_assert_uint_gt(exercise_stream(c, want, OP_STREAM_ANY), 0);
+    ck_assert(strata_context_del_node(ctx, "c", &err));
+    qemu_nbd_stop(&q);
+}
+END_TEST
+
 /* qemu-nbd stopped with requests sent and unanswered, then killed and
  * started again: with a reconnect-delay the requests in flight are sent
- * again and every read returns the right data, half of them streamed. */
+ * again and every read returns the right data, half of them streamed
+ * (one in four with a sink that may run on any thread). */
 START_TEST(test_reconnect_qemu_nbd)
 {
     g_autoptr(GError) err = NULL;
@@ -788,7 +870,8 @@ START_TEST(test_reconnect_qemu_nbd)
     ck_assert_msg(c, "%s", err ? err->message : "");
     g_subprocess_send_signal(q.run.proc, SIGSTOP);
     for (unsigned i = 0; i < G_N_ELEMENTS(rd); i++) {
-        rd[i] = (Reader){ c, i * 2, 0, false, &left, i % 2 == 1, 0 };
+        rd[i] = (Reader){ c, i * 2, 0, false, &left, i % 4 == 1,
+                          i % 4 == 3, 0 };
         strata_coroutine_enter(strata_coroutine_new(reader_entry, &rd[i]));
     }
     spin_ms(100);
@@ -1008,6 +1091,7 @@ static char *fake_server(void *opaque)
 typedef struct {
     Fake *fake;
     bool stream;        /* the first read is streamed, into @col */
+    bool any_thread;    /* ... with a sink that may run on any thread */
     Collect col;
     bool open_ok;
     int read_ret;
@@ -1044,7 +1128,9 @@ static void run_fake(FakeMode mode, FakeRun *fr)
         strata_loop_get_stats(ctx->loop, &st0);
         if (fr->stream) {
             collect_init(&fr->col, 0, len);
-            fr->read_ret = run_op(c, OP_STREAM, 0, len, &fr->col, 0, NULL);
+            fr->read_ret = run_op(c, fr->any_thread ? OP_STREAM_ANY
+                                                    : OP_STREAM,
+                                  0, len, &fr->col, 0, NULL);
         } else {
             fr->read_ret = run_op(c, OP_READ, 0, len, buf, 0, NULL);
         }
@@ -1100,17 +1186,26 @@ START_TEST(test_fake_replies)
     }
     /* The same, streamed: the read fails as a buffered one does; the
      * pieces the sink was handed before the cut hold the server's bytes
-     * where they belong, and none lies outside the request. */
-    for (unsigned i = 0; i < G_N_ELEMENTS(modes); i++) {
-        FakeRun fr = { .stream = true };
-        run_fake(modes[i], &fr);
+     * where they belong, and none lies outside the request.  Also when
+     * the cut payload was being received on a worker thread, which the
+     * hang-up must end. */
+    for (unsigned i = 0; i < 2 * G_N_ELEMENTS(modes); i++) {
+        FakeRun fr = { .stream = true,
+                       .any_thread = i >= G_N_ELEMENTS(modes) };
+        unsigned m = i % G_N_ELEMENTS(modes);
+
+        run_fake(modes[m], &fr);
         ck_assert_msg(fr.open_ok, "mode %u: %s", i, fr.err);
         ck_assert_int_eq(fr.read_ret, -EIO);
         ck_assert_int_eq(fr.read2_ret, -EIO);
         ck_assert_uint_eq(fr.col.outside, 0);
         /* The quarter sent before the pause: four whole pieces. */
         ck_assert_uint_eq(fr.col.pieces,
-                          modes[i] == FAKE_CUT_PAYLOAD ? SIZE / 4 / 65536 : 0);
+                          modes[m] == FAKE_CUT_PAYLOAD ? SIZE / 4 / 65536 : 0);
+        /* All but the first, which began in the connection's buffer. */
+        ck_assert_uint_eq(fr.col.off_loop,
+                          modes[m] == FAKE_CUT_PAYLOAD && fr.any_thread
+                              ? SIZE / 4 / 65536 - 1 : 0);
         for (uint64_t b = 0; b < fr.col.bytes; b++) {
             ck_assert(fr.col.seen[b] == (b < fr.col.pieces * 65536u));
             ck_assert(!fr.col.seen[b] || fr.col.data[b] == 0x5a);
@@ -1237,6 +1332,7 @@ typedef struct {
     uint32_t len;
     uint8_t *buf;
     Collect *col;       /* streamed instead, into this */
+    bool any_thread;    /* ... with a sink that may run on any thread */
     int ret;
     int *left;
 } SplitOp;
@@ -1245,8 +1341,9 @@ static void split_op_entry(void *opaque)
 {
     SplitOp *o = opaque;
 
-    o->ret = o->col ? strata_node_co_read_stream(o->node, o->offset, o->len,
-                                                 collect_sink, o->col)
+    o->ret = o->col ? strata_node_co_read_stream(
+                          o->node, o->offset, o->len, collect_sink, o->col,
+                          o->any_thread ? STRATA_STREAM_ANY_THREAD : 0)
                     : strata_node_co_pread(o->node, o->offset, o->len, o->buf,
                                            0);
     (*o->left)--;
@@ -1254,15 +1351,17 @@ static void split_op_entry(void *opaque)
 
 /* Replies cut at every possible place, out of order, chunks of one
  * reply out of order, a whole-export read and many small ones in flight
- * at once (more than the connection's slots), every third one streamed:
- * every byte must land where it belongs, a streamed one's exactly once. */
+ * at once (more than the connection's slots), every third one streamed,
+ * half of those (the whole-export read among them) with a sink that may
+ * run on any thread: every byte must land where it belongs, a streamed
+ * one's exactly once. */
 static void split_replies(void)
 {
     g_autofree char *path = g_build_filename(dir, "split.sock", NULL);
     struct sockaddr_un sun = { .sun_family = AF_UNIX };
     SplitFake f = { socket(AF_UNIX, SOCK_STREAM, 0), 0, 0 };
     g_autoptr(GError) err = NULL;
-    enum { NOPS = 41 };
+    enum { NOPS = 42 };
     SplitOp ops[NOPS];
     StrataLoopStats st0, st1;
     int left = NOPS;
@@ -1279,13 +1378,17 @@ static void split_replies(void)
     strata_loop_get_stats(ctx->loop, &st0);
     ck_assert_msg(c, "%s", err ? err->message : "");
     for (int i = 0; i < NOPS; i++) {
-        /* The last one reads the whole export. */
-        uint64_t off = i == NOPS - 1 ? 0 : (uint64_t)i * 24576 + i % 3 * 512;
-        uint32_t len = i == NOPS - 1 ? SIZE : 512 * (1 + i * 7 % 64);
+        /* The last two read the whole export: into a buffer, and
+         * streamed with a sink that may run anywhere. */
+        bool whole = i >= NOPS - 2;
+        uint64_t off = whole ? 0 : (uint64_t)i * 24576 + i % 3 * 512;
+        uint32_t len = whole ? SIZE : 512 * (1 + i * 7 % 64);
 
-        ops[i] = (SplitOp){ c, off, len, g_malloc0(len), NULL, -1, &left };
-        if (i % 3 == 1) {
+        ops[i] = (SplitOp){ c, off, len, g_malloc0(len), NULL, false, -1,
+                            &left };
+        if ((i % 3 == 1 && i != NOPS - 2) || i == NOPS - 1) {
             ops[i].col = g_new(Collect, 1);
+            ops[i].any_thread = i % 2 == 0 || i == NOPS - 1;
             collect_init(ops[i].col, off, len);
         }
         strata_coroutine_enter(strata_coroutine_new(split_op_entry, &ops[i]));
@@ -1294,7 +1397,8 @@ static void split_replies(void)
         strata_loop_iterate(ctx->loop, true);
     }
     strata_loop_get_stats(ctx->loop, &st1);
-    /* The large reads' data, cut anywhere, was received on the ring. */
+    /* The buffered whole-export read's data, cut anywhere, was received
+     * on the ring. */
     if (strata_loop_has_io_uring(ctx->loop)) {
         ck_assert_uint_gt(st1.sqes, st0.sqes);
     }
@@ -1307,6 +1411,13 @@ static void split_replies(void)
         ck_assert_int_eq(ops[i].ret, 0);
         if (ops[i].col) {
             collect_check_once(ops[i].col);
+            /* Its two 512 KiB chunks were received on worker threads. */
+            if (i == NOPS - 1) {
+                ck_assert(ops[i].any_thread);
+                ck_assert_uint_gt(ops[i].col->off_loop, 0);
+            } else if (!ops[i].any_thread) {
+                ck_assert_uint_eq(ops[i].col->off_loop, 0);
+            }
             memcpy(ops[i].buf, ops[i].col->data, ops[i].len);
             collect_cleanup(ops[i].col);
             g_free(ops[i].col);
@@ -1512,6 +1623,8 @@ int main(void)
     strata_test_add(s, "/nbd-client/strata/parallel", test_parallel, setup,
                     teardown);
     strata_test_add(s, "/nbd-client/stream/layers", test_stream_layers,
+                    setup, teardown);
+    strata_test_add(s, "/nbd-client/stream/threads", test_stream_threads,
                     setup, teardown);
     strata_test_add(s, "/nbd-client/strata/in-flight", test_in_flight,
                     setup, teardown);

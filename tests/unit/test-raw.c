@@ -1,9 +1,12 @@
 /* Tests of the raw format: plain pass-through, the offset/size window and
- * its errors, block status through the window, resizing.  (Streamed reads
- * through raw are tested over NBD, in test-nbd-client.) */
+ * its errors, block status through the window, resizing, direct writes
+ * into the file under it.  (Streamed reads through raw are tested over
+ * NBD, in test-nbd-client.) */
 #include <errno.h>
+#include <fcntl.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "driver.h"
 #define STRATA_TEST_CONTEXT
@@ -292,6 +295,224 @@ START_TEST(test_truncate)
 }
 END_TEST
 
+/* ---- direct writes (strata_node_co_direct_write_begin) ---- */
+
+typedef struct {
+    StrataNode *node;
+    StrataBackend *blk;     /* begins through it when set */
+    uint64_t offset, bytes;
+    StrataDirectWrite dw;
+    bool end;               /* ends @dw instead */
+    int ret;
+} DirectCall;
+
+static void direct_co(void *opaque)
+{
+    DirectCall *d = opaque;
+
+    if (d->end) {
+        if (d->blk) {
+            strata_backend_co_direct_write_end(d->blk, &d->dw);
+        } else {
+            strata_node_co_direct_write_end(&d->dw);
+        }
+    } else if (d->blk) {
+        d->ret = strata_backend_co_direct_write_begin(d->blk, d->offset,
+                                                      d->bytes, &d->dw);
+    } else {
+        d->ret = strata_node_co_direct_write_begin(d->node, d->offset,
+                                                   d->bytes, &d->dw);
+    }
+}
+
+static int direct_begin(DirectCall *d)
+{
+    d->end = false;
+    strata_loop_run_co(ctx->loop, direct_co, d);
+    return d->ret;
+}
+
+static void direct_end(DirectCall *d)
+{
+    d->end = true;
+    strata_loop_run_co(ctx->loop, direct_co, d);
+}
+
+/* What another thread did through a direct write, and what it got. */
+typedef struct {
+    const StrataDirectWrite *dw;
+    int ret_data, ret_zero, ret_past, ret_before, ret_null;
+} DirectThread;
+
+static gpointer direct_thread(gpointer opaque)
+{
+    DirectThread *t = opaque;
+    uint8_t buf[8192];
+
+    memset(buf, 0x5a, sizeof(buf));
+    t->ret_data = strata_direct_write(t->dw, 8192, buf, sizeof(buf));
+    t->ret_zero = strata_direct_write_zeroes(t->dw, 16384, 4096);
+    /* Past the range's end, and before its start. */
+    t->ret_past = strata_direct_write(t->dw, 8192 + 16384 - 100, buf, 200);
+    t->ret_before = strata_direct_write(t->dw, 4096, buf, 4096);
+    t->ret_null = strata_direct_write(t->dw, 8192, NULL, 4096);
+    return NULL;
+}
+
+/* A range of a raw node with a window, written from another thread
+ * straight into the file: the bytes land at the window's offset, the
+ * zeroes too, nothing outside the range is written or allowed; the
+ * request counts in flight until it ends. */
+START_TEST(test_direct_write)
+{
+    g_autofree char *path = strata_test_make_file(dir, "d.img", 65536, true);
+    StrataNode *n = open_raw(path, "offset=4096,size=32768");
+    StrataBackend *b = backend(true);
+    DirectCall d = { .node = n, .blk = b, .offset = 8192, .bytes = 16384 };
+    DirectThread t = { .dw = &d.dw };
+    g_autofree uint8_t *back = g_malloc(65536);
+
+    ck_assert_int_eq(direct_begin(&d), 0);
+    ck_assert_ptr_eq(d.dw.file, n->file->node);
+    ck_assert_uint_eq(d.dw.file_offset, 4096 + 8192);
+    ck_assert_uint_gt(n->in_flight, 0);
+    g_thread_join(g_thread_new("direct", direct_thread, &t));
+    ck_assert_int_eq(t.ret_data, 0);
+    ck_assert_int_eq(t.ret_zero, 0);
+    ck_assert_int_eq(t.ret_past, -EINVAL);
+    ck_assert_int_eq(t.ret_before, -EINVAL);
+    ck_assert_int_eq(t.ret_null, -EINVAL);
+    direct_end(&d);
+    ck_assert_uint_eq(n->in_flight, 0);
+    ck_assert_ptr_null(d.dw.node);
+    ck_assert_int_eq(strata_backend_flush(b), 0);
+
+    read_plain(path, back, 65536, 0);
+    for (size_t i = 0; i < 65536; i++) {
+        unsigned char want = pat(i);
+
+        if (i >= 4096 + 8192 && i < 4096 + 16384) {
+            want = 0x5a;
+        } else if (i >= 4096 + 16384 && i < 4096 + 16384 + 4096) {
+            want = 0;
+        }
+        ck_assert_msg(back[i] == want, "byte %zu: %u, not %u", i, back[i],
+                      want);
+    }
+    /* The backend checks its range first; the node refuses a range past
+     * its end (a direct write never grows the file), and no bytes. */
+    d = (DirectCall){ .node = n, .blk = b, .offset = 30000, .bytes = 8192 };
+    ck_assert_int_eq(direct_begin(&d), -EIO);
+    d.blk = NULL;
+    ck_assert_int_eq(direct_begin(&d), -ENOTSUP);
+    d.bytes = 0;
+    ck_assert_int_eq(direct_begin(&d), -EINVAL);
+    ck_assert_uint_eq(n->in_flight, 0);
+    strata_backend_unref(b);
+}
+END_TEST
+
+/* Where the bytes must not go straight into the file: a node that must
+ * see them (detect-zeroes), a read-only one, O_DIRECT, a node with no
+ * file (null-co).  Each says so before anything is written, and leaves
+ * nothing in flight. */
+START_TEST(test_direct_write_refused)
+{
+    g_autofree char *path = strata_test_make_file(dir, "r.img", 65536, true);
+    g_autoptr(GError) err = NULL;
+    struct {
+        const char *spec;
+        int want;
+    } cases[] = {
+        { "driver=raw,node-name=n0,detect-zeroes=on,"
+          "file.driver=file,file.filename=%s", -ENOTSUP },
+        { "driver=raw,node-name=n1,read-only=on,"
+          "file.driver=file,file.filename=%s", -EPERM },
+        { "driver=raw,node-name=n2,file.driver=file,file.filename=%s,"
+          "file.cache.direct=on", -ENOTSUP },
+        { "driver=null-co,node-name=n3,size=65536", -ENOTSUP },
+        { "driver=raw,node-name=n4,file.driver=null-co,file.size=65536",
+          -ENOTSUP },
+    };
+
+    for (unsigned i = 0; i < G_N_ELEMENTS(cases); i++) {
+        g_autofree char *spec = g_strdup_printf(cases[i].spec, path);
+        StrataNode *n = strata_context_add_node_keyval(ctx, spec, &err);
+        DirectCall d;
+
+        if (!n && i == 2) {
+            /* No O_DIRECT where the test runs. */
+            g_clear_error(&err);
+            continue;
+        }
+        ck_assert_msg(n, "%s: %s", spec, err ? err->message : "");
+        d = (DirectCall){ .node = n, .offset = 0, .bytes = 4096 };
+        ck_assert_int_eq(direct_begin(&d), cases[i].want);
+        ck_assert_ptr_null(d.dw.node);
+        ck_assert_uint_eq(n->in_flight, 0);
+    }
+}
+END_TEST
+
+/* Whether files in @where can have holes punched in them. */
+static bool can_punch(const char *where)
+{
+    g_autofree char *path = strata_test_make_file(where, "probe.img", 65536,
+                                                  true);
+    int fd = open(path, O_RDWR);
+    bool ok = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0,
+                        65536) == 0 &&
+              lseek(fd, 0, SEEK_HOLE) == 0;
+
+    close(fd);
+    unlink(path);
+    return ok;
+}
+
+/* Zeroes through a direct write punch a hole where the file's node
+ * unmaps (discard=unmap) and write zeroes where it does not; both read
+ * back as zeroes. */
+START_TEST(test_direct_write_punch)
+{
+    for (int unmap = 0; unmap < 2; unmap++) {
+        g_autofree char *name = g_strdup_printf("p%d.img", unmap);
+        g_autofree char *path = strata_test_make_file(dir, name, 262144,
+                                                      true);
+        g_autofree char *spec = g_strdup_printf(
+            "driver=raw,node-name=p%d,file.driver=file,file.filename=%s%s",
+            unmap, path, unmap ? ",file.discard=unmap" : "");
+        g_autoptr(GError) err = NULL;
+        StrataNode *n = strata_context_add_node_keyval(ctx, spec, &err);
+        DirectCall d = { .node = n, .offset = 0, .bytes = 262144 };
+        uint8_t back[131072];
+        int fd;
+        off_t hole;
+
+        ck_assert_msg(n, "%s", err ? err->message : "");
+        ck_assert_int_eq(direct_begin(&d), 0);
+        ck_assert(d.dw.punch == (unmap == 1));
+        ck_assert_int_eq(strata_direct_write_zeroes(&d.dw, 0, 131072), 0);
+        direct_end(&d);
+        read_plain(path, back, sizeof(back), 0);
+        for (size_t i = 0; i < sizeof(back); i++) {
+            ck_assert_uint_eq(back[i], 0);
+        }
+        fd = open(path, O_RDONLY);
+        hole = lseek(fd, 0, SEEK_HOLE);
+        close(fd);
+        if (!unmap) {
+            /* Written, not deallocated. */
+            ck_assert_int_ge(hole, 131072);
+        } else if (can_punch(dir)) {
+            ck_assert_int_eq(hole, 0);
+        } else {
+            /* A file system that cannot punch writes zeroes instead. */
+            ck_assert_int_ge(hole, 131072);
+        }
+    }
+}
+END_TEST
+
 START_TEST(test_read_only_child)
 {
     g_autofree char *path = strata_test_make_file(dir, "r.img", 65536, true);
@@ -316,6 +537,9 @@ int main(void)
         { "/raw/zeroes-discard", test_zeroes_discard_shifted },
         { "/raw/truncate", test_truncate },
         { "/raw/read-only", test_read_only_child },
+        { "/raw/direct-write", test_direct_write },
+        { "/raw/direct-write/refused", test_direct_write_refused },
+        { "/raw/direct-write/punch", test_direct_write_punch },
     };
 
     return strata_test_main("raw", tests, strata_test_context_setup,
