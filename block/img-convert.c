@@ -298,30 +298,33 @@ static uint64_t next_run(const uint8_t *buf, uint64_t bytes, uint64_t i,
     return run;
 }
 
-/* Writes @buf's non-zero 4 KiB runs; the zero ones are skipped on a
- * fresh target, written as zeroes otherwise. */
-static int co_write_data(ConvertJob *j, uint64_t dst_off, const uint8_t *buf,
-                         uint64_t bytes)
+/* Where write_runs() puts the bytes: through the block layer (a
+ * coroutine's, dst_ops) or into a direct write's range (any thread's,
+ * direct_ops). */
+typedef struct ConvertOut {
+    int (*data)(void *opaque, uint64_t off, const uint8_t *buf,
+                uint64_t len);
+    int (*zeroes)(void *opaque, uint64_t off, uint64_t len);
+} ConvertOut;
+
+/* Writes @buf's non-zero 4 KiB runs at @dst_off through @out; the zero
+ * ones (all of it when @buf is NULL, a hole) are skipped on a fresh
+ * target, written as zeroes otherwise. */
+static int write_runs(const ConvertJob *j, const ConvertOut *out,
+                      void *opaque, uint64_t dst_off, const uint8_t *buf,
+                      uint64_t bytes)
 {
-    uint64_t i = 0;
+    bool write_zeroes = !j->fresh_target || j->top_only;
 
-    if (j->compress_cluster) {
-        return co_write_compressed(j, dst_off, buf, bytes);
-    }
-
-    while (i < bytes) {
-        bool zero;
-        uint64_t run = next_run(buf, bytes, i, &zero);
-        int ret;
+    for (uint64_t i = 0; i < bytes;) {
+        bool zero = true;
+        uint64_t run = buf ? next_run(buf, bytes, i, &zero) : bytes;
+        int ret = 0;
 
         if (!zero) {
-            ret = strata_backend_co_pwrite(j->dst, dst_off + i, buf + i, run,
-                                           0);
-        } else if (!j->fresh_target || j->top_only) {
-            ret = strata_backend_co_pwrite_zeroes(j->dst, dst_off + i, run,
-                                                  STRATA_REQ_MAY_UNMAP);
-        } else {
-            ret = 0;
+            ret = out->data(opaque, dst_off + i, buf + i, run);
+        } else if (write_zeroes) {
+            ret = out->zeroes(opaque, dst_off + i, run);
         }
         if (ret < 0) {
             return ret;
@@ -331,13 +334,52 @@ static int co_write_data(ConvertJob *j, uint64_t dst_off, const uint8_t *buf,
     return 0;
 }
 
+static int dst_co_data(void *opaque, uint64_t off, const uint8_t *buf,
+                       uint64_t len)
+{
+    return strata_backend_co_pwrite(((ConvertJob *)opaque)->dst, off, buf,
+                                    len, 0);
+}
+
+static int dst_co_zeroes(void *opaque, uint64_t off, uint64_t len)
+{
+    return strata_backend_co_pwrite_zeroes(((ConvertJob *)opaque)->dst, off,
+                                           len, STRATA_REQ_MAY_UNMAP);
+}
+
+static const ConvertOut dst_ops = { dst_co_data, dst_co_zeroes };
+
+static int direct_data(void *opaque, uint64_t off, const uint8_t *buf,
+                       uint64_t len)
+{
+    return strata_direct_write(opaque, off, buf, len);
+}
+
+static int direct_zeroes(void *opaque, uint64_t off, uint64_t len)
+{
+    return strata_direct_write_zeroes(opaque, off, len);
+}
+
+static const ConvertOut direct_ops = { direct_data, direct_zeroes };
+
+/* Writes @buf into the target (see write_runs). */
+static int co_write_data(ConvertJob *j, uint64_t dst_off, const uint8_t *buf,
+                         uint64_t bytes)
+{
+    if (j->compress_cluster) {
+        return co_write_compressed(j, dst_off, buf, bytes);
+    }
+    return write_runs(j, &dst_ops, j, dst_off, buf, bytes);
+}
+
 /*
  * A streamed chunk's data (strata_backend_co_read_stream) goes to the
  * target a piece at a time, as the source's driver receives it into its
  * staging buffer: written as co_write_data() writes a buffer, zero runs
- * skipped on a fresh target.  The pieces of one chunk, and those of the
- * chunks in flight, arrive in no set order; only a raw target, which
- * allocates nothing as it is written, takes them so (-W or not).
+ * and holes skipped on a fresh target.  The pieces of one chunk, and
+ * those of the chunks in flight, arrive in no set order; only a raw
+ * target, which allocates nothing as it is written, takes them so (-W or
+ * not).
  */
 typedef struct ConvertSink {
     ConvertJob *job;
@@ -352,55 +394,21 @@ static int convert_sink(void *opaque, uint64_t offset, const void *buf,
                         size_t len)
 {
     ConvertSink *cs = opaque;
-    ConvertJob *j = cs->job;
-    uint64_t dst_off = cs->dst_off + (offset - cs->src_off);
 
-    if (buf) {
-        return co_write_data(j, dst_off, buf, len);
-    }
-    if (j->fresh_target && !j->top_only) {
-        return 0;
-    }
-    return strata_backend_co_pwrite_zeroes(j->dst, dst_off, len,
-                                           STRATA_REQ_MAY_UNMAP);
+    return write_runs(cs->job, &dst_ops, cs->job,
+                      cs->dst_off + (offset - cs->src_off), buf, len);
 }
 
-/*
- * The sink of a chunk whose target range is open for direct writes
- * (strata_backend_co_direct_write_begin): what convert_sink does, on any
- * thread, with plain writes into the target's file.  Only the job's
- * settings are read here, none changed.
- */
+/* The sink of a chunk whose target range is open for direct writes
+ * (strata_backend_co_direct_write_begin): convert_sink's writes, on any
+ * thread, into the target's file.  The job is only read. */
 static int convert_direct_sink(void *opaque, uint64_t offset,
                                const void *buf, size_t len)
 {
     ConvertSink *cs = opaque;
-    const ConvertJob *j = cs->job;
-    uint64_t dst_off = cs->dst_off + (offset - cs->src_off);
-    bool write_zeroes = !j->fresh_target || j->top_only;
-    uint64_t i = 0;
 
-    if (!buf) {
-        return write_zeroes ? strata_direct_write_zeroes(&cs->dw, dst_off, len)
-                            : 0;
-    }
-    while (i < len) {
-        bool zero;
-        uint64_t run = next_run(buf, len, i, &zero);
-        int ret = 0;
-
-        if (!zero) {
-            ret = strata_direct_write(&cs->dw, dst_off + i,
-                                      (const uint8_t *)buf + i, run);
-        } else if (write_zeroes) {
-            ret = strata_direct_write_zeroes(&cs->dw, dst_off + i, run);
-        }
-        if (ret < 0) {
-            return ret;
-        }
-        i += run;
-    }
-    return 0;
+    return write_runs(cs->job, &direct_ops, &cs->dw,
+                      cs->dst_off + (offset - cs->src_off), buf, len);
 }
 
 /* Reads a data chunk of source @src_idx as a stream into the target (see

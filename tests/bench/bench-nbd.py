@@ -42,8 +42,9 @@ Two suites (both by default; --suites picks):
 Two more rows, one side each, are floors (tests/bench/nbd-floor.c, built
 with the project): `nbd-floor copy`, a client that receives each payload
 64 KiB at a time into a buffer that stays in the CPU's cache and writes
-it out from there, and does nothing else, on the client row's export; and `nbd-floor serve`, a server that only
-receives, submits to io_uring (O_DIRECT) and gathers the replies, under
+it out from there, and does nothing else, on the client row's export;
+and `nbd-floor serve`, a server that only receives, submits to io_uring
+(O_DIRECT) and gathers the replies, under
 qemu-img bench's rr4k row, twice: with simple replies, and with the
 structured replies both daemons grant QEMU's client.  They show what
 each row leaves to any client or server on this machine.
